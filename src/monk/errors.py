@@ -1,0 +1,162 @@
+"""monk's error tree. Every failure monk reports is one of these; nothing else escapes the service.
+
+    MonkError                       base; .code is the stable machine-readable error_code
+    ├── UsageError                  bad input to monk itself (validation)              400 / exit 2
+    │   ├── InvalidName             a tenant, template, schema or database name          400
+    │   ├── InvalidTemplateSource   template.json / schemas / data / migrations          422
+    │   └── InvalidRequest          a body or argument that is well-formed but wrong     422
+    ├── ConfigError                 a setting is wrong or its target unusable            500 / exit 6
+    ├── NotFound                                                                     404 / exit 3
+    │   ├── TenantNotFound
+    │   ├── TemplateNotFound
+    │   └── OperationNotFound
+    ├── Conflict                                                                     409 / exit 4
+    │   ├── TenantExists
+    │   ├── HashCollision           two names, one hash: refused, nothing overwritten
+    │   ├── InvalidState            the object is not in a state that allows the action
+    │   └── TemplateInUse           dropping a template build that tenants or spares need
+    ├── Unavailable                 retryable: try again later                       503 / exit 5
+    │   ├── DatabaseUnavailable     the PostgreSQL server cannot be reached
+    │   ├── TemplateBusy            sessions kept the template busy past the clone timeout
+    │   └── ServerStartError        the embedded server did not start (carries its log tail)
+    ├── AuthError                                                                    401 / exit 7
+    │   └── RootAccessRequired                                                       403
+    └── OperationFailed             a step of a multi-step operation failed and was undone  500 / exit 1
+            (.step names the step)
+
+``ERROR_TABLE`` maps each class to its HTTP status and CLI exit code; the most specific class wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MonkError(Exception):
+    """Base of every error monk reports."""
+
+    code: ClassVar[str] = "MONK_ERROR"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(MonkError):
+    code = "VALIDATION_ERROR"
+
+
+class InvalidName(UsageError):
+    code = "INVALID_NAME"
+
+
+class InvalidTemplateSource(UsageError):
+    code = "INVALID_TEMPLATE_SOURCE"
+
+
+class InvalidRequest(UsageError):
+    code = "INVALID_REQUEST"
+
+
+class ConfigError(MonkError):
+    code = "CONFIG_ERROR"
+
+
+class NotFound(MonkError):
+    code = "NOT_FOUND"
+
+
+class TenantNotFound(NotFound):
+    code = "TENANT_NOT_FOUND"
+
+
+class TemplateNotFound(NotFound):
+    code = "TEMPLATE_NOT_FOUND"
+
+
+class OperationNotFound(NotFound):
+    code = "OPERATION_NOT_FOUND"
+
+
+class Conflict(MonkError):
+    code = "CONFLICT"
+
+
+class TenantExists(Conflict):
+    code = "TENANT_EXISTS"
+
+
+class HashCollision(Conflict):
+    code = "TENANT_HASH_COLLISION"
+
+
+class InvalidState(Conflict):
+    code = "INVALID_STATE"
+
+
+class TemplateInUse(Conflict):
+    code = "TEMPLATE_IN_USE"
+
+
+class Unavailable(MonkError):
+    code = "UNAVAILABLE"
+    retryable = True
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "DATABASE_UNAVAILABLE"
+
+
+class TemplateBusy(Unavailable):
+    code = "TEMPLATE_BUSY"
+
+
+class ServerStartError(Unavailable):
+    code = "SERVER_START_FAILED"
+
+
+class AuthError(MonkError):
+    code = "AUTH_FAILED"
+
+
+class RootAccessRequired(AuthError):
+    code = "ROOT_ACCESS_REQUIRED"
+
+
+class OperationFailed(MonkError):
+    code = "OPERATION_FAILED"
+
+    def __init__(self, message: str, *, step: str, **details: Any) -> None:
+        super().__init__(message, step=step, **details)
+        self.step = step
+
+
+# class -> (HTTP status, CLI exit code). Exit codes: 0 ok, 1 error, 2 usage, 3 not found,
+# 4 conflict, 5 unavailable (retry), 6 configuration, 7 auth.
+ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
+    MonkError: (500, 1),
+    UsageError: (400, 2),
+    InvalidName: (400, 2),
+    InvalidTemplateSource: (422, 2),
+    InvalidRequest: (422, 2),
+    ConfigError: (500, 6),
+    NotFound: (404, 3),
+    Conflict: (409, 4),
+    Unavailable: (503, 5),
+    AuthError: (401, 7),
+    RootAccessRequired: (403, 7),
+    OperationFailed: (500, 1),
+}
+
+
+def status_and_exit(err: MonkError) -> tuple[int, int]:
+    """The HTTP status and exit code of ``err``: the entry of its most specific class."""
+    for cls in type(err).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]  # type: ignore[index]
+    return ERROR_TABLE[MonkError]
