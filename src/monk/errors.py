@@ -1,28 +1,27 @@
-"""monk's error tree. Every failure monk reports is one of these; nothing else escapes the service.
+"""monk's error tree. Every failure monk reports is one of these; nothing else escapes.
 
-    MonkError                       base; .code is the stable machine-readable error_code
-    ├── UsageError                  bad input to monk itself (validation)              400 / exit 2
-    │   ├── InvalidName             a tenant, template, schema or database name          400
-    │   ├── InvalidTemplateSource   template.json / schemas / data / migrations          422
-    │   └── InvalidRequest          a body or argument that is well-formed but wrong     422
-    ├── ConfigError                 a setting is wrong or its target unusable            500 / exit 6
-    ├── NotFound                                                                     404 / exit 3
+    MonkError                      base; .code is the stable error_code      HTTP / exit
+    ├── UsageError                 bad input to monk (validation)             400 / 2
+    │   ├── InvalidName            tenant, template, schema or database name  400 / 2
+    │   ├── InvalidTemplateSource  template.json, schemas, data, migrations   422 / 2
+    │   └── InvalidRequest         a well-formed body or argument, wrong      422 / 2
+    ├── ConfigError                a setting is wrong or its target unusable  500 / 6
+    ├── NotFound                                                              404 / 3
     │   ├── TenantNotFound
     │   ├── TemplateNotFound
     │   └── OperationNotFound
-    ├── Conflict                                                                     409 / exit 4
+    ├── Conflict                                                              409 / 4
     │   ├── TenantExists
-    │   ├── HashCollision           two names, one hash: refused, nothing overwritten
-    │   ├── InvalidState            the object is not in a state that allows the action
-    │   └── TemplateInUse           dropping a template build that tenants or spares need
-    ├── Unavailable                 retryable: try again later                       503 / exit 5
-    │   ├── DatabaseUnavailable     the PostgreSQL server cannot be reached
-    │   ├── TemplateBusy            sessions kept the template busy past the clone timeout
-    │   └── ServerStartError        the embedded server did not start (carries its log tail)
-    ├── AuthError                                                                    401 / exit 7
-    │   └── RootAccessRequired                                                       403
-    └── OperationFailed             a step of a multi-step operation failed and was undone  500 / exit 1
-            (.step names the step)
+    │   ├── HashCollision          two names, one hash: refused
+    │   ├── InvalidState           not in a state that allows the action
+    │   └── TemplateInUse          a build that tenants or spares still need
+    ├── Unavailable                retryable: try again later                 503 / 5
+    │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
+    │   ├── TemplateBusy           sessions kept the template busy too long
+    │   └── ServerStartError       the embedded server did not start
+    ├── AuthError                                                             401 / 7
+    │   └── RootAccessRequired                                                403 / 7
+    └── OperationFailed            a step failed and was undone (.step)       500 / 1
 
 ``ERROR_TABLE`` maps each class to its HTTP status and CLI exit code; the most specific class wins.
 """
@@ -158,5 +157,5 @@ def status_and_exit(err: MonkError) -> tuple[int, int]:
     """The HTTP status and exit code of ``err``: the entry of its most specific class."""
     for cls in type(err).__mro__:
         if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]  # type: ignore[index]
+            return ERROR_TABLE[cls]
     return ERROR_TABLE[MonkError]

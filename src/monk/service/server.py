@@ -1,0 +1,96 @@
+"""Which PostgreSQL server monk administers, and getting it ready (started, initialised)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from monk.adapters.embedded import EmbeddedServer
+from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.errors import MonkError
+from monk.settings import Settings
+from monk.system.migrator import InitResult, ensure_system_database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Server:
+    """The server of this monk installation: an external one (MONK_DATABASE_URL) or embedded."""
+
+    settings: Settings
+    embedded: EmbeddedServer | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Server:
+        if settings.database_url is not None:
+            return cls(settings, None)
+        return cls(
+            settings,
+            EmbeddedServer(
+                settings.data_dir,
+                port=settings.embedded_port,
+                durable=settings.embedded_durable,
+            ),
+        )
+
+    def target(self) -> ServerTarget:
+        """Connection parameters of the admin role; starts the embedded server if needed."""
+        s = self.settings
+        if s.database_url is not None:
+            return ServerTarget.from_url(
+                s.database_url.get_secret_value(),
+                name=s.host_name,
+                connect_timeout=s.connect_timeout,
+                statement_timeout_ms=s.statement_timeout_ms,
+            )
+        assert self.embedded is not None
+        self.embedded.ensure_running()
+        return self.embedded.target(
+            name=s.host_name,
+            connect_timeout=s.connect_timeout,
+            statement_timeout_ms=s.statement_timeout_ms,
+        )
+
+    def init(self) -> tuple[ServerTarget, InitResult]:
+        """Start (embedded) and bring the system database up to date; idempotent."""
+        target = self.target()
+        return target, ensure_system_database(target, self.settings.system_db_name)
+
+    def status(self) -> dict[str, object]:
+        """What a person asks first: is it up, which version, where. Does not start anything."""
+        s = self.settings
+        info: dict[str, object] = {"mode": "embedded" if self.embedded else "external"}
+        if self.embedded is not None:
+            st = self.embedded.status()
+            info |= {
+                "data_dir": str(st.data_dir),
+                "initialized": st.initialized,
+                "pid": st.pid,
+                "port": st.port,
+            }
+            if not st.running:
+                return info | {"running": False}
+        try:
+            if self.embedded is not None:
+                target = self.embedded.target(
+                    name=s.host_name,
+                    connect_timeout=s.connect_timeout,
+                    statement_timeout_ms=s.statement_timeout_ms,
+                )
+            else:
+                target = self.target()
+            with connect(target, purpose="status") as conn:
+                version = conn.execute("SHOW server_version").fetchone()
+                has_system = conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (s.system_db_name,)
+                ).fetchone()
+        except MonkError as exc:
+            return info | {"running": False, "error": exc.message}
+        return info | {
+            "running": True,
+            "host": target.name,
+            "server_version": version[0] if version else None,
+            "system_database": s.system_db_name,
+            "system_database_exists": has_system is not None,
+        }

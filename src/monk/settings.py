@@ -1,0 +1,117 @@
+"""Settings, loaded once at the edge (CLI entry, ASGI factory) and passed down.
+
+Every setting is an environment variable with the ``MONK_`` prefix (or a line of ``.env``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from monk.core.identifiers import validate_database_name
+from monk.errors import ConfigError, InvalidName
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("monk", appauthor=False))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MONK_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="Admin URL of an existing PostgreSQL server (superuser, or CREATEDB and "
+        "CREATEROLE). Unset: monk runs its embedded server.",
+    )
+    system_db_name: str = Field(default="monk_main", description="Name of the system database.")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Embedded server data, archives and secrets.",
+    )
+    host_name: str = Field(
+        default="localhost",
+        description="Name recorded as the host of tenants on this server.",
+    )
+    embedded_port: int = Field(
+        default=54320, ge=1024, le=65535, description="TCP port of the embedded server (127.0.0.1)."
+    )
+    embedded_durable: bool = Field(
+        default=True,
+        description="false turns fsync/synchronous_commit/full_page_writes off: tests only.",
+    )
+    connect_timeout: int = Field(default=10, ge=1, description="Seconds to wait for a connection.")
+    statement_timeout_ms: int = Field(
+        default=60_000, ge=0, description="statement_timeout of monk's own sessions (ms)."
+    )
+    clone_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a clone may retry while the template is busy."
+    )
+    template_path: list[Path] = Field(
+        default_factory=list,
+        description="Extra folders holding template sources (one sub-folder per key).",
+    )
+    archive_dir: Path | None = Field(
+        default=None, description="Where tenant archives go (default <data_dir>/archives)."
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None, description="HS256 secret of root tokens (default: generated in data_dir)."
+    )
+
+    @field_validator("system_db_name")
+    @classmethod
+    def _system_db_name_is_identifier(cls, value: str) -> str:
+        try:
+            return validate_database_name(value)
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from exc
+
+    @property
+    def archives(self) -> Path:
+        return self.archive_dir or self.data_dir / "archives"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings for display, secrets masked."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = (
+                    _mask_url(value.get_secret_value()) if name == "database_url" else "********"
+                )
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, list):
+                value = [str(v) for v in value]
+            out[f"MONK_{name.upper()}"] = value
+        return out
+
+
+def _mask_url(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:********@host/db"""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings once; a bad value is one ConfigError naming the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "?"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"MONK_{field.upper()}: {message}")
+        raise ConfigError("; ".join(problems)) from None
