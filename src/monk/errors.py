@@ -9,11 +9,13 @@
     ├── NotFound                                                              404 / 3
     │   ├── TenantNotFound
     │   ├── TemplateNotFound
-    │   └── OperationNotFound
+    │   ├── OperationNotFound
+    │   └── DatabaseMissing        a database monk expected is not there
     ├── Conflict                                                              409 / 4
     │   ├── TenantExists
     │   ├── HashCollision          two names, one hash: refused
     │   ├── InvalidState           not in a state that allows the action
+    │   ├── DatabaseExists         a database of that name is already there
     │   └── TemplateInUse          a build that tenants or spares still need
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
@@ -82,6 +84,10 @@ class OperationNotFound(NotFound):
     code = "OPERATION_NOT_FOUND"
 
 
+class DatabaseMissing(NotFound):
+    code = "DATABASE_NOT_FOUND"
+
+
 class Conflict(MonkError):
     code = "CONFLICT"
 
@@ -96,6 +102,10 @@ class HashCollision(Conflict):
 
 class InvalidState(Conflict):
     code = "INVALID_STATE"
+
+
+class DatabaseExists(Conflict):
+    code = "DATABASE_EXISTS"
 
 
 class TemplateInUse(Conflict):
