@@ -59,12 +59,12 @@ from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.errors import InvalidTemplateSource
 
 COMPILER_VERSION = "1"
 """Bump whenever the output for the same input changes: it is part of every template version."""
 
-MAX_IDENTIFIER_BYTES = 63
 REFERENCE_KEYWORD = "x-monk-reference"
 ON_DELETE_ACTIONS = ("cascade", "restrict", "set null")
 TOUCH_FUNCTION = "monk_touch_updated_at"

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 
+from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.errors import InvalidName
 
-MAX_IDENTIFIER_BYTES = 63
 VERSION_HEX_LENGTH = 16
 
 TEMPLATE_DB_PREFIX = "monk_template_"
