@@ -102,7 +102,7 @@ def load_source(path: Path, key: str | None = None) -> TemplateSource:
     manifest = _load_manifest(path, files)
     schemas = {stem: _load_json(path, rel, files) for stem, rel in _json_files(path, "schemas")}
     data = {stem: _load_records(path, rel, files) for stem, rel in _json_files(path, "data")}
-    migrations = _load_migrations(path, key, files)
+    migrations = _load_migrations(path, key, files, complete="extends" not in manifest)
     return TemplateSource(
         key=key,
         path=path,
@@ -162,7 +162,7 @@ def _framed(name: bytes, content: bytes) -> bytes:
 def _merge(parent: TemplateSource, child: TemplateSource) -> TemplateSource:
     migrations = {m.number: m for m in parent.migrations} | {m.number: m for m in child.migrations}
     ordered = tuple(migrations[number] for number in sorted(migrations))
-    _check_numbering(ordered, child.path / "migrations")
+    _check_numbering(ordered, child.path / "migrations", complete=True)
     return TemplateSource(
         key=child.key,
         path=child.path,
@@ -237,7 +237,10 @@ def _load_records(root: Path, relative: str, files: dict[str, bytes]) -> tuple[A
     return tuple(records)
 
 
-def _load_migrations(root: Path, key: str, files: dict[str, bytes]) -> tuple[Migration, ...]:
+def _load_migrations(
+    root: Path, key: str, files: dict[str, bytes], *, complete: bool
+) -> tuple[Migration, ...]:
+    """The migrations of one folder; ``complete`` when no parent's migrations will precede them."""
     migrations = []
     for entry in _entries(root / "migrations"):
         match = _MIGRATION_RE.fullmatch(entry.name)
@@ -251,18 +254,23 @@ def _load_migrations(root: Path, key: str, files: dict[str, bytes]) -> tuple[Mig
         except UnicodeDecodeError:
             raise InvalidTemplateSource(f"{entry}: not UTF-8 text") from None
         migrations.append(Migration(int(match[1]), match[2], key, relative, text))
-    _check_numbering(migrations, root / "migrations")
+    _check_numbering(migrations, root / "migrations", complete=complete)
     return tuple(migrations)
 
 
-def _check_numbering(migrations: Sequence[Migration], folder: Path) -> None:
-    """Migrations (sorted by number) must be numbered 1, 2, … n: no gap, no duplicate."""
+def _check_numbering(migrations: Sequence[Migration], folder: Path, *, complete: bool) -> None:
+    """Migrations (sorted by number) must not share a number, and a complete set is 1, 2, … n.
+
+    A child's own migrations continue its parent's numbering, so gaps are only judged once the
+    set is complete: a source without parent, or the merge. Duplicates are judged at once, since
+    merging by number would silently keep only one of them.
+    """
     for index, migration in enumerate(migrations):
         if index and migration.number == migrations[index - 1].number:
             raise InvalidTemplateSource(
                 f"{folder}: {migrations[index - 1].path} and {migration.path} have the same number"
             )
-        if migration.number != index + 1:
+        if complete and migration.number != index + 1:
             raise InvalidTemplateSource(
                 f"{folder}: {migration.path} should be number {index + 1:04d}; "
                 "migrations are numbered from 0001 without gaps"
