@@ -66,7 +66,8 @@ COMPILER_VERSION = "1"
 """Bump whenever the output for the same input changes: it is part of every template version."""
 
 REFERENCE_KEYWORD = "x-monk-reference"
-ON_DELETE_ACTIONS = ("cascade", "restrict", "set null")
+_ON_DELETE_SQL = {"cascade": "CASCADE", "restrict": "RESTRICT", "set null": "SET NULL"}
+ON_DELETE_ACTIONS = tuple(_ON_DELETE_SQL)
 TOUCH_FUNCTION = "monk_touch_updated_at"
 CORE_TABLES = ("users", "schemas", "columns")
 USER_ACCESS_LEVELS = ("root", "full", "edit", "read", "deny")
@@ -111,8 +112,10 @@ URI_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*:"
 
 _NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_DATE_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+_DATE_TIME_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})", re.ASCII
+)
 _MAX_VARCHAR = 255
 
 Statement = tuple[sql.Composed, tuple[Any, ...]]
@@ -520,7 +523,6 @@ def core_tables_ddl() -> list[sql.Composed]:
 
 # --- compiling schemas -------------------------------------------------------------------------
 
-_ON_DELETE_SQL = {"cascade": "CASCADE", "restrict": "RESTRICT", "set null": "SET NULL"}
 _REFERENCE_VALIDATOR = Draft202012Validator(
     {
         "oneOf": [
@@ -529,7 +531,7 @@ _REFERENCE_VALIDATOR = Draft202012Validator(
                 "type": "object",
                 "properties": {
                     "schema": {"type": "string"},
-                    "on_delete": {"enum": list(_ON_DELETE_SQL)},
+                    "on_delete": {"enum": list(ON_DELETE_ACTIONS)},
                 },
                 "required": ["schema"],
                 "additionalProperties": False,
@@ -755,7 +757,7 @@ def _reference(
         raise _error(
             table,
             f'{REFERENCE_KEYWORD} must be a schema name or {{"schema": name, "on_delete": '
-            f"one of {list(_ON_DELETE_SQL)}}}: {error.message}",
+            f"one of {list(ON_DELETE_ACTIONS)}}}: {error.message}",
             column,
         )
     if isinstance(spec, str):
