@@ -1,6 +1,7 @@
 """Template sources: the folders users (and monk itself) describe templates with.
 
-    <key>/template.json               {"description": …, "version": label, "extends": parent key}
+    <key>/template.json               {"description": …, "version": label, "extends": parent key,
+                                       "database_settings": {"work_mem": "8MB", …}}
     <key>/schemas/<name>.json         one JSON Schema per table; the file stem is the schema name
     <key>/data/<name>.json            a JSON array of seed records for schema <name>
     <key>/migrations/NNNN_<name>.sql  SQL run in order after the seed data; 0001, 0002, …
@@ -17,7 +18,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -40,6 +41,7 @@ _MANIFEST_VALIDATOR = Draft202012Validator(
             "description": {"type": "string"},
             "version": {"type": "string"},
             "extends": {"type": "string"},
+            "database_settings": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     }
 )
@@ -75,6 +77,9 @@ class TemplateSource:
     data: Mapping[str, Sequence[Any]]
     migrations: tuple[Migration, ...]
     files: Mapping[str, bytes]
+    database_settings: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """``ALTER DATABASE … SET`` values for databases cloned from it (a clone does not copy them);
+    a child's values override its parents'."""
 
 
 def builtin_sources_dir() -> Path:
@@ -114,6 +119,7 @@ def load_source(path: Path, key: str | None = None) -> TemplateSource:
         data=MappingProxyType(data),
         migrations=migrations,
         files=MappingProxyType({f"{key}/{rel}": content for rel, content in files.items()}),
+        database_settings=MappingProxyType(dict(manifest.get("database_settings", {}))),
     )
 
 
@@ -174,6 +180,9 @@ def _merge(parent: TemplateSource, child: TemplateSource) -> TemplateSource:
         data=MappingProxyType({**parent.data, **child.data}),
         migrations=ordered,
         files=MappingProxyType({**parent.files, **child.files}),
+        database_settings=MappingProxyType(
+            {**parent.database_settings, **child.database_settings}
+        ),
     )
 
 
