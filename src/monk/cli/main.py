@@ -9,6 +9,7 @@ import sys
 import typer
 
 from monk.cli import db as db_cli
+from monk.cli import template as template_cli
 from monk.cli.context import begin, state
 from monk.cli.output import print_error, print_json, print_mapping
 from monk.errors import MonkError, status_and_exit
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db_cli.app, name="db")
+app.add_typer(template_cli.app, name="template")
 
 
 @app.callback()

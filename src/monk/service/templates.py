@@ -208,6 +208,14 @@ def source_folders(settings: Settings) -> list[Path]:
     return [builtin_sources_dir(), *settings.template_path]
 
 
+def builtin_source_dir(key: str) -> Path:
+    """The folder of the built-in source ``key`` (``empty``, ``basic``, ``crm``)."""
+    path = builtin_sources_dir() / validate_template_key(key)
+    if not (path / TEMPLATE_FILE).is_file():
+        raise TemplateNotFound(f"there is no built-in template source {key!r}", template=key)
+    return path
+
+
 def available_keys(settings: Settings) -> list[str]:
     """Every key a source folder provides (a key found twice counts once), sorted."""
     keys: set[str] = set()
@@ -437,8 +445,19 @@ def build_template(
         return BuildResult(_build(reg, adm, target, settings, plan, current, report), built=True)
 
 
-build = build_template
-"""``build(target, settings, key, *, force, source_dir, progress)``: alias of build_template."""
+def build(
+    target: ServerTarget,
+    settings: Settings,
+    key: str,
+    *,
+    force: bool = False,
+    source_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> TemplateBuild:
+    """``build_template`` returning just the (new or already current) build."""
+    return build_template(
+        target, settings, key, force=force, source_dir=source_dir, progress=progress
+    ).build
 
 
 class _Builder:
@@ -907,7 +926,7 @@ def drop(
                 (key, target.name, validate_version(version)),
             )
         if not candidates:
-            what = "a current build" if version is None else f"a live build {version}"
+            what = "current build" if version is None else f"live build {version}"
             raise TemplateNotFound(f"template {key!r} has no {what}", template=key)
         build = candidates[0]
         if build.is_current and not force:

@@ -1,0 +1,275 @@
+"""``monk template …``: build, inspect, check and retire template databases."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.status import Status
+
+from monk.adapters.postgres.connection import ServerTarget
+from monk.cli.context import state
+from monk.cli.output import console, print_json, print_mapping, print_rows
+from monk.errors import InvalidRequest, MonkError
+from monk.service import templates as template_service
+
+app = typer.Typer(
+    help="Template databases: build them from sources, list, check, drop, prune.",
+    no_args_is_help=True,
+)
+
+_STEP_LABELS = {
+    "validate": "read and validate the source",
+    "journal": "record the build",
+    "create": "create the staging database",
+    "core_tables": "core tables (users, schemas, columns)",
+    "tables": "tables from the schemas",
+    "registry": "schemas and columns rows",
+    "seed": "seed records",
+    "migrations": "migrations",
+    "health": "health checks",
+    "close": "close it as a template",
+    "swap": "swap it in",
+    "up_to_date": "already built",
+}
+
+_LIST_COLUMNS = [
+    "key",
+    "version",
+    "status",
+    "current",
+    "database",
+    "tables",
+    "records",
+    "size",
+    "built_at",
+]
+
+
+class _StepDisplay:
+    """A spinner on the running step and a tick line per finished step (terminals only)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.step: str | None = None
+        self.started = 0.0
+        self.status: Status | None = None
+
+    def __enter__(self) -> _StepDisplay:
+        self.status = console.status(f"{self.key}: starting")
+        self.status.start()
+        return self
+
+    def __call__(self, step: str) -> None:
+        self._finish_step()
+        self.step, self.started = step, time.monotonic()
+        if self.status is not None:
+            self.status.update(f"{escape(self.key)}: {_STEP_LABELS.get(step, step)}…")
+
+    def _finish_step(self, failed: bool = False) -> None:
+        if self.step is None:
+            return
+        elapsed = (time.monotonic() - self.started) * 1000
+        mark = "[red]✗[/]" if failed else "[green]✓[/]"
+        label = _STEP_LABELS.get(self.step, self.step)
+        console.print(f"  {mark} {escape(self.key)}: {label} [dim]{elapsed:.0f} ms[/]")
+        self.step = None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._finish_step(failed=exc is not None)
+        if self.status is not None:
+            self.status.stop()
+
+
+def _target() -> ServerTarget:
+    """The admin target: the server started and the system database up to date."""
+    target, _ = state().server.init()
+    return target
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def _row(build: template_service.TemplateBuild) -> dict[str, Any]:
+    return {
+        "key": build.key,
+        "version": build.version,
+        "status": build.status,
+        "current": "yes" if build.is_current else "",
+        "database": build.database,
+        "tables": build.table_count,
+        "records": build.record_count,
+        "size": _size(build.size_bytes),
+        "built_at": build.built_at.strftime("%Y-%m-%d %H:%M:%S") if build.built_at else None,
+    }
+
+
+@app.command()
+def build(
+    key: str | None = typer.Argument(None, help="Template key (built-in, or a source folder)."),
+    all_keys: bool = typer.Option(False, "--all", help="Build every known template source."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the version is current."),
+    source: Path | None = typer.Option(
+        None, "--source", help="Build this source folder under KEY.", file_okay=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Build a template database from its source and make it the one tenants are cloned from."""
+    s = state()
+    if all_keys == (key is not None):
+        raise InvalidRequest("give a template KEY or --all (not both)")
+    if all_keys and source is not None:
+        raise InvalidRequest("--source builds one KEY; it cannot be combined with --all")
+    keys = template_service.available_keys(s.settings) if all_keys else [str(key)]
+    target = _target()
+    results = []
+    show_steps = console.is_terminal and not as_json
+    for k in keys:
+        if show_steps:
+            with _StepDisplay(k) as display:
+                result = template_service.build_template(
+                    target, s.settings, k, force=force, source_dir=source, progress=display
+                )
+        else:
+            result = template_service.build_template(
+                target, s.settings, k, force=force, source_dir=source
+            )
+        results.append(result)
+        if not as_json:
+            b = result.build
+            if result.built:
+                console.print(
+                    f"built {escape(b.key)} {b.version} as {b.database}: {b.table_count} tables, "
+                    f"{b.record_count} records, {_size(b.size_bytes)}, {b.duration_ms} ms"
+                )
+            else:
+                console.print(f"{escape(b.key)} is up to date: {b.version} in {b.database}")
+    if as_json:
+        out = [{"built": r.built, **r.build.as_dict()} for r in results]
+        print_json(out if all_keys else out[0])
+
+
+@app.command("list")
+def list_(
+    key: str | None = typer.Argument(None, help="Only this template key."),
+    everything: bool = typer.Option(False, "--all", help="Include dropped builds."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Builds of every template (or of KEY), newest first."""
+    s = state()
+    builds = template_service.list_builds(_target(), s.settings, key, everything=everything)
+    if as_json:
+        print_json([b.as_dict() for b in builds])
+    elif not builds:
+        console.print("no template builds yet: try 'monk template build basic'")
+    else:
+        print_rows([_row(b) for b in builds], _LIST_COLUMNS)
+
+
+@app.command()
+def show(
+    key: str = typer.Argument(..., help="Template key."),
+    version: str | None = typer.Option(
+        None, "--version", help="A build version (default: current)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Everything recorded about the current build of KEY (or the build of --version)."""
+    s = state()
+    b = template_service.show(_target(), s.settings, key, version)
+    if as_json:
+        print_json(b.as_dict())
+    else:
+        print_mapping(b.as_dict())
+
+
+@app.command()
+def check(
+    key: str = typer.Argument(..., help="Template key."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Re-run the health checks on the current build (in a scratch clone); exit 1 on problems."""
+    s = state()
+    report = template_service.check(_target(), s.settings, key)
+    if as_json:
+        print_json(report.as_dict())
+    elif report.ok:
+        console.print(
+            f"{escape(key)}: healthy ({report.table_count} tables, {report.record_count} records)"
+        )
+    else:
+        console.print(f"{escape(key)}: {len(report.problems)} problem(s)")
+        for problem in report.problems:
+            console.print(f"  - {escape(problem)}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def drop(
+    key: str = typer.Argument(..., help="Template key."),
+    version: str | None = typer.Option(
+        None, "--version", help="The build to drop (default: current)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Drop even the current build or one that tenants were cloned from."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Drop a build and its database."""
+    s = state()
+    b = template_service.drop(_target(), s.settings, key, version, force=force)
+    if as_json:
+        print_json(b.as_dict())
+    else:
+        console.print(f"dropped {escape(b.key)} {b.version} ({b.database})")
+
+
+@app.command()
+def prune(
+    key: str | None = typer.Argument(None, help="Only this template key."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Drop the retired builds that no live tenant was cloned from."""
+    s = state()
+    dropped = template_service.prune(_target(), s.settings, key)
+    if as_json:
+        print_json([b.as_dict() for b in dropped])
+    elif not dropped:
+        console.print("nothing to prune")
+    else:
+        for b in dropped:
+            console.print(f"dropped {escape(b.key)} {b.version} ({b.database})")
+
+
+@app.command()
+def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The template sources monk knows (built-in and MONK_TEMPLATE_PATH) and their versions."""
+    s = state()
+    rows: list[dict[str, Any]] = []
+    for k in template_service.available_keys(s.settings):
+        try:
+            rows.append(template_service.describe_source(s.settings, k))
+        except MonkError as exc:
+            rows.append({"key": k, "error": exc.message})
+    if as_json:
+        print_json(rows)
+    else:
+        print_rows(
+            [
+                r | {"schemas": ", ".join(r.get("schemas", [])), "error": r.get("error")}
+                for r in rows
+            ],
+            ["key", "version", "schemas", "description", "error"],
+        )
