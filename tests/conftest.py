@@ -104,3 +104,53 @@ def monk(settings: Settings) -> RunMonk:
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def lifecycle_settings(
+    admin_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """One system database for the tenant lifecycle tests, with a template built once.
+
+    Template and tenant databases are cluster-global names, so tests sharing the server use
+    their own template key (a copy of the built-in ``basic``) and unique tenant names.
+    """
+    system_db = f"monk_l_{uuid.uuid4().hex[:10]}"
+    s = Settings(
+        database_url=admin_url,  # type: ignore[arg-type]
+        system_db_name=system_db,
+        data_dir=tmp_path_factory.mktemp("lifecycle"),
+        clone_timeout=20,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    yield s
+    _drop_installation(admin_url, system_db)
+
+
+def _drop_installation(admin_url: str, system_db: str) -> None:
+    """Drop what an installation made: its tenants' databases and roles, its templates."""
+    mark = f"monk:{system_db}"
+    templates: list[tuple[str]] = []
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (system_db,)).fetchone():
+            with psycopg.connect(admin_url, dbname=system_db) as sysconn:
+                templates = sysconn.execute(
+                    "SELECT database FROM template_builds WHERE dropped_at IS NULL"
+                ).fetchall()
+        dbs = conn.execute(
+            "SELECT datname FROM pg_database WHERE shobj_description(oid, 'pg_database') = %s",
+            (mark,),
+        ).fetchall()
+        for (db,) in [*dbs, *templates]:
+            conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(sql.Identifier(db)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
+            )
+        roles = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE shobj_description(oid, 'pg_authid') = %s", (mark,)
+        ).fetchall()
+        for (role,) in roles:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(system_db))
+        )

@@ -16,6 +16,7 @@
     │   ├── HashCollision          two names, one hash: refused
     │   ├── InvalidState           not in a state that allows the action
     │   ├── DatabaseExists         a database of that name is already there
+    │   ├── StrayDatabase          a tenant's database exists with no live tenant
     │   └── TemplateInUse          a build that tenants or spares still need
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
@@ -106,6 +107,10 @@ class InvalidState(Conflict):
 
 class DatabaseExists(Conflict):
     code = "DATABASE_EXISTS"
+
+
+class StrayDatabase(Conflict):
+    code = "STRAY_DATABASE"
 
 
 class TemplateInUse(Conflict):

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     archive_dir: Path | None = Field(
         default=None, description="Where tenant archives go (default <data_dir>/archives)."
     )
+    pool_size: int = Field(
+        default=8, ge=1, le=100, description="Max connections per pool (registry, admin)."
+    )
+    fault_pause_at: str | None = Field(
+        default=None,
+        description="Test hook: pause forever when an operation reaches this step "
+        "(crash tests kill -9 the process there).",
+    )
     jwt_secret: SecretStr | None = Field(
         default=None, description="HS256 secret of root tokens (default: generated in data_dir)."
     )

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import TYPE_CHECKING
 
+from monk.adapters.postgres.connection import ServerTarget
 from monk.service.server import Server
 from monk.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from monk.service.tenants import TenantService
 
 
 class CliState:
@@ -16,6 +21,18 @@ class CliState:
     @cached_property
     def server(self) -> Server:
         return Server.from_settings(self.settings)
+
+    @cached_property
+    def target(self) -> ServerTarget:
+        """The admin target, with the server started and the system database up to date."""
+        target, _ = self.server.init()
+        return target
+
+    @cached_property
+    def tenants(self) -> TenantService:
+        from monk.service.tenants import TenantService
+
+        return TenantService(self.settings, self.target)
 
 
 _current: CliState | None = None

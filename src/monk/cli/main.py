@@ -10,8 +10,9 @@ import typer
 
 from monk.cli import db as db_cli
 from monk.cli import template as template_cli
+from monk.cli import tenant as tenant_cli
 from monk.cli.context import begin, state
-from monk.cli.output import print_error, print_json, print_mapping
+from monk.cli.output import console, print_error, print_json, print_mapping, print_rows
 from monk.errors import MonkError, status_and_exit
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(db_cli.app, name="db")
 app.add_typer(template_cli.app, name="template")
+app.add_typer(tenant_cli.app, name="tenant")
 
 
 @app.callback()
@@ -61,6 +63,79 @@ def config(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         print_json(masked)
     else:
         print_mapping(masked)
+
+
+@app.command()
+def doctor(
+    repair: bool = typer.Option(False, "--repair", help="Finish or undo each problem."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Compare the registry with the server; exit 0 when consistent, 1 listing problems."""
+    from monk.service import doctor as doctor_service
+
+    svc = state().tenants
+    problems = doctor_service.diagnose(doctor_service.take_snapshot(svc))
+    repaired = doctor_service.repair(svc, problems) if repair and problems else []
+    remaining = doctor_service.diagnose(doctor_service.take_snapshot(svc)) if repair else problems
+    if as_json:
+        print_json(
+            {
+                "problems": [p.as_dict() for p in problems],
+                "repaired": repaired,
+                "remaining": [p.as_dict() for p in remaining],
+            }
+        )
+    else:
+        if not problems:
+            console.print("consistent: registry and server agree")
+        else:
+            print_rows([p.as_dict() for p in problems], ["kind", "subject", "detail", "repair"])
+        for line in repaired:
+            console.print(f"repaired {line}")
+    if remaining:
+        raise typer.Exit(1)
+
+
+@app.command()
+def token(
+    root: bool = typer.Option(False, "--root", help="A token with root access (required)."),
+    ttl: int = typer.Option(3600, "--ttl", min=60, help="Seconds until it expires."),
+) -> None:
+    """Print a signed API token alone on stdout."""
+    from monk.api.auth import issue_root_token
+
+    if not root:
+        raise typer.BadParameter("only root tokens exist today: pass --root")
+    typer.echo(issue_root_token(state().settings, ttl_seconds=ttl))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    templates: str = typer.Option(
+        "empty,basic,crm", "--templates", help="Built-in templates to build when missing."
+    ),
+) -> None:
+    """Start the database if embedded, migrate, build templates, reconcile, then serve HTTP."""
+    import uvicorn
+
+    from monk.api.app import create_app
+    from monk.api.runtime import Runtime
+    from monk.service import doctor as doctor_service
+    from monk.service import templates as template_service
+
+    settings = state().settings
+    runtime = Runtime(settings)
+    for key in [k.strip() for k in templates.split(",") if k.strip()]:
+        build = template_service.ensure_built(runtime.target, settings, key)
+        console.print(f"template {key}: ready ({build.version})")
+    problems = doctor_service.diagnose(doctor_service.take_snapshot(runtime.tenants))
+    for line in doctor_service.repair(runtime.tenants, problems) if problems else []:
+        console.print(f"reconciled {line}")
+    console.print(f"monk serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    console.print("root token: monk token --root")
+    uvicorn.run(create_app(settings, runtime=runtime), host=host, port=port, log_level="info")
 
 
 def run() -> None:

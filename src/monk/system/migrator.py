@@ -118,6 +118,12 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
                         " applied_at timestamptz NOT NULL DEFAULT now())"
                     ).format(schema)
                 )
+                # Tenant roles must not reach the registry: only the admin role connects.
+                conn.execute(
+                    sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+                        sql.Identifier(system_db)
+                    )
+                )
                 # Sessions on the system database find the registry without qualification.
                 conn.execute(
                     sql.SQL("ALTER DATABASE {} SET search_path = {}, public").format(

@@ -7,6 +7,7 @@ caller decides how long a connection lives. PostgreSQL errors become monk errors
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -110,9 +111,7 @@ def drop_database(conn: Conn, name: str, *, force: bool = True, missing_ok: bool
             return False
         raise DatabaseMissing(f"database {name!r} does not exist")
     # A template database cannot be dropped (42809) until it is an ordinary one again.
-    conn.execute(
-        sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name))
-    )
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
     query = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
     if force:
         query += sql.SQL(" WITH (FORCE)")
@@ -220,13 +219,10 @@ def ensure_nologin_role(conn: Conn, name: str) -> None:
     """Create a NOLOGIN role if missing, and make the current (admin) role a member of it."""
     validate_role_name(name)
     if not role_exists(conn, name):
-        try:
+        # A concurrent monk may create it first: same outcome.
+        with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(name)))
-        except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-            pass  # a concurrent monk created it
-    member = conn.execute(
-        "SELECT pg_has_role(current_user, %s, 'MEMBER')", (name,)
-    ).fetchone()
+    member = conn.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (name,)).fetchone()
     if not (member and member[0]):
         conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(name)))
 

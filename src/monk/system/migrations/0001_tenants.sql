@@ -21,7 +21,6 @@ CREATE TABLE tenants (
     updated_at       timestamptz NOT NULL DEFAULT now(),
     trashed_at       timestamptz,
     deleted_at       timestamptz,
-    CONSTRAINT tenants_database_unique UNIQUE (database),
     CONSTRAINT tenants_database_name CHECK (database ~ '^[A-Za-z0-9_]+$' AND octet_length(database) <= 63),
     CONSTRAINT tenants_name_not_blank CHECK (btrim(name) <> ''),
     CONSTRAINT tenants_type CHECK (tenant_type IN ('normal', 'template')),
@@ -30,8 +29,10 @@ CREATE TABLE tenants (
     CONSTRAINT tenants_active_matches_status CHECK (NOT is_active OR status = 'active')
 );
 
--- A name is unique among live tenants; a deleted tenant's name can be provisioned again.
+-- A name and a database are unique among live tenants; a deleted tenant's name can be
+-- provisioned again (its row is kept for audit and restore from archive).
 CREATE UNIQUE INDEX tenants_live_name_key ON tenants (name_key) WHERE deleted_at IS NULL;
+CREATE UNIQUE INDEX tenants_live_database ON tenants (database) WHERE deleted_at IS NULL;
 CREATE INDEX tenants_status_idx ON tenants (status);
 CREATE INDEX tenants_template_idx ON tenants (template_key);
 

@@ -1,0 +1,97 @@
+"""pg_dump / pg_restore, run from the embedded package's PostgreSQL 18 binaries (a newer pg_dump
+reads any older server, so one set of tools serves embedded and external servers alike).
+
+Passwords go through the environment (PGPASSWORD), never the command line, where ``ps`` would
+show them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg import conninfo as pg_conninfo
+
+from monk.adapters.embedded import bin_dir
+from monk.adapters.postgres.connection import ServerTarget
+from monk.core.identifiers import validate_database_name, validate_role_name
+from monk.errors import OperationFailed
+
+_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: Path
+    size: int
+    sha256: str
+
+
+def _command(target: ServerTarget, database: str) -> tuple[list[str], dict[str, str]]:
+    params = pg_conninfo.conninfo_to_dict(target.conninfo)
+    password = params.pop("password", None)
+    params["dbname"] = database
+    params["application_name"] = "monk:dump"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    conninfo = pg_conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+    return [f"--dbname={conninfo}"], env
+
+
+def dump(target: ServerTarget, database: str, path: Path) -> Archive:
+    """pg_dump -Fc of ``database`` into ``path`` (written to a temp name, then renamed)."""
+    validate_database_name(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    args, env = _command(target, database)
+    _run(
+        [str(bin_dir() / "pg_dump"), "-Fc", "--no-owner", f"--file={partial}", *args],
+        env,
+        "archive",
+    )
+    partial.replace(path)
+    return Archive(path=path, size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def restore(target: ServerTarget, database: str, path: Path, *, role: str) -> None:
+    """pg_restore ``path`` into the empty ``database``; objects end up owned by ``role``."""
+    validate_database_name(database)
+    validate_role_name(role)
+    args, env = _command(target, database)
+    _run(
+        [
+            str(bin_dir() / "pg_restore"),
+            "--no-owner",
+            "--no-privileges",
+            f"--role={role}",
+            "--exit-on-error",
+            *args,
+            str(path),
+        ],
+        env,
+        "restore",
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run(argv: list[str], env: dict[str, str], step: str) -> None:
+    try:
+        done = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise OperationFailed(f"{Path(argv[0]).name} failed: {exc}", step=step) from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise OperationFailed(f"{Path(argv[0]).name} failed: {tail}", step=step)

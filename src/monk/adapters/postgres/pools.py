@@ -1,0 +1,64 @@
+"""Connection pools of one server: its system database (registry) and its maintenance database
+(server-level DDL). Both autocommit: CREATE/DROP DATABASE refuse transaction blocks, and the
+registry code opens its transactions explicitly.
+
+Pools bound monk's own connections (``max_size`` each), the first line of a global connection
+budget on a server that hosts many tenant databases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from monk.adapters.postgres.connection import APPLICATION_NAME, ServerTarget, unavailable
+
+
+class ServerPools:
+    def __init__(self, target: ServerTarget, system_db: str, *, max_size: int = 8) -> None:
+        self.target = target
+        self.system_db = system_db
+        self._system = self._pool(system_db, "registry", max_size)
+        self._admin = self._pool(target.maintenance_db, "admin", max_size)
+
+    def _pool(self, dbname: str, purpose: str, max_size: int) -> ConnectionPool[Any]:
+        return ConnectionPool(
+            self.target.conninfo,
+            kwargs={
+                "dbname": dbname,
+                "autocommit": True,
+                "application_name": f"{APPLICATION_NAME}:{purpose}",
+                "connect_timeout": self.target.connect_timeout,
+                "options": f"-c statement_timeout={self.target.statement_timeout_ms}",
+            },
+            min_size=0,
+            max_size=max_size,
+            timeout=self.target.connect_timeout,
+            check=ConnectionPool.check_connection,
+            open=True,
+            name=f"monk-{purpose}",
+        )
+
+    @contextmanager
+    def _get(self, pool: ConnectionPool[Any], dbname: str) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise unavailable(self.target, dbname, exc) from None
+
+    def system(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """An autocommit connection to the system database (registry)."""
+        return self._get(self._system, self.system_db)
+
+    def admin(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """An autocommit connection to the maintenance database (server-level DDL)."""
+        return self._get(self._admin, self.target.maintenance_db)
+
+    def close(self) -> None:
+        self._system.close()
+        self._admin.close()

@@ -1,0 +1,343 @@
+"""The tenant registry and operations journal in the system database.
+
+Functions take an open connection to the system database (whose search_path finds the registry)
+and return immutable snapshots; decisions are made over those snapshots in the service layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from monk.core.tenant_names import TenantName
+from monk.errors import HashCollision, TenantExists
+
+Conn = psycopg.Connection[Any]
+
+# Statuses a tenant passes through. 'deleted' rows are kept for audit and archive restore.
+LIVE_STATUSES = ("provisioning", "active", "disabled", "trashed", "deleting")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: UUID
+    name: str
+    name_key: str
+    database: str
+    host: str
+    is_active: bool
+    tenant_type: str
+    status: str
+    template_key: str | None
+    template_version: str | None
+    role_name: str | None
+    step: str | None
+    migration_level: int
+    idempotency_key: str | None
+    access_read: list[UUID]
+    access_edit: list[UUID]
+    access_full: list[UUID]
+    access_deny: list[UUID]
+    archive_path: str | None
+    archive_size: int | None
+    archive_sha256: str | None
+    archived_at: datetime | None
+    archive_server_version: str | None
+    created_at: datetime
+    updated_at: datetime
+    trashed_at: datetime | None
+    deleted_at: datetime | None
+
+
+_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Tenant))
+
+
+def _select(where: sql.Composable) -> sql.Composed:
+    return sql.SQL("SELECT {} FROM tenants WHERE ").format(_COLUMNS) + where
+
+
+def get_live(conn: Conn, name_key: str) -> Tenant | None:
+    """The live (not deleted) tenant with this identity."""
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(_select(sql.SQL("name_key = %s AND deleted_at IS NULL")), (name_key,))
+        return cur.fetchone()
+
+
+def get_live_by_database(conn: Conn, database: str) -> Tenant | None:
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(_select(sql.SQL("database = %s AND deleted_at IS NULL")), (database,))
+        return cur.fetchone()
+
+
+def get_latest_deleted(conn: Conn, name_key: str) -> Tenant | None:
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(
+            _select(sql.SQL("name_key = %s AND deleted_at IS NOT NULL ORDER BY deleted_at DESC")),
+            (name_key,),
+        )
+        return cur.fetchone()
+
+
+def get_by_id(conn: Conn, tenant_id: UUID) -> Tenant | None:
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(_select(sql.SQL("id = %s")), (tenant_id,))
+        return cur.fetchone()
+
+
+def list_tenants(
+    conn: Conn,
+    *,
+    statuses: Sequence[str] | None = None,
+    template: str | None = None,
+    include_trashed: bool = False,
+    include_deleted: bool = False,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[Tenant]:
+    clauses: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: list[Any] = []
+    if statuses:
+        clauses.append(sql.SQL("status = ANY(%s)"))
+        params.append(list(statuses))
+    if template:
+        clauses.append(sql.SQL("template_key = %s"))
+        params.append(template)
+    if not include_trashed:
+        clauses.append(sql.SQL("trashed_at IS NULL"))
+    if not include_deleted:
+        clauses.append(sql.SQL("deleted_at IS NULL"))
+    query = _select(sql.SQL(" AND ").join(clauses)) + sql.SQL(
+        " ORDER BY created_at, id LIMIT %s OFFSET %s"
+    )
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(query, [*params, limit, offset])
+        return cur.fetchall()
+
+
+def all_live(conn: Conn, host: str) -> list[Tenant]:
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(_select(sql.SQL("deleted_at IS NULL AND host = %s")), (host,))
+        return cur.fetchall()
+
+
+def insert_intent(
+    conn: Conn,
+    name: TenantName,
+    *,
+    host: str,
+    template_key: str,
+    template_version: str,
+    idempotency_key: str | None,
+    status: str = "provisioning",
+) -> Tenant:
+    """Record the intent to provision, in its own transaction: the unique indexes make exactly
+    one of many concurrent requests for a name win. Raises TenantExists or HashCollision."""
+    try:
+        with conn.transaction(), conn.cursor(row_factory=class_row(Tenant)) as cur:
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO tenants (name, name_key, database, host, is_active, status,"
+                    " template_key, template_version, role_name, step, idempotency_key)"
+                    " VALUES (%s, %s, %s, %s, false, %s, %s, %s, %s, 'intent', %s)"
+                    " RETURNING {}"
+                ).format(_COLUMNS),
+                (
+                    name.display,
+                    name.key,
+                    name.database,
+                    host,
+                    status,
+                    template_key,
+                    template_version,
+                    name.role,
+                    idempotency_key,
+                ),
+            )
+            row = cur.fetchone()
+            assert row is not None
+            return row
+    except psycopg.errors.UniqueViolation:
+        raise exists_error(conn, name) from None
+
+
+def exists_error(conn: Conn, name: TenantName) -> TenantExists | HashCollision:
+    """Which conflict it is: the same tenant, or another name with the same hash."""
+    holder = get_live_by_database(conn, name.database)
+    if holder is not None and holder.name_key != name.key:
+        return HashCollision(
+            f"tenant name {name.display!r} hashes to {name.database}, which tenant "
+            f"{holder.name!r} already uses; choose another name",
+            database=name.database,
+        )
+    return TenantExists(f"tenant {name.display!r} already exists", database=name.database)
+
+
+def update(conn: Conn, tenant_id: UUID, **fields: Any) -> Tenant:
+    """Set ``fields`` on the tenant row (in the caller's transaction, if any)."""
+    assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
+    values = [Jsonb(v) if isinstance(v, dict) else v for v in fields.values()]
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(
+            sql.SQL("UPDATE tenants SET {} WHERE id = %s RETURNING {}").format(
+                assignments, _COLUMNS
+            ),
+            [*values, tenant_id],
+        )
+        row = cur.fetchone()
+    assert row is not None, f"tenant {tenant_id} vanished"
+    return row
+
+
+def set_step(conn: Conn, tenant_id: UUID, step: str) -> None:
+    """Journal a completed step. Not synchronous: a step lost to a crash is found by the
+    reconciler from what exists on the server, so it need not wait for a disk flush."""
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = off")
+        conn.execute("UPDATE tenants SET step = %s WHERE id = %s", (step, tenant_id))
+
+
+def delete_row(conn: Conn, tenant_id: UUID) -> None:
+    conn.execute("DELETE FROM tenants WHERE id = %s", (tenant_id,))
+
+
+# ---------------------------------------------------------------- operations journal
+
+
+@dataclass(frozen=True)
+class Operation:
+    id: UUID
+    kind: str
+    subject: str
+    database: str | None
+    host: str
+    state: str
+    step: str | None
+    error: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+_OP_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Operation))
+
+
+def start_operation(
+    conn: Conn,
+    kind: str,
+    subject: str,
+    *,
+    database: str | None,
+    host: str,
+    state: str = "running",
+    params: dict[str, Any] | None = None,
+) -> UUID:
+    row = conn.execute(
+        "INSERT INTO operations (kind, subject, database, host, state, params)"
+        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+        (kind, subject, database, host, state, Jsonb(params or {})),
+    ).fetchone()
+    assert row is not None
+    return UUID(str(row[0]))
+
+
+def finish_operation(
+    conn: Conn,
+    op_id: UUID,
+    state: str,
+    *,
+    step: str | None = None,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        "UPDATE operations SET state = %s, step = coalesce(%s, step), error = %s,"
+        " result = %s, updated_at = now(),"
+        " finished_at = CASE WHEN %s IN ('done', 'failed', 'undone') THEN now() END"
+        " WHERE id = %s",
+        (state, step, error, Jsonb(result) if result is not None else None, state, op_id),
+    )
+
+
+def set_operation_step(conn: Conn, op_id: UUID, step: str) -> None:
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = off")
+        conn.execute(
+            "UPDATE operations SET step = %s, updated_at = now() WHERE id = %s", (step, op_id)
+        )
+
+
+def list_operations(
+    conn: Conn,
+    *,
+    states: Sequence[str] | None = None,
+    kind: str | None = None,
+    subject: str | None = None,
+    limit: int = 100,
+) -> list[Operation]:
+    clauses: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: list[Any] = []
+    if states:
+        clauses.append(sql.SQL("state = ANY(%s)"))
+        params.append(list(states))
+    if kind:
+        clauses.append(sql.SQL("kind = %s"))
+        params.append(kind)
+    if subject:
+        clauses.append(sql.SQL("subject = %s"))
+        params.append(subject)
+    query = sql.SQL("SELECT {} FROM operations WHERE {} ORDER BY created_at DESC LIMIT %s").format(
+        _OP_COLUMNS, sql.SQL(" AND ").join(clauses)
+    )
+    with conn.cursor(row_factory=class_row(Operation)) as cur:
+        cur.execute(query, [*params, limit])
+        return cur.fetchall()
+
+
+def claim_queued(conn: Conn, kind: str, *, database: str | None = None) -> Operation | None:
+    """Claim the oldest queued operation of ``kind`` (optionally on ``database``) with FOR
+    UPDATE SKIP LOCKED, in the caller's transaction: a crashed worker's transaction ends with
+    it, so its job becomes claimable again."""
+    where: sql.Composable = sql.SQL("kind = %s AND state = 'queued'")
+    params: list[Any] = [kind]
+    if database is not None:
+        where += sql.SQL(" AND database = %s")
+        params.append(database)
+    with conn.cursor(row_factory=class_row(Operation)) as cur:
+        cur.execute(
+            sql.SQL(
+                "SELECT {} FROM operations WHERE {} ORDER BY created_at LIMIT 1"
+                " FOR UPDATE SKIP LOCKED"
+            ).format(_OP_COLUMNS, where),
+            params,
+        )
+        return cur.fetchone()
+
+
+def advisory_key(database: str) -> int:
+    """A signed 64-bit advisory lock key for an object name (the tenant hash fits as is)."""
+    import hashlib
+
+    raw = int.from_bytes(hashlib.sha256(database.encode()).digest()[:8], "big")
+    return raw - (1 << 64) if raw >= (1 << 63) else raw
+
+
+def try_lock(conn: Conn, database: str) -> bool:
+    """Session advisory lock on a tenant: held by whoever works on it; a dead worker's lock is
+    released with its connection, which is how the reconciler tells running from crashed."""
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(database),)).fetchone()
+    return bool(row and row[0])
+
+
+def unlock(conn: Conn, database: str) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(database),))

@@ -1,0 +1,92 @@
+"""Request and response bodies of the HTTP API (they make the OpenAPI document complete)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="Tenant name as the caller knows it, e.g. 'Acme Corp'.")
+    template: str = Field("basic", description="Template key to clone from.")
+    host: str | None = Field(None, description="Server to place the tenant on.")
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    is_active: bool | None = Field(None, description="false disables, true enables.")
+
+
+class ArchiveOut(BaseModel):
+    path: str
+    size: int | None
+    sha256: str | None
+    archived_at: str | None
+    server_version: str | None
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    database: str
+    host: str
+    port: int
+    template: str | None
+    template_version: str | None
+    status: str
+    is_active: bool
+    tenant_type: str
+    role: str | None
+    migration_level: int
+    created_at: str | None
+    updated_at: str | None
+    trashed_at: str | None
+    deleted_at: str | None
+    archive: ArchiveOut | None = None
+    connection_url: str | None = Field(
+        None, description="Only in answers that issue a password (create, rotate, restore)."
+    )
+
+
+class HealthCheck(BaseModel):
+    check: str
+    ok: bool
+    detail: Any = None
+
+
+class TenantHealth(BaseModel):
+    name: str
+    database: str
+    status: str = Field(..., description="healthy, warning or error")
+    tenant_status: str
+    template: str | None
+    template_version: str | None
+    size_bytes: int | None
+    checks: list[HealthCheck]
+
+
+class OperationOut(BaseModel):
+    id: str
+    kind: str
+    subject: str
+    database: str | None
+    host: str
+    state: str
+    step: str | None
+    error: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+
+
+class ServiceHealth(BaseModel):
+    status: str
+    database: str
+    server_version: str | None = None
+    error: str | None = None

@@ -1,0 +1,78 @@
+"""Liveness, Prometheus metrics, and the operations journal."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from monk.adapters import registry
+from monk.adapters.postgres import admin
+from monk.api.deps import Root, RuntimeDep
+from monk.api.envelope import ERROR_RESPONSES, Ok
+from monk.api.models import OperationOut, ServiceHealth
+from monk.errors import MonkError
+from monk.service import purge
+
+router = APIRouter()
+
+
+@router.get("/health", tags=["service"], summary="Liveness and database reachability (no auth)")
+def health(rt: RuntimeDep) -> JSONResponse:
+    try:
+        with rt.tenants.hosts.pools().admin() as adm:
+            version = admin.server_version(adm)
+    except MonkError as exc:
+        body = ServiceHealth(status="unavailable", database="unreachable", error=exc.message)
+        return JSONResponse(status_code=503, content=Ok(data=body).model_dump())
+    body = ServiceHealth(status="ok", database="reachable", server_version=version)
+    return JSONResponse(content=Ok(data=body).model_dump())
+
+
+@router.get("/metrics", tags=["service"], summary="Prometheus metrics (no auth)")
+def metrics(rt: RuntimeDep) -> Response:
+    # Metrics must answer even while the database does not.
+    with contextlib.suppress(MonkError):
+        rt.metrics.purge_queue.set(purge.queue_depth(rt.tenants))
+    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/api/root/operations",
+    tags=["operations"],
+    summary="The operations journal: provisioning, purges, restores, template builds",
+    responses=ERROR_RESPONSES,
+)
+def operations(
+    rt: RuntimeDep,
+    _: Root,
+    state: Annotated[list[str] | None, Query()] = None,
+    kind: str | None = None,
+    subject: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Ok[list[OperationOut]]:
+    with rt.tenants.hosts.pools().system() as reg:
+        ops = registry.list_operations(reg, states=state, kind=kind, subject=subject, limit=limit)
+    return Ok(
+        data=[
+            OperationOut(
+                id=str(op.id),
+                kind=op.kind,
+                subject=op.subject,
+                database=op.database,
+                host=op.host,
+                state=op.state,
+                step=op.step,
+                error=op.error,
+                params=op.params,
+                result=op.result,
+                created_at=op.created_at.isoformat(),
+                updated_at=op.updated_at.isoformat(),
+                finished_at=op.finished_at.isoformat() if op.finished_at else None,
+            )
+            for op in ops
+        ]
+    )

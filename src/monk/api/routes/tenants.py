@@ -1,0 +1,105 @@
+"""/api/root/tenant: the origin system's root tenant API, in its envelope."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, status
+
+from monk.api.deps import Root, RuntimeDep
+from monk.api.envelope import ERROR_RESPONSES, Ok
+from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
+from monk.errors import MonkError
+from monk.service import purge
+from monk.service.health import tenant_health
+from monk.service.tenants import TenantView
+
+router = APIRouter(prefix="/api/root/tenant", tags=["tenants"], responses=ERROR_RESPONSES)
+
+
+def _out(view: TenantView) -> TenantOut:
+    return TenantOut.model_validate(view.as_dict())
+
+
+@router.get("", summary="List tenants")
+def list_tenants(
+    rt: RuntimeDep,
+    _: Root,
+    include_trashed: bool = False,
+    include_deleted: bool = False,
+    status_: Annotated[list[str] | None, Query(alias="status")] = None,
+    template: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Ok[list[TenantOut]]:
+    tenants = rt.tenants.list(
+        statuses=status_,
+        template=template,
+        include_trashed=include_trashed,
+        include_deleted=include_deleted,
+        limit=limit,
+        offset=offset,
+    )
+    return Ok(data=[_out(rt.tenants.view(t)) for t in tenants])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, summary="Provision a tenant")
+def create_tenant(
+    rt: RuntimeDep,
+    _: Root,
+    body: TenantCreate,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Ok[TenantOut]:
+    started = time.perf_counter()
+    try:
+        view = rt.tenants.provision(
+            body.name, template=body.template, host=body.host, idempotency_key=idempotency_key
+        )
+    except MonkError as exc:
+        rt.metrics.provisions.labels(result=exc.code).inc()
+        raise
+    rt.metrics.provision_seconds.observe(time.perf_counter() - started)
+    rt.metrics.provisions.labels(result="ok").inc()
+    return Ok(data=_out(view))
+
+
+@router.get("/{name}", summary="One tenant")
+def get_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
+    return Ok(data=_out(rt.tenants.view(rt.tenants.get(name))))
+
+
+@router.patch("/{name}", summary="Edit a tenant (is_active: enable or disable)")
+def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[TenantOut]:
+    return Ok(data=_out(rt.tenants.update(name, is_active=body.is_active)))
+
+
+@router.put("/{name}", summary="Restore a trashed tenant, or a purged one from its archive")
+def restore_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
+    return Ok(data=_out(rt.tenants.restore(name)))
+
+
+@router.delete("/{name}", summary="Trash a tenant; ?force=true purges it (archive, then drop)")
+def delete_tenant(
+    rt: RuntimeDep,
+    _: Root,
+    name: str,
+    force: bool = False,
+    archive: bool = True,
+    forget: bool = False,
+) -> Ok[TenantOut]:
+    if not force:
+        return Ok(data=_out(rt.tenants.trash(name)))
+    view, _op = purge.request_purge(rt.tenants, name, archive=archive, forget=forget)
+    rt.wake_worker()
+    return Ok(data=_out(view))
+
+
+@router.get("/{name}/health", summary="Check a tenant")
+def health(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantHealth]:
+    return Ok(data=TenantHealth.model_validate(tenant_health(rt.tenants, name)))
+
+
+@router.post("/{name}/credentials", summary="Issue a new password for the tenant's role")
+def rotate_credentials(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
+    return Ok(data=_out(rt.tenants.rotate_credentials(name)))

@@ -1,0 +1,81 @@
+"""What a running ``monk serve`` holds: settings, the tenant service, the purge worker, metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from monk.adapters.postgres.connection import ServerTarget
+from monk.api.auth import signing_secret
+from monk.errors import MonkError
+from monk.service import purge
+from monk.service.server import Server
+from monk.service.tenants import TenantService
+from monk.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.provisions = Counter(
+            "monk_provisions", "Tenant provisions by result", ["result"], registry=r
+        )
+        self.provision_seconds = Histogram(
+            "monk_provision_seconds",
+            "Provisioning latency",
+            buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.template_builds = Counter(
+            "monk_template_builds", "Template builds by result", ["result"], registry=r
+        )
+        self.purge_queue = Gauge(
+            "monk_purge_queue_depth", "Purges queued for the background worker", registry=r
+        )
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = Server.from_settings(settings)
+        self.target: ServerTarget
+        self.target, _ = self.server.init()
+        self.tenants = TenantService(settings, self.target)
+        self.secret = signing_secret(settings)
+        self.metrics = Metrics()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="monk-purge", daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def wake_worker(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Let the worker finish its job in hand; queued ones stay queued for the next start."""
+        self._stop.set()
+        self._wake.set()
+        self._worker.join(timeout=60)
+        self.tenants.close()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                purge.work_queue(self.tenants)
+                self.metrics.purge_queue.set(purge.queue_depth(self.tenants))
+            except MonkError as exc:
+                log.warning("purge worker: %s", exc)
+            except Exception:
+                log.exception("purge worker failed; retrying")
+            self._wake.wait(timeout=5)
+            self._wake.clear()

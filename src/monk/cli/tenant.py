@@ -1,0 +1,233 @@
+"""``monk tenant …``: the tenant lifecycle from the command line (``--json`` prints the same
+objects as the HTTP API)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import MofNCompleteColumn, Progress
+
+from monk.cli.context import state
+from monk.cli.output import console, err_console, print_json, print_mapping, print_rows
+from monk.errors import MonkError
+from monk.service import purge
+from monk.service.tenants import TenantService, TenantView
+
+app = typer.Typer(help="Tenants: one PostgreSQL database each.", no_args_is_help=True)
+
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _show(view: TenantView, as_json: bool) -> None:
+    data = view.as_dict()
+    if as_json:
+        print_json(data)
+        return
+    archive = data.pop("archive", None)
+    print_mapping(data)
+    if archive:
+        print_mapping(archive, title="archive")
+    if "connection_url" in data:
+        console.print("[yellow]The password in connection_url is shown once.[/]")
+
+
+@app.command()
+def create(
+    name: str | None = typer.Argument(None, help="Tenant name, e.g. 'Acme Corp'."),
+    template: str = typer.Option("basic", "--template", "-t", help="Template key."),
+    host: str | None = typer.Option(None, "--host", help="Server to place the tenant on."),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="Retries with the same key get the first result."
+    ),
+    from_file: Path | None = typer.Option(
+        None, "--from", help="Provision every name in this file (one per line; # comments)."
+    ),
+    parallel: int = typer.Option(4, "--parallel", min=1, max=64, help="With --from."),
+    as_json: bool = JSON,
+) -> None:
+    """Provision a tenant: clone its database from the template's current build."""
+    if (name is None) == (from_file is None):
+        raise typer.BadParameter("give a NAME or --from FILE")
+    if from_file is not None:
+        _create_many(from_file, template=template, host=host, parallel=parallel, as_json=as_json)
+        return
+    assert name is not None
+    view = state().tenants.provision(
+        name, template=template, host=host, idempotency_key=idempotency_key
+    )
+    _show(view, as_json)
+
+
+def _create_many(
+    path: Path, *, template: str, host: str | None, parallel: int, as_json: bool
+) -> None:
+    """Bulk provisioning with a progress bar and a summary; exit 1 if any name failed."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    s = state()
+    settings = s.settings.model_copy(update={"pool_size": max(parallel, s.settings.pool_size)})
+    results: list[dict[str, Any]] = []
+    with (
+        TenantService(settings, s.target) as svc,
+        Progress(
+            *Progress.get_default_columns(),
+            MofNCompleteColumn(),
+            console=err_console,
+            disable=as_json or not err_console.is_terminal,
+        ) as progress,
+    ):
+        task = progress.add_task("provisioning", total=len(names))
+
+        def one(raw: str) -> dict[str, Any]:
+            try:
+                out = svc.provision(raw, template=template, host=host).as_dict()
+                return {
+                    "name": raw,
+                    "ok": True,
+                    "database": out["database"],
+                    "connection_url": out.get("connection_url"),
+                }
+            except MonkError as exc:
+                return {"name": raw, "ok": False, "error": exc.message, "error_code": exc.code}
+            finally:
+                progress.advance(task)
+
+        with ThreadPoolExecutor(parallel) as pool:
+            results = list(pool.map(one, names))
+    failed = [r for r in results if not r["ok"]]
+    if as_json:
+        print_json(
+            {"succeeded": len(results) - len(failed), "failed": len(failed), "results": results}
+        )
+    else:
+        print_rows(results, ["name", "ok", "database", "error"])
+        console.print(f"{len(results) - len(failed)} provisioned, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(
+    status: list[str] = typer.Option([], "--status", help="Only these statuses (repeatable)."),
+    template: str | None = typer.Option(None, "--template", help="Only this template."),
+    include_trashed: bool = typer.Option(False, "--include-trashed"),
+    include_deleted: bool = typer.Option(False, "--include-deleted"),
+    limit: int = typer.Option(100, "--limit", min=1, max=10_000),
+    offset: int = typer.Option(0, "--offset", min=0),
+    as_json: bool = JSON,
+) -> None:
+    """List tenants (paged)."""
+    svc = state().tenants
+    tenants = svc.list(
+        statuses=status or None,
+        template=template,
+        include_trashed=include_trashed,
+        include_deleted=include_deleted,
+        limit=limit,
+        offset=offset,
+    )
+    rows = [svc.view(t).as_dict() for t in tenants]
+    if as_json:
+        print_json(rows)
+    else:
+        print_rows(
+            rows, ["name", "database", "status", "template", "template_version", "created_at"]
+        )
+
+
+@app.command()
+def show(name: str, as_json: bool = JSON) -> None:
+    """One tenant's registry record."""
+    svc = state().tenants
+    _show(svc.view(svc.get(name)), as_json)
+
+
+@app.command()
+def health(name: str, as_json: bool = JSON) -> None:
+    """Check a tenant: registry row, database, connection, core tables, role, size."""
+    from monk.service.health import tenant_health
+
+    report = tenant_health(state().tenants, name)
+    if as_json:
+        print_json(report)
+    else:
+        checks = report.pop("checks")
+        print_mapping(report)
+        print_rows(checks, ["check", "ok", "detail"])
+    if report["status"] == "error":
+        raise typer.Exit(1)
+
+
+@app.command()
+def disable(name: str, as_json: bool = JSON) -> None:
+    """Close the database to new connections, end its sessions, make its role NOLOGIN."""
+    _show(state().tenants.disable(name), as_json)
+
+
+@app.command()
+def enable(name: str, as_json: bool = JSON) -> None:
+    """Reverse ``disable``."""
+    _show(state().tenants.enable(name), as_json)
+
+
+@app.command()
+def delete(
+    name: str,
+    purge_: bool = typer.Option(False, "--purge", help="Drop the database (archived first)."),
+    no_archive: bool = typer.Option(False, "--no-archive", help="With --purge: no archive."),
+    forget: bool = typer.Option(False, "--forget", help="With --purge: remove the registry row."),
+    no_wait: bool = typer.Option(
+        False, "--no-wait", help="With --purge: leave the drop queued for the service."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Soft-delete (restorable); with --purge, archive and drop it."""
+    svc = state().tenants
+    if not purge_:
+        if no_archive or forget or no_wait:
+            raise typer.BadParameter("--no-archive, --forget and --no-wait go with --purge")
+        _show(svc.trash(name), as_json)
+        return
+    view, op = purge.request_purge(svc, name, archive=not no_archive, forget=forget)
+    if not no_wait:
+        purge.work_queue(svc, only=op)
+        tenant = svc.list(include_trashed=True, include_deleted=True, limit=10_000)
+        gone = [t for t in tenant if t.id == view.tenant.id]
+        if gone:
+            view = svc.view(gone[0])
+        elif as_json:
+            print_json(
+                {"name": view.tenant.name, "database": view.tenant.database, "status": "forgotten"}
+            )
+            return
+    _show(view, as_json)
+
+
+@app.command()
+def restore(name: str, as_json: bool = JSON) -> None:
+    """A trashed tenant back to active; a purged one back from its archive."""
+    _show(state().tenants.restore(name), as_json)
+
+
+@app.command()
+def archive(name: str, as_json: bool = JSON) -> None:
+    """pg_dump the tenant (custom format) into the archive folder; recorded in the registry."""
+    _show(purge.archive(state().tenants, name), as_json)
+
+
+@app.command()
+def credentials(
+    name: str,
+    rotate: bool = typer.Option(False, "--rotate", help="Set a new password and print it."),
+    as_json: bool = JSON,
+) -> None:
+    """Tenant connection details; --rotate issues a new password (shown once)."""
+    svc = state().tenants
+    view = svc.rotate_credentials(name) if rotate else svc.view(svc.get(name))
+    _show(view, as_json)

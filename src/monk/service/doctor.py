@@ -1,0 +1,250 @@
+"""Reconciliation: compare the registry with the server, report each inconsistency, repair it.
+
+The state is read once into an immutable snapshot; problems are decided over it (pure), and
+repairs are the lifecycle's own finish/undo steps, each under the tenant's advisory lock so a
+repair never races a live operation. The same reconciliation runs when the service starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from monk.adapters import registry
+from monk.adapters.postgres import admin
+from monk.adapters.registry import Tenant
+from monk.core.tenant_names import is_tenant_database
+from monk.service import templates as template_service
+from monk.service.tenants import TenantService
+
+log = logging.getLogger(__name__)
+
+SETTLED = ("active", "disabled", "trashed")
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # stuck_operation | missing_database | missing_role | orphan_database | ...
+    subject: str  # database, role or template name
+    detail: str
+    repair: str  # what --repair does about it
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "subject": self.subject,
+            "detail": self.detail,
+            "repair": self.repair,
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    tenants: tuple[Tenant, ...]
+    crashed: frozenset[str]  # databases of provisioning/deleting rows whose worker is gone
+    queued_purges: frozenset[str]  # databases with a queued purge job
+    databases: frozenset[str]  # tenant_* databases on the server that are ours (or unmarked)
+    roles: frozenset[str]  # tenant_* roles that are ours (or unmarked)
+    template_leftovers: tuple[str, ...]
+
+
+def take_snapshot(svc: TenantService) -> Snapshot:
+    pools = svc.hosts.pools()
+    mark = svc._ownership_mark()
+    with pools.system() as reg:
+        tenants = tuple(registry.all_live(reg, pools.target.name))
+        crashed = set()
+        for t in tenants:
+            if t.status in ("provisioning", "deleting") and registry.try_lock(reg, t.database):
+                registry.unlock(reg, t.database)
+                crashed.add(t.database)
+        queued = {
+            op.database
+            for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
+            if op.database
+        }
+    with pools.admin() as adm:
+        databases = _marked(
+            adm, "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database", mark
+        )
+        roles = _marked(
+            adm, "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles", mark
+        )
+    leftovers = tuple(template_service.find_leftovers(pools.target, svc.settings))
+    return Snapshot(
+        tenants=tenants,
+        crashed=frozenset(crashed),
+        queued_purges=frozenset(queued),
+        databases=frozenset(databases),
+        roles=frozenset(roles),
+        template_leftovers=leftovers,
+    )
+
+
+def _marked(adm: psycopg.Connection[Any], query: str, mark: str) -> set[str]:
+    """tenant_* names carrying this installation's mark, or no mark (a crash right after
+    CREATE, before COMMENT): another installation's objects on a shared server are left alone."""
+    rows = adm.execute(query.encode()).fetchall()  # constant query, no parameters
+    return {
+        str(name)
+        for name, comment in rows
+        if is_tenant_database(str(name)) and comment in (None, mark)
+    }
+
+
+def diagnose(snap: Snapshot) -> list[Problem]:
+    """Pure: every inconsistency in the snapshot."""
+    problems: list[Problem] = []
+    live_dbs = {t.database for t in snap.tenants}
+    live_roles = {t.role_name for t in snap.tenants if t.role_name}
+    for t in snap.tenants:
+        if t.database in snap.crashed:
+            if t.status == "provisioning":
+                problems.append(
+                    Problem(
+                        "stuck_operation",
+                        t.database,
+                        f"provisioning of {t.name!r} stopped after step {t.step!r}: "
+                        "its process is gone",
+                        "undo: drop database and role, remove the row",
+                    )
+                )
+            elif t.database in snap.queued_purges:
+                problems.append(
+                    Problem(
+                        "queued_purge",
+                        t.database,
+                        f"purge of {t.name!r} is queued",
+                        "run the purge now",
+                    )
+                )
+            else:
+                problems.append(
+                    Problem(
+                        "stuck_operation",
+                        t.database,
+                        f"purge of {t.name!r} has no queued job",
+                        "finish: drop database and role, mark deleted",
+                    )
+                )
+        elif t.status in SETTLED:
+            if t.database not in snap.databases:
+                problems.append(
+                    Problem(
+                        "missing_database",
+                        t.database,
+                        f"tenant {t.name!r} is {t.status} but its database is missing",
+                        "mark the tenant deleted (its name becomes free)",
+                    )
+                )
+            if t.role_name and t.role_name not in snap.roles:
+                problems.append(
+                    Problem(
+                        "missing_role",
+                        t.role_name,
+                        f"role of tenant {t.name!r} is missing",
+                        "none: rotate credentials to recreate it",
+                    )
+                )
+    for db in sorted(snap.databases - live_dbs):
+        problems.append(
+            Problem("orphan_database", db, "tenant database with no live registry row", "drop it")
+        )
+    for role in sorted(snap.roles - live_roles):
+        problems.append(
+            Problem("stray_role", role, "tenant role with no live registry row", "drop it")
+        )
+    for name in snap.template_leftovers:
+        problems.append(
+            Problem(
+                "template_leftover", name, "leftover of an interrupted template build", "drop it"
+            )
+        )
+    return problems
+
+
+def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
+    """Fix each problem with the lifecycle's own steps; returns what was done."""
+    from monk.service.purge import work_queue
+
+    done: list[str] = []
+    pools = svc.hosts.pools()
+    by_db = {}
+    with pools.system() as reg:
+        by_db = {t.database: t for t in registry.all_live(reg, pools.target.name)}
+    for p in problems:
+        if p.kind in ("stuck_operation", "queued_purge"):
+            tenant = by_db.get(p.subject)
+            if tenant is None:
+                continue
+            with pools.system() as reg:
+                if not registry.try_lock(reg, tenant.database):
+                    done.append(f"{p.subject}: busy, skipped")
+                    continue
+                try:
+                    fresh = registry.get_by_id(reg, tenant.id)
+                    if fresh is not None:
+                        if fresh.status == "deleting" and p.kind == "stuck_operation":
+                            registry.start_operation(
+                                reg,
+                                "purge",
+                                fresh.name_key,
+                                database=fresh.database,
+                                host=fresh.host,
+                                state="queued",
+                                params={
+                                    "tenant_id": str(fresh.id),
+                                    "archive": True,
+                                    "forget": False,
+                                },
+                            )
+                        done.append(f"{p.subject}: {svc._repair(reg, pools, fresh)}")
+                finally:
+                    registry.unlock(reg, tenant.database)
+        elif p.kind == "missing_database":
+            tenant = by_db[p.subject]
+            with pools.system() as reg:
+                registry.update(
+                    reg,
+                    tenant.id,
+                    status="deleted",
+                    is_active=False,
+                    deleted_at=_now(),
+                    step="database missing",
+                )
+            done.append(f"{p.subject}: marked deleted")
+        elif p.kind == "orphan_database":
+            with pools.system() as reg, pools.admin() as adm:
+                # Under the name's lock: a provision that starts now waits for us, not the reverse.
+                if not registry.try_lock(reg, p.subject):
+                    done.append(f"{p.subject}: busy, skipped")
+                    continue
+                try:
+                    if registry.get_live_by_database(reg, p.subject) is None:
+                        admin.drop_database(adm, p.subject)
+                        done.append(f"{p.subject}: dropped")
+                finally:
+                    registry.unlock(reg, p.subject)
+        elif p.kind == "stray_role":
+            with pools.system() as reg, pools.admin() as adm:
+                if registry.try_lock(reg, p.subject):
+                    try:
+                        if registry.get_live_by_database(reg, p.subject) is None:
+                            admin.drop_role(adm, p.subject)
+                            done.append(f"{p.subject}: role dropped")
+                    finally:
+                        registry.unlock(reg, p.subject)
+    if any(p.kind == "template_leftover" for p in problems):
+        for name in template_service.cleanup_leftovers(pools.target, svc.settings):
+            done.append(f"{name}: dropped")
+    work_queue(svc)
+    return done
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)

@@ -1,0 +1,292 @@
+"""Purge (archive, drop, forget) through a persisted queue, archives, and restore from archive.
+
+A purge request disables the tenant and records it as ``deleting`` with a queued ``purge``
+operation, then returns: the drop costs a forced checkpoint. A worker (the HTTP service in the
+background, or the CLI before it exits) claims the job with FOR UPDATE SKIP LOCKED and does it
+inside that claiming transaction, so a worker killed half-way leaves the job queued, and every
+step is idempotent (archive again, drop if exists).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from monk.adapters import dump, registry
+from monk.adapters.postgres import admin
+from monk.adapters.postgres.pools import ServerPools
+from monk.adapters.registry import Operation, Tenant
+from monk.core.tenant_names import TenantName
+from monk.errors import InvalidState, MonkError, OperationFailed, TenantNotFound
+
+if TYPE_CHECKING:
+    from monk.service.tenants import TenantService, TenantView
+
+log = logging.getLogger(__name__)
+
+
+def request_purge(
+    svc: TenantService, raw_name: str, *, archive: bool = True, forget: bool = False
+) -> tuple[TenantView, UUID]:
+    """Disable the tenant, mark it ``deleting`` and queue its purge; returns at once."""
+    from monk.service.tenants import _require
+
+    with svc._locked(raw_name) as (reg, pools, tenant):
+        _require(tenant, "purge", "active", "disabled", "trashed")
+        with pools.admin() as adm:
+            exists = admin.database_exists(adm, tenant.database)
+        if exists:
+            svc._close(pools, tenant)
+        with reg.transaction():
+            tenant = registry.update(
+                reg,
+                tenant.id,
+                status="deleting",
+                is_active=False,
+                step="queued",
+                trashed_at=tenant.trashed_at or datetime.now(UTC),
+            )
+            op = registry.start_operation(
+                reg,
+                "purge",
+                tenant.name_key,
+                database=tenant.database,
+                host=tenant.host,
+                state="queued",
+                params={"tenant_id": str(tenant.id), "archive": archive, "forget": forget},
+            )
+        return svc.view(tenant), op
+
+
+def work_queue(svc: TenantService, *, only: UUID | None = None) -> int:
+    """Run queued purges until none is left (or until ``only`` is done); returns how many."""
+    done = 0
+    pools = svc.hosts.pools()
+    while True:
+        with pools.system() as reg, reg.transaction():
+            op = registry.claim_queued(reg, "purge")
+            if op is None:
+                return done
+            _run_job(svc, reg, pools, op)
+            done += 1
+        if only is not None and op.id == only:
+            return done
+
+
+def queue_depth(svc: TenantService) -> int:
+    with svc.hosts.pools().system() as reg:
+        row = reg.execute(
+            "SELECT count(*) FROM operations WHERE kind = 'purge' AND state = 'queued'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def purge_now(
+    svc: TenantService, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant
+) -> None:
+    """Finish the queued purge of ``tenant`` right here (the caller holds the tenant's lock)."""
+    with pools.system() as worker, worker.transaction():
+        op = registry.claim_queued(worker, "purge", database=tenant.database)
+        if op is None:
+            raise InvalidState(f"tenant {tenant.name!r} is being purged by another worker")
+        _purge(svc, worker, pools, tenant, op)
+
+
+def _run_job(
+    svc: TenantService, reg: psycopg.Connection[Any], pools: ServerPools, op: Operation
+) -> None:
+    tenant = registry.get_by_id(reg, UUID(op.params["tenant_id"]))
+    if tenant is None or tenant.status != "deleting":
+        registry.finish_operation(reg, op.id, "failed", error="tenant is no longer deleting")
+        return
+    # The job is ours (row lock); the tenant lock keeps other operations on it out meanwhile.
+    if not registry.try_lock(reg, tenant.database):
+        raise InvalidState(f"tenant {tenant.name!r} is busy")
+    try:
+        _purge(svc, reg, pools, tenant, op)
+    finally:
+        registry.unlock(reg, tenant.database)
+
+
+def _purge(
+    svc: TenantService,
+    reg: psycopg.Connection[Any],
+    pools: ServerPools,
+    tenant: Tenant,
+    op: Operation,
+) -> None:
+    fields: dict[str, Any] = {}
+    with pools.admin() as adm:
+        exists = admin.database_exists(adm, tenant.database)
+    if op.params.get("archive", True) and exists:
+        fields |= _archive_fields(svc, pools, tenant)
+        registry.set_operation_step(reg, op.id, "archived")
+    svc._checkpoint("purge-archived")
+    with pools.admin() as adm:
+        admin.drop_database(adm, tenant.database)
+        registry.set_operation_step(reg, op.id, "dropped")
+        svc._checkpoint("purge-dropped")
+        if tenant.role_name:
+            admin.drop_role(adm, tenant.role_name)
+    if op.params.get("forget"):
+        registry.delete_row(reg, tenant.id)
+    else:
+        registry.update(
+            reg,
+            tenant.id,
+            status="deleted",
+            is_active=False,
+            step="deleted",
+            deleted_at=datetime.now(UTC),
+            **fields,
+        )
+    registry.finish_operation(reg, op.id, "done", step="done")
+    log.info("purged tenant %s (%s)", tenant.name, tenant.database)
+
+
+def _archive_fields(svc: TenantService, pools: ServerPools, tenant: Tenant) -> dict[str, Any]:
+    """pg_dump the tenant (briefly open to monk's admin only: the tenant's role is NOLOGIN and
+    PUBLIC has no CONNECT on it)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    path = svc.settings.archives / f"{tenant.database}-{stamp}.dump"
+    with pools.admin() as adm:
+        reopen = _allows_connections(adm, tenant.database) is False
+        if reopen:
+            adm.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(tenant.database)
+                )
+            )
+        try:
+            archive = dump.dump(pools.target, tenant.database, path)
+        finally:
+            if reopen:
+                adm.execute(
+                    sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+                        sql.Identifier(tenant.database)
+                    )
+                )
+        version = admin.server_version(adm)
+    return {
+        "archive_path": str(archive.path),
+        "archive_size": archive.size,
+        "archive_sha256": archive.sha256,
+        "archived_at": datetime.now(UTC),
+        "archive_server_version": version,
+    }
+
+
+def _allows_connections(adm: psycopg.Connection[Any], database: str) -> bool | None:
+    row = adm.execute(
+        "SELECT datallowconn FROM pg_database WHERE datname = %s", (database,)
+    ).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def archive(svc: TenantService, raw_name: str) -> TenantView:
+    """Archive a live tenant now (pg_dump, custom format); recorded on its registry row."""
+    from monk.service.tenants import _require
+
+    with svc._locked(raw_name) as (reg, pools, tenant):
+        _require(tenant, "archive", "active", "disabled", "trashed")
+        fields = _archive_fields(svc, pools, tenant)
+        tenant = registry.update(reg, tenant.id, **fields)
+        return svc.view(tenant)
+
+
+def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
+    """A purged tenant back into a fresh database under the same name and hash."""
+    from monk.service.tenants import Credentials
+
+    pools = svc.hosts.pools()
+    with pools.system() as reg:
+        gone = registry.get_latest_deleted(reg, name.key)
+        if gone is None:
+            raise TenantNotFound(f"tenant {name.display!r} not found")
+        if not gone.archive_path:
+            raise InvalidState(
+                f"tenant {name.display!r} was purged without an archive; it cannot be restored"
+            )
+        archive_path = gone.archive_path
+        if not registry.try_lock(reg, name.database):
+            raise InvalidState(f"tenant {name.display!r} is busy with another operation")
+        try:
+            from pathlib import Path
+
+            path = Path(archive_path)
+            if not path.is_file() or dump.sha256_file(path) != gone.archive_sha256:
+                raise InvalidState(f"archive {path} of {name.display!r} is missing or damaged")
+            with reg.transaction():
+                tenant = registry.insert_intent(
+                    reg,
+                    TenantName(display=gone.name, key=gone.name_key, database=gone.database),
+                    host=gone.host,
+                    template_key=gone.template_key or "",
+                    template_version=gone.template_version or "",
+                    idempotency_key=None,
+                )
+                op = registry.start_operation(
+                    reg,
+                    "restore",
+                    name.key,
+                    database=name.database,
+                    host=gone.host,
+                    params={"archive": archive_path},
+                )
+            step = "role"
+            try:
+                with pools.admin() as adm:
+                    credentials: Credentials = svc._create_role(adm, name.role)
+                    step = "create"
+                    # Owned by the tenant's role from the start: the restore runs as that role
+                    # and the public schema belongs to the database owner.
+                    admin.create_database(adm, tenant.database, owner=name.role)
+                    svc._checkpoint("restore-created")
+                    step = "restore"
+                    dump.restore(pools.target, tenant.database, path, role=name.role)
+                    step = "configure"
+                    db, r = sql.Identifier(tenant.database), sql.Identifier(name.role)
+                    adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
+                    adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+                    adm.execute(
+                        sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r)
+                    )
+                    adm.execute(
+                        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                            db, sql.Literal(svc._ownership_mark())
+                        )
+                    )
+                with reg.transaction():
+                    tenant = registry.update(
+                        reg,
+                        tenant.id,
+                        status="active",
+                        is_active=True,
+                        step="active",
+                        migration_level=gone.migration_level,
+                        archive_path=gone.archive_path,
+                        archive_size=gone.archive_size,
+                        archive_sha256=gone.archive_sha256,
+                        archived_at=gone.archived_at,
+                        archive_server_version=gone.archive_server_version,
+                    )
+                    registry.finish_operation(reg, op, "done", step="active")
+            except BaseException as exc:
+                svc._undo_provision(reg, pools, tenant)
+                registry.finish_operation(reg, op, "failed", step=step, error=str(exc))
+                if isinstance(exc, MonkError):
+                    raise
+                if isinstance(exc, Exception):
+                    raise OperationFailed(
+                        f"restoring {name.display!r} failed at step {step!r} and was undone: {exc}",
+                        step=step,
+                    ) from exc
+                raise
+        finally:
+            registry.unlock(reg, name.database)
+    return svc.view(tenant, credentials)

@@ -1,0 +1,605 @@
+"""The tenant lifecycle: provision, disable/enable, trash/restore, purge, credentials, health.
+
+Every multi-step operation is a recorded sequence of states. Provisioning:
+
+    intent (registry row 'provisioning', journaled, committed) -> cloned -> migrated -> role
+    -> configured -> active (committed synchronously, then answered)
+
+The worker holds a session advisory lock on the tenant for the whole operation. A failure undoes
+what was done (database, role, row) and says which step failed; a crash (kill -9) leaves the lock
+released with the dead session, which is how the reconciler (``monk doctor``, service start-up,
+or the next provision of the same name) tells a crashed operation from a running one, and then
+finishes or undoes it from what really exists on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from monk.adapters import registry
+from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.adapters.postgres.pools import ServerPools
+from monk.adapters.registry import Tenant
+from monk.core import scram, tenant_names
+from monk.core.template_names import validate_template_key
+from monk.core.tenant_names import Hasher, TenantName
+from monk.errors import (
+    ConfigError,
+    DatabaseExists,
+    DatabaseMissing,
+    InvalidState,
+    MonkError,
+    OperationFailed,
+    StrayDatabase,
+    TemplateBusy,
+    TemplateNotFound,
+    TenantNotFound,
+)
+from monk.service import templates as template_service
+from monk.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OWNER_ROLE = "monk_owner"  # owns every object inside templates; reassigned to the tenant role
+PROVISION_STEPS = ("intent", "cloned", "migrated", "role", "configured", "active")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    role: str
+    password: str
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """What callers see of a tenant: the provisioning response and the API's tenant object."""
+
+    tenant: Tenant
+    host: str
+    port: int
+    credentials: Credentials | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.tenant
+        out: dict[str, Any] = {
+            "id": str(t.id),
+            "name": t.name,
+            "database": t.database,
+            "host": t.host,
+            "port": self.port,
+            "template": t.template_key,
+            "template_version": t.template_version,
+            "status": t.status,
+            "is_active": t.is_active,
+            "tenant_type": t.tenant_type,
+            "role": t.role_name,
+            "migration_level": t.migration_level,
+            "created_at": _iso(t.created_at),
+            "updated_at": _iso(t.updated_at),
+            "trashed_at": _iso(t.trashed_at),
+            "deleted_at": _iso(t.deleted_at),
+        }
+        if t.archive_path:
+            out["archive"] = {
+                "path": t.archive_path,
+                "size": t.archive_size,
+                "sha256": t.archive_sha256,
+                "archived_at": _iso(t.archived_at),
+                "server_version": t.archive_server_version,
+            }
+        if self.credentials is not None:
+            c = self.credentials
+            out["connection_url"] = (
+                f"postgresql://{quote(c.role, safe='')}:{quote(c.password, safe='')}"
+                f"@{self.host}:{self.port}/{t.database}"
+            )
+        return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+class Hosts:
+    """The PostgreSQL servers tenants live on, by the name the registry records."""
+
+    def __init__(self, local: ServerTarget, system_db: str, *, pool_size: int) -> None:
+        self.local = local
+        self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
+
+    def target(self, name: str | None) -> ServerTarget:
+        if name is None or name == self.local.name:
+            return self.local
+        raise ConfigError(f"unknown host {name!r}: this monk administers {self.local.name!r}")
+
+    def pools(self, name: str | None = None) -> ServerPools:
+        return self._pools[self.target(name).name]
+
+    def close(self) -> None:
+        for pools in self._pools.values():
+            pools.close()
+
+
+class TenantService:
+    def __init__(
+        self,
+        settings: Settings,
+        target: ServerTarget,
+        *,
+        hasher: Hasher = tenant_names.stable_hex_16,
+    ) -> None:
+        self.settings = settings
+        self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
+        self._hasher = hasher
+        self._admin_is_superuser: bool | None = None
+
+    def close(self) -> None:
+        self.hosts.close()
+
+    def __enter__(self) -> TenantService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ names
+
+    def name(self, raw: str) -> TenantName:
+        return tenant_names.normalize(raw, hasher=self._hasher)
+
+    def view(self, tenant: Tenant, credentials: Credentials | None = None) -> TenantView:
+        target = self.hosts.target(tenant.host)
+        return TenantView(tenant, target.public_host, target.public_port, credentials)
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, raw_name: str) -> Tenant:
+        name = self.name(raw_name)
+        with self.hosts.pools().system() as reg:
+            tenant = registry.get_live(reg, name.key)
+        if tenant is None:
+            raise TenantNotFound(f"tenant {name.display!r} not found")
+        return tenant
+
+    def list(self, **filters: Any) -> list[Tenant]:
+        with self.hosts.pools().system() as reg:
+            return registry.list_tenants(reg, **filters)
+
+    # ------------------------------------------------------------------ provision
+
+    def provision(
+        self,
+        raw_name: str,
+        *,
+        template: str = "basic",
+        host: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> TenantView:
+        """Create a tenant database cloned from the current build of ``template``."""
+        name = self.name(raw_name)
+        target = self.hosts.target(host)
+        pools = self.hosts.pools(target.name)
+        build = self._current_build(template, target)
+        with pools.system() as reg:
+            if not registry.try_lock(reg, name.database):
+                return self._concurrent(reg, name, idempotency_key)
+            try:
+                return self._provision_locked(reg, pools, name, build, idempotency_key)
+            finally:
+                registry.unlock(reg, name.database)
+
+    def _concurrent(
+        self, reg: psycopg.Connection[Any], name: TenantName, idempotency_key: str | None
+    ) -> TenantView:
+        """Someone else works on this name (or hash) right now."""
+        if idempotency_key is None:
+            raise registry.exists_error(reg, name)
+        # The same request retried: wait for the first one, then answer what it made.
+        reg.execute("SELECT pg_advisory_lock(%s)", (registry.advisory_key(name.database),))
+        registry.unlock(reg, name.database)
+        existing = registry.get_live(reg, name.key)
+        if existing is not None and existing.idempotency_key == idempotency_key:
+            return self.view(existing)
+        raise registry.exists_error(reg, name)
+
+    def _provision_locked(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        build: template_service.TemplateBuild,
+        idempotency_key: str | None,
+    ) -> TenantView:
+        existing = registry.get_live(reg, name.key) or registry.get_live_by_database(
+            reg, name.database
+        )
+        if existing is not None and existing.status in ("provisioning", "deleting"):
+            # We hold its lock, so the process that owned it is gone: finish or undo it first.
+            self._repair(reg, pools, existing)
+            existing = registry.get_live(reg, name.key)
+        if existing is not None:
+            if idempotency_key is not None and existing.idempotency_key == idempotency_key:
+                return self.view(existing)
+            raise registry.exists_error(reg, name)
+
+        with reg.transaction():
+            tenant = registry.insert_intent(
+                reg,
+                name,
+                host=pools.target.name,
+                template_key=build.key,
+                template_version=build.version,
+                idempotency_key=idempotency_key,
+            )
+            op = registry.start_operation(
+                reg,
+                "provision",
+                name.key,
+                database=name.database,
+                host=pools.target.name,
+                params={"template": build.key, "version": build.version},
+            )
+        self._checkpoint("intent")
+        step = "clone"
+        try:
+            with pools.admin() as adm:
+                self._clone(adm, pools.target, name.database, build)
+                registry.set_step(reg, tenant.id, "cloned")
+                self._checkpoint("cloned")
+                step = "migrate"
+                level = self._migrate(pools.target, name.database, build)
+                registry.set_step(reg, tenant.id, "migrated")
+                self._checkpoint("migrated")
+                step = "role"
+                credentials = self._create_role(adm, name.role)
+                registry.set_step(reg, tenant.id, "role")
+                self._checkpoint("role")
+                step = "configure"
+                self._configure(adm, pools.target, name.database, name.role, build)
+                registry.set_step(reg, tenant.id, "configured")
+                self._checkpoint("configured")
+            step = "activate"
+            with reg.transaction():
+                tenant = registry.update(
+                    reg,
+                    tenant.id,
+                    status="active",
+                    is_active=True,
+                    step="active",
+                    migration_level=level,
+                )
+                registry.finish_operation(reg, op, "done", step="active")
+        except BaseException as exc:
+            clone_refused = isinstance(exc, StrayDatabase)
+            self._undo_provision(reg, pools, tenant, drop_database=not clone_refused)
+            registry.finish_operation(reg, op, "failed", step=step, error=_describe(exc))
+            if clone_refused:
+                raise
+            if isinstance(exc, MonkError) and exc.retryable:
+                raise
+            if isinstance(exc, Exception):
+                raise OperationFailed(
+                    f"provisioning {name.display!r} failed at step {step!r} and was undone: "
+                    f"{_describe(exc)}",
+                    step=step,
+                ) from exc
+            raise
+        log.info(
+            "provisioned %s as %s from %s@%s", name.display, name.database, build.key, build.version
+        )
+        return self.view(tenant, credentials)
+
+    def _current_build(self, key: str, target: ServerTarget) -> template_service.TemplateBuild:
+        """The build to clone from; a known template without a ready build is built first."""
+        validate_template_key(key)
+        with self.hosts.pools(target.name).system() as reg:
+            build = template_service.current_build(reg, key, target.name)
+        return build or template_service.ensure_built(target, self.settings, key)
+
+    def _clone(
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        database: str,
+        build: template_service.TemplateBuild,
+    ) -> None:
+        """CREATE DATABASE … TEMPLATE, keeping the template free of sessions.
+
+        Templates are closed to connections, but a session opened before (or by a superuser
+        flipping the flag) makes PostgreSQL wait 5 s and fail: end them first, and retry with
+        backoff until the clone timeout. A rebuild's rename swap can make the template name
+        briefly absent: re-read the current build and retry.
+        """
+        source = build.database
+
+        def attempt() -> None:
+            nonlocal source
+            if admin.sessions_on(adm, source):
+                admin.terminate_sessions(adm, source)
+            try:
+                admin.create_database(adm, database, template=source)
+            except DatabaseMissing:
+                with self.hosts.pools(target.name).system() as reg:
+                    fresh = template_service.current_build(reg, build.key, target.name)
+                if fresh is None:
+                    raise TemplateNotFound(f"template {build.key!r} has no ready build") from None
+                source = fresh.database
+                raise TemplateBusy(f"template {build.key!r} is being swapped") from None
+
+        try:
+            for tried in Retrying(
+                retry=retry_if_exception_type(TemplateBusy),
+                stop=stop_after_delay(self.settings.clone_timeout),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                reraise=True,
+            ):
+                with tried:
+                    attempt()
+        except TemplateBusy as exc:
+            raise TemplateBusy(
+                f"template {build.key!r} stayed busy for {self.settings.clone_timeout:.0f}s "
+                f"({exc}); retry later",
+                template=build.key,
+            ) from None
+        except DatabaseExists:
+            raise StrayDatabase(
+                f"database {database} already exists on {target.name!r} without a live tenant: "
+                "a leftover of an earlier crash; run 'monk doctor --repair'",
+                database=database,
+            ) from None
+        adm.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(database), sql.Literal(self._ownership_mark())
+            )
+        )
+
+    def _ownership_mark(self) -> str:
+        """Written on every tenant database and role: several monk installations may share a
+        server, and the reconciler only touches what its own system database made."""
+        return f"monk:{self.settings.system_db_name}"
+
+    def _migrate(
+        self, target: ServerTarget, database: str, build: template_service.TemplateBuild
+    ) -> int:
+        """Apply the template's migrations newer than the build (source changed since)."""
+        pending = template_service.pending_migrations(build, self.settings)
+        if not pending:
+            return build.migration_level
+        with connect(target, database, purpose="migrate") as conn:
+            for migration in pending:
+                with conn.transaction():
+                    conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(OWNER_ROLE)))
+                    conn.execute(migration.sql.encode())
+        return max(m.number for m in pending)
+
+    def _create_role(self, adm: psycopg.Connection[Any], role: str) -> Credentials:
+        password = scram.generate_password()
+        # A role left by a crashed attempt on this very name: we hold the name, it is ours.
+        admin.drop_role(adm, role)
+        admin.create_login_role(adm, role, password_verifier=scram.verifier(password))
+        adm.execute(
+            sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                sql.Identifier(role), sql.Literal(self._ownership_mark())
+            )
+        )
+        if not self._superuser(adm):
+            # A CREATEROLE admin needs membership to hand objects over and to manage the role.
+            adm.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role)))
+        return Credentials(role, password)
+
+    def _superuser(self, adm: psycopg.Connection[Any]) -> bool:
+        if self._admin_is_superuser is None:
+            row = adm.execute(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+            self._admin_is_superuser = bool(row and row[0])
+        return self._admin_is_superuser
+
+    def _configure(
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        database: str,
+        role: str,
+        build: template_service.TemplateBuild,
+    ) -> None:
+        """Ownership, connect rights and settings: none of them is copied by a clone."""
+        db, r = sql.Identifier(database), sql.Identifier(role)
+        with connect(target, database, autocommit=True, purpose="configure") as conn:
+            conn.execute(
+                sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(OWNER_ROLE), r)
+            )
+        adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
+        adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+        adm.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
+        adm.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
+        admin.set_database_settings(adm, database, build.database_settings)
+
+    def _undo_provision(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        tenant: Tenant,
+        *,
+        drop_database: bool = True,
+    ) -> None:
+        """Remove every trace of a provisioning that did not finish: database, role, row.
+
+        ``drop_database`` is False when the clone itself failed because a database of that name
+        was already there: it is not ours to drop here (the doctor judges it).
+        """
+        with pools.admin() as adm:
+            if drop_database:
+                admin.drop_database(adm, tenant.database)
+            if tenant.role_name:
+                admin.drop_role(adm, tenant.role_name)
+        registry.delete_row(reg, tenant.id)
+        log.warning("undid provisioning of %s (%s)", tenant.name, tenant.database)
+
+    def _repair(self, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant) -> str:
+        """Finish or undo the crashed operation of ``tenant`` (caller holds its lock)."""
+        if tenant.status == "provisioning":
+            self._undo_provision(reg, pools, tenant)
+            for op in registry.list_operations(
+                reg, states=["running"], kind="provision", subject=tenant.name_key
+            ):
+                registry.finish_operation(reg, op.id, "undone", error="process died; undone")
+            return "undone"
+        if tenant.status == "deleting":
+            from monk.service.purge import purge_now
+
+            purge_now(self, reg, pools, tenant)
+            return "finished"
+        return "nothing"
+
+    # ------------------------------------------------------------------ state changes
+
+    @contextmanager
+    def _locked(
+        self, raw_name: str
+    ) -> Iterator[tuple[psycopg.Connection[Any], ServerPools, Tenant]]:
+        """The live tenant, with its lock held: one operation at a time per tenant."""
+        name = self.name(raw_name)
+        with self.hosts.pools().system() as reg:
+            tenant = registry.get_live(reg, name.key)
+            if tenant is None:
+                raise TenantNotFound(f"tenant {name.display!r} not found")
+            pools = self.hosts.pools(tenant.host)
+            if not registry.try_lock(reg, tenant.database):
+                raise InvalidState(
+                    f"tenant {tenant.name!r} is busy with another operation; retry shortly"
+                )
+            try:
+                tenant = registry.get_by_id(reg, tenant.id) or tenant
+                yield reg, pools, tenant
+            finally:
+                registry.unlock(reg, tenant.database)
+
+    def disable(self, raw_name: str) -> TenantView:
+        with self._locked(raw_name) as (reg, pools, tenant):
+            _require(tenant, "disable", "active", "disabled")
+            self._close(pools, tenant)
+            tenant = registry.update(reg, tenant.id, status="disabled", is_active=False)
+            return self.view(tenant)
+
+    def enable(self, raw_name: str) -> TenantView:
+        with self._locked(raw_name) as (reg, pools, tenant):
+            _require(tenant, "enable", "active", "disabled")
+            self._open(pools, tenant)
+            tenant = registry.update(reg, tenant.id, status="active", is_active=True)
+            return self.view(tenant)
+
+    def trash(self, raw_name: str) -> TenantView:
+        """Soft delete: disabled and marked trashed; ``restore`` brings it back."""
+        with self._locked(raw_name) as (reg, pools, tenant):
+            _require(tenant, "delete", "active", "disabled", "trashed")
+            self._close(pools, tenant)
+            tenant = registry.update(
+                reg,
+                tenant.id,
+                status="trashed",
+                is_active=False,
+                trashed_at=tenant.trashed_at or datetime.now().astimezone(),
+            )
+            return self.view(tenant)
+
+    def restore(self, raw_name: str) -> TenantView:
+        """A trashed tenant back to active; a purged one back from its archive."""
+        name = self.name(raw_name)
+        with self.hosts.pools().system() as reg:
+            live = registry.get_live(reg, name.key)
+        if live is None:
+            from monk.service.purge import restore_from_archive
+
+            return restore_from_archive(self, name)
+        with self._locked(raw_name) as (reg, pools, tenant):
+            _require(tenant, "restore", "trashed", "active")
+            self._open(pools, tenant)
+            tenant = registry.update(
+                reg, tenant.id, status="active", is_active=True, trashed_at=None
+            )
+            return self.view(tenant)
+
+    def rotate_credentials(self, raw_name: str) -> TenantView:
+        with self._locked(raw_name) as (_reg, pools, tenant):
+            _require(tenant, "rotate credentials of", "active", "disabled")
+            if tenant.role_name is None:
+                raise InvalidState(f"tenant {tenant.name!r} has no role of its own")
+            password = scram.generate_password()
+            with pools.admin() as adm:
+                admin.set_role_password(
+                    adm, tenant.role_name, password_verifier=scram.verifier(password)
+                )
+            return self.view(tenant, Credentials(tenant.role_name, password))
+
+    def update(self, raw_name: str, *, is_active: bool | None = None) -> TenantView:
+        """PATCH: the editable fields (today: active or not)."""
+        if is_active is None:
+            return self.view(self.get(raw_name))
+        return self.enable(raw_name) if is_active else self.disable(raw_name)
+
+    def _close(self, pools: ServerPools, tenant: Tenant) -> None:
+        with pools.admin() as adm:
+            if not admin.database_exists(adm, tenant.database):
+                raise DatabaseMissing(
+                    f"database {tenant.database} of tenant {tenant.name!r} is missing; "
+                    "run 'monk doctor'"
+                )
+            adm.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(tenant.database)
+                )
+            )
+            if tenant.role_name and admin.role_exists(adm, tenant.role_name):
+                admin.set_role_login(adm, tenant.role_name, login=False)
+            admin.terminate_sessions(adm, tenant.database)
+
+    def _open(self, pools: ServerPools, tenant: Tenant) -> None:
+        with pools.admin() as adm:
+            if not admin.database_exists(adm, tenant.database):
+                raise DatabaseMissing(
+                    f"database {tenant.database} of tenant {tenant.name!r} is missing; "
+                    "run 'monk doctor'"
+                )
+            adm.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(tenant.database)
+                )
+            )
+            if tenant.role_name and admin.role_exists(adm, tenant.role_name):
+                admin.set_role_login(adm, tenant.role_name, login=True)
+
+    # ------------------------------------------------------------------ fault injection
+
+    def _checkpoint(self, step: str) -> None:
+        """Test hook (MONK_FAULT_PAUSE_AT): stop here so a test can kill -9 the process."""
+        if self.settings.fault_pause_at == step:
+            sys.stderr.write(f"monk: paused at {step}\n")
+            sys.stderr.flush()
+            time.sleep(3600)
+
+
+def _require(tenant: Tenant, action: str, *allowed: str) -> None:
+    if tenant.status not in allowed:
+        raise InvalidState(
+            f"cannot {action} tenant {tenant.name!r}: it is {tenant.status} "
+            f"(allowed when {' or '.join(allowed)})"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

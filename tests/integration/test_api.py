@@ -1,0 +1,147 @@
+"""The HTTP API through the real ASGI app (httpx via TestClient, lifespan included)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import jwt
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token, signing_secret
+from tests.integration.conftest import Env
+
+
+@pytest.fixture(scope="module")
+def client(env: Env) -> Iterator[TestClient]:
+    with TestClient(create_app(env.settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def auth(env: Env) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_root_token(env.settings, ttl_seconds=600)}"}
+
+
+def name() -> str:
+    return f"Api Corp {uuid.uuid4().hex[:8]}"
+
+
+def test_health_and_metrics_need_no_token(client: TestClient) -> None:
+    r = client.get("/health")
+    assert r.status_code == 200
+    assert r.json()["data"]["status"] == "ok"
+    m = client.get("/metrics")
+    assert m.status_code == 200
+    assert "monk_purge_queue_depth" in m.text
+
+
+def test_root_routes_need_a_root_token(env: Env, client: TestClient) -> None:
+    r = client.get("/api/root/tenant")
+    assert r.status_code == 401
+    assert r.json()["success"] is False
+    bad = jwt.encode({"access": "root", "exp": time.time() + 60}, "wrong-secret", algorithm="HS256")
+    assert (
+        client.get("/api/root/tenant", headers={"Authorization": f"Bearer {bad}"}).status_code
+        == 401
+    )
+    secret = signing_secret(env.settings)
+    expired = jwt.encode({"access": "root", "exp": time.time() - 10}, secret, algorithm="HS256")
+    r = client.get("/api/root/tenant", headers={"Authorization": f"Bearer {expired}"})
+    assert r.status_code == 401
+    assert "expired" in r.json()["error"]
+    user = jwt.encode({"access": "full", "exp": time.time() + 60}, secret, algorithm="HS256")
+    r = client.get("/api/root/tenant", headers={"Authorization": f"Bearer {user}"})
+    assert r.status_code == 403
+    assert r.json()["error_code"] == "ROOT_ACCESS_REQUIRED"
+
+
+def test_tenant_lifecycle_over_http(env: Env, client: TestClient, auth: dict[str, str]) -> None:
+    n = name()
+    created = client.post(
+        "/api/root/tenant", json={"name": n, "template": env.template}, headers=auth
+    )
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["success"] is True
+    tenant = body["data"]
+    assert tenant["name"] == n
+    assert tenant["status"] == "active"
+    with psycopg.connect(tenant["connection_url"]) as conn:
+        assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+
+    path = f"/api/root/tenant/{n}"
+    assert client.get(path, headers=auth).json()["data"]["database"] == tenant["database"]
+    assert "connection_url" not in client.get(path, headers=auth).json()["data"] or (
+        client.get(path, headers=auth).json()["data"]["connection_url"] is None
+    )
+    listed = client.get("/api/root/tenant", params={"limit": 10_000}, headers=auth).json()["data"]
+    assert n in [t["name"] for t in listed]
+
+    again = client.post(
+        "/api/root/tenant", json={"name": n.lower(), "template": env.template}, headers=auth
+    )
+    assert again.status_code == 409
+    assert again.json()["error_code"] == "TENANT_EXISTS"
+
+    disabled = client.patch(path, json={"is_active": False}, headers=auth)
+    assert disabled.json()["data"]["status"] == "disabled"
+    enabled = client.patch(path, json={"is_active": True}, headers=auth)
+    assert enabled.json()["data"]["status"] == "active"
+
+    health = client.get(f"{path}/health", headers=auth)
+    assert health.json()["data"]["status"] == "healthy"
+
+    trashed = client.delete(path, headers=auth)
+    assert trashed.json()["data"]["status"] == "trashed"
+    assert n not in [t["name"] for t in client.get("/api/root/tenant", headers=auth).json()["data"]]
+    with_trashed = client.get(
+        "/api/root/tenant", params={"include_trashed": True, "limit": 10_000}, headers=auth
+    )
+    assert n in [t["name"] for t in with_trashed.json()["data"]]
+    restored = client.put(path, headers=auth)
+    assert restored.json()["data"]["status"] == "active"
+
+    purged = client.delete(path, params={"force": True}, headers=auth)
+    assert purged.status_code == 200
+    assert purged.json()["data"]["status"] == "deleting"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if client.get(path, headers=auth).status_code == 404:
+            break
+        time.sleep(0.2)
+    gone = client.get(path, headers=auth)
+    assert gone.status_code == 404
+    assert gone.json()["error_code"] == "TENANT_NOT_FOUND"
+    ops = client.get("/api/root/operations", params={"kind": "purge"}, headers=auth).json()["data"]
+    assert any(op["database"] == tenant["database"] and op["state"] == "done" for op in ops)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"name": ""}, 400, "INVALID_NAME"),
+        ({"name": "x\x00y"}, 400, "INVALID_NAME"),
+        ({"name": "ok", "template": "Bad Key!"}, 400, "INVALID_NAME"),
+        ({"name": "ok", "template": "nope_missing"}, 404, "TEMPLATE_NOT_FOUND"),
+        ({"nom": "x"}, 422, "VALIDATION_ERROR"),
+        ({"name": 5}, 422, "VALIDATION_ERROR"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(
+    client: TestClient, auth: dict[str, str], body: dict[str, object], status: int, code: str
+) -> None:
+    r = client.post("/api/root/tenant", json=body, headers=auth)
+    assert r.status_code == status, r.text
+    assert r.json() == {"success": False, "error": r.json()["error"], "error_code": code}
+
+
+def test_not_found_routes_use_the_envelope(client: TestClient, auth: dict[str, str]) -> None:
+    r = client.get("/api/root/tenant/nobody-here-xyz", headers=auth)
+    assert r.status_code == 404
+    assert r.json()["error_code"] == "TENANT_NOT_FOUND"
+    assert client.get("/nope").json()["success"] is False

@@ -1,0 +1,317 @@
+"""The tenant lifecycle through the service layer, on a real server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from psycopg import sql
+
+from monk.errors import (
+    HashCollision,
+    InvalidName,
+    InvalidState,
+    OperationFailed,
+    StrayDatabase,
+    TemplateNotFound,
+    TenantExists,
+    TenantNotFound,
+)
+from monk.service import purge
+from monk.service import templates as template_service
+from monk.service.health import tenant_health
+from monk.service.tenants import TenantService
+from tests.integration.conftest import Env
+
+
+def unique(prefix: str = "Acme") -> str:
+    return f"{prefix} {uuid.uuid4().hex[:8]}"
+
+
+def databases(env: Env, like: str = "tenant_%") -> set[str]:
+    with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,))
+        return {r[0] for r in rows.fetchall()}
+
+
+def roles(env: Env) -> set[str]:
+    with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
+        rows = conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant_%'")
+        return {r[0] for r in rows.fetchall()}
+
+
+def tenant_conn(url: str, **kw: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(url, connect_timeout=5, **kw)
+
+
+def test_provision_gives_a_working_isolated_database(env: Env, svc: TenantService) -> None:
+    name = unique()
+    out = svc.provision(name, template=env.template).as_dict()
+    assert out["name"] == name
+    assert out["status"] == "active"
+    assert out["database"].startswith("tenant_")
+    assert out["template"] == env.template
+    assert out["template_version"]
+    for field in ("host", "port", "created_at", "connection_url"):
+        assert out[field]
+    with tenant_conn(out["connection_url"]) as conn:
+        assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+        assert conn.execute("SELECT count(*) FROM contact").fetchone() == (6,)
+        owners = conn.execute(
+            "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchall()
+        assert owners == [(out["database"],)]
+        conn.execute("INSERT INTO users (name, auth, access) VALUES ('root', 'root', 'root')")
+        conn.commit()
+    # its role reaches nothing else: the system database, the template, another tenant
+    other = svc.provision(unique("Other"), template=env.template).as_dict()
+    base = psycopg.conninfo.conninfo_to_dict(out["connection_url"])
+    for dbname in (env.settings.system_db_name, f"monk_template_{env.template}", other["database"]):
+        with pytest.raises(psycopg.OperationalError):
+            tenant_conn(psycopg.conninfo.make_conninfo(**(base | {"dbname": dbname})))
+
+
+def test_same_name_any_case_is_one_tenant(env: Env, svc: TenantService) -> None:
+    name = unique()
+    svc.provision(name, template=env.template)
+    before = databases(env)
+    with pytest.raises(TenantExists):
+        svc.provision(f"  {name.upper()} ", template=env.template)
+    assert databases(env) == before
+
+
+def test_idempotency_key_returns_the_first_result(env: Env, svc: TenantService) -> None:
+    name = unique()
+    first = svc.provision(name, template=env.template, idempotency_key="k1").as_dict()
+    again = svc.provision(name, template=env.template, idempotency_key="k1").as_dict()
+    assert again["id"] == first["id"]
+    assert "connection_url" not in again  # the password is shown once
+    with pytest.raises(TenantExists):
+        svc.provision(name, template=env.template, idempotency_key="k2")
+
+
+def test_fifty_concurrent_provisions_of_one_name(env: Env) -> None:
+    name = unique("Race")
+    s = env.settings.model_copy(update={"pool_size": 20})
+    with TenantService(s, env.target) as service:
+
+        def attempt(_: int) -> str:
+            try:
+                service.provision(name, template=env.template)
+                return "ok"
+            except TenantExists:
+                return "exists"
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(attempt, range(50)))
+    assert results.count("ok") == 1
+    assert results.count("exists") == 49
+    database = service.name(name).database
+    assert database in databases(env)
+
+
+def test_session_on_the_template_does_not_block_provisioning(env: Env, svc: TenantService) -> None:
+    template_db = f"monk_template_{env.template}"
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+        adm.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(template_db))
+        )
+    try:
+        holder = psycopg.connect(env.target.conninfo, dbname=template_db)
+        holder.execute("SELECT 1")
+        out = svc.provision(unique(), template=env.template).as_dict()
+        assert out["status"] == "active"
+        holder.close()
+    finally:
+        with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+            adm.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(template_db)
+                )
+            )
+
+
+def test_hash_collision_is_refused_and_overwrites_nothing(env: Env) -> None:
+    weak = uuid.uuid4().hex[:16]
+    with TenantService(env.settings, env.target, hasher=lambda _: weak) as weak_svc:
+        first = weak_svc.provision(unique("First"), template=env.template)
+        with pytest.raises(HashCollision, match="hashes to"):
+            weak_svc.provision(unique("Second"), template=env.template)
+        assert weak_svc.get(first.tenant.name).status == "active"
+        with psycopg.connect(env.target.conninfo, dbname=first.tenant.database) as conn:
+            assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "bad\x00name", "tab\tname", "x" * 129])
+def test_bad_names_are_refused_with_nothing_made(env: Env, svc: TenantService, raw: str) -> None:
+    before = databases(env)
+    with pytest.raises(InvalidName):
+        svc.provision(raw, template=env.template)
+    assert databases(env) == before
+
+
+def test_unknown_template_is_not_found(env: Env, svc: TenantService) -> None:
+    before = databases(env)
+    with pytest.raises(TemplateNotFound):
+        svc.provision(unique(), template="no_such_template_x")
+    assert databases(env) == before
+
+
+@hsettings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    raw=st.one_of(
+        st.text(max_size=80),
+        st.sampled_from(['"; DROP DATABASE monk_main; --', "O'Brien & Sons", "Ωmega ☃", "é" * 64]),
+    )
+)
+def test_any_name_gives_a_tenant_or_a_validation_error(
+    env: Env, svc: TenantService, raw: str
+) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    name = f"{raw}{suffix}" if raw.strip() else raw
+    before = databases(env)
+    try:
+        view = svc.provision(name, template=env.template)
+    except InvalidName:
+        assert databases(env) == before
+        return
+    assert view.tenant.database in databases(env)
+    purge.request_purge(svc, name, archive=False, forget=True)
+    purge.work_queue(svc)
+    assert databases(env) == before
+
+
+def test_stray_database_is_refused_and_kept(env: Env, svc: TenantService) -> None:
+    name = unique("Stray")
+    database = svc.name(name).database
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+        adm.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    with pytest.raises(StrayDatabase):
+        svc.provision(name, template=env.template)
+    assert database in databases(env)  # not ours to drop during provisioning
+    with pytest.raises(TenantNotFound):
+        svc.get(name)
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+        adm.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(database)))
+
+
+def test_failed_step_is_undone(env: Env, svc: TenantService) -> None:
+    """A step that fails (here: a database setting the server rejects) leaves nothing."""
+    s = env.settings
+    bad_build = template_service.build(
+        env.target,
+        s,
+        f"tb_bad_{uuid.uuid4().hex[:6]}",
+        source_dir=template_service.builtin_source_dir("empty"),
+    )
+    with psycopg.connect(env.target.conninfo, dbname=s.system_db_name, autocommit=True) as conn:
+        conn.execute(
+            'UPDATE template_builds SET database_settings = \'{"work_mem": "lots"}\' WHERE id = %s',
+            (bad_build.id,),
+        )
+    name = unique("Undo")
+    before_dbs, before_roles = databases(env), roles(env)
+    with pytest.raises(OperationFailed) as info:
+        svc.provision(name, template=bad_build.key)
+    assert info.value.step == "configure"
+    assert databases(env) == before_dbs
+    assert roles(env) == before_roles
+    with pytest.raises(TenantNotFound):
+        svc.get(name)
+
+
+def test_disable_enable(env: Env, svc: TenantService) -> None:
+    name = unique()
+    url = svc.provision(name, template=env.template).as_dict()["connection_url"]
+    held = tenant_conn(url)
+    assert svc.disable(name).tenant.status == "disabled"
+    with pytest.raises(psycopg.OperationalError):
+        held.execute("SELECT 1")  # its sessions were ended
+    with pytest.raises(psycopg.OperationalError):
+        tenant_conn(url)
+    assert svc.enable(name).tenant.is_active
+    with tenant_conn(url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_trash_and_restore(env: Env, svc: TenantService) -> None:
+    name = unique()
+    url = svc.provision(name, template=env.template).as_dict()["connection_url"]
+    trashed = svc.trash(name).tenant
+    assert trashed.status == "trashed"
+    assert trashed.trashed_at is not None
+    assert svc.list(include_trashed=False, limit=10_000).count(trashed) == 0
+    assert svc.restore(name).tenant.status == "active"
+    with tenant_conn(url) as conn:
+        assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+
+
+def test_purge_archives_drops_and_restores_from_archive(env: Env, svc: TenantService) -> None:
+    name = unique("Purged")
+    view = svc.provision(name, template=env.template)
+    with tenant_conn(view.as_dict()["connection_url"]) as conn:
+        conn.execute("INSERT INTO account (name, email) VALUES ('Kept', 'kept@example.com')")
+        conn.commit()
+    requested, op = purge.request_purge(svc, name, archive=True)
+    assert requested.tenant.status == "deleting"
+    assert purge.work_queue(svc, only=op) >= 1
+    assert view.tenant.database not in databases(env)
+    assert view.tenant.role_name not in roles(env)
+    with pytest.raises(TenantNotFound):
+        svc.get(name)
+    restored = svc.restore(name).as_dict()
+    assert restored["status"] == "active"
+    assert restored["archive"]["sha256"]
+    with tenant_conn(restored["connection_url"]) as conn:
+        assert conn.execute("SELECT count(*) FROM account WHERE name = 'Kept'").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM account").fetchone() == (6,)
+
+
+def test_purge_forget_frees_the_name(env: Env, svc: TenantService) -> None:
+    name = unique()
+    svc.provision(name, template=env.template)
+    _, op = purge.request_purge(svc, name, archive=False, forget=True)
+    purge.work_queue(svc, only=op)
+    with pytest.raises(TenantNotFound):
+        svc.restore(name)
+    assert svc.provision(name, template=env.template).tenant.status == "active"
+
+
+def test_credentials_rotate(env: Env, svc: TenantService) -> None:
+    name = unique()
+    old = svc.provision(name, template=env.template).as_dict()["connection_url"]
+    new = svc.rotate_credentials(name).as_dict()["connection_url"]
+    assert old != new
+    with pytest.raises(psycopg.OperationalError):
+        tenant_conn(old)
+    with tenant_conn(new) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_health(env: Env, svc: TenantService) -> None:
+    name = unique()
+    svc.provision(name, template=env.template)
+    report = tenant_health(svc, name)
+    assert report["status"] == "healthy", report
+    assert report["size_bytes"] > 0
+    svc.disable(name)
+    assert tenant_health(svc, name)["status"] == "warning"
+
+
+def test_state_rules(env: Env, svc: TenantService) -> None:
+    name = unique()
+    svc.provision(name, template=env.template)
+    svc.trash(name)
+    with pytest.raises(InvalidState, match="it is trashed"):
+        svc.enable(name)
+    with pytest.raises(InvalidState, match="it is trashed"):
+        svc.disable(name)
+    with pytest.raises(TenantNotFound):
+        svc.disable(unique("Nobody"))
