@@ -7,6 +7,7 @@ that external server instead.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -77,6 +78,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     env["MONK_DATA_DIR"] = str(s.data_dir)
     env["MONK_EMBEDDED_PORT"] = str(s.embedded_port)
     env["MONK_EMBEDDED_DURABLE"] = "true" if s.embedded_durable else "false"
+    env["MONK_POOL_SPARES"] = json.dumps(s.pool_spares)
     return env
 
 
@@ -121,6 +123,7 @@ def lifecycle_settings(
         system_db_name=system_db,
         data_dir=tmp_path_factory.mktemp("lifecycle"),
         clone_timeout=20,
+        pool_spares={},  # the pool tests fill their own; no background refills elsewhere
         _env_file=None,  # type: ignore[call-arg]
     )
     yield s

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     archive_dir: Path | None = Field(
         default=None, description="Where tenant archives go (default <data_dir>/archives)."
     )
+    pool_spares: dict[str, int] = Field(
+        default_factory=lambda: {"basic": 2},
+        description="Warm pool: spare databases to keep per template key (JSON; 0 disables).",
+    )
+    pool_max_total: int = Field(
+        default=20, ge=0, description="Warm pool: cap on spare databases over all templates."
+    )
     pool_size: int = Field(
         default=8, ge=1, le=100, description="Max connections per pool (registry, admin)."
     )

@@ -138,6 +138,7 @@ def insert_intent(
     template_version: str,
     idempotency_key: str | None,
     status: str = "provisioning",
+    tenant_id: UUID | None = None,
 ) -> Tenant:
     """Record the intent to provision, in its own transaction: the unique indexes make exactly
     one of many concurrent requests for a name win. Raises TenantExists or HashCollision."""
@@ -145,12 +146,13 @@ def insert_intent(
         with conn.transaction(), conn.cursor(row_factory=class_row(Tenant)) as cur:
             cur.execute(
                 sql.SQL(
-                    "INSERT INTO tenants (name, name_key, database, host, is_active, status,"
+                    "INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
                     " template_key, template_version, role_name, step, idempotency_key)"
-                    " VALUES (%s, %s, %s, %s, false, %s, %s, %s, %s, 'intent', %s)"
-                    " RETURNING {}"
+                    " VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, false, %s, %s, %s,"
+                    " %s, 'intent', %s) RETURNING {}"
                 ).format(_COLUMNS),
                 (
+                    tenant_id,
                     name.display,
                     name.key,
                     name.database,

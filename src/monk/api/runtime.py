@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monk.adapters.postgres.connection import ServerTarget
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import purge
+from monk.service import pool, purge
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -54,18 +54,39 @@ class Runtime:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name="monk-purge", daemon=True)
+        self._refill_wake = threading.Event()
+        self._refiller = threading.Thread(target=self._refill, name="monk-pool", daemon=True)
 
     def start(self) -> None:
         self._worker.start()
+        self._refiller.start()
 
     def wake_worker(self) -> None:
         self._wake.set()
+
+    def wake_refiller(self) -> None:
+        self._refill_wake.set()
+
+    def _refill(self) -> None:
+        """Keep the warm pool topped up. It runs beside provisioning on its own connections,
+        so a cold provision never waits for it."""
+        while not self._stop.is_set():
+            try:
+                pool.refill(self.tenants)
+            except MonkError as exc:
+                log.warning("pool refiller: %s", exc)
+            except Exception:
+                log.exception("pool refiller failed; retrying")
+            self._refill_wake.wait(timeout=10)
+            self._refill_wake.clear()
 
     def stop(self) -> None:
         """Let the worker finish its job in hand; queued ones stay queued for the next start."""
         self._stop.set()
         self._wake.set()
+        self._refill_wake.set()
         self._worker.join(timeout=60)
+        self._refiller.join(timeout=60)
         self.tenants.close()
 
     def _work(self) -> None:

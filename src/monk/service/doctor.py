@@ -17,6 +17,7 @@ from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.registry import Tenant
 from monk.core.tenant_names import is_tenant_database
+from monk.service import pool
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 
@@ -49,6 +50,10 @@ class Snapshot:
     databases: frozenset[str]  # tenant_* databases on the server that are ours (or unmarked)
     roles: frozenset[str]  # tenant_* roles that are ours (or unmarked)
     template_leftovers: tuple[str, ...]
+    crashed_spares: tuple[pool.SpareRow, ...]  # creator or claimer gone
+    spare_databases: frozenset[str]  # monk_spare_* databases and roles that are ours
+    spare_roles: frozenset[str]
+    spare_names: frozenset[str]  # databases named by spare rows
 
 
 def take_snapshot(svc: TenantService) -> Snapshot:
@@ -61,16 +66,27 @@ def take_snapshot(svc: TenantService) -> Snapshot:
             if t.status in ("provisioning", "deleting") and registry.try_lock(reg, t.database):
                 registry.unlock(reg, t.database)
                 crashed.add(t.database)
+        spares = pool.spare_rows(reg, pools.target.name)
+        by_id = {t.id: t for t in tenants}
+        crashed_spares = []
+        for row in spares:
+            if row.status == "ready":
+                continue
+            holder = by_id.get(row.tenant_id) if row.tenant_id else None
+            lock_name = holder.database if holder is not None else row.database
+            if registry.try_lock(reg, lock_name):
+                registry.unlock(reg, lock_name)
+                crashed_spares.append(row)
         queued = {
             op.database
             for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
             if op.database
         }
     with pools.admin() as adm:
-        databases = _marked(
+        db_rows = _with_marks(
             adm, "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database", mark
         )
-        roles = _marked(
+        role_rows = _with_marks(
             adm, "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles", mark
         )
     leftovers = tuple(template_service.find_leftovers(pools.target, svc.settings))
@@ -78,21 +94,21 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         tenants=tenants,
         crashed=frozenset(crashed),
         queued_purges=frozenset(queued),
-        databases=frozenset(databases),
-        roles=frozenset(roles),
+        databases=frozenset(n for n in db_rows if is_tenant_database(n)),
+        roles=frozenset(n for n in role_rows if is_tenant_database(n)),
         template_leftovers=leftovers,
+        crashed_spares=tuple(crashed_spares),
+        spare_databases=frozenset(n for n in db_rows if pool.is_spare_name(n)),
+        spare_roles=frozenset(n for n in role_rows if pool.is_spare_name(n)),
+        spare_names=frozenset(r.database for r in spares),
     )
 
 
-def _marked(adm: psycopg.Connection[Any], query: str, mark: str) -> set[str]:
-    """tenant_* names carrying this installation's mark, or no mark (a crash right after
-    CREATE, before COMMENT): another installation's objects on a shared server are left alone."""
+def _with_marks(adm: psycopg.Connection[Any], query: str, mark: str) -> set[str]:
+    """Names carrying this installation's mark, or no mark (a crash right after CREATE,
+    before COMMENT): another installation's objects on a shared server are left alone."""
     rows = adm.execute(query.encode()).fetchall()  # constant query, no parameters
-    return {
-        str(name)
-        for name, comment in rows
-        if is_tenant_database(str(name)) and comment in (None, mark)
-    }
+    return {str(name) for name, comment in rows if comment in (None, mark)}
 
 
 def diagnose(snap: Snapshot) -> list[Problem]:
@@ -156,6 +172,19 @@ def diagnose(snap: Snapshot) -> list[Problem]:
     for role in sorted(snap.roles - live_roles):
         problems.append(
             Problem("stray_role", role, "tenant role with no live registry row", "drop it")
+        )
+    for row in snap.crashed_spares:
+        problems.append(
+            Problem(
+                "stuck_spare",
+                row.database,
+                f"warm-pool spare left {row.status} by a process that is gone",
+                "drop the spare and its row",
+            )
+        )
+    for name in sorted((snap.spare_databases | snap.spare_roles) - snap.spare_names):
+        problems.append(
+            Problem("orphan_spare", name, "warm-pool spare with no registry row", "drop it")
         )
     for name in snap.template_leftovers:
         problems.append(
@@ -237,11 +266,34 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                             done.append(f"{p.subject}: role dropped")
                     finally:
                         registry.unlock(reg, p.subject)
+    crashed_spares = {row.database: row for row in _crashed_spare_rows(svc)}
+    for p in problems:
+        if p.kind == "stuck_spare" and p.subject in crashed_spares:
+            done.append(f"{p.subject}: {pool.repair_spare(svc, crashed_spares[p.subject])}")
+        elif p.kind == "orphan_spare":
+            with pools.system() as reg, pools.admin() as adm:
+                if registry.try_lock(reg, p.subject):
+                    try:
+                        known = reg.execute(
+                            "SELECT 1 FROM spares WHERE database = %s", (p.subject,)
+                        ).fetchone()
+                        if known is None:
+                            admin.drop_database(adm, p.subject)
+                            admin.drop_role(adm, p.subject)
+                            done.append(f"{p.subject}: dropped")
+                    finally:
+                        registry.unlock(reg, p.subject)
     if any(p.kind == "template_leftover" for p in problems):
         for name in template_service.cleanup_leftovers(pools.target, svc.settings):
             done.append(f"{name}: dropped")
     work_queue(svc)
     return done
+
+
+def _crashed_spare_rows(svc: TenantService) -> list[pool.SpareRow]:
+    pools = svc.hosts.pools()
+    with pools.system() as reg:
+        return [r for r in pool.spare_rows(reg, pools.target.name) if r.status != "ready"]
 
 
 def _now() -> Any:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
+from uuid import uuid4
 
 import psycopg
 from psycopg import sql
@@ -48,6 +49,7 @@ from monk.errors import (
     TemplateNotFound,
     TenantNotFound,
 )
+from monk.service import pool
 from monk.service import templates as template_service
 from monk.settings import Settings
 
@@ -71,6 +73,7 @@ class TenantView:
     host: str
     port: int
     credentials: Credentials | None = None
+    provisioned_from: str | None = None  # "pool" or "clone", in the provisioning answer
 
     def as_dict(self) -> dict[str, Any]:
         t = self.tenant
@@ -100,6 +103,8 @@ class TenantView:
                 "archived_at": _iso(t.archived_at),
                 "server_version": t.archive_server_version,
             }
+        if self.provisioned_from is not None:
+            out["provisioned_from"] = self.provisioned_from
         if self.credentials is not None:
             c = self.credentials
             out["connection_url"] = (
@@ -145,6 +150,7 @@ class TenantService:
         self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
         self._hasher = hasher
         self._admin_is_superuser: bool | None = None
+        self.spare_secrets = pool.SpareSecrets()
 
     def close(self) -> None:
         self.hosts.close()
@@ -160,9 +166,16 @@ class TenantService:
     def name(self, raw: str) -> TenantName:
         return tenant_names.normalize(raw, hasher=self._hasher)
 
-    def view(self, tenant: Tenant, credentials: Credentials | None = None) -> TenantView:
+    def view(
+        self,
+        tenant: Tenant,
+        credentials: Credentials | None = None,
+        provisioned_from: str | None = None,
+    ) -> TenantView:
         target = self.hosts.target(tenant.host)
-        return TenantView(tenant, target.public_host, target.public_port, credentials)
+        return TenantView(
+            tenant, target.public_host, target.public_port, credentials, provisioned_from
+        )
 
     # ------------------------------------------------------------------ queries
 
@@ -235,6 +248,9 @@ class TenantService:
                 return self.view(existing)
             raise registry.exists_error(reg, name)
 
+        warm = self._provision_from_pool(reg, pools, name, build, idempotency_key)
+        if warm is not None:
+            return warm
         with reg.transaction():
             tenant = registry.insert_intent(
                 reg,
@@ -300,7 +316,64 @@ class TenantService:
         log.info(
             "provisioned %s as %s from %s@%s", name.display, name.database, build.key, build.version
         )
-        return self.view(tenant, credentials)
+        return self.view(tenant, credentials, provisioned_from="clone")
+
+    def _provision_from_pool(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        build: template_service.TemplateBuild,
+        idempotency_key: str | None,
+    ) -> TenantView | None:
+        """Serve from a ready spare of the current build; None when there is none (or the
+        handout failed and was undone): the caller then clones cold."""
+        tenant_id = uuid4()
+        with reg.transaction():
+            # Not flushed here: the final, synchronous commit flushes the WAL up to it.
+            reg.execute("SET LOCAL synchronous_commit = off")
+            spare = pool.claim(reg, pools.target.name, build, tenant_id)
+            if spare is None:
+                return None
+            tenant = registry.insert_intent(
+                reg,
+                name,
+                host=pools.target.name,
+                template_key=build.key,
+                template_version=build.version,
+                idempotency_key=idempotency_key,
+                tenant_id=tenant_id,
+            )
+            op = registry.start_operation(
+                reg,
+                "provision",
+                name.key,
+                database=name.database,
+                host=pools.target.name,
+                params={"template": build.key, "version": build.version, "spare": spare.database},
+            )
+        self._checkpoint("spare-claimed")
+        try:
+            password = pool.hand_out(self, pools, spare, name.database, name.role)
+            self._checkpoint("spare-renamed")
+            with reg.transaction():
+                tenant = registry.update(
+                    reg,
+                    tenant.id,
+                    status="active",
+                    is_active=True,
+                    step="active",
+                    migration_level=spare.migration_level,
+                )
+                reg.execute("DELETE FROM spares WHERE id = %s", (spare.id,))
+                registry.finish_operation(reg, op, "done", step="active")
+        except Exception as exc:
+            log.warning("handout of spare %s failed, cloning instead: %s", spare.database, exc)
+            self._undo_provision(reg, pools, tenant)
+            pool.release_claimed(pools, reg, spare)
+            registry.finish_operation(reg, op, "undone", step="handout", error=_describe(exc))
+            return None
+        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def _current_build(self, key: str, target: ServerTarget) -> template_service.TemplateBuild:
         """The build to clone from; a known template without a ready build is built first."""
@@ -389,7 +462,7 @@ class TenantService:
         password = scram.generate_password()
         # A role left by a crashed attempt on this very name: we hold the name, it is ours.
         admin.drop_role(adm, role)
-        admin.create_login_role(adm, role, password_verifier=scram.verifier(password))
+        admin.create_role(adm, role, password_verifier=scram.verifier(password))
         adm.execute(
             sql.SQL("COMMENT ON ROLE {} IS {}").format(
                 sql.Identifier(role), sql.Literal(self._ownership_mark())

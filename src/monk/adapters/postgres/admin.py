@@ -174,14 +174,16 @@ def set_database_settings(conn: Conn, name: str, settings: Mapping[str, str]) ->
         )
 
 
-def create_login_role(conn: Conn, name: str, *, password_verifier: str) -> None:
-    """A LOGIN role whose password is given as a SCRAM verifier: no plaintext reaches the server
+def create_role(conn: Conn, name: str, *, password_verifier: str, login: bool = True) -> None:
+    """A role whose password is given as a SCRAM verifier: no plaintext reaches the server
     (nor its logs)."""
     validate_role_name(name)
     try:
         conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(name), sql.Literal(password_verifier)
+            sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(
+                sql.Identifier(name),
+                sql.SQL("LOGIN" if login else "NOLOGIN"),
+                sql.Literal(password_verifier),
             )
         )
     except psycopg.errors.DuplicateObject:

@@ -60,6 +60,8 @@ def create_tenant(
         rt.metrics.provisions.labels(result=exc.code).inc()
         raise
     rt.metrics.provision_seconds.observe(time.perf_counter() - started)
+    if view.provisioned_from == "pool":
+        rt.wake_refiller()
     rt.metrics.provisions.labels(result="ok").inc()
     return Ok(data=_out(view))
 

@@ -1,0 +1,37 @@
+"""``monk pool …``: the warm pool of pre-cloned spare databases."""
+
+from __future__ import annotations
+
+import typer
+
+from monk.cli.context import state
+from monk.cli.output import console, print_json, print_rows
+from monk.service import pool
+
+app = typer.Typer(help="The warm pool: spare databases cloned ahead of time.", no_args_is_help=True)
+
+
+@app.command()
+def fill(
+    template: str = typer.Argument("basic", help="Template key."),
+    count: int = typer.Option(2, "--count", "-n", min=0, max=1000, help="Spares to keep."),
+) -> None:
+    """Create spares of the template's current build until COUNT are ready."""
+    made = pool.fill(state().tenants, template, count)
+    console.print(f"made {made} spare(s) of {template}")
+
+
+@app.command("status")
+def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Spares per template build and state."""
+    rows = pool.status(state().tenants)
+    if as_json:
+        print_json(rows)
+    else:
+        print_rows(rows, ["template", "version", "status", "count", "target"])
+
+
+@app.command()
+def drain(template: str | None = typer.Argument(None, help="Only this template.")) -> None:
+    """Drop every ready spare."""
+    console.print(f"dropped {pool.drain(state().tenants, key=template)} spare(s)")
