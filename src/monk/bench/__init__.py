@@ -1,0 +1,1 @@
+"""``monk bench``: provisioning latency and throughput, measured against raw PostgreSQL."""
