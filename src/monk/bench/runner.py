@@ -1,0 +1,576 @@
+"""The measurements of ``monk bench``, on one template, in one run, side by side.
+
+Variants, each timed end to end from the caller's side:
+
+    raw      CREATE DATABASE … TEMPLATE <template db> on an open autocommit connection (the floor)
+    scratch  CREATE DATABASE (empty), then one connection to it that creates the same core tables,
+             tables, indexes, triggers, registry rows and seed rows (psycopg pipeline mode, one
+             transaction) and applies the template's migrations: what a migrations-per-tenant
+             system does for every sign-up
+    cold     TenantService.provision with no spare ready (registry, clone, role, grants, answer)
+    warm     TenantService.provision served from the warm pool (one spare filled, untimed, just
+             before each timed handout, so that no spare ever waits where a cold provision runs)
+
+The latency rounds rotate the order of the variants so that machine noise (checkpoints, the
+other core) hits them alike; each round ends by deprovisioning its tenants (timed: the purge
+request, which is the caller's answer, and the background drop) and dropping its raw and scratch
+databases (untimed). Throughput runs ``ops`` raw clones and ``ops`` cold provisions at each
+concurrency (threads, one connection each for raw, the service's pools for monk), errors
+counted, not raised.
+
+Everything made carries the run's prefix (databases ``monkbench_<run>_…``, tenants
+``bench <run> …``) and is removed in a ``finally`` (SIGINT ignored while cleaning), whatever
+happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+import monk
+from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import ServerTarget, connect, open_connection
+from monk.bench import stats
+from monk.core.schema_compiler import compile_template, core_tables_ddl, seed_statements
+from monk.errors import TenantNotFound
+from monk.service import purge
+from monk.service import templates as template_service
+from monk.service.tenants import TenantService
+from monk.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.Connection[Any]
+Progress = Callable[[str, int, int], None]
+"""(phase description, steps done, steps total): the CLI draws it; the runner only reports."""
+
+VARIANTS = ("raw", "scratch", "cold", "warm")
+DB_PREFIX = "monkbench_"
+WARM_UNAVAILABLE = "warm pool not available"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    template: str = "basic"
+    iterations: int = 30
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+def ops_per_level(concurrency: int, iterations: int) -> int:
+    """Operations per throughput measurement: two per thread at least, ⅓ of the iterations at
+    least, so every thread stays busy and the default run fits in a few minutes on 2 cores."""
+    return max(2 * concurrency, iterations // 3, 1)
+
+
+@dataclass
+class _Samples:
+    ms: list[float] = field(default_factory=list)
+    failures: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def fail(self, exc: BaseException) -> None:
+        self.failures += 1
+        if len(self.errors) < 3:
+            self.errors.append(_describe(exc))
+
+    def summary(self) -> dict[str, Any]:
+        out = stats.summarize(self.ms, failures=self.failures)
+        if self.errors:
+            out["errors"] = list(self.errors)
+        return out
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _pool_api() -> Any | None:
+    """The warm pool module, if this monk has one: ``fill(svc, key, count)`` tops the spares of
+    ``key``'s current build up to ``count``, ``drain(svc, key=…)`` drops the ready ones."""
+    try:
+        from monk.service import pool  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    needed = ("fill", "drain", "counts")
+    return pool if all(callable(getattr(pool, n, None)) for n in needed) else None
+
+
+class Bench:
+    def __init__(
+        self,
+        settings: Settings,
+        target: ServerTarget,
+        config: BenchConfig,
+        *,
+        progress: Progress | None = None,
+        embedded: bool = True,
+    ) -> None:
+        self.config = config
+        self.target = target
+        self.embedded = embedded
+        self.run_id = secrets.token_hex(4)
+        self._progress = progress or (lambda _phase, _done, _total: None)
+        self._settings = _without_spares(settings, config.template)
+        self._counter = 0
+        self._lock = threading.Lock()
+        self.notes: list[str] = []
+        self._template_db = ""
+        self._scratch_sql: list[tuple[sql.Composed, tuple[Any, ...]]] = []
+        self._scratch_migrations: list[str] = []
+        self._spares_before = 0
+
+    # ------------------------------------------------------------------ names
+
+    def _next(self) -> int:
+        with self._lock:
+            self._counter += 1
+            return self._counter
+
+    def db_name(self, variant: str) -> str:
+        return f"{DB_PREFIX}{self.run_id}_{variant}_{self._next()}"
+
+    def tenant_name(self, variant: str) -> str:
+        return f"bench {self.run_id} {variant} {self._next()}"
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        started_at = datetime.now(UTC).isoformat()
+        key = self.config.template
+        build = template_service.ensure_built(self.target, self._settings, key)
+        # The source the build was made from, so that scratch builds the very same content.
+        built_from = Path(build.source) if build.source else None
+        if built_from is not None and not built_from.is_dir():
+            built_from = None
+        source = template_service.resolve_source(self._settings, key, built_from)
+        compiled = compile_template(source.schemas)
+        self._scratch_sql = [
+            *((s, ()) for s in core_tables_ddl()),
+            *((s, ()) for s in compiled.ddl()),
+            *compiled.registry_inserts(),
+            *seed_statements(compiled, source.data),
+        ]
+        self._scratch_migrations = [m.sql for m in source.migrations]
+        self._template_db = build.database
+        pool_api = _pool_api()
+        if pool_api is None:
+            self.notes.append(WARM_UNAVAILABLE)
+        result: dict[str, Any] = {"monk_version": monk.__version__, "started_at": started_at}
+        svc = TenantService(self._settings, self.target)
+        try:
+            if pool_api is not None:
+                self._empty_pool(svc, pool_api, build)
+            with connect(self.target, autocommit=True, purpose="bench") as adm:
+                result["server"] = self._server(adm)
+                result["template"] = {
+                    "key": key,
+                    "version": build.version,
+                    "database": build.database,
+                    "size_bytes": admin.database_size(adm, build.database),
+                    "tables": build.table_count,
+                    "records": build.record_count,
+                }
+                result |= self._latencies(adm, svc, pool_api)
+                result["throughput"] = self._throughput(adm, svc)
+        finally:
+            with _sigint_ignored():
+                leftovers = self.cleanup(svc, pool_api)
+            svc.close()
+        if leftovers:
+            self.notes.append("left behind: " + ", ".join(leftovers))
+        result["config"] = {
+            "template": key,
+            "iterations": self.config.iterations,
+            "concurrency": list(self.config.concurrency),
+            "ops_per_level": {
+                str(c): ops_per_level(c, self.config.iterations) for c in self.config.concurrency
+            },
+            "pool_size": self._settings.pool_size,
+        }
+        result["machine"] = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        }
+        result["ratios"] = stats.ratios(result)
+        result["targets"] = [t.as_dict() for t in stats.targets(result)]
+        result["notes"] = list(self.notes)
+        result["duration_s"] = round(time.monotonic() - started, 1)
+        return _ordered(result)
+
+    def _empty_pool(self, svc: TenantService, pool_api: Any, build: Any) -> None:
+        """No spare of the template may wait where a cold provision runs: drop the ready ones
+        (clean-up makes as many again at the end)."""
+        with svc.hosts.pools().system() as reg:
+            have = pool_api.counts(reg, self.target.name)
+        self._spares_before = int(have.get((build.key, build.version), 0))
+        if self._spares_before:
+            dropped = pool_api.drain(svc, key=build.key)
+            self.notes.append(
+                f"dropped {dropped} spare(s) of {build.key} before the run, refilled after it"
+            )
+
+    def _server(self, adm: Conn) -> dict[str, Any]:
+        def show(setting: str) -> str:
+            row = adm.execute(sql.SQL("SHOW {}").format(sql.Identifier(setting))).fetchone()
+            return str(row[0]) if row else "unknown"
+
+        return {
+            "version": show("server_version"),
+            "mode": "embedded" if self.embedded else "external",
+            "durability": {
+                name: show(name) for name in ("fsync", "synchronous_commit", "full_page_writes")
+            },
+        }
+
+    # ------------------------------------------------------------------ latency rounds
+
+    def _latencies(self, adm: Conn, svc: TenantService, pool_api: Any | None) -> dict[str, Any]:
+        samples = {v: _Samples() for v in VARIANTS}
+        answer, dropped = _Samples(), _Samples()
+        cold_from_pool = warm_from_pool = 0
+        variants = [v for v in VARIANTS if v != "warm" or pool_api is not None]
+        rounds = self.config.iterations
+        # One untimed round first: opens the service's pools, warms caches and the catalog.
+        for i in range(rounds + 1):
+            timed = i > 0
+            self._progress("latency", i, rounds + 1)
+            databases: list[str] = []
+            tenants: list[str] = []
+            order = variants[i % len(variants) :] + variants[: i % len(variants)]
+            for variant in order:
+                try:
+                    if variant in ("raw", "scratch"):
+                        name = self.db_name(variant)
+                        databases.append(name)
+                        ms = self._raw(adm, name) if variant == "raw" else self._scratch(adm, name)
+                    else:
+                        name = self.tenant_name(variant)
+                        if variant == "warm":
+                            pool_api.fill(svc, self.config.template, 1)  # type: ignore[union-attr]
+                        ms, source = self._provision(svc, name)
+                        tenants.append(name)
+                        if timed and source == "pool":
+                            if variant == "cold":
+                                cold_from_pool += 1
+                            else:
+                                warm_from_pool += 1
+                except Exception as exc:
+                    if timed:
+                        samples[variant].fail(exc)
+                    log.warning("bench %s failed: %s", variant, _describe(exc))
+                    continue
+                if timed:
+                    samples[variant].ms.append(ms)
+            for name in tenants:
+                try:
+                    answer_ms, dropped_ms = self._deprovision(svc, name)
+                except Exception as exc:
+                    if timed:
+                        answer.fail(exc)
+                    log.warning("bench deprovision failed: %s", _describe(exc))
+                    continue
+                if timed:
+                    answer.ms.append(answer_ms)
+                    dropped.ms.append(dropped_ms)
+            for name in databases:
+                admin.drop_database(adm, name)
+        self._progress("latency", rounds + 1, rounds + 1)
+        out: dict[str, Any] = {v: samples[v].summary() for v in VARIANTS}
+        out["cold"]["from_pool"] = cold_from_pool
+        if cold_from_pool:
+            self.notes.append(f"{cold_from_pool} cold provision(s) were served by a spare")
+        if pool_api is None:
+            out["warm"] = None
+        else:
+            out["warm"]["from_pool"] = warm_from_pool
+            served = len(samples["warm"].ms)
+            out["warm"]["all_from_pool"] = served > 0 and warm_from_pool == served
+            if not out["warm"]["all_from_pool"]:
+                self.notes.append(
+                    f"only {warm_from_pool} of {len(samples['warm'].ms)} warm provisions "
+                    "came from the pool"
+                )
+        out["deprovision"] = {
+            "answer": answer.summary(),
+            "dropped": dropped.summary(),
+            "meaning": "answer: request_purge returns (the caller's answer); dropped: until "
+            "the background drop finished (request + queue work)",
+        }
+        return out
+
+    def _raw(self, adm: Conn, name: str) -> float:
+        query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(self._template_db)
+        )
+        t0 = time.perf_counter()
+        adm.execute(query)
+        return (time.perf_counter() - t0) * 1000
+
+    def _scratch(self, adm: Conn, name: str) -> float:
+        t0 = time.perf_counter()
+        adm.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        with connect(self.target, name, purpose="bench-scratch") as db:
+            with db.pipeline():
+                for query, params in self._scratch_sql:
+                    db.execute(query, params or None)
+            for migration in self._scratch_migrations:
+                db.execute(migration.encode())
+            db.commit()
+        return (time.perf_counter() - t0) * 1000
+
+    def _provision(self, svc: TenantService, name: str) -> tuple[float, str]:
+        t0 = time.perf_counter()
+        view = svc.provision(name, template=self.config.template)
+        ms = (time.perf_counter() - t0) * 1000
+        return ms, str(view.as_dict().get("provisioned_from", "clone"))
+
+    def _deprovision(self, svc: TenantService, name: str) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        _view, op = purge.request_purge(svc, name, archive=False, forget=True)
+        t1 = time.perf_counter()
+        purge.work_queue(svc, only=op)
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1000, (t2 - t0) * 1000
+
+    # ------------------------------------------------------------------ throughput
+
+    def _throughput(self, adm: Conn, svc: TenantService) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        levels = self.config.concurrency
+        for index, c in enumerate(levels):
+            self._progress("throughput", index, len(levels))
+            ops = ops_per_level(c, self.config.iterations)
+            level: dict[str, Any] = {"ops": ops}
+            # Alternate which goes first, so neither always runs after the other's drops.
+            order = ("raw", "monk") if index % 2 == 0 else ("monk", "raw")
+            for variant in order:
+                if variant == "raw":
+                    names = [self.db_name("traw") for _ in range(ops)]
+                    ok, failed, seconds, errors = self._parallel_raw(names, c)
+                    self._drop_databases(adm, names)
+                else:
+                    names = [self.tenant_name("tmonk") for _ in range(ops)]
+                    ok, failed, seconds, errors = self._parallel(
+                        c, names, lambda name: self._provision(svc, name)
+                    )
+                    self._purge_all(svc, names)
+                level[f"{variant}_per_s"] = stats.throughput(ok, seconds)
+                level[f"{variant}_failures"] = failed
+                level[f"{variant}_seconds"] = round(seconds, 3)
+                if errors:
+                    level[f"{variant}_errors"] = errors
+            out[str(c)] = level
+        self._progress("throughput", len(levels), len(levels))
+        return out
+
+    def _parallel_raw(
+        self, names: Sequence[str], threads: int
+    ) -> tuple[int, int, float, list[str]]:
+        """Raw clones from ``threads`` connections opened before the clock starts."""
+        conns = [
+            open_connection(self.target, autocommit=True, purpose="bench-raw")
+            for _ in range(threads)
+        ]
+        try:
+            local = threading.local()
+            spare = iter(conns)
+            spare_lock = threading.Lock()
+            query = sql.SQL("CREATE DATABASE {} TEMPLATE {}")
+
+            def clone(name: str) -> None:
+                conn = getattr(local, "conn", None)
+                if conn is None:
+                    with spare_lock:
+                        conn = local.conn = next(spare)
+                conn.execute(query.format(sql.Identifier(name), sql.Identifier(self._template_db)))
+
+            return self._parallel(threads, names, clone)
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def _parallel(
+        self, threads: int, names: Sequence[str], work: Callable[[str], object]
+    ) -> tuple[int, int, float, list[str]]:
+        """Run ``work`` on every name from ``threads`` threads started together; returns
+        (successes, failures, wall seconds, first errors). A KeyboardInterrupt stops handing out
+        work, waits for the threads' current operations, and propagates."""
+        queue = iter(names)
+        queue_lock = threading.Lock()
+        stop = threading.Event()
+        start = threading.Barrier(threads + 1)
+        counts = {"ok": 0, "failed": 0}
+        errors: list[str] = []
+
+        def worker() -> None:
+            try:
+                start.wait()
+            except threading.BrokenBarrierError:
+                return
+            while not stop.is_set():
+                with queue_lock:
+                    name = next(queue, None)
+                if name is None:
+                    return
+                try:
+                    work(name)
+                except Exception as exc:
+                    with queue_lock:
+                        counts["failed"] += 1
+                        if len(errors) < 3:
+                            errors.append(_describe(exc))
+                else:
+                    with queue_lock:
+                        counts["ok"] += 1
+
+        pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+        for thread in pool:
+            thread.start()
+        try:
+            start.wait()
+            t0 = time.perf_counter()
+            for thread in pool:
+                thread.join()
+            seconds = time.perf_counter() - t0
+        except BaseException:
+            stop.set()
+            start.abort()
+            for thread in pool:
+                thread.join()
+            raise
+        return counts["ok"], counts["failed"], seconds, errors
+
+    # ------------------------------------------------------------------ clean-up
+
+    def _drop_databases(self, adm: Conn, names: Sequence[str]) -> list[str]:
+        """Drop these databases (missing ones are fine); returns those that could not be."""
+        failed = []
+        for name in names:
+            try:
+                admin.drop_database(adm, name)
+            except Exception as exc:
+                log.warning("bench could not drop %s: %s", name, _describe(exc))
+                failed.append(name)
+        return failed
+
+    def _purge_all(self, svc: TenantService, names: Sequence[str]) -> list[str]:
+        """Purge (no archive, forget) every live tenant among ``names``; returns the failures."""
+        failed = []
+        for name in names:
+            try:
+                purge.request_purge(svc, name, archive=False, forget=True)
+            except TenantNotFound:
+                continue
+            except Exception as exc:
+                log.warning("bench could not purge %s: %s", name, _describe(exc))
+                failed.append(name)
+        try:
+            purge.work_queue(svc)
+        except Exception as exc:
+            log.warning("bench purge queue failed: %s", _describe(exc))
+            failed.append("purge queue")
+        return failed
+
+    def _run_tenants(self, svc: TenantService) -> list[str]:
+        prefix = f"bench {self.run_id} "
+        with svc.hosts.pools().system() as reg:
+            rows = reg.execute(
+                "SELECT name FROM tenants WHERE name LIKE %s", (_like_prefix(prefix),)
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def cleanup(self, svc: TenantService, pool_api: Any | None) -> list[str]:
+        """Remove every tenant, database and spare of this run; returns what is left."""
+        left: list[str] = []
+        try:
+            tenants = self._run_tenants(svc)
+            left += self._purge_all(svc, tenants)
+            left += [f"tenant {t!r}" for t in self._run_tenants(svc)]
+        except Exception as exc:
+            left.append(f"tenants ({_describe(exc)})")
+        if pool_api is not None:
+            try:
+                # The spares filled for warm handouts and not handed out; then the ones that
+                # were there before the run, made again.
+                pool_api.drain(svc, key=self.config.template)
+                if self._spares_before:
+                    pool_api.fill(svc, self.config.template, self._spares_before)
+            except Exception as exc:
+                left.append(f"spares ({_describe(exc)})")
+        try:
+            with connect(self.target, autocommit=True, purpose="bench-cleanup") as adm:
+                pattern = _like_prefix(f"{DB_PREFIX}{self.run_id}_")
+                left += self._drop_databases(adm, admin.list_databases(adm, pattern))
+        except Exception as exc:
+            left.append(f"databases ({_describe(exc)})")
+        return sorted(set(left))
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _without_spares(settings: Settings, key: str) -> Settings:
+    """These settings with no spares configured for ``key``: only the bench fills the pool, one
+    spare right before each warm handout, so no spare waits where a cold provision runs."""
+    spares = getattr(settings, "pool_spares", None)
+    if not isinstance(spares, dict):
+        return settings
+    return settings.model_copy(update={"pool_spares": {**spares, key: 0}})
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Clean-up runs to the end even if Ctrl-C is pressed again (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_ORDER = (
+    "monk_version",
+    "started_at",
+    "duration_s",
+    "server",
+    "machine",
+    "template",
+    "config",
+    "raw",
+    "scratch",
+    "cold",
+    "warm",
+    "deprovision",
+    "throughput",
+    "ratios",
+    "targets",
+    "notes",
+)
+
+
+def _ordered(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in _ORDER if k in result} | {
+        k: v for k, v in result.items() if k not in _ORDER
+    }

@@ -1,0 +1,73 @@
+"""``monk bench``: provisioning latency and throughput against raw PostgreSQL, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from monk.bench.report import render
+from monk.bench.runner import Bench, BenchConfig
+from monk.cli.context import state
+from monk.cli.output import console, err_console
+
+_PHASES = {
+    "latency": "latency rounds (raw, scratch, cold, warm, deprovision)",
+    "throughput": "throughput levels (raw, monk)",
+}
+
+
+def parse_concurrency(value: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give comma-separated integers, e.g. 1,2,4") from None
+    if not levels or any(level < 1 or level > 64 for level in levels):
+        raise typer.BadParameter(f"{value!r}: each level must be between 1 and 64")
+    return levels
+
+
+def bench(
+    template: str = typer.Option("basic", "--template", help="Template key to measure."),
+    iterations: int = typer.Option(
+        30, "--iterations", min=1, max=1000, help="Timed rounds of raw, scratch, cold and warm."
+    ),
+    concurrency: str = typer.Option(
+        "1,2,4,8,16", "--concurrency", help="Thread counts of the throughput measurements."
+    ),
+    json_file: Path | None = typer.Option(
+        None, "--json", help="Also write the result as JSON to this file.", dir_okay=False
+    ),
+) -> None:
+    """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
+    deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
+    levels = parse_concurrency(concurrency)
+    s = state()
+    runner_config = BenchConfig(template=template, iterations=iterations, concurrency=levels)
+    target = s.target
+    embedded = s.settings.database_url is None
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = int(bar.add_task(_PHASES.get(phase, phase), total=total))
+            bar.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
+
+        result = Bench(
+            s.settings, target, runner_config, progress=progress, embedded=embedded
+        ).run()
+    render(result, console)
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
