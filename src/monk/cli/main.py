@@ -9,7 +9,6 @@ import sys
 import typer
 
 from monk.cli import bench as bench_cli
-from monk.cli import bench as bench_cli
 from monk.cli import db as db_cli
 from monk.cli import pool as pool_cli
 from monk.cli import template as template_cli
@@ -29,7 +28,6 @@ app.add_typer(db_cli.app, name="db")
 app.add_typer(pool_cli.app, name="pool")
 app.add_typer(template_cli.app, name="template")
 app.add_typer(tenant_cli.app, name="tenant")
-app.command("bench")(bench_cli.bench)
 app.command("bench")(bench_cli.bench)
 
 
