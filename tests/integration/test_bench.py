@@ -1,0 +1,124 @@
+"""``monk bench`` through the real CLI: the JSON it writes, and that it leaves nothing behind.
+
+A benchmark, not a test of speed: no timing is asserted here, only shape and clean-up.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from monk.settings import Settings
+from monk.templates.source import builtin_sources_dir
+from tests.conftest import RunMonk
+
+SUMMARY_KEYS = {"p50_ms", "p95_ms", "p99_ms", "n"}
+
+
+def server_objects(admin_url: str) -> dict[str, set[str]]:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+
+        def names(query: str) -> set[str]:
+            return {str(r[0]) for r in conn.execute(query).fetchall()}
+
+        return {
+            "databases": names(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'tenant\\_%'"
+                " OR datname LIKE 'monkbench\\_%' OR datname LIKE 'monk\\_spare\\_%'"
+            ),
+            "roles": names(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant\\_%'"
+                " OR rolname LIKE 'monk\\_spare\\_%'"
+            ),
+        }
+
+
+def drop_template(admin_url: str, database: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        db = sql.Identifier(database)
+        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
+
+
+def test_bench_writes_its_json_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    # A copy of the small built-in template under a key of its own: template database names
+    # are cluster-global and other tests share this server.
+    key = f"bench_{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / "sources"
+    shutil.copytree(builtin_sources_dir() / "basic", folder / key)
+    env = {"MONK_TEMPLATE_PATH": json.dumps([str(folder)])}
+    assert monk("init", env=env).returncode == 0
+    before = server_objects(admin_url)
+    out = tmp_path / "out.json"
+    try:
+        run = monk(
+            "bench",
+            "--template",
+            key,
+            "--iterations",
+            "2",
+            "--concurrency",
+            "1,2",
+            "--json",
+            str(out),
+            env=env,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr + run.stdout
+        assert "ratios and targets" in run.stdout
+        result = json.loads(out.read_text())
+
+        for variant in ("raw", "scratch", "cold", "warm"):
+            summary = result[variant]
+            assert set(summary) >= SUMMARY_KEYS, variant
+            assert summary["n"] == 2, variant
+            assert summary["failures"] == 0, (variant, summary)
+            assert summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+        assert result["cold"]["from_pool"] == 0
+        assert result["warm"]["from_pool"] == 2
+        assert result["warm"]["all_from_pool"] is True
+
+        assert set(result["throughput"]) == {"1", "2"}
+        for level in result["throughput"].values():
+            for side in ("raw", "monk"):
+                assert level[f"{side}_per_s"] > 0
+                assert level[f"{side}_failures"] == 0
+        deprovision = result["deprovision"]
+        assert deprovision["answer"]["n"] == deprovision["dropped"]["n"] == 4
+        assert set(result["ratios"]) == {
+            "cold_over_raw",
+            "raw_over_warm",
+            "scratch_over_cold",
+            "throughput_over_raw",
+        }
+        assert all(isinstance(v, float) for v in result["ratios"].values())
+        assert result["server"]["version"]
+        assert set(result["server"]["durability"]) == {
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+        }
+        assert result["template"]["key"] == key
+        assert [t["target"] for t in result["targets"]] == [
+            "cold_over_raw",
+            "warm p50",
+            "raw_over_warm",
+            "scratch_over_cold",
+            "throughput_over_raw",
+        ]
+        assert result["notes"] == []
+
+        # nothing left behind: databases, roles, registry rows, spares
+        assert server_objects(admin_url) == before
+        with psycopg.connect(admin_url, dbname=settings.system_db_name) as reg:
+            assert reg.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
+            assert reg.execute("SELECT count(*) FROM spares").fetchone() == (0,)
+    finally:
+        drop_template(admin_url, f"monk_template_{key}")
