@@ -104,7 +104,7 @@ def _pool_api() -> Any | None:
     """The warm pool module, if this monk has one: ``fill(svc, key, count)`` tops the spares of
     ``key``'s current build up to ``count``, ``drain(svc, key=…)`` drops the ready ones."""
     try:
-        from monk.service import pool  # type: ignore[attr-defined,unused-ignore]
+        from monk.service import pool
     except ImportError:
         return None
     needed = ("fill", "drain", "counts")
