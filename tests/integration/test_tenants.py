@@ -62,10 +62,17 @@ def test_provision_gives_a_working_isolated_database(env: Env, svc: TenantServic
     with tenant_conn(out["connection_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
         assert conn.execute("SELECT count(*) FROM contact").fetchone() == (6,)
+        # Every object belongs to pg_database_owner, i.e. to the owner of the database: the
+        # tenant's role, which can therefore alter and drop them.
         owners = conn.execute(
             "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'"
         ).fetchall()
-        assert owners == [(out["database"],)]
+        assert owners == [("pg_database_owner",)]
+        db_owner = conn.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+        assert db_owner == (out["database"],)
+        conn.execute("ALTER TABLE account ADD COLUMN tenant_note text")
         conn.execute("INSERT INTO users (name, auth, access) VALUES ('root', 'root', 'root')")
         conn.commit()
     # its role reaches nothing else: the system database, the template, another tenant

@@ -7,7 +7,8 @@ and return immutable snapshots; decisions are made over those snapshots in the s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,6 +70,22 @@ def get_live(conn: Conn, name_key: str) -> Tenant | None:
     """The live (not deleted) tenant with this identity."""
     with conn.cursor(row_factory=class_row(Tenant)) as cur:
         cur.execute(_select(sql.SQL("name_key = %s AND deleted_at IS NULL")), (name_key,))
+        return cur.fetchone()
+
+
+def find_live(conn: Conn, name: TenantName) -> Tenant | None:
+    """The live tenant with this identity, else the live one holding its database (a hash
+    collision): one round trip for both questions."""
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(
+            _select(
+                sql.SQL(
+                    "deleted_at IS NULL AND (name_key = %s OR database = %s)"
+                    " ORDER BY name_key = %s DESC LIMIT 1"
+                )
+            ),
+            (name.key, name.database, name.key),
+        )
         return cur.fetchone()
 
 
@@ -140,33 +157,41 @@ def insert_intent(
     status: str = "provisioning",
     tenant_id: UUID | None = None,
 ) -> Tenant:
-    """Record the intent to provision, in its own transaction: the unique indexes make exactly
-    one of many concurrent requests for a name win. Raises TenantExists or HashCollision."""
+    """Record the intent to provision, inside ``intent_transaction``: the unique indexes make
+    exactly one of many concurrent requests for a name win."""
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
+                " template_key, template_version, role_name, step, idempotency_key)"
+                " VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, false, %s, %s, %s,"
+                " %s, 'intent', %s) RETURNING {}"
+            ).format(_COLUMNS),
+            (
+                tenant_id,
+                name.display,
+                name.key,
+                name.database,
+                host,
+                status,
+                template_key,
+                template_version,
+                name.role,
+                idempotency_key,
+            ),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        return row
+
+
+@contextmanager
+def intent_transaction(conn: Conn, name: TenantName) -> Iterator[None]:
+    """A transaction for ``insert_intent``: a unique violation (the name, or its hash, is
+    taken) rolls it back and becomes TenantExists or HashCollision."""
     try:
-        with conn.transaction(), conn.cursor(row_factory=class_row(Tenant)) as cur:
-            cur.execute(
-                sql.SQL(
-                    "INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
-                    " template_key, template_version, role_name, step, idempotency_key)"
-                    " VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, false, %s, %s, %s,"
-                    " %s, 'intent', %s) RETURNING {}"
-                ).format(_COLUMNS),
-                (
-                    tenant_id,
-                    name.display,
-                    name.key,
-                    name.database,
-                    host,
-                    status,
-                    template_key,
-                    template_version,
-                    name.role,
-                    idempotency_key,
-                ),
-            )
-            row = cur.fetchone()
-            assert row is not None
-            return row
+        with conn.transaction():
+            yield
     except psycopg.errors.UniqueViolation:
         raise exists_error(conn, name) from None
 

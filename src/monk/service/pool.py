@@ -104,7 +104,7 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
                             sql.Identifier(name), sql.Literal(svc._ownership_mark())
                         )
                     )
-                    svc._configure(adm, pools.target, name, name, build)
+                    svc._configure(adm, name, name, build)
                 svc.spare_secrets.put(name, password)
                 reg.execute(
                     "UPDATE spares SET status = 'ready', ready_at = now(), migration_level = %s"
@@ -148,7 +148,7 @@ def hand_out(svc: TenantService, pools: ServerPools, spare: Spare, database: str
     """Rename the spare into the tenant; returns the role's password. One transaction: either
     the spare became the tenant or nothing changed."""
     password = svc.spare_secrets.take(spare.database)
-    with pools.admin() as adm, adm.transaction():
+    with pools.admin() as adm, adm.pipeline(), adm.transaction():
         # Durable with the registry's final commit: same server, one WAL, flushed in order.
         adm.execute("SET LOCAL synchronous_commit = off")
         adm.execute(

@@ -221,7 +221,7 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
             path = Path(archive_path)
             if not path.is_file() or dump.sha256_file(path) != gone.archive_sha256:
                 raise InvalidState(f"archive {path} of {name.display!r} is missing or damaged")
-            with reg.transaction():
+            with registry.intent_transaction(reg, name):
                 tenant = registry.insert_intent(
                     reg,
                     TenantName(display=gone.name, key=gone.name_key, database=gone.database),

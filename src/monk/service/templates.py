@@ -5,8 +5,9 @@ A build of key ``K`` at version ``V`` (the content hash of the source and the co
     validate     load the source and its parents, compile schemas, validate seed records
     journal      a ``template_builds`` row (status building) and an ``operations`` row
     create       database ``monk_staging_K_V``, owned by the admin role
-    core_tables  users, schemas, columns (as the NOLOGIN role ``monk_owner``, which owns every
-                 object inside a template; tenant provisioning reassigns them to the tenant role)
+    core_tables  users, schemas, columns (as ``pg_database_owner``, which owns every object
+                 inside a template: in each clone that is whoever owns the database, i.e. the
+                 tenant's role, with no per-tenant ownership change)
     tables       one table per schema, its indexes and updated_at trigger
     registry     the ``schemas`` and ``columns`` rows
     seed         the seed records
@@ -102,8 +103,10 @@ log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[Any]
 
-OWNER_ROLE = "monk_owner"
-"""The NOLOGIN role owning every object inside a template (not the template database itself)."""
+OWNER_ROLE = "pg_database_owner"
+"""Owner of every object inside a template (not of the template database itself): the built-in
+role whose only member is the owner of the current database. A tenant's role owns its clone,
+and so owns every object in it, without reassigning anything."""
 
 CHECK_DB_PREFIX = "monk_check_"
 _MARKER_PREFIX = "monk template "
@@ -529,7 +532,6 @@ def _build(
     swapped = False
     try:
         b.step("create", settings, report)
-        admin.ensure_nologin_role(adm, OWNER_ROLE)
         admin.create_database(adm, staging)
         with connect(target, staging, purpose="template-build") as db:
             _fill(db, b, settings, plan, report)
@@ -589,10 +591,8 @@ def _build(
 def _fill(db: Conn, b: _Builder, settings: Settings, plan: _Plan, report: Progress) -> None:
     """Everything inside the staging database, as the owner role; one transaction per step."""
     source = plan.source
-    owner = sql.Identifier(OWNER_ROLE)
-    # The public schema gives PUBLIC no CREATE (PostgreSQL 15+): lend it to the owner role.
-    db.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(owner))
-    db.execute(sql.SQL("SET ROLE {}").format(owner))
+    # pg_database_owner owns the public schema (PostgreSQL 15+), so it may create in it.
+    db.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(OWNER_ROLE)))
     db.commit()
     b.step("core_tables", settings, report)
     for statement in core_tables_ddl():
@@ -625,7 +625,6 @@ def _fill(db: Conn, b: _Builder, settings: Settings, plan: _Plan, report: Progre
         except psycopg.Error as exc:
             raise _refused(source, f"{migration.template}/{migration.path}", exc) from None
     db.execute("RESET ROLE")
-    db.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(owner))
     marker = f"{_MARKER_PREFIX}{source.key} {plan.version}"
     db.execute(sql.SQL("COMMENT ON SCHEMA public IS {}").format(sql.Literal(marker)))
     db.commit()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,7 +57,6 @@ from monk.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OWNER_ROLE = "monk_owner"  # owns every object inside templates; reassigned to the tenant role
 PROVISION_STEPS = ("intent", "cloned", "migrated", "role", "configured", "active")
 
 
@@ -151,8 +152,12 @@ class TenantService:
         self._hasher = hasher
         self._admin_is_superuser: bool | None = None
         self.spare_secrets = pool.SpareSecrets()
+        self._side_lock = threading.Lock()
+        self._side_pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
+        if self._side_pool is not None:
+            self._side_pool.shutdown(wait=True)
         self.hosts.close()
 
     def __enter__(self) -> TenantService:
@@ -205,8 +210,9 @@ class TenantService:
         name = self.name(raw_name)
         target = self.hosts.target(host)
         pools = self.hosts.pools(target.name)
-        build = self._current_build(template, target)
+        validate_template_key(template)
         with pools.system() as reg:
+            build = self._current_build(template, target, reg)
             if not registry.try_lock(reg, name.database):
                 return self._concurrent(reg, name, idempotency_key)
             try:
@@ -236,9 +242,7 @@ class TenantService:
         build: template_service.TemplateBuild,
         idempotency_key: str | None,
     ) -> TenantView:
-        existing = registry.get_live(reg, name.key) or registry.get_live_by_database(
-            reg, name.database
-        )
+        existing = registry.find_live(reg, name)
         if existing is not None and existing.status in ("provisioning", "deleting"):
             # We hold its lock, so the process that owned it is gone: finish or undo it first.
             self._repair(reg, pools, existing)
@@ -251,7 +255,10 @@ class TenantService:
         warm = self._provision_from_pool(reg, pools, name, build, idempotency_key)
         if warm is not None:
             return warm
-        with reg.transaction():
+        with registry.intent_transaction(reg, name):
+            if self._registry_shares_wal(pools):
+                # The clone's synchronous commit that follows flushes this record too.
+                reg.execute("SET LOCAL synchronous_commit = off")
             tenant = registry.insert_intent(
                 reg,
                 name,
@@ -271,22 +278,30 @@ class TenantService:
         self._checkpoint("intent")
         step = "clone"
         try:
-            with pools.admin() as adm:
-                self._clone(adm, pools.target, name.database, build)
-                registry.set_step(reg, tenant.id, "cloned")
-                self._checkpoint("cloned")
-                step = "migrate"
-                level = self._migrate(pools.target, name.database, build)
-                registry.set_step(reg, tenant.id, "migrated")
-                self._checkpoint("migrated")
+            # The role does not depend on the database: make it while the clone runs.
+            role_job = self._side().submit(self._create_role_apart, pools, name.role)
+            try:
+                with pools.admin() as adm:
+                    self._clone(adm, pools.target, name.database, build)
+            finally:
+                role_error = role_job.exception()  # waits: the undo must know of the role
+            if role_error is not None:
                 step = "role"
-                credentials = self._create_role(adm, name.role)
-                registry.set_step(reg, tenant.id, "role")
-                self._checkpoint("role")
-                step = "configure"
-                self._configure(adm, pools.target, name.database, name.role, build)
-                registry.set_step(reg, tenant.id, "configured")
-                self._checkpoint("configured")
+                raise role_error
+            credentials = role_job.result()
+            registry.set_step(reg, tenant.id, "cloned")
+            self._checkpoint("cloned")
+            step = "migrate"
+            level = self._migrate(pools.target, name.database, build)
+            registry.set_step(reg, tenant.id, "migrated")
+            self._checkpoint("migrated")
+            registry.set_step(reg, tenant.id, "role")
+            self._checkpoint("role")
+            step = "configure"
+            with pools.admin() as adm:
+                self._configure(adm, name.database, name.role, build)
+            registry.set_step(reg, tenant.id, "configured")
+            self._checkpoint("configured")
             step = "activate"
             with reg.transaction():
                 tenant = registry.update(
@@ -329,7 +344,8 @@ class TenantService:
         """Serve from a ready spare of the current build; None when there is none (or the
         handout failed and was undone): the caller then clones cold."""
         tenant_id = uuid4()
-        with reg.transaction():
+        # Pipelined: statements go out together, results come back at the sync points.
+        with reg.pipeline(), registry.intent_transaction(reg, name):
             # Not flushed here: the final, synchronous commit flushes the WAL up to it.
             reg.execute("SET LOCAL synchronous_commit = off")
             spare = pool.claim(reg, pools.target.name, build, tenant_id)
@@ -356,7 +372,7 @@ class TenantService:
         try:
             password = pool.hand_out(self, pools, spare, name.database, name.role)
             self._checkpoint("spare-renamed")
-            with reg.transaction():
+            with reg.pipeline(), reg.transaction():
                 tenant = registry.update(
                     reg,
                     tenant.id,
@@ -375,10 +391,15 @@ class TenantService:
             return None
         return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
-    def _current_build(self, key: str, target: ServerTarget) -> template_service.TemplateBuild:
+    def _current_build(
+        self, key: str, target: ServerTarget, reg: psycopg.Connection[Any] | None = None
+    ) -> template_service.TemplateBuild:
         """The build to clone from; a known template without a ready build is built first."""
         validate_template_key(key)
-        with self.hosts.pools(target.name).system() as reg:
+        if reg is None:
+            with self.hosts.pools(target.name).system() as own:
+                build = template_service.current_build(own, key, target.name)
+        else:
             build = template_service.current_build(reg, key, target.name)
         return build or template_service.ensure_built(target, self.settings, key)
 
@@ -433,11 +454,6 @@ class TenantService:
                 "a leftover of an earlier crash; run 'monk doctor --repair'",
                 database=database,
             ) from None
-        adm.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                sql.Identifier(database), sql.Literal(self._ownership_mark())
-            )
-        )
 
     def _ownership_mark(self) -> str:
         """Written on every tenant database and role: several monk installations may share a
@@ -454,9 +470,28 @@ class TenantService:
         with connect(target, database, purpose="migrate") as conn:
             for migration in pending:
                 with conn.transaction():
-                    conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(OWNER_ROLE)))
+                    # Objects a migration creates belong to the database owner, like the rest.
+                    conn.execute("SET LOCAL ROLE pg_database_owner")
                     conn.execute(migration.sql.encode())
         return max(m.number for m in pending)
+
+    def _create_role_apart(self, pools: ServerPools, role: str) -> Credentials:
+        with pools.admin() as adm:
+            return self._create_role(adm, role)
+
+    def _side(self) -> ThreadPoolExecutor:
+        """Threads for steps that run beside the clone."""
+        with self._side_lock:
+            if self._side_pool is None:
+                self._side_pool = ThreadPoolExecutor(
+                    self.settings.pool_size, thread_name_prefix="monk-side"
+                )
+            return self._side_pool
+
+    def _registry_shares_wal(self, pools: ServerPools) -> bool:
+        """The registry and this server are one PostgreSQL instance: commits are flushed in
+        order, so only the last commit of an operation needs to wait for the disk."""
+        return pools.target is self.hosts.local
 
     def _create_role(self, adm: psycopg.Connection[Any], role: str) -> Credentials:
         password = scram.generate_password()
@@ -484,22 +519,28 @@ class TenantService:
     def _configure(
         self,
         adm: psycopg.Connection[Any],
-        target: ServerTarget,
         database: str,
         role: str,
         build: template_service.TemplateBuild,
     ) -> None:
-        """Ownership, connect rights and settings: none of them is copied by a clone."""
+        """Ownership, connect rights, settings and the ownership mark: a clone copies none of
+        them. One transaction, so a crash leaves all or none. Every object inside a template is
+        owned by ``pg_database_owner``, so owning the database gives the tenant's role owner
+        rights over all of them, with no connection to the new database."""
         db, r = sql.Identifier(database), sql.Identifier(role)
-        with connect(target, database, autocommit=True, purpose="configure") as conn:
-            conn.execute(
-                sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(OWNER_ROLE), r)
+        with adm.transaction():
+            # Flushed by the registry's final synchronous commit (one server, one WAL).
+            adm.execute("SET LOCAL synchronous_commit = off")
+            adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
+            adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+            adm.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
+            adm.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
+            adm.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    db, sql.Literal(self._ownership_mark())
+                )
             )
-        adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
-        adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-        adm.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
-        adm.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
-        admin.set_database_settings(adm, database, build.database_settings)
+            admin.set_database_settings(adm, database, build.database_settings)
 
     def _undo_provision(
         self,
