@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import monk
 from monk.api import envelope
-from monk.api.routes import system, tenants
+from monk.api.routes import system, templates, tenants
 from monk.api.runtime import Runtime
 from monk.errors import MonkError
 from monk.settings import Settings
@@ -43,6 +43,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.add_exception_handler(MonkError, envelope.monk_error_handler)
     app.add_exception_handler(RequestValidationError, envelope.validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, envelope.http_error_handler)
+    app.add_exception_handler(Exception, envelope.internal_error_handler)
+    app.add_middleware(envelope.RejectNulBytes)
     app.include_router(system.router)
     app.include_router(tenants.router)
+    app.include_router(templates.router)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -10,8 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., description="Tenant name as the caller knows it, e.g. 'Acme Corp'.")
-    template: str = Field("basic", description="Template key to clone from.")
+    name: str = Field(
+        ...,
+        description="Tenant name as the caller knows it, e.g. 'Acme Corp'.",
+        examples=["Acme Corp"],
+    )
+    template: str = Field("basic", description="Template key to clone from.", examples=["basic"])
     host: str | None = Field(None, description="Server to place the tenant on.")
 
 
@@ -90,3 +94,56 @@ class ServiceHealth(BaseModel):
     database: str
     server_version: str | None = None
     error: str | None = None
+
+
+class TemplateBuildRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="Rebuild even when the current build has the version.")
+
+
+class TemplateBuildOut(BaseModel):
+    """One build of a template (a row of ``template_builds``)."""
+
+    id: str
+    key: str
+    version: str = Field(..., description="Content hash of the source and the compiler.")
+    database: str
+    host: str
+    status: Literal["building", "ready", "failed", "retired", "dropped"]
+    is_current: bool = Field(..., description="The build new tenants are cloned from.")
+    description: str | None
+    version_label: str | None
+    parent_key: str | None
+    source: str | None = Field(..., description="The source folder the build was made from.")
+    migration_level: int
+    database_settings: dict[str, str]
+    table_count: int | None
+    record_count: int | None
+    size_bytes: int | None
+    duration_ms: int | None
+    monk_version: str | None
+    compiler_version: str | None
+    server_version: str | None
+    error: str | None
+    created_at: str
+    built_at: str | None
+    retired_at: str | None
+    dropped_at: str | None
+
+
+class TemplateBuildResultOut(TemplateBuildOut):
+    built: bool = Field(
+        ..., description="false: the current build already had this version (nothing done)."
+    )
+
+
+class TemplateCheckOut(BaseModel):
+    """The health checks re-run on a scratch clone of the current build."""
+
+    database: str
+    ok: bool
+    table_count: int
+    record_count: int
+    counts: dict[str, int] = Field(..., description="Rows per table of the clone.")
+    problems: list[str]

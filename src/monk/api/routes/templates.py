@@ -1,0 +1,129 @@
+"""/api/root/template: build, inspect, check, drop and prune template databases.
+
+Builds read only the configured sources (the built-ins and ``MONK_TEMPLATE_PATH``): the HTTP API
+never takes a server path. Builds and checks take seconds, so the routes are plain ``def``
+functions, which FastAPI runs in its threadpool.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Query
+
+from monk.api.deps import Root, RuntimeDep
+from monk.api.envelope import ERROR_RESPONSES, Ok
+from monk.api.models import (
+    TemplateBuildOut,
+    TemplateBuildRequest,
+    TemplateBuildResultOut,
+    TemplateCheckOut,
+)
+from monk.core.template_names import validate_template_key
+from monk.errors import MonkError
+from monk.service import templates as template_service
+
+router = APIRouter(prefix="/api/root/template", tags=["templates"], responses=ERROR_RESPONSES)
+
+Key = Annotated[str, Path(description="Template key, e.g. `basic`.", examples=["basic"])]
+Version = Annotated[
+    str | None,
+    Query(description="A build version (16 hex digits); default: the current build."),
+]
+
+
+def _out(build: template_service.TemplateBuild) -> TemplateBuildOut:
+    return TemplateBuildOut.model_validate(build.as_dict())
+
+
+@router.get("", summary="List template builds (newest first per key)")
+def list_templates(
+    rt: RuntimeDep,
+    _: Root,
+    key: Annotated[str | None, Query(description="Only the builds of this key.")] = None,
+    all_: Annotated[
+        bool,
+        Query(
+            alias="all",
+            description="Also the dropped builds (failed and retired ones are always listed).",
+        ),
+    ] = False,
+) -> Ok[list[TemplateBuildOut]]:
+    if key is not None:
+        validate_template_key(key)
+    builds = template_service.list_builds(rt.target, rt.settings, key, everything=all_)
+    return Ok(data=[_out(b) for b in builds])
+
+
+# Before "/{key}": "prune" is a path of its own, not a template key.
+@router.post("/prune", summary="Drop the retired builds that no live tenant was cloned from")
+def prune_templates(
+    rt: RuntimeDep,
+    _: Root,
+    key: Annotated[str | None, Query(description="Only the builds of this key.")] = None,
+) -> Ok[list[TemplateBuildOut]]:
+    if key is not None:
+        validate_template_key(key)
+    dropped = template_service.prune(rt.target, rt.settings, key)
+    return Ok(data=[_out(b) for b in dropped])
+
+
+@router.get("/{key}", summary="The current build of a template (or one version of it)")
+def show_template(
+    rt: RuntimeDep, _: Root, key: Key, version: Version = None
+) -> Ok[TemplateBuildOut]:
+    return Ok(data=_out(template_service.show(rt.target, rt.settings, key, version)))
+
+
+@router.post(
+    "/{key}",
+    summary="Build a template from its configured source and swap it in",
+    description="A no-op (`built: false`) when the current build already has the source's "
+    "version, unless `force`. Only sources monk is configured with (built-in and "
+    "`MONK_TEMPLATE_PATH`) can be built.",
+)
+def build_template(
+    rt: RuntimeDep,
+    _: Root,
+    key: Key,
+    body: Annotated[TemplateBuildRequest | None, Body()] = None,
+) -> Ok[TemplateBuildResultOut]:
+    force = body.force if body is not None else False
+    try:
+        result = template_service.build_template(rt.target, rt.settings, key, force=force)
+    except MonkError as exc:
+        rt.metrics.template_builds.labels(result=exc.code).inc()
+        raise
+    rt.metrics.template_builds.labels(result="ok" if result.built else "up_to_date").inc()
+    return Ok(
+        data=TemplateBuildResultOut.model_validate(result.build.as_dict() | {"built": result.built})
+    )
+
+
+@router.post(
+    "/{key}/check",
+    summary="Re-run the health checks on the current build (in a scratch clone)",
+    description="`ok: false` with the `problems` found; the template itself is never opened.",
+)
+def check_template(rt: RuntimeDep, _: Root, key: Key) -> Ok[TemplateCheckOut]:
+    report = template_service.check(rt.target, rt.settings, key)
+    return Ok(data=TemplateCheckOut.model_validate(report.as_dict()))
+
+
+@router.delete(
+    "/{key}",
+    summary="Drop a build and its database",
+    description="Default: the current build. Without `force`, refuses (409) the current build "
+    "and a build that live tenants were cloned from.",
+)
+def drop_template(
+    rt: RuntimeDep,
+    _: Root,
+    key: Key,
+    version: Version = None,
+    force: Annotated[
+        bool, Query(description="Drop even the current build or one tenants need.")
+    ] = False,
+) -> Ok[TemplateBuildOut]:
+    build = template_service.drop(rt.target, rt.settings, key, version, force=force)
+    return Ok(data=_out(build))
