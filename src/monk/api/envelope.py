@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Generic, TypeVar
 
 from fastapi import Request
@@ -10,8 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from monk.errors import MonkError, status_and_exit
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -58,6 +62,33 @@ async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return failure(exc.status_code, str(exc.detail), codes.get(exc.status_code, "HTTP_ERROR"))
 
 
+async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    """Anything that escaped the error tree: still the envelope, never a bare text page."""
+    log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return failure(500, "internal error; see the server log", "INTERNAL_ERROR")
+
+
+class RejectNulBytes:
+    """ASGI middleware: a NUL byte in the path or the query string is a 400.
+
+    PostgreSQL text cannot hold NUL, so such a value would otherwise fail deep inside a query.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
+        ):
+            response = failure(
+                400, "NUL bytes are not allowed in paths or parameters", "VALIDATION_ERROR"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Failure, "description": text}
     for code, text in {
@@ -67,6 +98,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Not found",
         409: "Exists, or not in a state that allows it",
         422: "Invalid body",
+        500: "A step failed (undone) or the server is misconfigured",
         503: "Database server or template unavailable; retry (Retry-After)",
     }.items()
 }

@@ -6,7 +6,7 @@ import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monk.adapters import registry
@@ -20,7 +20,13 @@ from monk.service import purge
 router = APIRouter()
 
 
-@router.get("/health", tags=["service"], summary="Liveness and database reachability (no auth)")
+@router.get(
+    "/health",
+    tags=["service"],
+    summary="Liveness and database reachability (no auth)",
+    response_model=Ok[ServiceHealth],
+    responses={503: {"model": Ok[ServiceHealth], "description": "The database is unreachable"}},
+)
 def health(rt: RuntimeDep) -> JSONResponse:
     try:
         with rt.tenants.hosts.pools().admin() as adm:
@@ -32,7 +38,18 @@ def health(rt: RuntimeDep) -> JSONResponse:
     return JSONResponse(content=Ok(data=body).model_dump())
 
 
-@router.get("/metrics", tags=["service"], summary="Prometheus metrics (no auth)")
+@router.get(
+    "/metrics",
+    tags=["service"],
+    summary="Prometheus metrics (no auth)",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 def metrics(rt: RuntimeDep) -> Response:
     # Metrics must answer even while the database does not.
     with contextlib.suppress(MonkError):

@@ -10,16 +10,29 @@ from fastapi import APIRouter, Header, Query, status
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import ERROR_RESPONSES, Ok
 from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
-from monk.errors import MonkError
+from monk.api.runtime import Runtime
+from monk.errors import ConfigError, InvalidRequest, MonkError
 from monk.service import purge
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantView
 
 router = APIRouter(prefix="/api/root/tenant", tags=["tenants"], responses=ERROR_RESPONSES)
 
+MAX_OFFSET = 2**31 - 1
+"""Larger offsets are meaningless and would overflow PostgreSQL's bigint OFFSET."""
+
 
 def _out(view: TenantView) -> TenantOut:
     return TenantOut.model_validate(view.as_dict())
+
+
+def _check_host(rt: Runtime, host: str | None) -> None:
+    """An unknown host in a request is the caller's mistake (422), not a configuration error."""
+    if host is not None:
+        try:
+            rt.tenants.hosts.target(host)
+        except ConfigError as exc:
+            raise InvalidRequest(exc.message, host=host) from None
 
 
 @router.get("", summary="List tenants")
@@ -31,7 +44,7 @@ def list_tenants(
     status_: Annotated[list[str] | None, Query(alias="status")] = None,
     template: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Ok[list[TenantOut]]:
     tenants = rt.tenants.list(
         statuses=status_,
@@ -51,6 +64,7 @@ def create_tenant(
     body: TenantCreate,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Ok[TenantOut]:
+    _check_host(rt, body.host)
     started = time.perf_counter()
     try:
         view = rt.tenants.provision(
