@@ -1,0 +1,215 @@
+"""/api/root/template through the real ASGI app: build, list, show, check, drop, prune.
+
+The app runs on its own system database with one extra source folder (``MONK_TEMPLATE_PATH``)
+holding a copy of the built-in ``basic`` source under a unique key: template database names are
+cluster-wide, so the tests never build a built-in key.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
+from monk.settings import Settings
+from monk.templates.source import builtin_sources_dir
+from tests.conftest import _drop_installation
+
+BASE = "/api/root/template"
+
+
+@pytest.fixture(scope="module")
+def key() -> str:
+    return f"at_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def tpl_settings(
+    admin_url: str, tmp_path_factory: pytest.TempPathFactory, key: str
+) -> Iterator[Settings]:
+    root = tmp_path_factory.mktemp("api_templates")
+    sources = root / "sources"
+    shutil.copytree(builtin_sources_dir() / "basic", sources / key)
+    system_db = f"monk_at_{uuid.uuid4().hex[:10]}"
+    s = Settings(
+        database_url=admin_url,  # type: ignore[arg-type]
+        system_db_name=system_db,
+        data_dir=root / "data",
+        template_path=[sources],
+        pool_spares={},
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    yield s
+    _drop_installation(admin_url, system_db)
+
+
+@pytest.fixture(scope="module")
+def client(tpl_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(tpl_settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def auth(tpl_settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_root_token(tpl_settings, ttl_seconds=600)}"}
+
+
+@pytest.fixture(scope="module")
+def built(client: TestClient, auth: dict[str, str], key: str) -> dict[str, Any]:
+    r = client.post(f"{BASE}/{key}", headers=auth)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()["data"]
+    return data
+
+
+def ok(r: Any, status: int = 200) -> Any:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["success"] is True
+    return body["data"]
+
+
+def fail(r: Any, status: int, code: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body == {"success": False, "error": body["error"], "error_code": code}
+    return str(body["error"])
+
+
+def test_template_routes_need_a_root_token(client: TestClient, key: str) -> None:
+    for method, path in [
+        ("GET", BASE),
+        ("GET", f"{BASE}/{key}"),
+        ("POST", f"{BASE}/{key}"),
+        ("POST", f"{BASE}/{key}/check"),
+        ("DELETE", f"{BASE}/{key}"),
+        ("POST", f"{BASE}/prune"),
+    ]:
+        fail(client.request(method, path), 401, "AUTH_FAILED")
+
+
+def test_build_then_up_to_date(
+    client: TestClient, auth: dict[str, str], key: str, built: dict[str, Any]
+) -> None:
+    assert built["built"] is True
+    assert built["key"] == key
+    assert built["status"] == "ready"
+    assert built["is_current"] is True
+    assert built["database"] == f"monk_template_{key}"
+    assert built["table_count"] is not None
+    assert built["record_count"] >= 5 + 6  # accounts and contacts, and registry rows
+    again = ok(client.post(f"{BASE}/{key}", json={"force": False}, headers=auth))
+    assert again["built"] is False
+    assert again["id"] == built["id"]
+    metrics = client.get("/metrics").text
+    assert 'monk_template_builds_total{result="ok"}' in metrics
+    assert 'monk_template_builds_total{result="up_to_date"}' in metrics
+
+
+def test_list_and_show(
+    client: TestClient, auth: dict[str, str], key: str, built: dict[str, Any]
+) -> None:
+    listed = ok(client.get(BASE, headers=auth))
+    assert built["id"] in [b["id"] for b in listed]
+    only = ok(client.get(BASE, params={"key": key}, headers=auth))
+    assert {b["key"] for b in only} == {key}
+    assert ok(client.get(BASE, params={"key": "no_such_key"}, headers=auth)) == []
+
+    shown = ok(client.get(f"{BASE}/{key}", headers=auth))
+    assert shown == {k: v for k, v in built.items() if k != "built"}
+    by_version = ok(client.get(f"{BASE}/{key}", params={"version": built["version"]}, headers=auth))
+    assert by_version["id"] == built["id"]
+
+
+def test_check_is_healthy(
+    client: TestClient, auth: dict[str, str], key: str, built: dict[str, Any]
+) -> None:
+    report = ok(client.post(f"{BASE}/{key}/check", headers=auth))
+    assert report["ok"] is True
+    assert report["problems"] == []
+    assert report["database"] == built["database"]
+    assert report["counts"]["account"] == 5
+    assert report["counts"]["contact"] == 6
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("GET", f"{BASE}/Bad-Key", {}, 400, "INVALID_NAME"),
+        ("GET", BASE, {"params": {"key": "Bad Key"}}, 400, "INVALID_NAME"),
+        ("GET", f"{BASE}/no_such_key", {}, 404, "TEMPLATE_NOT_FOUND"),
+        ("GET", f"{BASE}/prune", {}, 404, "TEMPLATE_NOT_FOUND"),
+        ("GET", f"{BASE}/basic", {"params": {"version": "v1"}}, 400, "INVALID_NAME"),
+        ("POST", f"{BASE}/no_such_key", {}, 404, "TEMPLATE_NOT_FOUND"),
+        ("POST", f"{BASE}/Bad-Key", {}, 400, "INVALID_NAME"),
+        ("POST", f"{BASE}/no_such_key", {"json": {"force": "maybe"}}, 422, "VALIDATION_ERROR"),
+        # No way to point a build at a folder on the server.
+        ("POST", f"{BASE}/no_such_key", {"json": {"source": "/etc"}}, 422, "VALIDATION_ERROR"),
+        ("POST", f"{BASE}/no_such_key/check", {}, 404, "TEMPLATE_NOT_FOUND"),
+        ("DELETE", f"{BASE}/no_such_key", {}, 404, "TEMPLATE_NOT_FOUND"),
+        ("DELETE", f"{BASE}/x", {"params": {"version": "zz"}}, 400, "INVALID_NAME"),
+        ("POST", f"{BASE}/prune", {"params": {"key": "Bad Key"}}, 400, "INVALID_NAME"),
+    ],
+)
+def test_bad_requests_are_clear_4xx(
+    client: TestClient,
+    auth: dict[str, str],
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    fail(client.request(method, path, headers=auth, **kwargs), status, code)
+
+
+def test_rebuild_drop_and_prune(
+    client: TestClient, auth: dict[str, str], key: str, built: dict[str, Any]
+) -> None:
+    rebuilt = ok(client.post(f"{BASE}/{key}", json={"force": True}, headers=auth))
+    assert rebuilt["built"] is True
+    assert rebuilt["id"] != built["id"]
+    builds = ok(client.get(BASE, params={"key": key}, headers=auth))
+    statuses = {b["id"]: (b["status"], b["is_current"]) for b in builds}
+    assert statuses[rebuilt["id"]] == ("ready", True)
+    assert statuses[built["id"]] == ("retired", False)
+
+    # The current build is refused without force.
+    fail(client.delete(f"{BASE}/{key}", headers=auth), 409, "TEMPLATE_IN_USE")
+
+    # An explicit version picks the retired build first: nobody needs it.
+    dropped = ok(client.delete(f"{BASE}/{key}", params={"version": built["version"]}, headers=auth))
+    assert dropped["id"] == built["id"]
+    assert dropped["status"] == "dropped"
+    default = ok(client.get(BASE, params={"key": key}, headers=auth))
+    assert built["id"] not in [b["id"] for b in default]
+    everything = ok(client.get(BASE, params={"key": key, "all": True}, headers=auth))
+    assert built["id"] in [b["id"] for b in everything]
+
+    # Prune drops retired builds; a second prune finds nothing.
+    third = ok(client.post(f"{BASE}/{key}", json={"force": True}, headers=auth))
+    pruned = ok(client.post(f"{BASE}/prune", params={"key": key}, headers=auth))
+    assert [b["id"] for b in pruned] == [rebuilt["id"]]
+    assert ok(client.post(f"{BASE}/prune", headers=auth)) == []
+
+    # force drops even the current build; then there is none.
+    gone = ok(client.delete(f"{BASE}/{key}", params={"force": True}, headers=auth))
+    assert gone["id"] == third["id"]
+    fail(client.get(f"{BASE}/{key}", headers=auth), 404, "TEMPLATE_NOT_FOUND")
+    fail(client.post(f"{BASE}/{key}/check", headers=auth), 404, "TEMPLATE_NOT_FOUND")
+
+
+def test_openapi_documents_the_template_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths[BASE]) == {"get"}
+    assert set(paths[f"{BASE}/{{key}}"]) == {"get", "post", "delete"}
+    assert set(paths[f"{BASE}/{{key}}/check"]) == {"post"}
+    assert set(paths[f"{BASE}/prune"]) == {"post"}
+    for op in (paths[f"{BASE}/{{key}}"]["post"], paths[f"{BASE}/prune"]["post"]):
+        assert {"401", "404", "409", "422"} <= set(op["responses"])
