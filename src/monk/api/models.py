@@ -54,6 +54,9 @@ class TenantOut(BaseModel):
     connection_url: str | None = Field(
         None, description="Only in answers that issue a password (create, rotate, restore)."
     )
+    provisioned_from: Literal["pool", "clone"] | None = Field(
+        None, description="Only in the create answer: a warm-pool spare or a fresh clone."
+    )
 
 
 class HealthCheck(BaseModel):
