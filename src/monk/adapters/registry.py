@@ -60,6 +60,7 @@ class Tenant:
 
 
 _COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Tenant))
+TENANT_COLUMNS = _COLUMNS  # for statements composed elsewhere that return a Tenant
 
 
 def _select(where: sql.Composable) -> sql.Composed:
@@ -73,20 +74,26 @@ def get_live(conn: Conn, name_key: str) -> Tenant | None:
         return cur.fetchone()
 
 
-def find_live(conn: Conn, name: TenantName) -> Tenant | None:
-    """The live tenant with this identity, else the live one holding its database (a hash
-    collision): one round trip for both questions."""
-    with conn.cursor(row_factory=class_row(Tenant)) as cur:
-        cur.execute(
-            _select(
-                sql.SQL(
-                    "deleted_at IS NULL AND (name_key = %s OR database = %s)"
-                    " ORDER BY name_key = %s DESC LIMIT 1"
-                )
-            ),
-            (name.key, name.database, name.key),
+def lock_and_find(conn: Conn, name: TenantName) -> tuple[bool, Tenant | None]:
+    """``try_lock`` on the name's database, and the live tenant with this identity (else the
+    live one holding its database: a hash collision), in one round trip (pipelined)."""
+    with conn.pipeline():
+        locked_cur = conn.execute(
+            "SELECT pg_try_advisory_lock(%s)", (advisory_key(name.database),), prepare=True
         )
-        return cur.fetchone()
+        with conn.cursor(row_factory=class_row(Tenant)) as cur:
+            cur.execute(
+                _select(
+                    sql.SQL(
+                        "deleted_at IS NULL AND (name_key = %s OR database = %s)"
+                        " ORDER BY name_key = %s DESC LIMIT 1"
+                    )
+                ),
+                (name.key, name.database, name.key),
+                prepare=True,
+            )
+            row = locked_cur.fetchone()  # the first fetch sends both, one round trip
+            return bool(row and row[0]), cur.fetchone()
 
 
 def get_live_by_database(conn: Conn, database: str) -> Tenant | None:

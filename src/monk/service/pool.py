@@ -26,11 +26,14 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.pools import ServerPools
+from monk.adapters.registry import Tenant
 from monk.core import scram
+from monk.core.tenant_names import TenantName
 
 if TYPE_CHECKING:
     from monk.service.templates import TemplateBuild
@@ -126,22 +129,110 @@ def _drop_spare(pools: ServerPools, name: str) -> None:
         admin.drop_role(adm, name)
 
 
+@dataclass(frozen=True)
+class Claim:
+    spare: Spare
+    template_version: str
+    operation_id: UUID
+
+
+# One statement, one round trip: claim the oldest ready spare of the template's current build
+# (SKIP LOCKED: concurrent provisions never get the same one), and record the tenant's intent
+# and its journal entry. No spare: no row at all is written.
+_CLAIM = """
+WITH spare AS (
+    UPDATE spares SET status = 'claimed', tenant_id = %(id)s, claimed_at = now()
+    WHERE id = (
+        SELECT s.id FROM spares s
+        JOIN template_builds b ON b.host = s.host AND b.key = s.template_key
+            AND b.version = s.template_version AND b.is_current
+        WHERE s.host = %(host)s AND s.template_key = %(template)s AND s.status = 'ready'
+        ORDER BY s.created_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED)
+    RETURNING id, database, migration_level, template_version
+), tenant AS (
+    INSERT INTO tenants (id, name, name_key, database, host, is_active, status, template_key,
+                         template_version, role_name, step, idempotency_key, migration_level)
+    SELECT %(id)s, %(name)s, %(name_key)s, %(database)s, %(host)s, false, 'provisioning',
+           %(template)s, spare.template_version, %(role)s, 'intent', %(idempotency_key)s,
+           spare.migration_level
+    FROM spare
+    RETURNING id
+), op AS (
+    INSERT INTO operations (kind, subject, database, host, params)
+    SELECT 'provision', %(name_key)s, %(database)s, %(host)s,
+           jsonb_build_object('template', %(template)s, 'version', spare.template_version,
+                              'spare', spare.database)
+    FROM spare
+    RETURNING id
+)
+SELECT spare.id, spare.database, spare.migration_level, spare.template_version, op.id
+FROM spare, op, tenant
+"""
+
+
 def claim(
-    reg: psycopg.Connection[Any], host: str, build: TemplateBuild, tenant_id: UUID
-) -> Spare | None:
-    """Claim the oldest ready spare of ``build`` for ``tenant_id`` in the caller's transaction;
-    SKIP LOCKED: concurrent provisions never get the same spare."""
-    row = reg.execute(
-        "UPDATE spares SET status = 'claimed', tenant_id = %s, claimed_at = now()"
-        " WHERE id = (SELECT id FROM spares WHERE host = %s AND template_key = %s"
-        "   AND template_version = %s AND status = 'ready'"
-        "   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
-        " RETURNING id, database, migration_level",
-        (tenant_id, host, build.key, build.version),
-    ).fetchone()
+    reg: psycopg.Connection[Any],
+    *,
+    tenant_id: UUID,
+    name: TenantName,
+    host: str,
+    template: str,
+    idempotency_key: str | None,
+) -> Claim | None:
+    """Claim a spare for the tenant and record its intent; None when no spare is ready.
+    Raises TenantExists or HashCollision when the name (or its hash) is taken."""
+    params = {
+        "id": tenant_id,
+        "host": host,
+        "template": template,
+        "name": name.display,
+        "name_key": name.key,
+        "database": name.database,
+        "role": name.role,
+        "idempotency_key": idempotency_key,
+    }
+    try:
+        # Pipelined so that BEGIN, the setting, the statement and COMMIT travel together.
+        with reg.pipeline():
+            with reg.transaction():
+                # Not flushed here: the final, synchronous commit flushes the WAL up to it.
+                reg.execute("SET LOCAL synchronous_commit = off")
+                # Prepared: the plan of this hot statement is made once per connection.
+                cur = reg.execute(_CLAIM, params, prepare=True)
+            row = cur.fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise registry.exists_error(reg, name) from None
     if row is None:
         return None
-    return Spare(UUID(str(row[0])), str(row[1]), int(str(row[2])))
+    spare = Spare(UUID(str(row[0])), str(row[1]), int(str(row[2])))
+    return Claim(spare, str(row[3]), UUID(str(row[4])))
+
+
+_ACTIVATE = """
+WITH gone AS (DELETE FROM spares WHERE id = %(spare)s),
+op AS (
+    UPDATE operations SET state = 'done', step = 'active', updated_at = now(),
+        finished_at = now()
+    WHERE id = %(op)s
+)
+UPDATE tenants SET status = 'active', is_active = true, step = 'active'
+WHERE id = %(id)s
+RETURNING {}
+"""
+
+
+def activate(reg: psycopg.Connection[Any], claimed: Claim, tenant_id: UUID) -> Tenant:
+    """Mark the tenant active, forget the spare, close the journal entry: one statement whose
+    commit is synchronous, and flushes every earlier step of the handout with it."""
+    with reg.cursor(row_factory=class_row(Tenant)) as cur:
+        cur.execute(
+            sql.SQL(_ACTIVATE).format(registry.TENANT_COLUMNS),
+            {"spare": claimed.spare.id, "op": claimed.operation_id, "id": tenant_id},
+            prepare=True,
+        )
+        tenant = cur.fetchone()
+    assert tenant is not None
+    return tenant
 
 
 def hand_out(svc: TenantService, pools: ServerPools, spare: Spare, database: str, role: str) -> str:

@@ -212,11 +212,11 @@ class TenantService:
         pools = self.hosts.pools(target.name)
         validate_template_key(template)
         with pools.system() as reg:
-            build = self._current_build(template, target, reg)
-            if not registry.try_lock(reg, name.database):
+            locked, existing = registry.lock_and_find(reg, name)
+            if not locked:
                 return self._concurrent(reg, name, idempotency_key)
             try:
-                return self._provision_locked(reg, pools, name, build, idempotency_key)
+                return self._provision_locked(reg, pools, name, template, idempotency_key, existing)
             finally:
                 registry.unlock(reg, name.database)
 
@@ -239,10 +239,10 @@ class TenantService:
         reg: psycopg.Connection[Any],
         pools: ServerPools,
         name: TenantName,
-        build: template_service.TemplateBuild,
+        template: str,
         idempotency_key: str | None,
+        existing: Tenant | None,
     ) -> TenantView:
-        existing = registry.find_live(reg, name)
         if existing is not None and existing.status in ("provisioning", "deleting"):
             # We hold its lock, so the process that owned it is gone: finish or undo it first.
             self._repair(reg, pools, existing)
@@ -252,9 +252,10 @@ class TenantService:
                 return self.view(existing)
             raise registry.exists_error(reg, name)
 
-        warm = self._provision_from_pool(reg, pools, name, build, idempotency_key)
+        warm = self._provision_from_pool(reg, pools, name, template, idempotency_key)
         if warm is not None:
             return warm
+        build = self._current_build(template, pools.target, reg)
         with registry.intent_transaction(reg, name):
             if self._registry_shares_wal(pools):
                 # The clone's synchronous commit that follows flushes this record too.
@@ -338,56 +339,36 @@ class TenantService:
         reg: psycopg.Connection[Any],
         pools: ServerPools,
         name: TenantName,
-        build: template_service.TemplateBuild,
+        template: str,
         idempotency_key: str | None,
     ) -> TenantView | None:
-        """Serve from a ready spare of the current build; None when there is none (or the
-        handout failed and was undone): the caller then clones cold."""
+        """Serve from a ready spare of the template's current build; None when there is none
+        (or the handout failed and was undone): the caller then clones cold."""
         tenant_id = uuid4()
-        # Pipelined: statements go out together, results come back at the sync points.
-        with reg.pipeline(), registry.intent_transaction(reg, name):
-            # Not flushed here: the final, synchronous commit flushes the WAL up to it.
-            reg.execute("SET LOCAL synchronous_commit = off")
-            spare = pool.claim(reg, pools.target.name, build, tenant_id)
-            if spare is None:
-                return None
-            tenant = registry.insert_intent(
-                reg,
-                name,
-                host=pools.target.name,
-                template_key=build.key,
-                template_version=build.version,
-                idempotency_key=idempotency_key,
-                tenant_id=tenant_id,
-            )
-            op = registry.start_operation(
-                reg,
-                "provision",
-                name.key,
-                database=name.database,
-                host=pools.target.name,
-                params={"template": build.key, "version": build.version, "spare": spare.database},
-            )
+        claimed = pool.claim(
+            reg,
+            tenant_id=tenant_id,
+            name=name,
+            host=pools.target.name,
+            template=template,
+            idempotency_key=idempotency_key,
+        )
+        if claimed is None:
+            return None
         self._checkpoint("spare-claimed")
         try:
-            password = pool.hand_out(self, pools, spare, name.database, name.role)
+            password = pool.hand_out(self, pools, claimed.spare, name.database, name.role)
             self._checkpoint("spare-renamed")
-            with reg.pipeline(), reg.transaction():
-                tenant = registry.update(
-                    reg,
-                    tenant.id,
-                    status="active",
-                    is_active=True,
-                    step="active",
-                    migration_level=spare.migration_level,
-                )
-                reg.execute("DELETE FROM spares WHERE id = %s", (spare.id,))
-                registry.finish_operation(reg, op, "done", step="active")
+            tenant = pool.activate(reg, claimed, tenant_id)
         except Exception as exc:
-            log.warning("handout of spare %s failed, cloning instead: %s", spare.database, exc)
-            self._undo_provision(reg, pools, tenant)
-            pool.release_claimed(pools, reg, spare)
-            registry.finish_operation(reg, op, "undone", step="handout", error=_describe(exc))
+            log.warning("handout of %s failed, cloning instead: %s", claimed.spare.database, exc)
+            stub = registry.get_by_id(reg, tenant_id)
+            if stub is not None:
+                self._undo_provision(reg, pools, stub)
+            pool.release_claimed(pools, reg, claimed.spare)
+            registry.finish_operation(
+                reg, claimed.operation_id, "undone", step="handout", error=_describe(exc)
+            )
             return None
         return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 

@@ -8,6 +8,8 @@ budget on a server that hosts many tenant databases.
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -16,6 +18,26 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from monk.adapters.postgres.connection import APPLICATION_NAME, ServerTarget, unavailable
+
+# A connection used moments ago is almost surely alive: checking it would cost a round trip on
+# every request. One idle for longer is checked before it is handed out (a server restart, an
+# idle timeout), and replaced if dead.
+_TRUST_FOR_S = 5.0
+
+
+def _mark_returned(conn: psycopg.Connection[Any]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    returned = _returned_at.get(conn)
+    if returned is None or time.monotonic() - returned > _TRUST_FOR_S:
+        ConnectionPool.check_connection(conn)
+
+
+_returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ServerPools:
@@ -38,7 +60,8 @@ class ServerPools:
             min_size=0,
             max_size=max_size,
             timeout=self.target.connect_timeout,
-            check=ConnectionPool.check_connection,
+            check=_check_if_idle,
+            reset=_mark_returned,
             open=True,
             name=f"monk-{purpose}",
         )
