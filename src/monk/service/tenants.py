@@ -18,14 +18,14 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
@@ -54,9 +54,11 @@ from monk.errors import (
 from monk.service import pool
 from monk.service import templates as template_service
 from monk.settings import Settings
+from monk.templates.source import Migration
 
 log = logging.getLogger(__name__)
 
+_MIGRATION_CACHE_S = 5.0
 PROVISION_STEPS = ("intent", "cloned", "migrated", "role", "configured", "active")
 
 
@@ -154,6 +156,7 @@ class TenantService:
         self.spare_secrets = pool.SpareSecrets()
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
+        self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
 
     def close(self) -> None:
         if self._side_pool is not None:
@@ -294,9 +297,7 @@ class TenantService:
             self._checkpoint("cloned")
             step = "migrate"
             level = self._migrate(pools.target, name.database, build)
-            registry.set_step(reg, tenant.id, "migrated")
             self._checkpoint("migrated")
-            registry.set_step(reg, tenant.id, "role")
             self._checkpoint("role")
             step = "configure"
             with pools.admin() as adm:
@@ -445,7 +446,7 @@ class TenantService:
         self, target: ServerTarget, database: str, build: template_service.TemplateBuild
     ) -> int:
         """Apply the template's migrations newer than the build (source changed since)."""
-        pending = template_service.pending_migrations(build, self.settings)
+        pending = self._pending_migrations(build)
         if not pending:
             return build.migration_level
         with connect(target, database, purpose="migrate") as conn:
@@ -455,6 +456,20 @@ class TenantService:
                     conn.execute("SET LOCAL ROLE pg_database_owner")
                     conn.execute(migration.sql.encode())
         return max(m.number for m in pending)
+
+    def _pending_migrations(self, build: template_service.TemplateBuild) -> Sequence[Migration]:
+        """Reading the source costs more than the rest of a provision's bookkeeping, so the
+        answer is kept a few seconds per build: a migration added to a source reaches new
+        tenants within ``_MIGRATION_CACHE_S``."""
+        now = time.monotonic()
+        with self._side_lock:
+            cached = self._migration_cache.get(build.id)
+        if cached is not None and now - cached[0] < _MIGRATION_CACHE_S:
+            return cached[1]
+        pending = template_service.pending_migrations(build, self.settings)
+        with self._side_lock:
+            self._migration_cache[build.id] = (now, pending)
+        return pending
 
     def _create_role_apart(self, pools: ServerPools, role: str) -> Credentials:
         with pools.admin() as adm:
