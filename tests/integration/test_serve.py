@@ -1,0 +1,55 @@
+"""`monk serve` as a user runs it: a live uvicorn, a root token from `monk token`, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MONK_BIN, free_port, settings_env
+from tests.integration.conftest import Env
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_answers_and_stops_cleanly(env: Env) -> None:
+    port = free_port()
+    environ = settings_env(env.settings)
+    proc = subprocess.Popen(
+        [MONK_BIN, "serve", "--port", str(port), "--templates", env.template],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("monk serve did not answer /health within 60 s")
+        token = subprocess.run(
+            [MONK_BIN, "token", "--root"], env=environ, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        listed = httpx.get(
+            f"{base}/api/root/tenant", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
+        assert listed.status_code == 200
+        assert listed.json()["success"] is True
+        assert httpx.get(f"{base}/api/root/tenant", timeout=10).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit by SIGTERM).
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+    assert f"http://127.0.0.1:{port}" in out
+    assert "monk token --root" in out
