@@ -180,9 +180,7 @@ def _merge(parent: TemplateSource, child: TemplateSource) -> TemplateSource:
         data=MappingProxyType({**parent.data, **child.data}),
         migrations=ordered,
         files=MappingProxyType({**parent.files, **child.files}),
-        database_settings=MappingProxyType(
-            {**parent.database_settings, **child.database_settings}
-        ),
+        database_settings=MappingProxyType({**parent.database_settings, **child.database_settings}),
     )
 
 
