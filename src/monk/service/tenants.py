@@ -40,9 +40,9 @@ from monk.core import scram, tenant_names
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
-    ConfigError,
     DatabaseExists,
     DatabaseMissing,
+    InvalidRequest,
     InvalidState,
     MonkError,
     OperationFailed,
@@ -131,7 +131,9 @@ class Hosts:
     def target(self, name: str | None) -> ServerTarget:
         if name is None or name == self.local.name:
             return self.local
-        raise ConfigError(f"unknown host {name!r}: this monk administers {self.local.name!r}")
+        raise InvalidRequest(
+            f"unknown host {name!r}: this monk administers {self.local.name!r}", host=name
+        )
 
     def pools(self, name: str | None = None) -> ServerPools:
         return self._pools[self.target(name).name]

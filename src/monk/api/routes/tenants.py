@@ -10,8 +10,7 @@ from fastapi import APIRouter, Header, Query, status
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import ERROR_RESPONSES, Ok
 from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
-from monk.api.runtime import Runtime
-from monk.errors import ConfigError, InvalidRequest, MonkError
+from monk.errors import MonkError
 from monk.service import purge
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantView
@@ -24,15 +23,6 @@ MAX_OFFSET = 2**31 - 1
 
 def _out(view: TenantView) -> TenantOut:
     return TenantOut.model_validate(view.as_dict())
-
-
-def _check_host(rt: Runtime, host: str | None) -> None:
-    """An unknown host in a request is the caller's mistake (422), not a configuration error."""
-    if host is not None:
-        try:
-            rt.tenants.hosts.target(host)
-        except ConfigError as exc:
-            raise InvalidRequest(exc.message, host=host) from None
 
 
 @router.get("", summary="List tenants")
@@ -64,7 +54,6 @@ def create_tenant(
     body: TenantCreate,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Ok[TenantOut]:
-    _check_host(rt, body.host)
     started = time.perf_counter()
     try:
         view = rt.tenants.provision(
