@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import shutil
+import threading
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -25,7 +29,7 @@ from monk.errors import (
 from monk.service import purge
 from monk.service import templates as template_service
 from monk.service.health import tenant_health
-from monk.service.tenants import TenantService
+from monk.service.tenants import TenantService, TenantView
 from tests.integration.conftest import Env
 
 
@@ -322,3 +326,36 @@ def test_state_rules(env: Env, svc: TenantService) -> None:
         svc.disable(name)
     with pytest.raises(TenantNotFound):
         svc.disable(unique("Nobody"))
+
+
+def test_rebuild_during_provisioning_never_mislabels_a_tenant(
+    env: Env, svc: TenantService, tmp_path: Path
+) -> None:
+    """Each tenant records the build whose content it really holds, even when the template is
+    rebuilt while it is being cloned."""
+    key = f"tr_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / key
+    shutil.copytree(template_service.builtin_source_dir("basic"), source)
+    template_service.build(env.target, env.settings, key, source_dir=source)
+    stop = threading.Event()
+    made: list[TenantView] = []
+
+    def provision_loop() -> None:
+        while not stop.is_set():
+            made.append(svc.provision(unique("Swap"), template=key))
+
+    worker = threading.Thread(target=provision_loop)
+    worker.start()
+    try:
+        for label in ("two", "three", "four"):
+            manifest = json.loads((source / "template.json").read_text())
+            manifest["description"] = label
+            (source / "template.json").write_text(json.dumps(manifest))
+            template_service.build(env.target, env.settings, key, source_dir=source)
+    finally:
+        stop.set()
+        worker.join()
+    assert len(made) >= 2
+    for view in made:
+        with psycopg.connect(env.target.conninfo, dbname=view.tenant.database) as conn:
+            assert template_service.clone_marker(conn) == (key, view.tenant.template_version)

@@ -95,7 +95,13 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
             spare_id = row[0]
             try:
                 with pools.admin() as adm:
-                    svc._clone(adm, pools.target, name, build)
+                    cloned = svc._clone(adm, pools.target, name, build)
+                    if cloned.id != build.id:
+                        build = cloned
+                        reg.execute(
+                            "UPDATE spares SET template_version = %s WHERE id = %s",
+                            (build.version, spare_id),
+                        )
                     svc._checkpoint("spare-cloned")
                     level = svc._migrate(pools.target, name, build)
                     password = scram.generate_password()

@@ -529,7 +529,6 @@ def _build(
         ).fetchone()
         assert op is not None
     b = _Builder(reg, build_id, UUID(str(op[0])), staging)
-    swapped = False
     try:
         b.step("create", settings, report)
         admin.create_database(adm, staging)
@@ -562,21 +561,18 @@ def _build(
         with reg.transaction():
             reg.execute("UPDATE operations SET result = %s WHERE id = %s", (Jsonb(stats), b.op_id))
         _checkpoint(settings, "swap_renames")
-        with adm.transaction():
+        # The renames and the registry change commit together (ALTER DATABASE … RENAME runs in a
+        # transaction on the system database's connection): whoever reads the registry knows
+        # which build the name monk_template_<key> stands for.
+        with reg.transaction():
             if current is not None:
-                admin.terminate_sessions(adm, current.database)
-                admin.rename_database(adm, current.database, retired_db_name(key, current.version))
-            admin.rename_database(adm, staging, template_db_name(key))
-        swapped = True
-        _checkpoint(settings, "swap_registry")
-        stats["duration_ms"] = int((time.monotonic() - started) * 1000)
-        _finish_swap(reg, target, key, build_id, b.op_id, stats)
+                admin.terminate_sessions(reg, current.database)
+                admin.rename_database(reg, current.database, retired_db_name(key, current.version))
+            admin.rename_database(reg, staging, template_db_name(key))
+            _checkpoint(settings, "swap_registry")
+            stats["duration_ms"] = int((time.monotonic() - started) * 1000)
+            _finish_swap(reg, target, key, build_id, b.op_id, stats)
     except BaseException as exc:
-        if swapped:
-            # The databases are swapped: only the registry is behind; catch it up if we can.
-            with contextlib.suppress(Exception):
-                _finish_swap(reg, target, key, build_id, b.op_id, stats)
-            raise
         _undo(reg, adm, b, exc)
         if isinstance(exc, psycopg.Error):
             raise OperationFailed(

@@ -288,13 +288,16 @@ class TenantService:
             role_job = self._side().submit(self._create_role_apart, pools, name.role)
             try:
                 with pools.admin() as adm:
-                    self._clone(adm, pools.target, name.database, build)
+                    cloned = self._clone(adm, pools.target, name.database, build)
             finally:
                 role_error = role_job.exception()  # waits: the undo must know of the role
             if role_error is not None:
                 step = "role"
                 raise role_error
             credentials = role_job.result()
+            if cloned.id != build.id:
+                build = cloned
+                registry.update(reg, tenant.id, template_version=build.version)
             registry.set_step(reg, tenant.id, "cloned")
             self._checkpoint("cloned")
             step = "migrate"
@@ -393,29 +396,40 @@ class TenantService:
         target: ServerTarget,
         database: str,
         build: template_service.TemplateBuild,
-    ) -> None:
-        """CREATE DATABASE … TEMPLATE, keeping the template free of sessions.
+    ) -> template_service.TemplateBuild:
+        """CREATE DATABASE … TEMPLATE, keeping the template free of sessions; returns the build
+        whose content the clone really holds.
 
         Templates are closed to connections, but a session opened before (or by a superuser
         flipping the flag) makes PostgreSQL wait 5 s and fail: end them first, and retry with
-        backoff until the clone timeout. A rebuild's rename swap can make the template name
-        briefly absent: re-read the current build and retry.
+        backoff until the clone timeout. A rebuild swaps the template's name and the registry
+        in one transaction; if the registry names another build after the clone than before,
+        the swap may have happened in between, so the clone is dropped and made again from the
+        new build: a tenant never records one version while holding another.
         """
-        source = build.database
+        cloning = build
+
+        def current() -> template_service.TemplateBuild:
+            with self.hosts.pools(target.name).system() as reg:
+                fresh = template_service.current_build(reg, build.key, target.name)
+            if fresh is None:
+                raise TemplateNotFound(f"template {build.key!r} has no ready build")
+            return fresh
 
         def attempt() -> None:
-            nonlocal source
-            if admin.sessions_on(adm, source):
-                admin.terminate_sessions(adm, source)
+            nonlocal cloning
+            if admin.sessions_on(adm, cloning.database):
+                admin.terminate_sessions(adm, cloning.database)
             try:
-                admin.create_database(adm, database, template=source)
+                admin.create_database(adm, database, template=cloning.database)
             except DatabaseMissing:
-                with self.hosts.pools(target.name).system() as reg:
-                    fresh = template_service.current_build(reg, build.key, target.name)
-                if fresh is None:
-                    raise TemplateNotFound(f"template {build.key!r} has no ready build") from None
-                source = fresh.database
+                cloning = current()
                 raise TemplateBusy(f"template {build.key!r} is being swapped") from None
+            after = current()
+            if after.id != cloning.id:
+                admin.drop_database(adm, database)
+                cloning = after
+                raise TemplateBusy(f"template {build.key!r} was rebuilt during the clone")
 
         try:
             for tried in Retrying(
@@ -438,6 +452,7 @@ class TenantService:
                 "a leftover of an earlier crash; run 'monk doctor --repair'",
                 database=database,
             ) from None
+        return cloning
 
     def _ownership_mark(self) -> str:
         """Written on every tenant database and role: several monk installations may share a
