@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import pytest
 from monk.service import pool, purge
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
-from tests.conftest import MONK_BIN, settings_env
 from tests.integration.conftest import Env
+from tests.integration.test_crash import kill_at, run
 from tests.integration.test_tenants import databases, roles, unique
 
 
@@ -88,34 +87,6 @@ def test_parallel_provisions_never_share_a_spare(env: Env, drained: TenantServic
     assert len({v.tenant.database for v in views}) == 6
     assert spare_count(env) == 0
     assert spare_count(env, "claimed") == 0
-
-
-def run(
-    env: Env, *args: str, extra: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MONK_BIN, *args],
-        env=settings_env(env.settings) | (extra or {}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def kill_at(env: Env, step: str, *args: str) -> None:
-    proc = subprocess.Popen(
-        [MONK_BIN, *args],
-        env=settings_env(env.settings) | {"MONK_FAULT_PAUSE_AT": step},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert f"paused at {step}" in line, line + proc.stderr.read()
-    proc.kill()
-    proc.wait()
 
 
 @pytest.mark.slow

@@ -245,7 +245,8 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                     step="database missing",
                 )
             done.append(f"{p.subject}: marked deleted")
-        elif p.kind == "orphan_database":
+        elif p.kind in ("orphan_database", "stray_role"):
+            drop = admin.drop_database if p.kind == "orphan_database" else admin.drop_role
             with pools.system() as reg, pools.admin() as adm:
                 # Under the name's lock: a provision that starts now waits for us, not the reverse.
                 if not registry.try_lock(reg, p.subject):
@@ -253,19 +254,10 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                     continue
                 try:
                     if registry.get_live_by_database(reg, p.subject) is None:
-                        admin.drop_database(adm, p.subject)
+                        drop(adm, p.subject)
                         done.append(f"{p.subject}: dropped")
                 finally:
                     registry.unlock(reg, p.subject)
-        elif p.kind == "stray_role":
-            with pools.system() as reg, pools.admin() as adm:
-                if registry.try_lock(reg, p.subject):
-                    try:
-                        if registry.get_live_by_database(reg, p.subject) is None:
-                            admin.drop_role(adm, p.subject)
-                            done.append(f"{p.subject}: role dropped")
-                    finally:
-                        registry.unlock(reg, p.subject)
     crashed_spares = {row.database: row for row in _crashed_spare_rows(svc)}
     for p in problems:
         if p.kind == "stuck_spare" and p.subject in crashed_spares:

@@ -679,22 +679,13 @@ class TenantService:
         return self.enable(raw_name) if is_active else self.disable(raw_name)
 
     def _close(self, pools: ServerPools, tenant: Tenant) -> None:
-        with pools.admin() as adm:
-            if not admin.database_exists(adm, tenant.database):
-                raise DatabaseMissing(
-                    f"database {tenant.database} of tenant {tenant.name!r} is missing; "
-                    "run 'monk doctor'"
-                )
-            adm.execute(
-                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
-                    sql.Identifier(tenant.database)
-                )
-            )
-            if tenant.role_name and admin.role_exists(adm, tenant.role_name):
-                admin.set_role_login(adm, tenant.role_name, login=False)
-            admin.terminate_sessions(adm, tenant.database)
+        """No new connections, its sessions ended, its role unable to log in."""
+        self._set_open(pools, tenant, False)
 
     def _open(self, pools: ServerPools, tenant: Tenant) -> None:
+        self._set_open(pools, tenant, True)
+
+    def _set_open(self, pools: ServerPools, tenant: Tenant, is_open: bool) -> None:
         with pools.admin() as adm:
             if not admin.database_exists(adm, tenant.database):
                 raise DatabaseMissing(
@@ -702,12 +693,14 @@ class TenantService:
                     "run 'monk doctor'"
                 )
             adm.execute(
-                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(tenant.database)
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                    sql.Identifier(tenant.database), sql.Literal(is_open)
                 )
             )
             if tenant.role_name and admin.role_exists(adm, tenant.role_name):
-                admin.set_role_login(adm, tenant.role_name, login=True)
+                admin.set_role_login(adm, tenant.role_name, login=is_open)
+            if not is_open:
+                admin.terminate_sessions(adm, tenant.database)
 
     # ------------------------------------------------------------------ fault injection
 
