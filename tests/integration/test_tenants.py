@@ -359,3 +359,14 @@ def test_rebuild_during_provisioning_never_mislabels_a_tenant(
     for view in made:
         with psycopg.connect(env.target.conninfo, dbname=view.tenant.database) as conn:
             assert template_service.clone_marker(conn) == (key, view.tenant.template_version)
+
+
+def test_more_concurrent_provisions_than_pooled_connections(env: Env) -> None:
+    """Provisions queue for monk's bounded pools instead of failing or deadlocking."""
+    s = env.settings.model_copy(update={"pool_size": 2})
+    with TenantService(s, env.target) as small, concurrent.futures.ThreadPoolExecutor(8) as ex:
+        views = list(
+            ex.map(lambda _: small.provision(unique("Queue"), template=env.template), range(8))
+        )
+    assert len({v.tenant.database for v in views}) == 8
+    assert all(v.tenant.status == "active" for v in views)

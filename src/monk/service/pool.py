@@ -95,7 +95,7 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
             spare_id = row[0]
             try:
                 with pools.admin() as adm:
-                    cloned = svc._clone(adm, pools.target, name, build)
+                    cloned = svc._clone(adm, pools.target, name, build, lambda: reg)
                     if cloned.id != build.id:
                         build = cloned
                         reg.execute(

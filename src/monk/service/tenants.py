@@ -18,7 +18,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -284,11 +284,18 @@ class TenantService:
         self._checkpoint("intent")
         step = "clone"
         try:
-            # The role does not depend on the database: make it while the clone runs.
-            role_job = self._side().submit(self._create_role_apart, pools, name.role)
+            # The role does not depend on the database: make it while the clone runs, on the
+            # registry session this provision already holds (roles are cluster-wide), so that
+            # no provision ever waits for a second pooled connection while holding one.
+            role_job = self._side().submit(self._create_role, reg, name.role)
+
+            def registry_free() -> psycopg.Connection[Any]:
+                role_job.exception()  # waits: the role job is done with the session
+                return reg
+
             try:
                 with pools.admin() as adm:
-                    cloned = self._clone(adm, pools.target, name.database, build)
+                    cloned = self._clone(adm, pools.target, name.database, build, registry_free)
             finally:
                 role_error = role_job.exception()  # waits: the undo must know of the role
             if role_error is not None:
@@ -396,9 +403,11 @@ class TenantService:
         target: ServerTarget,
         database: str,
         build: template_service.TemplateBuild,
+        registry_session: Callable[[], psycopg.Connection[Any]],
     ) -> template_service.TemplateBuild:
         """CREATE DATABASE … TEMPLATE, keeping the template free of sessions; returns the build
-        whose content the clone really holds.
+        whose content the clone really holds. ``registry_session`` gives the caller's registry
+        connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
         flipping the flag) makes PostgreSQL wait 5 s and fail: end them first, and retry with
@@ -410,8 +419,7 @@ class TenantService:
         cloning = build
 
         def current() -> template_service.TemplateBuild:
-            with self.hosts.pools(target.name).system() as reg:
-                fresh = template_service.current_build(reg, build.key, target.name)
+            fresh = template_service.current_build(registry_session(), build.key, target.name)
             if fresh is None:
                 raise TemplateNotFound(f"template {build.key!r} has no ready build")
             return fresh
@@ -488,12 +496,9 @@ class TenantService:
             self._migration_cache[build.id] = (now, pending)
         return pending
 
-    def _create_role_apart(self, pools: ServerPools, role: str) -> Credentials:
-        with pools.admin() as adm:
-            return self._create_role(adm, role)
-
     def _side(self) -> ThreadPoolExecutor:
-        """Threads for steps that run beside the clone."""
+        """Threads for steps that run beside the clone (one per provision that can hold a
+        registry connection, so a job never waits for a thread)."""
         with self._side_lock:
             if self._side_pool is None:
                 self._side_pool = ThreadPoolExecutor(

@@ -23,6 +23,7 @@ from monk.adapters.postgres.connection import APPLICATION_NAME, ServerTarget, un
 # every request. One idle for longer is checked before it is handed out (a server restart, an
 # idle timeout), and replaced if dead.
 _TRUST_FOR_S = 5.0
+_WAIT_FOR_CONNECTION_S = 30.0
 
 
 def _mark_returned(conn: psycopg.Connection[Any]) -> None:
@@ -59,7 +60,9 @@ class ServerPools:
             },
             min_size=0,
             max_size=max_size,
-            timeout=self.target.connect_timeout,
+            # How long a caller may wait for a free connection when all are busy: a queue
+            # under load, not a failure (each new connection has its own connect_timeout).
+            timeout=_WAIT_FOR_CONNECTION_S,
             check=_check_if_idle,
             reset=_mark_returned,
             open=True,

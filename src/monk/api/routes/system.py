@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import connect
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import ERROR_RESPONSES, Ok
 from monk.api.models import OperationOut, ServiceHealth
@@ -29,8 +30,10 @@ router = APIRouter()
 )
 def health(rt: RuntimeDep) -> JSONResponse:
     try:
-        with rt.tenants.hosts.pools().admin() as adm:
-            version = admin.server_version(adm)
+        # Its own short connection, not the pool: liveness must answer fast when the
+        # database is down, and must not queue behind busy provisions.
+        with connect(rt.target, purpose="health") as conn:
+            version = admin.server_version(conn)
     except MonkError as exc:
         body = ServiceHealth(status="unavailable", database="unreachable", error=exc.message)
         return JSONResponse(status_code=503, content=Ok(data=body).model_dump())
