@@ -2,13 +2,12 @@
 
 A spare is a clone of a template build under a neutral name (``monk_spare_<16 hex>``) with
 every step that does not depend on the tenant already done: migrations, its own NOLOGIN role
-(same name) owning the database and its objects, CONNECT revoked from PUBLIC, database settings,
-the ownership mark. Handing one out is a few catalog updates in one transaction: rename the
-database and the role to ``tenant_<hash>``, give the role its password and LOGIN.
+(same name) owning the database, CONNECT revoked from PUBLIC, database settings, the ownership
+mark. Handing one out is one transaction on the registry session: claim the spare, record the
+tenant, rename the database and the role to ``tenant_<hash>``, give the role LOGIN, activate.
 
-Spare states: creating -> ready -> claimed (-> row deleted once the tenant is active). The
-creator holds the spare's advisory lock, the claimer the tenant's, so the reconciler can tell
-live work from a crash (see ``find_problems``).
+Spare states: creating -> ready (-> row deleted by the handout that consumes it). The creator
+holds the spare's advisory lock, so the reconciler can tell a live creation from a crash.
 
 Passwords of spares live only in the memory of the process that made them (never in the
 registry); a spare made by another process gets a fresh password at handout instead, which
@@ -176,44 +175,6 @@ FROM spare, op, tenant
 """
 
 
-def claim(
-    reg: psycopg.Connection[Any],
-    *,
-    tenant_id: UUID,
-    name: TenantName,
-    host: str,
-    template: str,
-    idempotency_key: str | None,
-) -> Claim | None:
-    """Claim a spare for the tenant and record its intent; None when no spare is ready.
-    Raises TenantExists or HashCollision when the name (or its hash) is taken."""
-    params = {
-        "id": tenant_id,
-        "host": host,
-        "template": template,
-        "name": name.display,
-        "name_key": name.key,
-        "database": name.database,
-        "role": name.role,
-        "idempotency_key": idempotency_key,
-    }
-    try:
-        # Pipelined so that BEGIN, the setting, the statement and COMMIT travel together.
-        with reg.pipeline():
-            with reg.transaction():
-                # Not flushed here: the final, synchronous commit flushes the WAL up to it.
-                reg.execute("SET LOCAL synchronous_commit = off")
-                # Prepared: the plan of this hot statement is made once per connection.
-                cur = reg.execute(_CLAIM, params, prepare=True)
-            row = cur.fetchone()
-    except psycopg.errors.UniqueViolation:
-        raise registry.exists_error(reg, name) from None
-    if row is None:
-        return None
-    spare = Spare(UUID(str(row[0])), str(row[1]), int(str(row[2])))
-    return Claim(spare, str(row[3]), UUID(str(row[4])))
-
-
 _ACTIVATE = """
 WITH gone AS (DELETE FROM spares WHERE id = %(spare)s),
 op AS (
@@ -227,48 +188,98 @@ RETURNING {}
 """
 
 
-def activate(reg: psycopg.Connection[Any], claimed: Claim, tenant_id: UUID) -> Tenant:
-    """Mark the tenant active, forget the spare, close the journal entry: one statement whose
-    commit is synchronous, and flushes every earlier step of the handout with it."""
-    with reg.cursor(row_factory=class_row(Tenant)) as cur:
-        cur.execute(
-            sql.SQL(_ACTIVATE).format(registry.TENANT_COLUMNS),
-            {"spare": claimed.spare.id, "op": claimed.operation_id, "id": tenant_id},
-            prepare=True,
-        )
+def hand_out(
+    svc: TenantService,
+    reg: psycopg.Connection[Any],
+    *,
+    tenant_id: UUID,
+    name: TenantName,
+    host: str,
+    template: str,
+    idempotency_key: str | None,
+) -> tuple[Tenant, str] | None:
+    """Turn a ready spare of the template's current build into the tenant, in ONE transaction
+    on the registry session (``ALTER DATABASE … RENAME`` and ``ALTER ROLE`` are cluster-wide
+    and run from any database): claim + intent + journal, rename of the database and its role,
+    the role's password and LOGIN, activation. All of it commits, or none: a crash at any
+    point leaves the spare ready and no trace of the tenant. Two round trips in all.
+
+    Returns (tenant, password), or None when no spare is ready. Raises TenantExists or
+    HashCollision when the name (or its hash) is taken; a spare that cannot be renamed
+    (its database vanished) is dropped and None is returned, so the caller clones instead.
+    """
+    params = {
+        "id": tenant_id,
+        "host": host,
+        "template": template,
+        "name": name.display,
+        "name_key": name.key,
+        "database": name.database,
+        "role": name.role,
+        "idempotency_key": idempotency_key,
+    }
+    claimed: Claim | None = None
+    try:
+        with reg.pipeline(), reg.transaction():
+            # Prepared: the plan of this hot statement is made once per connection.
+            row = reg.execute(_CLAIM, params, prepare=True).fetchone()
+            if row is None:
+                return None
+            claimed = Claim(
+                Spare(UUID(str(row[0])), str(row[1]), int(str(row[2]))),
+                str(row[3]),
+                UUID(str(row[4])),
+            )
+            svc._checkpoint("spare-claimed")
+            password = _rename_into(svc, reg, claimed.spare, name)
+            svc._checkpoint("spare-renamed")
+            cur = reg.cursor(row_factory=class_row(Tenant))
+            cur.execute(
+                sql.SQL(_ACTIVATE).format(registry.TENANT_COLUMNS),
+                {"spare": claimed.spare.id, "op": claimed.operation_id, "id": tenant_id},
+                prepare=True,
+            )
+        # Leaving the pipeline sent the renames, the activation and COMMIT together.
         tenant = cur.fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise registry.exists_error(reg, name) from None
+    except psycopg.Error as exc:
+        if claimed is None:
+            raise
+        log.warning(
+            "spare %s could not be handed out (%s); dropping it", claimed.spare.database, exc
+        )
+        _discard(svc, reg, claimed.spare)
+        return None
     assert tenant is not None
-    return tenant
+    return tenant, password
 
 
-def hand_out(svc: TenantService, pools: ServerPools, spare: Spare, database: str, role: str) -> str:
-    """Rename the spare into the tenant; returns the role's password. One transaction: either
-    the spare became the tenant or nothing changed."""
+def _rename_into(
+    svc: TenantService, reg: psycopg.Connection[Any], spare: Spare, name: TenantName
+) -> str:
+    """Queue the renames and the role's login; returns its password."""
+    reg.execute(
+        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(spare.database), sql.Identifier(name.database)
+        )
+    )
+    reg.execute(
+        sql.SQL("ALTER ROLE {} RENAME TO {}").format(
+            sql.Identifier(spare.database), sql.Identifier(name.role)
+        )
+    )
     password = svc.spare_secrets.take(spare.database)
-    with pools.admin() as adm, adm.pipeline(), adm.transaction():
-        # Durable with the registry's final commit: same server, one WAL, flushed in order.
-        adm.execute("SET LOCAL synchronous_commit = off")
-        adm.execute(
-            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(spare.database), sql.Identifier(database)
-            )
-        )
-        adm.execute(
-            sql.SQL("ALTER ROLE {} RENAME TO {}").format(
-                sql.Identifier(spare.database), sql.Identifier(role)
-            )
-        )
-        if password is None:
-            # Made by another process: its password is unknown here, so issue a new one.
-            password = scram.generate_password()
-            admin.set_role_password(adm, role, password_verifier=scram.verifier(password))
-        admin.set_role_login(adm, role, login=True)
+    if password is None:
+        # Made by another process: its password is unknown here, so issue a new one.
+        password = scram.generate_password()
+        admin.set_role_password(reg, name.role, password_verifier=scram.verifier(password))
+    admin.set_role_login(reg, name.role, login=True)
     return password
 
 
-def release_claimed(pools: ServerPools, reg: psycopg.Connection[Any], spare: Spare) -> None:
-    """Undo a handout that did not finish: the spare is dropped under either name by the
-    tenant's undo; here its own name and row."""
+def _discard(svc: TenantService, reg: psycopg.Connection[Any], spare: Spare) -> None:
+    pools = svc.hosts.pools()
     _drop_spare(pools, spare.database)
     reg.execute("DELETE FROM spares WHERE id = %s", (spare.id,))
 

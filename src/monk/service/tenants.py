@@ -357,32 +357,18 @@ class TenantService:
     ) -> TenantView | None:
         """Serve from a ready spare of the template's current build; None when there is none
         (or the handout failed and was undone): the caller then clones cold."""
-        tenant_id = uuid4()
-        claimed = pool.claim(
+        handed = pool.hand_out(
+            self,
             reg,
-            tenant_id=tenant_id,
+            tenant_id=uuid4(),
             name=name,
             host=pools.target.name,
             template=template,
             idempotency_key=idempotency_key,
         )
-        if claimed is None:
+        if handed is None:
             return None
-        self._checkpoint("spare-claimed")
-        try:
-            password = pool.hand_out(self, pools, claimed.spare, name.database, name.role)
-            self._checkpoint("spare-renamed")
-            tenant = pool.activate(reg, claimed, tenant_id)
-        except Exception as exc:
-            log.warning("handout of %s failed, cloning instead: %s", claimed.spare.database, exc)
-            stub = registry.get_by_id(reg, tenant_id)
-            if stub is not None:
-                self._undo_provision(reg, pools, stub)
-            pool.release_claimed(pools, reg, claimed.spare)
-            registry.finish_operation(
-                reg, claimed.operation_id, "undone", step="handout", error=_describe(exc)
-            )
-            return None
+        tenant, password = handed
         return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def _current_build(
