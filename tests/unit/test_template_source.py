@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from monk.core.schema_compiler import compile_template, seed_statements
+from monk.core.schema_compiler import CORE_TABLES, compile_template, seed_statements
 from monk.errors import InvalidName, InvalidTemplateSource
 from monk.templates import source as source_module
 from monk.templates.source import (
@@ -290,7 +290,7 @@ def builtin(key: str) -> TemplateSource:
     return resolve_parents(load_source(folder / key), in_folders(folder))
 
 
-@pytest.mark.parametrize("key", ["empty", "basic", "crm"])
+@pytest.mark.parametrize("key", ["empty", "basic", "crm", "saas"])
 def test_builtin_sources_load_compile_and_seed(key: str) -> None:
     source = builtin(key)
     compiled = compile_template(source.schemas)
@@ -337,3 +337,26 @@ def test_builtin_crm_extends_basic_with_references_and_a_migration() -> None:
     assert [migration.path for migration in source.migrations] == [
         "migrations/0001_open_pipeline.sql"
     ]
+
+
+def test_builtin_saas_is_sized_like_a_real_product() -> None:
+    """About 30 tables, 90 indexes and 1,000 rows: the size ``monk bench`` measures by default."""
+    source = builtin("saas")
+    assert source.lineage == ("saas",)
+    compiled = compile_template(source.schemas)
+    tables = [table.name for table in compiled.tables]
+    assert 25 <= len(tables) + len(CORE_TABLES) <= 35
+    assert {"organization", "member", "task", "invoice", "audit_event"} <= set(tables)
+    assert tables.index("organization") < tables.index("workspace") < tables.index("task")
+    foreign_key_indexes = sum(len(table.indexes) for table in compiled.tables)
+    unique_indexes = sum(m.sql.count("CREATE UNIQUE INDEX") for m in source.migrations)
+    core_unique_keys = 4  # users.auth, schemas.name, schemas.table_name, columns (schema, column)
+    indexes = len(tables) + len(CORE_TABLES) + core_unique_keys + foreign_key_indexes
+    assert 80 <= indexes + unique_indexes <= 100
+    assert 900 <= sum(len(records) for records in source.data.values()) <= 1200
+    formats = {
+        prop.get("format")
+        for schema in source.schemas.values()
+        for prop in schema["properties"].values()
+    }
+    assert {"email", "date-time", "date", "uuid", "uri"} <= formats
