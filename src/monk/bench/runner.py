@@ -66,7 +66,7 @@ WARM_UNAVAILABLE = "warm pool not available"
 
 @dataclass(frozen=True)
 class BenchConfig:
-    template: str = "basic"
+    template: str = "saas"
     iterations: int = 30
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
 

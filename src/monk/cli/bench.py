@@ -30,7 +30,12 @@ def parse_concurrency(value: str) -> tuple[int, ...]:
 
 
 def bench(
-    template: str = typer.Option("basic", "--template", help="Template key to measure."),
+    template: str = typer.Option(
+        "saas",
+        "--template",
+        help="Template key to measure (default saas: 30 tables, 90 indexes, ~1,000 rows, "
+        "the size at which scratch and clone compare meaningfully).",
+    ),
     iterations: int = typer.Option(
         30, "--iterations", min=1, max=1000, help="Timed rounds of raw, scratch, cold and warm."
     ),
