@@ -83,7 +83,7 @@ class TemplateSource:
 
 
 def builtin_sources_dir() -> Path:
-    """The folder of the sources shipped with monk (``empty``, ``basic``, ``crm``)."""
+    """The folder of the sources shipped with monk (``empty``, ``basic``, ``crm``, ``saas``)."""
     return Path(__file__).parent / "builtin"
 
 
