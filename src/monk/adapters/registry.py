@@ -24,9 +24,6 @@ from monk.errors import HashCollision, TenantExists
 
 Conn = psycopg.Connection[Any]
 
-# Statuses a tenant passes through. 'deleted' rows are kept for audit and archive restore.
-LIVE_STATUSES = ("provisioning", "active", "disabled", "trashed", "deleting")
-
 
 @dataclass(frozen=True)
 class Tenant:

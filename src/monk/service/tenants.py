@@ -59,7 +59,6 @@ from monk.templates.source import Migration
 log = logging.getLogger(__name__)
 
 _MIGRATION_CACHE_S = 5.0
-PROVISION_STEPS = ("intent", "cloned", "migrated", "role", "configured", "active")
 
 
 @dataclass(frozen=True)

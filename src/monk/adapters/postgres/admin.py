@@ -7,7 +7,6 @@ caller decides how long a connection lives. PostgreSQL errors become monk errors
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -43,13 +42,6 @@ def list_databases(conn: Conn, like: str) -> list[str]:
     """Database names matching the LIKE pattern ``like`` (escape ``_`` yourself)."""
     rows = conn.execute(
         "SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY datname", (like,)
-    ).fetchall()
-    return [str(r[0]) for r in rows]
-
-
-def list_roles(conn: Conn, like: str) -> list[str]:
-    rows = conn.execute(
-        "SELECT rolname FROM pg_roles WHERE rolname LIKE %s ORDER BY rolname", (like,)
     ).fetchall()
     return [str(r[0]) for r in rows]
 
@@ -150,15 +142,6 @@ def close_database(conn: Conn, name: str, *, as_template: bool) -> None:
     terminate_sessions(conn, name)
 
 
-def open_database(conn: Conn, name: str) -> None:
-    validate_database_name(name)
-    conn.execute(
-        sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true IS_TEMPLATE false").format(
-            sql.Identifier(name)
-        )
-    )
-
-
 def set_database_settings(conn: Conn, name: str, settings: Mapping[str, str]) -> None:
     """ALTER DATABASE … SET for each setting: a clone does not copy them."""
     validate_database_name(name)
@@ -215,18 +198,6 @@ def drop_role(conn: Conn, name: str) -> bool:
         return False
     conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
     return True
-
-
-def ensure_nologin_role(conn: Conn, name: str) -> None:
-    """Create a NOLOGIN role if missing, and make the current (admin) role a member of it."""
-    validate_role_name(name)
-    if not role_exists(conn, name):
-        # A concurrent monk may create it first: same outcome.
-        with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
-            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(name)))
-    member = conn.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (name,)).fetchone()
-    if not (member and member[0]):
-        conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(name)))
 
 
 def database_size(conn: Conn, name: str) -> int | None:
