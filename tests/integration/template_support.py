@@ -92,7 +92,8 @@ def database_flags(admin_url: str, name: str) -> dict[str, Any]:
         row = conn.execute(
             "SELECT datistemplate, datallowconn, has_database_privilege('public', datname,"
             " 'CONNECT'), pg_get_userbyid(datdba) = current_user,"
-            " (SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname)"
+            " (SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname"
+            "  AND a.backend_type = 'client backend')"
             " FROM pg_database d WHERE datname = %s",
             (name,),
         ).fetchone()

@@ -47,8 +47,11 @@ def list_databases(conn: Conn, like: str) -> list[str]:
 
 
 def sessions_on(conn: Conn, dbname: str) -> list[int]:
+    """Client sessions on ``dbname``: autovacuum workers enter even closed databases and leave
+    by themselves (CREATE DATABASE and DROP DATABASE signal them)."""
     rows = conn.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend'",
         (dbname,),
     ).fetchall()
     return [int(str(r[0])) for r in rows]
