@@ -5,12 +5,15 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from monk.adapters import registry
+from monk.errors import DatabaseUnavailable, TenantExists
 from monk.service import pool, purge
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
@@ -67,10 +70,113 @@ def test_pool_served_tenant_equals_a_cold_clone(env: Env, drained: TenantService
     # a spare made by another process has an unknown password: a fresh one is issued
     pool.fill(svc, env.template, 1)
     with TenantService(env.settings, env.target) as other:
+        assert other.spare_secrets.take(next(iter(databases(env, "monk_spare_%")))) is None
         view = other.provision(unique("Other"), template=env.template)
     assert view.provisioned_from == "pool"
     with psycopg.connect(view.as_dict()["connection_url"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def handout_journal(env: Env, database: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        return conn.execute(
+            "SELECT kind, state, step, params ? 'spare' FROM operations WHERE database = %s",
+            (database,),
+        ).fetchall()
+
+
+def test_fast_handout_is_one_committed_transaction(env: Env, drained: TenantService) -> None:
+    svc = drained
+    pool.fill(svc, env.template, 1)
+    [spare] = databases(env, "monk_spare_%")
+    name = unique("Fast")
+    with svc.hosts.pools().system() as reg:
+        handed = pool.hand_out_fast(
+            svc,
+            reg,
+            name=svc.name(name),
+            host="localhost",
+            template=env.template,
+            idempotency_key="k1",
+        )
+    assert handed is not None
+    tenant, password = handed
+    assert (tenant.status, tenant.is_active, tenant.step) == ("active", True, "active")
+    assert tenant.idempotency_key == "k1"
+    assert spare not in databases(env, "monk_spare_%")
+    assert tenant.database in databases(env)
+    assert handout_journal(env, tenant.database) == [("provision", "done", "active", True)]
+    with psycopg.connect(
+        env.target.conninfo, dbname=tenant.database, user=tenant.role_name, password=password
+    ) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (tenant.role_name,)
+    # The same name again: the function declines ('taken'), the full path answers.
+    again = svc.provision(name, template=env.template, idempotency_key="k1")
+    assert again.tenant.id == tenant.id
+    with pytest.raises(TenantExists):
+        svc.provision(name, template=env.template)
+
+
+def test_fast_handout_declines_what_it_must_not_serve(env: Env, drained: TenantService) -> None:
+    svc = drained
+    pool.fill(svc, env.template, 1)
+    name = svc.name(unique("Decline"))
+    args = {"name": name, "host": "localhost", "template": env.template, "idempotency_key": None}
+    with svc.hosts.pools().system() as reg, TenantService(env.settings, env.target) as other:
+        # another keyholder's spare: not served fast
+        other.spare_secrets.put("monk_spare_0000000000000000", "x")
+        assert pool.hand_out_fast(other, reg, **args) is None
+        # the name's lock held elsewhere: 'busy'
+        with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as lock:
+            lock.execute("SELECT pg_advisory_lock(%s)", (registry.advisory_key(name.database),))
+            assert pool.hand_out_fast(svc, reg, **args) is None
+        # another template: 'none'
+        assert pool.hand_out_fast(svc, reg, **(args | {"template": "no_such"})) is None
+    assert spare_count(env) == 1
+    assert name.database not in databases(env)
+
+
+def test_fast_handout_killed_mid_transaction_leaves_the_spare(
+    env: Env, drained: TenantService
+) -> None:
+    """The function's backend is terminated after the renames, before the journal insert: the
+    whole transaction rolls back, so the spare is still ready under its own name."""
+    svc = drained
+    pool.fill(svc, env.template, 1)
+    [spare] = databases(env, "monk_spare_%")
+    name = unique("Killed")
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as blocker:
+        blocker.execute("LOCK TABLE operations IN SHARE ROW EXCLUSIVE MODE")
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            attempt = ex.submit(svc.provision, name, template=env.template)
+            pid = None
+            for _ in range(200):
+                row = blocker.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%hand_out_spare%'"
+                ).fetchone()
+                if row is not None:
+                    pid = row[0]
+                    break
+                time.sleep(0.05)
+            assert pid is not None, "the handout never reached the journal insert"
+            blocker.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            blocker.rollback()
+            with pytest.raises(DatabaseUnavailable):
+                attempt.result(timeout=60)
+    assert databases(env, "monk_spare_%") == {spare}
+    assert spare_count(env) == 1
+    assert svc.name(name).database not in databases(env)
+    assert svc.name(name).role not in roles(env)
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM tenants WHERE name_key = %s", (svc.name(name).key,)
+        ).fetchone()
+    assert rows == (0,)
+    # The caller's retry is served by the very same spare.
+    view = svc.provision(name, template=env.template)
+    assert view.provisioned_from == "pool"
+    assert databases(env, "monk_spare_%") == set()
 
 
 def test_parallel_provisions_never_share_a_spare(env: Env, drained: TenantService) -> None:
@@ -78,7 +184,8 @@ def test_parallel_provisions_never_share_a_spare(env: Env, drained: TenantServic
     pool.fill(svc, env.template, 3)
     s = env.settings.model_copy(update={"pool_size": 12})
     with TenantService(s, env.target) as service:
-        service.spare_secrets = svc.spare_secrets
+        # the same keyholder: the handouts take the fast path, concurrently
+        service.spare_secrets, service.instance_id = svc.spare_secrets, svc.instance_id
         names = [unique("Par") for _ in range(6)]
         with concurrent.futures.ThreadPoolExecutor(6) as ex:
             views = list(ex.map(lambda n: service.provision(n, template=env.template), names))
@@ -140,3 +247,26 @@ def test_rebuild_retires_old_spares(env: Env, drained: TenantService, tmp_path: 
     assert view.tenant.template_version == second.version
     purge.request_purge(svc, view.tenant.name, archive=False, forget=True)
     purge.work_queue(svc)
+
+
+def test_a_new_process_adopts_spares_and_serves_them_fast(env: Env, drained: TenantService) -> None:
+    pool.fill(drained, env.template, 2)
+    with TenantService(env.settings, env.target) as other:
+        assert pool.adopt(other) == 2
+        assert pool.adopt(other) == 0
+        name = other.name(unique("Adopted"))
+        with other.hosts.pools().system() as reg:
+            handed = pool.hand_out_fast(
+                other, reg, name=name, host="localhost", template=env.template, idempotency_key=None
+            )
+        assert handed is not None
+        tenant, password = handed
+        with psycopg.connect(
+            env.target.conninfo, dbname=tenant.database, user=tenant.role_name, password=password
+        ) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    # The maker's remembered password is stale now: its handout issues a fresh one.
+    view = drained.provision(unique("Stale"), template=env.template)
+    assert view.provisioned_from == "pool"
+    with psycopg.connect(view.as_dict()["connection_url"]) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -70,6 +70,12 @@ class Runtime:
     def _refill(self) -> None:
         """Keep the warm pool topped up. It runs beside provisioning on its own connections,
         so a cold provision never waits for it."""
+        try:
+            adopted = pool.adopt(self.tenants)
+            if adopted:
+                log.info("adopted %d spare(s) of an earlier process", adopted)
+        except Exception:
+            log.exception("adopting spares failed; they are served on the full path")
         while not self._stop.is_set():
             try:
                 pool.refill(self.tenants)

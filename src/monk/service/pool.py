@@ -9,9 +9,19 @@ tenant, rename the database and the role to ``tenant_<hash>``, give the role LOG
 Spare states: creating -> ready (-> row deleted by the handout that consumes it). The creator
 holds the spare's advisory lock, so the reconciler can tell a live creation from a crash.
 
-Passwords of spares live only in the memory of the process that made them (never in the
-registry); a spare made by another process gets a fresh password at handout instead, which
-costs a few milliseconds more.
+Passwords of spares live only in the memory of the process that set them (never in the
+registry); the spare's ``keyholder`` column names that process. Two handouts:
+
+    fast   the spare's keyholder is this process: one call of the system database's function
+           ``hand_out_spare`` (one round trip, one transaction: lock, checks, claim, renames,
+           LOGIN, tenant row, journal), plus the tenant row read in the same pipeline
+    full   anything else (a name that is taken or busy, only spares of other keyholders): the
+           lifecycle's own path under the session lock, which issues a fresh password when the
+           spare's keyholder is another process (``ALTER ROLE … PASSWORD`` costs ~4 ms of
+           server time: PostgreSQL checks every new secret against the empty password)
+
+``adopt`` gives spares of other (or departed) keyholders a password this process knows, ahead
+of time, so that a restarted server hands out its predecessor's spares on the fast path.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
@@ -65,6 +75,10 @@ class SpareSecrets:
         with self._lock:
             return self._by_database.pop(database, None)
 
+    def __bool__(self) -> bool:
+        with self._lock:
+            return bool(self._by_database)
+
 
 def _new_name() -> str:
     return f"{SPARE_PREFIX}{secrets.token_hex(8)}"
@@ -86,9 +100,9 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
         registry.try_lock(reg, name)  # a fresh random name: always ours
         try:
             row = reg.execute(
-                "INSERT INTO spares (host, template_key, template_version, database)"
-                " VALUES (%s, %s, %s, %s) RETURNING id",
-                (pools.target.name, build.key, build.version, name),
+                "INSERT INTO spares (host, template_key, template_version, database, keyholder)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (pools.target.name, build.key, build.version, name, svc.instance_id),
             ).fetchone()
             assert row is not None
             spare_id = row[0]
@@ -139,6 +153,60 @@ class Claim:
     spare: Spare
     template_version: str
     operation_id: UUID
+    keyholder: UUID | None
+
+
+_FAST = """
+SELECT hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(database)s, %(role)s,
+                      %(host)s, %(template)s, %(idempotency_key)s, %(keyholder)s)
+"""
+
+
+def hand_out_fast(
+    svc: TenantService,
+    reg: psycopg.Connection[Any],
+    *,
+    name: TenantName,
+    host: str,
+    template: str,
+    idempotency_key: str | None,
+) -> tuple[Tenant, str] | None:
+    """The fast handout (see the module's docstring): (tenant, password), or None when this
+    process holds no spare's password or the function declined (the caller takes the full
+    path, which knows what to answer for a busy or taken name)."""
+    if not svc.spare_secrets:
+        return None
+    tenant_id = uuid4()
+    params = {
+        "lock": registry.advisory_key(name.database),
+        "id": tenant_id,
+        "name": name.display,
+        "name_key": name.key,
+        "database": name.database,
+        "role": name.role,
+        "host": host,
+        "template": template,
+        "idempotency_key": idempotency_key,
+        "keyholder": svc.instance_id,
+    }
+    with reg.pipeline():
+        outcome = reg.execute(_FAST, params, prepare=True)
+        cur = reg.cursor(row_factory=class_row(Tenant))
+        cur.execute(
+            sql.SQL("SELECT {} FROM tenants WHERE id = %s").format(registry.TENANT_COLUMNS),
+            (tenant_id,),
+            prepare=True,
+        )
+        row = outcome.fetchone()  # the first fetch sends both: one round trip
+        tenant = cur.fetchone()
+    spare = str(row[0]) if row else ""
+    if tenant is None or not is_spare_name(spare):
+        return None
+    password = svc.spare_secrets.take(spare)
+    if password is None:  # not expected: the keyholder is us; still, never answer a guess
+        password = scram.generate_password()
+        admin.set_role_password(reg, name.role, password_verifier=scram.verifier(password))
+    return tenant, password
 
 
 # One statement, one round trip: claim the oldest ready spare of the template's current build
@@ -153,7 +221,7 @@ WITH spare AS (
             AND b.version = s.template_version AND b.is_current
         WHERE s.host = %(host)s AND s.template_key = %(template)s AND s.status = 'ready'
         ORDER BY s.created_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED)
-    RETURNING id, database, migration_level, template_version
+    RETURNING id, database, migration_level, template_version, keyholder
 ), tenant AS (
     INSERT INTO tenants (id, name, name_key, database, host, is_active, status, template_key,
                          template_version, role_name, step, idempotency_key, migration_level)
@@ -170,7 +238,8 @@ WITH spare AS (
     FROM spare
     RETURNING id
 )
-SELECT spare.id, spare.database, spare.migration_level, spare.template_version, op.id
+SELECT spare.id, spare.database, spare.migration_level, spare.template_version, op.id,
+       spare.keyholder
 FROM spare, op, tenant
 """
 
@@ -229,9 +298,10 @@ def hand_out(
                 Spare(UUID(str(row[0])), str(row[1]), int(str(row[2]))),
                 str(row[3]),
                 UUID(str(row[4])),
+                row[5],
             )
             svc._checkpoint("spare-claimed")
-            password = _rename_into(svc, reg, claimed.spare, name)
+            password = _rename_into(svc, reg, claimed, name)
             svc._checkpoint("spare-renamed")
             cur = reg.cursor(row_factory=class_row(Tenant))
             cur.execute(
@@ -256,9 +326,10 @@ def hand_out(
 
 
 def _rename_into(
-    svc: TenantService, reg: psycopg.Connection[Any], spare: Spare, name: TenantName
+    svc: TenantService, reg: psycopg.Connection[Any], claimed: Claim, name: TenantName
 ) -> str:
     """Queue the renames and the role's login; returns its password."""
+    spare = claimed.spare
     reg.execute(
         sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
             sql.Identifier(spare.database), sql.Identifier(name.database)
@@ -270,8 +341,8 @@ def _rename_into(
         )
     )
     password = svc.spare_secrets.take(spare.database)
-    if password is None:
-        # Made by another process: its password is unknown here, so issue a new one.
+    if password is None or claimed.keyholder != svc.instance_id:
+        # Another process set its password (or adopted it since): issue a new one.
         password = scram.generate_password()
         admin.set_role_password(reg, name.role, password_verifier=scram.verifier(password))
     admin.set_role_login(reg, name.role, login=True)
@@ -324,6 +395,30 @@ def retire_stale(svc: TenantService, key: str, *, host: str | None = None) -> in
             reg.execute("DELETE FROM spares WHERE id = %s", (row[0],))
             svc.spare_secrets.take(str(row[1]))
             dropped += 1
+
+
+def adopt(svc: TenantService, *, host: str | None = None) -> int:
+    """Give each ready spare whose password this process does not know a fresh one, under its
+    row lock, and become its keyholder; returns how many. Run once when a server starts: the
+    spares its predecessor made are then served on the fast path."""
+    pools = svc.hosts.pools(host)
+    adopted = 0
+    while True:
+        with pools.system() as reg, reg.transaction():
+            row = reg.execute(
+                "SELECT id, database FROM spares WHERE host = %s AND status = 'ready'"
+                " AND keyholder IS DISTINCT FROM %s LIMIT 1 FOR UPDATE SKIP LOCKED",
+                (pools.target.name, svc.instance_id),
+            ).fetchone()
+            if row is None:
+                return adopted
+            database = str(row[1])
+            password = scram.generate_password()
+            admin.set_role_password(reg, database, password_verifier=scram.verifier(password))
+            reg.execute("UPDATE spares SET keyholder = %s WHERE id = %s", (svc.instance_id, row[0]))
+            # Before the commit: a handout that sees us as keyholder finds the password.
+            svc.spare_secrets.put(database, password)
+        adopted += 1
 
 
 def refill(svc: TenantService) -> None:

@@ -33,7 +33,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.adapters.postgres.connection import ServerTarget, connect, unavailable
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.core import scram, tenant_names
@@ -155,6 +155,8 @@ class TenantService:
         self._hasher = hasher
         self._admin_is_superuser: bool | None = None
         self.spare_secrets = pool.SpareSecrets()
+        # Names this process as the keyholder of the spares whose passwords it remembers.
+        self.instance_id = uuid4()
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
@@ -216,6 +218,9 @@ class TenantService:
         pools = self.hosts.pools(target.name)
         validate_template_key(template)
         with pools.system() as reg:
+            fast = self._provision_fast(reg, pools, name, template, idempotency_key)
+            if fast is not None:
+                return fast
             locked, existing = registry.lock_and_find(reg, name)
             if not locked:
                 return self._concurrent(reg, name, idempotency_key)
@@ -345,6 +350,36 @@ class TenantService:
             "provisioned %s as %s from %s@%s", name.display, name.database, build.key, build.version
         )
         return self.view(tenant, credentials, provisioned_from="clone")
+
+    def _provision_fast(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        template: str,
+        idempotency_key: str | None,
+    ) -> TenantView | None:
+        """The warm pool's one-round-trip handout; None sends the caller down the full path."""
+        try:
+            handed = pool.hand_out_fast(
+                self,
+                reg,
+                name=name,
+                host=pools.target.name,
+                template=template,
+                idempotency_key=idempotency_key,
+            )
+        except psycopg.Error as exc:
+            # One transaction: whatever failed left nothing behind.
+            if reg.broken or reg.closed:
+                raise unavailable(pools.target, pools.system_db, exc) from None
+            log.warning("fast handout of %s failed (%s); taking the full path", name.display, exc)
+            return None
+        if handed is None:
+            return None
+        tenant, password = handed
+        log.info("provisioned %s as %s from the warm pool", name.display, name.database)
+        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def _provision_from_pool(
         self,
