@@ -121,17 +121,23 @@ def test_fast_handout_declines_what_it_must_not_serve(env: Env, drained: TenantS
     svc = drained
     pool.fill(svc, env.template, 1)
     name = svc.name(unique("Decline"))
-    args = {"name": name, "host": "localhost", "template": env.template, "idempotency_key": None}
-    with svc.hosts.pools().system() as reg, TenantService(env.settings, env.target) as other:
+
+    def fast(service: TenantService, template: str = env.template) -> object:
+        with service.hosts.pools().system() as reg:
+            return pool.hand_out_fast(
+                service, reg, name=name, host="localhost", template=template, idempotency_key=None
+            )
+
+    with TenantService(env.settings, env.target) as other:
         # another keyholder's spare: not served fast
         other.spare_secrets.put("monk_spare_0000000000000000", "x")
-        assert pool.hand_out_fast(other, reg, **args) is None
-        # the name's lock held elsewhere: 'busy'
-        with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as lock:
-            lock.execute("SELECT pg_advisory_lock(%s)", (registry.advisory_key(name.database),))
-            assert pool.hand_out_fast(svc, reg, **args) is None
-        # another template: 'none'
-        assert pool.hand_out_fast(svc, reg, **(args | {"template": "no_such"})) is None
+        assert fast(other) is None
+    # the name's lock held elsewhere: 'busy'
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as lock:
+        lock.execute("SELECT pg_advisory_lock(%s)", (registry.advisory_key(name.database),))
+        assert fast(svc) is None
+    # another template: 'none'
+    assert fast(svc, "no_such") is None
     assert spare_count(env) == 1
     assert name.database not in databases(env)
 
