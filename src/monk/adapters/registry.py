@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
+from psycopg import Cursor, sql
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
@@ -163,40 +163,82 @@ def insert_intent(
 ) -> Tenant:
     """Record the intent to provision, inside ``intent_transaction``: the unique indexes make
     exactly one of many concurrent requests for a name win."""
-    with conn.cursor(row_factory=class_row(Tenant)) as cur:
-        cur.execute(
-            sql.SQL(
-                "INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
-                " template_key, template_version, role_name, step, idempotency_key)"
-                " VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, false, %s, %s, %s,"
-                " %s, 'intent', %s) RETURNING {}"
-            ).format(_COLUMNS),
-            (
-                tenant_id,
-                name.display,
-                name.key,
-                name.database,
-                host,
-                status,
-                template_key,
-                template_version,
-                name.role,
-                idempotency_key,
-            ),
+    return fetch_tenant(
+        queue_intent(
+            conn,
+            name,
+            host=host,
+            template_key=template_key,
+            template_version=template_version,
+            idempotency_key=idempotency_key,
+            status=status,
+            tenant_id=tenant_id,
         )
-        row = cur.fetchone()
-        assert row is not None
-        return row
+    )
+
+
+def queue_intent(
+    conn: Conn,
+    name: TenantName,
+    *,
+    host: str,
+    template_key: str,
+    template_version: str,
+    idempotency_key: str | None,
+    status: str = "provisioning",
+    tenant_id: UUID | None = None,
+) -> Cursor[Tenant]:
+    """``insert_intent`` without waiting for the row: in a pipeline, ``fetch_tenant`` reads it
+    once the pipeline has been sent."""
+    cur = conn.cursor(row_factory=class_row(Tenant))
+    cur.execute(
+        sql.SQL(
+            "INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
+            " template_key, template_version, role_name, step, idempotency_key)"
+            " VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, false, %s, %s, %s,"
+            " %s, 'intent', %s) RETURNING {}"
+        ).format(_COLUMNS),
+        (
+            tenant_id,
+            name.display,
+            name.key,
+            name.database,
+            host,
+            status,
+            template_key,
+            template_version,
+            name.role,
+            idempotency_key,
+        ),
+        prepare=True,
+    )
+    return cur
+
+
+def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
+    row = cur.fetchone()
+    cur.close()
+    assert row is not None, "the tenant row vanished"
+    return row
 
 
 @contextmanager
 def intent_transaction(conn: Conn, name: TenantName) -> Iterator[None]:
     """A transaction for ``insert_intent``: a unique violation (the name, or its hash, is
     taken) rolls it back and becomes TenantExists or HashCollision."""
+    with intent_errors(conn, name), conn.transaction():
+        yield
+
+
+@contextmanager
+def intent_errors(conn: Conn, name: TenantName) -> Iterator[None]:
+    """A unique violation on the intent (the name, or its hash, is taken) becomes
+    TenantExists or HashCollision; for a pipeline that holds the intent's transaction."""
     try:
-        with conn.transaction():
-            yield
+        yield
     except psycopg.errors.UniqueViolation:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()  # a pipeline reports the error after queueing the COMMIT
         raise exists_error(conn, name) from None
 
 
@@ -214,18 +256,19 @@ def exists_error(conn: Conn, name: TenantName) -> TenantExists | HashCollision:
 
 def update(conn: Conn, tenant_id: UUID, **fields: Any) -> Tenant:
     """Set ``fields`` on the tenant row (in the caller's transaction, if any)."""
+    return fetch_tenant(queue_update(conn, tenant_id, **fields))
+
+
+def queue_update(conn: Conn, tenant_id: UUID, **fields: Any) -> Cursor[Tenant]:
+    """``update`` without waiting for the row (see ``queue_intent``)."""
     assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
     values = [Jsonb(v) if isinstance(v, dict) else v for v in fields.values()]
-    with conn.cursor(row_factory=class_row(Tenant)) as cur:
-        cur.execute(
-            sql.SQL("UPDATE tenants SET {} WHERE id = %s RETURNING {}").format(
-                assignments, _COLUMNS
-            ),
-            [*values, tenant_id],
-        )
-        row = cur.fetchone()
-    assert row is not None, f"tenant {tenant_id} vanished"
-    return row
+    cur = conn.cursor(row_factory=class_row(Tenant))
+    cur.execute(
+        sql.SQL("UPDATE tenants SET {} WHERE id = %s RETURNING {}").format(assignments, _COLUMNS),
+        [*values, tenant_id],
+    )
+    return cur
 
 
 def set_step(conn: Conn, tenant_id: UUID, step: str) -> None:
@@ -272,7 +315,17 @@ def start_operation(
     host: str,
     state: str = "running",
     params: dict[str, Any] | None = None,
+    op_id: UUID | None = None,
 ) -> UUID:
+    """Journal an operation; with ``op_id`` given nothing is read back (pipeline-friendly)."""
+    if op_id is not None:
+        conn.execute(
+            "INSERT INTO operations (id, kind, subject, database, host, state, params)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (op_id, kind, subject, database, host, state, Jsonb(params or {})),
+            prepare=True,
+        )
+        return op_id
     row = conn.execute(
         "INSERT INTO operations (kind, subject, database, host, state, params)"
         " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",

@@ -59,6 +59,7 @@ from monk.templates.source import Migration
 log = logging.getLogger(__name__)
 
 _MIGRATION_CACHE_S = 5.0
+_BUILD_CACHE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class TenantService:
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
+        self._build_cache: dict[tuple[str, str], tuple[float, template_service.TemplateBuild]] = {}
 
     def close(self) -> None:
         if self._side_pool is not None:
@@ -264,27 +266,40 @@ class TenantService:
         warm = self._provision_from_pool(reg, pools, name, template, idempotency_key)
         if warm is not None:
             return warm
-        build = self._current_build(template, pools.target, reg)
-        with registry.intent_transaction(reg, name):
-            if self._registry_shares_wal(pools):
-                # The clone's synchronous commit that follows flushes this record too.
-                reg.execute("SET LOCAL synchronous_commit = off")
-            tenant = registry.insert_intent(
-                reg,
-                name,
-                host=pools.target.name,
-                template_key=build.key,
-                template_version=build.version,
-                idempotency_key=idempotency_key,
+        build = self._current_build(template, pools.target, reg, cached=True)
+        shared_wal = self._registry_shares_wal(pools)
+        # One round trip: the intent and its journal entry commit together, and the template's
+        # sessions are counted (a session on it would make the clone wait 5 s, then fail).
+        with registry.intent_errors(reg, name), reg.pipeline():
+            sessions = reg.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                " AND backend_type = 'client backend'",
+                (build.database,),
+                prepare=True,
             )
-            op = registry.start_operation(
-                reg,
-                "provision",
-                name.key,
-                database=name.database,
-                host=pools.target.name,
-                params={"template": build.key, "version": build.version},
-            )
+            with reg.transaction():
+                if shared_wal:
+                    # The clone's synchronous commit that follows flushes this record too.
+                    reg.execute("SET LOCAL synchronous_commit = off")
+                intent = registry.queue_intent(
+                    reg,
+                    name,
+                    host=pools.target.name,
+                    template_key=build.key,
+                    template_version=build.version,
+                    idempotency_key=idempotency_key,
+                )
+                op = registry.start_operation(
+                    reg,
+                    "provision",
+                    name.key,
+                    database=name.database,
+                    host=pools.target.name,
+                    params={"template": build.key, "version": build.version},
+                    op_id=uuid4(),
+                )
+            tenant = registry.fetch_tenant(intent)
+        template_in_use = bool((sessions.fetchone() or (0,))[0])
         self._checkpoint("intent")
         step = "clone"
         try:
@@ -299,38 +314,48 @@ class TenantService:
 
             try:
                 with pools.admin() as adm:
-                    cloned = self._clone(adm, pools.target, name.database, build, registry_free)
+                    cloned = self._clone(
+                        adm, pools.target, name.database, build, registry_free, template_in_use
+                    )
             finally:
                 role_error = role_job.exception()  # waits: the undo must know of the role
             if role_error is not None:
                 step = "role"
                 raise role_error
             credentials = role_job.result()
-            if cloned.id != build.id:
-                build = cloned
-                registry.update(reg, tenant.id, template_version=build.version)
-            registry.set_step(reg, tenant.id, "cloned")
+            build = cloned
             self._checkpoint("cloned")
             step = "migrate"
+            if self._pending_migrations(build):
+                # Long work follows: journal how far we got (informational: any crash before
+                # activation is undone whole, whatever the step).
+                registry.set_step(reg, tenant.id, "cloned")
             level = self._migrate(pools.target, name.database, build)
             self._checkpoint("migrated")
             self._checkpoint("role")
             step = "configure"
-            with pools.admin() as adm:
-                self._configure(adm, name.database, name.role, build)
-            registry.set_step(reg, tenant.id, "configured")
-            self._checkpoint("configured")
-            step = "activate"
-            with reg.transaction():
-                tenant = registry.update(
+            if not shared_wal:
+                with pools.admin() as adm:
+                    self._configure(adm, name.database, name.role, build)
+                registry.set_step(reg, tenant.id, "configured")
+            # One round trip: on one server, configuring the database (ownership, rights,
+            # settings, mark: cluster-wide catalogs, reachable from the registry's session) and
+            # activating the tenant commit together, so a crash leaves all of it or none.
+            with reg.pipeline(), reg.transaction():
+                if shared_wal:
+                    self._configure_statements(reg, name.database, name.role, build)
+                    self._checkpoint("configured")
+                activated = registry.queue_update(
                     reg,
                     tenant.id,
                     status="active",
                     is_active=True,
                     step="active",
                     migration_level=level,
+                    template_version=build.version,
                 )
                 registry.finish_operation(reg, op, "done", step="active")
+            tenant = registry.fetch_tenant(activated)
         except BaseException as exc:
             clone_refused = isinstance(exc, StrayDatabase)
             self._undo_provision(reg, pools, tenant, drop_database=not clone_refused)
@@ -406,16 +431,33 @@ class TenantService:
         return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def _current_build(
-        self, key: str, target: ServerTarget, reg: psycopg.Connection[Any] | None = None
+        self,
+        key: str,
+        target: ServerTarget,
+        reg: psycopg.Connection[Any] | None = None,
+        *,
+        cached: bool = False,
     ) -> template_service.TemplateBuild:
-        """The build to clone from; a known template without a ready build is built first."""
+        """The build to clone from; a known template without a ready build is built first.
+
+        ``cached``: an answer up to ``_BUILD_CACHE_S`` old will do, for callers that clone
+        with ``_clone`` (it checks the registry after cloning and clones again from the new
+        build if a rebuild came in between)."""
         validate_template_key(key)
+        now = time.monotonic()
+        with self._side_lock:
+            hit = self._build_cache.get((key, target.name))
+        if cached and hit is not None and now - hit[0] < _BUILD_CACHE_S:
+            return hit[1]
         if reg is None:
             with self.hosts.pools(target.name).system() as own:
                 build = template_service.current_build(own, key, target.name)
         else:
             build = template_service.current_build(reg, key, target.name)
-        return build or template_service.ensure_built(target, self.settings, key)
+        build = build or template_service.ensure_built(target, self.settings, key)
+        with self._side_lock:
+            self._build_cache[(key, target.name)] = (now, build)
+        return build
 
     def _clone(
         self,
@@ -424,19 +466,22 @@ class TenantService:
         database: str,
         build: template_service.TemplateBuild,
         registry_session: Callable[[], psycopg.Connection[Any]],
+        template_in_use: bool = True,
     ) -> template_service.TemplateBuild:
         """CREATE DATABASE … TEMPLATE, keeping the template free of sessions; returns the build
         whose content the clone really holds. ``registry_session`` gives the caller's registry
         connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
-        flipping the flag) makes PostgreSQL wait 5 s and fail: end them first, and retry with
-        backoff until the clone timeout. A rebuild swaps the template's name and the registry
+        flipping the flag) makes PostgreSQL wait 5 s and fail: end them first (the caller tells
+        whether it saw any; every retry looks again), and retry with backoff until the clone
+        timeout. A rebuild swaps the template's name and the registry
         in one transaction; if the registry names another build after the clone than before,
         the swap may have happened in between, so the clone is dropped and made again from the
         new build: a tenant never records one version while holding another.
         """
         cloning = build
+        look_for_sessions = template_in_use
 
         def current() -> template_service.TemplateBuild:
             fresh = template_service.current_build(registry_session(), build.key, target.name)
@@ -445,9 +490,10 @@ class TenantService:
             return fresh
 
         def attempt() -> None:
-            nonlocal cloning
-            if admin.sessions_on(adm, cloning.database):
+            nonlocal cloning, look_for_sessions
+            if look_for_sessions and admin.sessions_on(adm, cloning.database):
                 admin.terminate_sessions(adm, cloning.database)
+            look_for_sessions = True
             try:
                 admin.create_database(adm, database, template=cloning.database)
             except DatabaseMissing:
@@ -565,20 +611,28 @@ class TenantService:
         them. One transaction, so a crash leaves all or none. Every object inside a template is
         owned by ``pg_database_owner``, so owning the database gives the tenant's role owner
         rights over all of them, with no connection to the new database."""
-        db, r = sql.Identifier(database), sql.Identifier(role)
         with adm.transaction():
             # Flushed by the registry's final synchronous commit (one server, one WAL).
             adm.execute("SET LOCAL synchronous_commit = off")
-            adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
-            adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-            adm.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
-            adm.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
-            adm.execute(
-                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                    db, sql.Literal(self._ownership_mark())
-                )
-            )
-            admin.set_database_settings(adm, database, build.database_settings)
+            self._configure_statements(adm, database, role, build)
+
+    def _configure_statements(
+        self,
+        conn: psycopg.Connection[Any],
+        database: str,
+        role: str,
+        build: template_service.TemplateBuild,
+    ) -> None:
+        """The statements of ``_configure``, in the caller's transaction (and pipeline)."""
+        db, r = sql.Identifier(database), sql.Identifier(role)
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
+        conn.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(self._ownership_mark()))
+        )
+        admin.set_database_settings(conn, database, build.database_settings)
 
     def _undo_provision(
         self,
