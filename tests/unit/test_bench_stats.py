@@ -152,7 +152,7 @@ def test_targets_not_met_or_not_measured() -> None:
 
 
 def test_ops_per_level_keeps_every_thread_busy() -> None:
-    assert ops_per_level(1, 30) == 10
-    assert ops_per_level(16, 30) == 32
-    assert ops_per_level(1, 2) == 2
-    assert ops_per_level(2, 2) == 4
+    assert ops_per_level(1, 30) == 30
+    assert ops_per_level(16, 30) == 64
+    assert ops_per_level(1, 2) == 4
+    assert ops_per_level(2, 2) == 8

@@ -72,9 +72,10 @@ class BenchConfig:
 
 
 def ops_per_level(concurrency: int, iterations: int) -> int:
-    """Operations per throughput measurement: two per thread at least, ⅓ of the iterations at
-    least, so every thread stays busy and the default run fits in a few minutes on 2 cores."""
-    return max(2 * concurrency, iterations // 3, 1)
+    """Operations per throughput measurement: four per thread at least, and as many as the
+    latency rounds at least, so that a level lasts long enough for one slow operation (a
+    checkpoint, the other core busy) not to decide its rate."""
+    return max(4 * concurrency, iterations, 1)
 
 
 @dataclass
