@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(
         default=60_000, ge=0, description="statement_timeout of monk's own sessions (ms)."
     )
+    scram_iterations: int = Field(
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="PBKDF2 iterations of the SCRAM verifiers of tenant passwords (PostgreSQL's "
+        "default 4096). monk's passwords are random 192-bit tokens, which no iteration count "
+        "makes easier or harder to guess; each iteration costs CPU at every role creation, "
+        "password change (server side) and tenant login (client side).",
+    )
     clone_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a clone may retry while the template is busy."
     )

@@ -370,3 +370,17 @@ def test_more_concurrent_provisions_than_pooled_connections(env: Env) -> None:
         )
     assert len({v.tenant.database for v in views}) == 8
     assert all(v.tenant.status == "active" for v in views)
+
+
+def test_scram_iterations_apply_to_tenant_passwords(env: Env) -> None:
+    settings = env.settings.model_copy(update={"scram_iterations": 16})
+    with TenantService(settings, env.target) as service:
+        view = service.provision(unique("Iterations"), template=env.template)
+    with psycopg.connect(view.as_dict()["connection_url"]) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (view.tenant.role_name,)
+    with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
+        row = conn.execute(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (view.tenant.role_name,)
+        ).fetchone()
+    assert row is not None
+    assert str(row[0]).startswith("SCRAM-SHA-256$16:")

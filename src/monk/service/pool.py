@@ -119,7 +119,7 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
                     level = svc._migrate(pools.target, name, build)
                     password = scram.generate_password()
                     admin.create_role(
-                        adm, name, password_verifier=scram.verifier(password), login=False
+                        adm, name, password_verifier=svc.verifier(password), login=False
                     )
                     adm.execute(
                         sql.SQL("COMMENT ON ROLE {} IS {}").format(
@@ -205,7 +205,7 @@ def hand_out_fast(
     password = svc.spare_secrets.take(spare)
     if password is None:  # not expected: the keyholder is us; still, never answer a guess
         password = scram.generate_password()
-        admin.set_role_password(reg, name.role, password_verifier=scram.verifier(password))
+        admin.set_role_password(reg, name.role, password_verifier=svc.verifier(password))
     return tenant, password
 
 
@@ -344,7 +344,7 @@ def _rename_into(
     if password is None or claimed.keyholder != svc.instance_id:
         # Another process set its password (or adopted it since): issue a new one.
         password = scram.generate_password()
-        admin.set_role_password(reg, name.role, password_verifier=scram.verifier(password))
+        admin.set_role_password(reg, name.role, password_verifier=svc.verifier(password))
     admin.set_role_login(reg, name.role, login=True)
     return password
 
@@ -414,7 +414,7 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
                 return adopted
             database = str(row[1])
             password = scram.generate_password()
-            admin.set_role_password(reg, database, password_verifier=scram.verifier(password))
+            admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
             reg.execute("UPDATE spares SET keyholder = %s WHERE id = %s", (svc.instance_id, row[0]))
             # Before the commit: a handout that sees us as keyholder finds the password.
             svc.spare_secrets.put(database, password)

@@ -174,6 +174,10 @@ class TenantService:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def verifier(self, password: str) -> str:
+        """The SCRAM verifier of a tenant password, at the configured iteration count."""
+        return scram.verifier(password, iterations=self.settings.scram_iterations)
+
     # ------------------------------------------------------------------ names
 
     def name(self, raw: str) -> TenantName:
@@ -581,7 +585,7 @@ class TenantService:
         password = scram.generate_password()
         # A role left by a crashed attempt on this very name: we hold the name, it is ours.
         admin.drop_role(adm, role)
-        admin.create_role(adm, role, password_verifier=scram.verifier(password))
+        admin.create_role(adm, role, password_verifier=self.verifier(password))
         adm.execute(
             sql.SQL("COMMENT ON ROLE {} IS {}").format(
                 sql.Identifier(role), sql.Literal(self._ownership_mark())
@@ -747,7 +751,7 @@ class TenantService:
             password = scram.generate_password()
             with pools.admin() as adm:
                 admin.set_role_password(
-                    adm, tenant.role_name, password_verifier=scram.verifier(password)
+                    adm, tenant.role_name, password_verifier=self.verifier(password)
                 )
             return self.view(tenant, Credentials(tenant.role_name, password))
 
