@@ -30,7 +30,8 @@ def render(result: Mapping[str, Any], console: Console) -> None:
     machine = result.get("machine", {})
     template = result.get("template", {})
     console.print(
-        f"PostgreSQL {server.get('version', '?')} ({server.get('mode', '?')}; {durability})"
+        f"PostgreSQL {server.get('version', '?')} ({server.get('mode', '?')}; {durability};"
+        f" scram iterations {server.get('scram_iterations', '?')})"
         f" · {machine.get('cpus', '?')} CPUs, {machine.get('platform', '?')}"
     )
     size = template.get("size_bytes")

@@ -239,6 +239,7 @@ class Bench:
             "durability": {
                 name: show(name) for name in ("fsync", "synchronous_commit", "full_page_writes")
             },
+            "scram_iterations": self._settings.scram_iterations,
         }
 
     # ------------------------------------------------------------------ latency rounds
