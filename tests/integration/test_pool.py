@@ -151,15 +151,21 @@ def test_fast_handout_killed_mid_transaction_leaves_the_spare(
     pool.fill(svc, env.template, 1)
     [spare] = databases(env, "monk_spare_%")
     name = unique("Killed")
-    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as blocker:
+    system_db = env.settings.system_db_name
+    with (
+        psycopg.connect(env.target.conninfo, dbname=system_db) as blocker,
+        # autocommit: pg_stat_activity is read once per transaction
+        psycopg.connect(env.target.conninfo, dbname=system_db, autocommit=True) as watcher,
+    ):
         blocker.execute("LOCK TABLE operations IN SHARE ROW EXCLUSIVE MODE")
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
             attempt = ex.submit(svc.provision, name, template=env.template)
             pid = None
             for _ in range(200):
-                row = blocker.execute(
+                row = watcher.execute(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE '%hand_out_spare%'"
+                    " AND datname = %s AND pid <> %s",
+                    (system_db, blocker.info.backend_pid),
                 ).fetchone()
                 if row is not None:
                     pid = row[0]
