@@ -22,7 +22,12 @@ def _default_data_dir() -> Path:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MONK_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="MONK_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        # MONK_DATA_DIR= (empty) means the default, never the current directory.
+        env_ignore_empty=True,
     )
 
     database_url: SecretStr | None = Field(
