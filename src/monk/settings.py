@@ -26,8 +26,6 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
-        # MONK_DATA_DIR= (empty) means the default, never the current directory.
-        env_ignore_empty=True,
     )
 
     database_url: SecretStr | None = Field(
@@ -100,6 +98,14 @@ class Settings(BaseSettings):
             return validate_database_name(value)
         except InvalidName as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("data_dir", "archive_dir", mode="before")
+    @classmethod
+    def _folder_not_empty(cls, value: object) -> object:
+        # Path("") is the current directory: an empty variable must not put a server there.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it for the default, or name a folder")
+        return value
 
     @property
     def archives(self) -> Path:

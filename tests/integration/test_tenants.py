@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from monk.errors import (
     HashCollision,
@@ -384,3 +385,22 @@ def test_scram_iterations_apply_to_tenant_passwords(env: Env) -> None:
         ).fetchone()
     assert row is not None
     assert str(row[0]).startswith("SCRAM-SHA-256$16:")
+
+
+def test_database_settings_reach_the_tenant(env: Env, svc: TenantService) -> None:
+    s = env.settings
+    build = template_service.build(
+        env.target,
+        s,
+        f"tb_set_{uuid.uuid4().hex[:6]}",
+        source_dir=template_service.builtin_source_dir("empty"),
+    )
+    with psycopg.connect(env.target.conninfo, dbname=s.system_db_name, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE template_builds SET database_settings = %s WHERE id = %s",
+            (Jsonb({"work_mem": "8MB", "monk_test.tier": "it's gold"}), build.id),
+        )
+    view = svc.provision(unique("Settings"), template=build.key)
+    with tenant_conn(view.as_dict()["connection_url"]) as conn:
+        assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+        assert conn.execute("SELECT current_setting('monk_test.tier')").fetchone() == ("it's gold",)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from monk.settings import Settings, _default_data_dir
+from monk.settings import Settings
 
 
-def test_empty_variables_mean_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MONK_DATA_DIR", "")
-    monkeypatch.setenv("MONK_DATABASE_URL", "")
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.data_dir == _default_data_dir()
-    assert settings.data_dir != Path()
-    assert settings.database_url is None
+@pytest.mark.parametrize("variable", ["MONK_DATA_DIR", "MONK_ARCHIVE_DIR"])
+def test_an_empty_folder_is_refused(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    """Path('') is the current directory: the embedded server must not land there."""
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ValueError, match="is empty"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 def test_scram_iterations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,6 +29,7 @@ from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from monk.adapters import registry
@@ -37,6 +38,7 @@ from monk.adapters.postgres.connection import ServerTarget, connect, unavailable
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.core import scram, tenant_names
+from monk.core.identifiers import validate_database_name, validate_role_name
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
@@ -347,7 +349,7 @@ class TenantService:
             # activating the tenant commit together, so a crash leaves all of it or none.
             with reg.pipeline(), reg.transaction():
                 if shared_wal:
-                    self._configure_statements(reg, name.database, name.role, build)
+                    self._configure_in_registry(reg, name.database, name.role, build)
                     self._checkpoint("configured")
                 activated = registry.queue_update(
                     reg,
@@ -620,6 +622,24 @@ class TenantService:
             adm.execute("SET LOCAL synchronous_commit = off")
             self._configure_statements(adm, database, role, build)
 
+    def _configure_in_registry(
+        self,
+        reg: psycopg.Connection[Any],
+        database: str,
+        role: str,
+        build: template_service.TemplateBuild,
+    ) -> None:
+        """``_configure`` on the registry session, in the caller's transaction (and pipeline):
+        the system database's function ``configure_tenant_database`` runs the same statements."""
+        validate_database_name(database)
+        validate_role_name(role)
+        admin.validate_setting_names(build.database_settings)
+        reg.execute(
+            "SELECT configure_tenant_database(%s, %s, %s, %s)",
+            (database, role, self._ownership_mark(), Jsonb(dict(build.database_settings))),
+            prepare=True,
+        )
+
     def _configure_statements(
         self,
         conn: psycopg.Connection[Any],
@@ -627,7 +647,7 @@ class TenantService:
         role: str,
         build: template_service.TemplateBuild,
     ) -> None:
-        """The statements of ``_configure``, in the caller's transaction (and pipeline)."""
+        """The statements of ``_configure``, in the caller's transaction."""
         db, r = sql.Identifier(database), sql.Identifier(role)
         conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))

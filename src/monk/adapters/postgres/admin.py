@@ -145,12 +145,17 @@ def close_database(conn: Conn, name: str, *, as_template: bool) -> None:
     terminate_sessions(conn, name)
 
 
+def validate_setting_names(settings: Mapping[str, str]) -> None:
+    for key in settings:
+        if not all(part.isidentifier() for part in key.split(".")):
+            raise MonkError(f"invalid database setting name {key!r}")
+
+
 def set_database_settings(conn: Conn, name: str, settings: Mapping[str, str]) -> None:
     """ALTER DATABASE … SET for each setting: a clone does not copy them."""
     validate_database_name(name)
+    validate_setting_names(settings)
     for key, value in settings.items():
-        if not all(part.isidentifier() for part in key.split(".")):
-            raise MonkError(f"invalid database setting name {key!r}")
         conn.execute(
             sql.SQL("ALTER DATABASE {} SET {} = {}").format(
                 sql.Identifier(name),
