@@ -61,23 +61,30 @@ class Spare:
 
 
 class SpareSecrets:
-    """Passwords (and their SCRAM verifiers) of the spares this process made."""
+    """Passwords of the spares whose keyholder is this process, with their template key."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_database: dict[str, str] = {}
+        self._by_database: dict[str, tuple[str, str]] = {}
 
-    def put(self, database: str, password: str) -> None:
+    def put(self, database: str, password: str, template: str) -> None:
         with self._lock:
-            self._by_database[database] = password
+            self._by_database[database] = (password, template)
 
     def take(self, database: str) -> str | None:
         with self._lock:
-            return self._by_database.pop(database, None)
+            entry = self._by_database.pop(database, None)
+        return entry[0] if entry else None
 
-    def __bool__(self) -> bool:
+    def take_for(self, template: str) -> tuple[str, str] | None:
+        """(database, password) of the oldest known spare of ``template``, taken out, so that
+        no other thread of this process picks it; ``put`` it back if it was not handed out."""
         with self._lock:
-            return bool(self._by_database)
+            for database, (password, key) in self._by_database.items():
+                if key == template:
+                    del self._by_database[database]
+                    return database, password
+        return None
 
 
 def _new_name() -> str:
@@ -127,7 +134,7 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
                         )
                     )
                     svc._configure(adm, name, name, build)
-                svc.spare_secrets.put(name, password)
+                svc.spare_secrets.put(name, password, build.key)
                 reg.execute(
                     "UPDATE spares SET status = 'ready', ready_at = now(), migration_level = %s"
                     " WHERE id = %s",
@@ -156,10 +163,11 @@ class Claim:
     keyholder: UUID | None
 
 
-_FAST = """
-SELECT hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(database)s, %(role)s,
-                      %(host)s, %(template)s, %(idempotency_key)s, %(keyholder)s)
-"""
+_FAST = sql.SQL("""
+SELECT {} FROM hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(database)s, %(role)s,
+                              %(host)s, %(template)s, %(idempotency_key)s, %(keyholder)s,
+                              %(spare)s)
+""").format(registry.TENANT_COLUMNS)
 
 
 def hand_out_fast(
@@ -171,15 +179,17 @@ def hand_out_fast(
     template: str,
     idempotency_key: str | None,
 ) -> tuple[Tenant, str] | None:
-    """The fast handout (see the module's docstring): (tenant, password), or None when this
-    process holds no spare's password or the function declined (the caller takes the full
-    path, which knows what to answer for a busy or taken name)."""
-    if not svc.spare_secrets:
+    """The fast handout (see the module's docstring): one statement. Returns (tenant,
+    password), or None when this process knows no spare of ``template`` or the function
+    declined (the caller then takes the full path, which knows what to answer for a busy or
+    taken name, and serves spares of any keyholder)."""
+    picked = svc.spare_secrets.take_for(template)
+    if picked is None:
         return None
-    tenant_id = uuid4()
+    spare, password = picked
     params = {
         "lock": registry.advisory_key(name.database),
-        "id": tenant_id,
+        "id": uuid4(),
         "name": name.display,
         "name_key": name.key,
         "database": name.database,
@@ -188,24 +198,26 @@ def hand_out_fast(
         "template": template,
         "idempotency_key": idempotency_key,
         "keyholder": svc.instance_id,
+        "spare": spare,
     }
-    with reg.pipeline():
-        outcome = reg.execute(_FAST, params, prepare=True)
+    try:
         cur = reg.cursor(row_factory=class_row(Tenant))
-        cur.execute(
-            sql.SQL("SELECT {} FROM tenants WHERE id = %s").format(registry.TENANT_COLUMNS),
-            (tenant_id,),
-            prepare=True,
-        )
-        row = outcome.fetchone()  # the first fetch sends both: one round trip
-        tenant = cur.fetchone()
-    spare = str(row[0]) if row else ""
-    if tenant is None or not is_spare_name(spare):
+        tenant = cur.execute(_FAST, params, prepare=True).fetchone()
+    except BaseException:
+        # One transaction: nothing changed, the spare may serve later.
+        svc.spare_secrets.put(spare, password, template)
+        raise
+    if tenant is None:
+        # Declined: keep the password only if the spare is still ready and ours (not if another
+        # process's full path took it, or a drain or a rebuild dropped it).
+        still = reg.execute(
+            "SELECT 1 FROM spares WHERE host = %s AND database = %s AND status = 'ready'"
+            " AND keyholder = %s",
+            (host, spare, svc.instance_id),
+        ).fetchone()
+        if still is not None:
+            svc.spare_secrets.put(spare, password, template)
         return None
-    password = svc.spare_secrets.take(spare)
-    if password is None:  # not expected: the keyholder is us; still, never answer a guess
-        password = scram.generate_password()
-        admin.set_role_password(reg, name.role, password_verifier=svc.verifier(password))
     return tenant, password
 
 
@@ -406,8 +418,9 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
     while True:
         with pools.system() as reg, reg.transaction():
             row = reg.execute(
-                "SELECT id, database FROM spares WHERE host = %s AND status = 'ready'"
-                " AND keyholder IS DISTINCT FROM %s LIMIT 1 FOR UPDATE SKIP LOCKED",
+                "SELECT id, database, template_key FROM spares WHERE host = %s"
+                " AND status = 'ready' AND keyholder IS DISTINCT FROM %s"
+                " LIMIT 1 FOR UPDATE SKIP LOCKED",
                 (pools.target.name, svc.instance_id),
             ).fetchone()
             if row is None:
@@ -417,7 +430,7 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
             admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
             reg.execute("UPDATE spares SET keyholder = %s WHERE id = %s", (svc.instance_id, row[0]))
             # Before the commit: a handout that sees us as keyholder finds the password.
-            svc.spare_secrets.put(database, password)
+            svc.spare_secrets.put(database, password, str(row[2]))
         adopted += 1
 
 
