@@ -71,13 +71,24 @@ def get_live(conn: Conn, name_key: str) -> Tenant | None:
         return cur.fetchone()
 
 
-def lock_and_find(conn: Conn, name: TenantName) -> tuple[bool, Tenant | None]:
+def lock_and_find(
+    conn: Conn, name: TenantName, *, ready_spares_of: tuple[str, str] | None = None
+) -> tuple[bool, Tenant | None, bool]:
     """``try_lock`` on the name's database, and the live tenant with this identity (else the
-    live one holding its database: a hash collision), in one round trip (pipelined)."""
+    live one holding its database: a hash collision), and whether a ready spare of
+    ``ready_spares_of`` (host, template) exists, in one round trip (pipelined)."""
     with conn.pipeline():
         locked_cur = conn.execute(
             "SELECT pg_try_advisory_lock(%s)", (advisory_key(name.database),), prepare=True
         )
+        spares_cur = None
+        if ready_spares_of is not None:
+            spares_cur = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM spares WHERE host = %s AND template_key = %s"
+                " AND status = 'ready')",
+                ready_spares_of,
+                prepare=True,
+            )
         with conn.cursor(row_factory=class_row(Tenant)) as cur:
             cur.execute(
                 _select(
@@ -89,8 +100,9 @@ def lock_and_find(conn: Conn, name: TenantName) -> tuple[bool, Tenant | None]:
                 (name.key, name.database, name.key),
                 prepare=True,
             )
-            row = locked_cur.fetchone()  # the first fetch sends both, one round trip
-            return bool(row and row[0]), cur.fetchone()
+            row = locked_cur.fetchone()  # the first fetch sends them all, one round trip
+            spares = spares_cur.fetchone() if spares_cur is not None else None
+            return bool(row and row[0]), cur.fetchone(), bool(spares and spares[0])
 
 
 def get_live_by_database(conn: Conn, database: str) -> Tenant | None:

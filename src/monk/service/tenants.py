@@ -145,6 +145,14 @@ class Hosts:
             pools.close()
 
 
+@dataclass
+class _HeldLock:
+    """The tenant's session advisory lock, while a provision holds it."""
+
+    database: str
+    held: bool = True
+
+
 class TenantService:
     def __init__(
         self,
@@ -229,13 +237,19 @@ class TenantService:
             fast = self._provision_fast(reg, pools, name, template, idempotency_key)
             if fast is not None:
                 return fast
-            locked, existing = registry.lock_and_find(reg, name)
+            locked, existing, spares_ready = registry.lock_and_find(
+                reg, name, ready_spares_of=(pools.target.name, template)
+            )
             if not locked:
                 return self._concurrent(reg, name, idempotency_key)
+            lock = _HeldLock(name.database)
             try:
-                return self._provision_locked(reg, pools, name, template, idempotency_key, existing)
+                return self._provision_locked(
+                    reg, pools, name, template, idempotency_key, existing, spares_ready, lock
+                )
             finally:
-                registry.unlock(reg, name.database)
+                if lock.held:
+                    registry.unlock(reg, name.database)
 
     def _concurrent(
         self, reg: psycopg.Connection[Any], name: TenantName, idempotency_key: str | None
@@ -259,6 +273,8 @@ class TenantService:
         template: str,
         idempotency_key: str | None,
         existing: Tenant | None,
+        spares_ready: bool,
+        lock: _HeldLock,
     ) -> TenantView:
         if existing is not None and existing.status in ("provisioning", "deleting"):
             # We hold its lock, so the process that owned it is gone: finish or undo it first.
@@ -269,9 +285,10 @@ class TenantService:
                 return self.view(existing)
             raise registry.exists_error(reg, name)
 
-        warm = self._provision_from_pool(reg, pools, name, template, idempotency_key)
-        if warm is not None:
-            return warm
+        if spares_ready:
+            warm = self._provision_from_pool(reg, pools, name, template, idempotency_key)
+            if warm is not None:
+                return warm
         build = self._current_build(template, pools.target, reg, cached=True)
         shared_wal = self._registry_shares_wal(pools)
         # One round trip: the intent and its journal entry commit together, and the template's
@@ -347,22 +364,33 @@ class TenantService:
             # One round trip: on one server, configuring the database (ownership, rights,
             # settings, mark: cluster-wide catalogs, reachable from the registry's session) and
             # activating the tenant commit together, so a crash leaves all of it or none.
-            with reg.pipeline(), reg.transaction():
-                if shared_wal:
-                    self._configure_in_registry(reg, name.database, name.role, build)
-                    self._checkpoint("configured")
-                activated = registry.queue_update(
-                    reg,
-                    tenant.id,
-                    status="active",
-                    is_active=True,
-                    step="active",
-                    migration_level=level,
-                    template_version=build.version,
+            with reg.pipeline():
+                with reg.transaction():
+                    if shared_wal:
+                        self._configure_in_registry(reg, name.database, name.role, build)
+                        self._checkpoint("configured")
+                    activated = registry.queue_update(
+                        reg,
+                        tenant.id,
+                        status="active",
+                        is_active=True,
+                        step="active",
+                        migration_level=level,
+                        template_version=build.version,
+                    )
+                    registry.finish_operation(reg, op, "done", step="active")
+                # After the COMMIT (a session lock released inside the transaction would let
+                # another process see the intent before the activation), same round trip.
+                reg.execute(
+                    "SELECT pg_advisory_unlock(%s)",
+                    (registry.advisory_key(lock.database),),
+                    prepare=True,
                 )
-                registry.finish_operation(reg, op, "done", step="active")
+            lock.held = False
             tenant = registry.fetch_tenant(activated)
         except BaseException as exc:
+            if reg.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                reg.rollback()  # a pipeline reports an error after queueing the COMMIT
             clone_refused = isinstance(exc, StrayDatabase)
             self._undo_provision(reg, pools, tenant, drop_database=not clone_refused)
             registry.finish_operation(reg, op, "failed", step=step, error=_describe(exc))
