@@ -20,6 +20,7 @@ from tests.integration.template_support import (
     assert_closed_template,
     copy_builtin,
     drop_key,
+    key_databases,
     new_key,
     read_json,
     scratch_clone,
@@ -243,3 +244,30 @@ def test_build_killed_at_a_random_moment(
             "SELECT count(*) FROM template_builds WHERE status = 'building'"
         ).fetchone()
     assert building == (0,)
+
+
+def test_build_all_goes_on_past_a_bad_source(monk: RunMonk, admin_url: str, tmp_path: Path) -> None:
+    good, bad = new_key(), new_key()
+    folder = tmp_path / "sources"
+    copy_builtin(folder, "empty", good)
+    bad_path = copy_builtin(folder, "empty", bad)
+    write_json(
+        bad_path / "schemas" / "thing.json",
+        {"type": "object", "properties": {"Bad-Name": {"type": "string"}}},
+    )
+    env = {"MONK_TEMPLATE_PATH": json.dumps([str(folder)])}
+    try:
+        done = monk("template", "build", "--all", "--json", env=env, timeout=600)
+        assert done.returncode == 1, done.stderr
+        by_key = {item["key"]: item for item in json.loads(done.stdout)}
+        assert by_key[good]["status"] == "ready"
+        assert {"empty", "basic", "crm", "saas"} <= set(by_key)
+        assert by_key[bad]["built"] is False
+        assert by_key[bad]["error"]["code"] == "INVALID_TEMPLATE_SOURCE"
+        assert bad in done.stderr
+        assert "1 of" in done.stderr
+        assert key_databases(admin_url, bad) == []
+        assert_closed_template(admin_url, template_db_name(good))
+    finally:
+        for k in (good, bad, "empty", "basic", "crm", "saas"):
+            drop_key(admin_url, k)

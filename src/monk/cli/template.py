@@ -12,8 +12,8 @@ from rich.status import Status
 
 from monk.adapters.postgres.connection import ServerTarget
 from monk.cli.context import state
-from monk.cli.output import console, print_json, print_mapping, print_rows
-from monk.errors import InvalidRequest, MonkError
+from monk.cli.output import console, err_console, print_json, print_mapping, print_rows
+from monk.errors import InvalidRequest, MonkError, OperationFailed
 from monk.service import templates as template_service
 
 app = typer.Typer(
@@ -134,17 +134,27 @@ def build(
     keys = template_service.available_keys(s.settings) if all_keys else [str(key)]
     target = _target()
     results = []
+    failures: list[tuple[str, MonkError]] = []
     show_steps = console.is_terminal and not as_json
     for k in keys:
-        if show_steps:
-            with _StepDisplay(k) as display:
+        try:
+            if show_steps:
+                with _StepDisplay(k) as display:
+                    result = template_service.build_template(
+                        target, s.settings, k, force=force, source_dir=source, progress=display
+                    )
+            else:
                 result = template_service.build_template(
-                    target, s.settings, k, force=force, source_dir=source, progress=display
+                    target, s.settings, k, force=force, source_dir=source
                 )
-        else:
-            result = template_service.build_template(
-                target, s.settings, k, force=force, source_dir=source
-            )
+        except MonkError as exc:
+            if not all_keys:
+                raise
+            # One bad source does not stop the others; each failure left nothing behind.
+            failures.append((k, exc))
+            if not as_json:
+                err_console.print(f"[red]{escape(k)}[/red]: {exc.code}: {escape(str(exc))}")
+            continue
         results.append(result)
         if not as_json:
             b = result.build
@@ -156,8 +166,18 @@ def build(
             else:
                 console.print(f"{escape(b.key)} is up to date: {b.version} in {b.database}")
     if as_json:
-        out = [{"built": r.built, **r.build.as_dict()} for r in results]
+        out: list[dict[str, object]] = [{"built": r.built, **r.build.as_dict()} for r in results]
+        out += [
+            {"key": k, "built": False, "error": {"code": exc.code, "message": str(exc)}}
+            for k, exc in failures
+        ]
         print_json(out if all_keys else out[0])
+    if failures:
+        raise OperationFailed(
+            f"{len(failures)} of {len(keys)} template(s) failed to build: "
+            + ", ".join(k for k, _ in failures),
+            step="build",
+        )
 
 
 @app.command("list")
