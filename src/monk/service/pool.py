@@ -12,9 +12,9 @@ holds the spare's advisory lock, so the reconciler can tell a live creation from
 Passwords of spares live only in the memory of the process that set them (never in the
 registry); the spare's ``keyholder`` column names that process. Two handouts:
 
-    fast   the spare's keyholder is this process: one call of the system database's function
-           ``hand_out_spare`` (one round trip, one transaction: lock, checks, claim, renames,
-           LOGIN, tenant row, journal), plus the tenant row read in the same pipeline
+    fast   a spare whose keyholder is this process, named by it: one statement,
+           ``SELECT … FROM hand_out_spare(…)`` (one round trip, one transaction: lock, checks,
+           claim, renames, LOGIN, journal, tenant row returned)
     full   anything else (a name that is taken or busy, only spares of other keyholders): the
            lifecycle's own path under the session lock, which issues a fresh password when the
            spare's keyholder is another process (``ALTER ROLE … PASSWORD`` costs ~4 ms of
