@@ -363,3 +363,29 @@ def test_generated_schemas_compile_to_ddl_that_runs(
             assert report.problems == ()
         finally:
             db.rollback()
+
+
+def test_prune_forgets_failed_builds_but_the_latest(
+    installed: ServerTarget, settings: Settings, key: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "empty", key)
+    (path / "migrations").mkdir(exist_ok=True)
+    for attempt in range(3):
+        # a new version each time (the content hash changes), failing at its migration
+        (path / "migrations" / "0001_boom.sql").write_text(f"SELECT {attempt} / 0;\n")
+        with pytest.raises(InvalidTemplateSource, match="0001_boom"):
+            ts.build(installed, settings, key, source_dir=path)
+    with _system(installed, settings) as reg:
+        failed = reg.execute(
+            "SELECT id FROM template_builds WHERE key = %s AND status = 'failed'"
+            " ORDER BY created_at",
+            (key,),
+        ).fetchall()
+    assert len(failed) == 3
+    forgotten = ts.prune(installed, settings, key)
+    assert sorted(str(b.id) for b in forgotten) == sorted(str(r[0]) for r in failed[:2])
+    assert {b.status for b in forgotten} == {"failed"}
+    with _system(installed, settings) as reg:
+        left = reg.execute("SELECT id FROM template_builds WHERE key = %s", (key,)).fetchall()
+    assert left == [failed[2]]
+    assert ts.prune(installed, settings, key) == []

@@ -261,7 +261,8 @@ def prune(
     key: str | None = typer.Argument(None, help="Only this template key."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Drop the retired builds that no live tenant was cloned from."""
+    """Drop the retired builds that no live tenant was cloned from; forget failed builds but
+    the latest of each key."""
     s = state()
     dropped = template_service.prune(_target(), s.settings, key)
     if as_json:
@@ -270,7 +271,10 @@ def prune(
         console.print("nothing to prune")
     else:
         for b in dropped:
-            console.print(f"dropped {escape(b.key)} {b.version} ({b.database})")
+            if b.status == "failed":
+                console.print(f"forgot failed build {escape(b.key)} {b.version}")
+            else:
+                console.print(f"dropped {escape(b.key)} {b.version} ({b.database})")
 
 
 @app.command()

@@ -953,13 +953,16 @@ def drop(
 
 
 def prune(target: ServerTarget, settings: Settings, key: str | None = None) -> list[TemplateBuild]:
-    """Drop the retired builds (of ``key``, or of every key) that no live tenant needs."""
+    """Drop the retired builds (of ``key``, or of every key) that no live tenant needs, and
+    forget failed builds but the latest of each key (they have no database left; the latest
+    still tells ``template list --all`` why the key's last build failed)."""
     with _system(target, settings, "template-prune") as reg:
         keys = [
             str(r[0])
             for r in reg.execute(
-                "SELECT DISTINCT key FROM template_builds WHERE host = %s AND status = 'retired'"
-                " AND (%s::text IS NULL OR key = %s) ORDER BY 1",
+                "SELECT DISTINCT key FROM template_builds WHERE host = %s"
+                " AND status IN ('retired', 'failed') AND (%s::text IS NULL OR key = %s)"
+                " ORDER BY 1",
                 (target.name, key, key),
             ).fetchall()
         ]
@@ -978,6 +981,17 @@ def prune(target: ServerTarget, settings: Settings, key: str | None = None) -> l
                         admin.drop_database(adm, build.database)
                     _mark_dropped(reg, build.id)
                     dropped.append(_get(reg, build.id))
+                with reg.cursor(row_factory=class_row(TemplateBuild)) as cur:
+                    cur.execute(
+                        sql.SQL(
+                            "DELETE FROM template_builds WHERE key = %s AND host = %s"
+                            " AND status = 'failed' AND id <> (SELECT id FROM template_builds"
+                            " WHERE key = %s AND host = %s AND status = 'failed'"
+                            " ORDER BY created_at DESC LIMIT 1) RETURNING {}"
+                        ).format(_BUILD_COLUMNS),
+                        (k, target.name, k, target.name),
+                    )
+                    dropped.extend(cur.fetchall())
         return dropped
 
 
