@@ -9,11 +9,42 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monk.core.identifiers import validate_database_name
 from monk.errors import ConfigError, InvalidName
+
+EVENT_TYPES = (
+    "tenant.provisioned",
+    "tenant.disabled",
+    "tenant.enabled",
+    "tenant.trashed",
+    "tenant.restored",
+    "tenant.purged",
+)
+
+
+class Hook(BaseModel):
+    """One observer: a URL that receives tenant events as signed JSON POSTs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://", description="Where events are POSTed.")
+    events: list[str] = Field(default=["*"], description="Event types, or '*' for all.")
+    secret: SecretStr | None = Field(default=None, description="HMAC-SHA256 signing secret.")
+    timeout: float = Field(default=5.0, gt=0, le=60, description="Seconds per delivery.")
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e != "*" and e not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; known: {', '.join(EVENT_TYPES)}")
+        return value
+
+    def wants(self, event_type: str) -> bool:
+        return "*" in self.events or event_type in self.events
 
 
 def _default_data_dir() -> Path:
@@ -82,6 +113,14 @@ class Settings(BaseSettings):
     pool_size: int = Field(
         default=8, ge=1, le=100, description="Max connections per pool (registry, admin)."
     )
+    hooks: list[Hook] = Field(
+        default_factory=list,
+        description='Observers (JSON): [{"url": "https://…", "events": ["tenant.provisioned"], '
+        '"secret": "…"}]; monk serve delivers tenant events to them, at least once.',
+    )
+    events_retention_days: int = Field(
+        default=30, ge=1, description="Days delivered events are kept as an audit trail."
+    )
     fault_pause_at: str | None = Field(
         default=None,
         description="Test hook: pause forever when an operation reaches this step "
@@ -123,7 +162,10 @@ class Settings(BaseSettings):
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, list):
-                value = [str(v) for v in value]
+                # pydantic dumps a SecretStr (a hook's secret) as '**********'
+                value = [
+                    v.model_dump(mode="json") if isinstance(v, BaseModel) else str(v) for v in value
+                ]
             out[f"MONK_{name.upper()}"] = value
         return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monk.adapters.postgres.connection import ServerTarget
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import pool, purge
+from monk.service import events, pool, purge
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -56,16 +57,35 @@ class Runtime:
         self._worker = threading.Thread(target=self._work, name="monk-purge", daemon=True)
         self._refill_wake = threading.Event()
         self._refiller = threading.Thread(target=self._refill, name="monk-pool", daemon=True)
+        self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
 
     def start(self) -> None:
         self._worker.start()
         self._refiller.start()
+        self._notifier.start()
 
     def wake_worker(self) -> None:
         self._wake.set()
 
     def wake_refiller(self) -> None:
         self._refill_wake.set()
+
+    def _notify(self) -> None:
+        """Deliver tenant events to the observers (MONK_HOOKS) every second; forget old
+        delivered ones hourly."""
+        last_cleanup = 0.0
+        while not self._stop.is_set():
+            try:
+                with self.tenants.hosts.pools().system() as reg:
+                    events.deliver_due(reg, self.settings)
+                    if time.monotonic() - last_cleanup > 3600:
+                        events.forget_old(reg, self.settings)
+                        last_cleanup = time.monotonic()
+            except MonkError as exc:
+                log.warning("event delivery: %s", exc)
+            except Exception:
+                log.exception("event delivery failed; retrying")
+            self._stop.wait(timeout=1.0)
 
     def _refill(self) -> None:
         """Keep the warm pool topped up. It runs beside provisioning on its own connections,
@@ -93,6 +113,7 @@ class Runtime:
         self._refill_wake.set()
         self._worker.join(timeout=60)
         self._refiller.join(timeout=60)
+        self._notifier.join(timeout=60)
         self.tenants.close()
 
     def _work(self) -> None:
