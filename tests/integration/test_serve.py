@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
+import uuid
 
 import httpx
 import pytest
 
 from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
+from tests.integration.test_events import Receiver
 
 pytestmark = pytest.mark.slow
 
 
 def test_serve_answers_and_stops_cleanly(env: Env) -> None:
     port = free_port()
-    environ = settings_env(env.settings)
+    receiver = Receiver()
+    hooks = json.dumps([{"url": receiver.url, "events": ["tenant.provisioned"]}])
+    environ = settings_env(env.settings) | {"MONK_HOOKS": hooks}
     proc = subprocess.Popen(
         [MONK_BIN, "serve", "--port", str(port), "--templates", env.template],
         env=environ,
@@ -45,7 +50,24 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
         assert listed.status_code == 200
         assert listed.json()["success"] is True
         assert httpx.get(f"{base}/api/root/tenant", timeout=10).status_code == 401
+        # the server's own worker delivers the new tenant's event to the observer
+        name = f"Served {uuid.uuid4().hex[:8]}"
+        made = httpx.post(
+            f"{base}/api/root/tenant",
+            json={"name": name, "template": env.template},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert made.status_code == 201, made.text
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(b["tenant"]["name"] == name for b in receiver.bodies()):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no tenant.provisioned event for {name!r} reached the webhook")
     finally:
+        receiver.server.shutdown()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     # uvicorn shuts down gracefully, then re-raises the signal it caught (exit by SIGTERM).

@@ -32,7 +32,8 @@ class Metrics:
         self.provision_seconds = Histogram(
             "monk_provision_seconds",
             "Provisioning latency",
-            buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+            # warm handouts take a few milliseconds, cold clones tens to hundreds
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
         self.template_builds = Counter(
@@ -40,6 +41,12 @@ class Metrics:
         )
         self.purge_queue = Gauge(
             "monk_purge_queue_depth", "Purges queued for the background worker", registry=r
+        )
+        self.event_deliveries = Counter(
+            "monk_event_deliveries",
+            "Tenant event delivery attempts by result",
+            ["result"],
+            registry=r,
         )
 
 
@@ -77,7 +84,11 @@ class Runtime:
         while not self._stop.is_set():
             try:
                 with self.tenants.hosts.pools().system() as reg:
-                    events.deliver_due(reg, self.settings)
+                    report = events.deliver_due(reg, self.settings)
+                    if report.delivered:
+                        self.metrics.event_deliveries.labels("delivered").inc(report.delivered)
+                    if report.failed:
+                        self.metrics.event_deliveries.labels("failed").inc(report.failed)
                     if time.monotonic() - last_cleanup > 3600:
                         events.forget_old(reg, self.settings)
                         last_cleanup = time.monotonic()
