@@ -15,7 +15,8 @@ The latency rounds rotate the order of the variants so that machine noise (check
 other core) hits them alike; each round ends by deprovisioning its tenants (timed: the purge
 request, which is the caller's answer, and the background drop) and dropping its raw and scratch
 databases (untimed). Throughput runs ``ops`` raw clones and ``ops`` cold provisions at each
-concurrency (threads, one connection each for raw, the service's pools for monk), errors
+concurrency (threads, one connection each for raw, the service's pools for monk), in the order
+raw, monk, monk, raw with half the operations each time (drift weighs on both alike), errors
 counted, not raised.
 
 Everything made carries the run's prefix (databases ``monkbench_<run>_…``, tenants
@@ -76,6 +77,20 @@ def ops_per_level(concurrency: int, iterations: int) -> int:
     latency rounds at least, so that a level lasts long enough for one slow operation (a
     checkpoint, the other core busy) not to decide its rate."""
     return max(4 * concurrency, iterations, 1)
+
+
+@dataclass
+class _Tally:
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, ok: int, failed: int, seconds: float, errors: list[str]) -> None:
+        self.ok += ok
+        self.failed += failed
+        self.seconds += seconds
+        self.errors += errors
 
 
 @dataclass
@@ -361,24 +376,30 @@ class Bench:
             self._progress("throughput", index, len(levels))
             ops = ops_per_level(c, self.config.iterations)
             level: dict[str, Any] = {"ops": ops}
-            # Alternate which goes first, so neither always runs after the other's drops.
-            order = ("raw", "monk") if index % 2 == 0 else ("monk", "raw")
-            for variant in order:
+            # A-B-B-A: each variant runs twice, half its operations each time, once before and
+            # once after the other, so that a drift of the machine (the filesystem slowing
+            # down as drops accumulate, a checkpoint) weighs on both alike.
+            halves = (ops + 1) // 2
+            level["ops"] = 2 * halves
+            totals = {v: _Tally() for v in ("raw", "monk")}
+            for variant in ("raw", "monk", "monk", "raw"):
                 if variant == "raw":
-                    names = [self.db_name("traw") for _ in range(ops)]
+                    names = [self.db_name("traw") for _ in range(halves)]
                     ok, failed, seconds, errors = self._parallel_raw(names, c)
                     self._drop_databases(adm, names)
                 else:
-                    names = [self.tenant_name("tmonk") for _ in range(ops)]
+                    names = [self.tenant_name("tmonk") for _ in range(halves)]
                     ok, failed, seconds, errors = self._parallel(
                         c, names, lambda name: self._provision(svc, name)
                     )
                     self._purge_all(svc, names)
-                level[f"{variant}_per_s"] = stats.throughput(ok, seconds)
-                level[f"{variant}_failures"] = failed
-                level[f"{variant}_seconds"] = round(seconds, 3)
-                if errors:
-                    level[f"{variant}_errors"] = errors
+                totals[variant].add(ok, failed, seconds, errors)
+            for variant, t in totals.items():
+                level[f"{variant}_per_s"] = stats.throughput(t.ok, t.seconds)
+                level[f"{variant}_failures"] = t.failed
+                level[f"{variant}_seconds"] = round(t.seconds, 3)
+                if t.errors:
+                    level[f"{variant}_errors"] = t.errors[:3]
             out[str(c)] = level
         self._progress("throughput", len(levels), len(levels))
         return out
