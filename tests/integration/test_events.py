@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from monk.errors import OperationFailed
-from monk.service import events, pool, purge
+from monk.service import doctor, events, pool, purge
 from monk.service.tenants import TenantService
 from monk.settings import Hook
 from tests.integration.conftest import Env
@@ -180,3 +180,33 @@ def test_events_cli(env: Env, svc: TenantService, receiver: Receiver) -> None:
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["failed"] == 1
     assert OperationFailed.code in failed.stderr
+
+
+def test_doctor_reports_a_stuck_backlog(env: Env, svc: TenantService, receiver: Receiver) -> None:
+    drain_events(env)
+    settings = env.settings.model_copy(update={"hooks": [Hook(url=receiver.url)]})
+    svc.provision(unique("Backlog"), template=env.template)
+    receiver.status = 500
+    with TenantService(settings, env.target) as hooked, hooked.hosts.pools().system() as reg:
+        assert events.deliver_due(reg, settings).failed == 1
+        # fresh failures are not a problem yet: delivery retries by itself
+        assert not [
+            p
+            for p in doctor.diagnose(doctor.take_snapshot(hooked))
+            if p.kind == "undelivered_events"
+        ]
+        reg.execute(
+            "UPDATE events SET created_at = now() - interval '1 hour' WHERE delivered_at IS NULL"
+        )
+        [problem] = [
+            p
+            for p in doctor.diagnose(doctor.take_snapshot(hooked))
+            if p.kind == "undelivered_events"
+        ]
+    assert "1 tenant event(s)" in problem.detail
+    assert "HTTP 500" in problem.detail
+    # without observers configured the outbox is an audit trail, never a problem
+    assert not [
+        p for p in doctor.diagnose(doctor.take_snapshot(svc)) if p.kind == "undelivered_events"
+    ]
+    drain_events(env)

@@ -24,6 +24,7 @@ from monk.service.tenants import TenantService
 log = logging.getLogger(__name__)
 
 SETTLED = ("active", "disabled", "trashed")
+_EVENT_BACKLOG_S = 600
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Snapshot:
     spare_databases: frozenset[str]  # monk_spare_* databases and roles that are ours
     spare_roles: frozenset[str]
     spare_names: frozenset[str]  # databases named by spare rows
+    # events undelivered for over _EVENT_BACKLOG_S while observers are configured
+    stale_events: int = 0
+    stale_events_error: str | None = None
 
 
 def take_snapshot(svc: TenantService) -> Snapshot:
@@ -77,6 +81,16 @@ def take_snapshot(svc: TenantService) -> Snapshot:
             if registry.try_lock(reg, lock_name):
                 registry.unlock(reg, lock_name)
                 crashed_spares.append(row)
+        stale_events, stale_error = 0, None
+        if svc.settings.hooks:
+            backlog = reg.execute(
+                "SELECT count(*), (array_agg(last_error ORDER BY seq DESC))[1] FROM events"
+                " WHERE delivered_at IS NULL"
+                " AND created_at < now() - make_interval(secs => %s)",
+                (_EVENT_BACKLOG_S,),
+            ).fetchone()
+            if backlog is not None:
+                stale_events, stale_error = int(backlog[0]), backlog[1]
         queued = {
             op.database
             for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
@@ -101,6 +115,8 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         spare_databases=frozenset(n for n in db_rows if pool.is_spare_name(n)),
         spare_roles=frozenset(n for n in role_rows if pool.is_spare_name(n)),
         spare_names=frozenset(r.database for r in spares),
+        stale_events=stale_events,
+        stale_events_error=str(stale_error) if stale_error is not None else None,
     )
 
 
@@ -185,6 +201,17 @@ def diagnose(snap: Snapshot) -> list[Problem]:
     for name in sorted((snap.spare_databases | snap.spare_roles) - snap.spare_names):
         problems.append(
             Problem("orphan_spare", name, "warm-pool spare with no registry row", "drop it")
+        )
+    if snap.stale_events:
+        problems.append(
+            Problem(
+                "undelivered_events",
+                "events",
+                f"{snap.stale_events} tenant event(s) undelivered for over "
+                f"{_EVENT_BACKLOG_S // 60} minutes (is monk serve running? last error: "
+                f"{snap.stale_events_error or 'none'})",
+                "none: fix the webhook or run monk serve; delivery retries by itself",
+            )
         )
     for name in snap.template_leftovers:
         problems.append(
