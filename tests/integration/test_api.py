@@ -145,3 +145,23 @@ def test_not_found_routes_use_the_envelope(client: TestClient, auth: dict[str, s
     assert r.status_code == 404
     assert r.json()["error_code"] == "TENANT_NOT_FOUND"
     assert client.get("/nope").json()["success"] is False
+
+
+def test_events_over_http(env: Env, client: TestClient, auth: dict[str, str]) -> None:
+    n = name()
+    created = client.post(
+        "/api/root/tenant", json={"name": n, "template": env.template}, headers=auth
+    )
+    assert created.status_code == 201, created.text
+    disabled = client.patch(f"/api/root/tenant/{n}", json={"is_active": False}, headers=auth)
+    assert disabled.status_code == 200, disabled.text
+    listed = client.get("/api/root/events", params={"limit": 10_000}, headers=auth)
+    assert listed.status_code == 200, listed.text
+    mine = [e for e in listed.json()["data"] if e["tenant"]["name"] == n]
+    assert [e["type"] for e in mine] == ["tenant.disabled", "tenant.provisioned"]  # newest first
+    assert mine[0]["seq"] > mine[1]["seq"]
+    assert mine[1]["tenant"]["database"] == created.json()["data"]["database"]
+    assert client.get("/api/root/events").status_code == 401
+    bad = client.get("/api/root/events", params={"limit": 0}, headers=auth)
+    assert bad.status_code == 422
+    assert bad.json()["success"] is False

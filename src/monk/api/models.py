@@ -92,6 +92,20 @@ class OperationOut(BaseModel):
     finished_at: str | None
 
 
+class EventOut(BaseModel):
+    """A tenant event (see ``monk.service.events``): what observers receive, and its delivery."""
+
+    id: str
+    seq: int
+    type: str
+    tenant: dict[str, Any]
+    created_at: str
+    attempts: int
+    next_attempt_at: str
+    delivered_at: str | None
+    last_error: str | None
+
+
 class ServiceHealth(BaseModel):
     status: str
     database: str

@@ -1,4 +1,4 @@
-"""Liveness, Prometheus metrics, and the operations journal."""
+"""Liveness, Prometheus metrics, the operations journal and the tenant events."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import connect
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import ERROR_RESPONSES, Ok
-from monk.api.models import OperationOut, ServiceHealth
+from monk.api.models import EventOut, OperationOut, ServiceHealth
 from monk.errors import MonkError
-from monk.service import purge
+from monk.service import events, purge
 
 router = APIRouter()
 
@@ -96,3 +96,20 @@ def operations(
             for op in ops
         ]
     )
+
+
+@router.get(
+    "/api/root/events",
+    tags=["operations"],
+    summary="Tenant events, newest first: what observers receive, with their delivery state",
+    responses=ERROR_RESPONSES,
+)
+def events_(
+    rt: RuntimeDep,
+    _: Root,
+    pending: bool = False,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Ok[list[EventOut]]:
+    with rt.tenants.hosts.pools().system() as reg:
+        found = events.list_events(reg, pending=pending, limit=limit)
+    return Ok(data=[EventOut.model_validate(e.as_dict()) for e in found])
