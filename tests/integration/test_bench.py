@@ -45,16 +45,21 @@ def drop_template(admin_url: str, database: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
 
 
-def test_bench_writes_its_json_and_removes_what_it_made(
-    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
-) -> None:
-    # A copy of the small built-in template under a key of its own: template database names
-    # are cluster-global and other tests share this server.
+def own_template(monk: RunMonk, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """A copy of the small built-in template under a key of its own: template database names
+    are cluster-global and other tests share this server."""
     key = f"bench_{uuid.uuid4().hex[:8]}"
     folder = tmp_path / "sources"
     shutil.copytree(builtin_sources_dir() / "basic", folder / key)
     env = {"MONK_TEMPLATE_PATH": json.dumps([str(folder)])}
     assert monk("init", env=env).returncode == 0
+    return key, env
+
+
+def test_bench_writes_its_json_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    key, env = own_template(monk, tmp_path)
     before = server_objects(admin_url)
     out = tmp_path / "out.json"
     try:
@@ -114,11 +119,45 @@ def test_bench_writes_its_json_and_removes_what_it_made(
             "throughput_over_raw",
         ]
         assert result["notes"] == []
+        assert result["config"]["dropped_while_measuring"] is False
 
         # nothing left behind: databases, roles, registry rows, spares
         assert server_objects(admin_url) == before
         with psycopg.connect(admin_url, dbname=settings.system_db_name) as reg:
             assert reg.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
             assert reg.execute("SELECT count(*) FROM spares").fetchone() == (0,)
+    finally:
+        drop_template(admin_url, f"monk_template_{key}")
+
+
+def test_bench_can_drop_as_it_goes(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    key, env = own_template(monk, tmp_path)
+    before = server_objects(admin_url)
+    out = tmp_path / "out.json"
+    try:
+        run = monk(
+            "bench",
+            "--template",
+            key,
+            "--iterations",
+            "2",
+            "--concurrency",
+            "2",
+            "--drop-each-round",
+            "--json",
+            str(out),
+            env=env,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr + run.stdout
+        result = json.loads(out.read_text())
+        assert result["config"]["dropped_while_measuring"] is True
+        assert result["deprovision"]["answer"]["n"] == result["deprovision"]["dropped"]["n"] == 4
+        assert result["throughput"]["2"]["monk_failures"] == 0
+        assert server_objects(admin_url) == before
+        with psycopg.connect(admin_url, dbname=settings.system_db_name) as reg:
+            assert reg.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
     finally:
         drop_template(admin_url, f"monk_template_{key}")

@@ -12,12 +12,19 @@ Variants, each timed end to end from the caller's side:
              before each timed handout, so that no spare ever waits where a cold provision runs)
 
 The latency rounds rotate the order of the variants so that machine noise (checkpoints, the
-other core) hits them alike; each round ends by deprovisioning its tenants (timed: the purge
-request, which is the caller's answer, and the background drop) and dropping its raw and scratch
-databases (untimed). Throughput runs ``ops`` raw clones and ``ops`` cold provisions at each
-concurrency (threads, one connection each for raw, the service's pools for monk), in the order
-raw, monk, monk, raw with half the operations each time (drift weighs on both alike), errors
-counted, not raised.
+other core) hits them alike. Throughput runs ``ops`` raw clones and ``ops`` cold provisions at
+each concurrency (threads, one connection each for raw, the service's pools for monk), in the
+order raw, monk, monk, raw with half the operations each time (drift weighs on both alike),
+errors counted, not raised. Deprovisioning is measured last, on the tenants of the latency rounds
+(timed: the purge request, which is the caller's answer, and the background drop).
+
+Nothing is dropped while creation is measured (unless ``drop_each_round``, or the disk has no
+room to keep it all): every DROP DATABASE forces a checkpoint and frees hundreds of files, and a
+filesystem may make the creations of the next minutes pay for that (ext4 without a journal skips
+every inode freed in the last 1–6 minutes, one by one, at each file creation: a clone measured
+right after drops took 4–7 times as long as one measured before them). Dropping as we go would
+make each sample depend on how many drops preceded it, and inflate every creation alike, raw and
+monk, which hides the differences the bench is for.
 
 Everything made carries the run's prefix (databases ``monkbench_<run>_…``, tenants
 ``bench <run> …``) and is removed in a ``finally`` (SIGINT ignored while cleaning), whatever
@@ -31,6 +38,7 @@ import logging
 import os
 import platform
 import secrets
+import shutil
 import signal
 import threading
 import time
@@ -70,6 +78,17 @@ class BenchConfig:
     template: str = "saas"
     iterations: int = 30
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    drop_each_round: bool = False
+
+
+def databases_made(config: BenchConfig) -> int:
+    """How many databases a run makes: four a latency round (and the untimed first one), and
+    both variants' operations at each throughput level."""
+    rounds = (config.iterations + 1) * len(VARIANTS)
+    throughput = sum(
+        2 * 2 * ((ops_per_level(c, config.iterations) + 1) // 2) for c in config.concurrency
+    )
+    return rounds + throughput
 
 
 def ops_per_level(concurrency: int, iterations: int) -> int:
@@ -150,6 +169,10 @@ class Bench:
         self._scratch_sql: list[tuple[sql.Composed, tuple[Any, ...]]] = []
         self._scratch_migrations: list[str] = []
         self._spares_before = 0
+        # Whether creations are measured with nothing dropped in between (decided in run()).
+        self._keep = not config.drop_each_round
+        # Tenants of the latency rounds, in order, to deprovision (timed or not) at the end.
+        self._to_deprovision: list[tuple[str, bool]] = []
 
     # ------------------------------------------------------------------ names
 
@@ -203,8 +226,13 @@ class Bench:
                     "tables": build.table_count,
                     "records": build.record_count,
                 }
+                self._keep = self._keep and self._room_to_keep(result["template"]["size_bytes"])
                 result |= self._latencies(adm, svc, pool_api)
                 result["throughput"] = self._throughput(adm, svc)
+                if self._keep:
+                    answer, dropped = _Samples(), _Samples()
+                    self._deprovision_all(svc, self._to_deprovision, answer, dropped)
+                    result["deprovision"] = _deprovision_summary(answer, dropped)
         finally:
             with _sigint_ignored():
                 leftovers = self.cleanup(svc, pool_api)
@@ -219,6 +247,8 @@ class Bench:
                 str(c): ops_per_level(c, self.config.iterations) for c in self.config.concurrency
             },
             "pool_size": self._settings.pool_size,
+            "dropped_while_measuring": not self._keep,
+            "databases_made": databases_made(self.config),
         }
         result["machine"] = {
             "cpus": os.cpu_count(),
@@ -242,6 +272,24 @@ class Bench:
             self.notes.append(
                 f"dropped {dropped} spare(s) of {build.key} before the run, refilled after it"
             )
+
+    def _room_to_keep(self, template_bytes: int) -> bool:
+        """Whether the server's disk can hold every database of the run until the end (with a
+        gigabyte to spare); if not, or unknown, the run drops as it goes and says so."""
+        need = databases_made(self.config) * template_bytes
+        if not self.embedded:
+            return True  # its disk is not ours to see: --drop-each-round is the user's call
+        try:
+            free = shutil.disk_usage(self._settings.data_dir).free
+        except OSError:
+            free = 0
+        if free >= need + 2**30:
+            return True
+        self.notes.append(
+            f"dropped while measuring: keeping every database needs ~{_gib(need)}, "
+            f"the disk has {_gib(free)} free (creations after drops can be slower)"
+        )
+        return False
 
     def _server(self, adm: Conn) -> dict[str, Any]:
         def show(setting: str) -> str:
@@ -296,19 +344,11 @@ class Bench:
                     continue
                 if timed:
                     samples[variant].ms.append(ms)
-            for name in tenants:
-                try:
-                    answer_ms, dropped_ms = self._deprovision(svc, name)
-                except Exception as exc:
-                    if timed:
-                        answer.fail(exc)
-                    log.warning("bench deprovision failed: %s", _describe(exc))
-                    continue
-                if timed:
-                    answer.ms.append(answer_ms)
-                    dropped.ms.append(dropped_ms)
-            for name in databases:
-                admin.drop_database(adm, name)
+            if self._keep:
+                self._to_deprovision += [(name, timed) for name in tenants]
+            else:
+                self._deprovision_all(svc, [(name, timed) for name in tenants], answer, dropped)
+                self._drop_databases(adm, databases)
         self._progress("latency", rounds + 1, rounds + 1)
         out: dict[str, Any] = {v: samples[v].summary() for v in VARIANTS}
         out["cold"]["from_pool"] = cold_from_pool
@@ -325,13 +365,31 @@ class Bench:
                     f"only {warm_from_pool} of {len(samples['warm'].ms)} warm provisions "
                     "came from the pool"
                 )
-        out["deprovision"] = {
-            "answer": answer.summary(),
-            "dropped": dropped.summary(),
-            "meaning": "answer: request_purge returns (the caller's answer); dropped: until "
-            "the background drop finished (request + queue work)",
-        }
+        if not self._keep:
+            out["deprovision"] = _deprovision_summary(answer, dropped)
         return out
+
+    def _deprovision_all(
+        self,
+        svc: TenantService,
+        tenants: Sequence[tuple[str, bool]],
+        answer: _Samples,
+        dropped: _Samples,
+    ) -> None:
+        """Deprovision these (name, timed) tenants one by one, timing the timed ones."""
+        for index, (name, timed) in enumerate(tenants):
+            self._progress("deprovision", index, len(tenants))
+            try:
+                answer_ms, dropped_ms = self._deprovision(svc, name)
+            except Exception as exc:
+                if timed:
+                    answer.fail(exc)
+                log.warning("bench deprovision failed: %s", _describe(exc))
+                continue
+            if timed:
+                answer.ms.append(answer_ms)
+                dropped.ms.append(dropped_ms)
+        self._progress("deprovision", len(tenants), len(tenants))
 
     def _raw(self, adm: Conn, name: str) -> float:
         query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
@@ -386,13 +444,15 @@ class Bench:
                 if variant == "raw":
                     names = [self.db_name("traw") for _ in range(halves)]
                     ok, failed, seconds, errors = self._parallel_raw(names, c)
-                    self._drop_databases(adm, names)
+                    if not self._keep:
+                        self._drop_databases(adm, names)
                 else:
                     names = [self.tenant_name("tmonk") for _ in range(halves)]
                     ok, failed, seconds, errors = self._parallel(
                         c, names, lambda name: self._provision(svc, name)
                     )
-                    self._purge_all(svc, names)
+                    if not self._keep:
+                        self._purge_all(svc, names)
                 totals[variant].add(ok, failed, seconds, errors)
             for variant, t in totals.items():
                 level[f"{variant}_per_s"] = stats.throughput(t.ok, t.seconds)
@@ -547,6 +607,19 @@ class Bench:
         except Exception as exc:
             left.append(f"databases ({_describe(exc)})")
         return sorted(set(left))
+
+
+def _deprovision_summary(answer: _Samples, dropped: _Samples) -> dict[str, Any]:
+    return {
+        "answer": answer.summary(),
+        "dropped": dropped.summary(),
+        "meaning": "answer: request_purge returns (the caller's answer); dropped: until "
+        "the background drop finished (request + queue work)",
+    }
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _like_prefix(prefix: str) -> str:

@@ -14,8 +14,9 @@ from monk.cli.context import state
 from monk.cli.output import console, err_console
 
 _PHASES = {
-    "latency": "latency rounds (raw, scratch, cold, warm, deprovision)",
+    "latency": "latency rounds (raw, scratch, cold, warm)",
     "throughput": "throughput levels (raw, monk)",
+    "deprovision": "deprovisioning",
 }
 
 
@@ -42,6 +43,12 @@ def bench(
     concurrency: str = typer.Option(
         "1,2,4,8,16", "--concurrency", help="Thread counts of the throughput measurements."
     ),
+    drop_each_round: bool = typer.Option(
+        False,
+        "--drop-each-round",
+        help="Drop what each round made right away (less disk; creations then pay for the "
+        "drops before them) instead of at the end.",
+    ),
     json_file: Path | None = typer.Option(
         None, "--json", help="Also write the result as JSON to this file.", dir_okay=False
     ),
@@ -50,7 +57,12 @@ def bench(
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
     levels = parse_concurrency(concurrency)
     s = state()
-    runner_config = BenchConfig(template=template, iterations=iterations, concurrency=levels)
+    runner_config = BenchConfig(
+        template=template,
+        iterations=iterations,
+        concurrency=levels,
+        drop_each_round=drop_each_round,
+    )
     target = s.target
     embedded = s.settings.database_url is None
     with Progress(
