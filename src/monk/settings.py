@@ -110,6 +110,13 @@ class Settings(BaseSettings):
     pool_max_total: int = Field(
         default=20, ge=0, description="Warm pool: cap on spare databases over all templates."
     )
+    pool_roles: int = Field(
+        default=32,
+        ge=0,
+        le=1000,
+        description="Spare roles (with passwords) 'monk serve' keeps ready, so that a cold "
+        "provision renames one instead of paying for a new password's hashing (0 disables).",
+    )
     pool_size: int = Field(
         default=8, ge=1, le=100, description="Max connections per pool (registry, admin)."
     )

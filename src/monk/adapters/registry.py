@@ -7,7 +7,7 @@ and return immutable snapshots; decisions are made over those snapshots in the s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,19 +77,20 @@ def lock_and_find(
     """``try_lock`` on the name's database, and the live tenant with this identity (else the
     live one holding its database: a hash collision), and whether a ready spare of
     ``ready_spares_of`` (host, template) exists, in one round trip (pipelined)."""
-    with conn.pipeline():
-        locked_cur = conn.execute(
-            "SELECT pg_try_advisory_lock(%s)", (advisory_key(name.database),), prepare=True
-        )
-        spares_cur = None
-        if ready_spares_of is not None:
-            spares_cur = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM spares WHERE host = %s AND template_key = %s"
-                " AND status = 'ready')",
-                ready_spares_of,
-                prepare=True,
+    with conn.cursor(row_factory=class_row(Tenant)) as cur:
+        # Read after the block: a fetch inside a pipeline costs a round trip of its own.
+        with conn.pipeline():
+            locked_cur = conn.execute(
+                "SELECT pg_try_advisory_lock(%s)", (advisory_key(name.database),), prepare=True
             )
-        with conn.cursor(row_factory=class_row(Tenant)) as cur:
+            spares_cur = None
+            if ready_spares_of is not None:
+                spares_cur = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM spares WHERE host = %s AND template_key = %s"
+                    " AND status = 'ready')",
+                    ready_spares_of,
+                    prepare=True,
+                )
             cur.execute(
                 _select(
                     sql.SQL(
@@ -100,9 +101,32 @@ def lock_and_find(
                 (name.key, name.database, name.key),
                 prepare=True,
             )
-            row = locked_cur.fetchone()  # the first fetch sends them all, one round trip
-            spares = spares_cur.fetchone() if spares_cur is not None else None
-            return bool(row and row[0]), cur.fetchone(), bool(spares and spares[0])
+        row = locked_cur.fetchone()
+        spares = spares_cur.fetchone() if spares_cur is not None else None
+        return bool(row and row[0]), cur.fetchone(), bool(spares and spares[0])
+
+
+@contextmanager
+def pipelined_transaction(
+    conn: Conn, *, after_commit: Callable[[], object] | None = None
+) -> Iterator[None]:
+    """One transaction, queued whole in a pipeline and sent with one Sync: one round trip.
+    (psycopg's ``transaction()`` inside a pipeline syncs at its start when anything is queued
+    and again at its COMMIT.) Not for use inside another pipeline, whose nesting would sync.
+    Read results after the block: a fetch inside it costs a round trip. On any error the
+    transaction is rolled back before the error propagates. ``after_commit`` queues statements
+    to run once the COMMIT succeeded, in the same round trip (skipped if it failed)."""
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+            if after_commit is not None:
+                after_commit()
+    except BaseException:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.closed:
+            conn.rollback()
+        raise
 
 
 def get_live_by_database(conn: Conn, database: str) -> Tenant | None:

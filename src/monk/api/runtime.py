@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monk.adapters.postgres.connection import ServerTarget
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, pool, purge
+from monk.service import events, pool, purge, role_pool
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -107,9 +107,16 @@ class Runtime:
                 log.info("adopted %d spare(s) of an earlier process", adopted)
         except Exception:
             log.exception("adopting spares failed; they are served on the full path")
+        try:
+            dropped = role_pool.drop_others(self.tenants)
+            if dropped:
+                log.info("dropped %d spare role(s) of an earlier process", dropped)
+        except Exception:
+            log.exception("dropping earlier spare roles failed")
         while not self._stop.is_set():
             try:
                 pool.refill(self.tenants)
+                role_pool.fill(self.tenants, self.settings.pool_roles)
             except MonkError as exc:
                 log.warning("pool refiller: %s", exc)
             except Exception:

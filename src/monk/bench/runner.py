@@ -7,7 +7,8 @@ Variants, each timed end to end from the caller's side:
              tables, indexes, triggers, registry rows and seed rows (psycopg pipeline mode, one
              transaction) and applies the template's migrations: what a migrations-per-tenant
              system does for every sign-up
-    cold     TenantService.provision with no spare ready (registry, clone, role, grants, answer)
+    cold     TenantService.provision with no spare ready (registry, clone, role, grants, answer);
+             its role is a spare role when one is ready, as under monk serve (MONK_POOL_ROLES)
     warm     TenantService.provision served from the warm pool (one spare filled, untimed, just
              before each timed handout, so that no spare ever waits where a cold provision runs)
 
@@ -58,7 +59,7 @@ from monk.adapters.postgres.connection import ServerTarget, connect, open_connec
 from monk.bench import stats
 from monk.core.schema_compiler import compile_template, core_tables_ddl, seed_statements
 from monk.errors import TenantNotFound
-from monk.service import purge
+from monk.service import purge, role_pool
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -311,7 +312,7 @@ class Bench:
     def _latencies(self, adm: Conn, svc: TenantService, pool_api: Any | None) -> dict[str, Any]:
         samples = {v: _Samples() for v in VARIANTS}
         answer, dropped = _Samples(), _Samples()
-        cold_from_pool = warm_from_pool = 0
+        cold_from_pool = warm_from_pool = cold_roles_from_pool = 0
         # Scratch has rounds of its own, after these: its DDL fills the server's shared
         # invalidation queue, which resets the catalog caches of every other session, and the
         # variant measured next would pay for rebuilding them (1-4 ms a provision, measured).
@@ -334,8 +335,13 @@ class Bench:
                         name = self.tenant_name(variant)
                         if variant == "warm":
                             pool_api.fill(svc, self.config.template, 1)  # type: ignore[union-attr]
+                        else:
+                            self._fill_roles(svc)
+                        roles_before = len(svc.role_secrets)
                         ms, source = self._provision(svc, name)
                         tenants.append(name)
+                        if timed and variant == "cold":
+                            cold_roles_from_pool += roles_before - len(svc.role_secrets)
                         if timed and source == "pool":
                             if variant == "cold":
                                 cold_from_pool += 1
@@ -366,6 +372,7 @@ class Bench:
         self._progress("latency", 2 * rounds + 1, 2 * rounds + 1)
         out: dict[str, Any] = {v: samples[v].summary() for v in VARIANTS}
         out["cold"]["from_pool"] = cold_from_pool
+        out["cold"]["roles_from_pool"] = cold_roles_from_pool
         if cold_from_pool:
             self.notes.append(f"{cold_from_pool} cold provision(s) were served by a spare")
         if pool_api is None:
@@ -404,6 +411,14 @@ class Bench:
                 answer.ms.append(answer_ms)
                 dropped.ms.append(dropped_ms)
         self._progress("deprovision", len(tenants), len(tenants))
+
+    def _fill_roles(self, svc: TenantService) -> None:
+        """Untimed, before cold provisions: the spare roles a serving monk's refiller keeps
+        (``MONK_POOL_ROLES``), made in its idle time."""
+        try:
+            role_pool.fill(svc, self._settings.pool_roles)
+        except Exception as exc:
+            log.warning("bench could not make spare roles: %s", _describe(exc))
 
     def _raw(self, adm: Conn, name: str) -> float:
         query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
@@ -459,6 +474,7 @@ class Bench:
             halves = (ops + 1) // 2
             level["ops"] = 2 * halves
             totals = {v: _Tally() for v in ("raw", "monk")}
+            roles_used = 0
             for variant in ("raw", "monk", "monk", "raw"):
                 if variant == "raw":
                     names = [self.db_name("traw") for _ in range(halves)]
@@ -467,9 +483,12 @@ class Bench:
                         self._drop_databases(adm, names)
                 else:
                     names = [self.tenant_name("tmonk") for _ in range(halves)]
+                    self._fill_roles(svc)
+                    roles_before = len(svc.role_secrets)
                     ok, failed, seconds, errors = self._parallel(
                         c, names, lambda name: self._provision(svc, name)
                     )
+                    roles_used += roles_before - len(svc.role_secrets)
                     if not self._keep:
                         self._purge_all(svc, names)
                 totals[variant].add(ok, failed, seconds, errors)
@@ -479,6 +498,7 @@ class Bench:
                 level[f"{variant}_seconds"] = round(t.seconds, 3)
                 if t.errors:
                     level[f"{variant}_errors"] = t.errors[:3]
+            level["monk_roles_from_pool"] = roles_used
             out[str(c)] = level
         self._progress("throughput", len(levels), len(levels))
         return out
@@ -610,6 +630,10 @@ class Bench:
             left += [f"tenant {t!r}" for t in self._run_tenants(svc)]
         except Exception as exc:
             left.append(f"tenants ({_describe(exc)})")
+        try:
+            role_pool.drop_own(svc)
+        except Exception as exc:
+            left.append(f"spare roles ({_describe(exc)})")
         if pool_api is not None:
             try:
                 # The spares filled for warm handouts and not handed out; then the ones that

@@ -6,7 +6,7 @@ import typer
 
 from monk.cli.context import state
 from monk.cli.output import console, print_json, print_rows
-from monk.service import pool
+from monk.service import pool, role_pool
 
 app = typer.Typer(help="The warm pool: spare databases cloned ahead of time.", no_args_is_help=True)
 
@@ -33,5 +33,8 @@ def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 @app.command()
 def drain(template: str | None = typer.Argument(None, help="Only this template.")) -> None:
-    """Drop every ready spare."""
-    console.print(f"dropped {pool.drain(state().tenants, key=template)} spare(s)")
+    """Drop every ready spare (and, for all templates, every spare role)."""
+    svc = state().tenants
+    console.print(f"dropped {pool.drain(svc, key=template)} spare(s)")
+    if template is None:
+        console.print(f"dropped {role_pool.drain(svc)} spare role(s)")

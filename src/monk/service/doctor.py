@@ -62,7 +62,7 @@ class Snapshot:
 
 def take_snapshot(svc: TenantService) -> Snapshot:
     pools = svc.hosts.pools()
-    mark = svc._ownership_mark()
+    mark = svc.ownership_mark()
     with pools.system() as reg:
         tenants = tuple(registry.all_live(reg, pools.target.name))
         crashed = set()

@@ -130,7 +130,7 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
                     )
                     adm.execute(
                         sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                            sql.Identifier(name), sql.Literal(svc._ownership_mark())
+                            sql.Identifier(name), sql.Literal(svc.ownership_mark())
                         )
                     )
                     svc._configure(adm, name, name, build)

@@ -258,7 +258,7 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                     )
                     adm.execute(
                         sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                            db, sql.Literal(svc._ownership_mark())
+                            db, sql.Literal(svc.ownership_mark())
                         )
                     )
                 with reg.transaction():

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,7 +53,7 @@ from monk.errors import (
     TemplateNotFound,
     TenantNotFound,
 )
-from monk.service import pool
+from monk.service import pool, role_pool
 from monk.service import templates as template_service
 from monk.settings import Settings
 from monk.templates.source import Migration
@@ -166,6 +166,7 @@ class TenantService:
         self._hasher = hasher
         self._admin_is_superuser: bool | None = None
         self.spare_secrets = pool.SpareSecrets()
+        self.role_secrets = role_pool.RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()
         self._side_lock = threading.Lock()
@@ -290,20 +291,22 @@ class TenantService:
             if warm is not None:
                 return warm
         build = self._current_build(template, pools.target, reg, cached=True)
-        shared_wal = self._registry_shares_wal(pools)
-        # One round trip: the intent and its journal entry commit together, and the template's
-        # sessions are counted (a session on it would make the clone wait 5 s, then fail).
-        with registry.intent_errors(reg, name), reg.pipeline():
-            sessions = reg.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-                " AND backend_type = 'client backend'",
-                (build.database,),
-                prepare=True,
-            )
-            with reg.transaction():
+        shared_wal = self.registry_shares_server(pools)
+        # One round trip: the intent and its journal entry commit together (with a spare role
+        # renamed into the tenant's, when this process has one), and the template's sessions
+        # are counted (a session on it would make the clone wait 5 s, then fail).
+        claim = None
+        try:
+            with registry.intent_errors(reg, name), registry.pipelined_transaction(reg):
                 if shared_wal:
                     # The clone's synchronous commit that follows flushes this record too.
                     reg.execute("SET LOCAL synchronous_commit = off")
+                sessions = reg.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND backend_type = 'client backend'",
+                    (build.database,),
+                    prepare=True,
+                )
                 intent = registry.queue_intent(
                     reg,
                     name,
@@ -321,7 +324,14 @@ class TenantService:
                     params={"template": build.key, "version": build.version},
                     op_id=uuid4(),
                 )
-            tenant = registry.fetch_tenant(intent)
+                if shared_wal:
+                    claim = role_pool.claim(self, reg, name.role)
+        except BaseException:
+            if claim is not None:
+                role_pool.release(self, claim[1])
+            raise
+        tenant = registry.fetch_tenant(intent)
+        claimed = claim is not None and bool((claim[0].fetchone() or (False,))[0])
         template_in_use = bool((sessions.fetchone() or (0,))[0])
         self._checkpoint("intent")
         step = "clone"
@@ -329,7 +339,13 @@ class TenantService:
             # The role does not depend on the database: make it while the clone runs, on the
             # registry session this provision already holds (roles are cluster-wide), so that
             # no provision ever waits for a second pooled connection while holding one.
-            role_job = self._side().submit(self._create_role, reg, name.role)
+            role_job: Future[Credentials]
+            if claimed:
+                assert claim is not None
+                role_job = Future()
+                role_job.set_result(Credentials(name.role, claim[1][1]))
+            else:
+                role_job = self._side().submit(self._create_role, reg, name.role)
 
             def registry_free() -> psycopg.Connection[Any]:
                 role_job.exception()  # waits: the role job is done with the session
@@ -361,24 +377,11 @@ class TenantService:
                 with pools.admin() as adm:
                     self._configure(adm, name.database, name.role, build)
                 registry.set_step(reg, tenant.id, "configured")
+
             # One round trip: on one server, configuring the database (ownership, rights,
             # settings, mark: cluster-wide catalogs, reachable from the registry's session) and
             # activating the tenant commit together, so a crash leaves all of it or none.
-            with reg.pipeline():
-                with reg.transaction():
-                    if shared_wal:
-                        self._configure_in_registry(reg, name.database, name.role, build)
-                        self._checkpoint("configured")
-                    activated = registry.queue_update(
-                        reg,
-                        tenant.id,
-                        status="active",
-                        is_active=True,
-                        step="active",
-                        migration_level=level,
-                        template_version=build.version,
-                    )
-                    registry.finish_operation(reg, op, "done", step="active")
+            def unlock() -> None:
                 # After the COMMIT (a session lock released inside the transaction would let
                 # another process see the intent before the activation), same round trip.
                 reg.execute(
@@ -386,6 +389,21 @@ class TenantService:
                     (registry.advisory_key(lock.database),),
                     prepare=True,
                 )
+
+            with registry.pipelined_transaction(reg, after_commit=unlock):
+                if shared_wal:
+                    self._configure_in_registry(reg, name.database, name.role, build)
+                    self._checkpoint("configured")
+                activated = registry.queue_update(
+                    reg,
+                    tenant.id,
+                    status="active",
+                    is_active=True,
+                    step="active",
+                    migration_level=level,
+                    template_version=build.version,
+                )
+                registry.finish_operation(reg, op, "done", step="active")
             lock.held = False
             tenant = registry.fetch_tenant(activated)
         except BaseException as exc:
@@ -562,7 +580,7 @@ class TenantService:
             ) from None
         return cloning
 
-    def _ownership_mark(self) -> str:
+    def ownership_mark(self) -> str:
         """Written on every tenant database and role: several monk installations may share a
         server, and the reconciler only touches what its own system database made."""
         return f"monk:{self.settings.system_db_name}"
@@ -606,7 +624,7 @@ class TenantService:
                 )
             return self._side_pool
 
-    def _registry_shares_wal(self, pools: ServerPools) -> bool:
+    def registry_shares_server(self, pools: ServerPools) -> bool:
         """The registry and this server are one PostgreSQL instance: commits are flushed in
         order, so only the last commit of an operation needs to wait for the disk."""
         return pools.target is self.hosts.local
@@ -618,7 +636,7 @@ class TenantService:
         admin.create_role(adm, role, password_verifier=self.verifier(password))
         adm.execute(
             sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                sql.Identifier(role), sql.Literal(self._ownership_mark())
+                sql.Identifier(role), sql.Literal(self.ownership_mark())
             )
         )
         if not self._superuser(adm):
@@ -664,7 +682,7 @@ class TenantService:
         admin.validate_setting_names(build.database_settings)
         reg.execute(
             "SELECT configure_tenant_database(%s, %s, %s, %s)",
-            (database, role, self._ownership_mark(), Jsonb(dict(build.database_settings))),
+            (database, role, self.ownership_mark(), Jsonb(dict(build.database_settings))),
             prepare=True,
         )
 
@@ -682,7 +700,7 @@ class TenantService:
         conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
         conn.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(self._ownership_mark()))
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(self.ownership_mark()))
         )
         admin.set_database_settings(conn, database, build.database_settings)
 

@@ -63,7 +63,9 @@ def create_tenant(
         rt.metrics.provisions.labels(result=exc.code).inc()
         raise
     rt.metrics.provision_seconds.observe(time.perf_counter() - started)
-    if view.provisioned_from == "pool":
+    # Spare roles are made again in batches, once half are gone: not beside every provision.
+    roles_low = len(rt.tenants.role_secrets) < rt.settings.pool_roles // 2
+    if view.provisioned_from == "pool" or roles_low:
         rt.wake_refiller()
     rt.metrics.provisions.labels(result="ok").inc()
     return Ok(data=_out(view))

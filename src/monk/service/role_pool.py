@@ -1,0 +1,147 @@
+"""Spare roles: tenant roles made ahead of time, so that a cold provision renames one.
+
+A new role's password is the costliest bookkeeping of a cold provision: the client derives the
+SCRAM verifier (PBKDF2, ~2 ms at 4096 iterations) and the server checks the new secret against
+the empty password at the same cost (~4 ms), both on the CPU the clone needs. A spare role
+(``monk_role_<16 hex>``, NOLOGIN, its password known only to the process that set it, named by
+``keyholder``) is made in idle time by ``monk serve``'s refiller; the provision's intent
+transaction renames it to ``tenant_<hash>`` with LOGIN (system function ``claim_spare_role``),
+so a crash leaves the role either still a spare or the tenant's, undone with the intent.
+
+With none ready, or when the registry is on another server than the tenant (roles are
+per server), the provision makes its role beside the clone, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+
+from monk.core import scram
+
+if TYPE_CHECKING:
+    from monk.service.tenants import TenantService
+
+log = logging.getLogger(__name__)
+
+ROLE_PREFIX = "monk_role_"
+
+
+class RoleSecrets:
+    """Passwords of the spare roles whose keyholder is this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_role: dict[str, str] = {}
+
+    def put(self, role: str, password: str) -> None:
+        with self._lock:
+            self._by_role[role] = password
+
+    def take(self) -> tuple[str, str] | None:
+        """(role, password) of the oldest known spare role, taken out so that no other thread
+        claims it; ``put`` it back if the claim was rolled back."""
+        with self._lock:
+            for role, password in self._by_role.items():
+                del self._by_role[role]
+                return role, password
+        return None
+
+    def keep_only(self, roles: set[str]) -> None:
+        with self._lock:
+            for role in set(self._by_role) - roles:
+                del self._by_role[role]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_role)
+
+
+def _new_name() -> str:
+    return f"{ROLE_PREFIX}{secrets.token_hex(8)}"
+
+
+def claim(
+    svc: TenantService, reg: psycopg.Connection[Any], role: str
+) -> tuple[psycopg.Cursor[Any], tuple[str, str]] | None:
+    """Queue, in the caller's transaction (and pipeline), the renaming of one of this process's
+    spare roles into ``role``; returns the cursor that answers whether it happened, and the
+    spare's (name, password) to give back with ``release`` if the transaction did not commit.
+    None when this process knows no spare role."""
+    spare = svc.role_secrets.take()
+    if spare is None:
+        return None
+    cur = reg.execute(
+        "SELECT claim_spare_role(%s, %s, %s)", (spare[0], role, svc.instance_id), prepare=True
+    )
+    return cur, spare
+
+
+def release(svc: TenantService, spare: tuple[str, str]) -> None:
+    """A claim whose transaction rolled back: the role is still a spare, and ours."""
+    svc.role_secrets.put(*spare)
+
+
+def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
+    """Make spare roles until this process holds ``count``; returns how many it made. Spare
+    roles of this process that are gone from the registry (another server's start-up dropped
+    them) are forgotten first."""
+    pools = svc.hosts.pools(host)
+    if not svc.registry_shares_server(pools):
+        return 0
+    with pools.system() as reg:
+        rows = reg.execute(
+            "SELECT role FROM spare_roles WHERE keyholder = %s", (svc.instance_id,)
+        ).fetchall()
+    svc.role_secrets.keep_only({str(r[0]) for r in rows})
+    made = 0
+    while len(svc.role_secrets) < count:
+        role, password = _new_name(), scram.generate_password()
+        verifier = svc.verifier(password)
+        with pools.system() as reg:
+            reg.execute(
+                "SELECT make_spare_role(%s, %s, %s, %s)",
+                (role, verifier, svc.ownership_mark(), svc.instance_id),
+            )
+        svc.role_secrets.put(role, password)
+        made += 1
+    if made:
+        log.info("made %d spare role(s)", made)
+    return made
+
+
+def drop_others(svc: TenantService, *, host: str | None = None) -> int:
+    """Drop the spare roles of every other keyholder (their passwords are unknown here): run
+    when a server starts, the roles its predecessor made are useless to it."""
+    return _drop(svc, keep=svc.instance_id, only=None, host=host)
+
+
+def drop_own(svc: TenantService, *, host: str | None = None) -> int:
+    """Drop this process's spare roles; returns how many."""
+    dropped = _drop(svc, keep=None, only=svc.instance_id, host=host)
+    svc.role_secrets.keep_only(set())
+    return dropped
+
+
+def drain(svc: TenantService, *, host: str | None = None) -> int:
+    """Drop every spare role, of any keyholder; returns how many."""
+    dropped = _drop(svc, keep=None, only=None, host=host)
+    svc.role_secrets.keep_only(set())
+    return dropped
+
+
+def count(svc: TenantService, *, host: str | None = None) -> int:
+    with svc.hosts.pools(host).system() as reg:
+        row = reg.execute("SELECT count(*) FROM spare_roles").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _drop(svc: TenantService, *, keep: UUID | None, only: UUID | None, host: str | None) -> int:
+    with svc.hosts.pools(host).system() as reg:
+        row = reg.execute("SELECT drop_spare_roles(%s, %s)", (keep, only)).fetchone()
+    return int(row[0]) if row else 0
