@@ -9,11 +9,13 @@ import time
 import uuid
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
 from tests.integration.test_events import Receiver
+from tests.integration.test_role_pool import spare_roles
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +24,8 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
     port = free_port()
     receiver = Receiver()
     hooks = json.dumps([{"url": receiver.url, "events": ["tenant.provisioned"]}])
-    environ = settings_env(env.settings) | {"MONK_HOOKS": hooks}
+    environ = settings_env(env.settings) | {"MONK_HOOKS": hooks, "MONK_POOL_ROLES": "2"}
+    spare_roles_before = spare_roles(env)["registry"]
     proc = subprocess.Popen(
         [MONK_BIN, "serve", "--port", str(port), "--templates", env.template],
         env=environ,
@@ -50,6 +53,13 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
         assert listed.status_code == 200
         assert listed.json()["success"] is True
         assert httpx.get(f"{base}/api/root/tenant", timeout=10).status_code == 401
+        # its refiller makes the spare roles a cold provision renames
+        deadline = time.monotonic() + 30
+        while len(spare_roles(env)["registry"] - spare_roles_before) < 2:
+            if time.monotonic() > deadline:
+                pytest.fail("monk serve made no spare roles within 30 s")
+            time.sleep(0.2)
+        made_roles = spare_roles(env)["registry"] - spare_roles_before
         # the server's own worker delivers the new tenant's event to the observer
         name = f"Served {uuid.uuid4().hex[:8]}"
         made = httpx.post(
@@ -59,6 +69,9 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
             timeout=60,
         )
         assert made.status_code == 201, made.text
+        assert len(made_roles - spare_roles(env)["registry"]) == 1  # one renamed in
+        with psycopg.connect(made.json()["data"]["connection_url"], connect_timeout=5) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (made.json()["data"]["role"],)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if any(b["tenant"]["name"] == name for b in receiver.bodies()):
@@ -75,3 +88,5 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
     assert "Application shutdown complete" in out
     assert f"http://127.0.0.1:{port}" in out
     assert "monk token --root" in out
+    # a clean stop drops the spare roles whose passwords only it knew
+    assert spare_roles(env) == {"registry": spare_roles_before, "server": spare_roles_before}

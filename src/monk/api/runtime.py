@@ -114,13 +114,17 @@ class Runtime:
         except Exception:
             log.exception("dropping earlier spare roles failed")
         while not self._stop.is_set():
-            try:
-                pool.refill(self.tenants)
-                role_pool.fill(self.tenants, self.settings.pool_roles)
-            except MonkError as exc:
-                log.warning("pool refiller: %s", exc)
-            except Exception:
-                log.exception("pool refiller failed; retrying")
+            # Roles first: a second each for dozens, where a spare database is a clone.
+            for refill in (
+                lambda: role_pool.fill(self.tenants, self.settings.pool_roles),
+                lambda: pool.refill(self.tenants),
+            ):
+                try:
+                    refill()
+                except MonkError as exc:
+                    log.warning("pool refiller: %s", exc)
+                except Exception:
+                    log.exception("pool refiller failed; retrying")
             self._refill_wake.wait(timeout=10)
             self._refill_wake.clear()
 
@@ -132,6 +136,11 @@ class Runtime:
         self._worker.join(timeout=60)
         self._refiller.join(timeout=60)
         self._notifier.join(timeout=60)
+        try:
+            # Their passwords die with this process: of no use to the next one.
+            role_pool.drop_own(self.tenants)
+        except Exception as exc:
+            log.warning("could not drop this server's spare roles: %s", exc)
         self.tenants.close()
 
     def _work(self) -> None:

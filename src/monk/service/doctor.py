@@ -17,7 +17,7 @@ from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.registry import Tenant
 from monk.core.tenant_names import is_tenant_database
-from monk.service import pool
+from monk.service import pool, role_pool
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 
@@ -55,6 +55,8 @@ class Snapshot:
     spare_databases: frozenset[str]  # monk_spare_* databases and roles that are ours
     spare_roles: frozenset[str]
     spare_names: frozenset[str]  # databases named by spare rows
+    pooled_roles: frozenset[str] = frozenset()  # monk_role_* roles that are ours
+    pooled_role_rows: frozenset[str] = frozenset()  # roles named by spare_roles rows
     # events undelivered for over _EVENT_BACKLOG_S while observers are configured
     stale_events: int = 0
     stale_events_error: str | None = None
@@ -91,6 +93,11 @@ def take_snapshot(svc: TenantService) -> Snapshot:
             ).fetchone()
             if backlog is not None:
                 stale_events, stale_error = int(backlog[0]), backlog[1]
+        # Rows before roles: a spare role made in between (role and row commit together) is
+        # seen as a role without a row, which the repair checks again under the row's lock.
+        role_rows = frozenset(
+            str(r[0]) for r in reg.execute("SELECT role FROM spare_roles").fetchall()
+        )
         queued = {
             op.database
             for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
@@ -100,7 +107,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         db_rows = _with_marks(
             adm, "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database", mark
         )
-        role_rows = _with_marks(
+        server_roles = _with_marks(
             adm, "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles", mark
         )
     leftovers = tuple(template_service.find_leftovers(pools.target, svc.settings))
@@ -109,12 +116,14 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         crashed=frozenset(crashed),
         queued_purges=frozenset(queued),
         databases=frozenset(n for n in db_rows if is_tenant_database(n)),
-        roles=frozenset(n for n in role_rows if is_tenant_database(n)),
+        roles=frozenset(n for n in server_roles if is_tenant_database(n)),
         template_leftovers=leftovers,
         crashed_spares=tuple(crashed_spares),
         spare_databases=frozenset(n for n in db_rows if pool.is_spare_name(n)),
-        spare_roles=frozenset(n for n in role_rows if pool.is_spare_name(n)),
+        spare_roles=frozenset(n for n in server_roles if pool.is_spare_name(n)),
         spare_names=frozenset(r.database for r in spares),
+        pooled_roles=frozenset(n for n in server_roles if role_pool.is_spare_role_name(n)),
+        pooled_role_rows=role_rows,
         stale_events=stale_events,
         stale_events_error=str(stale_error) if stale_error is not None else None,
     )
@@ -201,6 +210,10 @@ def diagnose(snap: Snapshot) -> list[Problem]:
     for name in sorted((snap.spare_databases | snap.spare_roles) - snap.spare_names):
         problems.append(
             Problem("orphan_spare", name, "warm-pool spare with no registry row", "drop it")
+        )
+    for name in sorted(snap.pooled_roles - snap.pooled_role_rows):
+        problems.append(
+            Problem("orphan_spare_role", name, "spare role with no registry row", "drop it")
         )
     if snap.stale_events:
         problems.append(
@@ -302,6 +315,15 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                             done.append(f"{p.subject}: dropped")
                     finally:
                         registry.unlock(reg, p.subject)
+        elif p.kind == "orphan_spare_role":
+            with pools.system() as reg, reg.transaction():
+                known = reg.execute(
+                    "SELECT 1 FROM spare_roles WHERE role = %s FOR UPDATE", (p.subject,)
+                ).fetchone()
+                if known is None:
+                    with pools.admin() as adm:
+                        admin.drop_role(adm, p.subject)
+                    done.append(f"{p.subject}: dropped")
     if any(p.kind == "template_leftover" for p in problems):
         for name in template_service.cleanup_leftovers(pools.target, svc.settings):
             done.append(f"{name}: dropped")

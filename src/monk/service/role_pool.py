@@ -62,6 +62,11 @@ class RoleSecrets:
             return len(self._by_role)
 
 
+def is_spare_role_name(name: str) -> bool:
+    rest = name.removeprefix(ROLE_PREFIX)
+    return rest != name and len(rest) == 16 and all(c in "0123456789abcdef" for c in rest)
+
+
 def _new_name() -> str:
     return f"{ROLE_PREFIX}{secrets.token_hex(8)}"
 
