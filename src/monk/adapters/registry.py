@@ -16,7 +16,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import Cursor, sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, kwargs_row
 from psycopg.types.json import Jsonb
 
 from monk.core.tenant_names import TenantName
@@ -251,6 +251,72 @@ def queue_intent(
     return cur
 
 
+@dataclass(frozen=True)
+class GatedIntent:
+    """What ``queue_gated_intent`` answers: whether it took the name's lock, and the intent
+    row if it wrote one (only when it took the lock)."""
+
+    locked: bool
+    tenant: Tenant | None
+
+
+def queue_gated_intent(
+    conn: Conn,
+    name: TenantName,
+    *,
+    tenant_id: UUID,
+    host: str,
+    template_key: str,
+    template_version: str,
+    idempotency_key: str | None,
+) -> Cursor[GatedIntent]:
+    """``lock_and_find`` and ``queue_intent`` in one statement, for the common case: take the
+    name's session lock, and write the intent only if the lock was free, no live tenant has the
+    name or its database, and no spare of the template is ready. Anything else writes nothing
+    (the caller releases the lock if it was taken, and takes the full path). A data-modifying
+    CTE sees the snapshot of the statement's start: a tenant committed after it is caught by
+    the unique indexes, as in ``queue_intent``."""
+    cur = conn.cursor(row_factory=kwargs_row(_gated_intent))
+    cur.execute(
+        sql.SQL(
+            "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_lock(%s) AS locked),"
+            " intent AS (INSERT INTO tenants (id, name, name_key, database, host, is_active,"
+            " status, template_key, template_version, role_name, step, idempotency_key)"
+            " SELECT %s, %s, %s, %s, %s, false, 'provisioning', %s, %s, %s, 'intent', %s"
+            " FROM gate WHERE gate.locked"
+            " AND NOT EXISTS (SELECT 1 FROM tenants WHERE deleted_at IS NULL"
+            " AND (name_key = %s OR database = %s))"
+            " AND NOT EXISTS (SELECT 1 FROM spares WHERE host = %s AND template_key = %s"
+            " AND status = 'ready')"
+            " RETURNING {})"
+            " SELECT gate.locked AS gate_locked, intent.* FROM gate LEFT JOIN intent ON true"
+        ).format(_COLUMNS),
+        (
+            advisory_key(name.database),
+            tenant_id,
+            name.display,
+            name.key,
+            name.database,
+            host,
+            template_key,
+            template_version,
+            name.role,
+            idempotency_key,
+            name.key,
+            name.database,
+            host,
+            template_key,
+        ),
+        prepare=True,
+    )
+    return cur
+
+
+def _gated_intent(gate_locked: bool, **columns: Any) -> GatedIntent:
+    tenant = Tenant(**columns) if columns.get("id") is not None else None
+    return GatedIntent(bool(gate_locked), tenant)
+
+
 def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
     row = cur.fetchone()
     cur.close()
@@ -352,8 +418,19 @@ def start_operation(
     state: str = "running",
     params: dict[str, Any] | None = None,
     op_id: UUID | None = None,
+    if_tenant: UUID | None = None,
 ) -> UUID:
-    """Journal an operation; with ``op_id`` given nothing is read back (pipeline-friendly)."""
+    """Journal an operation; with ``op_id`` given nothing is read back (pipeline-friendly);
+    with ``if_tenant`` too, only if that tenant row exists (in the caller's transaction)."""
+    if op_id is not None and if_tenant is not None:
+        conn.execute(
+            "INSERT INTO operations (id, kind, subject, database, host, state, params)"
+            " SELECT %s, %s, %s, %s, %s, %s, %s"
+            " WHERE EXISTS (SELECT 1 FROM tenants WHERE id = %s)",
+            (op_id, kind, subject, database, host, state, Jsonb(params or {}), if_tenant),
+            prepare=True,
+        )
+        return op_id
     if op_id is not None:
         conn.execute(
             "INSERT INTO operations (id, kind, subject, database, host, state, params)"
@@ -461,3 +538,15 @@ def try_lock(conn: Conn, database: str) -> bool:
 
 def unlock(conn: Conn, database: str) -> None:
     conn.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(database),))
+
+
+def unlock_if_held(conn: Conn, database: str) -> None:
+    """``unlock`` when this session holds the lock (a statement that failed may or may not
+    have taken it), without the server's warning when it does not."""
+    key = advisory_key(database)
+    conn.execute(
+        "SELECT pg_advisory_unlock(%s) FROM pg_locks WHERE locktype = 'advisory'"
+        " AND pid = pg_backend_pid() AND objsubid = 1"
+        " AND classid::bigint = (%s >> 32) & 4294967295 AND objid::bigint = %s & 4294967295",
+        (key, key, key),
+    )

@@ -14,6 +14,7 @@ finishes or undoes it from what really exists on the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -44,6 +45,7 @@ from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
     DatabaseExists,
     DatabaseMissing,
+    HashCollision,
     InvalidRequest,
     InvalidState,
     MonkError,
@@ -51,6 +53,7 @@ from monk.errors import (
     StrayDatabase,
     TemplateBusy,
     TemplateNotFound,
+    TenantExists,
     TenantNotFound,
 )
 from monk.service import pool, role_pool
@@ -143,6 +146,17 @@ class Hosts:
     def close(self) -> None:
         for pools in self._pools.values():
             pools.close()
+
+
+@dataclass(frozen=True)
+class _Intent:
+    """A recorded intent to provision, as the cold path continues from it."""
+
+    tenant: Tenant
+    op: UUID
+    template_in_use: bool
+    role: Credentials | None  # a spare role renamed into the tenant's, with its password
+    shared_wal: bool
 
 
 @dataclass
@@ -238,6 +252,9 @@ class TenantService:
             fast = self._provision_fast(reg, pools, name, template, idempotency_key)
             if fast is not None:
                 return fast
+            gated = self._provision_gated(reg, pools, name, template, idempotency_key)
+            if gated is not None:
+                return gated
             locked, existing, spares_ready = registry.lock_and_find(
                 reg, name, ready_spares_of=(pools.target.name, template)
             )
@@ -291,11 +308,54 @@ class TenantService:
             if warm is not None:
                 return warm
         build = self._current_build(template, pools.target, reg, cached=True)
+        intent = self._record_intent(reg, pools, name, build, idempotency_key, gated=False)
+        assert intent is not None  # not gated: written, or raised
+        return self._provision_cold(reg, pools, name, build, intent, lock)
+
+    def _provision_gated(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        template: str,
+        idempotency_key: str | None,
+    ) -> TenantView | None:
+        """The cold path of a free name, its lock, checks and intent in one round trip; None
+        (nothing written, no lock kept) sends the caller down the full path: the name is busy
+        or taken, a spare is ready, or the template has no build (the full path says which)."""
+        try:
+            build = self._current_build(template, pools.target, reg, cached=True)
+        except TemplateNotFound:
+            return None
+        intent = self._record_intent(reg, pools, name, build, idempotency_key, gated=True)
+        if intent is None:
+            return None
+        lock = _HeldLock(name.database)
+        try:
+            return self._provision_cold(reg, pools, name, build, intent, lock)
+        finally:
+            if lock.held:
+                registry.unlock(reg, name.database)
+
+    def _record_intent(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        build: template_service.TemplateBuild,
+        idempotency_key: str | None,
+        *,
+        gated: bool,
+    ) -> _Intent | None:
+        """One round trip: the intent and its journal entry commit together (with a spare role
+        renamed into the tenant's, when this process has one), and the template's sessions are
+        counted (a session on it would make the clone wait 5 s, then fail). ``gated``: also take
+        the name's lock and write only if the name is free and no spare is ready (else None)."""
         shared_wal = self.registry_shares_server(pools)
-        # One round trip: the intent and its journal entry commit together (with a spare role
-        # renamed into the tenant's, when this process has one), and the template's sessions
-        # are counted (a session on it would make the clone wait 5 s, then fail).
+        tenant_id, op_id = uuid4(), uuid4()
         claim = None
+        gate: psycopg.Cursor[registry.GatedIntent] | None = None
+        intent: psycopg.Cursor[Tenant] | None = None
         try:
             with registry.intent_errors(reg, name), registry.pipelined_transaction(reg):
                 if shared_wal:
@@ -307,32 +367,82 @@ class TenantService:
                     (build.database,),
                     prepare=True,
                 )
-                intent = registry.queue_intent(
-                    reg,
-                    name,
-                    host=pools.target.name,
-                    template_key=build.key,
-                    template_version=build.version,
-                    idempotency_key=idempotency_key,
-                )
-                op = registry.start_operation(
+                fields: dict[str, Any] = {
+                    "tenant_id": tenant_id,
+                    "host": pools.target.name,
+                    "template_key": build.key,
+                    "template_version": build.version,
+                    "idempotency_key": idempotency_key,
+                }
+                if gated:
+                    gate = registry.queue_gated_intent(reg, name, **fields)
+                else:
+                    intent = registry.queue_intent(reg, name, **fields)
+                registry.start_operation(
                     reg,
                     "provision",
                     name.key,
                     database=name.database,
                     host=pools.target.name,
                     params={"template": build.key, "version": build.version},
-                    op_id=uuid4(),
+                    op_id=op_id,
+                    if_tenant=tenant_id if gated else None,
                 )
                 if shared_wal:
-                    claim = role_pool.claim(self, reg, name.role)
+                    claim = role_pool.claim(self, reg, name.role, tenant_id=tenant_id)
+        except (TenantExists, HashCollision):
+            if claim is not None:
+                role_pool.release(self, claim[1])
+            if not gated:
+                raise
+            # A tenant committed after the statement's snapshot: the full path looks again,
+            # under the lock (an idempotent retry must get the first answer, not a refusal).
+            registry.unlock_if_held(reg, name.database)
+            return None
         except BaseException:
             if claim is not None:
                 role_pool.release(self, claim[1])
+            if gated and not (reg.closed or reg.broken):
+                with contextlib.suppress(psycopg.Error):
+                    registry.unlock_if_held(reg, name.database)
             raise
-        tenant = registry.fetch_tenant(intent)
-        claimed = claim is not None and bool((claim[0].fetchone() or (False,))[0])
-        template_in_use = bool((sessions.fetchone() or (0,))[0])
+        renamed = role_pool.settle(self, claim)
+        if gate is not None:
+            passed = gate.fetchone()
+            assert passed is not None
+            if passed.tenant is None:
+                if passed.locked:
+                    registry.unlock(reg, name.database)
+                return None
+            tenant = passed.tenant
+        else:
+            assert intent is not None
+            tenant = registry.fetch_tenant(intent)
+        return _Intent(
+            tenant=tenant,
+            op=op_id,
+            template_in_use=bool((sessions.fetchone() or (0,))[0]),
+            role=Credentials(name.role, claim[1][1]) if renamed and claim is not None else None,
+            shared_wal=shared_wal,
+        )
+
+    def _provision_cold(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        build: template_service.TemplateBuild,
+        intent: _Intent,
+        lock: _HeldLock,
+    ) -> TenantView:
+        """Clone, role, configure and activate behind a recorded intent (lock held); any
+        failure undoes it all."""
+        tenant, op, shared_wal, template_in_use = (
+            intent.tenant,
+            intent.op,
+            intent.shared_wal,
+            intent.template_in_use,
+        )
         self._checkpoint("intent")
         step = "clone"
         try:
@@ -340,10 +450,9 @@ class TenantService:
             # registry session this provision already holds (roles are cluster-wide), so that
             # no provision ever waits for a second pooled connection while holding one.
             role_job: Future[Credentials]
-            if claimed:
-                assert claim is not None
+            if intent.role is not None:
                 role_job = Future()
-                role_job.set_result(Credentials(name.role, claim[1][1]))
+                role_job.set_result(intent.role)
             else:
                 role_job = self._side().submit(self._create_role, reg, name.role)
 
