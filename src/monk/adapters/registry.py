@@ -7,6 +7,7 @@ and return immutable snapshots; decisions are made over those snapshots in the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,13 @@ class Tenant:
     deleted_at: datetime | None
 
 
-_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Tenant))
+def rendered(composed: sql.Composable) -> sql.SQL:
+    """A constant composition rendered once, for statements run on every provision: psycopg
+    re-quotes each ``Identifier`` at every execution (some 40 µs for a row's 20 columns)."""
+    return sql.SQL(composed.as_string())
+
+
+_COLUMNS = rendered(sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Tenant)))
 TENANT_COLUMNS = _COLUMNS  # for statements composed elsewhere that return a Tenant
 
 
@@ -363,14 +370,18 @@ def update(conn: Conn, tenant_id: UUID, **fields: Any) -> Tenant:
 
 def queue_update(conn: Conn, tenant_id: UUID, **fields: Any) -> Cursor[Tenant]:
     """``update`` without waiting for the row (see ``queue_intent``)."""
-    assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
     values = [Jsonb(v) if isinstance(v, dict) else v for v in fields.values()]
     cur = conn.cursor(row_factory=class_row(Tenant))
-    cur.execute(
-        sql.SQL("UPDATE tenants SET {} WHERE id = %s RETURNING {}").format(assignments, _COLUMNS),
-        [*values, tenant_id],
-    )
+    cur.execute(_update_query(tuple(fields)), [*values, tenant_id])
     return cur
+
+
+@functools.lru_cache(maxsize=64)
+def _update_query(keys: tuple[str, ...]) -> sql.SQL:
+    assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in keys)
+    return rendered(
+        sql.SQL("UPDATE tenants SET {} WHERE id = %s RETURNING {}").format(assignments, _COLUMNS)
+    )
 
 
 def set_step(conn: Conn, tenant_id: UUID, step: str) -> None:
@@ -405,7 +416,9 @@ class Operation:
     finished_at: datetime | None
 
 
-_OP_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Operation))
+_OP_COLUMNS = rendered(
+    sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(Operation))
+)
 
 
 def start_operation(

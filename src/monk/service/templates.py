@@ -59,6 +59,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 import monk
+from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
@@ -199,8 +200,8 @@ class HealthReport:
         return dataclasses.asdict(self) | {"ok": self.ok}
 
 
-_BUILD_COLUMNS = sql.SQL(", ").join(
-    sql.Identifier(f.name) for f in dataclasses.fields(TemplateBuild)
+_BUILD_COLUMNS = registry.rendered(
+    sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(TemplateBuild))
 )
 
 
