@@ -260,68 +260,98 @@ def queue_intent(
 
 @dataclass(frozen=True)
 class GatedIntent:
-    """What ``queue_gated_intent`` answers: whether it took the name's lock, and the intent
-    row if it wrote one (only when it took the lock)."""
+    """What ``gated_intent`` answers: whether it took the name's lock, the template's client
+    sessions, the intent row if it wrote one (only when it took the lock), and whether the
+    spare role was renamed into the tenant's (None: no claim ran)."""
 
     locked: bool
+    sessions: int
     tenant: Tenant | None
+    claimed: bool | None
 
 
-def queue_gated_intent(
+_GATED_INTENT = rendered(
+    sql.SQL(
+        "WITH gate AS MATERIALIZED ("
+        " SELECT pg_try_advisory_lock(%(lock)s) AS locked,"
+        " CASE WHEN %(async)s THEN set_config('synchronous_commit', 'off', true) END AS async,"
+        " (SELECT count(*) FROM pg_stat_activity WHERE datname = %(template_db)s"
+        " AND backend_type = 'client backend') AS sessions),"
+        " intent AS (INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
+        " template_key, template_version, role_name, step, idempotency_key)"
+        " SELECT %(id)s, %(name)s, %(key)s, %(database)s, %(host)s, false, 'provisioning',"
+        " %(template)s, %(version)s, %(role)s, 'intent', %(idempotency_key)s"
+        " FROM gate WHERE gate.locked"
+        " AND NOT EXISTS (SELECT 1 FROM tenants WHERE deleted_at IS NULL"
+        " AND (name_key = %(key)s OR database = %(database)s))"
+        " AND NOT EXISTS (SELECT 1 FROM spares WHERE host = %(host)s"
+        " AND template_key = %(template)s AND status = 'ready')"
+        " RETURNING {columns}),"
+        " op AS (INSERT INTO operations (id, kind, subject, database, host, state, params)"
+        " SELECT %(op)s, 'provision', %(key)s, %(database)s, %(host)s, 'running', %(params)s"
+        " FROM intent),"
+        " claimed AS (SELECT claim_spare_role(%(spare)s, %(role)s, %(keyholder)s) AS ok"
+        " FROM intent WHERE %(spare)s::text IS NOT NULL)"
+        " SELECT gate.locked AS gate_locked, gate.sessions AS gate_sessions,"
+        " claimed.ok AS gate_claimed, intent.*"
+        " FROM gate LEFT JOIN intent ON true LEFT JOIN claimed ON true"
+    ).format(columns=_COLUMNS)
+)
+
+
+def gated_intent(
     conn: Conn,
     name: TenantName,
     *,
     tenant_id: UUID,
+    op_id: UUID,
     host: str,
     template_key: str,
     template_version: str,
+    template_database: str,
     idempotency_key: str | None,
-) -> Cursor[GatedIntent]:
-    """``lock_and_find`` and ``queue_intent`` in one statement, for the common case: take the
-    name's session lock, and write the intent only if the lock was free, no live tenant has the
-    name or its database, and no spare of the template is ready. Anything else writes nothing
-    (the caller releases the lock if it was taken, and takes the full path). A data-modifying
-    CTE sees the snapshot of the statement's start: a tenant committed after it is caught by
-    the unique indexes, as in ``queue_intent``."""
-    cur = conn.cursor(row_factory=kwargs_row(_gated_intent))
-    cur.execute(
-        sql.SQL(
-            "WITH gate AS MATERIALIZED (SELECT pg_try_advisory_lock(%s) AS locked),"
-            " intent AS (INSERT INTO tenants (id, name, name_key, database, host, is_active,"
-            " status, template_key, template_version, role_name, step, idempotency_key)"
-            " SELECT %s, %s, %s, %s, %s, false, 'provisioning', %s, %s, %s, 'intent', %s"
-            " FROM gate WHERE gate.locked"
-            " AND NOT EXISTS (SELECT 1 FROM tenants WHERE deleted_at IS NULL"
-            " AND (name_key = %s OR database = %s))"
-            " AND NOT EXISTS (SELECT 1 FROM spares WHERE host = %s AND template_key = %s"
-            " AND status = 'ready')"
-            " RETURNING {})"
-            " SELECT gate.locked AS gate_locked, intent.* FROM gate LEFT JOIN intent ON true"
-        ).format(_COLUMNS),
-        (
-            advisory_key(name.database),
-            tenant_id,
-            name.display,
-            name.key,
-            name.database,
-            host,
-            template_key,
-            template_version,
-            name.role,
-            idempotency_key,
-            name.key,
-            name.database,
-            host,
-            template_key,
-        ),
-        prepare=True,
-    )
-    return cur
+    spare_role: str | None,
+    keyholder: UUID,
+    async_commit: bool,
+) -> GatedIntent:
+    """A free name's whole intent in one statement, its own transaction: take the name's
+    session lock, count the template's sessions, and only if the lock was free, no live tenant
+    has the name or its database and no spare of the template is ready, write the intent, its
+    journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given) into
+    the tenant's role. Anything else writes nothing: the caller releases the lock if it was
+    taken and takes the full path. The statement's snapshot predates its lock: a tenant
+    committed in between is caught by the unique indexes (an error, as in ``queue_intent``).
+    ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit
+    on the same server flushes it)."""
+    params = {
+        "lock": advisory_key(name.database),
+        "async": async_commit,
+        "template_db": template_database,
+        "id": tenant_id,
+        "name": name.display,
+        "key": name.key,
+        "database": name.database,
+        "host": host,
+        "template": template_key,
+        "version": template_version,
+        "role": name.role,
+        "idempotency_key": idempotency_key,
+        "op": op_id,
+        "params": Jsonb({"template": template_key, "version": template_version}),
+        "spare": spare_role,
+        "keyholder": keyholder,
+    }
+    with conn.cursor(row_factory=kwargs_row(_gated_intent)) as cur:
+        row = cur.execute(_GATED_INTENT, params, prepare=True).fetchone()
+    assert row is not None
+    return row
 
 
-def _gated_intent(gate_locked: bool, **columns: Any) -> GatedIntent:
+def _gated_intent(
+    gate_locked: bool, gate_sessions: int, gate_claimed: bool | None, **columns: Any
+) -> GatedIntent:
     tenant = Tenant(**columns) if columns.get("id") is not None else None
-    return GatedIntent(bool(gate_locked), tenant)
+    return GatedIntent(bool(gate_locked), int(gate_sessions), tenant, gate_claimed)
 
 
 def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
@@ -431,19 +461,8 @@ def start_operation(
     state: str = "running",
     params: dict[str, Any] | None = None,
     op_id: UUID | None = None,
-    if_tenant: UUID | None = None,
 ) -> UUID:
-    """Journal an operation; with ``op_id`` given nothing is read back (pipeline-friendly);
-    with ``if_tenant`` too, only if that tenant row exists (in the caller's transaction)."""
-    if op_id is not None and if_tenant is not None:
-        conn.execute(
-            "INSERT INTO operations (id, kind, subject, database, host, state, params)"
-            " SELECT %s, %s, %s, %s, %s, %s, %s"
-            " WHERE EXISTS (SELECT 1 FROM tenants WHERE id = %s)",
-            (op_id, kind, subject, database, host, state, Jsonb(params or {}), if_tenant),
-            prepare=True,
-        )
-        return op_id
+    """Journal an operation; with ``op_id`` given nothing is read back (pipeline-friendly)."""
     if op_id is not None:
         conn.execute(
             "INSERT INTO operations (id, kind, subject, database, host, state, params)"

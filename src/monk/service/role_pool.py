@@ -85,7 +85,7 @@ def claim(
         "SELECT claim_spare_role(%s, %s, %s) WHERE EXISTS (SELECT 1 FROM tenants WHERE id = %s)",
         (spare[0], role, svc.instance_id, tenant_id),
         prepare=True,
-    )
+    )  # (the free-name path claims inside registry.gated_intent instead)
     return cur, spare
 
 

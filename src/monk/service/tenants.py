@@ -350,12 +350,13 @@ class TenantService:
         """One round trip: the intent and its journal entry commit together (with a spare role
         renamed into the tenant's, when this process has one), and the template's sessions are
         counted (a session on it would make the clone wait 5 s, then fail). ``gated``: also take
-        the name's lock and write only if the name is free and no spare is ready (else None)."""
+        the name's lock, and write only if the name is free and no spare is ready (else None,
+        nothing written, no lock kept)."""
+        if gated:
+            return self._record_gated_intent(reg, pools, name, build, idempotency_key)
         shared_wal = self.registry_shares_server(pools)
         tenant_id, op_id = uuid4(), uuid4()
         claim = None
-        gate: psycopg.Cursor[registry.GatedIntent] | None = None
-        intent: psycopg.Cursor[Tenant] | None = None
         try:
             with registry.intent_errors(reg, name), registry.pipelined_transaction(reg):
                 if shared_wal:
@@ -367,17 +368,15 @@ class TenantService:
                     (build.database,),
                     prepare=True,
                 )
-                fields: dict[str, Any] = {
-                    "tenant_id": tenant_id,
-                    "host": pools.target.name,
-                    "template_key": build.key,
-                    "template_version": build.version,
-                    "idempotency_key": idempotency_key,
-                }
-                if gated:
-                    gate = registry.queue_gated_intent(reg, name, **fields)
-                else:
-                    intent = registry.queue_intent(reg, name, **fields)
+                intent = registry.queue_intent(
+                    reg,
+                    name,
+                    tenant_id=tenant_id,
+                    host=pools.target.name,
+                    template_key=build.key,
+                    template_version=build.version,
+                    idempotency_key=idempotency_key,
+                )
                 registry.start_operation(
                     reg,
                     "provision",
@@ -386,43 +385,78 @@ class TenantService:
                     host=pools.target.name,
                     params={"template": build.key, "version": build.version},
                     op_id=op_id,
-                    if_tenant=tenant_id if gated else None,
                 )
                 if shared_wal:
                     claim = role_pool.claim(self, reg, name.role, tenant_id=tenant_id)
-        except (TenantExists, HashCollision):
-            if claim is not None:
-                role_pool.release(self, claim[1])
-            if not gated:
-                raise
-            # A tenant committed after the statement's snapshot: the full path looks again,
-            # under the lock (an idempotent retry must get the first answer, not a refusal).
-            registry.unlock_if_held(reg, name.database)
-            return None
         except BaseException:
             if claim is not None:
                 role_pool.release(self, claim[1])
-            if gated and not (reg.closed or reg.broken):
-                with contextlib.suppress(psycopg.Error):
-                    registry.unlock_if_held(reg, name.database)
             raise
         renamed = role_pool.settle(self, claim)
-        if gate is not None:
-            passed = gate.fetchone()
-            assert passed is not None
-            if passed.tenant is None:
-                if passed.locked:
-                    registry.unlock(reg, name.database)
-                return None
-            tenant = passed.tenant
-        else:
-            assert intent is not None
-            tenant = registry.fetch_tenant(intent)
         return _Intent(
-            tenant=tenant,
+            tenant=registry.fetch_tenant(intent),
             op=op_id,
             template_in_use=bool((sessions.fetchone() or (0,))[0]),
             role=Credentials(name.role, claim[1][1]) if renamed and claim is not None else None,
+            shared_wal=shared_wal,
+        )
+
+    def _record_gated_intent(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        build: template_service.TemplateBuild,
+        idempotency_key: str | None,
+    ) -> _Intent | None:
+        """``_record_intent`` for a name that is probably free: one statement
+        (``registry.gated_intent``)."""
+        shared_wal = self.registry_shares_server(pools)
+        # Spare roles live on the registry's server: only there can the intent rename one.
+        spare = self.role_secrets.take() if shared_wal else None
+        op_id = uuid4()
+        try:
+            with registry.intent_errors(reg, name):
+                gate = registry.gated_intent(
+                    reg,
+                    name,
+                    tenant_id=uuid4(),
+                    op_id=op_id,
+                    host=pools.target.name,
+                    template_key=build.key,
+                    template_version=build.version,
+                    template_database=build.database,
+                    idempotency_key=idempotency_key,
+                    spare_role=spare[0] if spare else None,
+                    keyholder=self.instance_id,
+                    async_commit=shared_wal,
+                )
+        except (TenantExists, HashCollision):
+            # A tenant committed after the statement's snapshot: the full path looks again,
+            # under the lock (an idempotent retry must get the first answer, not a refusal).
+            if spare is not None:
+                self.role_secrets.put(*spare)
+            registry.unlock_if_held(reg, name.database)
+            return None
+        except BaseException:
+            if spare is not None:
+                self.role_secrets.put(*spare)
+            if not (reg.closed or reg.broken):
+                with contextlib.suppress(psycopg.Error):
+                    registry.unlock_if_held(reg, name.database)
+            raise
+        if spare is not None and gate.claimed is None:
+            self.role_secrets.put(*spare)  # no intent, no claim: still a spare, still ours
+        # gate.claimed False: the spare was gone (another server's start-up dropped it).
+        if gate.tenant is None:
+            if gate.locked:
+                registry.unlock(reg, name.database)
+            return None
+        return _Intent(
+            tenant=gate.tenant,
+            op=op_id,
+            template_in_use=gate.sessions > 0,
+            role=Credentials(name.role, spare[1]) if spare and gate.claimed else None,
             shared_wal=shared_wal,
         )
 
