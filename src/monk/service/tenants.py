@@ -694,10 +694,10 @@ class TenantService:
             except DatabaseMissing:
                 cloning = current()
                 raise TemplateBusy(f"template {build.key!r} is being swapped") from None
-            after = current()
-            if after.id != cloning.id:
+            after = template_service.current_build_id(registry_session(), build.key, target.name)
+            if after != cloning.id:
                 admin.drop_database(adm, database)
-                cloning = after
+                cloning = current()
                 raise TemplateBusy(f"template {build.key!r} was rebuilt during the clone")
 
         try:
