@@ -8,6 +8,7 @@ no tenant stuck, and the same name can be provisioned again.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 
@@ -34,11 +35,11 @@ def run(
     )
 
 
-def kill_at(env: Env, step: str, *args: str) -> None:
-    """Run ``monk args`` until it reports reaching ``step``, then SIGKILL it."""
+def kill_at(env: Env, step: str, *args: str, command: list[str] | None = None) -> None:
+    """Run ``monk args`` (or ``command``) until it reports reaching ``step``, then SIGKILL it."""
     proc = subprocess.Popen(
-        [MONK_BIN, *args],
-        env=settings_env(env.settings) | {"MONK_FAULT_PAUSE_AT": step},
+        command or [MONK_BIN, *args],
+        env=os.environ | settings_env(env.settings) | {"MONK_FAULT_PAUSE_AT": step},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -15,9 +13,8 @@ import pytest
 
 from monk.service import pool, purge, role_pool
 from monk.service.tenants import TenantService
-from tests.conftest import settings_env
 from tests.integration.conftest import Env
-from tests.integration.test_crash import run
+from tests.integration.test_crash import kill_at, run
 from tests.integration.test_tenants import roles, unique
 
 
@@ -148,18 +145,9 @@ def test_kill_after_claiming_a_spare_role_then_doctor(
     role)."""
     name = unique("Crash role")
     before = roles(env)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PROVISION_WITH_A_SPARE_ROLE, name, env.template],
-        env=os.environ | settings_env(env.settings) | {"MONK_FAULT_PAUSE_AT": step},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    kill_at(
+        env, step, command=[sys.executable, "-c", _PROVISION_WITH_A_SPARE_ROLE, name, env.template]
     )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert f"paused at {step}" in line, line + proc.stderr.read()
-    proc.kill()
-    proc.wait()
     assert spare_roles(env) == {"registry": set(), "server": set()}  # claimed: now the tenant's
     assert len(roles(env) - before) == 1
 
