@@ -178,3 +178,14 @@ def test_doctor_drops_a_spare_role_without_its_row(env: Env, fresh: TenantServic
     assert stray not in after["server"]
     assert after["server"] == after["registry"]
     assert len(after["registry"]) == 1
+
+
+def test_pool_cli_shows_and_drains_spare_roles(env: Env, fresh: TenantService) -> None:
+    role_pool.fill(fresh, 2)
+    shown = run(env, "pool", "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "spare roles ready: 2" in shown.stdout
+    drained = run(env, "pool", "drain")
+    assert drained.returncode == 0, drained.stderr
+    assert "dropped 2 spare role(s)" in drained.stdout
+    assert spare_roles(env) == {"registry": set(), "server": set()}

@@ -24,11 +24,13 @@ def fill(
 @app.command("status")
 def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Spares per template build and state."""
-    rows = pool.status(state().tenants)
+    svc = state().tenants
+    rows = pool.status(svc)
     if as_json:
         print_json(rows)
     else:
         print_rows(rows, ["template", "version", "status", "count", "target"])
+        console.print(f"spare roles ready: {role_pool.count(svc)}")
 
 
 @app.command()
