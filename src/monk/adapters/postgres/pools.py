@@ -45,10 +45,17 @@ class ServerPools:
     def __init__(self, target: ServerTarget, system_db: str, *, max_size: int = 8) -> None:
         self.target = target
         self.system_db = system_db
-        self._system = self._pool(system_db, "registry", max_size)
+        # The registry's statements are small indexed reads and writes, prepared and run on
+        # every request: a generic plan serves them all, where a custom plan is made again at
+        # each execution (0.3 ms of server CPU for the provision's intent statement).
+        self._system = self._pool(
+            system_db, "registry", max_size, settings="-c plan_cache_mode=force_generic_plan"
+        )
         self._admin = self._pool(target.maintenance_db, "admin", max_size)
 
-    def _pool(self, dbname: str, purpose: str, max_size: int) -> ConnectionPool[Any]:
+    def _pool(
+        self, dbname: str, purpose: str, max_size: int, *, settings: str = ""
+    ) -> ConnectionPool[Any]:
         return ConnectionPool(
             self.target.conninfo,
             kwargs={
@@ -56,7 +63,7 @@ class ServerPools:
                 "autocommit": True,
                 "application_name": f"{APPLICATION_NAME}:{purpose}",
                 "connect_timeout": self.target.connect_timeout,
-                "options": f"-c statement_timeout={self.target.statement_timeout_ms}",
+                "options": f"-c statement_timeout={self.target.statement_timeout_ms} {settings}",
             },
             min_size=0,
             max_size=max_size,
