@@ -354,6 +354,53 @@ def _gated_intent(
     return GatedIntent(bool(gate_locked), int(gate_sessions), tenant, gate_claimed)
 
 
+_ACTIVATION = rendered(
+    sql.SQL(
+        "WITH configured AS MATERIALIZED ("
+        " SELECT configure_tenant_database(%(database)s, %(role)s, %(mark)s, %(settings)s)"
+        " WHERE %(configure)s),"
+        " op AS (UPDATE operations SET state = 'done', step = 'active', error = NULL,"
+        " result = NULL, updated_at = now(), finished_at = now() WHERE id = %(op)s),"
+        " activated AS (UPDATE tenants SET status = 'active', is_active = true, step = 'active',"
+        " migration_level = %(level)s, template_version = %(version)s WHERE id = %(id)s"
+        " RETURNING {columns})"
+        " SELECT activated.* FROM activated, (SELECT count(*) FROM configured) AS c"
+    ).format(columns=_COLUMNS)
+)
+
+
+def queue_activation(
+    conn: Conn,
+    tenant_id: UUID,
+    op_id: UUID,
+    *,
+    migration_level: int,
+    template_version: str,
+    configure: tuple[str, str, str, dict[str, str]] | None,
+) -> Cursor[Tenant]:
+    """A provision's last writes in one statement: ``configure_tenant_database`` (database,
+    role, mark, settings; None when it was done on another server), the tenant active, its
+    journal entry done. Queued, like ``queue_intent``; the caller's transaction commits it."""
+    database, role, mark, settings = configure or ("", "", "", {})
+    cur = conn.cursor(row_factory=class_row(Tenant))
+    cur.execute(
+        _ACTIVATION,
+        {
+            "configure": configure is not None,
+            "database": database,
+            "role": role,
+            "mark": mark,
+            "settings": Jsonb(settings),
+            "op": op_id,
+            "id": tenant_id,
+            "level": migration_level,
+            "version": template_version,
+        },
+        prepare=True,
+    )
+    return cur
+
+
 def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
     row = cur.fetchone()
     cur.close()

@@ -3,10 +3,11 @@
 A new role's password is the costliest bookkeeping of a cold provision: the client derives the
 SCRAM verifier (PBKDF2, ~2 ms at 4096 iterations) and the server checks the new secret against
 the empty password at the same cost (~4 ms), both on the CPU the clone needs. A spare role
-(``monk_role_<16 hex>``, NOLOGIN, its password known only to the process that set it, named by
-``keyholder``) is made in idle time by ``monk serve``'s refiller; the provision's intent
-transaction renames it to ``tenant_<hash>`` with LOGIN (system function ``claim_spare_role``),
-so a crash leaves the role either still a spare or the tenant's, undone with the intent.
+(``monk_role_<16 hex>``, LOGIN, its password known only to the process that set it, named by
+``keyholder``, so no more exposed than the tenant role it becomes) is made in idle time by
+``monk serve``'s refiller; the provision's intent transaction renames it to ``tenant_<hash>``
+(system function ``claim_spare_role``), so a crash leaves the role either still a spare or the
+tenant's, undone with the intent; the clone is then created with it as owner.
 
 With none ready, or when the registry is on another server than the tenant (roles are
 per server), the provision makes its role beside the clone, as before.

@@ -30,7 +30,6 @@ from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from monk.adapters import registry
@@ -497,7 +496,15 @@ class TenantService:
             try:
                 with pools.admin() as adm:
                     cloned = self._clone(
-                        adm, pools.target, name.database, build, registry_free, template_in_use
+                        adm,
+                        pools.target,
+                        name.database,
+                        build,
+                        registry_free,
+                        template_in_use,
+                        # A role renamed in already exists: owning the clone from its creation
+                        # spares configure's ALTER DATABASE OWNER a catalog update.
+                        owner=name.role if intent.role is not None else None,
                     )
             finally:
                 role_error = role_job.exception()  # waits: the undo must know of the role
@@ -534,19 +541,17 @@ class TenantService:
                 )
 
             with registry.pipelined_transaction(reg, after_commit=unlock):
-                if shared_wal:
-                    self._configure_in_registry(reg, name.database, name.role, build)
-                    self._checkpoint("configured")
-                activated = registry.queue_update(
+                activated = registry.queue_activation(
                     reg,
                     tenant.id,
-                    status="active",
-                    is_active=True,
-                    step="active",
+                    op,
                     migration_level=level,
                     template_version=build.version,
+                    configure=self._configure_args(name.database, name.role, build)
+                    if shared_wal
+                    else None,
                 )
-                registry.finish_operation(reg, op, "done", step="active")
+                self._checkpoint("configured")  # sent, not committed
             lock.held = False
             tenant = registry.fetch_tenant(activated)
         except BaseException as exc:
@@ -662,9 +667,10 @@ class TenantService:
         build: template_service.TemplateBuild,
         registry_session: Callable[[], psycopg.Connection[Any]],
         template_in_use: bool = True,
+        owner: str | None = None,
     ) -> template_service.TemplateBuild:
-        """CREATE DATABASE … TEMPLATE, keeping the template free of sessions; returns the build
-        whose content the clone really holds. ``registry_session`` gives the caller's registry
+        """CREATE DATABASE … TEMPLATE [OWNER], keeping the template free of sessions; returns the
+        build whose content the clone really holds. ``registry_session`` gives the caller's registry
         connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
@@ -690,7 +696,7 @@ class TenantService:
                 admin.terminate_sessions(adm, cloning.database)
             look_for_sessions = True
             try:
-                admin.create_database(adm, database, template=cloning.database)
+                admin.create_database(adm, database, template=cloning.database, owner=owner)
             except DatabaseMissing:
                 cloning = current()
                 raise TemplateBusy(f"template {build.key!r} is being swapped") from None
@@ -811,23 +817,16 @@ class TenantService:
             adm.execute("SET LOCAL synchronous_commit = off")
             self._configure_statements(adm, database, role, build)
 
-    def _configure_in_registry(
-        self,
-        reg: psycopg.Connection[Any],
-        database: str,
-        role: str,
-        build: template_service.TemplateBuild,
-    ) -> None:
-        """``_configure`` on the registry session, in the caller's transaction (and pipeline):
-        the system database's function ``configure_tenant_database`` runs the same statements."""
+    def _configure_args(
+        self, database: str, role: str, build: template_service.TemplateBuild
+    ) -> tuple[str, str, str, dict[str, str]]:
+        """``_configure`` as the arguments of the system database's function
+        ``configure_tenant_database``, which runs the same statements on the registry session
+        (in the activation's statement), validated here as the client-side path does."""
         validate_database_name(database)
         validate_role_name(role)
         admin.validate_setting_names(build.database_settings)
-        reg.execute(
-            "SELECT configure_tenant_database(%s, %s, %s, %s)",
-            (database, role, self.ownership_mark(), Jsonb(dict(build.database_settings))),
-            prepare=True,
-        )
+        return database, role, self.ownership_mark(), dict(build.database_settings)
 
     def _configure_statements(
         self,

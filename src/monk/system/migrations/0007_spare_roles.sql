@@ -1,5 +1,7 @@
--- Spare roles: NOLOGIN roles with a password, made ahead of time, renamed into a cold
--- provision's tenant role. Setting a SCRAM password costs the server some 4 ms of CPU (it checks
+-- Spare roles: roles with a password, made ahead of time, renamed into a cold provision's
+-- tenant role. They may log in from the start (their password is known only to the process that
+-- made them until it becomes the tenant's: no more than the tenant's role may), so that the
+-- claim is one catalog update, the rename. Setting a SCRAM password costs the server some 4 ms of CPU (it checks
 -- every new secret against the empty password at the verifier's iteration count) and the client
 -- some 2 ms to compute the verifier: done in idle time, a cold provision pays for a rename.
 --
@@ -22,7 +24,7 @@ SET search_path FROM CURRENT
 AS $$
 BEGIN
     INSERT INTO spare_roles (role, keyholder) VALUES (p_role, p_keyholder);
-    EXECUTE format('CREATE ROLE %I NOLOGIN PASSWORD %L', p_role, p_verifier);
+    EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', p_role, p_verifier);
     EXECUTE format('COMMENT ON ROLE %I IS %L', p_role, p_mark);
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         -- A CREATEROLE admin needs membership to hand objects over and to manage the role.
@@ -31,8 +33,7 @@ BEGIN
 END
 $$;
 
--- Renames the caller's spare role into the tenant's role, with LOGIN, in the caller's
--- transaction; false (nothing changed) when it is no longer a spare of this keyholder. A role
+-- Renames the caller's spare role into the tenant's role, in the caller's transaction; false (nothing changed) when it is no longer a spare of this keyholder. A role
 -- already under the tenant's name is a leftover of a crashed attempt on that name, whose lock
 -- the caller holds: dropped first, as a freshly created role would do.
 CREATE FUNCTION claim_spare_role(p_spare text, p_role text, p_keyholder uuid)
@@ -47,7 +48,6 @@ BEGIN
     END IF;
     EXECUTE format('DROP ROLE IF EXISTS %I', p_role);
     EXECUTE format('ALTER ROLE %I RENAME TO %I', p_spare, p_role);
-    EXECUTE format('ALTER ROLE %I LOGIN', p_role);
     RETURN true;
 END
 $$;
