@@ -73,34 +73,29 @@ def _new_name() -> str:
 
 
 def claim(
-    svc: TenantService, reg: psycopg.Connection[Any], role: str, *, tenant_id: UUID
+    svc: TenantService, reg: psycopg.Connection[Any], role: str
 ) -> tuple[psycopg.Cursor[Any], tuple[str, str]] | None:
     """Queue, in the caller's transaction (and pipeline), the renaming of one of this process's
-    spare roles into ``role``, if the tenant row ``tenant_id`` exists by then; returns the
-    cursor that answers whether it happened (a true row), and the spare's (name, password) to
-    give back with ``release`` if it did not. None when this process knows no spare role."""
+    spare roles into ``role``; returns the cursor that answers whether it happened, and the
+    spare's (name, password), to give back with ``release`` if the transaction rolled back.
+    None when this process knows no spare role. (A free name's intent claims inside
+    ``registry.gated_intent`` instead.)"""
     spare = svc.role_secrets.take()
     if spare is None:
         return None
     cur = reg.execute(
-        "SELECT claim_spare_role(%s, %s, %s) WHERE EXISTS (SELECT 1 FROM tenants WHERE id = %s)",
-        (spare[0], role, svc.instance_id, tenant_id),
-        prepare=True,
-    )  # (the free-name path claims inside registry.gated_intent instead)
+        "SELECT claim_spare_role(%s, %s, %s)", (spare[0], role, svc.instance_id), prepare=True
+    )
     return cur, spare
 
 
 def settle(svc: TenantService, claim: tuple[psycopg.Cursor[Any], tuple[str, str]] | None) -> bool:
-    """After the claim's transaction committed: whether its spare role was renamed. A claim
-    that did not run (no tenant row) gives the spare back; one that ran and found the spare
-    gone (dropped by another server's start-up) forgets it."""
+    """After the claim's transaction committed: whether its spare role was renamed (if not, it
+    was gone: another server's start-up dropped it, and it is forgotten)."""
     if claim is None:
         return False
     row = claim[0].fetchone()
-    if row is None:
-        release(svc, claim[1])
-        return False
-    return bool(row[0])
+    return bool(row and row[0])
 
 
 def release(svc: TenantService, spare: tuple[str, str]) -> None:

@@ -307,8 +307,7 @@ class TenantService:
             if warm is not None:
                 return warm
         build = self._current_build(template, pools.target, reg, cached=True)
-        intent = self._record_intent(reg, pools, name, build, idempotency_key, gated=False)
-        assert intent is not None  # not gated: written, or raised
+        intent = self._record_intent(reg, pools, name, build, idempotency_key)
         return self._provision_cold(reg, pools, name, build, intent, lock)
 
     def _provision_gated(
@@ -326,7 +325,7 @@ class TenantService:
             build = self._current_build(template, pools.target, reg, cached=True)
         except TemplateNotFound:
             return None
-        intent = self._record_intent(reg, pools, name, build, idempotency_key, gated=True)
+        intent = self._record_gated_intent(reg, pools, name, build, idempotency_key)
         if intent is None:
             return None
         lock = _HeldLock(name.database)
@@ -343,16 +342,11 @@ class TenantService:
         name: TenantName,
         build: template_service.TemplateBuild,
         idempotency_key: str | None,
-        *,
-        gated: bool,
-    ) -> _Intent | None:
-        """One round trip: the intent and its journal entry commit together (with a spare role
-        renamed into the tenant's, when this process has one), and the template's sessions are
-        counted (a session on it would make the clone wait 5 s, then fail). ``gated``: also take
-        the name's lock, and write only if the name is free and no spare is ready (else None,
-        nothing written, no lock kept)."""
-        if gated:
-            return self._record_gated_intent(reg, pools, name, build, idempotency_key)
+    ) -> _Intent:
+        """One round trip (the caller holds the name's lock): the intent and its journal entry
+        commit together (with a spare role renamed into the tenant's, when this process has
+        one), and the template's sessions are counted (a session on it would make the clone
+        wait 5 s, then fail)."""
         shared_wal = self.registry_shares_server(pools)
         tenant_id, op_id = uuid4(), uuid4()
         claim = None
@@ -386,7 +380,7 @@ class TenantService:
                     op_id=op_id,
                 )
                 if shared_wal:
-                    claim = role_pool.claim(self, reg, name.role, tenant_id=tenant_id)
+                    claim = role_pool.claim(self, reg, name.role)
         except BaseException:
             if claim is not None:
                 role_pool.release(self, claim[1])
@@ -408,8 +402,9 @@ class TenantService:
         build: template_service.TemplateBuild,
         idempotency_key: str | None,
     ) -> _Intent | None:
-        """``_record_intent`` for a name that is probably free: one statement
-        (``registry.gated_intent``)."""
+        """``_record_intent`` for a name that is probably free, lock included, in one statement
+        (``registry.gated_intent``); None (nothing written, no lock kept) when the name is
+        busy or taken or a spare is ready."""
         shared_wal = self.registry_shares_server(pools)
         # Spare roles live on the registry's server: only there can the intent rename one.
         spare = self.role_secrets.take() if shared_wal else None
