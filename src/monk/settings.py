@@ -172,6 +172,14 @@ class Settings(BaseSettings):
             raise ValueError("is empty: unset it for the default, or name a folder")
         return value
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty HMAC key fails every token: refuse it here, not at the first request.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: unset it for a secret generated in MONK_DATA_DIR")
+        return value
+
     @field_validator(*_JSON_EXPECTED, mode="before")
     @classmethod
     def _json_text(cls, value: object, info: ValidationInfo) -> object:

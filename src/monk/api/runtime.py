@@ -53,11 +53,12 @@ class Metrics:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # First: a secret that cannot be read or stored stops the start before anything else.
+        self.secret = signing_secret(settings)
         self.server = Server.from_settings(settings)
         self.target: ServerTarget
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
-        self.secret = signing_secret(settings)
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._wake = threading.Event()
