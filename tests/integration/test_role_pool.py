@@ -13,7 +13,7 @@ import pytest
 
 from monk.service import pool, purge, role_pool
 from monk.service.tenants import TenantService
-from tests.integration.conftest import Env
+from tests.integration.conftest import Env, end_keyholder_sessions
 from tests.integration.test_crash import kill_at, run
 from tests.integration.test_tenants import roles, unique
 
@@ -93,7 +93,11 @@ def test_parallel_cold_provisions_never_share_a_spare_role(env: Env, fresh: Tena
 def test_a_spare_role_gone_from_the_registry_is_not_used(env: Env, fresh: TenantService) -> None:
     svc = fresh
     role_pool.fill(svc, 1)
-    # another server starting up drops the roles of every keyholder but itself
+    # another server starting up drops the roles of every keyholder that is gone, and only them
+    with TenantService(env.settings, env.target) as other:
+        assert role_pool.drop_others(other) == 0  # svc lives: its keyholder lock is held
+    assert len(spare_roles(env)["registry"]) == 1
+    end_keyholder_sessions(env)
     with TenantService(env.settings, env.target) as other:
         assert role_pool.drop_others(other) == 1
     assert spare_roles(env) == {"registry": set(), "server": set()}
