@@ -57,18 +57,16 @@ def listen(host: str, port: int) -> socket.socket:
     """A socket bound and listening on ``host:port``, for ``monk serve`` to take before it
     touches anything: a busy port is then one ConfigError, not a half-started server (clients
     that connect during start-up wait in the backlog)."""
+    # as uvicorn does: IPv6 for an address with a colon, else IPv4 (a name resolves to that)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"--host {host}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        # as uvicorn does: a restart need not wait for the old connections' TIME_WAIT
+        # and, as uvicorn does, a restart need not wait for old connections' TIME_WAIT
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock.bind((host, port))
         sock.listen(2048)
+    except socket.gaierror as exc:
+        sock.close()
+        raise ConfigError(f"--host {host}: {exc.strerror}") from None
     except OSError as exc:
         sock.close()
         hint = ""
