@@ -62,12 +62,25 @@ def replacing(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
         finally:
             os.close(fd)
         if exclusive:
-            os.link(partial, path)  # fails if path exists: the first writer wins
+            _link_or_rename(partial, path)
         else:
             os.replace(partial, path)
         fsync_dir(path.parent)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _link_or_rename(partial: Path, path: Path) -> None:
+    """Put ``partial`` at ``path`` unless something is there already (FileExistsError)."""
+    try:
+        os.link(partial, path)  # atomic, and fails if path exists: the first writer wins
+    except FileExistsError:
+        raise
+    except OSError:
+        # a file system without hard links (some FUSE or FAT ones): check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(partial, path)
 
 
 def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
