@@ -99,6 +99,30 @@ def test_a_full_disk_never_leaves_an_empty_jwt_secret(tmp_path: Path) -> None:
         assert claims["access"] == "root"
 
 
+def test_concurrent_first_tokens_agree_on_one_secret(tmp_path: Path) -> None:
+    """The secret is created exclusively: of processes racing to create it, the first one's
+    stays, and every token any of them issued verifies with it."""
+    data_dir = tmp_path / "data"
+    environ = _no_db_env(data_dir)
+    procs = [
+        subprocess.Popen(
+            [MONK_BIN, "token", "--root"],
+            env=environ,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    tokens = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 6
+    secret = (data_dir / "jwt_secret").read_text().strip()
+    for token in tokens:
+        assert jwt.decode(token, secret, algorithms=[ALGORITHM])["access"] == "root"
+    assert sorted(p.name for p in data_dir.iterdir()) == ["jwt_secret"]
+    assert _mode(data_dir) == 0o700
+
+
 @pytest.mark.parametrize("content", [b"", b"\n", b"\0" * 65], ids=["empty", "newline", "zeros"])
 def test_an_empty_or_damaged_jwt_secret_is_exit_6_naming_the_file(
     tmp_path: Path, content: bytes, settings: Settings
