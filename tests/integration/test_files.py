@@ -226,3 +226,29 @@ def test_embedded_files_are_private_and_an_empty_admin_password_is_named(
         assert embedded.run("db", "url").returncode == 0
     finally:
         embedded.run("db", "stop")
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_server_start_keeps_monk_conf(tmp_path: Path) -> None:
+    """monk.conf is written at every start: on a full disk the old one stays whole (a
+    truncated one would start PostgreSQL on its defaults), one line names it, and the next
+    start after space returns works."""
+    with small_disk(tmp_path / "disk", 96) as disk:
+        embedded = Embedded(disk.path / "monk-data")
+        try:
+            assert embedded.run("init").returncode == 0
+            assert embedded.run("db", "stop").returncode == 0
+            conf = embedded.data_dir / "pgdata" / "monk.conf"
+            before = conf.read_text()
+            filler = disk.fill()
+            start = embedded.run("db", "start")
+            assert start.returncode == 6, start.stderr
+            assert len(start.stderr.strip().splitlines()) == 1, start.stderr
+            assert f"cannot write {conf}: No space left on device" in start.stderr
+            assert conf.read_text() == before
+            assert sorted(p.name for p in conf.parent.glob(".monk.conf*")) == []
+            filler.unlink()
+            assert embedded.run("db", "start").returncode == 0
+            assert conf.read_text() == before
+        finally:
+            embedded.run("db", "stop")

@@ -193,7 +193,7 @@ class EmbeddedServer:
         scratch = self.data_dir / f"pgdata.tmp-{secrets.token_hex(4)}"
         password = secrets.token_urlsafe(24)
         pending_password = self.data_dir / "admin_password.tmp"
-        files.write_private(pending_password, password + "\n")
+        self._keep(pending_password, password + "\n")
         self._run(
             [
                 "initdb",
@@ -210,7 +210,7 @@ class EmbeddedServer:
             chown=[pending_password, self.data_dir],
         )
         conf = scratch / "postgresql.conf"
-        files.write_private(
+        self._keep(
             conf,
             conf.read_text()
             + "\n# monk writes its settings here at every start\n"
@@ -238,7 +238,17 @@ class EmbeddedServer:
         if not self.durable:
             lines |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
-        files.write_private(self.pgdata / "monk.conf", text)
+        self._keep(self.pgdata / "monk.conf", text)
+
+    def _keep(self, path: Path, text: str) -> None:
+        """Write a file of the server's atomically and private; a full disk or a read-only
+        folder leaves the old file and is one ConfigError naming it."""
+        try:
+            files.write_private(path, text)
+        except OSError as exc:
+            raise ConfigError(
+                f"MONK_DATA_DIR {self.data_dir}: cannot write {path}: {exc.strerror or exc}"
+            ) from None
 
     def _start(self) -> None:
         self._clear_stale_locks()
