@@ -108,6 +108,17 @@ def test_a_spare_role_gone_from_the_registry_is_not_used(env: Env, fresh: Tenant
     assert role_pool.fill(svc, 1) == 1
 
 
+def test_a_lost_keyholder_lock_is_taken_again(env: Env, fresh: TenantService) -> None:
+    """A server restart ends the keyholder's session: its next check takes the lock again, so
+    its spare roles are its own again for servers starting after that."""
+    role_pool.fill(fresh, 1)
+    end_keyholder_sessions(env)
+    fresh.hold_keyholder_lock(check=True)
+    with TenantService(env.settings, env.target) as other:
+        assert role_pool.drop_others(other) == 0
+    assert len(spare_roles(env)["registry"]) == 1
+
+
 def test_a_refused_provision_keeps_the_spare_role(env: Env, fresh: TenantService) -> None:
     svc = fresh
     name = unique("Twice")
