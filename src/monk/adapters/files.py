@@ -15,7 +15,6 @@ from pathlib import Path
 
 from monk.errors import ConfigError
 
-PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 
 

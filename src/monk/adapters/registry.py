@@ -648,6 +648,15 @@ def hold_keyholder_lock(conn: Conn, instance_id: UUID) -> bool:
     return bool(row and row[0])
 
 
+def keyholder_session_alive(conn: Conn) -> bool:
+    """False if the keyholder lock's session is gone (a server restart ends every session)."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
 _DEAD_KEYHOLDERS = {
     # A NULL keyholder (a spare no process claims) counts as dead. The transaction-level try
     # succeeds only where no live session holds the keyholder's lock, and is released at once.

@@ -210,13 +210,10 @@ class TenantService:
         restart ends every session), and take it again if not."""
         with self._keyholder_mutex:
             conn = self._keyholder_conn
-            if conn is not None and check:
-                try:
-                    conn.execute("SELECT 1")
-                except psycopg.Error:
-                    conn.close()
-                    conn = self._keyholder_conn = None
-                    log.warning("keyholder lock lost with its connection; taking it again")
+            if conn is not None and check and not registry.keyholder_session_alive(conn):
+                conn.close()
+                conn = self._keyholder_conn = None
+                log.warning("keyholder lock lost with its connection; taking it again")
             if conn is not None and not conn.closed:
                 return
             local = self.hosts.local
