@@ -5,12 +5,22 @@ Every setting is an environment variable with the ``MONK_`` prefix (or a line of
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from monk.core.identifiers import validate_database_name
 from monk.errors import ConfigError, InvalidName
@@ -45,6 +55,15 @@ class Hook(BaseModel):
 
     def wants(self, event_type: str) -> bool:
         return "*" in self.events or event_type in self.events
+
+
+# The settings given as JSON, and what each expects (for the error naming a bad one).
+_JSON_EXPECTED = {
+    "template_path": 'a JSON list of folders, e.g. ["/srv/monk-templates"]',
+    "pool_spares": 'a JSON object of template key to count, e.g. {"basic": 2}',
+    "hooks": 'a JSON list of {"url": …, "events": […], "secret": …}, e.g. '
+    '[{"url": "https://app.example.com/monk"}]',
+}
 
 
 def _default_data_dir() -> Path:
@@ -96,14 +115,14 @@ class Settings(BaseSettings):
     clone_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a clone may retry while the template is busy."
     )
-    template_path: list[Path] = Field(
+    template_path: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Extra folders holding template sources (one sub-folder per key).",
     )
     archive_dir: Path | None = Field(
         default=None, description="Where tenant archives go (default <data_dir>/archives)."
     )
-    pool_spares: dict[str, int] = Field(
+    pool_spares: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=lambda: {"basic": 2},
         description="Warm pool: spare databases to keep per template key (JSON; 0 disables).",
     )
@@ -120,7 +139,7 @@ class Settings(BaseSettings):
     pool_size: int = Field(
         default=8, ge=1, le=100, description="Max connections per pool (registry, admin)."
     )
-    hooks: list[Hook] = Field(
+    hooks: Annotated[list[Hook], NoDecode] = Field(
         default_factory=list,
         description='Observers (JSON): [{"url": "https://…", "events": ["tenant.provisioned"], '
         '"secret": "…"}]; monk serve delivers tenant events to them, at least once.',
@@ -152,6 +171,27 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty: unset it for the default, or name a folder")
         return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty HMAC key fails every token: refuse it here, not at the first request.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: unset it for a secret generated in MONK_DATA_DIR")
+        return value
+
+    @field_validator(*_JSON_EXPECTED, mode="before")
+    @classmethod
+    def _json_text(cls, value: object, info: ValidationInfo) -> object:
+        # These arrive from the environment as text, decoded here (NoDecode) rather than by
+        # pydantic-settings, whose failure names neither the variable nor what it expects.
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            expected = _JSON_EXPECTED[str(info.field_name)]
+            raise ValueError(f"is not valid JSON (expected {expected})") from None
 
     @property
     def archives(self) -> Path:
@@ -195,7 +235,14 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"]) or "?"
+            loc = [str(p) for p in error["loc"]] or ["?"]
+            # MONK_POOL_SPARES[basic], MONK_HOOKS[0][url]: the variable, then where inside it
+            inside = "".join(f"[{p}]" for p in loc[1:])
             message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"MONK_{field.upper()}: {message}")
+            problems.append(f"MONK_{loc[0].upper()}{inside}: {message}")
         raise ConfigError("; ".join(problems)) from None
+    except SettingsError as exc:
+        # A source that could not be read at all (e.g. a complex value that is not JSON).
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"MONK_{found.group(1).upper()}" if found else "a MONK_ setting"
+        raise ConfigError(f"{name}: cannot be read ({exc})") from None

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 
 from monk.adapters.postgres.connection import ServerTarget
@@ -38,3 +39,15 @@ def env(lifecycle_settings: Settings) -> Env:
 def svc(env: Env) -> Iterator[TenantService]:
     with TenantService(env.settings, env.target) as service:
         yield service
+
+
+def end_keyholder_sessions(env: Env) -> None:
+    """What other processes see when a keyholder dies: its keyholder session ends, and its
+    lock with it (so its spares may be adopted and its spare roles dropped)."""
+    with psycopg.connect(
+        env.target.conninfo, dbname=env.settings.system_db_name, autocommit=True
+    ) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'monk:keyholder'"
+        )

@@ -17,7 +17,7 @@ from monk.errors import DatabaseUnavailable, TenantExists
 from monk.service import pool, purge
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
-from tests.integration.conftest import Env
+from tests.integration.conftest import Env, end_keyholder_sessions
 from tests.integration.test_crash import kill_at, run
 from tests.integration.test_tenants import databases, roles, unique
 
@@ -263,6 +263,9 @@ def test_rebuild_retires_old_spares(env: Env, drained: TenantService, tmp_path: 
 
 def test_a_new_process_adopts_spares_and_serves_them_fast(env: Env, drained: TenantService) -> None:
     pool.fill(drained, env.template, 2)
+    with TenantService(env.settings, env.target) as other:
+        assert pool.adopt(other) == 0  # their keyholder lives
+    end_keyholder_sessions(env)  # as if it had died
     with TenantService(env.settings, env.target) as other:
         assert pool.adopt(other) == 2
         assert pool.adopt(other) == 0

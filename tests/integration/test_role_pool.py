@@ -13,7 +13,7 @@ import pytest
 
 from monk.service import pool, purge, role_pool
 from monk.service.tenants import TenantService
-from tests.integration.conftest import Env
+from tests.integration.conftest import Env, end_keyholder_sessions
 from tests.integration.test_crash import kill_at, run
 from tests.integration.test_tenants import roles, unique
 
@@ -93,7 +93,11 @@ def test_parallel_cold_provisions_never_share_a_spare_role(env: Env, fresh: Tena
 def test_a_spare_role_gone_from_the_registry_is_not_used(env: Env, fresh: TenantService) -> None:
     svc = fresh
     role_pool.fill(svc, 1)
-    # another server starting up drops the roles of every keyholder but itself
+    # another server starting up drops the roles of every keyholder that is gone, and only them
+    with TenantService(env.settings, env.target) as other:
+        assert role_pool.drop_others(other) == 0  # svc lives: its keyholder lock is held
+    assert len(spare_roles(env)["registry"]) == 1
+    end_keyholder_sessions(env)
     with TenantService(env.settings, env.target) as other:
         assert role_pool.drop_others(other) == 1
     assert spare_roles(env) == {"registry": set(), "server": set()}
@@ -102,6 +106,17 @@ def test_a_spare_role_gone_from_the_registry_is_not_used(env: Env, fresh: Tenant
     # and the process forgets it when it tops up
     assert len(svc.role_secrets) == 0
     assert role_pool.fill(svc, 1) == 1
+
+
+def test_a_lost_keyholder_lock_is_taken_again(env: Env, fresh: TenantService) -> None:
+    """A server restart ends the keyholder's session: its next check takes the lock again, so
+    its spare roles are its own again for servers starting after that."""
+    role_pool.fill(fresh, 1)
+    end_keyholder_sessions(env)
+    fresh.hold_keyholder_lock(check=True)
+    with TenantService(env.settings, env.target) as other:
+        assert role_pool.drop_others(other) == 0
+    assert len(spare_roles(env)["registry"]) == 1
 
 
 def test_a_refused_provision_keeps_the_spare_role(env: Env, fresh: TenantService) -> None:

@@ -7,11 +7,14 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 import psycopg
 import pytest
 
+from monk.service import pool, role_pool
+from monk.service.tenants import TenantService
 from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
 from tests.integration.test_events import Receiver
@@ -90,3 +93,121 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
     assert "monk token --root" in out
     # a clean stop drops the spare roles whose passwords only it knew
     assert spare_roles(env) == {"registry": spare_roles_before, "server": spare_roles_before}
+
+
+def _serve(port: int, environ: dict[str, str], template: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [MONK_BIN, "serve", "--port", str(port), "--templates", template],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_until(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _keyholders(env: Env) -> tuple[dict[str, str], dict[str, str]]:
+    """(ready spare -> keyholder, spare role -> keyholder), roles only if the server has them."""
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        spares = conn.execute(
+            "SELECT database, keyholder FROM spares WHERE status = 'ready'"
+        ).fetchall()
+        roles = conn.execute(
+            "SELECT role, keyholder FROM spare_roles WHERE role IN (SELECT rolname FROM pg_roles)"
+        ).fetchall()
+    return {str(d): str(k) for d, k in spares}, {str(r): str(k) for r, k in roles}
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def test_a_second_serve_never_takes_over_a_live_servers_spares(env: Env) -> None:
+    """Issue 10 #16: a second `monk serve` on a busy port is refused before it touches
+    anything; one on another port (same system database) leaves the live server's spares and
+    spare roles alone; those of a server killed with -9 are adopted and dropped."""
+    environ = settings_env(env.settings) | {
+        "MONK_POOL_ROLES": "2",
+        "MONK_POOL_SPARES": json.dumps({env.template: 1}),
+    }
+    port = free_port()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        first = _serve(port, environ, env.template)
+        procs.append(first)
+        _wait_until("first server answers", lambda: _answers(port))
+        _wait_until(
+            "first server made a spare and 2 spare roles",
+            lambda: all(len(m) >= n for m, n in zip(_keyholders(env), (1, 2), strict=True)),
+        )
+        spares, roles = before = _keyholders(env)
+        (first_id,) = set(spares.values())
+        assert set(roles.values()) == {first_id}
+
+        started = time.monotonic()
+        second = subprocess.run(
+            [MONK_BIN, "serve", "--port", str(port), "--templates", env.template],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        took = time.monotonic() - started
+        assert second.returncode == 6, (second.stdout, second.stderr)
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.stderr
+        assert "monk serving" not in second.stdout
+        assert took < 15, took  # no database work before the refusal
+        assert _keyholders(env) == before
+
+        other_port = free_port()
+        third = _serve(other_port, environ, env.template)
+        procs.append(third)
+        _wait_until("third server answers", lambda: _answers(other_port))
+        _wait_until(
+            "third server made its own 2 spare roles",
+            lambda: len(_keyholders(env)[1]) >= 4,
+        )
+        spares, roles = _keyholders(env)
+        assert spares == before[0]  # still the first's: not adopted
+        assert {r: k for r, k in roles.items() if k == first_id} == before[1]  # not dropped
+        _stop(third)
+        assert _keyholders(env) == before  # the third dropped only its own
+
+        first.kill()  # -9: its keyholder lock goes with its session
+        first.wait(timeout=30)
+        fourth_port = free_port()
+        fourth = _serve(fourth_port, environ, env.template)
+        procs.append(fourth)
+        _wait_until("fourth server answers", lambda: _answers(fourth_port))
+        _wait_until(
+            "fourth server adopted the dead server's spare and dropped its spare roles",
+            lambda: first_id not in {*_keyholders(env)[0].values(), *_keyholders(env)[1].values()},
+        )
+        assert set(_keyholders(env)[0]) == set(before[0])  # the same spare, adopted
+        assert not set(before[1]) & spare_roles(env)["server"]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                _stop(proc)
+        with TenantService(env.settings, env.target) as svc:
+            pool.drain(svc)
+            role_pool.drain(svc)

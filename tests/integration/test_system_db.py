@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import uuid
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -148,3 +150,23 @@ def test_role_without_createdb_is_refused(
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="no psql on PATH (monk runs it)")
+def test_db_psql_passes_its_arguments_to_psql(monk: RunMonk, settings: Settings) -> None:
+    """`monk db psql -c …` (and any psql option) runs psql with them, on the system database,
+    without the password on psql's command line."""
+    done = monk("db", "psql", "-At", "-c", "SELECT current_database()")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == settings.system_db_name
+    done = monk("db", "psql", "-At", "-v", "ON_ERROR_STOP=1", "-c", "SELECT nope")
+    assert done.returncode != 0
+    assert 'column "nope" does not exist' in done.stderr
+    # psql's own command line (its shell's parent) does not hold the password
+    assert settings.database_url is not None
+    password = urlsplit(settings.database_url.get_secret_value()).password
+    done = monk("db", "psql", "-c", r"\! tr '\0' ' ' < /proc/$PPID/cmdline")
+    assert done.returncode == 0, done.stderr
+    assert "--dbname=" in done.stdout
+    assert password
+    assert password not in done.stdout

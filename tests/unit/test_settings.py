@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from monk.settings import Settings
+from monk.errors import ConfigError
+from monk.settings import Settings, load_settings
+from tests.conftest import MONK_BIN
 
 
 @pytest.mark.parametrize("variable", ["MONK_DATA_DIR", "MONK_ARCHIVE_DIR"])
@@ -19,3 +25,53 @@ def test_scram_iterations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MONK_SCRAM_ITERATIONS", "0")
     with pytest.raises(ValueError, match="scram_iterations"):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MONK_TEMPLATE_PATH", "/tmp", "a JSON list of folders"),
+        ("MONK_HOOKS", "[", 'a JSON list of {"url"'),
+        ("MONK_POOL_SPARES", "notjson", "a JSON object of template key to count"),
+    ],
+)
+@pytest.mark.parametrize("command", [["config"], ["serve", "--port", "1"]])
+def test_malformed_json_setting_is_one_line_and_exit_6(
+    tmp_path: Path, variable: str, value: str, expected: str, command: list[str]
+) -> None:
+    """Through the real CLI: no 'internal error', no traceback, the variable and what it wants;
+    and nothing is created (the data dir stays absent)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")}
+    environ |= {"MONK_DATA_DIR": str(tmp_path / "data"), variable: value}
+    done = subprocess.run(
+        [MONK_BIN, *command],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 6, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"{variable}: is not valid JSON (expected {expected}" in lines[0]
+    assert "Traceback" not in done.stderr
+    assert "internal error" not in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_json_settings_still_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONK_TEMPLATE_PATH", '["/srv/a"]')
+    monkeypatch.setenv("MONK_POOL_SPARES", '{"basic": 3}')
+    monkeypatch.setenv("MONK_HOOKS", '[{"url": "https://example.com/h"}]')
+    s = load_settings(_env_file=None)
+    assert s.template_path == [Path("/srv/a")]
+    assert s.pool_spares == {"basic": 3}
+    assert s.hooks[0].url == "https://example.com/h"
+
+
+def test_a_bad_member_names_where_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONK_POOL_SPARES", '{"basic": "x"}')
+    with pytest.raises(ConfigError, match=r"^MONK_POOL_SPARES\[basic\]: "):
+        load_settings(_env_file=None)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from psycopg import conninfo as pg_conninfo
 
+from monk.adapters import files
 from monk.adapters.embedded import bin_dir
 from monk.adapters.postgres.connection import ServerTarget
 from monk.core.identifiers import validate_database_name, validate_role_name
-from monk.errors import OperationFailed
+from monk.errors import ConfigError, OperationFailed
 
 _TIMEOUT_S = 3600
 
@@ -43,17 +44,28 @@ def _command(target: ServerTarget, database: str) -> tuple[list[str], dict[str, 
 
 
 def dump(target: ServerTarget, database: str, path: Path) -> Archive:
-    """pg_dump -Fc of ``database`` into ``path`` (written to a temp name, then renamed)."""
+    """pg_dump -Fc of ``database`` into ``path``: written private (0600, in a 0700 folder when
+    monk makes it: a dump is a tenant's whole data) under a temporary name, flushed to disk,
+    then renamed, so a failure (a full disk) leaves no partial archive."""
     validate_database_name(database)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
+    try:
+        files.private_dir(path.parent)
+    except OSError as exc:
+        raise ConfigError(
+            f"MONK_ARCHIVE_DIR {path.parent}: cannot create it: {exc.strerror or exc}"
+        ) from None
     args, env = _command(target, database)
-    _run(
-        [str(bin_dir() / "pg_dump"), "-Fc", "--no-owner", f"--file={partial}", *args],
-        env,
-        "archive",
-    )
-    partial.replace(path)
+    try:
+        with files.replacing(path) as partial:
+            _run(
+                [str(bin_dir() / "pg_dump"), "-Fc", "--no-owner", f"--file={partial}", *args],
+                env,
+                "archive",
+            )
+    except OSError as exc:
+        raise OperationFailed(
+            f"cannot write the archive {path}: {exc.strerror or exc}", step="archive"
+        ) from None
     return Archive(path=path, size=path.stat().st_size, sha256=sha256_file(path))
 
 
@@ -93,7 +105,13 @@ def sha256_file(path: Path) -> str:
 def _run(argv: list[str], env: dict[str, str], step: str) -> None:
     try:
         done = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
+            argv,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_S,
+            check=False,
+            umask=0o077,  # whatever pg_dump creates is private too
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise OperationFailed(f"{Path(argv[0]).name} failed: {exc}", step=step) from None

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from monk.adapters import files
 from monk.adapters.postgres.connection import ServerTarget
 from monk.errors import ConfigError, ServerStartError
 
@@ -85,7 +86,7 @@ class EmbeddedServer:
         self.socket_dir = data_dir / "run"
         self.password_file = data_dir / "admin_password"
         self.log_file = data_dir / "postgres.log"
-        self._lock = FileLock(str(data_dir / "server.lock"), timeout=_LOCK_TIMEOUT_S)
+        self._lock = FileLock(str(data_dir / "server.lock"), timeout=_LOCK_TIMEOUT_S, mode=0o600)
 
     # ---------------------------------------------------------------- public
 
@@ -122,7 +123,18 @@ class EmbeddedServer:
         )
 
     def target(self, *, name: str, connect_timeout: int, statement_timeout_ms: int) -> ServerTarget:
-        password = self.password_file.read_text().strip()
+        password = files.read_secret(
+            self.password_file,
+            fix="it holds the password of the embedded server's superuser 'monk': restore it "
+            "from a backup of the data dir, or set a new one in single-user mode (postgres "
+            f"--single -D {self.pgdata} postgres, then ALTER ROLE monk PASSWORD '…') and write "
+            "it there",
+        )
+        if password is None:
+            raise ConfigError(
+                f"MONK_DATA_DIR {self.data_dir}: {self.password_file} is missing; the embedded "
+                "server's superuser password was there"
+            )
         conninfo = f"host={self.socket_dir} port={self.port} user={SUPERUSER} password={password}"
         return ServerTarget(
             name=name,
@@ -181,7 +193,7 @@ class EmbeddedServer:
         scratch = self.data_dir / f"pgdata.tmp-{secrets.token_hex(4)}"
         password = secrets.token_urlsafe(24)
         pending_password = self.data_dir / "admin_password.tmp"
-        _write_private(pending_password, password + "\n")
+        self._keep(pending_password, password + "\n")
         self._run(
             [
                 "initdb",
@@ -197,12 +209,18 @@ class EmbeddedServer:
             ],
             chown=[pending_password, self.data_dir],
         )
-        with (scratch / "postgresql.conf").open("a") as conf:
-            conf.write("\n# monk writes its settings here at every start\n")
-            conf.write("include_if_exists = 'monk.conf'\n")
+        conf = scratch / "postgresql.conf"
+        self._keep(
+            conf,
+            conf.read_text()
+            + "\n# monk writes its settings here at every start\n"
+            + "include_if_exists = 'monk.conf'\n",
+        )
         # The password lands first: a cluster in place always has its password beside it.
         pending_password.replace(self.password_file)
+        files.fsync_dir(self.data_dir)
         scratch.replace(self.pgdata)
+        files.fsync_dir(self.data_dir)
         log.info("initialised embedded cluster in %s", self.pgdata)
 
     def _write_conf(self) -> None:
@@ -220,7 +238,17 @@ class EmbeddedServer:
         if not self.durable:
             lines |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
-        (self.pgdata / "monk.conf").write_text(text)
+        self._keep(self.pgdata / "monk.conf", text)
+
+    def _keep(self, path: Path, text: str) -> None:
+        """Write a file of the server's atomically and private; a full disk or a read-only
+        folder leaves the old file and is one ConfigError naming it."""
+        try:
+            files.write_private(path, text)
+        except OSError as exc:
+            raise ConfigError(
+                f"MONK_DATA_DIR {self.data_dir}: cannot write {path}: {exc.strerror or exc}"
+            ) from None
 
     def _start(self) -> None:
         self._clear_stale_locks()
@@ -337,12 +365,6 @@ class EmbeddedServer:
             raise ServerStartError(f"{argv[0]} failed: {exc}") from None
         if done.returncode != 0:
             raise ServerStartError(f"{argv[0]} failed: {done.stdout.strip()}")
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
 
 
 def _alive(pid: int) -> bool:

@@ -629,3 +629,51 @@ def unlock_if_held(conn: Conn, database: str) -> None:
         " AND classid::bigint = (%s >> 32) & 4294967295 AND objid::bigint = %s & 4294967295",
         (key, key, key),
     )
+
+
+# Keyholders: the process whose memory holds the passwords of its spares and spare roles
+# (column ``keyholder``) holds this session advisory lock, keyed by its instance id, from
+# before it writes its first such row to its end. Its lock gone means its passwords are gone:
+# only then may another process adopt its spares or drop its spare roles. (The two-key form
+# keeps these apart from the tenants' one-key locks.)
+_KEYHOLDER_LOCK_SPACE = 0x6D6B6800  # "mkh\0"
+
+
+def hold_keyholder_lock(conn: Conn, instance_id: UUID) -> bool:
+    """Take this process's keyholder lock on ``conn`` (a connection kept for that alone)."""
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))",
+        (_KEYHOLDER_LOCK_SPACE, instance_id),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def keyholder_session_alive(conn: Conn) -> bool:
+    """False if the keyholder lock's session is gone (a server restart ends every session)."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
+
+
+_DEAD_KEYHOLDERS = {
+    # A NULL keyholder (a spare no process claims) counts as dead. The transaction-level try
+    # succeeds only where no live session holds the keyholder's lock, and is released at once.
+    "spares": "SELECT k FROM (SELECT DISTINCT keyholder AS k FROM spares"
+    " WHERE keyholder IS DISTINCT FROM %(me)s) AS s"
+    " WHERE k IS NULL OR pg_try_advisory_xact_lock(%(space)s, hashtext(k::text))",
+    "spare_roles": "SELECT k FROM (SELECT DISTINCT keyholder AS k FROM spare_roles"
+    " WHERE keyholder IS DISTINCT FROM %(me)s) AS s"
+    " WHERE k IS NULL OR pg_try_advisory_xact_lock(%(space)s, hashtext(k::text))",
+}
+
+
+def dead_keyholders(conn: Conn, me: UUID, *, of: str) -> list[UUID | None]:
+    """Keyholders other than ``me`` of rows of ``of`` (``spares`` or ``spare_roles``) whose
+    process is gone; their lock cannot come back (an instance id is never reused)."""
+    with conn.transaction():
+        rows = conn.execute(
+            _DEAD_KEYHOLDERS[of], {"me": me, "space": _KEYHOLDER_LOCK_SPACE}
+        ).fetchall()
+    return [r[0] for r in rows]

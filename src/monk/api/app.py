@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +16,7 @@ import monk
 from monk.api import envelope
 from monk.api.routes import system, templates, tenants
 from monk.api.runtime import Runtime
-from monk.errors import MonkError
+from monk.errors import ConfigError, MonkError
 from monk.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,3 +51,26 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(tenants.router)
     app.include_router(templates.router)
     return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound and listening on ``host:port``, for ``monk serve`` to take before it
+    touches anything: a busy port is then one ConfigError, not a half-started server (clients
+    that connect during start-up wait in the backlog)."""
+    # as uvicorn does: IPv6 for an address with a colon, else IPv4 (a name resolves to that)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # and, as uvicorn does, a restart need not wait for old connections' TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except socket.gaierror as exc:
+        sock.close()
+        raise ConfigError(f"--host {host}: {exc.strerror}") from None
+    except OSError as exc:
+        sock.close()
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another monk serve?): stop it, or choose another --port"
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    return sock

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import jwt
 
+from monk.adapters import files
 from monk.errors import AuthError, ConfigError, RootAccessRequired
 from monk.settings import Settings
 
@@ -18,26 +18,30 @@ SECRET_FILE = "jwt_secret"  # noqa: S105 (a file name, not a secret)
 
 
 def signing_secret(settings: Settings) -> str:
-    """MONK_JWT_SECRET, else a secret generated once into the data dir (mode 0600)."""
+    """MONK_JWT_SECRET, else a secret generated once into the data dir (mode 0600, written
+    atomically: a full disk or a crash never leaves an empty secret behind)."""
     if settings.jwt_secret is not None:
         return settings.jwt_secret.get_secret_value()
     path: Path = settings.data_dir / SECRET_FILE
+    fix = (
+        "delete it and monk generates a new one (every root token issued so far then stops "
+        "working), or set MONK_JWT_SECRET"
+    )
+    secret = files.read_secret(path, fix=fix)
+    if secret is not None:
+        return secret
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        files.write_private(path, secrets.token_urlsafe(48) + "\n", exclusive=True)
     except FileExistsError:
-        return path.read_text().strip()  # another process wrote it first
+        pass  # another process wrote it first: that one counts
     except OSError as exc:
         raise ConfigError(
-            f"MONK_DATA_DIR {settings.data_dir}: cannot store the JWT secret: {exc}"
+            f"MONK_DATA_DIR {settings.data_dir}: cannot store the JWT secret {path}: "
+            f"{exc.strerror or exc}"
         ) from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(48) + "\n")
-    return path.read_text().strip()
+    secret = files.read_secret(path, fix=fix)
+    assert secret is not None
+    return secret
 
 
 def issue_root_token(settings: Settings, *, ttl_seconds: int = 3600, subject: str = "root") -> str:

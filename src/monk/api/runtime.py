@@ -53,11 +53,12 @@ class Metrics:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # First: a secret that cannot be read or stored stops the start before anything else.
+        self.secret = signing_secret(settings)
         self.server = Server.from_settings(settings)
         self.target: ServerTarget
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
-        self.secret = signing_secret(settings)
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -102,6 +103,11 @@ class Runtime:
         """Keep the warm pool topped up. It runs beside provisioning on its own connections,
         so a cold provision never waits for it."""
         try:
+            # Live processes hold this lock: their spares and spare roles are never ours.
+            self.tenants.hold_keyholder_lock()
+        except Exception:
+            log.exception("taking the keyholder lock failed")
+        try:
             adopted = pool.adopt(self.tenants)
             if adopted:
                 log.info("adopted %d spare(s) of an earlier process", adopted)
@@ -114,6 +120,10 @@ class Runtime:
         except Exception:
             log.exception("dropping earlier spare roles failed")
         while not self._stop.is_set():
+            try:
+                self.tenants.hold_keyholder_lock(check=True)
+            except Exception as exc:
+                log.warning("keyholder lock: %s", exc)
             # Roles first: a second each for dozens, where a spare database is a clone.
             for refill in (
                 lambda: role_pool.fill(self.tenants, self.settings.pool_roles),

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import typer
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from monk.cli.context import state
 from monk.cli.output import console, print_json, print_mapping
@@ -62,9 +63,11 @@ def url() -> None:
     typer.echo(target.url(s.settings.system_db_name))
 
 
-@app.command()
-def psql() -> None:
-    """Open psql on the system database."""
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def psql(ctx: typer.Context) -> None:
+    """Open psql on the system database; further arguments go to psql (e.g. -c 'SELECT 1')."""
     s = state()
     target, _ = s.server.init()
     if s.server.embedded is not None:
@@ -74,4 +77,12 @@ def psql() -> None:
         if found is None:
             raise ConfigError("psql is not on PATH")
         binary = found
-    os.execv(binary, [binary, target.url(s.settings.system_db_name)])  # noqa: S606
+    # The password goes through the environment: on the command line, ps would show it.
+    params = conninfo_to_dict(target.conninfo)
+    password = params.pop("password", None)
+    params["dbname"] = s.settings.system_db_name
+    environ = dict(os.environ)
+    if password is not None:
+        environ["PGPASSWORD"] = str(password)
+    dbname = make_conninfo(**{k: str(v) for k, v in params.items()})
+    os.execve(binary, [binary, f"--dbname={dbname}", *ctx.args], environ)  # noqa: S606

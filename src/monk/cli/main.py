@@ -126,22 +126,35 @@ def serve(
     """Start the database if embedded, migrate, build templates, reconcile, then serve HTTP."""
     import uvicorn
 
-    from monk.api.app import create_app
+    from monk.api.app import create_app, listen
     from monk.api.runtime import Runtime
     from monk.service import doctor as doctor_service
     from monk.service import templates as template_service
 
     settings = state().settings
-    runtime = Runtime(settings)
-    for key in [k.strip() for k in templates.split(",") if k.strip()]:
-        build = template_service.ensure_built(runtime.target, settings, key)
-        console.print(f"template {key}: ready ({build.version})")
-    problems = doctor_service.diagnose(doctor_service.take_snapshot(runtime.tenants))
-    for line in doctor_service.repair(runtime.tenants, problems) if problems else []:
-        console.print(f"reconciled {line}")
-    console.print(f"monk serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    console.print("root token: monk token --root")
-    uvicorn.run(create_app(settings, runtime=runtime), host=host, port=port, log_level="info")
+    # The port first: a busy one stops this process before it touches the database.
+    with listen(host, port) as sock:
+        runtime = Runtime(settings)
+        for key in [k.strip() for k in templates.split(",") if k.strip()]:
+            build = template_service.ensure_built(runtime.target, settings, key)
+            console.print(f"template {key}: ready ({build.version})")
+        problems = doctor_service.diagnose(doctor_service.take_snapshot(runtime.tenants))
+        for line in doctor_service.repair(runtime.tenants, problems) if problems else []:
+            console.print(f"reconciled {line}")
+        console.print(
+            f"monk serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs)"
+        )
+        console.print("root token: monk token --root")
+        app = create_app(settings, runtime=runtime)
+        config = uvicorn.Config(app, host=host, port=port, log_level="info")
+        server = uvicorn.Server(config)
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:
+            if server.started:
+                raise
+            # uvicorn exits 3 when the application fails to start: monk's 3 is "not found"
+            raise MonkError("the HTTP server did not start (its log is above)") from None
 
 
 def run() -> None:

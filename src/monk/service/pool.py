@@ -103,6 +103,7 @@ def counts(reg: psycopg.Connection[Any], host: str) -> dict[tuple[str, str], int
 def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -> str:
     """Make one ready spare of ``build``; a failure leaves nothing behind."""
     name = _new_name()
+    svc.hold_keyholder_lock()
     with pools.system() as reg:
         registry.try_lock(reg, name)  # a fresh random name: always ours
         try:
@@ -410,18 +411,24 @@ def retire_stale(svc: TenantService, key: str, *, host: str | None = None) -> in
 
 
 def adopt(svc: TenantService, *, host: str | None = None) -> int:
-    """Give each ready spare whose password this process does not know a fresh one, under its
-    row lock, and become its keyholder; returns how many. Run once when a server starts: the
-    spares its predecessor made are then served on the fast path."""
+    """Give each ready spare whose keyholder is gone (a process that ended, or was killed) a
+    fresh password, under its row lock, and become its keyholder; returns how many. Run once
+    when a server starts: the spares its predecessor made are then served on the fast path.
+    Spares of a live keyholder (another server on this system database) stay its own."""
     pools = svc.hosts.pools(host)
+    svc.hold_keyholder_lock()
+    with pools.system() as reg:
+        dead = registry.dead_keyholders(reg, svc.instance_id, of="spares")
+    if not dead:
+        return 0
     adopted = 0
     while True:
         with pools.system() as reg, reg.transaction():
             row = reg.execute(
                 "SELECT id, database, template_key FROM spares WHERE host = %s"
-                " AND status = 'ready' AND keyholder IS DISTINCT FROM %s"
+                " AND status = 'ready' AND (keyholder IS NULL OR keyholder = ANY(%s))"
                 " LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (pools.target.name, svc.instance_id),
+                (pools.target.name, [k for k in dead if k is not None]),
             ).fetchone()
             if row is None:
                 return adopted

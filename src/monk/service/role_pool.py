@@ -23,6 +23,7 @@ from uuid import UUID
 
 import psycopg
 
+from monk.adapters import registry
 from monk.core import scram
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
         ).fetchall()
     svc.role_secrets.keep_only({str(r[0]) for r in rows})
     made = 0
+    if len(svc.role_secrets) < count:
+        svc.hold_keyholder_lock()
     while len(svc.role_secrets) < count:
         role, password = _new_name(), scram.generate_password()
         verifier = svc.verifier(password)
@@ -132,9 +135,12 @@ def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
 
 
 def drop_others(svc: TenantService, *, host: str | None = None) -> int:
-    """Drop the spare roles of every other keyholder (their passwords are unknown here): run
-    when a server starts, the roles its predecessor made are useless to it."""
-    return _drop(svc, keep=svc.instance_id, only=None, host=host)
+    """Drop the spare roles of every keyholder that is gone (their passwords died with it):
+    run when a server starts, the roles its predecessor made are useless to anyone. Those of
+    a live keyholder (another server on this system database) are its own."""
+    with svc.hosts.pools(host).system() as reg:
+        dead = registry.dead_keyholders(reg, svc.instance_id, of="spare_roles")
+    return sum(_drop(svc, keep=None, only=k, host=host) for k in dead if k is not None)
 
 
 def drop_own(svc: TenantService, *, host: str | None = None) -> int:

@@ -34,7 +34,12 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import ServerTarget, connect, unavailable
+from monk.adapters.postgres.connection import (
+    ServerTarget,
+    connect,
+    open_connection,
+    unavailable,
+)
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.core import scram, tenant_names
@@ -182,6 +187,8 @@ class TenantService:
         self.role_secrets = role_pool.RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()
+        self._keyholder_conn: psycopg.Connection[Any] | None = None
+        self._keyholder_mutex = threading.Lock()
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
@@ -190,7 +197,34 @@ class TenantService:
     def close(self) -> None:
         if self._side_pool is not None:
             self._side_pool.shutdown(wait=True)
+        with self._keyholder_mutex:
+            if self._keyholder_conn is not None:
+                self._keyholder_conn.close()
+                self._keyholder_conn = None
         self.hosts.close()
+
+    def hold_keyholder_lock(self, *, check: bool = False) -> None:
+        """Hold this process's keyholder lock (on a connection of its own) before it names
+        itself keyholder of a spare or a spare role, so that no other process takes those
+        over while it lives. ``check``: make sure the connection still holds it (a server
+        restart ends every session), and take it again if not."""
+        with self._keyholder_mutex:
+            conn = self._keyholder_conn
+            if conn is not None and check and not registry.keyholder_session_alive(conn):
+                conn.close()
+                conn = self._keyholder_conn = None
+                log.warning("keyholder lock lost with its connection; taking it again")
+            if conn is not None and not conn.closed:
+                return
+            local = self.hosts.local
+            conn = open_connection(
+                local, self.settings.system_db_name, autocommit=True, purpose="keyholder"
+            )
+            if not registry.hold_keyholder_lock(conn, self.instance_id):
+                conn.close()  # a transient check by another process: try again next time
+                log.warning("keyholder lock of %s is busy", self.instance_id)
+                return
+            self._keyholder_conn = conn
 
     def __enter__(self) -> TenantService:
         return self
