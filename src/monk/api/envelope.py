@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from monk.adapters.postgres.connection import translate
 from monk.errors import MonkError, status_and_exit
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,18 @@ def failure(
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def error_headers(exc: MonkError) -> dict[str, str] | None:
+    status, _exit = status_and_exit(exc)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retryable else None
+    if status == 401:
+        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
+    return headers
+
+
 async def monk_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MonkError)
     status, _exit = status_and_exit(exc)
-    headers = {"Retry-After": "2"} if exc.retryable else None
-    if status == 401:
-        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
-    return failure(status, exc.message, exc.code, headers)
+    return failure(status, exc.message, exc.code, error_headers(exc))
 
 
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -62,8 +68,13 @@ async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return failure(exc.status_code, str(exc.detail), codes.get(exc.status_code, "HTTP_ERROR"))
 
 
-async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Anything that escaped the error tree: still the envelope, never a bare text page."""
+    known = translate(exc)
+    if known is not None:
+        # A full disk or a server gone away: the client's answer says so (no traceback).
+        log.warning("%s: %s", known.code, known.message)
+        return await monk_error_handler(request, known)
     log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return failure(500, "internal error; see the server log", "INTERNAL_ERROR")
 
@@ -88,6 +99,13 @@ class RejectNulBytes:
             return
         await self.app(scope, receive, send)
 
+
+RETRY_AFTER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
+}
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Failure, "description": text}

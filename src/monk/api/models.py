@@ -113,6 +113,15 @@ class ServiceHealth(BaseModel):
     error: str | None = None
 
 
+class ServiceHealthFailure(BaseModel):
+    """/health's 503: the failure envelope, with the health body still under ``data``."""
+
+    success: Literal[False] = False
+    data: ServiceHealth
+    error: str
+    error_code: str
+
+
 class TemplateBuildRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -106,8 +106,9 @@ def list_events(
 
 @dataclass
 class Delivery:
-    delivered: int = 0
+    delivered: int = 0  # POSTed to every hook that wants it
     failed: int = 0
+    unobserved: int = 0  # no hook wants it: closed without a delivery (not counted as one)
     errors: list[str] = field(default_factory=list)
 
 
@@ -126,6 +127,7 @@ def deliver_due(reg: psycopg.Connection[Any], settings: Settings, *, limit: int 
     ).fetchall()
     for event in sorted((_event(r) for r in rows), key=lambda e: e.seq):
         body = event.body()
+        observed = any(hook.wants(event.kind) for hook in settings.hooks)
         errors = [
             f"{hook.url}: {error}"
             for hook in settings.hooks
@@ -162,7 +164,10 @@ def deliver_due(reg: psycopg.Connection[Any], settings: Settings, *, limit: int 
                 "UPDATE events SET delivered_at = now(), last_error = NULL WHERE id = %s",
                 (event.id,),
             )
-            report.delivered += 1
+            if observed:
+                report.delivered += 1
+            else:
+                report.unobserved += 1
     return report
 
 

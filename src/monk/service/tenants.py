@@ -34,7 +34,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import ServerTarget, connect, unavailable
+from monk.adapters.postgres.connection import ServerTarget, connect, translate, unavailable
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.core import scram, tenant_names
@@ -559,6 +559,8 @@ class TenantService:
                 raise
             if isinstance(exc, MonkError) and exc.retryable:
                 raise
+            if (known := translate(exc)) is not None:
+                raise known from exc
             if isinstance(exc, Exception):
                 raise OperationFailed(
                     f"provisioning {name.display!r} failed at step {step!r} and was undone: "
