@@ -35,9 +35,24 @@ class OwnServer:
 
 
 @contextmanager
-def own_server(data_dir: Path, **settings: object) -> Iterator[OwnServer]:
+def own_server(
+    data_dir: Path,
+    *,
+    wal_dir: Path | None = None,
+    monk_dir: Path | None = None,
+    **settings: object,
+) -> Iterator[OwnServer]:
+    """``wal_dir``: the server's WAL goes there (as ``initdb --waldir`` does it: pg_wal is a
+    link), so a full ``data_dir`` fails writes with disk_full instead of a PANIC. ``monk_dir``:
+    MONK_DATA_DIR (default: beside the server's)."""
     server = EmbeddedServer(data_dir / "pg", port=free_port(), durable=False)
     server.ensure_running()
+    if wal_dir is not None:
+        server.stop()
+        pg_wal = server.pgdata / "pg_wal"
+        shutil.move(pg_wal, wal_dir)
+        pg_wal.symlink_to(wal_dir)
+        server.ensure_running()
     try:
         url = server.target(name="localhost", connect_timeout=10, statement_timeout_ms=60_000).url(
             "postgres"
@@ -45,7 +60,7 @@ def own_server(data_dir: Path, **settings: object) -> Iterator[OwnServer]:
         s = Settings(
             database_url=url,  # type: ignore[arg-type]
             system_db_name=f"monk_f_{uuid.uuid4().hex[:8]}",
-            data_dir=data_dir / "monk",
+            data_dir=monk_dir or data_dir / "monk",
             pool_spares={},
             pool_roles=0,
             _env_file=None,  # type: ignore[call-arg]
