@@ -180,6 +180,17 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
 }
 
 
+def error_codes() -> list[str]:
+    """Every ``code`` of the tree (its classes and their subclasses)."""
+    found: list[str] = []
+    todo: list[type[MonkError]] = [MonkError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls.code)
+        todo.extend(cls.__subclasses__())
+    return sorted(set(found))
+
+
 def status_and_exit(err: MonkError) -> tuple[int, int]:
     """The HTTP status and exit code of ``err``: the entry of its most specific class."""
     for cls in type(err).__mro__:

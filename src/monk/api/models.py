@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monk.api.envelope import Failure
+
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -113,13 +115,10 @@ class ServiceHealth(BaseModel):
     error: str | None = None
 
 
-class ServiceHealthFailure(BaseModel):
+class ServiceHealthFailure(Failure):
     """/health's 503: the failure envelope, with the health body still under ``data``."""
 
-    success: Literal[False] = False
     data: ServiceHealth
-    error: str
-    error_code: str
 
 
 class TemplateBuildRequest(BaseModel):

@@ -6,8 +6,8 @@ each to every hook that wants its type, then mark it delivered, or schedule the 
 with exponential backoff (2^attempts s, at most an hour) and the error. A worker that dies
 mid-delivery leaves the lease to expire: the event is delivered again (at least once; receivers
 deduplicate on ``Monk-Event-Id``). Events are delivered in ``seq`` order within a pass; a
-retried event may arrive after later ones. With no hook configured an event is marked delivered
-at once: the table is then an audit trail only.
+retried event may arrive after later ones. An event no hook wants (none configured) is settled
+at once without counting as a delivery: the table is then an audit trail only.
 """
 
 from __future__ import annotations

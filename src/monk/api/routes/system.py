@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monk.adapters import registry
 from monk.api.deps import Root, RuntimeDep
-from monk.api.envelope import ERROR_RESPONSES, RETRY_AFTER, Ok, error_headers
+from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
 from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
 from monk.errors import MonkError
 from monk.service import events
@@ -69,7 +69,7 @@ def metrics(rt: RuntimeDep) -> Response:
     "/api/root/operations",
     tags=["operations"],
     summary="The operations journal: provisioning, purges, restores, template builds",
-    responses=ERROR_RESPONSES,
+    responses=READ,
 )
 def operations(
     rt: RuntimeDep,
@@ -107,7 +107,7 @@ def operations(
     "/api/root/events",
     tags=["operations"],
     summary="Tenant events, newest first: what observers receive, with their delivery state",
-    responses=ERROR_RESPONSES,
+    responses=READ,
 )
 def events_(
     rt: RuntimeDep,
