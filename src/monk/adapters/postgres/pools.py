@@ -138,7 +138,8 @@ class ServerPools:
     def _get(self, pool: ConnectionPool[Any], dbname: str) -> Iterator[psycopg.Connection[Any]]:
         conn = self._acquire(pool, dbname)
         try:
-            yield conn
+            with conn:  # as ConnectionPool.connection(): commit, or roll back on an error
+                yield conn
         except psycopg.OperationalError as exc:
             # The server went away while in use: retryable, not a failure of monk's.
             if server_down(exc) and (conn.broken or conn.closed):
