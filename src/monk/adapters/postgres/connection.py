@@ -208,10 +208,6 @@ class Breaker:
                 log.warning("database server reachable again")
             self._reason = None
 
-    @property
-    def is_open(self) -> bool:
-        return self._reason is not None
-
 
 _breakers: dict[tuple[str, str, str], Breaker] = {}
 _breakers_lock = threading.Lock()
