@@ -1,7 +1,5 @@
-"""Real faults for tests: a small filesystem that really fills up.
-
-(Helper B's branch has a file of this name too, with the same ``small_disk``/``SmallDisk``.)
-"""
+"""Real faults for tests: a PostgreSQL server of a test's own (to stop and restart without
+touching the session's shared one), and a small filesystem that really fills up."""
 
 from __future__ import annotations
 
@@ -15,6 +13,62 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from monk.adapters.embedded import EmbeddedServer
+from monk.settings import Settings
+from tests.conftest import free_port
+
+
+@dataclass
+class OwnServer:
+    """An embedded server in a temp dir, and monk settings pointing at it (external mode)."""
+
+    server: EmbeddedServer
+    url: str
+    settings: Settings
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server.ensure_running()
+
+
+@contextmanager
+def own_server(
+    data_dir: Path,
+    *,
+    wal_dir: Path | None = None,
+    monk_dir: Path | None = None,
+    **settings: object,
+) -> Iterator[OwnServer]:
+    """``wal_dir``: the server's WAL goes there (as ``initdb --waldir`` does it: pg_wal is a
+    link), so a full ``data_dir`` fails writes with disk_full instead of a PANIC. ``monk_dir``:
+    MONK_DATA_DIR (default: beside the server's)."""
+    server = EmbeddedServer(data_dir / "pg", port=free_port(), durable=False)
+    server.ensure_running()
+    if wal_dir is not None:
+        server.stop()
+        pg_wal = server.pgdata / "pg_wal"
+        shutil.move(pg_wal, wal_dir)
+        pg_wal.symlink_to(wal_dir)
+        server.ensure_running()
+    try:
+        url = server.target(name="localhost", connect_timeout=10, statement_timeout_ms=60_000).url(
+            "postgres"
+        )
+        s = Settings(
+            database_url=url,  # type: ignore[arg-type]
+            system_db_name=f"monk_f_{uuid.uuid4().hex[:8]}",
+            data_dir=monk_dir or data_dir / "monk",
+            pool_spares={},
+            pool_roles=0,
+            _env_file=None,  # type: ignore[call-arg]
+            **settings,  # type: ignore[arg-type]
+        )
+        yield OwnServer(server, url, s)
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -21,7 +21,8 @@
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
-    │   └── ServerStartError       the embedded server did not start
+    │   ├── ServerStartError       the embedded server did not start
+    │   └── DiskFull               the server's disk is full: free space      507 / 5
     ├── AuthError                                                             401 / 7
     │   └── RootAccessRequired                                                403 / 7
     └── OperationFailed            a step failed and was undone (.step)       500 / 1
@@ -39,6 +40,8 @@ class MonkError(Exception):
 
     code: ClassVar[str] = "MONK_ERROR"
     retryable: ClassVar[bool] = False
+    # With retryable: seconds a client should wait before trying again (HTTP Retry-After).
+    retry_after: ClassVar[int] = 2
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -124,6 +127,7 @@ class Unavailable(MonkError):
 
 class DatabaseUnavailable(Unavailable):
     code = "DATABASE_UNAVAILABLE"
+    retry_after = 1  # the circuit breaker probes the server every half second
 
 
 class TemplateBusy(Unavailable):
@@ -132,6 +136,13 @@ class TemplateBusy(Unavailable):
 
 class ServerStartError(Unavailable):
     code = "SERVER_START_FAILED"
+
+
+class DiskFull(Unavailable):
+    """PostgreSQL could not write (SQLSTATE 53100), or monk could not write a file (ENOSPC)."""
+
+    code = "DISK_FULL"
+    retry_after = 60
 
 
 class AuthError(MonkError):
@@ -162,10 +173,22 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     NotFound: (404, 3),
     Conflict: (409, 4),
     Unavailable: (503, 5),
+    DiskFull: (507, 5),
     AuthError: (401, 7),
     RootAccessRequired: (403, 7),
     OperationFailed: (500, 1),
 }
+
+
+def error_codes() -> list[str]:
+    """Every ``code`` of the tree (its classes and their subclasses)."""
+    found: list[str] = []
+    todo: list[type[MonkError]] = [MonkError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls.code)
+        todo.extend(cls.__subclasses__())
+    return sorted(set(found))
 
 
 def status_and_exit(err: MonkError) -> tuple[int, int]:

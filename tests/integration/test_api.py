@@ -40,6 +40,25 @@ def test_health_and_metrics_need_no_token(client: TestClient) -> None:
     assert "monk_purge_queue_depth" in m.text
 
 
+def test_metrics_count_no_delivery_without_hooks(
+    client: TestClient, auth: dict[str, str], env: Env
+) -> None:
+    n = name()
+    made = client.post("/api/root/tenant", json={"name": n, "template": env.template}, headers=auth)
+    assert made.status_code == 201, made.text
+
+    def settled() -> bool:
+        found = client.get("/api/root/events", headers=auth).json()["data"]
+        return any(e["tenant"]["name"] == n and e["delivered_at"] for e in found)
+
+    deadline = time.monotonic() + 10
+    while not settled():
+        assert time.monotonic() < deadline, "the event worker did not settle the event in 10 s"
+        time.sleep(0.2)
+    # Settled (an audit trail), but with no hook configured nothing was delivered.
+    assert 'monk_event_deliveries_total{result="delivered"}' not in client.get("/metrics").text
+
+
 def test_root_routes_need_a_root_token(env: Env, client: TestClient) -> None:
     r = client.get("/api/root/tenant")
     assert r.status_code == 401

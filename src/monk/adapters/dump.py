@@ -17,7 +17,7 @@ from psycopg import conninfo as pg_conninfo
 
 from monk.adapters import files
 from monk.adapters.embedded import bin_dir
-from monk.adapters.postgres.connection import ServerTarget
+from monk.adapters.postgres.connection import ServerTarget, disk_full
 from monk.core.identifiers import validate_database_name, validate_role_name
 from monk.errors import ConfigError, OperationFailed
 
@@ -116,6 +116,9 @@ def _run(argv: list[str], env: dict[str, str], step: str) -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise OperationFailed(f"{Path(argv[0]).name} failed: {exc}", step=step) from None
     if done.returncode != 0:
+        full = [line for line in done.stderr.splitlines() if "No space left on device" in line]
+        if full:
+            raise disk_full(f"{Path(argv[0]).name}: {full[0].strip()}")
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise OperationFailed(f"{Path(argv[0]).name} failed: {tail}", step=step, stderr=done.stderr)
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import monk
@@ -35,12 +36,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         finally:
             rt.stop()
 
-    app = FastAPI(
+    # /docs and /redoc with their assets served from the package: no CDN, so they load offline.
+    app = FastAPIOffline(
         title="monk",
         version=monk.__version__,
         description="A PostgreSQL database per tenant, cloned from pre-built templates. "
         "Root routes need `Authorization: Bearer <token>` (`monk token --root`).",
         lifespan=lifespan,
+        # Swagger UI would ask an online validator about the document.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.add_exception_handler(MonkError, envelope.monk_error_handler)
     app.add_exception_handler(RequestValidationError, envelope.validation_error_handler)

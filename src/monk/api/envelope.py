@@ -9,15 +9,23 @@ from typing import Any, Generic, TypeVar
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from monk.errors import MonkError, status_and_exit
+from monk.adapters.postgres.connection import translate
+from monk.errors import MonkError, error_codes, status_and_exit
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# The codes of the error tree, and those of failures raised before monk's code runs.
+ERROR_CODES = sorted(
+    {*error_codes(), "VALIDATION_ERROR", "NOT_FOUND", "METHOD_NOT_ALLOWED", "HTTP_ERROR"}
+    | {"AUTH_FAILED", "INTERNAL_ERROR"}
+)
+_CODES_SCHEMA: dict[str, Any] = {"enum": ERROR_CODES}
 
 
 class Ok(BaseModel, Generic[T]):
@@ -28,7 +36,10 @@ class Ok(BaseModel, Generic[T]):
 class Failure(BaseModel):
     success: bool = False
     error: str
-    error_code: str
+    error_code: str = Field(
+        description="Stable machine-readable code of the failure.",
+        json_schema_extra=_CODES_SCHEMA,
+    )
 
 
 def failure(
@@ -38,13 +49,18 @@ def failure(
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+def error_headers(exc: MonkError) -> dict[str, str] | None:
+    status, _exit = status_and_exit(exc)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retryable else None
+    if status == 401:
+        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
+    return headers
+
+
 async def monk_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MonkError)
     status, _exit = status_and_exit(exc)
-    headers = {"Retry-After": "2"} if exc.retryable else None
-    if status == 401:
-        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
-    return failure(status, exc.message, exc.code, headers)
+    return failure(status, exc.message, exc.code, error_headers(exc))
 
 
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -62,8 +78,13 @@ async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return failure(exc.status_code, str(exc.detail), codes.get(exc.status_code, "HTTP_ERROR"))
 
 
-async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Anything that escaped the error tree: still the envelope, never a bare text page."""
+    known = translate(exc)
+    if known is not None:
+        # A full disk or a server gone away: the client's answer says so (no traceback).
+        log.warning("%s: %s", known.code, known.message)
+        return await monk_error_handler(request, known)
     log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return failure(500, "internal error; see the server log", "INTERNAL_ERROR")
 
@@ -89,16 +110,41 @@ class RejectNulBytes:
         await self.app(scope, receive, send)
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Failure, "description": text}
-    for code, text in {
-        400: "Invalid name or argument",
-        401: "Missing, invalid or expired token",
-        403: "Token without root access",
-        404: "Not found",
-        409: "Exists, or not in a state that allows it",
-        422: "Invalid body",
-        500: "A step failed (undone) or the server is misconfigured",
-        503: "Database server or template unavailable; retry (Retry-After)",
-    }.items()
+RETRY_AFTER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer"},
+    }
 }
+
+_DESCRIPTIONS = {
+    400: "Invalid name or argument",
+    401: "Missing, invalid or expired token",
+    403: "Token without root access",
+    404: "Not found",
+    409: "Exists, or not in a state that allows it",
+    422: "Invalid body or parameter",
+    500: "A step failed (undone), the server is misconfigured, or a bug",
+    503: "Database server or template unavailable: retry after Retry-After seconds",
+    507: "Disk full (DISK_FULL): free space, then retry",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route can give, for its OpenAPI entry (its real ones only)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": Failure, "description": _DESCRIPTIONS[status]}
+        if status in (503, 507):
+            entry["headers"] = RETRY_AFTER
+        out[status] = entry
+    return out
+
+
+# Every root route: bad input (a NUL byte is refused before routing), auth, a database that
+# is down, and the envelope of an unexpected failure.
+_ROOT = (400, 401, 403, 422, 500, 503)
+READ = responses(*_ROOT)
+READ_ONE = responses(*_ROOT, 404)
+CHANGE = responses(*_ROOT, 404, 409)
+GROW = responses(*_ROOT, 404, 409, 507)  # writes that need disk space

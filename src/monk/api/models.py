@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monk.api.envelope import Failure
+
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -111,6 +113,12 @@ class ServiceHealth(BaseModel):
     database: str
     server_version: str | None = None
     error: str | None = None
+
+
+class ServiceHealthFailure(Failure):
+    """/health's 503: the failure envelope, with the health body still under ``data``."""
+
+    data: ServiceHealth
 
 
 class TemplateBuildRequest(BaseModel):

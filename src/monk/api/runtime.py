@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from monk.adapters.postgres.connection import ServerTarget
+from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool
+from monk.service.health import Recent, ServerProbe
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -60,6 +61,10 @@ class Runtime:
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
         self.metrics = Metrics()
+        self.probe = ServerProbe(self.target)
+        # /metrics asks at most once a second, however many scrapers poll it.
+        self.purge_queue_depth = Recent(lambda: purge.queue_depth(self.tenants), ttl=1.0)
+        self._last_warning: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name="monk-purge", daemon=True)
@@ -93,10 +98,9 @@ class Runtime:
                     if time.monotonic() - last_cleanup > 3600:
                         events.forget_old(reg, self.settings)
                         last_cleanup = time.monotonic()
-            except MonkError as exc:
-                log.warning("event delivery: %s", exc)
-            except Exception:
-                log.exception("event delivery failed; retrying")
+                self._last_warning.pop("event delivery", None)
+            except Exception as exc:
+                self._failed("event delivery", exc)
             self._stop.wait(timeout=1.0)
 
     def _refill(self) -> None:
@@ -131,10 +135,8 @@ class Runtime:
             ):
                 try:
                     refill()
-                except MonkError as exc:
-                    log.warning("pool refiller: %s", exc)
-                except Exception:
-                    log.exception("pool refiller failed; retrying")
+                except Exception as exc:
+                    self._failed("pool refiller", exc)
             self._refill_wake.wait(timeout=10)
             self._refill_wake.clear()
 
@@ -151,16 +153,29 @@ class Runtime:
             role_pool.drop_own(self.tenants)
         except Exception as exc:
             log.warning("could not drop this server's spare roles: %s", exc)
+        self.probe.close()
         self.tenants.close()
+
+    def _failed(self, worker: str, exc: Exception) -> None:
+        """A background worker's pass failed; it retries on its next turn. A known failure (the
+        server down, a full disk) is one warning line, not repeated while it lasts; anything
+        else is a bug and logged with its traceback."""
+        known = exc if isinstance(exc, MonkError) else translate(exc)
+        if known is None:
+            log.exception("%s failed; retrying", worker)
+            self._last_warning.pop(worker, None)
+            return
+        if self._last_warning.get(worker) != known.message:
+            log.warning("%s: %s", worker, known.message)
+            self._last_warning[worker] = known.message
 
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
                 purge.work_queue(self.tenants)
                 self.metrics.purge_queue.set(purge.queue_depth(self.tenants))
-            except MonkError as exc:
-                log.warning("purge worker: %s", exc)
-            except Exception:
-                log.exception("purge worker failed; retrying")
+                self._last_warning.pop("purge worker", None)
+            except Exception as exc:
+                self._failed("purge worker", exc)
             self._wake.wait(timeout=5)
             self._wake.clear()

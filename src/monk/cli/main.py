@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from monk.adapters.postgres.connection import translate
 from monk.cli import bench as bench_cli
 from monk.cli import db as db_cli
 from monk.cli import events as events_cli
@@ -172,5 +173,9 @@ def run() -> None:
     except Exception as exc:
         if os.environ.get("MONK_DEBUG"):
             raise
+        known = translate(exc)
+        if known is not None:
+            print_error(known)
+            sys.exit(status_and_exit(known)[1])
         print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -6,8 +6,8 @@ each to every hook that wants its type, then mark it delivered, or schedule the 
 with exponential backoff (2^attempts s, at most an hour) and the error. A worker that dies
 mid-delivery leaves the lease to expire: the event is delivered again (at least once; receivers
 deduplicate on ``Monk-Event-Id``). Events are delivered in ``seq`` order within a pass; a
-retried event may arrive after later ones. With no hook configured an event is marked delivered
-at once: the table is then an audit trail only.
+retried event may arrive after later ones. An event no hook wants (none configured) is settled
+at once without counting as a delivery: the table is then an audit trail only.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def list_events(
 
 @dataclass
 class Delivery:
-    delivered: int = 0
+    delivered: int = 0  # POSTed to every hook that wants it
     failed: int = 0
+    unobserved: int = 0  # no hook wants it: closed without a delivery (not counted as one)
     errors: list[str] = field(default_factory=list)
 
 
@@ -126,6 +127,7 @@ def deliver_due(reg: psycopg.Connection[Any], settings: Settings, *, limit: int 
     ).fetchall()
     for event in sorted((_event(r) for r in rows), key=lambda e: e.seq):
         body = event.body()
+        observed = any(hook.wants(event.kind) for hook in settings.hooks)
         errors = [
             f"{hook.url}: {error}"
             for hook in settings.hooks
@@ -162,7 +164,10 @@ def deliver_due(reg: psycopg.Connection[Any], settings: Settings, *, limit: int 
                 "UPDATE events SET delivered_at = now(), last_error = NULL WHERE id = %s",
                 (event.id,),
             )
-            report.delivered += 1
+            if observed:
+                report.delivered += 1
+            else:
+                report.unobserved += 1
     return report
 
 

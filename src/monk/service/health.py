@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import psycopg
 
 from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import connect
-from monk.errors import MonkError
+from monk.adapters.postgres.connection import (
+    ServerTarget,
+    breaker,
+    connect,
+    open_connection,
+    translate,
+    unavailable,
+)
+from monk.errors import DatabaseUnavailable, MonkError
 from monk.service.tenants import TenantService
+
+T = TypeVar("T")
 
 CORE_TABLES = ("users", "schemas", "columns")
 
@@ -59,3 +73,63 @@ def tenant_health(svc: TenantService, raw_name: str) -> dict[str, Any]:
         "size_bytes": size,
         "checks": checks,
     }
+
+
+class Recent(Generic[T]):
+    """A value computed at most once per ``ttl`` seconds however many threads ask: one computes,
+    the others wait for it and share it. Unauthenticated routes (/health, /metrics) answer
+    through this, so a crowd of pollers costs the server one session, not one each."""
+
+    def __init__(self, compute: Callable[[], T], ttl: float) -> None:
+        self._compute = compute
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._at = float("-inf")
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._at >= self._ttl:
+                self._value = self._compute()
+                self._at = time.monotonic()
+            return self._value
+
+
+class ServerProbe:
+    """Is the server up, and which version: /health's question, asked on one kept session
+    (no new connection per request), at most every ``ttl`` seconds."""
+
+    def __init__(self, target: ServerTarget, *, ttl: float = 0.5) -> None:
+        self.target = target
+        self._breaker = breaker(target.conninfo)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._recent: Recent[tuple[str | None, MonkError | None]] = Recent(self._probe, ttl)
+
+    def check(self) -> tuple[str | None, MonkError | None]:
+        """(server version, None) when reachable, else (None, why not)."""
+        reason = self._breaker.refusal(probe=False)
+        if reason is not None:  # known down since the last answer: no need to wait for it
+            return None, unavailable(self.target, self.target.maintenance_db, reason)
+        return self._recent.get()
+
+    def _probe(self) -> tuple[str | None, MonkError | None]:
+        # A kept session that died (a restart) gets one fresh try before the answer is "down".
+        for fresh in (False, True):
+            try:
+                if fresh or self._conn is None or self._conn.closed or self._conn.broken:
+                    self.close()
+                    self._conn = open_connection(self.target, autocommit=True, purpose="health")
+                return admin.server_version(self._conn), None
+            except MonkError as exc:
+                self.close()
+                return None, exc
+            except psycopg.Error as exc:
+                self.close()
+                if fresh:
+                    return None, translate(exc) or DatabaseUnavailable(str(exc).strip())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from monk.adapters import dump, registry
 from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Operation, Tenant
 from monk.core.tenant_names import TenantName
@@ -281,6 +282,8 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                 registry.finish_operation(reg, op, "failed", step=step, error=str(exc))
                 if isinstance(exc, MonkError):
                     raise
+                if (known := translate(exc)) is not None:
+                    raise known from exc
                 if isinstance(exc, Exception):
                     raise OperationFailed(
                         f"restoring {name.display!r} failed at step {step!r} and was undone: {exc}",

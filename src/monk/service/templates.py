@@ -61,7 +61,7 @@ from psycopg.types.json import Jsonb
 import monk
 from monk.adapters import registry
 from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.adapters.postgres.connection import ServerTarget, connect, translate
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.core.schema_compiler import (
     COMPILER_VERSION,
@@ -595,6 +595,8 @@ def _build(
             _finish_swap(reg, target, key, build_id, b.op_id, stats)
     except BaseException as exc:
         _undo(reg, adm, b, exc)
+        if (known := translate(exc)) is not None:
+            raise known from exc
         if isinstance(exc, psycopg.Error):
             raise OperationFailed(
                 f"building template {key!r} failed: {_pg_message(exc)}", step=_op_step(reg, b)

@@ -38,6 +38,7 @@ from monk.adapters.postgres.connection import (
     ServerTarget,
     connect,
     open_connection,
+    translate,
     unavailable,
 )
 from monk.adapters.postgres.pools import ServerPools
@@ -593,6 +594,8 @@ class TenantService:
                 raise
             if isinstance(exc, MonkError) and exc.retryable:
                 raise
+            if (known := translate(exc)) is not None:
+                raise known from exc
             if isinstance(exc, Exception):
                 raise OperationFailed(
                     f"provisioning {name.display!r} failed at step {step!r} and was undone: "

@@ -7,15 +7,20 @@ block (CREATE/DROP DATABASE) gets an autocommit connection.
 
 from __future__ import annotations
 
+import errno
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from typing import Any, Self
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from monk.errors import ConfigError, DatabaseUnavailable
+from monk.errors import ConfigError, DatabaseUnavailable, DiskFull, MonkError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +136,7 @@ def open_connection(
 ) -> psycopg.Connection[tuple[object, ...]]:
     timeout = target.statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
     try:
-        return psycopg.connect(
+        return GuardedConnection.connect(
             target.conninfo,
             dbname=dbname or target.maintenance_db,
             autocommit=autocommit,
@@ -143,12 +148,140 @@ def open_connection(
         raise unavailable(target, dbname or target.maintenance_db, exc) from None
 
 
-def unavailable(target: ServerTarget, dbname: str, exc: BaseException) -> DatabaseUnavailable:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = lines[0].removeprefix("connection failed: ") if lines else type(exc).__name__
+def unavailable(target: ServerTarget, dbname: str, exc: BaseException | str) -> DatabaseUnavailable:
+    reason = exc if isinstance(exc, str) else _first_line(exc)
     return DatabaseUnavailable(
         f"{target.source}: cannot connect to database {dbname!r} on server {target.name!r}: "
         f"{reason}",
         host=target.name,
         database=dbname,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0].removeprefix("connection failed: ") if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------- circuit breaker
+
+# SQLSTATEs (None: no answer at all, a refused or timed-out socket) saying the server itself
+# cannot be used now: down, starting, stopping. A missing database or a wrong password says
+# nothing about the server, and too many connections is a server that answers.
+_SERVER_DOWN_STATES = frozenset({None, "57P01", "57P02", "57P03", "08000", "08001", "08006"})
+_PROBE_EVERY_S = 0.5
+
+
+class Breaker:
+    """One per server: after a connection attempt found the server down, every caller fails at
+    once (no connect timeout, no pool wait) with the reason, except one probe attempt every
+    ``probe_every`` seconds; the first attempt that succeeds closes it again."""
+
+    def __init__(self, probe_every: float = _PROBE_EVERY_S) -> None:
+        self.probe_every = probe_every
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._next_probe = 0.0
+
+    def refusal(self, *, probe: bool) -> str | None:
+        """None: go ahead (closed, or a probe is due: ``probe`` takes that turn); else why not."""
+        with self._lock:
+            if self._reason is None:
+                return None
+            now = time.monotonic()
+            if now >= self._next_probe:
+                if probe:
+                    self._next_probe = now + self.probe_every
+                return None
+            return self._reason
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            if self._reason is None:
+                log.warning("database server unreachable: %s", reason)
+            self._reason = reason
+            self._next_probe = time.monotonic() + self.probe_every
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self._reason is not None:
+                log.warning("database server reachable again")
+            self._reason = None
+
+
+_breakers: dict[tuple[str, str, str], Breaker] = {}
+_breakers_lock = threading.Lock()
+
+
+@cache
+def _server_key(conninfo: str) -> tuple[str, str, str]:
+    params = pg_conninfo.conninfo_to_dict(conninfo)
+    host, hostaddr, port = (str(params.get(k) or "") for k in ("host", "hostaddr", "port"))
+    return host, hostaddr, port
+
+
+def breaker(conninfo: str) -> Breaker:
+    """The breaker of the server ``conninfo`` points at (host, port), shared process-wide."""
+    key = _server_key(conninfo)
+    with _breakers_lock:
+        return _breakers.setdefault(key, Breaker())
+
+
+def server_down(exc: psycopg.Error) -> bool:
+    """True when ``exc`` says the server cannot be reached or used at all."""
+    return exc.sqlstate in _SERVER_DOWN_STATES
+
+
+class GuardedConnection(psycopg.Connection[Any]):
+    """A connection whose opening goes through its server's breaker: refused at once while the
+    server is known to be down, and each outcome recorded. The pools use it too."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+        guard = breaker(conninfo)
+        reason = guard.refusal(probe=True)
+        if reason is not None:
+            raise psycopg.OperationalError(f"{reason} (server down; next probe within 1 s)")
+        try:
+            conn = super().connect(conninfo, **kwargs)
+        except psycopg.OperationalError as exc:
+            if server_down(exc):
+                guard.failed(_first_line(exc))
+            raise
+        guard.succeeded()
+        return conn
+
+
+# ---------------------------------------------------------------- errors of the server
+
+
+def translate(exc: BaseException) -> MonkError | None:
+    """The MonkError a PostgreSQL (or file system) failure stands for, if it is one monk
+    reports as such: a full disk, or a server gone away. None: leave ``exc`` as it is.
+
+    The one place these are recognised; the edges (HTTP handler, CLI) and the steps that wrap
+    failures into OperationFailed ask here first."""
+    if isinstance(exc, MonkError):
+        return None
+    if isinstance(exc, psycopg.errors.DiskFull) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    ):
+        return disk_full(exc)
+    if isinstance(exc, psycopg.OperationalError) and server_down(exc):
+        return DatabaseUnavailable(f"the database server cannot be used now: {_first_line(exc)}")
+    if isinstance(exc, psycopg.InterfaceError) and "closed" in str(exc):
+        return DatabaseUnavailable(f"the database connection was lost: {_first_line(exc)}")
+    return None
+
+
+def disk_full(exc: BaseException | str) -> DiskFull:
+    """DiskFull for a PostgreSQL or file-system failure (or a tool's one-line complaint)."""
+    detail = exc if isinstance(exc, str) else _first_line(exc)
+    if isinstance(exc, OSError):
+        detail = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return DiskFull(
+        f"disk full ({detail}): free space on that disk (purge tenants with `monk tenant delete "
+        "NAME --purge --no-archive`, drop retired templates with `monk template prune`) or "
+        "grow it, then retry",
+        detail=detail,
     )

@@ -8,6 +8,7 @@ budget on a server that hosts many tenant databases.
 
 from __future__ import annotations
 
+import select
 import time
 import weakref
 from collections.abc import Iterator
@@ -17,23 +18,50 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from monk.adapters.postgres.connection import APPLICATION_NAME, ServerTarget, unavailable
+from monk.adapters.postgres.connection import (
+    APPLICATION_NAME,
+    GuardedConnection,
+    ServerTarget,
+    breaker,
+    server_down,
+    unavailable,
+)
 
-# A connection used moments ago is almost surely alive: checking it would cost a round trip on
-# every request. One idle for longer is checked before it is handed out (a server restart, an
-# idle timeout), and replaced if dead.
+# A connection used moments ago is almost surely alive: a round trip to check it on every
+# request would cost more than it saves. One idle for longer is checked before it is handed
+# out (an idle timeout, a dropped network path), and replaced if dead.
 _TRUST_FOR_S = 5.0
 _WAIT_FOR_CONNECTION_S = 30.0
+# A caller waiting for a connection looks at the server's breaker this often: a server found
+# down while it waits fails it at once instead of after the whole wait.
+_WAIT_SLICE_S = 0.2
 
 
 def _mark_returned(conn: psycopg.Connection[Any]) -> None:
     _returned_at[conn] = time.monotonic()
 
 
-def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
+def _alive(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle pooled connection may be handed out.
+
+    An idle session receives nothing (monk never LISTENs): anything to read on its socket is
+    the server saying goodbye (a restart, a terminated backend) or closing it. That costs no
+    round trip, so it is looked at every time; a real check runs only then, or after an idle
+    spell longer than ``_TRUST_FOR_S``."""
+    if conn.closed or conn.broken:
+        return False
     returned = _returned_at.get(conn)
-    if returned is None or time.monotonic() - returned > _TRUST_FOR_S:
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    if not readable and returned is not None and time.monotonic() - returned <= _TRUST_FOR_S:
+        return True
+    try:
         ConnectionPool.check_connection(conn)
+    except psycopg.Error:
+        return False
+    return True
 
 
 _returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
@@ -45,6 +73,7 @@ class ServerPools:
     def __init__(self, target: ServerTarget, system_db: str, *, max_size: int = 8) -> None:
         self.target = target
         self.system_db = system_db
+        self.breaker = breaker(target.conninfo)
         # The registry's statements are small indexed reads and writes, prepared and run on
         # every request: a generic plan serves them all, where a custom plan is made again at
         # each execution (0.3 ms of server CPU for the provision's intent statement).
@@ -58,6 +87,8 @@ class ServerPools:
     ) -> ConnectionPool[Any]:
         return ConnectionPool(
             self.target.conninfo,
+            # Opens through the server's breaker (see connection.Breaker).
+            connection_class=GuardedConnection,
             kwargs={
                 "dbname": dbname,
                 "autocommit": True,
@@ -67,22 +98,55 @@ class ServerPools:
             },
             min_size=0,
             max_size=max_size,
-            # How long a caller may wait for a free connection when all are busy: a queue
-            # under load, not a failure (each new connection has its own connect_timeout).
             timeout=_WAIT_FOR_CONNECTION_S,
-            check=_check_if_idle,
+            # A failed connection attempt is not retried in the background (its backoff would
+            # keep a returned server unused for seconds): the next caller that needs one
+            # makes the pool try again.
+            reconnect_timeout=0,
+            reconnect_failed=lambda _pool: None,
             reset=_mark_returned,
             open=True,
             name=f"monk-{purpose}",
         )
 
+    def _acquire(self, pool: ConnectionPool[Any], dbname: str) -> psycopg.Connection[Any]:
+        """A live connection of ``pool``: dead idle ones are dropped on the spot (no backoff),
+        and a server down fails at once with DatabaseUnavailable."""
+        deadline = time.monotonic() + _WAIT_FOR_CONNECTION_S
+        while True:
+            reason = self.breaker.refusal(probe=False)
+            if reason is not None:
+                raise unavailable(self.target, dbname, reason)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # All connections busy for the whole wait (a queue, not a server down).
+                raise unavailable(
+                    self.target,
+                    dbname,
+                    f"no free connection in monk's pool after {_WAIT_FOR_CONNECTION_S:.0f} s",
+                )
+            try:
+                conn: psycopg.Connection[Any] = pool.getconn(timeout=min(_WAIT_SLICE_S, remaining))
+            except PoolTimeout:
+                continue
+            if _alive(conn):
+                return conn
+            conn.close()
+            pool.putconn(conn)  # a closed connection is discarded, and replaced on demand
+
     @contextmanager
     def _get(self, pool: ConnectionPool[Any], dbname: str) -> Iterator[psycopg.Connection[Any]]:
+        conn = self._acquire(pool, dbname)
         try:
-            with pool.connection() as conn:
+            with conn:  # as ConnectionPool.connection(): commit, or roll back on an error
                 yield conn
-        except PoolTimeout as exc:
-            raise unavailable(self.target, dbname, exc) from None
+        except psycopg.OperationalError as exc:
+            # The server went away while in use: retryable, not a failure of monk's.
+            if server_down(exc) and (conn.broken or conn.closed):
+                raise unavailable(self.target, dbname, exc) from exc
+            raise
+        finally:
+            pool.putconn(conn)
 
     def system(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """An autocommit connection to the system database (registry)."""

@@ -10,13 +10,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monk.adapters import registry
-from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import connect
 from monk.api.deps import Root, RuntimeDep
-from monk.api.envelope import ERROR_RESPONSES, Ok
-from monk.api.models import EventOut, OperationOut, ServiceHealth
+from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
+from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
 from monk.errors import MonkError
-from monk.service import events, purge
+from monk.service import events
 
 router = APIRouter()
 
@@ -26,17 +24,24 @@ router = APIRouter()
     tags=["service"],
     summary="Liveness and database reachability (no auth)",
     response_model=Ok[ServiceHealth],
-    responses={503: {"model": Ok[ServiceHealth], "description": "The database is unreachable"}},
+    responses={
+        503: {
+            "model": ServiceHealthFailure,
+            "description": "The database is unreachable",
+            "headers": RETRY_AFTER,
+        }
+    },
 )
 def health(rt: RuntimeDep) -> JSONResponse:
-    try:
-        # Its own short connection, not the pool: liveness must answer fast when the
-        # database is down, and must not queue behind busy provisions.
-        with connect(rt.target, purpose="health") as conn:
-            version = admin.server_version(conn)
-    except MonkError as exc:
+    # One kept session of its own, not the pools: liveness must not queue behind busy
+    # provisions; its answer is shared for half a second by every caller.
+    version, exc = rt.probe.check()
+    if exc is not None:
         body = ServiceHealth(status="unavailable", database="unreachable", error=exc.message)
-        return JSONResponse(status_code=503, content=Ok(data=body).model_dump())
+        failed = ServiceHealthFailure(data=body, error=exc.message, error_code=exc.code)
+        return JSONResponse(
+            status_code=503, content=failed.model_dump(), headers=error_headers(exc)
+        )
     body = ServiceHealth(status="ok", database="reachable", server_version=version)
     return JSONResponse(content=Ok(data=body).model_dump())
 
@@ -56,7 +61,7 @@ def health(rt: RuntimeDep) -> JSONResponse:
 def metrics(rt: RuntimeDep) -> Response:
     # Metrics must answer even while the database does not.
     with contextlib.suppress(MonkError):
-        rt.metrics.purge_queue.set(purge.queue_depth(rt.tenants))
+        rt.metrics.purge_queue.set(rt.purge_queue_depth.get())
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -64,7 +69,7 @@ def metrics(rt: RuntimeDep) -> Response:
     "/api/root/operations",
     tags=["operations"],
     summary="The operations journal: provisioning, purges, restores, template builds",
-    responses=ERROR_RESPONSES,
+    responses=READ,
 )
 def operations(
     rt: RuntimeDep,
@@ -102,7 +107,7 @@ def operations(
     "/api/root/events",
     tags=["operations"],
     summary="Tenant events, newest first: what observers receive, with their delivery state",
-    responses=ERROR_RESPONSES,
+    responses=READ,
 )
 def events_(
     rt: RuntimeDep,

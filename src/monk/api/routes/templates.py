@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Path, Query
 
 from monk.api.deps import Root, RuntimeDep
-from monk.api.envelope import ERROR_RESPONSES, Ok
+from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok, responses
 from monk.api.models import (
     TemplateBuildOut,
     TemplateBuildRequest,
@@ -23,7 +23,7 @@ from monk.core.template_names import validate_template_key
 from monk.errors import MonkError
 from monk.service import templates as template_service
 
-router = APIRouter(prefix="/api/root/template", tags=["templates"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/api/root/template", tags=["templates"])
 
 Key = Annotated[str, Path(description="Template key, e.g. `basic`.", examples=["basic"])]
 Version = Annotated[
@@ -36,7 +36,7 @@ def _out(build: template_service.TemplateBuild) -> TemplateBuildOut:
     return TemplateBuildOut.model_validate(build.as_dict())
 
 
-@router.get("", summary="List template builds (newest first per key)")
+@router.get("", summary="List template builds (newest first per key)", responses=READ)
 def list_templates(
     rt: RuntimeDep,
     _: Root,
@@ -56,7 +56,11 @@ def list_templates(
 
 
 # Before "/{key}": "prune" is a path of its own, not a template key.
-@router.post("/prune", summary="Drop the retired builds that no live tenant was cloned from")
+@router.post(
+    "/prune",
+    summary="Drop the retired builds that no live tenant was cloned from",
+    responses=READ,
+)
 def prune_templates(
     rt: RuntimeDep,
     _: Root,
@@ -68,7 +72,11 @@ def prune_templates(
     return Ok(data=[_out(b) for b in dropped])
 
 
-@router.get("/{key}", summary="The current build of a template (or one version of it)")
+@router.get(
+    "/{key}",
+    summary="The current build of a template (or one version of it)",
+    responses=READ_ONE,
+)
 def show_template(
     rt: RuntimeDep, _: Root, key: Key, version: Version = None
 ) -> Ok[TemplateBuildOut]:
@@ -78,6 +86,7 @@ def show_template(
 @router.post(
     "/{key}",
     summary="Build a template from its configured source and swap it in",
+    responses=GROW,
     description="A no-op (`built: false`) when the current build already has the source's "
     "version, unless `force`. Only sources monk is configured with (built-in and "
     "`MONK_TEMPLATE_PATH`) can be built.",
@@ -103,6 +112,7 @@ def build_template(
 @router.post(
     "/{key}/check",
     summary="Re-run the health checks on the current build (in a scratch clone)",
+    responses=responses(400, 401, 403, 404, 422, 500, 503, 507),
     description="`ok: false` with the `problems` found; the template itself is never opened.",
 )
 def check_template(rt: RuntimeDep, _: Root, key: Key) -> Ok[TemplateCheckOut]:
@@ -113,6 +123,7 @@ def check_template(rt: RuntimeDep, _: Root, key: Key) -> Ok[TemplateCheckOut]:
 @router.delete(
     "/{key}",
     summary="Drop a build and its database",
+    responses=CHANGE,
     description="Default: the current build. Without `force`, refuses (409) the current build "
     "and a build that live tenants were cloned from.",
 )

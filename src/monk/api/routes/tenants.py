@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, status
 
 from monk.api.deps import Root, RuntimeDep
-from monk.api.envelope import ERROR_RESPONSES, Ok
+from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
 from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantView
 
-router = APIRouter(prefix="/api/root/tenant", tags=["tenants"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/api/root/tenant", tags=["tenants"])
 
 MAX_OFFSET = 2**31 - 1
 """Larger offsets are meaningless and would overflow PostgreSQL's bigint OFFSET."""
@@ -25,7 +25,7 @@ def _out(view: TenantView) -> TenantOut:
     return TenantOut.model_validate(view.as_dict())
 
 
-@router.get("", summary="List tenants")
+@router.get("", summary="List tenants", responses=READ)
 def list_tenants(
     rt: RuntimeDep,
     _: Root,
@@ -47,7 +47,7 @@ def list_tenants(
     return Ok(data=[_out(rt.tenants.view(t)) for t in tenants])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, summary="Provision a tenant")
+@router.post("", status_code=status.HTTP_201_CREATED, summary="Provision a tenant", responses=GROW)
 def create_tenant(
     rt: RuntimeDep,
     _: Root,
@@ -71,22 +71,30 @@ def create_tenant(
     return Ok(data=_out(view))
 
 
-@router.get("/{name}", summary="One tenant")
+@router.get("/{name}", summary="One tenant", responses=READ_ONE)
 def get_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
     return Ok(data=_out(rt.tenants.view(rt.tenants.get(name))))
 
 
-@router.patch("/{name}", summary="Edit a tenant (is_active: enable or disable)")
+@router.patch("/{name}", summary="Edit a tenant (is_active: enable or disable)", responses=CHANGE)
 def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[TenantOut]:
     return Ok(data=_out(rt.tenants.update(name, is_active=body.is_active)))
 
 
-@router.put("/{name}", summary="Restore a trashed tenant, or a purged one from its archive")
+@router.put(
+    "/{name}",
+    summary="Restore a trashed tenant, or a purged one from its archive",
+    responses=GROW,
+)
 def restore_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
     return Ok(data=_out(rt.tenants.restore(name)))
 
 
-@router.delete("/{name}", summary="Trash a tenant; ?force=true purges it (archive, then drop)")
+@router.delete(
+    "/{name}",
+    summary="Trash a tenant; ?force=true purges it (archive, then drop)",
+    responses=GROW,
+)
 def delete_tenant(
     rt: RuntimeDep,
     _: Root,
@@ -102,11 +110,15 @@ def delete_tenant(
     return Ok(data=_out(view))
 
 
-@router.get("/{name}/health", summary="Check a tenant")
+@router.get("/{name}/health", summary="Check a tenant", responses=READ_ONE)
 def health(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantHealth]:
     return Ok(data=TenantHealth.model_validate(tenant_health(rt.tenants, name)))
 
 
-@router.post("/{name}/credentials", summary="Issue a new password for the tenant's role")
+@router.post(
+    "/{name}/credentials",
+    summary="Issue a new password for the tenant's role",
+    responses=CHANGE,
+)
 def rotate_credentials(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
     return Ok(data=_out(rt.tenants.rotate_credentials(name)))
