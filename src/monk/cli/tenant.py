@@ -11,7 +11,14 @@ import typer
 from rich.progress import MofNCompleteColumn, Progress
 
 from monk.cli.context import state
-from monk.cli.output import console, err_console, print_json, print_mapping, print_rows
+from monk.cli.output import (
+    console,
+    err_console,
+    print_json,
+    print_mapping,
+    print_rows,
+    print_whole,
+)
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.tenants import TenantService, TenantView
@@ -27,10 +34,12 @@ def _show(view: TenantView, as_json: bool) -> None:
         print_json(data)
         return
     archive = data.pop("archive", None)
+    url = data.pop("connection_url", None)
     print_mapping(data)
     if archive:
         print_mapping(archive, title="archive")
-    if "connection_url" in data:
+    if url is not None:
+        print_whole("connection_url", url)
         console.print("[yellow]The password in connection_url is shown once.[/]")
 
 
@@ -107,7 +116,12 @@ def _create_many(
         )
     else:
         print_rows(results, ["name", "ok", "database", "error"])
+        for r in results:
+            if r.get("connection_url"):
+                print_whole(f"{r['name']}:", r["connection_url"])
         console.print(f"{len(results) - len(failed)} provisioned, {len(failed)} failed")
+        if len(results) > len(failed):
+            console.print("[yellow]The passwords in these URLs are shown once.[/]")
     if failed:
         raise typer.Exit(1)
 
