@@ -286,6 +286,30 @@ def test_purge_archives_drops_and_restores_from_archive(env: Env, svc: TenantSer
         assert conn.execute("SELECT count(*) FROM account").fetchone() == (6,)
 
 
+def test_restore_from_archive_keeps_the_tenants_identity(env: Env, svc: TenantService) -> None:
+    name = unique("Identity")
+    first = svc.provision(name, template=env.template).tenant
+    for _ in range(2):  # purged and restored twice: still the one tenant
+        _, op = purge.request_purge(svc, name, archive=True)
+        purge.work_queue(svc, only=op)
+        restored = svc.restore(name)
+        assert (restored.tenant.id, restored.tenant.created_at) == (first.id, first.created_at)
+        assert restored.tenant.deleted_at is None
+        assert svc.get(name).id == first.id
+        with tenant_conn(restored.as_dict()["connection_url"]) as conn:
+            assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+    rows = [t for t in svc.list(include_deleted=True, limit=10_000) if t.name == name]
+    assert [t.id for t in rows] == [first.id]
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        kinds = conn.execute(
+            "SELECT kind, tenant_id FROM events WHERE payload->>'name' = %s ORDER BY seq", (name,)
+        ).fetchall()
+    assert kinds == [
+        ("tenant.provisioned", first.id),
+        *[("tenant.purged", first.id), ("tenant.restored", first.id)] * 2,
+    ]
+
+
 def test_purge_forget_frees_the_name(env: Env, svc: TenantService) -> None:
     name = unique()
     svc.provision(name, template=env.template)
