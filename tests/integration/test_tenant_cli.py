@@ -297,3 +297,19 @@ def test_secrets_are_printed_whole_at_any_width(
     for x in [n, *names]:
         gone = monk(env, "tenant", "delete", x, "--purge", "--no-archive", "--forget")
         assert gone.returncode == 0
+
+
+def test_idempotency_key_on_the_command_line(env: Env) -> None:
+    key = f"cli-{uuid.uuid4().hex}"
+    n = name()
+    first = monk_json(env, "tenant", "create", n, "-t", env.template, "--idempotency-key", key)
+    again = monk_json(env, "tenant", "create", n, "-t", env.template, "--idempotency-key", key)
+    assert again["id"] == first["id"]
+    assert again["replayed"] is True
+    assert "connection_url" not in again
+    table = monk(env, "tenant", "create", n, "-t", env.template, "--idempotency-key", key)
+    assert table.returncode == 0
+    assert "--rotate" in table.stdout
+    other = monk(env, "tenant", "create", name(), "-t", env.template, "--idempotency-key", key)
+    assert other.returncode == 2, other.stderr
+    assert "IDEMPOTENCY_KEY_REUSED" in other.stderr

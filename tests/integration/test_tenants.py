@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from monk.errors import (
     HashCollision,
+    IdempotencyKeyReused,
     InvalidName,
     InvalidState,
     OperationFailed,
@@ -99,12 +100,19 @@ def test_same_name_any_case_is_one_tenant(env: Env, svc: TenantService) -> None:
 
 def test_idempotency_key_returns_the_first_result(env: Env, svc: TenantService) -> None:
     name = unique()
-    first = svc.provision(name, template=env.template, idempotency_key="k1").as_dict()
-    again = svc.provision(name, template=env.template, idempotency_key="k1").as_dict()
+    k1, k2 = f"k1-{uuid.uuid4().hex}", f"k2-{uuid.uuid4().hex}"
+    first = svc.provision(name, template=env.template, idempotency_key=k1).as_dict()
+    again = svc.provision(name, template=env.template, idempotency_key=k1).as_dict()
     assert again["id"] == first["id"]
     assert "connection_url" not in again  # the password is shown once
+    assert again["replayed"] is True
     with pytest.raises(TenantExists):
-        svc.provision(name, template=env.template, idempotency_key="k2")
+        svc.provision(name, template=env.template, idempotency_key=k2)
+    # k2 made nothing, so it is free for another request; k1 is not.
+    other = unique()
+    with pytest.raises(IdempotencyKeyReused):
+        svc.provision(other, template=env.template, idempotency_key=k1)
+    assert svc.provision(other, template=env.template, idempotency_key=k2).credentials
 
 
 def test_fifty_concurrent_provisions_of_one_name(env: Env) -> None:

@@ -473,6 +473,33 @@ def delete_row(conn: Conn, tenant_id: UUID) -> None:
     conn.execute("DELETE FROM tenants WHERE id = %s", (tenant_id,))
 
 
+def remember_idempotency_key(
+    conn: Conn, key: str, request: dict[str, Any]
+) -> tuple[bool, dict[str, Any]]:
+    """Record ``request`` under ``key`` unless the key is known: (whether this call recorded
+    it, the request recorded under the key). Autocommit: a concurrent first use of the key
+    waits for ours to commit, then reads it."""
+    row = conn.execute(
+        "INSERT INTO idempotency_keys (key, request) VALUES (%s, %s)"
+        " ON CONFLICT (key) DO NOTHING RETURNING request",
+        (key, Jsonb(request)),
+    ).fetchone()
+    if row is not None:
+        return True, dict(row[0])
+    # A new statement, so a new snapshot: the row that conflicted is visible now.
+    row = conn.execute("SELECT request FROM idempotency_keys WHERE key = %s", (key,)).fetchone()
+    if row is None:  # forgotten in between (its request failed): record ours
+        return remember_idempotency_key(conn, key, request)
+    return False, dict(row[0])
+
+
+def forget_idempotency_key(conn: Conn, key: str, request: dict[str, Any]) -> None:
+    """The request recorded under ``key`` failed and made nothing: the key is free again."""
+    conn.execute(
+        "DELETE FROM idempotency_keys WHERE key = %s AND request = %s", (key, Jsonb(request))
+    )
+
+
 # ---------------------------------------------------------------- operations journal
 
 

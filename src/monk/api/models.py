@@ -57,6 +57,14 @@ class TenantOut(BaseModel):
     provisioned_from: Literal["pool", "clone"] | None = Field(
         None, description="Only in the create answer: a warm-pool spare or a fresh clone."
     )
+    replayed: bool | None = Field(
+        None,
+        description="Only in the answer to a retry with the first request's Idempotency-Key:"
+        " the tenant that request made, without its password (shown once).",
+    )
+    credentials_note: str | None = Field(
+        None, description="With replayed: how to get a password (rotate the credentials)."
+    )
 
 
 class HealthCheck(BaseModel):

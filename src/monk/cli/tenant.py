@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress
 
 from monk.cli.context import state
@@ -35,12 +36,15 @@ def _show(view: TenantView, as_json: bool) -> None:
         return
     archive = data.pop("archive", None)
     url = data.pop("connection_url", None)
+    note = data.pop("credentials_note", None)
     print_mapping(data)
     if archive:
         print_mapping(archive, title="archive")
     if url is not None:
         print_whole("connection_url", url)
         console.print("[yellow]The password in connection_url is shown once.[/]")
+    if note is not None:
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
 
 
 @app.command()
