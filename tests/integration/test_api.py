@@ -119,6 +119,19 @@ def test_tenant_lifecycle_over_http(env: Env, client: TestClient, auth: dict[str
     gone = client.get(path, headers=auth)
     assert gone.status_code == 404
     assert gone.json()["error_code"] == "TENANT_NOT_FOUND"
+    # As the list shows it with include_deleted, so does the tenant's own route.
+    deleted = client.get(path, params={"include_deleted": True}, headers=auth)
+    assert deleted.status_code == 200, deleted.text
+    assert (deleted.json()["data"]["id"], deleted.json()["data"]["status"]) == (
+        tenant["id"],
+        "deleted",
+    )
+    listed_deleted = client.get(
+        "/api/root/tenant",
+        params={"include_deleted": True, "include_trashed": True, "limit": 10_000},
+        headers=auth,
+    ).json()["data"]
+    assert deleted.json()["data"] in listed_deleted
     ops = client.get("/api/root/operations", params={"kind": "purge"}, headers=auth).json()["data"]
     assert any(op["database"] == tenant["database"] and op["state"] == "done" for op in ops)
 

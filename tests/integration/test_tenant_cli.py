@@ -144,6 +144,11 @@ def test_lifecycle_json_equals_the_api(
         headers=auth,
     ).json()["data"]
     assert as_api(purged) in api_purged
+    assert monk(env, "tenant", "show", n).returncode == 3
+    shown_deleted = monk_json(env, "tenant", "show", n, "--include-deleted")
+    assert as_api(shown_deleted) == as_api(purged)
+    api_deleted = client.get(f"/api/root/tenant/{n}?include_deleted=true", headers=auth)
+    assert api_deleted.json()["data"] == as_api(purged)
     restored = monk_json(env, "tenant", "restore", n)
     assert restored["status"] == "active"
     with psycopg.connect(restored["connection_url"]) as conn:

@@ -160,10 +160,16 @@ def list_(
 
 
 @app.command()
-def show(name: str, as_json: bool = JSON) -> None:
+def show(
+    name: str,
+    include_deleted: bool = typer.Option(
+        False, "--include-deleted", help="A purged tenant too (its latest registry row)."
+    ),
+    as_json: bool = JSON,
+) -> None:
     """One tenant's registry record."""
     svc = state().tenants
-    _show(svc.view(svc.get(name)), as_json)
+    _show(svc.view(svc.get(name, include_deleted=include_deleted)), as_json)
 
 
 @app.command()

@@ -234,10 +234,14 @@ class TenantService:
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, raw_name: str) -> Tenant:
+    def get(self, raw_name: str, *, include_deleted: bool = False) -> Tenant:
+        """The live tenant of this name; with ``include_deleted``, else its latest purged row
+        (as ``list(include_deleted=True)`` shows it)."""
         name = self.name(raw_name)
         with self.hosts.pools().system() as reg:
             tenant = registry.get_live(reg, name.key)
+            if tenant is None and include_deleted:
+                tenant = registry.get_latest_deleted(reg, name.key)
         if tenant is None:
             raise TenantNotFound(f"tenant {name.display!r} not found")
         return tenant

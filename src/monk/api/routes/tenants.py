@@ -71,9 +71,10 @@ def create_tenant(
     return Ok(data=_out(view))
 
 
-@router.get("/{name}", summary="One tenant")
-def get_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.view(rt.tenants.get(name))))
+@router.get("/{name}", summary="One tenant; ?include_deleted=true also finds a purged one")
+def get_tenant(rt: RuntimeDep, _: Root, name: str, include_deleted: bool = False) -> Ok[TenantOut]:
+    tenant = rt.tenants.get(name, include_deleted=include_deleted)
+    return Ok(data=_out(rt.tenants.view(tenant)))
 
 
 @router.patch("/{name}", summary="Edit a tenant (is_active: enable or disable)")
