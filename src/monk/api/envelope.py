@@ -13,7 +13,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from monk.core.redact import without_paths
 from monk.errors import MonkError, status_and_exit
+from monk.service import templates as template_service
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,16 @@ def failure(
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-async def monk_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def monk_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MonkError)
     status, _exit = status_and_exit(exc)
     headers = {"Retry-After": "2"} if exc.retryable else None
     if status == 401:
         headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
-    return failure(status, exc.message, exc.code, headers)
+    # The CLI shows paths (its user owns them); an HTTP client learns none of the server's.
+    runtime = getattr(request.app.state, "runtime", None)
+    labels = template_service.path_labels(runtime.settings) if runtime is not None else None
+    return failure(status, without_paths(exc.message, labels), exc.code, headers)
 
 
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:

@@ -140,7 +140,11 @@ class TemplateBuildOut(BaseModel):
     description: str | None
     version_label: str | None
     parent_key: str | None
-    source: str | None = Field(..., description="The source folder the build was made from.")
+    source: Literal["builtin", "MONK_TEMPLATE_PATH", "--source"] | None = Field(
+        ...,
+        description="Where the build's source folder is: built in, in MONK_TEMPLATE_PATH, or "
+        "a folder given to 'monk template build KEY --source DIR' (the path is not shown).",
+    )
     migration_level: int
     database_settings: dict[str, str]
     table_count: int | None
