@@ -627,6 +627,27 @@ def claim_queued(conn: Conn, kind: str, *, database: str | None = None) -> Opera
         return cur.fetchone()
 
 
+# A running ``monk serve`` holds this advisory lock, shared, on the system database for its
+# life (its session ends with the process, kill -9 included): how a tool that needs the
+# installation to itself (``monk bench``) tells that a server is at work on it.
+SERVE_LOCK = (0x6D6F6E6B, 1)  # "monk", 1: the two-int4 key space, apart from tenant keys
+
+
+def hold_serve_lock(conn: Conn) -> None:
+    conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", SERVE_LOCK)
+
+
+def serve_lock_holders(conn: Conn) -> int:
+    """How many sessions (``monk serve`` processes) hold ``SERVE_LOCK`` here."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid = %s AND objid = %s AND objsubid = 2",
+        SERVE_LOCK,
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def advisory_key(database: str) -> int:
     """A signed 64-bit advisory lock key for an object name (the tenant hash fits as is)."""
     import hashlib

@@ -13,6 +13,7 @@ from monk.adapters.postgres.connection import ServerTarget
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool
+from monk.service.presence import ServeMark
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -57,6 +58,7 @@ class Runtime:
         self.target: ServerTarget
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
+        self.mark = ServeMark(self.target, settings.system_db_name)
         self.secret = signing_secret(settings)
         self.metrics = Metrics()
         self._stop = threading.Event()
@@ -67,6 +69,7 @@ class Runtime:
         self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
 
     def start(self) -> None:
+        self.mark.hold()
         self._worker.start()
         self._refiller.start()
         self._notifier.start()
@@ -114,6 +117,7 @@ class Runtime:
         except Exception:
             log.exception("dropping earlier spare roles failed")
         while not self._stop.is_set():
+            self.mark.hold()  # again, if its session was lost (the server restarted)
             # Roles first: a second each for dozens, where a spare database is a clone.
             for refill in (
                 lambda: role_pool.fill(self.tenants, self.settings.pool_roles),
@@ -141,6 +145,7 @@ class Runtime:
             role_pool.drop_own(self.tenants)
         except Exception as exc:
             log.warning("could not drop this server's spare roles: %s", exc)
+        self.mark.release()
         self.tenants.close()
 
     def _work(self) -> None:
