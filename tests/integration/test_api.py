@@ -132,6 +132,12 @@ def test_tenant_lifecycle_over_http(env: Env, client: TestClient, auth: dict[str
         headers=auth,
     ).json()["data"]
     assert deleted.json()["data"] in listed_deleted
+    # Its archive is named without the server's folders, here and in the journal.
+    assert deleted.json()["data"]["archive"]["path"].startswith("<archives>/tenant_")
+    journal = client.get("/api/root/operations", params={"limit": 10_000}, headers=auth)
+    for answer in (deleted.text, journal.text):
+        assert str(env.settings.data_dir) not in answer
+        assert str(env.settings.archives) not in answer
     ops = client.get("/api/root/operations", params={"kind": "purge"}, headers=auth).json()["data"]
     assert any(op["database"] == tenant["database"] and op["state"] == "done" for op in ops)
 

@@ -26,7 +26,9 @@ class TenantPatch(BaseModel):
 
 
 class ArchiveOut(BaseModel):
-    path: str
+    path: str = Field(
+        ..., description="The dump file, its server folder shown as <archives> (no server path)."
+    )
     size: int | None
     sha256: str | None
     archived_at: str | None

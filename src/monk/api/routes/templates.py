@@ -20,6 +20,7 @@ from monk.api.models import (
     TemplateBuildResultOut,
     TemplateCheckOut,
 )
+from monk.api.public import scrubbed
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError
 from monk.service import templates as template_service
@@ -36,7 +37,9 @@ Version = Annotated[
 
 def _public(settings: Settings, build: template_service.TemplateBuild) -> dict[str, Any]:
     """The build as HTTP clients see it: where its source is, not the server path."""
-    return build.as_dict() | {"source": template_service.source_origin(settings, build.source)}
+    origin = template_service.source_origin(settings, build.source)
+    out: dict[str, Any] = scrubbed(settings, build.as_dict() | {"source": None})
+    return out | {"source": origin}
 
 
 def _out(settings: Settings, build: template_service.TemplateBuild) -> TemplateBuildOut:
