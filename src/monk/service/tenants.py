@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import sys
 import threading
 import time
@@ -122,15 +123,13 @@ class TenantView:
             )
         if self.replayed:
             out["replayed"] = True
-            out["credentials_note"] = REPLAY_NOTE
+            out["credentials_note"] = (
+                "a retry of the request that made this tenant (same Idempotency-Key): its "
+                "password was shown once, in the first answer, and is not kept; issue a new one "
+                f"with POST /api/root/tenant/{quote(t.name, safe='')}/credentials or "
+                f"'monk tenant credentials {shlex.quote(t.name)} --rotate'"
+            )
         return out
-
-
-REPLAY_NOTE = (
-    "a retry of the request that made this tenant (same Idempotency-Key): its password was "
-    "shown once, in the first answer, and is not kept; issue a new one with "
-    "POST /api/root/tenant/{name}/credentials or 'monk tenant credentials NAME --rotate'"
-)
 
 
 def _iso(value: datetime | None) -> str | None:
