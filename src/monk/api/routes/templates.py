@@ -2,8 +2,8 @@
 
 Builds read only the configured sources (the built-ins and ``MONK_TEMPLATE_PATH``): the HTTP API
 never takes a server path, nor shows one (a build's ``source`` is where it is, not its path).
-Builds and checks take seconds, so the routes are plain ``def``
-functions, which FastAPI runs in its threadpool.
+Builds and checks take seconds, so the routes are plain ``def`` functions, which FastAPI runs in
+its threadpool.
 """
 
 from __future__ import annotations
