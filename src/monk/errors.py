@@ -4,7 +4,8 @@
     ├── UsageError                 bad input to monk (validation)             400 / 2
     │   ├── InvalidName            tenant, template, schema or database name  400 / 2
     │   ├── InvalidTemplateSource  template.json, schemas, data, migrations   422 / 2
-    │   └── InvalidRequest         a well-formed body or argument, wrong      422 / 2
+    │   ├── InvalidRequest         a well-formed body or argument, wrong      422 / 2
+    │   └── IdempotencyKeyReused   one Idempotency-Key, other parameters      422 / 2
     ├── ConfigError                a setting is wrong or its target unusable  500 / 6
     ├── NotFound                                                              404 / 3
     │   ├── TenantNotFound
@@ -66,6 +67,10 @@ class InvalidTemplateSource(UsageError):
 
 class InvalidRequest(UsageError):
     code = "INVALID_REQUEST"
+
+
+class IdempotencyKeyReused(UsageError):
+    code = "IDEMPOTENCY_KEY_REUSED"
 
 
 class ConfigError(MonkError):
@@ -169,6 +174,7 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     InvalidName: (400, 2),
     InvalidTemplateSource: (422, 2),
     InvalidRequest: (422, 2),
+    IdempotencyKeyReused: (422, 2),
     ConfigError: (500, 6),
     NotFound: (404, 3),
     Conflict: (409, 4),

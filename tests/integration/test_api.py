@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import jwt
 import psycopg
 import pytest
@@ -136,6 +138,25 @@ def test_tenant_lifecycle_over_http(env: Env, client: TestClient, auth: dict[str
     gone = client.get(path, headers=auth)
     assert gone.status_code == 404
     assert gone.json()["error_code"] == "TENANT_NOT_FOUND"
+    # As the list shows it with include_deleted, so does the tenant's own route.
+    deleted = client.get(path, params={"include_deleted": True}, headers=auth)
+    assert deleted.status_code == 200, deleted.text
+    assert (deleted.json()["data"]["id"], deleted.json()["data"]["status"]) == (
+        tenant["id"],
+        "deleted",
+    )
+    listed_deleted = client.get(
+        "/api/root/tenant",
+        params={"include_deleted": True, "include_trashed": True, "limit": 10_000},
+        headers=auth,
+    ).json()["data"]
+    assert deleted.json()["data"] in listed_deleted
+    # Its archive is named without the server's folders, here and in the journal.
+    assert deleted.json()["data"]["archive"]["path"].startswith("<archives>/tenant_")
+    journal = client.get("/api/root/operations", params={"limit": 10_000}, headers=auth)
+    for answer in (deleted.text, journal.text):
+        assert str(env.settings.data_dir) not in answer
+        assert str(env.settings.archives) not in answer
     ops = client.get("/api/root/operations", params={"kind": "purge"}, headers=auth).json()["data"]
     assert any(op["database"] == tenant["database"] and op["state"] == "done" for op in ops)
 
@@ -184,3 +205,67 @@ def test_events_over_http(env: Env, client: TestClient, auth: dict[str, str]) ->
     bad = client.get("/api/root/events", params={"limit": 0}, headers=auth)
     assert bad.status_code == 422
     assert bad.json()["success"] is False
+
+
+def test_idempotency_key_replays_or_refuses_another_request(
+    env: Env, client: TestClient, auth: dict[str, str]
+) -> None:
+    key = {"Idempotency-Key": f"signup-{uuid.uuid4().hex}"}
+    n = name()
+
+    def post(body: dict[str, str], headers: dict[str, str] = key) -> httpx.Response:
+        return client.post("/api/root/tenant", json=body, headers=auth | headers)
+
+    first = post({"name": n, "template": env.template})
+    assert first.status_code == 201, first.text
+    made = first.json()["data"]
+    assert made["connection_url"]
+
+    replay = post({"name": n, "template": env.template})
+    assert replay.status_code == 201, replay.text
+    again = replay.json()["data"]
+    assert again["id"] == made["id"]
+    assert again["replayed"] is True
+    assert again["connection_url"] is None  # shown once; the answer says how to get one
+    assert "credentials" in again["credentials_note"]
+    assert "--rotate" in again["credentials_note"]
+
+    # The key with another name, or another template: refused, nothing made.
+    before = client.get("/api/root/tenant", params={"limit": 10_000}, headers=auth).json()
+    other = name()
+    for body in ({"name": other, "template": env.template}, {"name": n, "template": "basic"}):
+        refused = post(body)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error_code"] == "IDEMPOTENCY_KEY_REUSED"
+    after = client.get("/api/root/tenant", params={"limit": 10_000}, headers=auth).json()
+    assert after == before
+    assert client.get(f"/api/root/tenant/{other}", headers=auth).status_code == 404
+
+    # A key whose first request failed (it made nothing) may carry the corrected request.
+    retry_key = {"Idempotency-Key": f"retry-{uuid.uuid4().hex}"}
+    fixed = name()
+    assert post({"name": fixed, "template": "no_such_tpl"}, retry_key).status_code == 404
+    assert post({"name": fixed, "template": env.template}, retry_key).status_code == 201
+
+
+def test_one_idempotency_key_many_names_at_once_makes_one_tenant(
+    env: Env, auth: dict[str, str]
+) -> None:
+    key = f"race-{uuid.uuid4().hex}"
+    names = [name() for _ in range(6)]
+    s = env.settings.model_copy(update={"pool_size": 8})
+    with TestClient(create_app(s)) as c, ThreadPoolExecutor(6) as pool:
+        answers = list(
+            pool.map(
+                lambda n: c.post(
+                    "/api/root/tenant",
+                    json={"name": n, "template": env.template},
+                    headers=auth | {"Idempotency-Key": key},
+                ),
+                names,
+            )
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201] + [422] * 5, [a.text for a in answers]
+        made = [n for n in names if c.get(f"/api/root/tenant/{n}", headers=auth).status_code == 200]
+        assert len(made) == 1

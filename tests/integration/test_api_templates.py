@@ -7,19 +7,24 @@ cluster-wide, so the tests never build a built-in key.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from monk.adapters.postgres.connection import ServerTarget
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
+from monk.service import templates as template_service
 from monk.settings import Settings
 from monk.templates.source import builtin_sources_dir
-from tests.conftest import _drop_installation
+from tests.conftest import MONK_BIN, _drop_installation, settings_env
 
 BASE = "/api/root/template"
 
@@ -213,3 +218,88 @@ def test_openapi_documents_the_template_routes(client: TestClient) -> None:
     assert set(paths[f"{BASE}/prune"]) == {"post"}
     for op in (paths[f"{BASE}/{{key}}"]["post"], paths[f"{BASE}/prune"]["post"]):
         assert {"401", "404", "409", "422"} <= set(op["responses"])
+
+
+def no_server_path(text: str, settings: Settings) -> None:
+    """None of the server's folders in an HTTP answer."""
+    for folder in (
+        builtin_sources_dir(),
+        *settings.template_path,
+        settings.data_dir,
+        settings.data_dir.parent,
+    ):
+        assert str(folder) not in text, text
+        assert str(folder.resolve()) not in text, text
+    assert "site-packages" not in text, text
+
+
+def test_a_key_built_with_source_is_rebuilt_or_explained_without_paths(
+    client: TestClient,
+    auth: dict[str, str],
+    tpl_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    assert tpl_settings.database_url is not None
+    target = ServerTarget.from_url(tpl_settings.database_url.get_secret_value(), name="localhost")
+    elsewhere = tmp_path / "blog_src"
+    shutil.copytree(builtin_sources_dir() / "basic", elsewhere)
+    outside = f"as_{uuid.uuid4().hex[:8]}"
+    template_service.build_template(target, tpl_settings, outside, source_dir=elsewhere)
+
+    # Its build says where its source is, never the path.
+    shown = client.get(f"{BASE}/{outside}", headers=auth)
+    assert ok(shown)["source"] == "--source"
+    listed = client.get(BASE, params={"all": True}, headers=auth)
+    assert {b["source"] for b in ok(listed)} <= {"MONK_TEMPLATE_PATH", "--source"}
+    no_server_path(shown.text + listed.text, tpl_settings)
+
+    # Over HTTP a folder outside the configured sources is not read: the answer says how.
+    refused = client.post(f"{BASE}/{outside}", json={"force": True}, headers=auth)
+    message = fail(refused, 404, "TEMPLATE_NOT_FOUND")
+    assert f"monk template build {outside} --source DIR" in message
+    assert "MONK_TEMPLATE_PATH" in message
+    no_server_path(refused.text, tpl_settings)
+    unknown = client.post(f"{BASE}/no_such_key", headers=auth)
+    fail(unknown, 404, "TEMPLATE_NOT_FOUND")
+    no_server_path(unknown.text, tpl_settings)
+
+    # The CLI lists it, with its folder, and rebuilds it from there without --source.
+    env = settings_env(tpl_settings)
+    sources = subprocess.run(
+        [MONK_BIN, "template", "sources", "--json"], env=env, capture_output=True, text=True
+    )
+    assert sources.returncode == 0, sources.stderr
+    row = {r["key"]: r for r in json.loads(sources.stdout)}[outside]
+    assert row["from"] == f"--source {elsewhere.resolve()}"
+    assert row["version"] == ok(shown)["version"]
+    rebuilt = subprocess.run(
+        [MONK_BIN, "template", "build", outside, "--force", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(rebuilt.stdout)["source"] == str(elsewhere.resolve())
+
+    # A folder inside MONK_TEMPLATE_PATH under another name: HTTP rebuilds from it.
+    inside = f"ai_{uuid.uuid4().hex[:8]}"
+    folder = tpl_settings.template_path[0] / f"{inside}_v2"
+    shutil.copytree(builtin_sources_dir() / "basic", folder)
+    first = template_service.build_template(target, tpl_settings, inside, source_dir=folder)
+    again = ok(client.post(f"{BASE}/{inside}", json={"force": True}, headers=auth))
+    assert again["built"] is True
+    assert again["source"] == "MONK_TEMPLATE_PATH"
+    assert again["version"] == first.build.version
+
+
+def test_a_broken_configured_source_is_named_without_the_server_path(
+    client: TestClient, auth: dict[str, str], tpl_settings: Settings
+) -> None:
+    broken = f"ab_{uuid.uuid4().hex[:8]}"
+    folder = tpl_settings.template_path[0] / broken
+    shutil.copytree(builtin_sources_dir() / "basic", folder)
+    (folder / "schemas/account.json").write_text('{"type": "object", "properties": {')
+    r = client.post(f"{BASE}/{broken}", headers=auth)
+    message = fail(r, 422, "INVALID_TEMPLATE_SOURCE")
+    assert f"<MONK_TEMPLATE_PATH>/{broken}/schemas/account.json" in message
+    no_server_path(r.text, tpl_settings)

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import psycopg
+import pytest
 from psycopg import sql
 
 from monk.settings import Settings
 from monk.templates.source import builtin_sources_dir
-from tests.conftest import RunMonk
+from tests.conftest import MONK_BIN, RunMonk, free_port, settings_env
 
 SUMMARY_KEYS = {"p50_ms", "p95_ms", "p99_ms", "n"}
 
@@ -160,4 +165,58 @@ def test_bench_can_drop_as_it_goes(
         with psycopg.connect(admin_url, dbname=settings.system_db_name) as reg:
             assert reg.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
     finally:
+        drop_template(admin_url, f"monk_template_{key}")
+
+
+def test_bench_refuses_to_run_beside_a_serving_monk(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    """A serving monk refills the template's spares (and makes spare roles) while the bench
+    measures: the bench says so and makes nothing; once the server is gone it runs."""
+    key, env = own_template(monk, tmp_path)
+    env |= {"MONK_POOL_SPARES": json.dumps({key: 1}), "MONK_POOL_ROLES": "2"}
+    port = free_port()
+    proc = subprocess.Popen(
+        [MONK_BIN, "serve", "--port", str(port), "--templates", key],
+        env=settings_env(settings) | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("monk serve did not answer /health within 60 s")
+            time.sleep(0.2)
+        before = server_objects(admin_url)["databases"]
+        refused = monk(
+            "bench", "--template", key, "--iterations", "1", "--concurrency", "1", env=env
+        )
+        assert refused.returncode == 4, refused.stderr + refused.stdout
+        assert "monk serve is running on this installation" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        made = server_objects(admin_url)["databases"] - before
+        assert not {d for d in made if d.startswith(("monkbench_", "tenant_"))}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    try:
+        ran = monk("bench", "--template", key, "--iterations", "1", "--concurrency", "1", env=env)
+        assert ran.returncode == 0, ran.stderr + ran.stdout
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            spares = conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'monk\\_spare\\_%%'"
+                " AND shobj_description(oid, 'pg_database') = %s",
+                (f"monk:{settings.system_db_name}",),
+            ).fetchall()
+        for (spare,) in spares:
+            drop_template(admin_url, spare)
         drop_template(admin_url, f"monk_template_{key}")

@@ -163,3 +163,25 @@ def test_doctor_finds_and_repairs_orphans(env: Env) -> None:
     finally:
         with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
             adm.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(foreign)))
+
+
+def test_kill_during_restore_from_archive_then_restore_again(env: Env) -> None:
+    """A restore killed after creating the database leaves the purged tenant as it was (doctor
+    undoes the half-made copy), and the next restore brings back the same tenant."""
+    name = f"Restore {uuid.uuid4().hex[:8]}"
+    created = run(env, "tenant", "create", name, "--template", env.template, "--json")
+    assert created.returncode == 0, created.stderr
+    first = json.loads(created.stdout)
+    assert run(env, "tenant", "delete", name, "--purge").returncode == 0
+    kill_at(env, "restore-created", "tenant", "restore", name)
+
+    fixed = run(env, "doctor", "--repair", "--json")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert first["database"] not in databases(env)
+    assert registry_rows(env, first["database"]) == []
+
+    restored = run(env, "tenant", "restore", name, "--json")
+    assert restored.returncode == 0, restored.stderr
+    again = json.loads(restored.stdout)
+    assert (again["id"], again["created_at"]) == (first["id"], first["created_at"])
+    assert registry_rows(env, first["database"]) == [("active", "active")]

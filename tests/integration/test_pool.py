@@ -90,6 +90,7 @@ def test_fast_handout_is_one_committed_transaction(env: Env, drained: TenantServ
     pool.fill(svc, env.template, 1)
     [spare] = databases(env, "monk_spare_%")
     name = unique("Fast")
+    key = f"k1-{uuid.uuid4().hex}"
     with svc.hosts.pools().system() as reg:
         handed = pool.hand_out_fast(
             svc,
@@ -97,12 +98,12 @@ def test_fast_handout_is_one_committed_transaction(env: Env, drained: TenantServ
             name=svc.name(name),
             host="localhost",
             template=env.template,
-            idempotency_key="k1",
+            idempotency_key=key,
         )
     assert handed is not None
     tenant, password = handed
     assert (tenant.status, tenant.is_active, tenant.step) == ("active", True, "active")
-    assert tenant.idempotency_key == "k1"
+    assert tenant.idempotency_key == key
     assert spare not in databases(env, "monk_spare_%")
     assert tenant.database in databases(env)
     assert handout_journal(env, tenant.database) == [("provision", "done", "active", True)]
@@ -111,7 +112,7 @@ def test_fast_handout_is_one_committed_transaction(env: Env, drained: TenantServ
     ) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (tenant.role_name,)
     # The same name again: the function declines ('taken'), the full path answers.
-    again = svc.provision(name, template=env.template, idempotency_key="k1")
+    again = svc.provision(name, template=env.template, idempotency_key=key)
     assert again.tenant.id == tenant.id
     with pytest.raises(TenantExists):
         svc.provision(name, template=env.template)

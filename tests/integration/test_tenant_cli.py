@@ -6,6 +6,7 @@ traceback."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -65,6 +66,18 @@ def as_api(cli_object: dict[str, Any]) -> dict[str, Any]:
     """The CLI's object read as the API's model: it must validate, with nothing left over."""
     out = TenantOut.model_validate(cli_object).model_dump()
     assert set(cli_object) <= set(out)
+    return out
+
+
+def over_http(env: Env, cli_object: dict[str, Any]) -> dict[str, Any]:
+    """The CLI's object as HTTP shows it: the same, but the archive's server folder by label."""
+    out = as_api(cli_object)
+    if out.get("archive"):
+        path = out["archive"]["path"]
+        assert path.startswith(f"{env.settings.archives}/")
+        out["archive"] = out["archive"] | {
+            "path": path.replace(str(env.settings.archives), "<archives>", 1)
+        }
     return out
 
 
@@ -142,7 +155,12 @@ def test_lifecycle_json_equals_the_api(
         params={"include_deleted": True, "include_trashed": True, "limit": 10_000},
         headers=auth,
     ).json()["data"]
-    assert as_api(purged) in api_purged
+    assert over_http(env, purged) in api_purged
+    assert monk(env, "tenant", "show", n).returncode == 3
+    shown_deleted = monk_json(env, "tenant", "show", n, "--include-deleted")
+    assert as_api(shown_deleted) == as_api(purged)
+    api_deleted = client.get(f"/api/root/tenant/{n}?include_deleted=true", headers=auth)
+    assert api_deleted.json()["data"] == over_http(env, purged)
     restored = monk_json(env, "tenant", "restore", n)
     assert restored["status"] == "active"
     with psycopg.connect(restored["connection_url"]) as conn:
@@ -237,3 +255,78 @@ def test_bulk_create_from_a_file(env: Env, tmp_path: Path) -> None:
         assert (
             monk(env, "tenant", "delete", n, "--purge", "--no-archive", "--forget").returncode == 0
         )
+
+
+URL_LINE = re.compile(r"^(?P<label>.*?)\s*(?P<url>postgresql://\S+)$", re.MULTILINE)
+
+
+def monk_cols(env: Env, columns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real command through a pipe, as on a terminal of ``columns`` columns."""
+    full_env = settings_env(env.settings)
+    full_env.pop("COLUMNS", None)
+    if columns is not None:
+        full_env["COLUMNS"] = columns
+    result = subprocess.run(
+        [MONK_BIN, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
+        cwd=env.settings.data_dir,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "…" not in result.stdout, result.stdout
+    return result
+
+
+def logs_in(url: str) -> None:
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        assert conn.execute("SELECT current_user").fetchone() is not None
+
+
+@pytest.mark.parametrize("columns", ["40", "80", None])
+def test_secrets_are_printed_whole_at_any_width(
+    env: Env, tmp_path: Path, columns: str | None
+) -> None:
+    n = name()
+    created = monk_cols(env, columns, "tenant", "create", n, "--template", env.template)
+    urls = URL_LINE.findall(created.stdout)
+    assert len(urls) == 1, created.stdout
+    assert urls[0][0] == "connection_url"
+    logs_in(urls[0][1])
+
+    rotated = monk_cols(env, columns, "tenant", "credentials", n, "--rotate")
+    [(label, url)] = URL_LINE.findall(rotated.stdout)
+    assert label == "connection_url"
+    assert url != urls[0][1]
+    logs_in(url)
+
+    # Bulk creation in table mode shows each created tenant's URL, whole.
+    names = [name() for _ in range(2)]
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names) + "\n")
+    bulk = monk_cols(env, columns, "tenant", "create", "--from", str(path), "-t", env.template)
+    found = dict(URL_LINE.findall(bulk.stdout))
+    assert set(found) == {f"{x}:" for x in names}, bulk.stdout
+    for url in found.values():
+        logs_in(url)
+    for x in [n, *names]:
+        gone = monk(env, "tenant", "delete", x, "--purge", "--no-archive", "--forget")
+        assert gone.returncode == 0
+
+
+def test_idempotency_key_on_the_command_line(env: Env) -> None:
+    key = f"cli-{uuid.uuid4().hex}"
+    n = name()
+    first = monk_json(env, "tenant", "create", n, "-t", env.template, "--idempotency-key", key)
+    again = monk_json(env, "tenant", "create", n, "-t", env.template, "--idempotency-key", key)
+    assert again["id"] == first["id"]
+    assert again["replayed"] is True
+    assert "connection_url" not in again
+    table = monk(env, "tenant", "create", n, "-t", env.template, "--idempotency-key", key)
+    assert table.returncode == 0
+    assert "--rotate" in table.stdout
+    other = monk(env, "tenant", "create", name(), "-t", env.template, "--idempotency-key", key)
+    assert other.returncode == 2, other.stderr
+    assert "IDEMPOTENCY_KEY_REUSED" in other.stderr

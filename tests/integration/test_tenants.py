@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from monk.errors import (
     HashCollision,
+    IdempotencyKeyReused,
     InvalidName,
     InvalidState,
     OperationFailed,
@@ -99,12 +100,19 @@ def test_same_name_any_case_is_one_tenant(env: Env, svc: TenantService) -> None:
 
 def test_idempotency_key_returns_the_first_result(env: Env, svc: TenantService) -> None:
     name = unique()
-    first = svc.provision(name, template=env.template, idempotency_key="k1").as_dict()
-    again = svc.provision(name, template=env.template, idempotency_key="k1").as_dict()
+    k1, k2 = f"k1-{uuid.uuid4().hex}", f"k2-{uuid.uuid4().hex}"
+    first = svc.provision(name, template=env.template, idempotency_key=k1).as_dict()
+    again = svc.provision(name, template=env.template, idempotency_key=k1).as_dict()
     assert again["id"] == first["id"]
     assert "connection_url" not in again  # the password is shown once
+    assert again["replayed"] is True
     with pytest.raises(TenantExists):
-        svc.provision(name, template=env.template, idempotency_key="k2")
+        svc.provision(name, template=env.template, idempotency_key=k2)
+    # k2 made nothing, so it is free for another request; k1 is not.
+    other = unique()
+    with pytest.raises(IdempotencyKeyReused):
+        svc.provision(other, template=env.template, idempotency_key=k1)
+    assert svc.provision(other, template=env.template, idempotency_key=k2).credentials
 
 
 def test_fifty_concurrent_provisions_of_one_name(env: Env) -> None:
@@ -284,6 +292,30 @@ def test_purge_archives_drops_and_restores_from_archive(env: Env, svc: TenantSer
     with tenant_conn(restored["connection_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM account WHERE name = 'Kept'").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM account").fetchone() == (6,)
+
+
+def test_restore_from_archive_keeps_the_tenants_identity(env: Env, svc: TenantService) -> None:
+    name = unique("Identity")
+    first = svc.provision(name, template=env.template).tenant
+    for _ in range(2):  # purged and restored twice: still the one tenant
+        _, op = purge.request_purge(svc, name, archive=True)
+        purge.work_queue(svc, only=op)
+        restored = svc.restore(name)
+        assert (restored.tenant.id, restored.tenant.created_at) == (first.id, first.created_at)
+        assert restored.tenant.deleted_at is None
+        assert svc.get(name).id == first.id
+        with tenant_conn(restored.as_dict()["connection_url"]) as conn:
+            assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+    rows = [t for t in svc.list(include_deleted=True, limit=10_000) if t.name == name]
+    assert [t.id for t in rows] == [first.id]
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        kinds = conn.execute(
+            "SELECT kind, tenant_id FROM events WHERE payload->>'name' = %s ORDER BY seq", (name,)
+        ).fetchall()
+    assert kinds == [
+        ("tenant.provisioned", first.id),
+        *[("tenant.purged", first.id), ("tenant.restored", first.id)] * 2,
+    ]
 
 
 def test_purge_forget_frees_the_name(env: Env, svc: TenantService) -> None:

@@ -473,6 +473,33 @@ def delete_row(conn: Conn, tenant_id: UUID) -> None:
     conn.execute("DELETE FROM tenants WHERE id = %s", (tenant_id,))
 
 
+def remember_idempotency_key(
+    conn: Conn, key: str, request: dict[str, Any]
+) -> tuple[bool, dict[str, Any]]:
+    """Record ``request`` under ``key`` unless the key is known: (whether this call recorded
+    it, the request recorded under the key). Autocommit: a concurrent first use of the key
+    waits for ours to commit, then reads it."""
+    row = conn.execute(
+        "INSERT INTO idempotency_keys (key, request) VALUES (%s, %s)"
+        " ON CONFLICT (key) DO NOTHING RETURNING request",
+        (key, Jsonb(request)),
+    ).fetchone()
+    if row is not None:
+        return True, dict(row[0])
+    # A new statement, so a new snapshot: the row that conflicted is visible now.
+    row = conn.execute("SELECT request FROM idempotency_keys WHERE key = %s", (key,)).fetchone()
+    if row is None:  # forgotten in between (its request failed): record ours
+        return remember_idempotency_key(conn, key, request)
+    return False, dict(row[0])
+
+
+def forget_idempotency_key(conn: Conn, key: str, request: dict[str, Any]) -> None:
+    """The request recorded under ``key`` failed and made nothing: the key is free again."""
+    conn.execute(
+        "DELETE FROM idempotency_keys WHERE key = %s AND request = %s", (key, Jsonb(request))
+    )
+
+
 # ---------------------------------------------------------------- operations journal
 
 
@@ -598,6 +625,27 @@ def claim_queued(conn: Conn, kind: str, *, database: str | None = None) -> Opera
             params,
         )
         return cur.fetchone()
+
+
+# A running ``monk serve`` holds this advisory lock, shared, on the system database for its
+# life (its session ends with the process, kill -9 included): how a tool that needs the
+# installation to itself (``monk bench``) tells that a server is at work on it.
+SERVE_LOCK = (0x6D6F6E6B, 1)  # "monk", 1: the two-int4 key space, apart from tenant keys
+
+
+def hold_serve_lock(conn: Conn) -> None:
+    conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", SERVE_LOCK)
+
+
+def serve_lock_holders(conn: Conn) -> int:
+    """How many sessions (``monk serve`` processes) hold ``SERVE_LOCK`` here."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid = %s AND objid = %s AND objsubid = 2",
+        SERVE_LOCK,
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def advisory_key(database: str) -> int:

@@ -14,7 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from monk.adapters.postgres.connection import translate
+from monk.core.redact import without_paths
 from monk.errors import MonkError, error_codes, status_and_exit
+from monk.service import templates as template_service
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,13 @@ def error_headers(exc: MonkError) -> dict[str, str] | None:
     return headers
 
 
-async def monk_error_handler(_: Request, exc: Exception) -> JSONResponse:
+async def monk_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MonkError)
     status, _exit = status_and_exit(exc)
-    return failure(status, exc.message, exc.code, error_headers(exc))
+    # The CLI shows paths (its user owns them); an HTTP client learns none of the server's.
+    runtime = getattr(request.app.state, "runtime", None)
+    labels = template_service.path_labels(runtime.settings) if runtime is not None else None
+    return failure(status, without_paths(exc.message, labels), exc.code, error_headers(exc))
 
 
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:

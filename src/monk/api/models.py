@@ -28,7 +28,9 @@ class TenantPatch(BaseModel):
 
 
 class ArchiveOut(BaseModel):
-    path: str
+    path: str = Field(
+        ..., description="The dump file, its server folder shown as <archives> (no server path)."
+    )
     size: int | None
     sha256: str | None
     archived_at: str | None
@@ -58,6 +60,14 @@ class TenantOut(BaseModel):
     )
     provisioned_from: Literal["pool", "clone"] | None = Field(
         None, description="Only in the create answer: a warm-pool spare or a fresh clone."
+    )
+    replayed: bool | None = Field(
+        None,
+        description="Only in the answer to a retry with the first request's Idempotency-Key:"
+        " the tenant that request made, without its password (shown once).",
+    )
+    credentials_note: str | None = Field(
+        None, description="With replayed: how to get a password (rotate the credentials)."
     )
 
 
@@ -140,7 +150,11 @@ class TemplateBuildOut(BaseModel):
     description: str | None
     version_label: str | None
     parent_key: str | None
-    source: str | None = Field(..., description="The source folder the build was made from.")
+    source: Literal["builtin", "MONK_TEMPLATE_PATH", "--source"] | None = Field(
+        ...,
+        description="Where the build's source folder is: built in, in MONK_TEMPLATE_PATH, or "
+        "a folder given to 'monk template build KEY --source DIR' (the path is not shown).",
+    )
     migration_level: int
     database_settings: dict[str, str]
     table_count: int | None

@@ -14,6 +14,7 @@ from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool
 from monk.service.health import Recent, ServerProbe
+from monk.service.presence import ServeMark
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -60,6 +61,7 @@ class Runtime:
         self.target: ServerTarget
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
+        self.mark = ServeMark(self.target, settings.system_db_name)
         self.metrics = Metrics()
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
@@ -73,6 +75,7 @@ class Runtime:
         self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
 
     def start(self) -> None:
+        self.mark.hold()
         self._worker.start()
         self._refiller.start()
         self._notifier.start()
@@ -128,6 +131,7 @@ class Runtime:
                 self.tenants.hold_keyholder_lock(check=True)
             except Exception as exc:
                 log.warning("keyholder lock: %s", exc)
+            self.mark.hold()  # again, if its session was lost (the server restarted)
             # Roles first: a second each for dozens, where a spare database is a clone.
             for refill in (
                 lambda: role_pool.fill(self.tenants, self.settings.pool_roles),
@@ -154,6 +158,7 @@ class Runtime:
         except Exception as exc:
             log.warning("could not drop this server's spare roles: %s", exc)
         self.probe.close()
+        self.mark.release()
         self.tenants.close()
 
     def _failed(self, worker: str, exc: Exception) -> None:

@@ -12,6 +12,7 @@ from monk.bench.report import render
 from monk.bench.runner import Bench, BenchConfig
 from monk.cli.context import state
 from monk.cli.output import console, err_console
+from monk.service.presence import refuse_beside_serve
 
 _PHASES = {
     "latency": "latency rounds (raw, scratch, cold, warm)",
@@ -65,6 +66,7 @@ def bench(
     )
     target = s.target
     embedded = s.settings.database_url is None
+    refuse_beside_serve(target, s.settings.system_db_name, "the figures")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

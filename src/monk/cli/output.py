@@ -23,8 +23,9 @@ def print_json(data: Any) -> None:
 
 def print_mapping(data: Mapping[str, Any], *, title: str | None = None) -> None:
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    # Folded, never cut with "…": a narrow terminal or a pipe (80 columns) loses nothing.
+    table.add_column(overflow="fold")
     for key, value in data.items():
         table.add_row(str(key), "" if value is None else str(value))
     console.print(table)
@@ -35,10 +36,18 @@ def print_rows(
 ) -> None:
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     console.print(table)
+
+
+def print_whole(label: str, value: str) -> None:
+    """A secret or URL on a line of its own, written past rich: never wrapped, folded or cut at
+    any terminal width, so it can be copied as it is."""
+    console.file.flush()
+    sys.stdout.write(f"{label} {value}\n")
+    sys.stdout.flush()
 
 
 def print_error(err: MonkError) -> None:

@@ -141,11 +141,17 @@ def build(
             if show_steps:
                 with _StepDisplay(k) as display:
                     result = template_service.build_template(
-                        target, s.settings, k, force=force, source_dir=source, progress=display
+                        target,
+                        s.settings,
+                        k,
+                        force=force,
+                        source_dir=source,
+                        progress=display,
+                        recorded_anywhere=True,
                     )
             else:
                 result = template_service.build_template(
-                    target, s.settings, k, force=force, source_dir=source
+                    target, s.settings, k, force=force, source_dir=source, recorded_anywhere=True
                 )
         except MonkError as exc:
             if not all_keys:
@@ -279,14 +285,32 @@ def prune(
 
 @app.command()
 def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """The template sources monk knows (built-in and MONK_TEMPLATE_PATH) and their versions."""
+    """The template sources monk knows (built-in, MONK_TEMPLATE_PATH, and the folders keys were
+    built from with --source) and their versions."""
     s = state()
     rows: list[dict[str, Any]] = []
-    for k in template_service.available_keys(s.settings):
+    configured = template_service.available_keys(s.settings)
+    for k in configured:
         try:
-            rows.append(template_service.describe_source(s.settings, k))
+            rows.append(template_service.describe_source(s.settings, k) | {"from": "configured"})
         except MonkError as exc:
-            rows.append({"key": k, "error": exc.message})
+            rows.append({"key": k, "from": "configured", "error": exc.message})
+    # Keys built with --source: rebuilt from the folder recorded with their builds.
+    try:
+        target = _target()
+        built = {b.key for b in template_service.list_builds(target, s.settings)}
+    except MonkError as exc:  # the sources are still worth listing without the database
+        err_console.print(f"[yellow]keys built with --source not listed: {escape(str(exc))}[/]")
+        built = set()
+    for k in sorted(built - set(configured)):
+        folder = template_service.recorded_source(target, s.settings, k)
+        if folder is None:
+            continue
+        try:
+            described = template_service.describe_source(s.settings, k, folder)
+            rows.append(described | {"from": f"--source {folder}"})
+        except MonkError as exc:
+            rows.append({"key": k, "from": f"--source {folder}", "error": exc.message})
     if as_json:
         print_json(rows)
     else:
@@ -295,5 +319,5 @@ def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
                 r | {"schemas": ", ".join(r.get("schemas", [])), "error": r.get("error")}
                 for r in rows
             ],
-            ["key", "version", "schemas", "description", "error"],
+            ["key", "version", "from", "schemas", "description", "error"],
         )

@@ -8,10 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress
 
 from monk.cli.context import state
-from monk.cli.output import console, err_console, print_json, print_mapping, print_rows
+from monk.cli.output import (
+    console,
+    err_console,
+    print_json,
+    print_mapping,
+    print_rows,
+    print_whole,
+)
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.tenants import TenantService, TenantView
@@ -27,11 +35,16 @@ def _show(view: TenantView, as_json: bool) -> None:
         print_json(data)
         return
     archive = data.pop("archive", None)
+    url = data.pop("connection_url", None)
+    note = data.pop("credentials_note", None)
     print_mapping(data)
     if archive:
         print_mapping(archive, title="archive")
-    if "connection_url" in data:
+    if url is not None:
+        print_whole("connection_url", url)
         console.print("[yellow]The password in connection_url is shown once.[/]")
+    if note is not None:
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -107,7 +120,12 @@ def _create_many(
         )
     else:
         print_rows(results, ["name", "ok", "database", "error"])
+        for r in results:
+            if r.get("connection_url"):
+                print_whole(f"{r['name']}:", r["connection_url"])
         console.print(f"{len(results) - len(failed)} provisioned, {len(failed)} failed")
+        if len(results) > len(failed):
+            console.print("[yellow]The passwords in these URLs are shown once.[/]")
     if failed:
         raise typer.Exit(1)
 
@@ -142,10 +160,16 @@ def list_(
 
 
 @app.command()
-def show(name: str, as_json: bool = JSON) -> None:
+def show(
+    name: str,
+    include_deleted: bool = typer.Option(
+        False, "--include-deleted", help="A purged tenant too (its latest registry row)."
+    ),
+    as_json: bool = JSON,
+) -> None:
     """One tenant's registry record."""
     svc = state().tenants
-    _show(svc.view(svc.get(name)), as_json)
+    _show(svc.view(svc.get(name, include_deleted=include_deleted)), as_json)
 
 
 @app.command()

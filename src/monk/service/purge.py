@@ -263,18 +263,21 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                         )
                     )
                 with reg.transaction():
-                    tenant = registry.update(
+                    # The restored tenant keeps its identity: the purged row comes back to
+                    # life (same id and created_at; its 'deleted' -> 'active' update is what
+                    # the events trigger announces as tenant.restored), and the intent row,
+                    # which only held the name while the database was rebuilt, goes (a
+                    # 'provisioning' row's delete announces nothing).
+                    registry.delete_row(reg, tenant.id)
+                    restored = registry.update(
                         reg,
-                        tenant.id,
+                        gone.id,
                         status="active",
                         is_active=True,
                         step="active",
-                        migration_level=gone.migration_level,
-                        archive_path=gone.archive_path,
-                        archive_size=gone.archive_size,
-                        archive_sha256=gone.archive_sha256,
-                        archived_at=gone.archived_at,
-                        archive_server_version=gone.archive_server_version,
+                        role_name=name.role,
+                        trashed_at=None,
+                        deleted_at=None,
                     )
                     registry.finish_operation(reg, op, "done", step="active")
             except BaseException as exc:
@@ -292,4 +295,4 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                 raise
         finally:
             registry.unlock(reg, name.database)
-    return svc.view(tenant, credentials)
+    return svc.view(restored, credentials)

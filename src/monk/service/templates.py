@@ -245,15 +245,88 @@ def resolve_source(settings: Settings, key: str, source_dir: Path | None = None)
     if source_dir is None:
         path = find_source(key, folders)
         if path is None:
-            raise TemplateNotFound(
-                f"no template source {key!r} in {', '.join(str(f) for f in folders)}",
-                template=key,
-            )
+            raise _no_source(key)
     else:
         path = source_dir.resolve()
         folders = [*folders, path.parent]
     source = load_source(path, key)
     return resolve_parents(source, lambda parent: find_source(parent, folders))
+
+
+def _no_source(key: str) -> TemplateNotFound:
+    # No folder names: this message reaches HTTP clients, who must not learn server paths.
+    return TemplateNotFound(
+        f"no template source {key!r}: it is neither built in nor in a folder of "
+        f"MONK_TEMPLATE_PATH ('monk template sources' lists them); a folder elsewhere is built "
+        f"with 'monk template build {key} --source DIR'",
+        template=key,
+    )
+
+
+def source_origin(settings: Settings, source: str | None) -> str | None:
+    """Where a build's recorded source folder is, without the path (what HTTP answers show):
+    ``builtin``, ``MONK_TEMPLATE_PATH``, or ``--source`` (a folder given to the CLI)."""
+    if source is None:
+        return None
+    path = Path(source)
+    if _inside(path, [builtin_sources_dir()]):
+        return "builtin"
+    if _inside(path, settings.template_path):
+        return "MONK_TEMPLATE_PATH"
+    return "--source"
+
+
+def _inside(path: Path, folders: Sequence[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(folder.resolve()) for folder in folders)
+
+
+def path_labels(settings: Settings) -> dict[str, str]:
+    """The server folders monk knows, each with the name it is shown by instead (see
+    ``monk.core.redact``): sources, data and archive folders."""
+    labels = {str(settings.data_dir): "<MONK_DATA_DIR>", str(settings.archives): "<archives>"}
+    labels |= {str(folder): "<MONK_TEMPLATE_PATH>" for folder in settings.template_path}
+    labels[str(builtin_sources_dir())] = "<builtin>"
+    return labels | {str(Path(k).resolve()): v for k, v in labels.items()}
+
+
+def recorded_source(target: ServerTarget, settings: Settings, key: str) -> Path | None:
+    """The folder the current build of ``key`` (else its newest build) was read from."""
+    builds = list_builds(target, settings, key, everything=True)
+    # Stable sort: the current build first, then newest first as listed.
+    for build in sorted(builds, key=lambda b: not b.is_current):
+        if build.source:
+            return Path(build.source)
+    return None
+
+
+def rebuild_source(
+    target: ServerTarget, settings: Settings, key: str, *, anywhere: bool
+) -> Path | None:
+    """The folder a build of ``key`` without ``--source`` reads: None when a configured folder
+    (built-in, MONK_TEMPLATE_PATH) has the key; else the folder its builds were made from (by
+    ``--source``), if ``anywhere`` (the CLI, run by the operator who chose that folder) or if
+    it lies inside a configured folder (the HTTP API reads no other). TemplateNotFound says how
+    to rebuild otherwise, naming no path."""
+    if find_source(validate_template_key(key), source_folders(settings)) is not None:
+        return None
+    recorded = recorded_source(target, settings, key)
+    if recorded is None:
+        raise _no_source(key)
+    if not (anywhere or _inside(recorded, source_folders(settings))):
+        raise TemplateNotFound(
+            f"template {key!r} was built from a folder given to 'monk template build {key} "
+            "--source DIR', which the HTTP API does not read: rebuild it with that command, or "
+            "add the folder that holds it to MONK_TEMPLATE_PATH",
+            template=key,
+        )
+    if not (recorded / TEMPLATE_FILE).is_file():
+        raise TemplateNotFound(
+            f"the folder template {key!r} was last built from is gone; rebuild it with "
+            f"'monk template build {key} --source DIR'",
+            template=key,
+        )
+    return recorded
 
 
 @dataclass(frozen=True)
@@ -429,14 +502,18 @@ def build_template(
     force: bool = False,
     source_dir: Path | None = None,
     progress: Progress | None = None,
+    recorded_anywhere: bool = False,
 ) -> BuildResult:
     """Build ``key`` (see the module docstring); a no-op when the current build already has the
     source's version, unless ``force``. Bad input raises InvalidTemplateSource before any
     database exists; a failing step drops the staging database, marks the build failed and
     raises InvalidTemplateSource or OperationFailed naming the step; the current build is
-    untouched until the swap."""
+    untouched until the swap. Without ``source_dir``, a key no configured folder has is
+    rebuilt from the folder its builds were made from (see ``rebuild_source``)."""
     report = progress or (lambda step: None)
     report("validate")
+    if source_dir is None:
+        source_dir = rebuild_source(target, settings, key, anywhere=recorded_anywhere)
     plan = _plan(resolve_source(settings, key, source_dir))
     with (
         _system(target, settings, "template-build") as reg,

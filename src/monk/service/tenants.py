@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ from monk.errors import (
     DatabaseExists,
     DatabaseMissing,
     HashCollision,
+    IdempotencyKeyReused,
     InvalidRequest,
     InvalidState,
     MonkError,
@@ -87,6 +89,7 @@ class TenantView:
     port: int
     credentials: Credentials | None = None
     provisioned_from: str | None = None  # "pool" or "clone", in the provisioning answer
+    replayed: bool = False  # the answer to a retry with the first request's Idempotency-Key
 
     def as_dict(self) -> dict[str, Any]:
         t = self.tenant
@@ -123,6 +126,14 @@ class TenantView:
             out["connection_url"] = (
                 f"postgresql://{quote(c.role, safe='')}:{quote(c.password, safe='')}"
                 f"@{self.host}:{self.port}/{t.database}"
+            )
+        if self.replayed:
+            out["replayed"] = True
+            out["credentials_note"] = (
+                "a retry of the request that made this tenant (same Idempotency-Key): its "
+                "password was shown once, in the first answer, and is not kept; issue a new one "
+                f"with POST /api/root/tenant/{quote(t.name, safe='')}/credentials or "
+                f"'monk tenant credentials {shlex.quote(t.name)} --rotate'"
             )
         return out
 
@@ -247,18 +258,24 @@ class TenantService:
         tenant: Tenant,
         credentials: Credentials | None = None,
         provisioned_from: str | None = None,
+        *,
+        replayed: bool = False,
     ) -> TenantView:
         target = self.hosts.target(tenant.host)
         return TenantView(
-            tenant, target.public_host, target.public_port, credentials, provisioned_from
+            tenant, target.public_host, target.public_port, credentials, provisioned_from, replayed
         )
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, raw_name: str) -> Tenant:
+    def get(self, raw_name: str, *, include_deleted: bool = False) -> Tenant:
+        """The live tenant of this name; with ``include_deleted``, else its latest purged row
+        (as ``list(include_deleted=True)`` shows it)."""
         name = self.name(raw_name)
         with self.hosts.pools().system() as reg:
             tenant = registry.get_live(reg, name.key)
+            if tenant is None and include_deleted:
+                tenant = registry.get_latest_deleted(reg, name.key)
         if tenant is None:
             raise TenantNotFound(f"tenant {name.display!r} not found")
         return tenant
@@ -277,31 +294,75 @@ class TenantService:
         host: str | None = None,
         idempotency_key: str | None = None,
     ) -> TenantView:
-        """Create a tenant database cloned from the current build of ``template``."""
+        """Create a tenant database cloned from the current build of ``template``.
+
+        With ``idempotency_key``, a retry of the same request answers the tenant it made
+        (``replayed``, without the password, which was shown once), and the key with other
+        parameters is refused (IdempotencyKeyReused)."""
         name = self.name(raw_name)
         target = self.hosts.target(host)
         pools = self.hosts.pools(target.name)
         validate_template_key(template)
+        # Every parameter of the request: one Idempotency-Key stands for one request.
+        request = {"name": name.key, "template": template, "host": target.name}
         with pools.system() as reg:
-            fast = self._provision_fast(reg, pools, name, template, idempotency_key)
-            if fast is not None:
-                return fast
-            gated = self._provision_gated(reg, pools, name, template, idempotency_key)
-            if gated is not None:
-                return gated
-            locked, existing, spares_ready = registry.lock_and_find(
-                reg, name, ready_spares_of=(pools.target.name, template)
-            )
-            if not locked:
-                return self._concurrent(reg, name, idempotency_key)
-            lock = _HeldLock(name.database)
+            if idempotency_key is None:
+                return self._provision(reg, pools, name, template, None)
+            recorded = self._remember_key(reg, idempotency_key, request)
             try:
-                return self._provision_locked(
-                    reg, pools, name, template, idempotency_key, existing, spares_ready, lock
-                )
-            finally:
-                if lock.held:
-                    registry.unlock(reg, name.database)
+                return self._provision(reg, pools, name, template, idempotency_key)
+            except MonkError:
+                # Nothing was made: the key may name a corrected request next time.
+                if recorded and not (reg.closed or reg.broken):
+                    with contextlib.suppress(psycopg.Error):
+                        registry.forget_idempotency_key(reg, idempotency_key, request)
+                raise
+
+    def _remember_key(
+        self, reg: psycopg.Connection[Any], key: str, request: dict[str, Any]
+    ) -> bool:
+        """Record the request under its key (True: first use), or check it is the same."""
+        recorded, first = registry.remember_idempotency_key(reg, key, request)
+        if first != request:
+            differs = ", ".join(
+                f"{field} {first.get(field)!r}, not {value!r}"
+                for field, value in request.items()
+                if first.get(field) != value
+            )
+            raise IdempotencyKeyReused(
+                f"this Idempotency-Key was first used for another request ({differs}); "
+                "a different request needs a new key",
+                fields=[f for f, v in request.items() if first.get(f) != v],
+            )
+        return recorded
+
+    def _provision(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        template: str,
+        idempotency_key: str | None,
+    ) -> TenantView:
+        fast = self._provision_fast(reg, pools, name, template, idempotency_key)
+        if fast is not None:
+            return fast
+        gated = self._provision_gated(reg, pools, name, template, idempotency_key)
+        if gated is not None:
+            return gated
+        locked, existing, spares_ready = registry.lock_and_find(
+            reg, name, ready_spares_of=(pools.target.name, template)
+        )
+        if not locked:
+            return self._concurrent(reg, name, idempotency_key)
+        lock = _HeldLock(name.database)
+        try:
+            return self._provision_locked(
+                reg, pools, name, template, idempotency_key, existing, spares_ready, lock
+            )
+        finally:
+            if lock.held:
+                registry.unlock(reg, name.database)
 
     def _concurrent(
         self, reg: psycopg.Connection[Any], name: TenantName, idempotency_key: str | None
@@ -314,7 +375,7 @@ class TenantService:
         registry.unlock(reg, name.database)
         existing = registry.get_live(reg, name.key)
         if existing is not None and existing.idempotency_key == idempotency_key:
-            return self.view(existing)
+            return self.view(existing, replayed=True)
         raise registry.exists_error(reg, name)
 
     def _provision_locked(
@@ -334,7 +395,7 @@ class TenantService:
             existing = registry.get_live(reg, name.key)
         if existing is not None:
             if idempotency_key is not None and existing.idempotency_key == idempotency_key:
-                return self.view(existing)
+                return self.view(existing, replayed=True)
             raise registry.exists_error(reg, name)
 
         if spares_ready:

@@ -13,6 +13,7 @@ from monk.adapters import registry
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
 from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
+from monk.api.public import scrubbed
 from monk.errors import MonkError
 from monk.service import events
 
@@ -91,9 +92,9 @@ def operations(
                 host=op.host,
                 state=op.state,
                 step=op.step,
-                error=op.error,
-                params=op.params,
-                result=op.result,
+                error=scrubbed(rt.settings, op.error),
+                params=scrubbed(rt.settings, op.params),
+                result=scrubbed(rt.settings, op.result),
                 created_at=op.created_at.isoformat(),
                 updated_at=op.updated_at.isoformat(),
                 finished_at=op.finished_at.isoformat() if op.finished_at else None,

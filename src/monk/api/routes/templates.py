@@ -1,13 +1,14 @@
 """/api/root/template: build, inspect, check, drop and prune template databases.
 
 Builds read only the configured sources (the built-ins and ``MONK_TEMPLATE_PATH``): the HTTP API
-never takes a server path. Builds and checks take seconds, so the routes are plain ``def``
-functions, which FastAPI runs in its threadpool.
+never takes a server path, nor shows one (a build's ``source`` is where it is, not its path).
+Builds and checks take seconds, so the routes are plain ``def`` functions, which FastAPI runs in
+its threadpool.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
@@ -19,9 +20,11 @@ from monk.api.models import (
     TemplateBuildResultOut,
     TemplateCheckOut,
 )
+from monk.api.public import scrubbed
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError
 from monk.service import templates as template_service
+from monk.settings import Settings
 
 router = APIRouter(prefix="/api/root/template", tags=["templates"])
 
@@ -32,8 +35,15 @@ Version = Annotated[
 ]
 
 
-def _out(build: template_service.TemplateBuild) -> TemplateBuildOut:
-    return TemplateBuildOut.model_validate(build.as_dict())
+def _public(settings: Settings, build: template_service.TemplateBuild) -> dict[str, Any]:
+    """The build as HTTP clients see it: where its source is, not the server path."""
+    origin = template_service.source_origin(settings, build.source)
+    out: dict[str, Any] = scrubbed(settings, build.as_dict() | {"source": None})
+    return out | {"source": origin}
+
+
+def _out(settings: Settings, build: template_service.TemplateBuild) -> TemplateBuildOut:
+    return TemplateBuildOut.model_validate(_public(settings, build))
 
 
 @router.get("", summary="List template builds (newest first per key)", responses=READ)
@@ -52,7 +62,7 @@ def list_templates(
     if key is not None:
         validate_template_key(key)
     builds = template_service.list_builds(rt.target, rt.settings, key, everything=all_)
-    return Ok(data=[_out(b) for b in builds])
+    return Ok(data=[_out(rt.settings, b) for b in builds])
 
 
 # Before "/{key}": "prune" is a path of its own, not a template key.
@@ -69,7 +79,7 @@ def prune_templates(
     if key is not None:
         validate_template_key(key)
     dropped = template_service.prune(rt.target, rt.settings, key)
-    return Ok(data=[_out(b) for b in dropped])
+    return Ok(data=[_out(rt.settings, b) for b in dropped])
 
 
 @router.get(
@@ -80,7 +90,7 @@ def prune_templates(
 def show_template(
     rt: RuntimeDep, _: Root, key: Key, version: Version = None
 ) -> Ok[TemplateBuildOut]:
-    return Ok(data=_out(template_service.show(rt.target, rt.settings, key, version)))
+    return Ok(data=_out(rt.settings, template_service.show(rt.target, rt.settings, key, version)))
 
 
 @router.post(
@@ -105,7 +115,9 @@ def build_template(
         raise
     rt.metrics.template_builds.labels(result="ok" if result.built else "up_to_date").inc()
     return Ok(
-        data=TemplateBuildResultOut.model_validate(result.build.as_dict() | {"built": result.built})
+        data=TemplateBuildResultOut.model_validate(
+            _public(rt.settings, result.build) | {"built": result.built}
+        )
     )
 
 
@@ -137,4 +149,4 @@ def drop_template(
     ] = False,
 ) -> Ok[TemplateBuildOut]:
     build = template_service.drop(rt.target, rt.settings, key, version, force=force)
-    return Ok(data=_out(build))
+    return Ok(data=_out(rt.settings, build))

@@ -10,10 +10,12 @@ from fastapi import APIRouter, Header, Query, status
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
 from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
+from monk.api.public import scrubbed
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantView
+from monk.settings import Settings
 
 router = APIRouter(prefix="/api/root/tenant", tags=["tenants"])
 
@@ -21,8 +23,11 @@ MAX_OFFSET = 2**31 - 1
 """Larger offsets are meaningless and would overflow PostgreSQL's bigint OFFSET."""
 
 
-def _out(view: TenantView) -> TenantOut:
-    return TenantOut.model_validate(view.as_dict())
+def _out(view: TenantView, settings: Settings) -> TenantOut:
+    data = view.as_dict()
+    if data.get("archive"):
+        data["archive"] = scrubbed(settings, data["archive"])  # its path, as <archives>/…
+    return TenantOut.model_validate(data)
 
 
 @router.get("", summary="List tenants", responses=READ)
@@ -44,7 +49,7 @@ def list_tenants(
         limit=limit,
         offset=offset,
     )
-    return Ok(data=[_out(rt.tenants.view(t)) for t in tenants])
+    return Ok(data=[_out(rt.tenants.view(t), rt.settings) for t in tenants])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Provision a tenant", responses=GROW)
@@ -68,17 +73,22 @@ def create_tenant(
     if view.provisioned_from == "pool" or roles_low:
         rt.wake_refiller()
     rt.metrics.provisions.labels(result="ok").inc()
-    return Ok(data=_out(view))
+    return Ok(data=_out(view, rt.settings))
 
 
-@router.get("/{name}", summary="One tenant", responses=READ_ONE)
-def get_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.view(rt.tenants.get(name))))
+@router.get(
+    "/{name}",
+    summary="One tenant; ?include_deleted=true also finds a purged one",
+    responses=READ_ONE,
+)
+def get_tenant(rt: RuntimeDep, _: Root, name: str, include_deleted: bool = False) -> Ok[TenantOut]:
+    tenant = rt.tenants.get(name, include_deleted=include_deleted)
+    return Ok(data=_out(rt.tenants.view(tenant), rt.settings))
 
 
 @router.patch("/{name}", summary="Edit a tenant (is_active: enable or disable)", responses=CHANGE)
 def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.update(name, is_active=body.is_active)))
+    return Ok(data=_out(rt.tenants.update(name, is_active=body.is_active), rt.settings))
 
 
 @router.put(
@@ -87,7 +97,7 @@ def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[Te
     responses=GROW,
 )
 def restore_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.restore(name)))
+    return Ok(data=_out(rt.tenants.restore(name), rt.settings))
 
 
 @router.delete(
@@ -104,10 +114,10 @@ def delete_tenant(
     forget: bool = False,
 ) -> Ok[TenantOut]:
     if not force:
-        return Ok(data=_out(rt.tenants.trash(name)))
+        return Ok(data=_out(rt.tenants.trash(name), rt.settings))
     view, _op = purge.request_purge(rt.tenants, name, archive=archive, forget=forget)
     rt.wake_worker()
-    return Ok(data=_out(view))
+    return Ok(data=_out(view, rt.settings))
 
 
 @router.get("/{name}/health", summary="Check a tenant", responses=READ_ONE)
@@ -121,4 +131,4 @@ def health(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantHealth]:
     responses=CHANGE,
 )
 def rotate_credentials(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.rotate_credentials(name)))
+    return Ok(data=_out(rt.tenants.rotate_credentials(name), rt.settings))
