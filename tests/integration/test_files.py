@@ -184,8 +184,10 @@ def test_a_full_archive_disk_leaves_no_partial_archive(env: Env, tmp_path: Path)
         archive_dir.mkdir(mode=0o700)
         filler = disk.fill()
         full = _run(["tenant", "archive", name], environ, tmp_path)
-        assert full.returncode == 1, full.stderr
-        assert "pg_dump failed" in full.stderr
+        # DISK_FULL: exit 5, one line saying what to free
+        assert full.returncode == 5, full.stderr
+        assert "disk is full" in full.stderr.lower() or "no space" in full.stderr.lower()
+        assert len(full.stderr.strip().splitlines()) == 1
         assert list(archive_dir.iterdir()) == []
         filler.unlink()
         ok = _run(["tenant", "archive", name], environ, tmp_path)
