@@ -123,7 +123,14 @@ def _purge(
     fields: dict[str, Any] = {}
     with pools.admin() as adm:
         exists = admin.database_exists(adm, tenant.database)
-    if op.params.get("archive", True) and exists:
+        # An interrupted DROP DATABASE (disk full, crash) left it invalid: nothing can connect
+        # to it, so there is nothing to archive; it can only be dropped, which the purge wants.
+        invalid = exists and admin.is_invalid_database(adm, tenant.database)
+    if invalid:
+        log.warning(
+            "database %s of %s is invalid: dropped without archive", tenant.database, tenant.name
+        )
+    if op.params.get("archive", True) and exists and not invalid:
         fields |= _archive_fields(svc, pools, tenant)
         registry.set_operation_step(reg, op.id, "archived")
     svc._checkpoint("purge-archived")
@@ -261,6 +268,7 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                             db, sql.Literal(svc.ownership_mark())
                         )
                     )
+                    admin.set_role_connection_limit(adm, name.role, svc.connection_limit(gone))
                 with reg.transaction():
                     tenant = registry.update(
                         reg,
@@ -274,6 +282,7 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                         archive_sha256=gone.archive_sha256,
                         archived_at=gone.archived_at,
                         archive_server_version=gone.archive_server_version,
+                        connection_limit=gone.connection_limit,
                     )
                     registry.finish_operation(reg, op, "done", step="active")
             except BaseException as exc:

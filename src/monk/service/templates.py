@@ -320,6 +320,11 @@ def current_build(conn: Conn, key: str, host: str) -> TemplateBuild | None:
     return rows[0] if rows else None
 
 
+def current_builds(conn: Conn, host: str) -> list[TemplateBuild]:
+    """The current build of every key on ``host``."""
+    return _fetch(conn, "host = %s AND is_current", (host,))
+
+
 def current_build_id(conn: Conn, key: str, host: str) -> UUID | None:
     """``current_build``'s id alone: what a provision checks after each clone (reading the
     whole row costs the client ~0.3 ms of CPU, its timestamps and JSON parsed)."""
