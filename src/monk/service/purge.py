@@ -252,7 +252,10 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                     step = "create"
                     # Owned by the tenant's role from the start: the restore runs as that role
                     # and the public schema belongs to the database owner.
-                    admin.create_database(adm, tenant.database, owner=name.role)
+                    # template0: no session can block it (see the template build).
+                    admin.create_database(
+                        adm, tenant.database, template="template0", owner=name.role
+                    )
                     svc._checkpoint("restore-created")
                     step = "restore"
                     dump.restore(pools.target, tenant.database, path, role=name.role)

@@ -549,7 +549,9 @@ def _build(
     b = _Builder(reg, build_id, UUID(str(op[0])), staging)
     try:
         b.step("create", settings, report)
-        admin.create_database(adm, staging)
+        # From template0, which no one can connect to: a session on template1 (any tenant
+        # may open one on a server monk does not own) would make CREATE DATABASE fail.
+        admin.create_database(adm, staging, template="template0")
         with connect(target, staging, purpose="template-build") as db:
             _fill(db, b, settings, plan, report)
             b.step("health", settings, report)

@@ -724,7 +724,10 @@ class TenantService:
         def attempt() -> None:
             nonlocal cloning, look_for_sessions
             if look_for_sessions and admin.sessions_on(adm, cloning.database):
-                admin.terminate_sessions(adm, cloning.database)
+                # Someone opened the template (a session cannot start on a closed one): close
+                # it again, then end the sessions, or the next one would start right away.
+                admin.revoke_public_connect(adm, [cloning.database])
+                admin.close_database(adm, cloning.database, as_template=True)
             look_for_sessions = True
             try:
                 admin.create_database(adm, database, template=cloning.database, owner=owner)
