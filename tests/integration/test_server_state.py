@@ -11,6 +11,7 @@ import json
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -324,3 +325,46 @@ def test_serve_starts_over_an_invalid_database(env: Env, svc: TenantService) -> 
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ------------------------------------------------------------------ item 2: template1
+
+
+def test_tenant_session_on_template1_blocks_no_build(env: Env, svc: TenantService) -> None:
+    """On a server monk does not own, PUBLIC may connect to template1: a tenant's session there
+    used to make every template build fail (TEMPLATE_BUSY … None). Builds clone template0."""
+    t = svc.provision(unique("Squatter"), template=env.template).as_dict()
+    try:
+        squatter = psycopg.connect(t["connection_url"], dbname="template1", connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"this server does not let PUBLIC connect to template1: {exc}")
+    key = f"tp_{uuid.uuid4().hex[:8]}"
+    try:
+        built = run(env, "template", "build", key, "--source", str(basic_source()))
+        assert built.returncode == 0, built.stdout + built.stderr
+        code, report = doctor(env)
+        assert code == 0, report
+        [warning] = [w for w in report["warnings"] if w["kind"] == "open_to_public"]
+        assert "template1" in warning["subject"].split(", ")
+    finally:
+        squatter.close()
+
+
+def test_template_busy_names_the_database(env: Env) -> None:
+    """CREATE DATABASE without TEMPLATE clones template1: a busy one is named, not None."""
+    from monk.adapters.postgres import admin
+    from monk.errors import TemplateBusy
+
+    with (
+        psycopg.connect(env.target.conninfo, dbname="template1") as holder,
+        psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm,
+    ):
+        holder.execute("SELECT 1")
+        with pytest.raises(TemplateBusy, match="'template1' is in use"):
+            admin.create_database(adm, f"tenant_{uuid.uuid4().hex[:16]}")
+
+
+def basic_source() -> Path:
+    from monk.service import templates as template_service
+
+    return template_service.builtin_source_dir("basic")
