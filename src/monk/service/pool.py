@@ -533,14 +533,25 @@ def is_spare_name(name: str) -> bool:
 
 def clear_crashed(svc: TenantService) -> list[str]:
     """Drop the spares left ``creating`` whose creator is gone (its advisory lock on the spare
-    is free), with ``repair_spare``, the doctor's own repair; returns the spares dropped."""
+    is free), and ready spares whose database an interrupted drop left invalid (a handout would
+    fail on them), with ``repair_spare``, the doctor's own repair; returns the spares dropped."""
     pools = svc.hosts.pools()
     with pools.system() as reg:
-        creating = [r for r in spare_rows(reg, pools.target.name) if r.status == "creating"]
+        rows = spare_rows(reg, pools.target.name)
+    ready = [r for r in rows if r.status == "ready"]
+    invalid: set[str] = set()
+    if ready:
+        with pools.admin() as adm:
+            states = admin.database_states(adm, [r.database for r in ready])
+        invalid = {name for name, st in states.items() if st.invalid}
     cleared = []
-    for row in creating:
+    for row in [r for r in rows if r.status == "creating" or r.database in invalid]:
         if repair_spare(svc, row) == SPARE_DROPPED:
-            log.warning("dropped spare %s left creating by a process that died", row.database)
+            log.warning(
+                "dropped spare %s (%s, left by a process that died)",
+                row.database,
+                "invalid" if row.database in invalid else row.status,
+            )
             cleared.append(row.database)
     return cleared
 

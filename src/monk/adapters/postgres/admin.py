@@ -204,8 +204,9 @@ def reserved_connections(conn: Conn) -> dict[str, object]:
         " current_setting('superuser_reserved_connections')::int,"
         " coalesce(current_setting('reserved_connections', true), '0')::int,"
         " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),"
-        " coalesce(to_regrole('pg_use_reserved_connections') IS NOT NULL"
-        " AND pg_has_role(current_user, 'pg_use_reserved_connections', 'USAGE'), false)"
+        # CASE: the role exists from PostgreSQL 16 on only, and pg_has_role fails without it.
+        " CASE WHEN to_regrole('pg_use_reserved_connections') IS NULL THEN false"
+        " ELSE pg_has_role(current_user, 'pg_use_reserved_connections', 'USAGE') END"
     ).fetchone()
     assert row is not None
     return {
