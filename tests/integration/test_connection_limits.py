@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,16 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from monk.adapters.embedded import EmbeddedServer
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
 from monk.service import pool
 from monk.service.tenants import TenantService
+from monk.settings import Settings
+from tests.conftest import MONK_BIN, settings_env
 from tests.integration.conftest import Env
 from tests.integration.test_crash import run
 from tests.integration.test_embedded import Embedded
@@ -210,3 +215,36 @@ def test_monk_keeps_working_while_tenants_hold_every_connection(own_server: Embe
         for conn in held:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+def test_doctor_warns_a_non_superuser_admin_without_reserved_connections(
+    settings: Settings, admin_url: str
+) -> None:
+    """An admin with CREATEDB and CREATEROLE only: tenants filling max_connections would lock it
+    out unless it may use reserved connections (PostgreSQL 16+); doctor says so, exit 0."""
+    role, password = f"monk_admin_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN CREATEDB CREATEROLE PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+    url = make_conninfo(admin_url, user=role, password=password)
+    env = settings_env(settings) | {"MONK_DATABASE_URL": url}
+    try:
+        done = subprocess.run(
+            [MONK_BIN, "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        [warning] = [
+            w for w in json.loads(done.stdout)["warnings"] if w["kind"] == "no_reserved_connections"
+        ]
+        assert warning["subject"] == role
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(settings.system_db_name)
+                )
+            )
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
