@@ -113,6 +113,40 @@ def test_owner_and_grant_to_another_role_are_drift(env: Env, svc: TenantService)
     assert not can_connect(b["connection_url"], a["database"])
 
 
+def test_database_setting_changed_by_the_tenant_is_drift(env: Env, svc: TenantService) -> None:
+    from psycopg.types.json import Jsonb
+
+    from monk.service import templates as template_service
+
+    build = template_service.build(
+        env.target,
+        env.settings,
+        f"tb_drift_{uuid.uuid4().hex[:6]}",
+        source_dir=template_service.builtin_source_dir("empty"),
+    )
+    with psycopg.connect(
+        env.target.conninfo, dbname=env.settings.system_db_name, autocommit=True
+    ) as conn:
+        conn.execute(
+            "UPDATE template_builds SET database_settings = %s WHERE id = %s",
+            (Jsonb({"work_mem": "8MB"}), build.id),
+        )
+    t = svc.provision(unique("Settings"), template=build.key).as_dict()
+    assert tenant_health(svc, t["name"])["status"] == "healthy"
+    with psycopg.connect(t["connection_url"], autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} RESET work_mem").format(sql.Identifier(t["database"]))
+        )
+    code, report = doctor(env)
+    assert code == 1
+    [found] = problems_of(report, t["database"])
+    assert "setting work_mem is unset, not '8MB'" in found["detail"], found
+    assert tenant_health(svc, t["name"])["status"] == "error"
+    repaired_clean(env)
+    with psycopg.connect(t["connection_url"]) as conn:
+        assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+
+
 # ------------------------------------------------------------------ item 11: status vs state
 
 

@@ -70,6 +70,8 @@ class Snapshot:
     # connect to, and the connection reserves (warnings: the server may not be monk's).
     public_databases: tuple[str, ...] = ()
     reserves: Mapping[str, object] = field(default_factory=dict)
+    # database settings each template build (key, version) gives its clones
+    build_settings: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
 
 
 def take_snapshot(svc: TenantService) -> Snapshot:
@@ -116,6 +118,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         current_templates = tuple(
             b.database for b in template_service.current_builds(reg, pools.target.name)
         )
+        build_settings = template_service.settings_by_build(reg, pools.target.name)
     with pools.admin() as adm:
         all_dbs = admin.database_states(adm)
         all_roles = admin.role_states(adm)
@@ -161,6 +164,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         current_templates=current_templates,
         public_databases=public,
         reserves=reserves,
+        build_settings=build_settings,
     )
 
 
@@ -170,10 +174,12 @@ def access_drift(
     role: RoleState | None,
     admin_role: str,
     connection_limit: int,
+    settings: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Pure: how the tenant's database and role differ from what monk set for its status
     (active: connections allowed, LOGIN; disabled, trashed: neither; both: the role owns the
-    database, nobody but the role and monk's admin has a grant, the role's connection limit)."""
+    database, nobody but the role and monk's admin has a grant, the role's connection limit,
+    the template build's database ``settings`` (None: unknown) with their values)."""
     if db is None or db.invalid or not tenant.role_name:
         return []
     is_open = tenant.status == "active"
@@ -194,6 +200,10 @@ def access_drift(
         out.append(f"{tenant.role_name} may not CONNECT")
     if role is not None and role.connection_limit != connection_limit:
         out.append(f"role connection limit {role.connection_limit}, not {connection_limit}")
+    for key, value in sorted((settings or {}).items()):
+        have = db.settings.get(key.lower())
+        if have != value:
+            out.append(f"setting {key} is {'unset' if have is None else repr(have)}, not {value!r}")
     return out
 
 
@@ -251,6 +261,7 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                 snap.role_states.get(t.role_name or ""),
                 snap.admin_role,
                 t.connection_limit or snap.default_connection_limit,
+                snap.build_settings.get((t.template_key or "", t.template_version or "")),
             )
             if drift:
                 problems.append(

@@ -45,6 +45,7 @@ def tenant_health(svc: TenantService, raw_name: str) -> dict[str, Any]:
                     role_state,
                     admin.current_role(adm),
                     svc.connection_limit(tenant),
+                    svc.database_settings(tenant),
                 )
                 checks.append(
                     {

@@ -272,6 +272,8 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                         )
                     )
                     admin.set_role_connection_limit(adm, name.role, svc.connection_limit(gone))
+                    # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
+                    admin.set_database_settings(adm, tenant.database, svc.database_settings(gone))
                 with reg.transaction():
                     tenant = registry.update(
                         reg,

@@ -325,6 +325,13 @@ def current_builds(conn: Conn, host: str) -> list[TemplateBuild]:
     return _fetch(conn, "host = %s AND is_current", (host,))
 
 
+def settings_by_build(conn: Conn, host: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The database settings each build (key, version) on ``host`` gives its clones."""
+    return {
+        (b.key, b.version): dict(b.database_settings) for b in _fetch(conn, "host = %s", (host,))
+    }
+
+
 def current_build_id(conn: Conn, key: str, host: str) -> UUID | None:
     """``current_build``'s id alone: what a provision checks after each clone (reading the
     whole row costs the client ~0.3 ms of CPU, its timestamps and JSON parsed)."""

@@ -1076,6 +1076,12 @@ class TenantService:
             if not is_open and not invalid:
                 admin.terminate_sessions(adm, tenant.database)
 
+    def database_settings(self, tenant: Tenant) -> dict[str, str]:
+        """The database settings of the build the tenant was cloned from ({} if unknown)."""
+        with self.hosts.pools(tenant.host).system() as reg:
+            by_build = template_service.settings_by_build(reg, self.hosts.target(tenant.host).name)
+        return by_build.get((tenant.template_key or "", tenant.template_version or ""), {})
+
     def restore_access(self, tenant: Tenant) -> str:
         """Put back what monk set on the tenant's database and role (``monk doctor --repair``):
         the role owns the database, no one but it and monk's admin has a grant, connections
@@ -1093,6 +1099,7 @@ class TenantService:
             keep = {role, admin.current_role(adm)}
             others = sorted({grantee for grantee, _ in state.grants} - keep)
             admin.reset_database_access(adm, tenant.database, role, revoke_from=others)
+            admin.set_database_settings(adm, tenant.database, self.database_settings(tenant))
             admin.set_allow_connections(adm, tenant.database, is_open)
             admin.set_role_login(adm, role, login=is_open)
             admin.set_role_connection_limit(adm, role, self.connection_limit(tenant))

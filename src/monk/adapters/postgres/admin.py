@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -88,6 +88,8 @@ class DatabaseState:
     # (grantee, privilege) from the effective ACL (NULL means the defaults: PUBLIC may
     # CONNECT and TEMPORARY); grantee "PUBLIC" for the public pseudo-role.
     grants: frozenset[tuple[str, str]]
+    # ALTER DATABASE … SET values (for every role), by lower-cased name
+    settings: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def invalid(self) -> bool:
@@ -114,12 +116,18 @@ def database_states(conn: Conn, names: Iterable[str] | None = None) -> dict[str,
         " pg_get_userbyid(d.datdba), shobj_description(d.oid, 'pg_database'),"
         " coalesce((SELECT array_agg(ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC'"
         " ELSE pg_get_userbyid(a.grantee) END, a.privilege_type])"
-        " FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) AS a), '{}')"
+        " FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) AS a), '{}'),"
+        " (SELECT s.setconfig FROM pg_db_role_setting s"
+        " WHERE s.setdatabase = d.oid AND s.setrole = 0)"
         " FROM pg_database d WHERE %s::text[] IS NULL OR d.datname = ANY(%s::text[])",
         (wanted, wanted),
     ).fetchall()
     out = {}
-    for name, allow, limit, is_template, owner, comment, grants in rows:
+    for name, allow, limit, is_template, owner, comment, grants, config in rows:
+        settings = {}
+        for item in config or ():  # type: ignore[attr-defined]
+            key, _, value = str(item).partition("=")
+            settings[key.lower()] = value
         out[str(name)] = DatabaseState(
             name=str(name),
             allow_connections=bool(allow),
@@ -128,6 +136,7 @@ def database_states(conn: Conn, names: Iterable[str] | None = None) -> dict[str,
             owner=str(owner),
             comment=None if comment is None else str(comment),
             grants=frozenset((str(g[0]), str(g[1])) for g in grants or ()),  # type: ignore[attr-defined]
+            settings=settings,
         )
     return out
 
