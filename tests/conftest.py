@@ -144,8 +144,16 @@ def _drop_installation(admin_url: str, system_db: str) -> None:
             "SELECT datname FROM pg_database WHERE shobj_description(oid, 'pg_database') = %s",
             (mark,),
         ).fetchall()
+        # An invalid database (an interrupted drop) refuses ALTER, and ends the session for it.
+        invalid = {
+            str(r[0])
+            for r in conn.execute("SELECT datname FROM pg_database WHERE datconnlimit = -2")
+        }
         for (db,) in [*dbs, *templates]:
-            conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(sql.Identifier(db)))
+            if db not in invalid:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(sql.Identifier(db))
+                )
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
             )

@@ -35,6 +35,9 @@ EVENT_TYPES = (
 )
 
 
+MAX_TENANT_CONNECTION_LIMIT = 10_000
+
+
 class Hook(BaseModel):
     """One observer: a URL that receives tenant events as signed JSON POSTs."""
 
@@ -138,6 +141,13 @@ class Settings(BaseSettings):
     )
     pool_size: int = Field(
         default=8, ge=1, le=100, description="Max connections per pool (registry, admin)."
+    )
+    tenant_connection_limit: int = Field(
+        default=20,
+        ge=1,
+        le=MAX_TENANT_CONNECTION_LIMIT,
+        description="CONNECTION LIMIT of each tenant's role, unless the tenant has its own "
+        "(with max_connections=100, one tenant takes at most a fifth of the server).",
     )
     hooks: Annotated[list[Hook], NoDecode] = Field(
         default_factory=list,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +19,9 @@ from monk.errors import DatabaseUnavailable, TenantExists
 from monk.service import pool, purge
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
+from tests.conftest import MONK_BIN, settings_env
 from tests.integration.conftest import Env, end_keyholder_sessions
+from tests.integration.server_faults import interrupt_drop
 from tests.integration.test_crash import kill_at, run
 from tests.integration.test_tenants import databases, roles, unique
 
@@ -286,3 +290,45 @@ def test_a_new_process_adopts_spares_and_serves_them_fast(env: Env, drained: Ten
     assert view.provisioned_from == "pool"
     with psycopg.connect(view.as_dict()["connection_url"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.slow
+def test_refiller_clears_a_spare_left_creating_by_a_dead_process(
+    env: Env, drained: TenantService
+) -> None:
+    """A spare stuck in `creating` after its creator died is cleared by the refiller itself
+    (monk serve's background pass), not left for doctor; a live creation is left alone."""
+    before = databases(env, "monk_spare_%")
+    live = subprocess.Popen(
+        [MONK_BIN, "pool", "fill", env.template, "--count", "1"],
+        env=os.environ | settings_env(env.settings) | {"MONK_FAULT_PAUSE_AT": "spare-cloned"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert live.stderr is not None
+    try:
+        assert "paused at spare-cloned" in live.stderr.readline()
+        assert spare_count(env, "creating") == 1
+        assert pool.clear_crashed(drained) == []  # its creator is alive: not a leftover
+        [stuck] = databases(env, "monk_spare_%") - before
+    finally:
+        live.kill()
+        live.wait()
+    s = env.settings.model_copy(update={"pool_spares": {env.template: 1}})
+    with TenantService(s, env.target) as refiller:
+        pool.refill(refiller)
+    assert spare_count(env, "creating") == 0
+    assert spare_count(env) == 1
+    assert stuck not in databases(env, "monk_spare_%")
+    with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
+        left = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (stuck,)).fetchone()
+    assert left is None
+    # A drain cut short in its DROP DATABASE leaves a ready row over an invalid database: the
+    # refiller drops it too, and makes a good one.
+    [ready] = databases(env, "monk_spare_%") - before
+    interrupt_drop(env.target.conninfo, ready)
+    with TenantService(s, env.target) as refiller:
+        pool.refill(refiller)
+    assert spare_count(env) == 1
+    assert ready not in databases(env, "monk_spare_%")

@@ -78,10 +78,13 @@ class ServerStatus:
 
 
 class EmbeddedServer:
-    def __init__(self, data_dir: Path, *, port: int, durable: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int, durable: bool = True, reserved_connections: int = 20
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.durable = durable
+        self.reserved_connections = reserved_connections
         self.pgdata = data_dir / "pgdata"
         self.socket_dir = data_dir / "run"
         self.password_file = data_dir / "admin_password"
@@ -233,6 +236,9 @@ class EmbeddedServer:
             "logging_collector": "off",
             # Explicit, so that initdb's probing under load never leaves a smaller server.
             "max_connections": "100",
+            # monk's admin is the superuser: its own connections stay available when tenants
+            # (each held to its role's CONNECTION LIMIT) fill the rest.
+            "superuser_reserved_connections": str(self.reserved_connections),
             "shared_buffers": "'128MB'",
         }
         if not self.durable:

@@ -55,6 +55,7 @@ class Tenant:
     updated_at: datetime
     trashed_at: datetime | None
     deleted_at: datetime | None
+    connection_limit: int | None = None  # the tenant's own; None: the installation's default
 
 
 def rendered(composed: sql.Composable) -> sql.SQL:
@@ -357,12 +358,14 @@ def _gated_intent(
 _ACTIVATION = rendered(
     sql.SQL(
         "WITH configured AS MATERIALIZED ("
-        " SELECT configure_tenant_database(%(database)s, %(role)s, %(mark)s, %(settings)s)"
+        " SELECT configure_tenant_database(%(database)s, %(role)s, %(mark)s, %(settings)s,"
+        " %(role_limit)s)"
         " WHERE %(configure)s),"
         " op AS (UPDATE operations SET state = 'done', step = 'active', error = NULL,"
         " result = NULL, updated_at = now(), finished_at = now() WHERE id = %(op)s),"
         " activated AS (UPDATE tenants SET status = 'active', is_active = true, step = 'active',"
-        " migration_level = %(level)s, template_version = %(version)s WHERE id = %(id)s"
+        " migration_level = %(level)s, template_version = %(version)s,"
+        " connection_limit = %(connection_limit)s WHERE id = %(id)s"
         " RETURNING {columns})"
         " SELECT activated.* FROM activated, (SELECT count(*) FROM configured) AS c"
     ).format(columns=_COLUMNS)
@@ -376,12 +379,14 @@ def queue_activation(
     *,
     migration_level: int,
     template_version: str,
-    configure: tuple[str, str, str, dict[str, str]] | None,
+    configure: tuple[str, str, str, dict[str, str], int] | None,
+    connection_limit: int | None = None,
 ) -> Cursor[Tenant]:
     """A provision's last writes in one statement: ``configure_tenant_database`` (database,
-    role, mark, settings; None when it was done on another server), the tenant active, its
-    journal entry done. Queued, like ``queue_intent``; the caller's transaction commits it."""
-    database, role, mark, settings = configure or ("", "", "", {})
+    role, mark, settings, the role's connection limit; None when it was done on another
+    server), the tenant active with its own connection limit (None: the default), its journal
+    entry done. Queued, like ``queue_intent``; the caller's transaction commits it."""
+    database, role, mark, settings, role_limit = configure or ("", "", "", {}, -1)
     cur = conn.cursor(row_factory=class_row(Tenant))
     cur.execute(
         _ACTIVATION,
@@ -391,6 +396,8 @@ def queue_activation(
             "role": role,
             "mark": mark,
             "settings": Jsonb(settings),
+            "role_limit": role_limit,
+            "connection_limit": connection_limit,
             "op": op_id,
             "id": tenant_id,
             "level": migration_level,
@@ -725,3 +732,9 @@ def dead_keyholders(conn: Conn, me: UUID, *, of: str) -> list[UUID | None]:
             _DEAD_KEYHOLDERS[of], {"me": me, "space": _KEYHOLDER_LOCK_SPACE}
         ).fetchall()
     return [r[0] for r in rows]
+
+
+def spare_status(conn: Conn, spare_id: UUID) -> str | None:
+    """The warm-pool spare's status (None: its row is gone)."""
+    row = conn.execute("SELECT status FROM spares WHERE id = %s", (spare_id,)).fetchone()
+    return None if row is None else str(row[0])

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from monk.api.envelope import Failure
+from monk.settings import MAX_TENANT_CONNECTION_LIMIT
 
 
 class TenantCreate(BaseModel):
@@ -19,12 +20,24 @@ class TenantCreate(BaseModel):
     )
     template: str = Field("basic", description="Template key to clone from.", examples=["basic"])
     host: str | None = Field(None, description="Server to place the tenant on.")
+    connection_limit: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TENANT_CONNECTION_LIMIT,
+        description="CONNECTION LIMIT of the tenant's role; default MONK_TENANT_CONNECTION_LIMIT.",
+    )
 
 
 class TenantPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     is_active: bool | None = Field(None, description="false disables, true enables.")
+    connection_limit: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TENANT_CONNECTION_LIMIT,
+        description="The role's own CONNECTION LIMIT; null: back to MONK_TENANT_CONNECTION_LIMIT.",
+    )
 
 
 class ArchiveOut(BaseModel):
@@ -50,6 +63,9 @@ class TenantOut(BaseModel):
     tenant_type: str
     role: str | None
     migration_level: int
+    connection_limit: int | None = Field(
+        None, description="The CONNECTION LIMIT of the tenant's role (its own or the default)."
+    )
     created_at: str | None
     updated_at: str | None
     trashed_at: str | None

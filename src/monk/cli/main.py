@@ -81,7 +81,10 @@ def doctor(
     from monk.service import doctor as doctor_service
 
     svc = state().tenants
-    problems = doctor_service.diagnose(doctor_service.take_snapshot(svc))
+    snap = doctor_service.take_snapshot(svc)
+    problems = doctor_service.diagnose(snap)
+    # Warnings (the server may not be monk's) are reported, never repaired, exit 0.
+    warned = doctor_service.warnings(snap)
     repaired = doctor_service.repair(svc, problems) if repair and problems else []
     remaining = doctor_service.diagnose(doctor_service.take_snapshot(svc)) if repair else problems
     if as_json:
@@ -90,6 +93,7 @@ def doctor(
                 "problems": [p.as_dict() for p in problems],
                 "repaired": repaired,
                 "remaining": [p.as_dict() for p in remaining],
+                "warnings": [p.as_dict() for p in warned],
             }
         )
     else:
@@ -99,6 +103,8 @@ def doctor(
             print_rows([p.as_dict() for p in problems], ["kind", "subject", "detail", "repair"])
         for line in repaired:
             console.print(f"repaired {line}")
+        for w in warned:
+            console.print(f"warning: {w.kind} {w.subject}: {w.detail} ({w.repair})")
     if remaining:
         raise typer.Exit(1)
 

@@ -23,6 +23,7 @@ from monk.cli.output import (
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.tenants import TenantService, TenantView
+from monk.settings import MAX_TENANT_CONNECTION_LIMIT
 
 app = typer.Typer(help="Tenants: one PostgreSQL database each.", no_args_is_help=True)
 
@@ -59,6 +60,13 @@ def create(
         None, "--from", help="Provision every name in this file (one per line; # comments)."
     ),
     parallel: int = typer.Option(4, "--parallel", min=1, max=64, help="With --from."),
+    connection_limit: int | None = typer.Option(
+        None,
+        "--connection-limit",
+        min=1,
+        max=MAX_TENANT_CONNECTION_LIMIT,
+        help="CONNECTION LIMIT of the tenant's role (default: MONK_TENANT_CONNECTION_LIMIT).",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Provision a tenant: clone its database from the template's current build."""
@@ -69,7 +77,11 @@ def create(
         return
     assert name is not None
     view = state().tenants.provision(
-        name, template=template, host=host, idempotency_key=idempotency_key
+        name,
+        template=template,
+        host=host,
+        idempotency_key=idempotency_key,
+        connection_limit=connection_limit,
     )
     _show(view, as_json)
 
@@ -186,6 +198,24 @@ def health(name: str, as_json: bool = JSON) -> None:
         print_rows(checks, ["check", "ok", "detail"])
     if report["status"] == "error":
         raise typer.Exit(1)
+
+
+@app.command("connection-limit")
+def connection_limit_(
+    name: str,
+    limit: int | None = typer.Argument(
+        None,
+        min=1,
+        max=MAX_TENANT_CONNECTION_LIMIT,
+        help="The role's own CONNECTION LIMIT; omit with --default.",
+    ),
+    default: bool = typer.Option(False, "--default", help="Back to MONK_TENANT_CONNECTION_LIMIT."),
+    as_json: bool = JSON,
+) -> None:
+    """Set the CONNECTION LIMIT of a tenant's role (its own, or back to the default)."""
+    if (limit is None) != default:
+        raise typer.BadParameter("give a LIMIT or --default")
+    _show(state().tenants.set_connection_limit(name, limit), as_json)
 
 
 @app.command()

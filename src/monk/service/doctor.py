@@ -8,13 +8,13 @@ repair never races a live operation. The same reconciliation runs when the servi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
-
-import psycopg
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
+from monk.adapters.postgres.admin import DatabaseState, RoleState
 from monk.adapters.registry import Tenant
 from monk.core.tenant_names import is_tenant_database
 from monk.service import pool, role_pool
@@ -60,6 +60,18 @@ class Snapshot:
     # events undelivered for over _EVENT_BACKLOG_S while observers are configured
     stale_events: int = 0
     stale_events_error: str | None = None
+    # What the server really has for tenant, spare and template databases and tenant roles.
+    db_states: Mapping[str, DatabaseState] = field(default_factory=dict)
+    role_states: Mapping[str, RoleState] = field(default_factory=dict)
+    admin_role: str = ""
+    default_connection_limit: int = -1
+    current_templates: tuple[str, ...] = ()  # databases of the current template builds
+    # Databases outside monk's tenants and templates that PUBLIC (every tenant role) may
+    # connect to, and the connection reserves (warnings: the server may not be monk's).
+    public_databases: tuple[str, ...] = ()
+    reserves: Mapping[str, object] = field(default_factory=dict)
+    # database settings each template build (key, version) gives its clones
+    build_settings: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
 
 
 def take_snapshot(svc: TenantService) -> Snapshot:
@@ -103,14 +115,33 @@ def take_snapshot(svc: TenantService) -> Snapshot:
             for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
             if op.database
         }
+        current_templates = tuple(
+            b.database for b in template_service.current_builds(reg, pools.target.name)
+        )
+        build_settings = template_service.settings_by_build(reg, pools.target.name)
     with pools.admin() as adm:
-        db_rows = _with_marks(
-            adm, "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database", mark
-        )
-        server_roles = _with_marks(
-            adm, "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles", mark
-        )
+        all_dbs = admin.database_states(adm)
+        all_roles = admin.role_states(adm)
+        admin_role = admin.current_role(adm)
+        reserves = admin.reserved_connections(adm)
+    # Names carrying this installation's mark, or no mark (a crash right after CREATE, before
+    # COMMENT): another installation's objects on a shared server are left alone.
+    db_rows = {n for n, st in all_dbs.items() if st.comment in (None, mark)}
+    server_roles = {n for n, st in all_roles.items() if st.comment in (None, mark)}
     leftovers = tuple(template_service.find_leftovers(pools.target, svc.settings))
+    ours = {n for n in db_rows if is_tenant_database(n) or pool.is_spare_name(n)}
+    ours |= {t.database for t in tenants} | set(current_templates)
+    public = tuple(
+        sorted(
+            n
+            for n, st in all_dbs.items()
+            if st.allow_connections
+            and st.public_may_connect()
+            and not is_tenant_database(n)
+            and not pool.is_spare_name(n)
+            and n not in current_templates
+        )
+    )
     return Snapshot(
         tenants=tenants,
         crashed=frozenset(crashed),
@@ -126,14 +157,54 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         pooled_role_rows=role_rows,
         stale_events=stale_events,
         stale_events_error=str(stale_error) if stale_error is not None else None,
+        db_states={n: st for n, st in all_dbs.items() if n in ours},
+        role_states={n: st for n, st in all_roles.items() if is_tenant_database(n)},
+        admin_role=admin_role,
+        default_connection_limit=svc.settings.tenant_connection_limit,
+        current_templates=current_templates,
+        public_databases=public,
+        reserves=reserves,
+        build_settings=build_settings,
     )
 
 
-def _with_marks(adm: psycopg.Connection[Any], query: str, mark: str) -> set[str]:
-    """Names carrying this installation's mark, or no mark (a crash right after CREATE,
-    before COMMENT): another installation's objects on a shared server are left alone."""
-    rows = adm.execute(query.encode()).fetchall()  # constant query, no parameters
-    return {str(name) for name, comment in rows if comment in (None, mark)}
+def access_drift(
+    tenant: Tenant,
+    db: DatabaseState | None,
+    role: RoleState | None,
+    admin_role: str,
+    connection_limit: int,
+    settings: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Pure: how the tenant's database and role differ from what monk set for its status
+    (active: connections allowed, LOGIN; disabled, trashed: neither; both: the role owns the
+    database, nobody but the role and monk's admin has a grant, the role's connection limit,
+    the template build's database ``settings`` (None: unknown) with their values)."""
+    if db is None or db.invalid or not tenant.role_name:
+        return []
+    is_open = tenant.status == "active"
+    out = []
+    if db.allow_connections != is_open:
+        out.append(
+            f"database {'allows' if db.allow_connections else 'refuses'} connections "
+            f"while {tenant.status}"
+        )
+    if role is not None and role.can_login != is_open:
+        out.append(f"role {'can' if role.can_login else 'cannot'} log in while {tenant.status}")
+    if db.owner != tenant.role_name:
+        out.append(f"database owned by {db.owner}, not {tenant.role_name}")
+    others = sorted({f"{g} {p}" for g, p in db.grants if g not in (tenant.role_name, admin_role)})
+    if others:
+        out.append(f"grants monk did not set: {', '.join(others)}")
+    if (tenant.role_name, "CONNECT") not in db.grants:
+        out.append(f"{tenant.role_name} may not CONNECT")
+    if role is not None and role.connection_limit != connection_limit:
+        out.append(f"role connection limit {role.connection_limit}, not {connection_limit}")
+    for key, value in sorted((settings or {}).items()):
+        have = db.settings.get(key.lower())
+        if have != value:
+            out.append(f"setting {key} is {'unset' if have is None else repr(have)}, not {value!r}")
+    return out
 
 
 def diagnose(snap: Snapshot) -> list[Problem]:
@@ -172,6 +243,35 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                     )
                 )
         elif t.status in SETTLED:
+            state = snap.db_states.get(t.database)
+            if state is not None and state.invalid:
+                problems.append(
+                    Problem(
+                        "invalid_database",
+                        t.database,
+                        f"database of tenant {t.name!r} ({t.status}) is invalid: an "
+                        "interrupted DROP DATABASE left it; its data is gone",
+                        "drop it and mark the tenant deleted",
+                    )
+                )
+                continue
+            drift = access_drift(
+                t,
+                state,
+                snap.role_states.get(t.role_name or ""),
+                snap.admin_role,
+                t.connection_limit or snap.default_connection_limit,
+                snap.build_settings.get((t.template_key or "", t.template_version or "")),
+            )
+            if drift:
+                problems.append(
+                    Problem(
+                        "access_drift",
+                        t.database,
+                        f"tenant {t.name!r} is {t.status} but: {'; '.join(drift)}",
+                        f"restore what monk sets for a {t.status} tenant",
+                    )
+                )
             if t.database not in snap.databases:
                 problems.append(
                     Problem(
@@ -191,13 +291,52 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                     )
                 )
     for db in sorted(snap.databases - live_dbs):
+        state = snap.db_states.get(db)
+        invalid = " (invalid: an interrupted DROP DATABASE)" if state and state.invalid else ""
         problems.append(
-            Problem("orphan_database", db, "tenant database with no live registry row", "drop it")
+            Problem(
+                "orphan_database",
+                db,
+                f"tenant database with no live registry row{invalid}",
+                "drop it",
+            )
         )
+    for name in snap.current_templates:
+        state = snap.db_states.get(name)
+        if state is None:
+            continue
+        opened = []
+        if state.allow_connections:
+            opened.append("allows connections")
+        if state.public_may_connect():
+            opened.append("grants CONNECT to PUBLIC")
+        if not state.is_template:
+            opened.append("is not marked IS_TEMPLATE")
+        if opened:
+            problems.append(
+                Problem(
+                    "open_template",
+                    name,
+                    f"current template build {' and '.join(opened)}",
+                    "close it: no connections, CONNECT revoked from PUBLIC, IS_TEMPLATE",
+                )
+            )
     for role in sorted(snap.roles - live_roles):
         problems.append(
             Problem("stray_role", role, "tenant role with no live registry row", "drop it")
         )
+    crashed_spare_dbs = {row.database for row in snap.crashed_spares}
+    for name in sorted(snap.spare_names - crashed_spare_dbs):
+        state = snap.db_states.get(name)
+        if state is not None and state.invalid:
+            problems.append(
+                Problem(
+                    "invalid_database",
+                    name,
+                    "warm-pool spare is invalid: an interrupted DROP DATABASE left it",
+                    "drop the spare and its row",
+                )
+            )
     for row in snap.crashed_spares:
         problems.append(
             Problem(
@@ -233,6 +372,37 @@ def diagnose(snap: Snapshot) -> list[Problem]:
             )
         )
     return problems
+
+
+def warnings(snap: Snapshot) -> list[Problem]:
+    """Pure: what monk cannot decide for a server it may not own; reported, never repaired,
+    and not a reason for a non-zero exit."""
+    out: list[Problem] = []
+    if snap.public_databases:
+        out.append(
+            Problem(
+                "open_to_public",
+                ", ".join(snap.public_databases),
+                "PUBLIC may connect to these databases, so every tenant role can open a session "
+                "there (a session on template1 blocks CREATE DATABASE from it)",
+                "none: REVOKE CONNECT ON DATABASE … FROM PUBLIC where tenants have no business",
+            )
+        )
+    r = snap.reserves
+    if r and not r.get("superuser") and not (r.get("may_use_reserved") and r.get("reserved")):
+        out.append(
+            Problem(
+                "no_reserved_connections",
+                snap.admin_role,
+                "monk's admin is not a superuser and has no reserved connections "
+                f"(reserved_connections = {r.get('reserved')}, pg_use_reserved_connections "
+                f"{'granted' if r.get('may_use_reserved') else 'not granted'}): tenants "
+                "that fill max_connections lock monk out",
+                "none: on PostgreSQL 16+ set reserved_connections and GRANT "
+                "pg_use_reserved_connections to monk's admin",
+            )
+        )
+    return out
 
 
 def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
@@ -273,6 +443,25 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                         done.append(f"{p.subject}: {svc._repair(reg, pools, fresh)}")
                 finally:
                     registry.unlock(reg, tenant.database)
+        elif p.kind == "invalid_database" and p.subject in by_db:
+            done.append(f"{p.subject}: {_drop_invalid_tenant(svc, by_db[p.subject])}")
+        elif p.kind == "access_drift" and p.subject in by_db:
+            tenant = by_db[p.subject]
+            with pools.system() as reg:
+                if not registry.try_lock(reg, tenant.database):
+                    done.append(f"{p.subject}: busy, skipped")
+                    continue
+                try:
+                    fresh = registry.get_by_id(reg, tenant.id)
+                    if fresh is not None and fresh.status in SETTLED:
+                        done.append(f"{p.subject}: {svc.restore_access(fresh)}")
+                finally:
+                    registry.unlock(reg, tenant.database)
+        elif p.kind == "open_template":
+            with pools.admin() as adm:
+                admin.revoke_public_connect(adm, [p.subject])
+                admin.close_database(adm, p.subject, as_template=True)
+            done.append(f"{p.subject}: closed")
         elif p.kind == "missing_database":
             tenant = by_db[p.subject]
             with pools.system() as reg:
@@ -299,8 +488,14 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                 finally:
                     registry.unlock(reg, p.subject)
     crashed_spares = {row.database: row for row in _crashed_spare_rows(svc)}
+    spare_rows = {}
+    if any(p.kind == "invalid_database" for p in problems):
+        with pools.system() as reg:
+            spare_rows = {r.database: r for r in pool.spare_rows(reg, pools.target.name)}
     for p in problems:
-        if p.kind == "stuck_spare" and p.subject in crashed_spares:
+        if p.kind == "invalid_database" and p.subject in spare_rows:
+            done.append(f"{p.subject}: {pool.repair_spare(svc, spare_rows[p.subject])}")
+        elif p.kind == "stuck_spare" and p.subject in crashed_spares:
             done.append(f"{p.subject}: {pool.repair_spare(svc, crashed_spares[p.subject])}")
         elif p.kind == "orphan_spare":
             with pools.system() as reg, pools.admin() as adm:
@@ -329,6 +524,36 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
             done.append(f"{name}: dropped")
     work_queue(svc)
     return done
+
+
+def _drop_invalid_tenant(svc: TenantService, tenant: Tenant) -> str:
+    """A settled tenant whose database an interrupted DROP DATABASE left invalid: its data is
+    gone; drop what is left and its role, and mark it deleted (its name becomes free)."""
+    pools = svc.hosts.pools(tenant.host)
+    with pools.system() as reg:
+        if not registry.try_lock(reg, tenant.database):
+            return "busy, skipped"
+        try:
+            fresh = registry.get_by_id(reg, tenant.id)
+            if fresh is None or fresh.status not in SETTLED:
+                return "changed meanwhile, left alone"
+            with pools.admin() as adm:
+                if not admin.is_invalid_database(adm, tenant.database):
+                    return "no longer invalid, left alone"
+                admin.drop_database(adm, tenant.database)
+                if tenant.role_name:
+                    admin.drop_role(adm, tenant.role_name)
+            registry.update(
+                reg,
+                tenant.id,
+                status="deleted",
+                is_active=False,
+                deleted_at=_now(),
+                step="invalid database dropped",
+            )
+        finally:
+            registry.unlock(reg, tenant.database)
+    return "invalid database dropped, tenant marked deleted"
 
 
 def _crashed_spare_rows(svc: TenantService) -> list[pool.SpareRow]:

@@ -19,6 +19,7 @@ from monk.adapters.postgres.connection import (
     unavailable,
 )
 from monk.errors import DatabaseUnavailable, MonkError
+from monk.service.doctor import access_drift
 from monk.service.tenants import TenantService
 
 T = TypeVar("T")
@@ -40,6 +41,33 @@ def tenant_health(svc: TenantService, raw_name: str) -> dict[str, Any]:
         checks.append({"check": "role exists", "ok": role_ok, "detail": tenant.role_name})
         if db_ok:
             size = admin.database_size(adm, tenant.database)
+            state = admin.database_states(adm, [tenant.database]).get(tenant.database)
+            if state is not None and state.invalid:
+                db_ok = False
+                checks.append(
+                    {
+                        "check": "database valid",
+                        "ok": False,
+                        "detail": "invalid: an interrupted DROP DATABASE left it",
+                    }
+                )
+            elif state is not None:
+                role_state = admin.role_states(adm).get(tenant.role_name or "")
+                drift = access_drift(
+                    tenant,
+                    state,
+                    role_state,
+                    admin.current_role(adm),
+                    svc.connection_limit(tenant),
+                    svc.database_settings(tenant),
+                )
+                checks.append(
+                    {
+                        "check": "access as monk set it",
+                        "ok": not drift,
+                        "detail": "; ".join(drift) or "as set",
+                    }
+                )
     closed = tenant.status in ("disabled", "trashed")
     if db_ok and not closed:
         try:

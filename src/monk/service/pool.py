@@ -127,14 +127,18 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
                     level = svc._migrate(pools.target, name, build)
                     password = scram.generate_password()
                     admin.create_role(
-                        adm, name, password_verifier=svc.verifier(password), login=False
+                        adm,
+                        name,
+                        password_verifier=svc.verifier(password),
+                        login=False,
+                        connection_limit=svc.settings.tenant_connection_limit,
                     )
                     adm.execute(
                         sql.SQL("COMMENT ON ROLE {} IS {}").format(
                             sql.Identifier(name), sql.Literal(svc.ownership_mark())
                         )
                     )
-                    svc._configure(adm, name, name, build)
+                    svc._configure(adm, name, name, build, svc.settings.tenant_connection_limit)
                 svc.spare_secrets.put(name, password, build.key)
                 reg.execute(
                     "UPDATE spares SET status = 'ready', ready_at = now(), migration_level = %s"
@@ -264,7 +268,8 @@ op AS (
         finished_at = now()
     WHERE id = %(op)s
 )
-UPDATE tenants SET status = 'active', is_active = true, step = 'active'
+UPDATE tenants SET status = 'active', is_active = true, step = 'active',
+    connection_limit = %(connection_limit)s
 WHERE id = %(id)s
 RETURNING {}
 """
@@ -279,6 +284,7 @@ def hand_out(
     host: str,
     template: str,
     idempotency_key: str | None,
+    connection_limit: int | None = None,
 ) -> tuple[Tenant, str] | None:
     """Turn a ready spare of the template's current build into the tenant, in ONE transaction
     on the registry session (``ALTER DATABASE … RENAME`` and ``ALTER ROLE`` are cluster-wide
@@ -314,12 +320,19 @@ def hand_out(
                 row[5],
             )
             svc._checkpoint("spare-claimed")
-            password = _rename_into(svc, reg, claimed, name)
+            password = _rename_into(
+                svc, reg, claimed, name, connection_limit or svc.settings.tenant_connection_limit
+            )
             svc._checkpoint("spare-renamed")
             cur = reg.cursor(row_factory=class_row(Tenant))
             cur.execute(
                 sql.SQL(_ACTIVATE).format(registry.TENANT_COLUMNS),
-                {"spare": claimed.spare.id, "op": claimed.operation_id, "id": tenant_id},
+                {
+                    "spare": claimed.spare.id,
+                    "op": claimed.operation_id,
+                    "id": tenant_id,
+                    "connection_limit": connection_limit,
+                },
                 prepare=True,
             )
         # Leaving the pipeline sent the renames, the activation and COMMIT together.
@@ -339,9 +352,13 @@ def hand_out(
 
 
 def _rename_into(
-    svc: TenantService, reg: psycopg.Connection[Any], claimed: Claim, name: TenantName
+    svc: TenantService,
+    reg: psycopg.Connection[Any],
+    claimed: Claim,
+    name: TenantName,
+    connection_limit: int,
 ) -> str:
-    """Queue the renames and the role's login; returns its password."""
+    """Queue the renames, the role's login and connection limit; returns its password."""
     spare = claimed.spare
     reg.execute(
         sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
@@ -359,6 +376,7 @@ def _rename_into(
         password = scram.generate_password()
         admin.set_role_password(reg, name.role, password_verifier=svc.verifier(password))
     admin.set_role_login(reg, name.role, login=True)
+    admin.set_role_connection_limit(reg, name.role, connection_limit)
     return password
 
 
@@ -435,6 +453,8 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
             database = str(row[1])
             password = scram.generate_password()
             admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
+            # The fast handout keeps the spare role's limit: this process's default.
+            admin.set_role_connection_limit(reg, database, svc.settings.tenant_connection_limit)
             reg.execute("UPDATE spares SET keyholder = %s WHERE id = %s", (svc.instance_id, row[0]))
             # Before the commit: a handout that sees us as keyholder finds the password.
             svc.spare_secrets.put(database, password, str(row[2]))
@@ -442,7 +462,9 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
 
 
 def refill(svc: TenantService) -> None:
-    """One pass of the background refiller over the configured templates."""
+    """One pass of the background refiller over the configured templates; first it clears
+    spares left ``creating`` by a process that died (the pool would run one short)."""
+    clear_crashed(svc)
     for key, count in svc.settings.pool_spares.items():
         retire_stale(svc, key)
         if count > 0:
@@ -516,6 +538,34 @@ def is_spare_name(name: str) -> bool:
     )
 
 
+def clear_crashed(svc: TenantService) -> list[str]:
+    """Drop the spares left ``creating`` whose creator is gone (its advisory lock on the spare
+    is free), and ready spares whose database an interrupted drop left invalid (a handout would
+    fail on them), with ``repair_spare``, the doctor's own repair; returns the spares dropped."""
+    pools = svc.hosts.pools()
+    with pools.system() as reg:
+        rows = spare_rows(reg, pools.target.name)
+    ready = [r for r in rows if r.status == "ready"]
+    invalid: set[str] = set()
+    if ready:
+        with pools.admin() as adm:
+            states = admin.database_states(adm, [r.database for r in ready])
+        invalid = {name for name, st in states.items() if st.invalid}
+    cleared = []
+    for row in [r for r in rows if r.status == "creating" or r.database in invalid]:
+        if repair_spare(svc, row) == SPARE_DROPPED:
+            log.warning(
+                "dropped spare %s (%s, left by a process that died)",
+                row.database,
+                "invalid" if row.database in invalid else row.status,
+            )
+            cleared.append(row.database)
+    return cleared
+
+
+SPARE_DROPPED = "spare dropped"
+
+
 def repair_spare(svc: TenantService, row: SpareRow) -> str:
     """Drop a spare whose creator or claimer died, and its row (under the right lock)."""
     pools = svc.hosts.pools()
@@ -528,8 +578,13 @@ def repair_spare(svc: TenantService, row: SpareRow) -> str:
         if not registry.try_lock(reg, lock_name):
             return "busy, skipped"
         try:
+            # Under the lock, look again: its creator may have finished between our read and
+            # the lock (a ready spare is not a leftover).
+            now = registry.spare_status(reg, row.id)
+            if now is not None and now != row.status:
+                return f"now {now}, left alone"
             _drop_spare(pools, row.database)
             reg.execute("DELETE FROM spares WHERE id = %s", (row.id,))
         finally:
             registry.unlock(reg, lock_name)
-    return "spare dropped"
+    return SPARE_DROPPED

@@ -124,7 +124,14 @@ def _purge(
     fields: dict[str, Any] = {}
     with pools.admin() as adm:
         exists = admin.database_exists(adm, tenant.database)
-    if op.params.get("archive", True) and exists:
+        # An interrupted DROP DATABASE (disk full, crash) left it invalid: nothing can connect
+        # to it, so there is nothing to archive; it can only be dropped, which the purge wants.
+        invalid = exists and admin.is_invalid_database(adm, tenant.database)
+    if invalid:
+        log.warning(
+            "database %s of %s is invalid: dropped without archive", tenant.database, tenant.name
+        )
+    if op.params.get("archive", True) and exists and not invalid:
         fields |= _archive_fields(svc, pools, tenant)
         registry.set_operation_step(reg, op.id, "archived")
     svc._checkpoint("purge-archived")
@@ -246,7 +253,10 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                     step = "create"
                     # Owned by the tenant's role from the start: the restore runs as that role
                     # and the public schema belongs to the database owner.
-                    admin.create_database(adm, tenant.database, owner=name.role)
+                    # template0: no session can block it (see the template build).
+                    admin.create_database(
+                        adm, tenant.database, template="template0", owner=name.role
+                    )
                     svc._checkpoint("restore-created")
                     step = "restore"
                     dump.restore(pools.target, tenant.database, path, role=name.role)
@@ -262,6 +272,9 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                             db, sql.Literal(svc.ownership_mark())
                         )
                     )
+                    admin.set_role_connection_limit(adm, name.role, svc.connection_limit(gone))
+                    # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
+                    admin.set_database_settings(adm, tenant.database, svc.database_settings(gone))
                 with reg.transaction():
                     # The restored tenant keeps its identity: the purged row comes back to
                     # life (same id and created_at; its 'deleted' -> 'active' update is what

@@ -6,12 +6,20 @@ import logging
 from dataclasses import dataclass
 
 from monk.adapters.embedded import EmbeddedServer
+from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.errors import MonkError
 from monk.settings import Settings
 from monk.system.migrator import InitResult, ensure_system_database
 
 log = logging.getLogger(__name__)
+
+
+def reserved_connections(settings: Settings) -> int:
+    """Connections the embedded server keeps for monk (its superuser): one process's two pools
+    (registry, admin) and a few connections of its own beside them (template builds, health, a
+    CLI command): 20 at the default pool size, of max_connections = 100."""
+    return min(2 * settings.pool_size + 4, 60)
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class Server:
                 settings.data_dir,
                 port=settings.embedded_port,
                 durable=settings.embedded_durable,
+                reserved_connections=reserved_connections(settings),
             ),
         )
 
@@ -55,7 +64,15 @@ class Server:
     def init(self) -> tuple[ServerTarget, InitResult]:
         """Start (embedded) and bring the system database up to date; idempotent."""
         target = self.target()
-        return target, ensure_system_database(target, self.settings.system_db_name)
+        result = ensure_system_database(target, self.settings.system_db_name)
+        if self.embedded is not None:
+            # monk owns this server: tenants reach their own database only (PUBLIC may connect
+            # to postgres and template1 by default; a session there would block builds).
+            with connect(target, autocommit=True, purpose="init") as adm:
+                admin.revoke_public_connect(
+                    adm, ["postgres", "template1", self.settings.system_db_name]
+                )
+        return target, result
 
     def status(self) -> dict[str, object]:
         """What a person asks first: is it up, which version, where. Does not start anything."""

@@ -393,6 +393,18 @@ def current_build(conn: Conn, key: str, host: str) -> TemplateBuild | None:
     return rows[0] if rows else None
 
 
+def current_builds(conn: Conn, host: str) -> list[TemplateBuild]:
+    """The current build of every key on ``host``."""
+    return _fetch(conn, "host = %s AND is_current", (host,))
+
+
+def settings_by_build(conn: Conn, host: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The database settings each build (key, version) on ``host`` gives its clones."""
+    return {
+        (b.key, b.version): dict(b.database_settings) for b in _fetch(conn, "host = %s", (host,))
+    }
+
+
 def current_build_id(conn: Conn, key: str, host: str) -> UUID | None:
     """``current_build``'s id alone: what a provision checks after each clone (reading the
     whole row costs the client ~0.3 ms of CPU, its timestamps and JSON parsed)."""
@@ -621,7 +633,9 @@ def _build(
     b = _Builder(reg, build_id, UUID(str(op[0])), staging)
     try:
         b.step("create", settings, report)
-        admin.create_database(adm, staging)
+        # From template0, which no one can connect to: a session on template1 (any tenant
+        # may open one on a server monk does not own) would make CREATE DATABASE fail.
+        admin.create_database(adm, staging, template="template0")
         with connect(target, staging, purpose="template-build") as db:
             _fill(db, b, settings, plan, report)
             b.step("health", settings, report)

@@ -65,7 +65,7 @@ from monk.errors import (
 )
 from monk.service import pool, role_pool
 from monk.service import templates as template_service
-from monk.settings import Settings
+from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
 from monk.templates.source import Migration
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class TenantView:
     credentials: Credentials | None = None
     provisioned_from: str | None = None  # "pool" or "clone", in the provisioning answer
     replayed: bool = False  # the answer to a retry with the first request's Idempotency-Key
+    connection_limit: int | None = None  # the role's, the tenant's own or the default
 
     def as_dict(self) -> dict[str, Any]:
         t = self.tenant
@@ -106,6 +107,7 @@ class TenantView:
             "tenant_type": t.tenant_type,
             "role": t.role_name,
             "migration_level": t.migration_level,
+            "connection_limit": self.connection_limit,
             "created_at": _iso(t.created_at),
             "updated_at": _iso(t.updated_at),
             "trashed_at": _iso(t.trashed_at),
@@ -263,8 +265,18 @@ class TenantService:
     ) -> TenantView:
         target = self.hosts.target(tenant.host)
         return TenantView(
-            tenant, target.public_host, target.public_port, credentials, provisioned_from, replayed
+            tenant,
+            target.public_host,
+            target.public_port,
+            credentials,
+            provisioned_from,
+            replayed=replayed,
+            connection_limit=self.connection_limit(tenant),
         )
+
+    def connection_limit(self, tenant: Tenant) -> int:
+        """The CONNECTION LIMIT its role should have: its own, or the installation's."""
+        return tenant.connection_limit or self.settings.tenant_connection_limit
 
     # ------------------------------------------------------------------ queries
 
@@ -293,24 +305,35 @@ class TenantService:
         template: str = "basic",
         host: str | None = None,
         idempotency_key: str | None = None,
+        connection_limit: int | None = None,
     ) -> TenantView:
         """Create a tenant database cloned from the current build of ``template``.
 
         With ``idempotency_key``, a retry of the same request answers the tenant it made
         (``replayed``, without the password, which was shown once), and the key with other
-        parameters is refused (IdempotencyKeyReused)."""
+        parameters is refused (IdempotencyKeyReused).
+
+        ``connection_limit``: its role's own (None: ``MONK_TENANT_CONNECTION_LIMIT``)."""
         name = self.name(raw_name)
         target = self.hosts.target(host)
         pools = self.hosts.pools(target.name)
         validate_template_key(template)
         # Every parameter of the request: one Idempotency-Key stands for one request.
-        request = {"name": name.key, "template": template, "host": target.name}
+        request = {
+            "name": name.key,
+            "template": template,
+            "host": target.name,
+            "connection_limit": connection_limit,
+        }
+        _validate_connection_limit(connection_limit)
         with pools.system() as reg:
             if idempotency_key is None:
-                return self._provision(reg, pools, name, template, None)
+                return self._provision(reg, pools, name, template, None, connection_limit)
             recorded = self._remember_key(reg, idempotency_key, request)
             try:
-                return self._provision(reg, pools, name, template, idempotency_key)
+                return self._provision(
+                    reg, pools, name, template, idempotency_key, connection_limit
+                )
             except MonkError:
                 # Nothing was made: the key may name a corrected request next time.
                 if recorded and not (reg.closed or reg.broken):
@@ -343,11 +366,15 @@ class TenantService:
         name: TenantName,
         template: str,
         idempotency_key: str | None,
+        connection_limit: int | None,
     ) -> TenantView:
-        fast = self._provision_fast(reg, pools, name, template, idempotency_key)
-        if fast is not None:
-            return fast
-        gated = self._provision_gated(reg, pools, name, template, idempotency_key)
+        if connection_limit is None:
+            # A spare's role has the default limit already; an own limit takes the full
+            # path, which sets it in the handout's transaction.
+            fast = self._provision_fast(reg, pools, name, template, idempotency_key)
+            if fast is not None:
+                return fast
+        gated = self._provision_gated(reg, pools, name, template, idempotency_key, connection_limit)
         if gated is not None:
             return gated
         locked, existing, spares_ready = registry.lock_and_find(
@@ -358,7 +385,15 @@ class TenantService:
         lock = _HeldLock(name.database)
         try:
             return self._provision_locked(
-                reg, pools, name, template, idempotency_key, existing, spares_ready, lock
+                reg,
+                pools,
+                name,
+                template,
+                idempotency_key,
+                existing,
+                spares_ready,
+                lock,
+                connection_limit,
             )
         finally:
             if lock.held:
@@ -388,6 +423,7 @@ class TenantService:
         existing: Tenant | None,
         spares_ready: bool,
         lock: _HeldLock,
+        connection_limit: int | None = None,
     ) -> TenantView:
         if existing is not None and existing.status in ("provisioning", "deleting"):
             # We hold its lock, so the process that owned it is gone: finish or undo it first.
@@ -399,12 +435,14 @@ class TenantService:
             raise registry.exists_error(reg, name)
 
         if spares_ready:
-            warm = self._provision_from_pool(reg, pools, name, template, idempotency_key)
+            warm = self._provision_from_pool(
+                reg, pools, name, template, idempotency_key, connection_limit
+            )
             if warm is not None:
                 return warm
         build = self._current_build(template, pools.target, reg, cached=True)
         intent = self._record_intent(reg, pools, name, build, idempotency_key)
-        return self._provision_cold(reg, pools, name, build, intent, lock)
+        return self._provision_cold(reg, pools, name, build, intent, lock, connection_limit)
 
     def _provision_gated(
         self,
@@ -413,6 +451,7 @@ class TenantService:
         name: TenantName,
         template: str,
         idempotency_key: str | None,
+        connection_limit: int | None = None,
     ) -> TenantView | None:
         """The cold path of a free name, its lock, checks and intent in one round trip; None
         (nothing written, no lock kept) sends the caller down the full path: the name is busy
@@ -426,7 +465,7 @@ class TenantService:
             return None
         lock = _HeldLock(name.database)
         try:
-            return self._provision_cold(reg, pools, name, build, intent, lock)
+            return self._provision_cold(reg, pools, name, build, intent, lock, connection_limit)
         finally:
             if lock.held:
                 registry.unlock(reg, name.database)
@@ -558,6 +597,7 @@ class TenantService:
         build: template_service.TemplateBuild,
         intent: _Intent,
         lock: _HeldLock,
+        connection_limit: int | None = None,
     ) -> TenantView:
         """Clone, role, configure and activate behind a recorded intent (lock held); any
         failure undoes it all."""
@@ -568,6 +608,7 @@ class TenantService:
             intent.template_in_use,
         )
         self._checkpoint("intent")
+        role_limit = connection_limit or self.settings.tenant_connection_limit
         step = "clone"
         try:
             # The role does not depend on the database: make it while the clone runs, on the
@@ -616,7 +657,7 @@ class TenantService:
             step = "configure"
             if not shared_wal:
                 with pools.admin() as adm:
-                    self._configure(adm, name.database, name.role, build)
+                    self._configure(adm, name.database, name.role, build, role_limit)
                 registry.set_step(reg, tenant.id, "configured")
 
             # One round trip: on one server, configuring the database (ownership, rights,
@@ -638,9 +679,10 @@ class TenantService:
                     op,
                     migration_level=level,
                     template_version=build.version,
-                    configure=self._configure_args(name.database, name.role, build)
+                    configure=self._configure_args(name.database, name.role, build, role_limit)
                     if shared_wal
                     else None,
+                    connection_limit=connection_limit,
                 )
                 self._checkpoint("configured")  # sent, not committed
             lock.held = False
@@ -706,6 +748,7 @@ class TenantService:
         name: TenantName,
         template: str,
         idempotency_key: str | None,
+        connection_limit: int | None = None,
     ) -> TenantView | None:
         """Serve from a ready spare of the template's current build; None when there is none
         (or the handout failed and was undone): the caller then clones cold."""
@@ -717,6 +760,7 @@ class TenantService:
             host=pools.target.name,
             template=template,
             idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
         )
         if handed is None:
             return None
@@ -786,7 +830,10 @@ class TenantService:
         def attempt() -> None:
             nonlocal cloning, look_for_sessions
             if look_for_sessions and admin.sessions_on(adm, cloning.database):
-                admin.terminate_sessions(adm, cloning.database)
+                # Someone opened the template (a session cannot start on a closed one): close
+                # it again, then end the sessions, or the next one would start right away.
+                admin.revoke_public_connect(adm, [cloning.database])
+                admin.close_database(adm, cloning.database, as_template=True)
             look_for_sessions = True
             try:
                 admin.create_database(adm, database, template=cloning.database, owner=owner)
@@ -875,7 +922,12 @@ class TenantService:
         password = scram.generate_password()
         # A role left by a crashed attempt on this very name: we hold the name, it is ours.
         admin.drop_role(adm, role)
-        admin.create_role(adm, role, password_verifier=self.verifier(password))
+        admin.create_role(
+            adm,
+            role,
+            password_verifier=self.verifier(password),
+            connection_limit=self.settings.tenant_connection_limit,
+        )
         adm.execute(
             sql.SQL("COMMENT ON ROLE {} IS {}").format(
                 sql.Identifier(role), sql.Literal(self.ownership_mark())
@@ -900,6 +952,7 @@ class TenantService:
         database: str,
         role: str,
         build: template_service.TemplateBuild,
+        connection_limit: int,
     ) -> None:
         """Ownership, connect rights, settings and the ownership mark: a clone copies none of
         them. One transaction, so a crash leaves all or none. Every object inside a template is
@@ -909,17 +962,28 @@ class TenantService:
             # Flushed by the registry's final synchronous commit (one server, one WAL).
             adm.execute("SET LOCAL synchronous_commit = off")
             self._configure_statements(adm, database, role, build)
+            admin.set_role_connection_limit(adm, role, connection_limit)
 
     def _configure_args(
-        self, database: str, role: str, build: template_service.TemplateBuild
-    ) -> tuple[str, str, str, dict[str, str]]:
+        self,
+        database: str,
+        role: str,
+        build: template_service.TemplateBuild,
+        connection_limit: int,
+    ) -> tuple[str, str, str, dict[str, str], int]:
         """``_configure`` as the arguments of the system database's function
         ``configure_tenant_database``, which runs the same statements on the registry session
         (in the activation's statement), validated here as the client-side path does."""
         validate_database_name(database)
         validate_role_name(role)
         admin.validate_setting_names(build.database_settings)
-        return database, role, self.ownership_mark(), dict(build.database_settings)
+        return (
+            database,
+            role,
+            self.ownership_mark(),
+            dict(build.database_settings),
+            connection_limit,
+        )
 
     def _configure_statements(
         self,
@@ -1056,11 +1120,38 @@ class TenantService:
                 )
             return self.view(tenant, Credentials(tenant.role_name, password))
 
-    def update(self, raw_name: str, *, is_active: bool | None = None) -> TenantView:
-        """PATCH: the editable fields (today: active or not)."""
+    def update(
+        self,
+        raw_name: str,
+        *,
+        is_active: bool | None = None,
+        connection_limit: int | None = None,
+        default_connection_limit: bool = False,
+    ) -> TenantView:
+        """PATCH: the editable fields: active or not, the role's connection limit (its own, or
+        back to the default with ``default_connection_limit``)."""
+        _validate_connection_limit(connection_limit)
+        view = None
+        if connection_limit is not None or default_connection_limit:
+            view = self.set_connection_limit(raw_name, connection_limit)
         if is_active is None:
-            return self.view(self.get(raw_name))
+            return view or self.view(self.get(raw_name))
         return self.enable(raw_name) if is_active else self.disable(raw_name)
+
+    def set_connection_limit(self, raw_name: str, limit: int | None) -> TenantView:
+        """The tenant's own connection limit (None: the default), on its role and its row."""
+        _validate_connection_limit(limit)
+        with self._locked(raw_name) as (reg, pools, tenant):
+            _require(tenant, "change the connection limit of", "active", "disabled", "trashed")
+            with reg.transaction():
+                tenant = registry.update(reg, tenant.id, connection_limit=limit)
+                if tenant.role_name:
+                    with pools.admin() as adm:
+                        if admin.role_exists(adm, tenant.role_name):
+                            admin.set_role_connection_limit(
+                                adm, tenant.role_name, self.connection_limit(tenant)
+                            )
+            return self.view(tenant)
 
     def _close(self, pools: ServerPools, tenant: Tenant) -> None:
         """No new connections, its sessions ended, its role unable to log in."""
@@ -1076,15 +1167,51 @@ class TenantService:
                     f"database {tenant.database} of tenant {tenant.name!r} is missing; "
                     "run 'monk doctor'"
                 )
-            adm.execute(
-                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-                    sql.Identifier(tenant.database), sql.Literal(is_open)
+            # An interrupted DROP DATABASE left it invalid: it refuses ALTER DATABASE and every
+            # connection; it can be closed (its role) but not opened.
+            invalid = admin.is_invalid_database(adm, tenant.database)
+            if invalid and is_open:
+                raise InvalidState(
+                    f"database {tenant.database} of tenant {tenant.name!r} is invalid (an "
+                    "interrupted DROP DATABASE); run 'monk doctor --repair'"
                 )
-            )
+            if not invalid:
+                admin.set_allow_connections(adm, tenant.database, is_open)
             if tenant.role_name and admin.role_exists(adm, tenant.role_name):
                 admin.set_role_login(adm, tenant.role_name, login=is_open)
+            if not is_open and not invalid:
+                admin.terminate_sessions(adm, tenant.database)
+
+    def database_settings(self, tenant: Tenant) -> dict[str, str]:
+        """The database settings of the build the tenant was cloned from ({} if unknown)."""
+        with self.hosts.pools(tenant.host).system() as reg:
+            by_build = template_service.settings_by_build(reg, self.hosts.target(tenant.host).name)
+        return by_build.get((tenant.template_key or "", tenant.template_version or ""), {})
+
+    def restore_access(self, tenant: Tenant) -> str:
+        """Put back what monk set on the tenant's database and role (``monk doctor --repair``):
+        the role owns the database, no one but it and monk's admin has a grant, connections
+        allowed and LOGIN as its status says, the role's connection limit. The caller holds
+        the tenant's lock."""
+        pools = self.hosts.pools(tenant.host)
+        is_open = tenant.status == "active"
+        role = tenant.role_name
+        with pools.admin() as adm:
+            state = admin.database_states(adm, [tenant.database]).get(tenant.database)
+            if state is None or state.invalid or role is None:
+                return "nothing to restore (database missing or invalid, or no role)"
+            if not admin.role_exists(adm, role):
+                return "nothing to restore (its role is missing)"
+            keep = {role, admin.current_role(adm)}
+            others = sorted({grantee for grantee, _ in state.grants} - keep)
+            admin.reset_database_access(adm, tenant.database, role, revoke_from=others)
+            admin.set_database_settings(adm, tenant.database, self.database_settings(tenant))
+            admin.set_allow_connections(adm, tenant.database, is_open)
+            admin.set_role_login(adm, role, login=is_open)
+            admin.set_role_connection_limit(adm, role, self.connection_limit(tenant))
             if not is_open:
                 admin.terminate_sessions(adm, tenant.database)
+        return f"restored as {tenant.status}"
 
     # ------------------------------------------------------------------ fault injection
 
@@ -1094,6 +1221,14 @@ class TenantService:
             sys.stderr.write(f"monk: paused at {step}\n")
             sys.stderr.flush()
             time.sleep(3600)
+
+
+def _validate_connection_limit(limit: int | None) -> None:
+    if limit is not None and not 1 <= limit <= MAX_TENANT_CONNECTION_LIMIT:
+        raise InvalidRequest(
+            f"connection limit must be between 1 and {MAX_TENANT_CONNECTION_LIMIT}, not {limit}",
+            field="connection_limit",
+        )
 
 
 def _require(tenant: Tenant, action: str, *allowed: str) -> None:

@@ -93,7 +93,10 @@ def _create_database_if_missing(target: ServerTarget, system_db: str) -> bool:
         if exists:
             return False
         try:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(system_db)))
+            # template0: a session on template1 (tenants may hold one) cannot block start-up.
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(system_db))
+            )
         except psycopg.errors.DuplicateDatabase:
             return False  # another monk process won the race: same outcome
         except psycopg.errors.UniqueViolation:

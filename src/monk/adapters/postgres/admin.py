@@ -8,7 +8,8 @@ caller decides how long a connection lives. PostgreSQL errors become monk errors
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -69,6 +70,163 @@ def terminate_sessions(conn: Conn, dbname: str) -> int:
     return len(rows)
 
 
+# pg_database.datconnlimit of a database an interrupted DROP DATABASE left behind (PostgreSQL
+# 15.4+/16+): it can only be dropped; ALTER DATABASE and connections are refused.
+INVALID_DATCONNLIMIT = -2
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    """What the server really has for a database, to compare with what monk set."""
+
+    name: str
+    allow_connections: bool
+    connection_limit: int
+    is_template: bool
+    owner: str
+    comment: str | None
+    # (grantee, privilege) from the effective ACL (NULL means the defaults: PUBLIC may
+    # CONNECT and TEMPORARY); grantee "PUBLIC" for the public pseudo-role.
+    grants: frozenset[tuple[str, str]]
+    # ALTER DATABASE … SET values (for every role), by lower-cased name
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def invalid(self) -> bool:
+        return self.connection_limit == INVALID_DATCONNLIMIT
+
+    def public_may_connect(self) -> bool:
+        return ("PUBLIC", "CONNECT") in self.grants
+
+
+@dataclass(frozen=True)
+class RoleState:
+    name: str
+    can_login: bool
+    connection_limit: int
+    comment: str | None
+
+
+def database_states(conn: Conn, names: Iterable[str] | None = None) -> dict[str, DatabaseState]:
+    """Each database's (or those of ``names``') connection flag, limit, owner, mark and
+    grants, in one query."""
+    wanted = None if names is None else list(names)
+    rows = conn.execute(
+        "SELECT d.datname, d.datallowconn, d.datconnlimit, d.datistemplate,"
+        " pg_get_userbyid(d.datdba), shobj_description(d.oid, 'pg_database'),"
+        " coalesce((SELECT array_agg(ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC'"
+        " ELSE pg_get_userbyid(a.grantee) END, a.privilege_type])"
+        " FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) AS a), '{}'),"
+        " (SELECT s.setconfig FROM pg_db_role_setting s"
+        " WHERE s.setdatabase = d.oid AND s.setrole = 0)"
+        " FROM pg_database d WHERE %s::text[] IS NULL OR d.datname = ANY(%s::text[])",
+        (wanted, wanted),
+    ).fetchall()
+    out = {}
+    for name, allow, limit, is_template, owner, comment, grants, config in rows:
+        settings = {}
+        for item in config or ():  # type: ignore[attr-defined]
+            key, _, value = str(item).partition("=")
+            settings[key.lower()] = value
+        out[str(name)] = DatabaseState(
+            name=str(name),
+            allow_connections=bool(allow),
+            connection_limit=int(str(limit)),
+            is_template=bool(is_template),
+            owner=str(owner),
+            comment=None if comment is None else str(comment),
+            grants=frozenset((str(g[0]), str(g[1])) for g in grants or ()),  # type: ignore[attr-defined]
+            settings=settings,
+        )
+    return out
+
+
+def role_states(conn: Conn) -> dict[str, RoleState]:
+    rows = conn.execute(
+        "SELECT rolname, rolcanlogin, rolconnlimit, shobj_description(oid, 'pg_authid')"
+        " FROM pg_roles"
+    ).fetchall()
+    return {
+        str(name): RoleState(
+            str(name), bool(login), int(str(limit)), None if comment is None else str(comment)
+        )
+        for name, login, limit, comment in rows
+    }
+
+
+def reset_database_access(
+    conn: Conn, database: str, owner: str, *, revoke_from: Iterable[str]
+) -> None:
+    """What monk sets on a tenant database, back: ``owner`` owns it, every privilege of the
+    grantees ``revoke_from`` ("PUBLIC" included) revoked, CONNECT and TEMPORARY for the owner,
+    CONNECT for monk's admin."""
+    validate_database_name(database)
+    validate_role_name(owner)
+    db, role = sql.Identifier(database), sql.Identifier(owner)
+    conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, role))
+    for grantee in revoke_from:
+        who = sql.SQL("PUBLIC") if grantee == "PUBLIC" else sql.Identifier(grantee)
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(db, who))
+    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, role))
+    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
+
+
+def current_role(conn: Conn) -> str:
+    row = conn.execute("SELECT current_user").fetchone()
+    return str(row[0]) if row else ""
+
+
+def is_invalid_database(conn: Conn, name: str) -> bool:
+    row = conn.execute(
+        "SELECT datconnlimit FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    return row is not None and int(str(row[0])) == INVALID_DATCONNLIMIT
+
+
+def revoke_public_connect(conn: Conn, databases: Iterable[str]) -> list[str]:
+    """REVOKE CONNECT … FROM PUBLIC on each existing database that grants it; returns which
+    did (idempotent: a second call revokes nothing)."""
+    revoked = []
+    for name in databases:
+        validate_database_name(name)
+        row = conn.execute(
+            "SELECT has_database_privilege('public', oid, 'CONNECT') FROM pg_database"
+            " WHERE datname = %s",
+            (name,),
+        ).fetchone()
+        if row is not None and row[0]:
+            conn.execute(
+                sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+                    sql.Identifier(name)
+                )
+            )
+            revoked.append(name)
+    return revoked
+
+
+def reserved_connections(conn: Conn) -> dict[str, object]:
+    """What keeps connections for monk when tenants saturate the server: the superuser and
+    (PostgreSQL 16+) pg_use_reserved_connections reserves, and whether monk's admin may use
+    them."""
+    row = conn.execute(
+        "SELECT current_setting('max_connections')::int,"
+        " current_setting('superuser_reserved_connections')::int,"
+        " coalesce(current_setting('reserved_connections', true), '0')::int,"
+        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),"
+        # CASE: the role exists from PostgreSQL 16 on only, and pg_has_role fails without it.
+        " CASE WHEN to_regrole('pg_use_reserved_connections') IS NULL THEN false"
+        " ELSE pg_has_role(current_user, 'pg_use_reserved_connections', 'USAGE') END"
+    ).fetchone()
+    assert row is not None
+    return {
+        "max_connections": int(str(row[0])),
+        "superuser_reserved": int(str(row[1])),
+        "reserved": int(str(row[2])),
+        "superuser": bool(row[3]),
+        "may_use_reserved": bool(row[4]),
+    }
+
+
 def create_database(
     conn: Conn, name: str, *, template: str | None = None, owner: str | None = None
 ) -> None:
@@ -93,8 +251,10 @@ def create_database(
     except psycopg.errors.InvalidCatalogName:
         raise DatabaseMissing(f"template database {template!r} does not exist") from None
     except psycopg.errors.ObjectInUse as exc:
+        # No TEMPLATE clause clones template1.
+        source = template or "template1"
         raise TemplateBusy(
-            f"template database {template!r} is in use by other sessions", template=template
+            f"template database {source!r} is in use by other sessions", template=source
         ) from exc
 
 
@@ -105,8 +265,15 @@ def drop_database(conn: Conn, name: str, *, force: bool = True, missing_ok: bool
         if missing_ok:
             return False
         raise DatabaseMissing(f"database {name!r} does not exist")
-    # A template database cannot be dropped (42809) until it is an ordinary one again.
-    conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
+    row = conn.execute(
+        "SELECT datistemplate, datconnlimit FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    # A template database cannot be dropped (42809) until it is an ordinary one again; an
+    # invalid one (an interrupted drop) refuses every ALTER but can be dropped as it is.
+    if row is not None and row[0] and int(str(row[1])) != INVALID_DATCONNLIMIT:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name))
+        )
     query = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
     if force:
         query += sql.SQL(" WITH (FORCE)")
@@ -165,15 +332,23 @@ def set_database_settings(conn: Conn, name: str, settings: Mapping[str, str]) ->
         )
 
 
-def create_role(conn: Conn, name: str, *, password_verifier: str, login: bool = True) -> None:
+def create_role(
+    conn: Conn,
+    name: str,
+    *,
+    password_verifier: str,
+    login: bool = True,
+    connection_limit: int = -1,
+) -> None:
     """A role whose password is given as a SCRAM verifier: no plaintext reaches the server
     (nor its logs)."""
     validate_role_name(name)
     try:
         conn.execute(
-            sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(
+            sql.SQL("CREATE ROLE {} {} CONNECTION LIMIT {} PASSWORD {}").format(
                 sql.Identifier(name),
                 sql.SQL("LOGIN" if login else "NOLOGIN"),
+                sql.Literal(int(connection_limit)),
                 sql.Literal(password_verifier),
             )
         )
@@ -195,6 +370,24 @@ def set_role_login(conn: Conn, name: str, *, login: bool) -> None:
     conn.execute(
         sql.SQL("ALTER ROLE {} {}").format(
             sql.Identifier(name), sql.SQL("LOGIN" if login else "NOLOGIN")
+        )
+    )
+
+
+def set_role_connection_limit(conn: Conn, name: str, limit: int) -> None:
+    validate_role_name(name)
+    conn.execute(
+        sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
+            sql.Identifier(name), sql.Literal(int(limit))
+        )
+    )
+
+
+def set_allow_connections(conn: Conn, name: str, allow: bool) -> None:
+    validate_database_name(name)
+    conn.execute(
+        sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(name), sql.Literal(allow)
         )
     )
 

@@ -62,7 +62,11 @@ def create_tenant(
     started = time.perf_counter()
     try:
         view = rt.tenants.provision(
-            body.name, template=body.template, host=body.host, idempotency_key=idempotency_key
+            body.name,
+            template=body.template,
+            host=body.host,
+            idempotency_key=idempotency_key,
+            connection_limit=body.connection_limit,
         )
     except MonkError as exc:
         rt.metrics.provisions.labels(result=exc.code).inc()
@@ -88,7 +92,14 @@ def get_tenant(rt: RuntimeDep, _: Root, name: str, include_deleted: bool = False
 
 @router.patch("/{name}", summary="Edit a tenant (is_active: enable or disable)", responses=CHANGE)
 def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.update(name, is_active=body.is_active), rt.settings))
+    limit_given = "connection_limit" in body.model_fields_set
+    view = rt.tenants.update(
+        name,
+        is_active=body.is_active,
+        connection_limit=body.connection_limit,
+        default_connection_limit=limit_given and body.connection_limit is None,
+    )
+    return Ok(data=_out(view, rt.settings))
 
 
 @router.put(
