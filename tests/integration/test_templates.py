@@ -389,3 +389,40 @@ def test_prune_forgets_failed_builds_but_the_latest(
         left = reg.execute("SELECT id FROM template_builds WHERE key = %s", (key,)).fetchall()
     assert left == [failed[2]]
     assert ts.prune(installed, settings, key) == []
+
+
+def test_extensions_are_created_at_build_and_copied_into_clones(
+    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    manifest = read_json(path / "template.json")
+    write_json(path / "template.json", manifest | {"extensions": ["citext", "pg_trgm"]})
+    (path / "migrations").mkdir()
+    (path / "migrations/0001_search.sql").write_text(
+        "CREATE UNIQUE INDEX account_email_ci ON account ((email::citext));\n"
+        "CREATE INDEX account_name_trgm ON account USING gin (name gin_trgm_ops);\n"
+    )
+    build = ts.build(installed, settings, key, source_dir=path)
+    with scratch_clone(admin_url, build.database) as clone:
+        names = {r[0] for r in clone.execute("SELECT extname FROM pg_extension").fetchall()}
+        assert {"citext", "pg_trgm"} <= names
+        assert clone.execute("SELECT 'Acme'::citext = 'ACME'::citext").fetchone() == (True,)
+        assert clone.execute("SELECT similarity('acme corp', 'acme corps') > 0.5").fetchone() == (
+            True,
+        )
+
+
+def test_an_extension_the_server_lacks_fails_the_build_by_name(
+    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    manifest = read_json(path / "template.json")
+    write_json(path / "template.json", manifest | {"extensions": ["citext", "monk_no_such_ext"]})
+    with pytest.raises(InvalidTemplateSource) as caught:
+        ts.build(installed, settings, key, source_dir=path)
+    message = str(caught.value)
+    assert "'monk_no_such_ext'" in message
+    assert "citext" not in message.split("extension", 1)[1]
+    assert installed.name in message
+    assert staging_databases(admin_url, key) == []
+    assert ts.list_builds(installed, settings, key) == []

