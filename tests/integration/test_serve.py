@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+from monk.adapters.embedded import EmbeddedServer
 from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
 from tests.integration.test_events import Receiver
@@ -90,3 +95,67 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
     assert "monk token --root" in out
     # a clean stop drops the spare roles whose passwords only it knew
     assert spare_roles(env) == {"registry": spare_roles_before, "server": spare_roles_before}
+
+
+def _wait_health(base: str, ok: Callable[[dict[str, Any]], bool], within: float) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(f"{base}/health", timeout=2)
+            if answer.status_code == 200 and ok(answer.json()["data"]):
+                return dict(answer.json()["data"])
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"/health did not become ready within {within} s")
+
+
+def test_serve_restarts_its_embedded_server_after_kill9(tmp_path: Path) -> None:
+    # Its own embedded server (in CI's external-server pass too): this test kills it.
+    data_dir = tmp_path / "monk-data"
+    pg_port, port = free_port(), free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")} | {
+        "MONK_DATA_DIR": str(data_dir),
+        "MONK_EMBEDDED_PORT": str(pg_port),
+        "MONK_EMBEDDED_DURABLE": "false",
+        "MONK_POOL_SPARES": "{}",
+        "MONK_POOL_ROLES": "0",
+    }
+    proc = subprocess.Popen(
+        [MONK_BIN, "serve", "--port", str(port), "--templates", "empty"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert _wait_health(base, lambda h: True, 120)["server_restarts"] == 0
+        pidfile = data_dir / "pgdata" / "postmaster.pid"
+        killed = int(pidfile.read_text().split()[0])
+        os.kill(killed, signal.SIGKILL)
+        started = time.monotonic()
+        health = _wait_health(base, lambda h: h["server_restarts"] == 1, 15)
+        assert time.monotonic() - started < 10
+        assert f"pid {killed}" in health["last_restart_reason"]
+        assert health["last_restart_at"]
+        assert int(pidfile.read_text().split()[0]) != killed
+        token = subprocess.run(
+            [MONK_BIN, "token", "--root"], env=environ, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        deadline = time.monotonic() + 10
+        while True:  # the pools drop the connections the old server took with it
+            listed = httpx.get(
+                f"{base}/api/root/tenant", headers={"Authorization": f"Bearer {token}"}, timeout=10
+            )
+            if listed.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert listed.status_code == 200, listed.text
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'monk_embedded_server_restarts_total{result="ok"} 1.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        EmbeddedServer(data_dir, port=pg_port).stop()
+    assert "embedded server restarted" in out
