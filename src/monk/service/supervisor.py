@@ -93,8 +93,9 @@ class Supervisor:
             last_start = time.monotonic()
             try:
                 self.server.ensure_running()
-            except MonkError as exc:
-                log.error("embedded server restart failed (%s): %s", reason, exc.message)
+            except Exception as exc:  # a full disk also fails as OSError (writing monk.conf)
+                message = exc.message if isinstance(exc, MonkError) else str(exc)
+                log.error("embedded server restart failed (%s): %s", reason, message)
                 with self._lock:
                     self._failed += 1
                 self._notify(False)
