@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -239,3 +240,15 @@ def test_a_cluster_of_root_owned_files_is_handed_over(embedded: Embedded) -> Non
         assert conn.execute("SELECT v FROM kept").fetchone() == (3,)
     assert (embedded.data_dir / "pgdata" / "base").stat().st_uid != 0
     assert (embedded.data_dir / "admin_password").stat().st_uid == 0
+
+
+def test_a_removed_cluster_is_made_again(embedded: Embedded) -> None:
+    # Its run/ folder is the server's by then: initdb must still read the password it gets.
+    assert embedded.run("init").returncode == 0
+    assert embedded.run("db", "stop").returncode == 0
+    shutil.rmtree(embedded.data_dir / "pgdata")
+    (embedded.data_dir / "admin_password").unlink()
+    again = embedded.run("init")
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(embedded.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -223,6 +223,8 @@ class EmbeddedServer:
         # admin_password itself stays root's.
         pwfile = self.socket_dir / "initdb.pw"
         _write_private(pwfile, password + "\n")
+        if os.geteuid() == 0:
+            os.chown(pwfile, *server_ids())
         try:
             self._run(
                 [
