@@ -223,8 +223,7 @@ class EmbeddedServer:
         # admin_password itself stays root's.
         pwfile = self.socket_dir / "initdb.pw"
         _write_private(pwfile, password + "\n")
-        if os.geteuid() == 0:
-            os.chown(pwfile, *server_ids())
+        self._give(pwfile)
         try:
             self._run(
                 [
@@ -246,6 +245,7 @@ class EmbeddedServer:
         with (scratch / "postgresql.conf").open("a") as conf:
             conf.write("\n# monk writes its settings here at every start\n")
             conf.write("include_if_exists = 'monk.conf'\n")
+        self._give(scratch / "postgresql.conf")
         # The password lands first: a cluster in place always has its password beside it.
         pending_password.replace(self.password_file)
         scratch.replace(self.pgdata)
@@ -268,8 +268,7 @@ class EmbeddedServer:
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
         conf = self.pgdata / "monk.conf"
         _write_private(conf, text)
-        if os.geteuid() == 0:
-            os.chown(conf, *server_ids())
+        self._give(conf)
 
     def _start(self) -> None:
         self._clear_stale_locks()
@@ -368,6 +367,12 @@ class EmbeddedServer:
         )
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *drop]
 
+    @staticmethod
+    def _give(path: Path) -> None:
+        """A file monk writes for the server (a new one is root's, 0600) goes to its uid."""
+        if os.geteuid() == 0:
+            os.chown(path, *server_ids())
+
     def _hand_over(self, pgdata: Path) -> None:
         """Give the server's uid what it writes: the cluster, run/ and the log. A cluster made
         by an older monk (root's files) is handed over here too."""
@@ -382,7 +387,13 @@ class EmbeddedServer:
 
     def _run(self, argv: list[str], *, pgdata: Path | None = None) -> None:
         pgdata = pgdata or self.pgdata
-        self._hand_over(pgdata)
+        try:
+            self._hand_over(pgdata)
+        except OSError as exc:
+            raise ConfigError(
+                f"MONK_DATA_DIR {self.data_dir}: cannot hand {pgdata} to the server's user: "
+                f"{exc.strerror or exc}"
+            ) from None
         cmd = self._command(argv, pgdata)
         log.debug("running %s", shlex.join(cmd))
         try:
