@@ -21,6 +21,7 @@ from monk.core.template_names import retired_db_name, template_db_name
 from monk.errors import InvalidTemplateSource, TemplateInUse, TemplateNotFound
 from monk.service import templates as ts
 from monk.service.server import Server
+from monk.service.tenants import TenantService
 from monk.settings import Settings
 from monk.templates.source import content_hash, load_source, resolve_parents
 from tests.integration.template_support import (
@@ -410,6 +411,17 @@ def test_extensions_are_created_at_build_and_copied_into_clones(
         assert clone.execute("SELECT similarity('acme corp', 'acme corps') > 0.5").fetchone() == (
             True,
         )
+    # A tenant's own role uses them in its database.
+    with TenantService(settings, installed) as service:
+        made = service.provision(f"Ext {uuid.uuid4().hex[:8]}", template=key).as_dict()
+    try:
+        with psycopg.connect(made["connection_url"], autocommit=True) as conn:
+            conn.execute("CREATE TABLE handles (h citext PRIMARY KEY)")
+            conn.execute("INSERT INTO handles VALUES ('Acme')")
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("INSERT INTO handles VALUES ('ACME')")
+    finally:
+        drop_databases(admin_url, [made["database"]])
 
 
 def test_an_extension_the_server_lacks_fails_the_build_by_name(
