@@ -252,3 +252,22 @@ def test_a_removed_cluster_is_made_again(embedded: Embedded) -> None:
     assert again.returncode == 0, again.stderr
     with psycopg.connect(embedded.url()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_cluster_with_its_wal_elsewhere_runs(embedded: Embedded, tmp_path: Path) -> None:
+    # initdb --waldir makes pg_wal a link; the server must reach (and own) its target too.
+    assert embedded.run("init").returncode == 0
+    assert embedded.run("db", "stop").returncode == 0
+    pg_wal = embedded.data_dir / "pgdata" / "pg_wal"
+    wal_dir = tmp_path / "elsewhere" / "wal"
+    wal_dir.parent.mkdir(mode=0o700)
+    shutil.move(pg_wal, wal_dir)
+    pg_wal.symlink_to(wal_dir)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "0:0", str(wal_dir)], check=True)
+    again = embedded.run("init")
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(embedded.url(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT generate_series(1, 1000) AS v")
+        conn.execute("CHECKPOINT")
+    assert any(wal_dir.iterdir())

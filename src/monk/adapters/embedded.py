@@ -362,9 +362,8 @@ class EmbeddedServer:
             # The real paths must be passable: the data dir is opened to traversal only.
             self.data_dir.chmod(0o711)
             return drop
-        script = _namespace_script(
-            [pgdata, self.socket_dir, self.log_file, *install_paths()], uid, gid
-        )
+        targets = [pgdata, *_linked_dirs(pgdata), self.socket_dir, self.log_file]
+        script = _namespace_script([*targets, *install_paths()], uid, gid)
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *drop]
 
     @staticmethod
@@ -374,14 +373,15 @@ class EmbeddedServer:
             os.chown(path, *server_ids())
 
     def _hand_over(self, pgdata: Path) -> None:
-        """Give the server's uid what it writes: the cluster, run/ and the log. A cluster made
-        by an older monk (root's files) is handed over here too."""
+        """Give the server's uid what it writes: the cluster (with its linked pg_wal and
+        tablespaces), run/ and the log. A cluster made by an older monk (root's files) is
+        handed over here too."""
         if os.geteuid() != 0:
             return
         uid, gid = server_ids()
         if not self.log_file.exists():
             _write_private(self.log_file, "")
-        for path in (pgdata, self.socket_dir, self.log_file):
+        for path in (pgdata, *_linked_dirs(pgdata), self.socket_dir, self.log_file):
             if path.exists() and path.stat().st_uid != uid:
                 _chown_tree(path, uid, gid)
 
@@ -416,33 +416,47 @@ def _namespace_script(targets: list[Path], uid: int, gid: int) -> str:
     """A shell script, run as root in a fresh mount namespace, that makes each of ``targets``
     reachable by ``uid`` at its real path, then execs its arguments.
 
-    For each target behind a folder ``uid`` cannot pass, the script opens the target first,
-    lays a tmpfs over the topmost such folder, recreates the chain of folders down to the
-    target (0755, empty) and bind-mounts the opened target there (``/proc/self/fd``, since
-    the tmpfs now hides its old path). Everything else in those folders stays out of sight.
+    For each target behind a folder ``uid`` cannot pass, the script opens the topmost such
+    folder, lays a tmpfs over it, recreates the chain of folders down to the target (0755,
+    empty) and bind-mounts the target there, reached through the opened folder
+    (``/proc/self/fd/N/…``: the tmpfs hides its old path). Everything else stays out of sight.
     """
-    opens: list[str] = []
-    binds: list[str] = []
-    blocked: set[Path] = set()
-    for fd, target in enumerate(targets, start=3):
-        top = _first_impassable(target, uid, gid)
-        if top is None:
-            continue
-        blocked.add(top)
+    needed = [(t, top) for t in targets if (top := _first_impassable(t, uid, gid)) is not None]
+    blocked = {top for _, top in needed}
+    tops = sorted(p for p in blocked if not any(p != o and p.is_relative_to(o) for o in blocked))
+    if len(tops) > 7:  # sh redirects file descriptors 3 to 9
+        raise ConfigError(
+            f"the embedded server's files are behind {len(tops)} folders it cannot pass; "
+            "keep MONK_DATA_DIR and the cluster's linked folders under fewer of them"
+        )
+    fds = {top: fd for fd, top in enumerate(tops, start=3)}
+    lines = ["set -e", "umask 022"]
+    lines += [f"exec {fd}< {shlex.quote(str(top))}" for top, fd in fds.items()]
+    lines += [
+        f"mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev monk-embedded {shlex.quote(str(top))}"
+        for top in tops
+    ]
+    for target, _ in sorted(needed, key=lambda pair: len(pair[0].parts)):
+        top = next(o for o in tops if target.is_relative_to(o))
+        source = f"/proc/self/fd/{fds[top]}/{target.relative_to(top)}"
         q = shlex.quote(str(target))
-        opens.append(f"exec {fd}< {q}")
-        make = (
+        lines.append(
             f"mkdir -p {q}"
             if target.is_dir()
             else f"mkdir -p {shlex.quote(str(target.parent))} && : > {q}"
         )
-        binds += [make, f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q}", f"exec {fd}<&-"]
-    tops = [p for p in blocked if not any(p != o and p.is_relative_to(o) for o in blocked)]
-    overlays = [
-        f"mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev monk-embedded {shlex.quote(str(p))}"
-        for p in sorted(tops)
-    ]
-    return "\n".join(["set -e", "umask 022", *opens, *overlays, *binds, 'exec "$@"'])
+        lines.append(f"mount --no-canonicalize --bind {shlex.quote(source)} {q}")
+    lines += [f"exec {fd}<&-" for fd in fds.values()]
+    return "\n".join([*lines, 'exec "$@"'])
+
+
+def _linked_dirs(pgdata: Path) -> list[Path]:
+    """The cluster's folders that live elsewhere: pg_wal (``initdb --waldir``), tablespaces."""
+    if not pgdata.is_dir():
+        return []
+    tablespaces = pgdata / "pg_tblspc"
+    links = [pgdata / "pg_wal", *(sorted(tablespaces.iterdir()) if tablespaces.is_dir() else [])]
+    return [Path(os.path.realpath(link)) for link in links if link.is_symlink()]
 
 
 def _first_impassable(path: Path, uid: int, gid: int) -> Path | None:
