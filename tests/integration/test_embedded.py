@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,3 +186,88 @@ def test_unwritable_data_dir_is_one_clear_error(tmp_path: Path) -> None:
     assert "MONK_DATA_DIR" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (blocker / "data").exists()
+
+
+def _uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    [line] = [x for x in status.splitlines() if x.startswith("Uid:")]
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop happens only when monk is root")
+def test_the_server_runs_unprivileged_and_cannot_read_roots_files(embedded: Embedded) -> None:
+    assert embedded.run("init").returncode == 0
+    [pid] = embedded.postmasters()
+    assert _uid_of(pid) != 0
+    children = subprocess.run(
+        ["ps", "--ppid", str(pid), "-o", "uid="], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert children
+    assert all(int(uid) != 0 for uid in children)
+    # A root-only file in a folder anyone may pass: only the file's mode protects it.
+    fd, secret = tempfile.mkstemp(dir="/var/tmp")
+    os.write(fd, b"root only\n")
+    os.close(fd)
+    os.chmod(secret, 0o600)
+    (embedded.data_dir / "jwt_secret").write_text("signing key\n")
+    (embedded.data_dir / "jwt_secret").chmod(0o600)
+    try:
+        with psycopg.connect(embedded.url(), autocommit=True) as conn:
+            assert conn.execute("SELECT pg_read_file('/etc/hostname')").fetchone()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="Permission denied"):
+                conn.execute("SELECT pg_read_file(%s)", (secret,))
+            # monk's secrets beside the cluster are out of the server's sight altogether.
+            for name in ("admin_password", "jwt_secret"):
+                with pytest.raises(psycopg.DatabaseError, match=r"No such file|Permission denied"):
+                    conn.execute("SELECT pg_read_file(%s)", (str(embedded.data_dir / name),))
+    finally:
+        os.unlink(secret)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop happens only when monk is root")
+def test_a_cluster_of_root_owned_files_is_handed_over(embedded: Embedded) -> None:
+    # What an older monk left: every file root's (its server ran as root in a user namespace).
+    assert embedded.run("init").returncode == 0
+    with psycopg.connect(embedded.url(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (v int)")
+        conn.execute("INSERT INTO kept VALUES (3)")
+    assert embedded.run("db", "stop").returncode == 0
+    for name in ("pgdata", "run", "postgres.log"):
+        subprocess.run(["chown", "-R", "0:0", str(embedded.data_dir / name)], check=True)
+    again = embedded.run("init")
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(embedded.url()) as conn:
+        assert conn.execute("SELECT v FROM kept").fetchone() == (3,)
+    assert (embedded.data_dir / "pgdata" / "base").stat().st_uid != 0
+    assert (embedded.data_dir / "admin_password").stat().st_uid == 0
+
+
+def test_a_removed_cluster_is_made_again(embedded: Embedded) -> None:
+    # Its run/ folder is the server's by then: initdb must still read the password it gets.
+    assert embedded.run("init").returncode == 0
+    assert embedded.run("db", "stop").returncode == 0
+    shutil.rmtree(embedded.data_dir / "pgdata")
+    (embedded.data_dir / "admin_password").unlink()
+    again = embedded.run("init")
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(embedded.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_cluster_with_its_wal_elsewhere_runs(embedded: Embedded, tmp_path: Path) -> None:
+    # initdb --waldir makes pg_wal a link; the server must reach (and own) its target too.
+    assert embedded.run("init").returncode == 0
+    assert embedded.run("db", "stop").returncode == 0
+    pg_wal = embedded.data_dir / "pgdata" / "pg_wal"
+    wal_dir = tmp_path / "elsewhere" / "wal"
+    wal_dir.parent.mkdir(mode=0o700)
+    shutil.move(pg_wal, wal_dir)
+    pg_wal.symlink_to(wal_dir)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "0:0", str(wal_dir)], check=True)
+    again = embedded.run("init")
+    assert again.returncode == 0, again.stderr
+    with psycopg.connect(embedded.url(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT generate_series(1, 1000) AS v")
+        conn.execute("CHECKPOINT")
+    assert any(wal_dir.iterdir())

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+from monk.adapters.embedded import EmbeddedServer
 from monk.service import pool, role_pool
 from monk.service.tenants import TenantService
 from tests.conftest import MONK_BIN, free_port, settings_env
@@ -211,3 +217,132 @@ def test_a_second_serve_never_takes_over_a_live_servers_spares(env: Env) -> None
         with TenantService(env.settings, env.target) as svc:
             pool.drain(svc)
             role_pool.drain(svc)
+
+
+def _wait_health(base: str, ok: Callable[[dict[str, Any]], bool], within: float) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(f"{base}/health", timeout=2)
+            if answer.status_code == 200 and ok(answer.json()["data"]):
+                return dict(answer.json()["data"])
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"/health did not become ready within {within} s")
+
+
+def test_serve_restarts_its_embedded_server_after_kill9(tmp_path: Path) -> None:
+    # Its own embedded server (in CI's external-server pass too): this test kills it.
+    data_dir = tmp_path / "monk-data"
+    pg_port, port = free_port(), free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")} | {
+        "MONK_DATA_DIR": str(data_dir),
+        "MONK_EMBEDDED_PORT": str(pg_port),
+        "MONK_EMBEDDED_DURABLE": "false",
+        "MONK_POOL_SPARES": "{}",
+        "MONK_POOL_ROLES": "0",
+    }
+    proc = subprocess.Popen(
+        [MONK_BIN, "serve", "--port", str(port), "--templates", "empty"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert _wait_health(base, lambda h: True, 120)["server_restarts"] == 0
+        pidfile = data_dir / "pgdata" / "postmaster.pid"
+        killed = int(pidfile.read_text().split()[0])
+        os.kill(killed, signal.SIGKILL)
+        started = time.monotonic()
+        health = _wait_health(base, lambda h: h["server_restarts"] == 1, 15)
+        assert time.monotonic() - started < 10
+        assert f"pid {killed}" in health["last_restart_reason"]
+        assert health["last_restart_at"]
+        assert int(pidfile.read_text().split()[0]) != killed
+        token = subprocess.run(
+            [MONK_BIN, "token", "--root"], env=environ, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        deadline = time.monotonic() + 10
+        while True:  # the pools drop the connections the old server took with it
+            listed = httpx.get(
+                f"{base}/api/root/tenant", headers={"Authorization": f"Bearer {token}"}, timeout=10
+            )
+            if listed.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert listed.status_code == 200, listed.text
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'monk_embedded_server_restarts_total{result="ok"} 1.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        EmbeddedServer(data_dir, port=pg_port).stop()
+    assert "embedded server restarted" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_serve_restarts_its_embedded_server_after_a_full_disk_panic(tmp_path: Path) -> None:
+    # A really full filesystem: the WAL writer PANICs, recovery cannot write either and the
+    # postmaster exits; restarts fail (backing off) until there is room again.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(disk)], check=True)
+    data_dir = disk / "monk-data"
+    pg_port, port = free_port(), free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")} | {
+        "MONK_DATA_DIR": str(data_dir),
+        "MONK_EMBEDDED_PORT": str(pg_port),
+        "MONK_EMBEDDED_DURABLE": "true",
+        "MONK_POOL_SPARES": "{}",
+        "MONK_POOL_ROLES": "0",
+    }
+    proc = subprocess.Popen(
+        [MONK_BIN, "serve", "--port", str(port), "--templates", "empty"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    server = EmbeddedServer(data_dir, port=pg_port)
+    filler = disk / "filler"
+    try:
+        _wait_health(base, lambda h: True, 120)
+        target = server.target(name="t", connect_timeout=5, statement_timeout_ms=30_000)
+        conn = psycopg.connect(target.url("postgres"), autocommit=True)
+        with filler.open("wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * (1 << 20))
+                fh.flush()
+        with pytest.raises(psycopg.OperationalError):
+            _emit_wal_until_it_fails(conn)
+        conn.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "/health still answers 200 on a full disk"
+            time.sleep(0.2)
+        time.sleep(3)  # restarts fail meanwhile: the first at once, the next after 1 s, 2 s
+        filler.unlink()
+        health = _wait_health(base, lambda h: h["server_restarts"] == 1, 30)
+        assert "PANIC" in health["last_restart_reason"]
+        assert "No space left on device" in health["last_restart_reason"]
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+        assert 'monk_embedded_server_restarts_total{result="ok"} 1.0' in metrics
+        assert re.search(r'monk_embedded_server_restarts_total\{result="failed"\} [1-9]', metrics)
+    finally:
+        filler.unlink(missing_ok=True)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        server.stop()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert "embedded server restart failed" in out
+    assert "embedded server restarted" in out
+
+
+def _emit_wal_until_it_fails(conn: psycopg.Connection[Any]) -> None:
+    """WAL with no data file behind it, until a new segment is needed on the full disk."""
+    for _ in range(200):
+        conn.execute("SELECT pg_logical_emit_message(false, 'monk', repeat('x', 1000000))")

@@ -21,6 +21,7 @@ from monk.core.template_names import retired_db_name, template_db_name
 from monk.errors import InvalidTemplateSource, TemplateInUse, TemplateNotFound
 from monk.service import templates as ts
 from monk.service.server import Server
+from monk.service.tenants import TenantService
 from monk.settings import Settings
 from monk.templates.source import content_hash, load_source, resolve_parents
 from tests.integration.template_support import (
@@ -389,3 +390,51 @@ def test_prune_forgets_failed_builds_but_the_latest(
         left = reg.execute("SELECT id FROM template_builds WHERE key = %s", (key,)).fetchall()
     assert left == [failed[2]]
     assert ts.prune(installed, settings, key) == []
+
+
+def test_extensions_are_created_at_build_and_copied_into_clones(
+    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    manifest = read_json(path / "template.json")
+    write_json(path / "template.json", manifest | {"extensions": ["citext", "pg_trgm"]})
+    (path / "migrations").mkdir()
+    (path / "migrations/0001_search.sql").write_text(
+        "CREATE UNIQUE INDEX account_email_ci ON account ((email::citext));\n"
+        "CREATE INDEX account_name_trgm ON account USING gin (name gin_trgm_ops);\n"
+    )
+    build = ts.build(installed, settings, key, source_dir=path)
+    with scratch_clone(admin_url, build.database) as clone:
+        names = {r[0] for r in clone.execute("SELECT extname FROM pg_extension").fetchall()}
+        assert {"citext", "pg_trgm"} <= names
+        assert clone.execute("SELECT 'Acme'::citext = 'ACME'::citext").fetchone() == (True,)
+        assert clone.execute("SELECT similarity('acme corp', 'acme corps') > 0.5").fetchone() == (
+            True,
+        )
+    # A tenant's own role uses them in its database.
+    with TenantService(settings, installed) as service:
+        made = service.provision(f"Ext {uuid.uuid4().hex[:8]}", template=key).as_dict()
+    try:
+        with psycopg.connect(made["connection_url"], autocommit=True) as conn:
+            conn.execute("CREATE TABLE handles (h citext PRIMARY KEY)")
+            conn.execute("INSERT INTO handles VALUES ('Acme')")
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("INSERT INTO handles VALUES ('ACME')")
+    finally:
+        drop_databases(admin_url, [made["database"]])
+
+
+def test_an_extension_the_server_lacks_fails_the_build_by_name(
+    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    manifest = read_json(path / "template.json")
+    write_json(path / "template.json", manifest | {"extensions": ["citext", "monk_no_such_ext"]})
+    with pytest.raises(InvalidTemplateSource) as caught:
+        ts.build(installed, settings, key, source_dir=path)
+    message = str(caught.value)
+    assert "'monk_no_such_ext'" in message
+    assert "citext" not in message.split("extension", 1)[1]
+    assert installed.name in message
+    assert staging_databases(admin_url, key) == []
+    assert ts.list_builds(installed, settings, key) == []

@@ -360,3 +360,29 @@ def test_builtin_saas_is_sized_like_a_real_product() -> None:
         for prop in schema["properties"].values()
     }
     assert {"email", "date-time", "date", "uuid", "uri"} <= formats
+
+
+def test_extensions_are_read_merged_and_hashed(tmp_path: Path, basic_like: Path) -> None:
+    parent = write(tmp_path / "p", {"template.json": manifest(extensions=["citext", "hstore"])})
+    child = write(
+        tmp_path / "c",
+        {"template.json": manifest(extends="p", extensions=["pg_trgm", "citext", "uuid-ossp"])},
+    )
+    assert load_source(parent).extensions == ("citext", "hstore")
+    merged = resolve_parents(load_source(child), in_folders(tmp_path))
+    assert merged.extensions == ("citext", "hstore", "pg_trgm", "uuid-ossp")
+    assert load_source(basic_like).extensions == ()
+    before = content_hash(load_source(parent))
+    write(parent, {"template.json": manifest(extensions=["citext"])})
+    assert content_hash(load_source(parent)) != before
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [["citext", "citext"], ["Citext"], ["pg trgm"], ['x"; DROP'], "citext", [1], [""]],
+)
+def test_bad_extension_lists_are_refused_without_a_database(
+    tmp_path: Path, extensions: Any
+) -> None:
+    folder = write(tmp_path / "t", {"template.json": manifest(extensions=extensions)})
+    assert "template.json" in refused(folder)

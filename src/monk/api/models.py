@@ -139,6 +139,14 @@ class ServiceHealth(BaseModel):
     database: str
     server_version: str | None = None
     error: str | None = None
+    server_restarts: int | None = Field(
+        default=None,
+        description="Restarts of the embedded server by this monk serve (absent: external server)",
+    )
+    last_restart_reason: str | None = None
+    last_restart_at: str | None = Field(
+        default=None, description="ISO 8601 time of the last restart"
+    )
 
 
 class ServiceHealthFailure(Failure):

@@ -16,6 +16,7 @@ from monk.service import events, pool, purge, role_pool
 from monk.service.health import Recent, ServerProbe
 from monk.service.presence import ServeMark
 from monk.service.server import Server
+from monk.service.supervisor import Supervisor
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 
@@ -43,6 +44,12 @@ class Metrics:
         )
         self.purge_queue = Gauge(
             "monk_purge_queue_depth", "Purges queued for the background worker", registry=r
+        )
+        self.server_restarts = Counter(
+            "monk_embedded_server_restarts",
+            "Restarts of the embedded PostgreSQL server after it died, by result",
+            ["result"],
+            registry=r,
         )
         self.event_deliveries = Counter(
             "monk_event_deliveries",
@@ -73,9 +80,20 @@ class Runtime:
         self._refill_wake = threading.Event()
         self._refiller = threading.Thread(target=self._refill, name="monk-pool", daemon=True)
         self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
+        # Only the server monk itself started: an external one is its operator's to restart.
+        self.supervisor = (
+            Supervisor(self.server.embedded, on_restart=self._count_restart)
+            if self.server.embedded is not None
+            else None
+        )
+
+    def _count_restart(self, ok: bool) -> None:
+        self.metrics.server_restarts.labels("ok" if ok else "failed").inc()
 
     def start(self) -> None:
         self.mark.hold()
+        if self.supervisor is not None:
+            self.supervisor.start()
         self._worker.start()
         self._refiller.start()
         self._notifier.start()
@@ -152,6 +170,8 @@ class Runtime:
         self._worker.join(timeout=60)
         self._refiller.join(timeout=60)
         self._notifier.join(timeout=60)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         try:
             # Their passwords die with this process: of no use to the next one.
             role_pool.drop_own(self.tenants)

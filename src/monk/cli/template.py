@@ -25,6 +25,7 @@ _STEP_LABELS = {
     "validate": "read and validate the source",
     "journal": "record the build",
     "create": "create the staging database",
+    "extensions": "extensions",
     "core_tables": "core tables (users, schemas, columns)",
     "tables": "tables from the schemas",
     "registry": "schemas and columns rows",

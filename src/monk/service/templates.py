@@ -5,6 +5,8 @@ A build of key ``K`` at version ``V`` (the content hash of the source and the co
     validate     load the source and its parents, compile schemas, validate seed records
     journal      a ``template_builds`` row (status building) and an ``operations`` row
     create       database ``monk_staging_K_V``, owned by the admin role
+    extensions   ``CREATE EXTENSION`` of each one template.json names, as the admin role (an
+                 extension the server lacks fails the build before its journal row, by name)
     core_tables  users, schemas, columns (as ``pg_database_owner``, which owns every object
                  inside a template: in each clone that is whoever owns the database, i.e. the
                  tenant's role, with no per-tenant ownership change)
@@ -117,6 +119,7 @@ BUILD_STEPS = (
     "validate",
     "journal",
     "create",
+    "extensions",
     "core_tables",
     "tables",
     "registry",
@@ -602,6 +605,14 @@ def _build(
     started = time.monotonic()
     source, key = plan.source, plan.source.key
     staging = staging_db_name(key, plan.version)
+    missing = admin.missing_extensions(adm, source.extensions)
+    if missing:
+        raise InvalidTemplateSource(
+            f"template {key!r} ({source.path}): template.json: the PostgreSQL server "
+            f"{target.name} has no extension {', '.join(map(repr, missing))}; install it "
+            'there (e.g. the server\'s contrib package) or remove it from "extensions"',
+            file="template.json",
+        )
     report("journal")
     with reg.transaction():
         row = reg.execute(
@@ -701,6 +712,13 @@ def _build(
 def _fill(db: Conn, b: _Builder, settings: Settings, plan: _Plan, report: Progress) -> None:
     """Everything inside the staging database, as the owner role; one transaction per step."""
     source = plan.source
+    b.step("extensions", settings, report)
+    for extension in source.extensions:
+        try:
+            admin.create_extension(db, extension)
+        except psycopg.Error as exc:
+            raise _refused(source, f"template.json: extension {extension!r}", exc) from None
+    db.commit()
     # pg_database_owner owns the public schema (PostgreSQL 15+), so it may create in it.
     db.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(OWNER_ROLE)))
     db.commit()
@@ -902,10 +920,16 @@ def _health(db: Conn, database: str, expected: Mapping[str, int] | None) -> Heal
     ).fetchall():
         problems.append(f"constraint {name} on {table} is not validated")
     for kind, name in db.execute(
-        "SELECT 'relation', relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-        "  AND relowner <> %s::regrole"
-        " UNION ALL SELECT 'function', proname::text FROM pg_proc"
-        "  WHERE pronamespace = 'public'::regnamespace AND proowner <> %s::regrole ORDER BY 1, 2",
+        # Members of an extension belong to it (owned by whoever created it): not checked.
+        "SELECT 'relation', relname::text FROM pg_class c"
+        " WHERE relnamespace = 'public'::regnamespace"
+        "  AND relowner <> %s::regrole AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+        "   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')"
+        " UNION ALL SELECT 'function', proname::text FROM pg_proc p"
+        "  WHERE pronamespace = 'public'::regnamespace AND proowner <> %s::regrole"
+        "  AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+        "   WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')"
+        " ORDER BY 1, 2",
         (OWNER_ROLE, OWNER_ROLE),
     ).fetchall():
         problems.append(f"{kind} {name} is not owned by {OWNER_ROLE}")

@@ -1,7 +1,8 @@
 """Template sources: the folders users (and monk itself) describe templates with.
 
     <key>/template.json               {"description": …, "version": label, "extends": parent key,
-                                       "database_settings": {"work_mem": "8MB", …}}
+                                       "database_settings": {"work_mem": "8MB", …},
+                                       "extensions": ["citext", "pg_trgm", …]}
     <key>/schemas/<name>.json         one JSON Schema per table; the file stem is the schema name
     <key>/data/<name>.json            a JSON array of seed records for schema <name>
     <key>/migrations/NNNN_<name>.sql  SQL run in order after the seed data; 0001, 0002, …
@@ -31,6 +32,8 @@ from monk.core.template_names import VERSION_HEX_LENGTH, validate_template_key
 from monk.errors import InvalidName, InvalidTemplateSource
 
 TEMPLATE_FILE = "template.json"
+EXTENSION_NAME_PATTERN = "^[a-z][a-z0-9_-]{0,62}$"
+"""An extension's name as PostgreSQL's contrib and common ones spell it (``uuid-ossp``)."""
 _MIGRATION_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _MANIFEST_VALIDATOR = Draft202012Validator(
     {
@@ -42,6 +45,11 @@ _MANIFEST_VALIDATOR = Draft202012Validator(
             "version": {"type": "string"},
             "extends": {"type": "string"},
             "database_settings": {"type": "object", "additionalProperties": {"type": "string"}},
+            "extensions": {
+                "type": "array",
+                "uniqueItems": True,
+                "items": {"type": "string", "pattern": EXTENSION_NAME_PATTERN},
+            },
         },
     }
 )
@@ -80,6 +88,9 @@ class TemplateSource:
     database_settings: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     """``ALTER DATABASE … SET`` values for databases cloned from it (a clone does not copy them);
     a child's values override its parents'."""
+    extensions: tuple[str, ...] = ()
+    """``CREATE EXTENSION`` at build, before the tables (a clone copies them): the parents'
+    first, then the child's own."""
 
 
 def builtin_sources_dir() -> Path:
@@ -120,6 +131,7 @@ def load_source(path: Path, key: str | None = None) -> TemplateSource:
         migrations=migrations,
         files=MappingProxyType({f"{key}/{rel}": content for rel, content in files.items()}),
         database_settings=MappingProxyType(dict(manifest.get("database_settings", {}))),
+        extensions=tuple(manifest.get("extensions", ())),
     )
 
 
@@ -181,6 +193,7 @@ def _merge(parent: TemplateSource, child: TemplateSource) -> TemplateSource:
         migrations=ordered,
         files=MappingProxyType({**parent.files, **child.files}),
         database_settings=MappingProxyType({**parent.database_settings, **child.database_settings}),
+        extensions=tuple(dict.fromkeys(parent.extensions + child.extensions)),
     )
 
 

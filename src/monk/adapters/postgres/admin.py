@@ -8,7 +8,7 @@ caller decides how long a connection lives. PostgreSQL errors become monk errors
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -330,6 +330,22 @@ def set_database_settings(conn: Conn, name: str, settings: Mapping[str, str]) ->
                 sql.Literal(value),
             )
         )
+
+
+def missing_extensions(conn: Conn, names: Sequence[str]) -> list[str]:
+    """The extensions of ``names`` that the server cannot create (not installed there)."""
+    if not names:
+        return []
+    rows = conn.execute(
+        "SELECT name FROM pg_available_extensions WHERE name = ANY(%s)", (list(names),)
+    ).fetchall()
+    available = {str(row[0]) for row in rows}
+    return [name for name in names if name not in available]
+
+
+def create_extension(conn: Conn, name: str) -> None:
+    """CREATE EXTENSION in the connected database (its default schema, ``public``)."""
+    conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(name)))
 
 
 def create_role(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -14,6 +15,7 @@ from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
 from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
 from monk.api.public import scrubbed
+from monk.api.runtime import Runtime
 from monk.errors import MonkError
 from monk.service import events
 
@@ -39,12 +41,25 @@ def health(rt: RuntimeDep) -> JSONResponse:
     version, exc = rt.probe.check()
     if exc is not None:
         body = ServiceHealth(status="unavailable", database="unreachable", error=exc.message)
+        _add_restarts(rt, body)
         failed = ServiceHealthFailure(data=body, error=exc.message, error_code=exc.code)
         return JSONResponse(
             status_code=503, content=failed.model_dump(), headers=error_headers(exc)
         )
     body = ServiceHealth(status="ok", database="reachable", server_version=version)
+    _add_restarts(rt, body)
     return JSONResponse(content=Ok(data=body).model_dump())
+
+
+def _add_restarts(rt: Runtime, body: ServiceHealth) -> None:
+    """What the supervisor of the embedded server did (nothing to say for an external one)."""
+    if rt.supervisor is None:
+        return
+    sup = rt.supervisor.status()
+    body.server_restarts = sup.restarts
+    body.last_restart_reason = sup.last_reason
+    if sup.last_restart_at is not None:
+        body.last_restart_at = datetime.fromtimestamp(sup.last_restart_at, UTC).isoformat()
 
 
 @router.get(
