@@ -16,6 +16,10 @@ from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.admin import DatabaseState, RoleState
 from monk.adapters.registry import Tenant
+from monk.adapters.registry import events as outbox
+from monk.adapters.registry import reconcile as reconcile_reads
+from monk.core import lifecycle
+from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.tenant_names import is_tenant_database
 from monk.service import pool, role_pool
 from monk.service import templates as template_service
@@ -23,7 +27,6 @@ from monk.service.tenants import TenantService
 
 log = logging.getLogger(__name__)
 
-SETTLED = ("active", "disabled", "trashed")
 _EVENT_BACKLOG_S = 600
 
 
@@ -81,7 +84,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         tenants = tuple(registry.all_live(reg, pools.target.name))
         crashed = set()
         for t in tenants:
-            if t.status in ("provisioning", "deleting") and registry.try_lock(reg, t.database):
+            if t.status in lifecycle.IN_FLIGHT and registry.try_lock(reg, t.database):
                 registry.unlock(reg, t.database)
                 crashed.add(t.database)
         spares = pool.spare_rows(reg, pools.target.name)
@@ -97,19 +100,12 @@ def take_snapshot(svc: TenantService) -> Snapshot:
                 crashed_spares.append(row)
         stale_events, stale_error = 0, None
         if svc.settings.hooks:
-            backlog = reg.execute(
-                "SELECT count(*), (array_agg(last_error ORDER BY seq DESC))[1] FROM events"
-                " WHERE delivered_at IS NULL"
-                " AND created_at < now() - make_interval(secs => %s)",
-                (_EVENT_BACKLOG_S,),
-            ).fetchone()
-            if backlog is not None:
-                stale_events, stale_error = int(backlog[0]), backlog[1]
+            stale_events, stale_error = outbox.undelivered_backlog(
+                reg, older_than_s=_EVENT_BACKLOG_S
+            )
         # Rows before roles: a spare role made in between (role and row commit together) is
         # seen as a role without a row, which the repair checks again under the row's lock.
-        role_rows = frozenset(
-            str(r[0]) for r in reg.execute("SELECT role FROM spare_roles").fetchall()
-        )
+        role_rows = reconcile_reads.spare_role_names(reg)
         queued = {
             op.database
             for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
@@ -156,7 +152,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         pooled_roles=frozenset(n for n in server_roles if role_pool.is_spare_role_name(n)),
         pooled_role_rows=role_rows,
         stale_events=stale_events,
-        stale_events_error=str(stale_error) if stale_error is not None else None,
+        stale_events_error=stale_error,
         db_states={n: st for n, st in all_dbs.items() if n in ours},
         role_states={n: st for n, st in all_roles.items() if is_tenant_database(n)},
         admin_role=admin_role,
@@ -182,7 +178,7 @@ def access_drift(
     the template build's database ``settings`` (None: unknown) with their values)."""
     if db is None or db.invalid or not tenant.role_name:
         return []
-    is_open = tenant.status == "active"
+    is_open = lifecycle.is_open(tenant.status)
     out = []
     if db.allow_connections != is_open:
         out.append(
@@ -214,7 +210,7 @@ def diagnose(snap: Snapshot) -> list[Problem]:
     live_roles = {t.role_name for t in snap.tenants if t.role_name}
     for t in snap.tenants:
         if t.database in snap.crashed:
-            if t.status == "provisioning":
+            if t.status == TenantStatus.PROVISIONING:
                 problems.append(
                     Problem(
                         "stuck_operation",
@@ -426,7 +422,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                 try:
                     fresh = registry.get_by_id(reg, tenant.id)
                     if fresh is not None:
-                        if fresh.status == "deleting" and p.kind == "stuck_operation":
+                        if fresh.status == TenantStatus.DELETING and p.kind == "stuck_operation":
                             registry.start_operation(
                                 reg,
                                 "purge",
@@ -468,7 +464,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                 registry.update(
                     reg,
                     tenant.id,
-                    status="deleted",
+                    status=TenantStatus.DELETED,
                     is_active=False,
                     deleted_at=_now(),
                     step="database missing",
@@ -501,10 +497,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
             with pools.system() as reg, pools.admin() as adm:
                 if registry.try_lock(reg, p.subject):
                     try:
-                        known = reg.execute(
-                            "SELECT 1 FROM spares WHERE database = %s", (p.subject,)
-                        ).fetchone()
-                        if known is None:
+                        if not reconcile_reads.spare_known(reg, p.subject):
                             admin.drop_database(adm, p.subject)
                             admin.drop_role(adm, p.subject)
                             done.append(f"{p.subject}: dropped")
@@ -512,10 +505,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                         registry.unlock(reg, p.subject)
         elif p.kind == "orphan_spare_role":
             with pools.system() as reg, reg.transaction():
-                known = reg.execute(
-                    "SELECT 1 FROM spare_roles WHERE role = %s FOR UPDATE", (p.subject,)
-                ).fetchone()
-                if known is None:
+                if not reconcile_reads.lock_spare_role_row(reg, p.subject):
                     with pools.admin() as adm:
                         admin.drop_role(adm, p.subject)
                     done.append(f"{p.subject}: dropped")
@@ -535,7 +525,7 @@ def _drop_invalid_tenant(svc: TenantService, tenant: Tenant) -> str:
             return "busy, skipped"
         try:
             fresh = registry.get_by_id(reg, tenant.id)
-            if fresh is None or fresh.status not in SETTLED:
+            if fresh is None or not lifecycle.allowed(Action.MARK_DELETED, fresh.status):
                 return "changed meanwhile, left alone"
             with pools.admin() as adm:
                 if not admin.is_invalid_database(adm, tenant.database):
@@ -546,7 +536,7 @@ def _drop_invalid_tenant(svc: TenantService, tenant: Tenant) -> str:
             registry.update(
                 reg,
                 tenant.id,
-                status="deleted",
+                status=lifecycle.after(Action.MARK_DELETED, fresh.status),
                 is_active=False,
                 deleted_at=_now(),
                 step="invalid database dropped",
