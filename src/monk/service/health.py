@@ -19,8 +19,8 @@ from monk.adapters.postgres.connection import (
     unavailable,
 )
 from monk.core import lifecycle
+from monk.core.reconcile import access_drift
 from monk.errors import DatabaseUnavailable, MonkError
-from monk.service.doctor import access_drift
 from monk.service.tenants import TenantService
 
 T = TypeVar("T")
