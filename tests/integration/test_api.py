@@ -180,6 +180,27 @@ def test_bad_input_is_a_clear_4xx(
     assert r.json() == {"success": False, "error": r.json()["error"], "error_code": code}
 
 
+def test_status_filter_takes_known_statuses_only(
+    env: Env, client: TestClient, auth: dict[str, str]
+) -> None:
+    n = name()
+    made = client.post("/api/root/tenant", json={"name": n, "template": env.template}, headers=auth)
+    assert made.status_code == 201, made.text
+    client.patch(f"/api/root/tenant/{n}", json={"is_active": False}, headers=auth)
+    query = {"status": ["disabled", "trashed"], "include_trashed": True, "limit": 10_000}
+    listed = client.get("/api/root/tenant", params=query, headers=auth).json()["data"]
+    assert n in [t["name"] for t in listed]
+    assert {t["status"] for t in listed} <= {"disabled", "trashed"}
+    # An unknown status was accepted and matched nothing; now it names the allowed values.
+    for bad in ("bogus", "failed", "Active"):
+        r = client.get("/api/root/tenant", params={"status": ["active", bad]}, headers=auth)
+        assert r.status_code == 422, r.text
+        assert r.json()["error_code"] == "VALIDATION_ERROR"
+        for allowed in ("provisioning", "active", "disabled", "trashed", "deleting", "deleted"):
+            assert f"'{allowed}'" in r.json()["error"]
+    client.delete(f"/api/root/tenant/{n}", params={"force": True}, headers=auth)
+
+
 def test_not_found_routes_use_the_envelope(client: TestClient, auth: dict[str, str]) -> None:
     r = client.get("/api/root/tenant/nobody-here-xyz", headers=auth)
     assert r.status_code == 404

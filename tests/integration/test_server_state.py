@@ -307,15 +307,20 @@ def test_purge_request_over_an_invalid_database(env: Env, svc: TenantService) ->
     assert registry_rows(env, t["database"]) == []
 
 
-def test_orphan_invalid_database_is_dropped(env: Env) -> None:
-    orphan = f"tenant_{uuid.uuid4().hex[:16]}"
-    admin_exec(env, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(orphan)))
+def create_marked_database(env: Env, name: str) -> None:
+    """A database carrying this installation's mark, as monk's own would."""
+    admin_exec(env, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     admin_exec(
         env,
         sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-            sql.Identifier(orphan), sql.Literal(f"monk:{env.settings.system_db_name}")
+            sql.Identifier(name), sql.Literal(f"monk:{env.settings.system_db_name}")
         ),
     )
+
+
+def test_orphan_invalid_database_is_dropped(env: Env) -> None:
+    orphan = f"tenant_{uuid.uuid4().hex[:16]}"
+    create_marked_database(env, orphan)
     interrupt_drop(env.target.conninfo, orphan)
     code, report = doctor(env)
     assert code == 1
@@ -324,6 +329,29 @@ def test_orphan_invalid_database_is_dropped(env: Env) -> None:
     assert "invalid" in found["detail"]
     repaired_clean(env)
     assert orphan not in databases(env)
+
+
+def test_orphan_spare_and_missing_database_are_repaired(env: Env, svc: TenantService) -> None:
+    """The doctor's own registry reads (which spares the registry knows) and its lifecycle
+    repair (a settled tenant whose database is gone is marked deleted)."""
+    spare = f"monk_spare_{uuid.uuid4().hex[:16]}"
+    create_marked_database(env, spare)
+    t = svc.provision(unique("Vanished"), template=env.template).as_dict()
+    svc.disable(t["name"])
+    admin_exec(env, sql.SQL("DROP DATABASE {}").format(sql.Identifier(t["database"])))
+    code, report = doctor(env)
+    assert code == 1
+    assert [p["kind"] for p in problems_of(report, spare)] == ["orphan_spare"]
+    assert [p["kind"] for p in problems_of(report, t["database"])] == ["missing_database"]
+    first = run(env, "doctor", "--repair", "--json")
+    assert f"{spare}: dropped" in json.loads(first.stdout)["repaired"]
+    assert f"{t['database']}: marked deleted" in json.loads(first.stdout)["repaired"]
+    repaired_clean(env)  # its role, now without a live row, goes on the second pass
+    assert spare not in databases(env, "monk_spare_%")
+    assert t["role"] not in roles(env)
+    assert registry_rows(env, t["database"]) == []
+    assert svc.get(t["name"], include_deleted=True).status == "deleted"
+    assert svc.provision(t["name"], template=env.template).tenant.status == "active"
 
 
 @pytest.mark.slow

@@ -204,6 +204,14 @@ def test_exit_codes(env: Env) -> None:
     assert monk(env, "tenant", "create").returncode == 2
     assert monk(env, "tenant", "delete", n, "--forget").returncode == 2
     assert monk(env, "tenant", "list", "--limit", "0").returncode == 2
+    # An unknown status was accepted and listed nothing; now it names the allowed values.
+    bogus = monk(env, "tenant", "list", "--status", "active", "--status", "bogus")
+    assert bogus.returncode == 2, bogus.stderr
+    assert bogus.stdout == ""
+    for allowed in ("provisioning", "active", "disabled", "trashed", "deleting", "deleted"):
+        assert f"'{allowed}'" in bogus.stderr
+    assert monk(env, "tenant", "list", "--status", "failed").returncode == 2
+    assert n in [t["name"] for t in monk_json(env, "tenant", "list", "--status", "active")]
     assert monk(env, "tenant", "nope").returncode == 2
 
     # Not in a state that allows it: conflicts.

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from monk.adapters.postgres.admin import DatabaseState, RoleState
 from monk.adapters.registry import Tenant
-from monk.service.doctor import Snapshot, access_drift, warnings
+from monk.core.reconcile import Snapshot, access_drift, warnings
 
 ROLE = "tenant_0123456789abcdef"
 ADMIN = "monk"

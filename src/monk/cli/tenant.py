@@ -20,6 +20,7 @@ from monk.cli.output import (
     print_rows,
     print_whole,
 )
+from monk.core.lifecycle import TenantStatus
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.tenants import TenantService, TenantView
@@ -144,7 +145,9 @@ def _create_many(
 
 @app.command("list")
 def list_(
-    status: list[str] = typer.Option([], "--status", help="Only these statuses (repeatable)."),
+    status: list[TenantStatus] = typer.Option(
+        [], "--status", help="Only these statuses (repeatable)."
+    ),
     template: str | None = typer.Option(None, "--template", help="Only this template."),
     include_trashed: bool = typer.Option(False, "--include-trashed"),
     include_deleted: bool = typer.Option(False, "--include-deleted"),
@@ -155,7 +158,7 @@ def list_(
     """List tenants (paged)."""
     svc = state().tenants
     tenants = svc.list(
-        statuses=status or None,
+        statuses=[s.value for s in status] or None,
         template=template,
         include_trashed=include_trashed,
         include_deleted=include_deleted,

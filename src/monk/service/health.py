@@ -18,8 +18,9 @@ from monk.adapters.postgres.connection import (
     translate,
     unavailable,
 )
+from monk.core import lifecycle
+from monk.core.reconcile import access_drift
 from monk.errors import DatabaseUnavailable, MonkError
-from monk.service.doctor import access_drift
 from monk.service.tenants import TenantService
 
 T = TypeVar("T")
@@ -68,16 +69,11 @@ def tenant_health(svc: TenantService, raw_name: str) -> dict[str, Any]:
                         "detail": "; ".join(drift) or "as set",
                     }
                 )
-    closed = tenant.status in ("disabled", "trashed")
+    closed = tenant.status in lifecycle.CLOSED
     if db_ok and not closed:
         try:
             with connect(pools.target, tenant.database, purpose="health") as conn:
-                rows = conn.execute(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-                    " AND tablename = ANY(%s)",
-                    (list(CORE_TABLES),),
-                ).fetchall()
-            found = {str(r[0]) for r in rows}
+                found = admin.tables_present(conn, CORE_TABLES)
             checks.append({"check": "connection", "ok": True, "detail": "accepted"})
             missing = [t for t in CORE_TABLES if t not in found]
             checks.append(

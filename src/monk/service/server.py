@@ -98,16 +98,14 @@ class Server:
             else:
                 target = self.target()
             with connect(target, purpose="status") as conn:
-                version = conn.execute("SHOW server_version").fetchone()
-                has_system = conn.execute(
-                    "SELECT 1 FROM pg_database WHERE datname = %s", (s.system_db_name,)
-                ).fetchone()
+                version = admin.server_version(conn)
+                has_system = admin.database_exists(conn, s.system_db_name)
         except MonkError as exc:
             return info | {"running": False, "error": exc.message}
         return info | {
             "running": True,
             "host": target.name,
-            "server_version": version[0] if version else None,
+            "server_version": version,
             "system_database": s.system_db_name,
-            "system_database_exists": has_system is not None,
+            "system_database_exists": has_system,
         }

@@ -47,6 +47,16 @@ def list_databases(conn: Conn, like: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+def tables_present(conn: Conn, names: Iterable[str], *, schema: str = "public") -> set[str]:
+    """Which of the tables ``names`` exist in ``schema`` of the database ``conn`` is on (a
+    connection to that database, not to the maintenance database)."""
+    rows = conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
+        (schema, list(names)),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
 def sessions_on(conn: Conn, dbname: str) -> list[int]:
     """Client sessions on ``dbname``: autovacuum workers enter even closed databases and leave
     by themselves (CREATE DATABASE and DROP DATABASE signal them)."""

@@ -11,6 +11,7 @@ from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
 from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
 from monk.api.public import scrubbed
+from monk.core.lifecycle import TenantStatus
 from monk.errors import MonkError
 from monk.service import purge
 from monk.service.health import tenant_health
@@ -36,13 +37,13 @@ def list_tenants(
     _: Root,
     include_trashed: bool = False,
     include_deleted: bool = False,
-    status_: Annotated[list[str] | None, Query(alias="status")] = None,
+    status_: Annotated[list[TenantStatus] | None, Query(alias="status")] = None,
     template: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Ok[list[TenantOut]]:
     tenants = rt.tenants.list(
-        statuses=status_,
+        statuses=[s.value for s in status_] if status_ else None,
         template=template,
         include_trashed=include_trashed,
         include_deleted=include_deleted,

@@ -1,0 +1,358 @@
+"""The doctor's rules: what is inconsistent between the registry and the server, decided over
+a snapshot of both (pure: no I/O). ``service/doctor.py`` takes the snapshot and repairs.
+
+The rules read a snapshot's rows through the protocols below (the registry's ``Tenant``, the
+admin adapter's ``DatabaseState`` and ``RoleState``, the pool's spare rows fit them), so the
+core imports nothing of the adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from monk.core import lifecycle
+from monk.core.lifecycle import SETTLED, TenantStatus
+
+# Events undelivered for longer than this while observers are configured are a problem.
+EVENT_BACKLOG_S = 600
+
+
+class TenantRow(Protocol):
+    """What the rules read of a registry row."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def role_name(self) -> str | None: ...
+    @property
+    def step(self) -> str | None: ...
+    @property
+    def template_key(self) -> str | None: ...
+    @property
+    def template_version(self) -> str | None: ...
+    @property
+    def connection_limit(self) -> int | None: ...
+
+
+class SpareRowFacts(Protocol):
+    @property
+    def database(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+
+
+class DatabaseFacts(Protocol):
+    """What the server really has for a database."""
+
+    @property
+    def allow_connections(self) -> bool: ...
+    @property
+    def is_template(self) -> bool: ...
+    @property
+    def owner(self) -> str: ...
+    @property
+    def grants(self) -> frozenset[tuple[str, str]]: ...
+    @property
+    def settings(self) -> Mapping[str, str]: ...
+    @property
+    def invalid(self) -> bool: ...
+    def public_may_connect(self) -> bool: ...
+
+
+class RoleFacts(Protocol):
+    @property
+    def can_login(self) -> bool: ...
+    @property
+    def connection_limit(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # stuck_operation | missing_database | missing_role | orphan_database | ...
+    subject: str  # database, role or template name
+    detail: str
+    repair: str  # what --repair does about it
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "subject": self.subject,
+            "detail": self.detail,
+            "repair": self.repair,
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The registry and the server, read once (``service.doctor.take_snapshot``)."""
+
+    tenants: tuple[TenantRow, ...]
+    crashed: frozenset[str]  # databases of provisioning/deleting rows whose worker is gone
+    queued_purges: frozenset[str]  # databases with a queued purge job
+    databases: frozenset[str]  # tenant_* databases on the server that are ours (or unmarked)
+    roles: frozenset[str]  # tenant_* roles that are ours (or unmarked)
+    template_leftovers: tuple[str, ...]
+    crashed_spares: tuple[SpareRowFacts, ...]  # creator or claimer gone
+    spare_databases: frozenset[str]  # monk_spare_* databases and roles that are ours
+    spare_roles: frozenset[str]
+    spare_names: frozenset[str]  # databases named by spare rows
+    pooled_roles: frozenset[str] = frozenset()  # monk_role_* roles that are ours
+    pooled_role_rows: frozenset[str] = frozenset()  # roles named by spare_roles rows
+    # events undelivered for over EVENT_BACKLOG_S while observers are configured
+    stale_events: int = 0
+    stale_events_error: str | None = None
+    # What the server really has for tenant, spare and template databases and tenant roles.
+    db_states: Mapping[str, DatabaseFacts] = field(default_factory=dict)
+    role_states: Mapping[str, RoleFacts] = field(default_factory=dict)
+    admin_role: str = ""
+    default_connection_limit: int = -1
+    current_templates: tuple[str, ...] = ()  # databases of the current template builds
+    # Databases outside monk's tenants and templates that PUBLIC (every tenant role) may
+    # connect to, and the connection reserves (warnings: the server may not be monk's).
+    public_databases: tuple[str, ...] = ()
+    reserves: Mapping[str, object] = field(default_factory=dict)
+    # database settings each template build (key, version) gives its clones
+    build_settings: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+
+
+def access_drift(
+    tenant: TenantRow,
+    db: DatabaseFacts | None,
+    role: RoleFacts | None,
+    admin_role: str,
+    connection_limit: int,
+    settings: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Pure: how the tenant's database and role differ from what monk set for its status
+    (active: connections allowed, LOGIN; disabled, trashed: neither; both: the role owns the
+    database, nobody but the role and monk's admin has a grant, the role's connection limit,
+    the template build's database ``settings`` (None: unknown) with their values)."""
+    if db is None or db.invalid or not tenant.role_name:
+        return []
+    is_open = lifecycle.is_open(tenant.status)
+    out = []
+    if db.allow_connections != is_open:
+        out.append(
+            f"database {'allows' if db.allow_connections else 'refuses'} connections "
+            f"while {tenant.status}"
+        )
+    if role is not None and role.can_login != is_open:
+        out.append(f"role {'can' if role.can_login else 'cannot'} log in while {tenant.status}")
+    if db.owner != tenant.role_name:
+        out.append(f"database owned by {db.owner}, not {tenant.role_name}")
+    others = sorted({f"{g} {p}" for g, p in db.grants if g not in (tenant.role_name, admin_role)})
+    if others:
+        out.append(f"grants monk did not set: {', '.join(others)}")
+    if (tenant.role_name, "CONNECT") not in db.grants:
+        out.append(f"{tenant.role_name} may not CONNECT")
+    if role is not None and role.connection_limit != connection_limit:
+        out.append(f"role connection limit {role.connection_limit}, not {connection_limit}")
+    for key, value in sorted((settings or {}).items()):
+        have = db.settings.get(key.lower())
+        if have != value:
+            out.append(f"setting {key} is {'unset' if have is None else repr(have)}, not {value!r}")
+    return out
+
+
+def diagnose(snap: Snapshot) -> list[Problem]:
+    """Pure: every inconsistency in the snapshot."""
+    problems: list[Problem] = []
+    live_dbs = {t.database for t in snap.tenants}
+    live_roles = {t.role_name for t in snap.tenants if t.role_name}
+    for t in snap.tenants:
+        if t.database in snap.crashed:
+            if t.status == TenantStatus.PROVISIONING:
+                problems.append(
+                    Problem(
+                        "stuck_operation",
+                        t.database,
+                        f"provisioning of {t.name!r} stopped after step {t.step!r}: "
+                        "its process is gone",
+                        "undo: drop database and role, remove the row",
+                    )
+                )
+            elif t.database in snap.queued_purges:
+                problems.append(
+                    Problem(
+                        "queued_purge",
+                        t.database,
+                        f"purge of {t.name!r} is queued",
+                        "run the purge now",
+                    )
+                )
+            else:
+                problems.append(
+                    Problem(
+                        "stuck_operation",
+                        t.database,
+                        f"purge of {t.name!r} has no queued job",
+                        "finish: drop database and role, mark deleted",
+                    )
+                )
+        elif t.status in SETTLED:
+            state = snap.db_states.get(t.database)
+            if state is not None and state.invalid:
+                problems.append(
+                    Problem(
+                        "invalid_database",
+                        t.database,
+                        f"database of tenant {t.name!r} ({t.status}) is invalid: an "
+                        "interrupted DROP DATABASE left it; its data is gone",
+                        "drop it and mark the tenant deleted",
+                    )
+                )
+                continue
+            drift = access_drift(
+                t,
+                state,
+                snap.role_states.get(t.role_name or ""),
+                snap.admin_role,
+                t.connection_limit or snap.default_connection_limit,
+                snap.build_settings.get((t.template_key or "", t.template_version or "")),
+            )
+            if drift:
+                problems.append(
+                    Problem(
+                        "access_drift",
+                        t.database,
+                        f"tenant {t.name!r} is {t.status} but: {'; '.join(drift)}",
+                        f"restore what monk sets for a {t.status} tenant",
+                    )
+                )
+            if t.database not in snap.databases:
+                problems.append(
+                    Problem(
+                        "missing_database",
+                        t.database,
+                        f"tenant {t.name!r} is {t.status} but its database is missing",
+                        "mark the tenant deleted (its name becomes free)",
+                    )
+                )
+            if t.role_name and t.role_name not in snap.roles:
+                problems.append(
+                    Problem(
+                        "missing_role",
+                        t.role_name,
+                        f"role of tenant {t.name!r} is missing",
+                        "none: rotate credentials to recreate it",
+                    )
+                )
+    for db in sorted(snap.databases - live_dbs):
+        state = snap.db_states.get(db)
+        invalid = " (invalid: an interrupted DROP DATABASE)" if state and state.invalid else ""
+        problems.append(
+            Problem(
+                "orphan_database",
+                db,
+                f"tenant database with no live registry row{invalid}",
+                "drop it",
+            )
+        )
+    for name in snap.current_templates:
+        state = snap.db_states.get(name)
+        if state is None:
+            continue
+        opened = []
+        if state.allow_connections:
+            opened.append("allows connections")
+        if state.public_may_connect():
+            opened.append("grants CONNECT to PUBLIC")
+        if not state.is_template:
+            opened.append("is not marked IS_TEMPLATE")
+        if opened:
+            problems.append(
+                Problem(
+                    "open_template",
+                    name,
+                    f"current template build {' and '.join(opened)}",
+                    "close it: no connections, CONNECT revoked from PUBLIC, IS_TEMPLATE",
+                )
+            )
+    for role in sorted(snap.roles - live_roles):
+        problems.append(
+            Problem("stray_role", role, "tenant role with no live registry row", "drop it")
+        )
+    crashed_spare_dbs = {row.database for row in snap.crashed_spares}
+    for name in sorted(snap.spare_names - crashed_spare_dbs):
+        state = snap.db_states.get(name)
+        if state is not None and state.invalid:
+            problems.append(
+                Problem(
+                    "invalid_database",
+                    name,
+                    "warm-pool spare is invalid: an interrupted DROP DATABASE left it",
+                    "drop the spare and its row",
+                )
+            )
+    for row in snap.crashed_spares:
+        problems.append(
+            Problem(
+                "stuck_spare",
+                row.database,
+                f"warm-pool spare left {row.status} by a process that is gone",
+                "drop the spare and its row",
+            )
+        )
+    for name in sorted((snap.spare_databases | snap.spare_roles) - snap.spare_names):
+        problems.append(
+            Problem("orphan_spare", name, "warm-pool spare with no registry row", "drop it")
+        )
+    for name in sorted(snap.pooled_roles - snap.pooled_role_rows):
+        problems.append(
+            Problem("orphan_spare_role", name, "spare role with no registry row", "drop it")
+        )
+    if snap.stale_events:
+        problems.append(
+            Problem(
+                "undelivered_events",
+                "events",
+                f"{snap.stale_events} tenant event(s) undelivered for over "
+                f"{EVENT_BACKLOG_S // 60} minutes (is monk serve running? last error: "
+                f"{snap.stale_events_error or 'none'})",
+                "none: fix the webhook or run monk serve; delivery retries by itself",
+            )
+        )
+    for name in snap.template_leftovers:
+        problems.append(
+            Problem(
+                "template_leftover", name, "leftover of an interrupted template build", "drop it"
+            )
+        )
+    return problems
+
+
+def warnings(snap: Snapshot) -> list[Problem]:
+    """Pure: what monk cannot decide for a server it may not own; reported, never repaired,
+    and not a reason for a non-zero exit."""
+    out: list[Problem] = []
+    if snap.public_databases:
+        out.append(
+            Problem(
+                "open_to_public",
+                ", ".join(snap.public_databases),
+                "PUBLIC may connect to these databases, so every tenant role can open a session "
+                "there (a session on template1 blocks CREATE DATABASE from it)",
+                "none: REVOKE CONNECT ON DATABASE … FROM PUBLIC where tenants have no business",
+            )
+        )
+    r = snap.reserves
+    if r and not r.get("superuser") and not (r.get("may_use_reserved") and r.get("reserved")):
+        out.append(
+            Problem(
+                "no_reserved_connections",
+                snap.admin_role,
+                "monk's admin is not a superuser and has no reserved connections "
+                f"(reserved_connections = {r.get('reserved')}, pg_use_reserved_connections "
+                f"{'granted' if r.get('may_use_reserved') else 'not granted'}): tenants "
+                "that fill max_connections lock monk out",
+                "none: on PostgreSQL 16+ set reserved_connections and GRANT "
+                "pg_use_reserved_connections to monk's admin",
+            )
+        )
+    return out
