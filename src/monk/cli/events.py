@@ -7,7 +7,6 @@ import typer
 from monk.cli.context import state
 from monk.cli.output import console, print_json, print_rows
 from monk.errors import OperationFailed
-from monk.service import events
 
 app = typer.Typer(
     help="Tenant events: what observers (MONK_HOOKS) receive, delivered or pending.",
@@ -22,6 +21,8 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The newest tenant events, with their delivery state."""
+    from monk.service import events
+
     with state().tenants.hosts.pools().system() as reg:
         rows = [e.as_dict() for e in events.list_events(reg, pending=pending, limit=limit)]
     if as_json:
@@ -48,6 +49,8 @@ def list_(
 def deliver(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One delivery pass over the due events (monk serve does this every second); exit 1 if
     any delivery failed (it is retried later with backoff)."""
+    from monk.service import events
+
     s = state()
     with s.tenants.hosts.pools().system() as reg:
         report = events.deliver_due(reg, s.settings, limit=1000)

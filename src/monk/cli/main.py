@@ -8,7 +8,6 @@ import sys
 
 import typer
 
-from monk.adapters.postgres.connection import translate
 from monk.cli import bench as bench_cli
 from monk.cli import db as db_cli
 from monk.cli import events as events_cli
@@ -16,8 +15,12 @@ from monk.cli import pool as pool_cli
 from monk.cli import template as template_cli
 from monk.cli import tenant as tenant_cli
 from monk.cli.context import begin, state
+from monk.cli.exits import INTERNAL_ERROR, INTERRUPTED, PROBLEMS_FOUND
 from monk.cli.output import console, print_error, print_json, print_mapping, print_rows
 from monk.errors import MonkError, status_and_exit
+
+# Each command imports what it needs when it runs (the service, the HTTP stack, the bench):
+# 'monk --help' and a plain tenant command start without them.
 
 app = typer.Typer(
     name="monk",
@@ -106,7 +109,7 @@ def doctor(
         for w in warned:
             console.print(f"warning: {w.kind} {w.subject}: {w.detail} ({w.repair})")
     if remaining:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
 @app.command()
@@ -175,13 +178,15 @@ def run() -> None:
         print_error(err)
         sys.exit(status_and_exit(err)[1])
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except Exception as exc:
         if os.environ.get("MONK_DEBUG"):
             raise
+        from monk.adapters.postgres.connection import translate
+
         known = translate(exc)
         if known is not None:
             print_error(known)
             sys.exit(status_and_exit(known)[1])
         print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(INTERNAL_ERROR)
