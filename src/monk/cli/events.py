@@ -21,10 +21,10 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The newest tenant events, with their delivery state."""
-    from monk.service import events
+    from monk.service import operations
 
-    with state().tenants.hosts.pools().system() as reg:
-        rows = [e.as_dict() for e in events.list_events(reg, pending=pending, limit=limit)]
+    found = operations.list_events(state().tenants, pending=pending, limit=limit)
+    rows = [e.as_dict() for e in found]
     if as_json:
         print_json(rows)
         return
@@ -49,11 +49,9 @@ def list_(
 def deliver(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One delivery pass over the due events (monk serve does this every second); exit 1 if
     any delivery failed (it is retried later with backoff)."""
-    from monk.service import events
+    from monk.service import operations
 
-    s = state()
-    with s.tenants.hosts.pools().system() as reg:
-        report = events.deliver_due(reg, s.settings, limit=1000)
+    report = operations.deliver_events(state().tenants, limit=1000)
     if as_json:
         print_json(
             {"delivered": report.delivered, "failed": report.failed, "errors": report.errors}
