@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from monk.adapters import registry
-from monk.adapters.registry import Operation
+from monk.adapters.registry import Operation as Operation  # re-exported: for the edges
 from monk.core.records import plain
 from monk.service import events
 from monk.service.events import Delivery, Event
