@@ -13,7 +13,7 @@ from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
 from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
 from monk.api.public import scrubbed
-from monk.errors import MonkError
+from monk.errors import DatabaseUnavailable, MonkError, table_entry
 from monk.service import operations as operations_service
 
 router = APIRouter()
@@ -39,8 +39,10 @@ def health(rt: RuntimeDep) -> JSONResponse:
     if exc is not None:
         body = ServiceHealth(status="unavailable", database="unreachable", error=exc.message)
         failed = ServiceHealthFailure(data=body, error=exc.message, error_code=exc.code)
+        # However the probe failed, /health says: the database is unavailable.
+        status, _exit = table_entry(DatabaseUnavailable)
         return JSONResponse(
-            status_code=503, content=failed.model_dump(), headers=error_headers(exc)
+            status_code=status, content=failed.model_dump(), headers=error_headers(exc)
         )
     body = ServiceHealth(status="ok", database="reachable", server_version=version)
     return JSONResponse(content=Ok(data=body).model_dump())
