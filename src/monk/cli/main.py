@@ -83,32 +83,28 @@ def doctor(
     """Compare the registry with the server; exit 0 when consistent, 1 listing problems."""
     from monk.service import doctor as doctor_service
 
-    svc = state().tenants
-    snap = doctor_service.take_snapshot(svc)
-    problems = doctor_service.diagnose(snap)
-    # Warnings (the server may not be monk's) are reported, never repaired, exit 0.
-    warned = doctor_service.warnings(snap)
-    repaired = doctor_service.repair(svc, problems) if repair and problems else []
-    remaining = doctor_service.diagnose(doctor_service.take_snapshot(svc)) if repair else problems
+    found = doctor_service.checkup(state().tenants, repair_them=repair)
     if as_json:
         print_json(
             {
-                "problems": [p.as_dict() for p in problems],
-                "repaired": repaired,
-                "remaining": [p.as_dict() for p in remaining],
-                "warnings": [p.as_dict() for p in warned],
+                "problems": [p.as_dict() for p in found.problems],
+                "repaired": found.repaired,
+                "remaining": [p.as_dict() for p in found.remaining],
+                "warnings": [p.as_dict() for p in found.warnings],
             }
         )
     else:
-        if not problems:
+        if not found.problems:
             console.print("consistent: registry and server agree")
         else:
-            print_rows([p.as_dict() for p in problems], ["kind", "subject", "detail", "repair"])
-        for line in repaired:
+            rows = [p.as_dict() for p in found.problems]
+            print_rows(rows, ["kind", "subject", "detail", "repair"])
+        for line in found.repaired:
             console.print(f"repaired {line}")
-        for w in warned:
+        # Warnings (the server may not be monk's) are reported, never repaired, exit 0.
+        for w in found.warnings:
             console.print(f"warning: {w.kind} {w.subject}: {w.detail} ({w.repair})")
-    if remaining:
+    if found.remaining:
         raise typer.Exit(PROBLEMS_FOUND)
 
 
