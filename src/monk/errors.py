@@ -167,7 +167,8 @@ class OperationFailed(MonkError):
 
 
 # class -> (HTTP status, CLI exit code). Exit codes: 0 ok, 1 error, 2 usage, 3 not found,
-# 4 conflict, 5 unavailable (retry), 6 configuration, 7 auth.
+# 4 conflict, 5 unavailable (retry), 6 configuration, 7 auth. The CLI's exits that are results,
+# not errors (a check that found problems: 1), are named in monk.cli.exits.
 ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     MonkError: (500, 1),
     UsageError: (400, 2),
@@ -197,9 +198,14 @@ def error_codes() -> list[str]:
     return sorted(set(found))
 
 
-def status_and_exit(err: MonkError) -> tuple[int, int]:
-    """The HTTP status and exit code of ``err``: the entry of its most specific class."""
-    for cls in type(err).__mro__:
+def table_entry(error_class: type[MonkError]) -> tuple[int, int]:
+    """The HTTP status and exit code of an error class: the entry of its most specific class."""
+    for cls in error_class.__mro__:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     return ERROR_TABLE[MonkError]
+
+
+def status_and_exit(err: MonkError) -> tuple[int, int]:
+    """The HTTP status and exit code of ``err``."""
+    return table_entry(type(err))

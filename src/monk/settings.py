@@ -23,6 +23,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from monk.core.identifiers import validate_database_name
+
+# Re-exported: the service and the API read it from here.
+from monk.core.tenant_names import MAX_TENANT_CONNECTION_LIMIT as MAX_TENANT_CONNECTION_LIMIT
 from monk.errors import ConfigError, InvalidName
 
 EVENT_TYPES = (
@@ -33,9 +36,6 @@ EVENT_TYPES = (
     "tenant.restored",
     "tenant.purged",
 )
-
-
-MAX_TENANT_CONNECTION_LIMIT = 10_000
 
 
 class Hook(BaseModel):

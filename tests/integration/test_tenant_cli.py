@@ -345,3 +345,28 @@ def test_idempotency_key_on_the_command_line(env: Env) -> None:
     other = monk(env, "tenant", "create", name(), "-t", env.template, "--idempotency-key", key)
     assert other.returncode == 2, other.stderr
     assert "IDEMPOTENCY_KEY_REUSED" in other.stderr
+
+
+def test_tenant_show_starts_without_the_http_stack_or_the_bench(env: Env) -> None:
+    """A plain tenant command loads the service and the driver, not what other commands need
+    (the -X importtime list of the real command; tests/unit/test_cli_startup.py: --help)."""
+    n = name()
+    monk_json(env, "tenant", "create", n, "--template", env.template)
+    shown = subprocess.run(
+        [MONK_BIN, "tenant", "show", n],
+        capture_output=True,
+        text=True,
+        env=settings_env(env.settings) | {"PYTHONPROFILEIMPORTTIME": "1"},
+        timeout=120,
+        check=False,
+        cwd=env.settings.data_dir,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    modules = {
+        ln.rsplit("|", 1)[1].strip()
+        for ln in shown.stderr.splitlines()
+        if ln.startswith("import time:")
+    }
+    assert "monk.service.tenants" in modules  # the list is real
+    heavy = ("fastapi", "uvicorn", "starlette", "monk.api", "monk.bench.runner")
+    assert not {m for m in modules if m.startswith(heavy)}

@@ -15,7 +15,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from monk.adapters.postgres.connection import translate
 from monk.core.redact import without_paths
-from monk.errors import MonkError, error_codes, status_and_exit
+from monk.errors import (
+    InvalidRequest,
+    MonkError,
+    UsageError,
+    error_codes,
+    status_and_exit,
+    table_entry,
+)
 from monk.service import templates as template_service
 
 log = logging.getLogger(__name__)
@@ -74,7 +81,9 @@ async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return failure(422, "; ".join(parts) or "invalid request", "VALIDATION_ERROR")
+    # A body or parameter FastAPI refused: answered as monk's own invalid requests are.
+    status, _exit = table_entry(InvalidRequest)
+    return failure(status, "; ".join(parts) or "invalid request", "VALIDATION_ERROR")
 
 
 async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -91,7 +100,8 @@ async def internal_error_handler(request: Request, exc: Exception) -> JSONRespon
         log.warning("%s: %s", known.code, known.message)
         return await monk_error_handler(request, known)
     log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
-    return failure(500, "internal error; see the server log", "INTERNAL_ERROR")
+    status, _exit = table_entry(MonkError)
+    return failure(status, "internal error; see the server log", "INTERNAL_ERROR")
 
 
 class RejectNulBytes:
@@ -107,8 +117,9 @@ class RejectNulBytes:
         if scope["type"] == "http" and (
             "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
         ):
+            status, _exit = table_entry(UsageError)
             response = failure(
-                400, "NUL bytes are not allowed in paths or parameters", "VALIDATION_ERROR"
+                status, "NUL bytes are not allowed in paths or parameters", UsageError.code
             )
             await response(scope, receive, send)
             return

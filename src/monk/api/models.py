@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from datetime import datetime
 from typing import Any, Literal
+from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from monk.api.envelope import Failure
+from monk.service.operations import Operation
+from monk.service.templates import TemplateBuild
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT
+
+
+def _as_sent(annotation: Any) -> Any:
+    """The JSON type of a dataclass field's type: ids and times are sent as strings."""
+    if annotation in (UUID, datetime):
+        return str
+    if isinstance(annotation, types.UnionType):
+        sent = [_as_sent(arg) for arg in typing.get_args(annotation)]
+        union = sent[0]
+        for arg in sent[1:]:
+            union = union | arg
+        return union
+    return annotation
+
+
+def fields_of(record: type[Any], **documented: Any) -> type[BaseModel]:
+    """A response model with the fields of the service's dataclass ``record``, in its order
+    and of its types (as sent); ``documented`` gives some of them a narrower type or a
+    description, as ``(type, Field(...))``. The API class derives from it (one class per
+    model, so the OpenAPI document names it)."""
+    hints = typing.get_type_hints(record)
+    unknown = set(documented) - set(hints)
+    if unknown:
+        raise TypeError(f"{record.__name__} has no field(s) {sorted(unknown)}")
+    fields: dict[str, Any] = {
+        f.name: documented.get(f.name, (_as_sent(hints[f.name]), ...))
+        for f in dataclasses.fields(record)
+    }
+    model: type[BaseModel] = create_model(f"{record.__name__}Fields", **fields)
+    return model
 
 
 class TenantCreate(BaseModel):
@@ -104,20 +141,10 @@ class TenantHealth(BaseModel):
     checks: list[HealthCheck]
 
 
-class OperationOut(BaseModel):
-    id: str
-    kind: str
-    subject: str
-    database: str | None
-    host: str
-    state: str
-    step: str | None
-    error: str | None
-    params: dict[str, Any]
-    result: dict[str, Any] | None
-    created_at: str
-    updated_at: str
-    finished_at: str | None
+# The response models below derive from the service's dataclasses: mypy cannot follow a base
+# made at run time (hence the ignores); the OpenAPI document names each class.
+class OperationOut(fields_of(Operation)):  # type: ignore[misc]
+    pass
 
 
 class EventOut(BaseModel):
@@ -161,38 +188,24 @@ class TemplateBuildRequest(BaseModel):
     force: bool = Field(False, description="Rebuild even when the current build has the version.")
 
 
-class TemplateBuildOut(BaseModel):
-    """One build of a template (a row of ``template_builds``)."""
+_TEMPLATE_BUILD_FIELDS = fields_of(
+    TemplateBuild,
+    version=(str, Field(..., description="Content hash of the source and the compiler.")),
+    status=(Literal["building", "ready", "failed", "retired", "dropped"], ...),
+    is_current=(bool, Field(..., description="The build new tenants are cloned from.")),
+    source=(
+        Literal["builtin", "MONK_TEMPLATE_PATH", "--source"] | None,
+        Field(
+            ...,
+            description="Where the build's source folder is: built in, in MONK_TEMPLATE_PATH, "
+            "or a folder given to 'monk template build KEY --source DIR' (the path is not shown).",
+        ),
+    ),
+)
 
-    id: str
-    key: str
-    version: str = Field(..., description="Content hash of the source and the compiler.")
-    database: str
-    host: str
-    status: Literal["building", "ready", "failed", "retired", "dropped"]
-    is_current: bool = Field(..., description="The build new tenants are cloned from.")
-    description: str | None
-    version_label: str | None
-    parent_key: str | None
-    source: Literal["builtin", "MONK_TEMPLATE_PATH", "--source"] | None = Field(
-        ...,
-        description="Where the build's source folder is: built in, in MONK_TEMPLATE_PATH, or "
-        "a folder given to 'monk template build KEY --source DIR' (the path is not shown).",
-    )
-    migration_level: int
-    database_settings: dict[str, str]
-    table_count: int | None
-    record_count: int | None
-    size_bytes: int | None
-    duration_ms: int | None
-    monk_version: str | None
-    compiler_version: str | None
-    server_version: str | None
-    error: str | None
-    created_at: str
-    built_at: str | None
-    retired_at: str | None
-    dropped_at: str | None
+
+class TemplateBuildOut(_TEMPLATE_BUILD_FIELDS):  # type: ignore[misc, valid-type]
+    """One build of a template (a row of ``template_builds``)."""
 
 
 class TemplateBuildResultOut(TemplateBuildOut):

@@ -17,7 +17,7 @@ from monk.service.health import Recent, ServerProbe
 from monk.service.presence import ServeMark
 from monk.service.server import Server
 from monk.service.supervisor import Supervisor
-from monk.service.tenants import TenantService
+from monk.service.tenants import TenantService, TenantView
 from monk.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,43 @@ class Runtime:
 
     def wake_refiller(self) -> None:
         self._refill_wake.set()
+
+    def provision(
+        self,
+        name: str,
+        *,
+        template: str,
+        host: str | None = None,
+        idempotency_key: str | None = None,
+        connection_limit: int | None = None,
+    ) -> TenantView:
+        """A provision through the service, counted in the metrics; the pool refiller is woken
+        when it took a spare, or when the spare roles run low."""
+        started = time.perf_counter()
+        try:
+            view = self.tenants.provision(
+                name,
+                template=template,
+                host=host,
+                idempotency_key=idempotency_key,
+                connection_limit=connection_limit,
+            )
+        except MonkError as exc:
+            self.metrics.provisions.labels(result=exc.code).inc()
+            raise
+        self.metrics.provision_seconds.observe(time.perf_counter() - started)
+        # Spare roles are made again in batches, once half are gone: not beside every provision.
+        roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
+        if view.provisioned_from == "pool" or roles_low:
+            self.wake_refiller()
+        self.metrics.provisions.labels(result="ok").inc()
+        return view
+
+    def request_purge(self, name: str, *, archive: bool, forget: bool) -> TenantView:
+        """Queue a tenant's purge and wake the purge worker for it."""
+        view, _op = purge.request_purge(self.tenants, name, archive=archive, forget=forget)
+        self.wake_worker()
+        return view
 
     def _notify(self) -> None:
         """Deliver tenant events to the observers (MONK_HOOKS) every second; forget old

@@ -6,13 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from monk.bench.report import render
-from monk.bench.runner import Bench, BenchConfig
 from monk.cli.context import state
 from monk.cli.output import console, err_console
-from monk.service.presence import refuse_beside_serve
 
 _PHASES = {
     "latency": "latency rounds (raw, scratch, cold, warm)",
@@ -56,6 +52,19 @@ def bench(
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
+    # Imported here: the bench and its progress bars load only when 'monk bench' runs.
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from monk.bench.report import render
+    from monk.bench.runner import Bench, BenchConfig
+    from monk.service.presence import refuse_beside_serve
+
     levels = parse_concurrency(concurrency)
     s = state()
     runner_config = BenchConfig(

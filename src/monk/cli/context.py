@@ -5,21 +5,26 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from monk.adapters.postgres.connection import ServerTarget
-from monk.service.server import Server
-from monk.settings import Settings, load_settings
-
+# Only for annotations: a command imports the settings, the server and the service when it
+# first asks for them, so 'monk --help' does not pay for pydantic and psycopg.
 if TYPE_CHECKING:
+    from monk.adapters.postgres.connection import ServerTarget
+    from monk.service.server import Server
     from monk.service.tenants import TenantService
+    from monk.settings import Settings
 
 
 class CliState:
     @cached_property
     def settings(self) -> Settings:
+        from monk.settings import load_settings
+
         return load_settings()
 
     @cached_property
     def server(self) -> Server:
+        from monk.service.server import Server
+
         return Server.from_settings(self.settings)
 
     @cached_property

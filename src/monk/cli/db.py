@@ -6,9 +6,9 @@ import os
 import shutil
 
 import typer
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from monk.cli.context import state
+from monk.cli.exits import SERVER_DOWN
 from monk.cli.output import console, print_json, print_mapping
 from monk.errors import ConfigError
 
@@ -52,7 +52,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     else:
         print_mapping(info)
     if not info["running"]:
-        raise typer.Exit(5)
+        raise typer.Exit(SERVER_DOWN)
 
 
 @app.command()
@@ -68,6 +68,8 @@ def url() -> None:
 )
 def psql(ctx: typer.Context) -> None:
     """Open psql on the system database; further arguments go to psql (e.g. -c 'SELECT 1')."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     s = state()
     target, _ = s.server.init()
     if s.server.embedded is not None:

@@ -7,7 +7,6 @@ import typer
 from monk.cli.context import state
 from monk.cli.output import console, print_json, print_rows
 from monk.errors import OperationFailed
-from monk.service import events
 
 app = typer.Typer(
     help="Tenant events: what observers (MONK_HOOKS) receive, delivered or pending.",
@@ -22,8 +21,10 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The newest tenant events, with their delivery state."""
-    with state().tenants.hosts.pools().system() as reg:
-        rows = [e.as_dict() for e in events.list_events(reg, pending=pending, limit=limit)]
+    from monk.service import operations
+
+    found = operations.list_events(state().tenants, pending=pending, limit=limit)
+    rows = [e.as_dict() for e in found]
     if as_json:
         print_json(rows)
         return
@@ -48,9 +49,9 @@ def list_(
 def deliver(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One delivery pass over the due events (monk serve does this every second); exit 1 if
     any delivery failed (it is retried later with backoff)."""
-    s = state()
-    with s.tenants.hosts.pools().system() as reg:
-        report = events.deliver_due(reg, s.settings, limit=1000)
+    from monk.service import operations
+
+    report = operations.deliver_events(state().tenants, limit=1000)
     if as_json:
         print_json(
             {"delivered": report.delivered, "failed": report.failed, "errors": report.errors}

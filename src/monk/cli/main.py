@@ -8,7 +8,6 @@ import sys
 
 import typer
 
-from monk.adapters.postgres.connection import translate
 from monk.cli import bench as bench_cli
 from monk.cli import db as db_cli
 from monk.cli import events as events_cli
@@ -16,8 +15,12 @@ from monk.cli import pool as pool_cli
 from monk.cli import template as template_cli
 from monk.cli import tenant as tenant_cli
 from monk.cli.context import begin, state
+from monk.cli.exits import INTERNAL_ERROR, INTERRUPTED, PROBLEMS_FOUND
 from monk.cli.output import console, print_error, print_json, print_mapping, print_rows
 from monk.errors import MonkError, status_and_exit
+
+# Each command imports what it needs when it runs (the service, the HTTP stack, the bench):
+# 'monk --help' and a plain tenant command start without them.
 
 app = typer.Typer(
     name="monk",
@@ -80,33 +83,29 @@ def doctor(
     """Compare the registry with the server; exit 0 when consistent, 1 listing problems."""
     from monk.service import doctor as doctor_service
 
-    svc = state().tenants
-    snap = doctor_service.take_snapshot(svc)
-    problems = doctor_service.diagnose(snap)
-    # Warnings (the server may not be monk's) are reported, never repaired, exit 0.
-    warned = doctor_service.warnings(snap)
-    repaired = doctor_service.repair(svc, problems) if repair and problems else []
-    remaining = doctor_service.diagnose(doctor_service.take_snapshot(svc)) if repair else problems
+    found = doctor_service.checkup(state().tenants, repair_them=repair)
     if as_json:
         print_json(
             {
-                "problems": [p.as_dict() for p in problems],
-                "repaired": repaired,
-                "remaining": [p.as_dict() for p in remaining],
-                "warnings": [p.as_dict() for p in warned],
+                "problems": [p.as_dict() for p in found.problems],
+                "repaired": found.repaired,
+                "remaining": [p.as_dict() for p in found.remaining],
+                "warnings": [p.as_dict() for p in found.warnings],
             }
         )
     else:
-        if not problems:
+        if not found.problems:
             console.print("consistent: registry and server agree")
         else:
-            print_rows([p.as_dict() for p in problems], ["kind", "subject", "detail", "repair"])
-        for line in repaired:
+            rows = [p.as_dict() for p in found.problems]
+            print_rows(rows, ["kind", "subject", "detail", "repair"])
+        for line in found.repaired:
             console.print(f"repaired {line}")
-        for w in warned:
+        # Warnings (the server may not be monk's) are reported, never repaired, exit 0.
+        for w in found.warnings:
             console.print(f"warning: {w.kind} {w.subject}: {w.detail} ({w.repair})")
-    if remaining:
-        raise typer.Exit(1)
+    if found.remaining:
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
 @app.command()
@@ -175,13 +174,15 @@ def run() -> None:
         print_error(err)
         sys.exit(status_and_exit(err)[1])
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except Exception as exc:
         if os.environ.get("MONK_DEBUG"):
             raise
+        from monk.adapters.postgres.connection import translate
+
         known = translate(exc)
         if known is not None:
             print_error(known)
             sys.exit(status_and_exit(known)[1])
         print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(INTERNAL_ERROR)

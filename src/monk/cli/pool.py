@@ -6,7 +6,6 @@ import typer
 
 from monk.cli.context import state
 from monk.cli.output import console, print_json, print_rows
-from monk.service import pool, role_pool
 
 app = typer.Typer(help="The warm pool: spare databases cloned ahead of time.", no_args_is_help=True)
 
@@ -17,6 +16,8 @@ def fill(
     count: int = typer.Option(2, "--count", "-n", min=0, max=1000, help="Spares to keep."),
 ) -> None:
     """Create spares of the template's current build until COUNT are ready."""
+    from monk.service import pool
+
     made = pool.fill(state().tenants, template, count)
     console.print(f"made {made} spare(s) of {template}")
 
@@ -24,6 +25,8 @@ def fill(
 @app.command("status")
 def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Spares per template build and state."""
+    from monk.service import pool, role_pool
+
     svc = state().tenants
     rows = pool.status(svc)
     if as_json:
@@ -36,6 +39,8 @@ def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 @app.command()
 def drain(template: str | None = typer.Argument(None, help="Only this template.")) -> None:
     """Drop every ready spare (and, for all templates, every spare role)."""
+    from monk.service import pool, role_pool
+
     svc = state().tenants
     console.print(f"dropped {pool.drain(svc, key=template)} spare(s)")
     if template is None:

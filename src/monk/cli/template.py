@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
-from rich.status import Status
 
-from monk.adapters.postgres.connection import ServerTarget
 from monk.cli.context import state
+from monk.cli.exits import PROBLEMS_FOUND
 from monk.cli.output import console, err_console, print_json, print_mapping, print_rows
 from monk.errors import InvalidRequest, MonkError, OperationFailed
-from monk.service import templates as template_service
+
+# The template service (and jsonschema with it) is imported by the commands that run it.
+if TYPE_CHECKING:
+    from rich.status import Status
+
+    from monk.adapters.postgres.connection import ServerTarget
+    from monk.service.templates import TemplateBuild
 
 app = typer.Typer(
     help="Template databases: build them from sources, list, check, drop, prune.",
@@ -102,7 +107,7 @@ def _size(size: int | None) -> str:
     return str(size)
 
 
-def _row(build: template_service.TemplateBuild) -> dict[str, Any]:
+def _row(build: TemplateBuild) -> dict[str, Any]:
     return {
         "key": build.key,
         "version": build.version,
@@ -127,6 +132,8 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Build a template database from its source and make it the one tenants are cloned from."""
+    from monk.service import templates as template_service
+
     s = state()
     if all_keys == (key is not None):
         raise InvalidRequest("give a template KEY or --all (not both)")
@@ -194,6 +201,8 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Builds of every template (or of KEY), newest first."""
+    from monk.service import templates as template_service
+
     s = state()
     builds = template_service.list_builds(_target(), s.settings, key, everything=everything)
     if as_json:
@@ -213,6 +222,8 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Everything recorded about the current build of KEY (or the build of --version)."""
+    from monk.service import templates as template_service
+
     s = state()
     b = template_service.show(_target(), s.settings, key, version)
     if as_json:
@@ -227,6 +238,8 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-run the health checks on the current build (in a scratch clone); exit 1 on problems."""
+    from monk.service import templates as template_service
+
     s = state()
     report = template_service.check(_target(), s.settings, key)
     if as_json:
@@ -240,7 +253,7 @@ def check(
         for problem in report.problems:
             console.print(f"  - {escape(problem)}")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
 @app.command()
@@ -255,6 +268,8 @@ def drop(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Drop a build and its database."""
+    from monk.service import templates as template_service
+
     s = state()
     b = template_service.drop(_target(), s.settings, key, version, force=force)
     if as_json:
@@ -270,6 +285,8 @@ def prune(
 ) -> None:
     """Drop the retired builds that no live tenant was cloned from; forget failed builds but
     the latest of each key."""
+    from monk.service import templates as template_service
+
     s = state()
     dropped = template_service.prune(_target(), s.settings, key)
     if as_json:
@@ -288,6 +305,8 @@ def prune(
 def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The template sources monk knows (built-in, MONK_TEMPLATE_PATH, and the folders keys were
     built from with --source) and their versions."""
+    from monk.service import templates as template_service
+
     s = state()
     rows: list[dict[str, Any]] = []
     configured = template_service.available_keys(s.settings)

@@ -3,15 +3,14 @@ objects as the HTTP API)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import MofNCompleteColumn, Progress
 
 from monk.cli.context import state
+from monk.cli.exits import PROBLEMS_FOUND
 from monk.cli.output import (
     console,
     err_console,
@@ -21,10 +20,12 @@ from monk.cli.output import (
     print_whole,
 )
 from monk.core.lifecycle import TenantStatus
+from monk.core.tenant_names import MAX_TENANT_CONNECTION_LIMIT
 from monk.errors import MonkError
-from monk.service import purge
-from monk.service.tenants import TenantService, TenantView
-from monk.settings import MAX_TENANT_CONNECTION_LIMIT
+
+# The service is imported by the commands that run it (fast start-up, see cli/main.py).
+if TYPE_CHECKING:
+    from monk.service.tenants import TenantView
 
 app = typer.Typer(help="Tenants: one PostgreSQL database each.", no_args_is_help=True)
 
@@ -91,6 +92,12 @@ def _create_many(
     path: Path, *, template: str, host: str | None, parallel: int, as_json: bool
 ) -> None:
     """Bulk provisioning with a progress bar and a summary; exit 1 if any name failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.progress import MofNCompleteColumn, Progress
+
+    from monk.service.tenants import TenantService
+
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -140,7 +147,7 @@ def _create_many(
         if len(results) > len(failed):
             console.print("[yellow]The passwords in these URLs are shown once.[/]")
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
 @app.command("list")
@@ -200,7 +207,7 @@ def health(name: str, as_json: bool = JSON) -> None:
         print_mapping(report)
         print_rows(checks, ["check", "ok", "detail"])
     if report["status"] == "error":
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
 @app.command("connection-limit")
@@ -245,6 +252,8 @@ def delete(
     as_json: bool = JSON,
 ) -> None:
     """Soft-delete (restorable); with --purge, archive and drop it."""
+    from monk.service import purge
+
     svc = state().tenants
     if not purge_:
         if no_archive or forget or no_wait:
@@ -275,6 +284,8 @@ def restore(name: str, as_json: bool = JSON) -> None:
 @app.command()
 def archive(name: str, as_json: bool = JSON) -> None:
     """pg_dump the tenant (custom format) into the archive folder; recorded in the registry."""
+    from monk.service import purge
+
     _show(purge.archive(state().tenants, name), as_json)
 
 

@@ -17,6 +17,8 @@ from monk.core.identifiers import validate_database_name
 from monk.errors import InvalidName
 
 MAX_NAME_CHARS = 128
+# The highest CONNECTION LIMIT monk sets on a tenant's role (its own or the default).
+MAX_TENANT_CONNECTION_LIMIT = 10_000
 TENANT_DB_PREFIX = "tenant_"
 
 Hasher = Callable[[str], str]

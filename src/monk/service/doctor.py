@@ -8,6 +8,7 @@ repair never races a live operation. The same reconciliation runs when the servi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from monk.adapters import registry
@@ -271,3 +272,25 @@ def _now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Checkup:
+    """What ``monk doctor`` reports: the problems found, what was repaired, what remains, and
+    the warnings (reported, never repaired)."""
+
+    problems: list[Problem]
+    repaired: list[str]
+    remaining: list[Problem]
+    warnings: list[Problem]
+
+
+def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
+    """Diagnose; with ``repair_them``, repair each problem and diagnose again."""
+    snap = take_snapshot(svc)
+    problems = diagnose(snap)
+    warned = warnings(snap)
+    if not repair_them:
+        return Checkup(problems, [], problems, warned)
+    repaired = repair(svc, problems) if problems else []
+    return Checkup(problems, repaired, diagnose(take_snapshot(svc)), warned)

@@ -10,14 +10,13 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from monk.adapters import registry
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
 from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
 from monk.api.public import scrubbed
 from monk.api.runtime import Runtime
-from monk.errors import MonkError
-from monk.service import events
+from monk.errors import DatabaseUnavailable, MonkError, table_entry
+from monk.service import operations as operations_service
 
 router = APIRouter()
 
@@ -43,8 +42,10 @@ def health(rt: RuntimeDep) -> JSONResponse:
         body = ServiceHealth(status="unavailable", database="unreachable", error=exc.message)
         _add_restarts(rt, body)
         failed = ServiceHealthFailure(data=body, error=exc.message, error_code=exc.code)
+        # However the probe failed, /health says: the database is unavailable.
+        status, _exit = table_entry(DatabaseUnavailable)
         return JSONResponse(
-            status_code=503, content=failed.model_dump(), headers=error_headers(exc)
+            status_code=status, content=failed.model_dump(), headers=error_headers(exc)
         )
     body = ServiceHealth(status="ok", database="reachable", server_version=version)
     _add_restarts(rt, body)
@@ -95,28 +96,17 @@ def operations(
     subject: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Ok[list[OperationOut]]:
-    with rt.tenants.hosts.pools().system() as reg:
-        ops = registry.list_operations(reg, states=state, kind=kind, subject=subject, limit=limit)
-    return Ok(
-        data=[
-            OperationOut(
-                id=str(op.id),
-                kind=op.kind,
-                subject=op.subject,
-                database=op.database,
-                host=op.host,
-                state=op.state,
-                step=op.step,
-                error=scrubbed(rt.settings, op.error),
-                params=scrubbed(rt.settings, op.params),
-                result=scrubbed(rt.settings, op.result),
-                created_at=op.created_at.isoformat(),
-                updated_at=op.updated_at.isoformat(),
-                finished_at=op.finished_at.isoformat() if op.finished_at else None,
-            )
-            for op in ops
-        ]
+    ops = operations_service.list_operations(
+        rt.tenants, states=state, kind=kind, subject=subject, limit=limit
     )
+    out = []
+    for op in ops:
+        data = operations_service.operation_dict(op)
+        # What a step wrote may name server paths: shown as <archives>/… and the like.
+        for name in ("error", "params", "result"):
+            data[name] = scrubbed(rt.settings, data[name])
+        out.append(OperationOut.model_validate(data))
+    return Ok(data=out)
 
 
 @router.get(
@@ -131,6 +121,5 @@ def events_(
     pending: bool = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Ok[list[EventOut]]:
-    with rt.tenants.hosts.pools().system() as reg:
-        found = events.list_events(reg, pending=pending, limit=limit)
+    found = operations_service.list_events(rt.tenants, pending=pending, limit=limit)
     return Ok(data=[EventOut.model_validate(e.as_dict()) for e in found])

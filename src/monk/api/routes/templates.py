@@ -43,7 +43,8 @@ def _public(settings: Settings, build: template_service.TemplateBuild) -> dict[s
 
 
 def _out(settings: Settings, build: template_service.TemplateBuild) -> TemplateBuildOut:
-    return TemplateBuildOut.model_validate(_public(settings, build))
+    out: TemplateBuildOut = TemplateBuildOut.model_validate(_public(settings, build))
+    return out
 
 
 @router.get("", summary="List template builds (newest first per key)", responses=READ)

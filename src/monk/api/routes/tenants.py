@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, status
@@ -12,8 +11,6 @@ from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
 from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
 from monk.api.public import scrubbed
 from monk.core.lifecycle import TenantStatus
-from monk.errors import MonkError
-from monk.service import purge
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantView
 from monk.settings import Settings
@@ -60,24 +57,13 @@ def create_tenant(
     body: TenantCreate,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Ok[TenantOut]:
-    started = time.perf_counter()
-    try:
-        view = rt.tenants.provision(
-            body.name,
-            template=body.template,
-            host=body.host,
-            idempotency_key=idempotency_key,
-            connection_limit=body.connection_limit,
-        )
-    except MonkError as exc:
-        rt.metrics.provisions.labels(result=exc.code).inc()
-        raise
-    rt.metrics.provision_seconds.observe(time.perf_counter() - started)
-    # Spare roles are made again in batches, once half are gone: not beside every provision.
-    roles_low = len(rt.tenants.role_secrets) < rt.settings.pool_roles // 2
-    if view.provisioned_from == "pool" or roles_low:
-        rt.wake_refiller()
-    rt.metrics.provisions.labels(result="ok").inc()
+    view = rt.provision(
+        body.name,
+        template=body.template,
+        host=body.host,
+        idempotency_key=idempotency_key,
+        connection_limit=body.connection_limit,
+    )
     return Ok(data=_out(view, rt.settings))
 
 
@@ -127,8 +113,7 @@ def delete_tenant(
 ) -> Ok[TenantOut]:
     if not force:
         return Ok(data=_out(rt.tenants.trash(name), rt.settings))
-    view, _op = purge.request_purge(rt.tenants, name, archive=archive, forget=forget)
-    rt.wake_worker()
+    view = rt.request_purge(name, archive=archive, forget=forget)
     return Ok(data=_out(view, rt.settings))
 
 
