@@ -20,7 +20,7 @@ from monk.cli.output import (
     print_rows,
     print_whole,
 )
-from monk.errors import MonkError
+from monk.errors import MonkError, TemplateNotBuilt
 from monk.service import purge
 from monk.service.tenants import TenantService, TenantView
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT
@@ -76,14 +76,32 @@ def create(
         _create_many(from_file, template=template, host=host, parallel=parallel, as_json=as_json)
         return
     assert name is not None
-    view = state().tenants.provision(
-        name,
-        template=template,
-        host=host,
-        idempotency_key=idempotency_key,
-        connection_limit=connection_limit,
-    )
+    svc = state().tenants
+    try:
+        view = svc.provision(
+            name,
+            template=template,
+            host=host,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+        )
+    except TemplateNotBuilt:
+        _build_first(svc, template)
+        view = svc.provision(
+            name,
+            template=template,
+            host=host,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+        )
     _show(view, as_json)
+
+
+def _build_first(svc: TenantService, template: str) -> None:
+    """The CLI builds a template that has no build yet (an HTTP request never does), saying so
+    on stderr."""
+    err_console.print(f"building template {escape(template)} first …")
+    svc.templates.build(template, recorded_anywhere=True)
 
 
 def _create_many(
@@ -108,6 +126,12 @@ def _create_many(
         ) as progress,
     ):
         task = progress.add_task("provisioning", total=len(names))
+        if names:
+            try:
+                if svc.templates.current_build(template) is None:
+                    _build_first(svc, template)
+            except MonkError as exc:  # each name then reports what is wrong
+                err_console.print(f"[red]{exc.code}[/red]: {escape(str(exc))}")
 
         def one(raw: str) -> dict[str, Any]:
             try:
