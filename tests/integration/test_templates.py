@@ -211,8 +211,6 @@ def test_rebuild_retires_the_old_build_and_spares_its_clones(
 
 
 def test_rebuild_while_cloning_loses_no_clone(
-    installed: ServerTarget,
-    settings: Settings,
     key: str,
     admin_url: str,
     tmp_path: Path,
@@ -471,7 +469,6 @@ def test_extensions_are_created_at_build_and_copied_into_clones(
 
 def test_an_extension_the_server_lacks_fails_the_build_by_name(
     installed: ServerTarget,
-    settings: Settings,
     key: str,
     admin_url: str,
     tmp_path: Path,

@@ -3,6 +3,7 @@ objects as the HTTP API)."""
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -77,23 +78,19 @@ def create(
         return
     assert name is not None
     svc = state().tenants
+    provision = functools.partial(
+        svc.provision,
+        name,
+        template=template,
+        host=host,
+        idempotency_key=idempotency_key,
+        connection_limit=connection_limit,
+    )
     try:
-        view = svc.provision(
-            name,
-            template=template,
-            host=host,
-            idempotency_key=idempotency_key,
-            connection_limit=connection_limit,
-        )
+        view = provision()
     except TemplateNotBuilt:
         _build_first(svc, template)
-        view = svc.provision(
-            name,
-            template=template,
-            host=host,
-            idempotency_key=idempotency_key,
-            connection_limit=connection_limit,
-        )
+        view = provision()
     _show(view, as_json)
 
 
