@@ -18,7 +18,8 @@
     │   ├── InvalidState           not in a state that allows the action
     │   ├── DatabaseExists         a database of that name is already there
     │   ├── StrayDatabase          a tenant's database exists with no live tenant
-    │   └── TemplateInUse          a build that tenants or spares still need
+    │   ├── TemplateInUse          a build that tenants or spares still need
+    │   └── TemplateNotBuilt       a provision of a key with no build yet
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
@@ -125,6 +126,12 @@ class TemplateInUse(Conflict):
     code = "TEMPLATE_IN_USE"
 
 
+class TemplateNotBuilt(Conflict):
+    """A provision of a template key that has no ready build: no HTTP request builds one."""
+
+    code = "TEMPLATE_NOT_BUILT"
+
+
 class Unavailable(MonkError):
     code = "UNAVAILABLE"
     retryable = True
@@ -179,6 +186,7 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     ConfigError: (500, 6),
     NotFound: (404, 3),
     Conflict: (409, 4),
+    TemplateNotBuilt: (409, 4),
     Unavailable: (503, 5),
     DiskFull: (507, 5),
     AuthError: (401, 7),

@@ -14,6 +14,7 @@ from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 from monk.system.migrator import ensure_system_database
+from tests.integration import template_support
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def env(lifecycle_settings: Settings) -> Env:
     ensure_system_database(target, s.system_db_name)
     key = f"tb_{uuid.uuid4().hex[:8]}"
     source = template_service.builtin_source_dir("basic")
-    template_service.build(target, s, key, source_dir=source)
+    template_support.build(target, s, key, source_dir=source)
     return Env(s, target, key)
 
 

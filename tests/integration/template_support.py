@@ -13,6 +13,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from monk.adapters.postgres.connection import ServerTarget
+from monk.service.templates import BuildResult, TemplateBuild, TemplateService
+from monk.settings import Settings
 from monk.templates.source import builtin_sources_dir
 
 
@@ -115,3 +118,16 @@ def assert_closed_template(admin_url: str, name: str) -> None:
         "owned_by_admin": True,
         "sessions": 0,
     }
+
+
+def build_template(
+    target: ServerTarget, settings: Settings, key: str, **options: Any
+) -> BuildResult:
+    """Build ``key`` through the public TemplateService, on pools of its own."""
+    with TemplateService.open(settings, target) as templates:
+        return templates.build(key, **options)
+
+
+def build(target: ServerTarget, settings: Settings, key: str, **options: Any) -> TemplateBuild:
+    """``build_template``'s build (new or already current)."""
+    return build_template(target, settings, key, **options).build

@@ -15,16 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from monk.adapters.postgres.connection import ServerTarget
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
-from monk.service import templates as template_service
 from monk.settings import Settings
 from monk.templates.source import builtin_sources_dir
 from tests.conftest import MONK_BIN, _drop_installation, settings_env
+from tests.integration import template_support
 
 BASE = "/api/root/template"
 
@@ -245,7 +246,7 @@ def test_a_key_built_with_source_is_rebuilt_or_explained_without_paths(
     elsewhere = tmp_path / "blog_src"
     shutil.copytree(builtin_sources_dir() / "basic", elsewhere)
     outside = f"as_{uuid.uuid4().hex[:8]}"
-    template_service.build_template(target, tpl_settings, outside, source_dir=elsewhere)
+    template_support.build_template(target, tpl_settings, outside, source_dir=elsewhere)
 
     # Its build says where its source is, never the path.
     shown = client.get(f"{BASE}/{outside}", headers=auth)
@@ -286,7 +287,7 @@ def test_a_key_built_with_source_is_rebuilt_or_explained_without_paths(
     inside = f"ai_{uuid.uuid4().hex[:8]}"
     folder = tpl_settings.template_path[0] / f"{inside}_v2"
     shutil.copytree(builtin_sources_dir() / "basic", folder)
-    first = template_service.build_template(target, tpl_settings, inside, source_dir=folder)
+    first = template_support.build_template(target, tpl_settings, inside, source_dir=folder)
     again = ok(client.post(f"{BASE}/{inside}", json={"force": True}, headers=auth))
     assert again["built"] is True
     assert again["source"] == "MONK_TEMPLATE_PATH"
@@ -304,3 +305,33 @@ def test_a_broken_configured_source_is_named_without_the_server_path(
     message = fail(r, 422, "INVALID_TEMPLATE_SOURCE")
     assert f"<MONK_TEMPLATE_PATH>/{broken}/schemas/account.json" in message
     no_server_path(r.text, tpl_settings)
+
+
+def test_provision_of_a_never_built_key_is_409_and_makes_nothing(
+    client: TestClient, auth: dict[str, str], tpl_settings: Settings, admin_url: str
+) -> None:
+    """No HTTP request builds a template: the answer names the command that does."""
+    never = f"nb_{uuid.uuid4().hex[:8]}"
+    shutil.copytree(builtin_sources_dir() / "empty", tpl_settings.template_path[0] / never)
+
+    def made() -> tuple[set[str], int, int]:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            names = {str(r[0]) for r in conn.execute("SELECT datname FROM pg_database")}
+        with psycopg.connect(admin_url, dbname=tpl_settings.system_db_name) as reg:
+            tenants = reg.execute("SELECT count(*) FROM tenants").fetchone()
+            builds = reg.execute(
+                "SELECT count(*) FROM template_builds WHERE key = %s", (never,)
+            ).fetchone()
+        assert tenants is not None
+        assert builds is not None
+        return names, int(tenants[0]), int(builds[0])
+
+    before = made()
+    r = client.post(
+        "/api/root/tenant", json={"name": f"nb {never}", "template": never}, headers=auth
+    )
+    message = fail(r, 409, "TEMPLATE_NOT_BUILT")
+    assert f"monk template build {never}" in message
+    assert f"POST /api/root/template/{never}" in message
+    assert made() == before
+    assert before[2] == 0

@@ -18,6 +18,7 @@ from monk.api.app import create_app
 from monk.api.auth import issue_root_token
 from monk.service import templates as template_service
 from tests.faults import OwnServer, own_server
+from tests.integration import template_support
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def client(down: OwnServer) -> Iterator[TestClient]:
 def routes(down: OwnServer, client: TestClient) -> list[str]:
     """The read routes, with a tenant to show and check."""
     target = client.app.state.runtime.target  # type: ignore[attr-defined]
-    template_service.build(
+    template_support.build(
         target,
         down.settings,
         "basic",

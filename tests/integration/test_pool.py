@@ -20,6 +20,7 @@ from monk.service import pool, purge
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 from tests.conftest import MONK_BIN, settings_env
+from tests.integration import template_support
 from tests.integration.conftest import Env, end_keyholder_sessions
 from tests.integration.server_faults import interrupt_drop
 from tests.integration.test_crash import kill_at, run
@@ -248,13 +249,13 @@ def test_rebuild_retires_old_spares(env: Env, drained: TenantService, tmp_path: 
     key = f"tp_{uuid.uuid4().hex[:8]}"
     source = tmp_path / key
     shutil.copytree(template_service.builtin_source_dir("basic"), source)
-    first = template_service.build(env.target, env.settings, key, source_dir=source)
+    first = template_support.build(env.target, env.settings, key, source_dir=source)
     pool.fill(svc, key, 2)
     old_spares = databases(env, "monk_spare_%")
     manifest = json.loads((source / "template.json").read_text())
     manifest["description"] = "changed"
     (source / "template.json").write_text(json.dumps(manifest))
-    second = template_service.build(env.target, env.settings, key, source_dir=source)
+    second = template_support.build(env.target, env.settings, key, source_dir=source)
     assert second.version != first.version
     assert pool.retire_stale(svc, key) == 2
     assert not (databases(env, "monk_spare_%") & old_spares)

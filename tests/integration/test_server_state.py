@@ -23,6 +23,7 @@ from monk.service import purge
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantService
 from tests.conftest import MONK_BIN, free_port, settings_env
+from tests.integration import template_support
 from tests.integration.conftest import Env
 from tests.integration.server_faults import interrupt_drop
 from tests.integration.test_crash import registry_rows, run
@@ -118,7 +119,7 @@ def test_database_setting_changed_by_the_tenant_is_drift(env: Env, svc: TenantSe
 
     from monk.service import templates as template_service
 
-    build = template_service.build(
+    build = template_support.build(
         env.target,
         env.settings,
         f"tb_drift_{uuid.uuid4().hex[:6]}",

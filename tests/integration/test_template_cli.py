@@ -271,3 +271,29 @@ def test_build_all_goes_on_past_a_bad_source(monk: RunMonk, admin_url: str, tmp_
     finally:
         for k in (good, bad, "empty", "basic", "crm", "saas"):
             drop_key(admin_url, k)
+
+
+def test_tenant_create_builds_a_never_built_template_first(
+    monk: RunMonk, settings: Settings, admin_url: str, key: str, tmp_path: Path
+) -> None:
+    """The CLI may build a template inside ``tenant create`` (an HTTP request never does):
+    it says so on stderr, then provisions from the new build."""
+    folder = tmp_path / "sources"
+    copy_builtin(folder, "empty", key)
+    env = {"MONK_TEMPLATE_PATH": json.dumps([str(folder)])}
+    created = monk("tenant", "create", f"cli {key}", "--template", key, "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    assert f"building template {key} first" in created.stderr
+    tenant = json.loads(created.stdout)
+    assert tenant["status"] == "active"
+    built = _json(monk("template", "show", key, "--json", env=env))
+    assert tenant["template_version"] == built["version"]
+    with psycopg.connect(admin_url, dbname=tenant["database"]) as db:
+        assert db.execute("SELECT count(*) FROM schemas").fetchone() == (0,)
+    # Built now: the next create says nothing about building.
+    again = monk("tenant", "create", f"cli2 {key}", "--template", key, "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "building template" not in again.stderr
+    for name in (f"cli {key}", f"cli2 {key}"):
+        gone = monk("tenant", "delete", name, "--purge", "--no-archive", "--forget", env=env)
+        assert gone.returncode == 0, gone.stderr

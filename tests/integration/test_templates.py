@@ -21,6 +21,8 @@ from monk.core.template_names import retired_db_name, template_db_name
 from monk.errors import InvalidTemplateSource, TemplateInUse, TemplateNotFound
 from monk.service import templates as ts
 from monk.service.server import Server
+from monk.service.templates import TemplateService
+from monk.service.templates.health import inspect
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 from monk.templates.source import content_hash, load_source, resolve_parents
@@ -52,6 +54,12 @@ def key(admin_url: str) -> Iterator[str]:
     drop_key(admin_url, k)
 
 
+@pytest.fixture
+def templates(settings: Settings, installed: ServerTarget) -> Iterator[TemplateService]:
+    with TemplateService.open(settings, installed) as service:
+        yield service
+
+
 def _system(target: ServerTarget, s: Settings) -> Any:
     return connect(target, s.system_db_name, autocommit=True)
 
@@ -66,14 +74,19 @@ def _add_tenant_row(target: ServerTarget, s: Settings, key: str, version: str) -
 
 
 def test_built_template_matches_its_source(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+    installed: ServerTarget,
+    settings: Settings,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "crm", key)
     write_json(
         path / "template.json",
         read_json(path / "template.json") | {"database_settings": {"work_mem": "8MB"}},
     )
-    build = ts.build(installed, settings, key, source_dir=path)
+    build = templates.build(key, source_dir=path).build
     source = resolve_parents(load_source(path, key), lambda k: ts.source_folders(settings)[0] / k)
     assert build.status == "ready"
     assert build.is_current
@@ -126,17 +139,22 @@ def test_built_template_matches_its_source(
                 "INSERT INTO contact (account_id, first_name, last_name) VALUES (%s, 'a', 'b')",
                 (str(uuid.uuid4()),),
             )
-    report = ts.check(installed, settings, key)
+    report = templates.check(key)
     assert report.ok, report.problems
     assert_closed_template(admin_url, build.database)
 
 
 def test_rebuild_retires_the_old_build_and_spares_its_clones(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+    installed: ServerTarget,
+    settings: Settings,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "basic", key)
-    v1 = ts.build(installed, settings, key, source_dir=path)
-    assert ts.build_template(installed, settings, key, source_dir=path).built is False
+    v1 = templates.build(key, source_dir=path).build
+    assert templates.build(key, source_dir=path).built is False
     tenant_db = f"tenant_{uuid.uuid4().hex[:16]}"
     with connect(installed, autocommit=True) as adm:
         admin.create_database(adm, tenant_db, template=v1.database)
@@ -144,10 +162,10 @@ def test_rebuild_retires_the_old_build_and_spares_its_clones(
         schema = read_json(path / "schemas/account.json")
         schema["properties"]["nickname"] = {"type": "string", "maxLength": 40}
         write_json(path / "schemas/account.json", schema)
-        v2 = ts.build(installed, settings, key, source_dir=path)
+        v2 = templates.build(key, source_dir=path).build
         assert v2.version != v1.version
         assert v2.database == template_db_name(key)
-        old = ts.show(installed, settings, key, v1.version)
+        old = templates.show(key, v1.version)
         assert old.status == "retired"
         assert not old.is_current
         assert old.database == retired_db_name(key, v1.version)
@@ -170,33 +188,36 @@ def test_rebuild_retires_the_old_build_and_spares_its_clones(
 
     # drop and prune: the current build and builds tenants need are kept unless forced
     with pytest.raises(TemplateInUse):
-        ts.drop(installed, settings, key)
+        templates.drop(key)
     _add_tenant_row(installed, settings, key, v1.version)
-    assert ts.prune(installed, settings, key) == []
+    assert templates.prune(key) == []
     with pytest.raises(TemplateInUse):
-        ts.drop(installed, settings, key, v1.version)
-    dropped = ts.drop(installed, settings, key, v1.version, force=True)
+        templates.drop(key, v1.version)
+    dropped = templates.drop(key, v1.version, force=True)
     assert dropped.status == "dropped"
     assert dropped.database == retired_db_name(key, v1.version)
     with connect(installed, autocommit=True) as adm:
         assert not admin.database_exists(adm, retired_db_name(key, v1.version))
-    assert [b.version for b in ts.list_builds(installed, settings, key)] == [v2.version]
-    assert len(ts.list_builds(installed, settings, key, everything=True)) == 2
+    assert [b.version for b in templates.list_builds(key)] == [v2.version]
+    assert len(templates.list_builds(key, everything=True)) == 2
 
     # a forced rebuild of the same version retires the current one; prune then drops it
-    again = ts.build(installed, settings, key, source_dir=path, force=True)
+    again = templates.build(key, source_dir=path, force=True).build
     assert again.version == v2.version
     assert again.id != v2.id
-    pruned = ts.prune(installed, settings, key)
+    pruned = templates.prune(key)
     assert [b.id for b in pruned] == [v2.id]
-    assert ts.check(installed, settings, key).ok
+    assert templates.check(key).ok
 
 
 def test_rebuild_while_cloning_loses_no_clone(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "basic", key)
-    ts.build(installed, settings, key, source_dir=path)
+    templates.build(key, source_dir=path)
     template = template_db_name(key)
     stop = threading.Event()
     made: list[str] = []
@@ -231,7 +252,7 @@ def test_rebuild_while_cloning_loses_no_clone(
             data = read_json(path / "data/account.json")
             data[0]["name"] = f"Acme round {round_}"
             write_json(path / "data/account.json", data)
-            versions.add(ts.build(installed, settings, key, source_dir=path).version)
+            versions.add(templates.build(key, source_dir=path).build.version)
     finally:
         stop.set()
         for thread in threads:
@@ -265,34 +286,43 @@ def test_concurrent_ensure_built_builds_once(
     copy_builtin(folder, "basic", key)
     s = settings.model_copy(update={"template_path": [folder]})
     results: list[ts.TemplateBuild] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(ts.ensure_built(installed, s, key)))
-        for _ in range(3)
-    ]
+
+    def ensure() -> None:
+        # A service (and pools) per thread: as three monk processes would.
+        with ts.TemplateService.open(s, installed) as own:
+            results.append(own.ensure_built(key))
+
+    threads = [threading.Thread(target=ensure) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
     assert len(results) == 3
     assert len({b.id for b in results}) == 1
-    assert len(ts.list_builds(installed, s, key, everything=True)) == 1
-    assert ts.pending_migrations(results[0], s) == []
-    with pytest.raises(TemplateNotFound):
-        ts.ensure_built(installed, s, new_key("missing"))
+    with ts.TemplateService.open(s, installed) as templates:
+        assert len(templates.list_builds(key, everything=True)) == 1
+        assert templates.pending_migrations(results[0]) == []
+        with pytest.raises(TemplateNotFound):
+            templates.ensure_built(new_key("missing"))
 
 
 def test_failing_step_keeps_the_previous_build(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+    installed: ServerTarget,
+    settings: Settings,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "basic", key)
-    good = ts.build(installed, settings, key, source_dir=path)
+    good = templates.build(key, source_dir=path).build
     (path / "migrations").mkdir()
     (path / "migrations/0001_boom.sql").write_text("SELECT 1 / 0;\n")
     with pytest.raises(InvalidTemplateSource, match=r"migrations/0001_boom\.sql.*division by zero"):
-        ts.build(installed, settings, key, source_dir=path)
+        templates.build(key, source_dir=path)
     assert staging_databases(admin_url, key) == []
-    assert ts.show(installed, settings, key).id == good.id
-    failed = [b for b in ts.list_builds(installed, settings, key) if b.status == "failed"]
+    assert templates.show(key).id == good.id
+    failed = [b for b in templates.list_builds(key) if b.status == "failed"]
     assert len(failed) == 1
     assert "division by zero" in (failed[0].error or "")
     with _system(installed, settings) as reg:
@@ -304,7 +334,11 @@ def test_failing_step_keeps_the_previous_build(
 
 
 def test_leftovers_of_a_dead_build_are_found_and_cleaned(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str
+    installed: ServerTarget,
+    settings: Settings,
+    key: str,
+    admin_url: str,
+    templates: TemplateService,
 ) -> None:
     """A 'building' row and its staging database, as a kill -9 leaves them."""
     version = "0123456789abcdef"
@@ -316,11 +350,11 @@ def test_leftovers_of_a_dead_build_are_found_and_cleaned(
         )
     with connect(installed, autocommit=True) as adm:
         admin.create_database(adm, staging)
-    assert ts.find_leftovers(installed, settings) == [staging]
-    assert ts.cleanup_leftovers(installed, settings) == [staging]
-    assert ts.find_leftovers(installed, settings) == []
+    assert templates.find_leftovers() == [staging]
+    assert templates.cleanup_leftovers() == [staging]
+    assert templates.find_leftovers() == []
     assert staging_databases(admin_url, key) == []
-    rows = ts.list_builds(installed, settings, key)
+    rows = templates.list_builds(key)
     assert [(b.status, b.error) for b in rows] == [
         ("failed", "interrupted: the building process died")
     ]
@@ -360,14 +394,18 @@ def test_generated_schemas_compile_to_ddl_that_runs(
                         sql.SQL("INSERT INTO {} DEFAULT VALUES").format(sql.Identifier(table.name))
                     )
             db.execute("RESET ROLE")
-            report = ts._health(db, ddl_db, None)
+            report = inspect(db, ddl_db, None)
             assert report.problems == ()
         finally:
             db.rollback()
 
 
 def test_prune_forgets_failed_builds_but_the_latest(
-    installed: ServerTarget, settings: Settings, key: str, tmp_path: Path
+    installed: ServerTarget,
+    settings: Settings,
+    key: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "empty", key)
     (path / "migrations").mkdir(exist_ok=True)
@@ -375,7 +413,7 @@ def test_prune_forgets_failed_builds_but_the_latest(
         # a new version each time (the content hash changes), failing at its migration
         (path / "migrations" / "0001_boom.sql").write_text(f"SELECT {attempt} / 0;\n")
         with pytest.raises(InvalidTemplateSource, match="0001_boom"):
-            ts.build(installed, settings, key, source_dir=path)
+            templates.build(key, source_dir=path)
     with _system(installed, settings) as reg:
         failed = reg.execute(
             "SELECT id FROM template_builds WHERE key = %s AND status = 'failed'"
@@ -383,17 +421,22 @@ def test_prune_forgets_failed_builds_but_the_latest(
             (key,),
         ).fetchall()
     assert len(failed) == 3
-    forgotten = ts.prune(installed, settings, key)
+    forgotten = templates.prune(key)
     assert sorted(str(b.id) for b in forgotten) == sorted(str(r[0]) for r in failed[:2])
     assert {b.status for b in forgotten} == {"failed"}
     with _system(installed, settings) as reg:
         left = reg.execute("SELECT id FROM template_builds WHERE key = %s", (key,)).fetchall()
     assert left == [failed[2]]
-    assert ts.prune(installed, settings, key) == []
+    assert templates.prune(key) == []
 
 
 def test_extensions_are_created_at_build_and_copied_into_clones(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+    installed: ServerTarget,
+    settings: Settings,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "basic", key)
     manifest = read_json(path / "template.json")
@@ -403,7 +446,7 @@ def test_extensions_are_created_at_build_and_copied_into_clones(
         "CREATE UNIQUE INDEX account_email_ci ON account ((email::citext));\n"
         "CREATE INDEX account_name_trgm ON account USING gin (name gin_trgm_ops);\n"
     )
-    build = ts.build(installed, settings, key, source_dir=path)
+    build = templates.build(key, source_dir=path).build
     with scratch_clone(admin_url, build.database) as clone:
         names = {r[0] for r in clone.execute("SELECT extname FROM pg_extension").fetchall()}
         assert {"citext", "pg_trgm"} <= names
@@ -425,16 +468,20 @@ def test_extensions_are_created_at_build_and_copied_into_clones(
 
 
 def test_an_extension_the_server_lacks_fails_the_build_by_name(
-    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+    installed: ServerTarget,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+    templates: TemplateService,
 ) -> None:
     path = copy_builtin(tmp_path, "basic", key)
     manifest = read_json(path / "template.json")
     write_json(path / "template.json", manifest | {"extensions": ["citext", "monk_no_such_ext"]})
     with pytest.raises(InvalidTemplateSource) as caught:
-        ts.build(installed, settings, key, source_dir=path)
+        templates.build(key, source_dir=path)
     message = str(caught.value)
     assert "'monk_no_such_ext'" in message
     assert "citext" not in message.split("extension", 1)[1]
     assert installed.name in message
     assert staging_databases(admin_url, key) == []
-    assert ts.list_builds(installed, settings, key) == []
+    assert templates.list_builds(key) == []

@@ -32,6 +32,7 @@ from monk.service import purge
 from monk.service import templates as template_service
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantService, TenantView
+from tests.integration import template_support
 from tests.integration.conftest import Env
 
 
@@ -225,7 +226,7 @@ def test_stray_database_is_refused_and_kept(env: Env, svc: TenantService) -> Non
 def test_failed_step_is_undone(env: Env, svc: TenantService) -> None:
     """A step that fails (here: a database setting the server rejects) leaves nothing."""
     s = env.settings
-    bad_build = template_service.build(
+    bad_build = template_support.build(
         env.target,
         s,
         f"tb_bad_{uuid.uuid4().hex[:6]}",
@@ -369,7 +370,7 @@ def test_rebuild_during_provisioning_never_mislabels_a_tenant(
     key = f"tr_{uuid.uuid4().hex[:8]}"
     source = tmp_path / key
     shutil.copytree(template_service.builtin_source_dir("basic"), source)
-    template_service.build(env.target, env.settings, key, source_dir=source)
+    template_support.build(env.target, env.settings, key, source_dir=source)
     stop = threading.Event()
     made: list[TenantView] = []
 
@@ -384,7 +385,7 @@ def test_rebuild_during_provisioning_never_mislabels_a_tenant(
             manifest = json.loads((source / "template.json").read_text())
             manifest["description"] = label
             (source / "template.json").write_text(json.dumps(manifest))
-            template_service.build(env.target, env.settings, key, source_dir=source)
+            template_support.build(env.target, env.settings, key, source_dir=source)
     finally:
         stop.set()
         worker.join()
@@ -421,7 +422,7 @@ def test_scram_iterations_apply_to_tenant_passwords(env: Env) -> None:
 
 def test_database_settings_reach_the_tenant(env: Env, svc: TenantService) -> None:
     s = env.settings
-    build = template_service.build(
+    build = template_support.build(
         env.target,
         s,
         f"tb_set_{uuid.uuid4().hex[:6]}",

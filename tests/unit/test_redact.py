@@ -22,6 +22,9 @@ def test_known_folders_become_their_labels_and_keep_what_is_inside() -> None:
         ("see ~/notes/x.txt", "see <path>"),
         ("and/or 1/2 at http://h.example/api/x", "and/or 1/2 at http://h.example/api/x"),
         ("template 'basic' has no build", "template 'basic' has no build"),
+        # monk's own routes name no file: an error may say which one fixes it.
+        ("or POST /api/root/template/crm)", "or POST /api/root/template/crm)"),
+        ("under /apiary/x", "under <path>"),
     ],
 )
 def test_any_other_absolute_path_is_hidden(text: str, expected: str) -> None:

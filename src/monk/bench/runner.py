@@ -60,7 +60,7 @@ from monk.bench import stats
 from monk.core.schema_compiler import compile_template, core_tables_ddl, seed_statements
 from monk.errors import TenantNotFound
 from monk.service import purge, role_pool
-from monk.service import templates as template_service
+from monk.service.templates import TemplateService, resolve_source
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 
@@ -195,12 +195,13 @@ class Bench:
         started = time.monotonic()
         started_at = datetime.now(UTC).isoformat()
         key = self.config.template
-        build = template_service.ensure_built(self.target, self._settings, key)
+        with TemplateService.open(self._settings, self.target) as templates:
+            build = templates.ensure_built(key)
         # The source the build was made from, so that scratch builds the very same content.
         built_from = Path(build.source) if build.source else None
         if built_from is not None and not built_from.is_dir():
             built_from = None
-        source = template_service.resolve_source(self._settings, key, built_from)
+        source = resolve_source(self._settings, key, built_from)
         compiled = compile_template(source.schemas)
         self._scratch_sql = [
             *((s, ()) for s in core_tables_ddl()),

@@ -135,14 +135,13 @@ def serve(
     from monk.api.app import create_app, listen
     from monk.api.runtime import Runtime
     from monk.service import doctor as doctor_service
-    from monk.service import templates as template_service
 
     settings = state().settings
     # The port first: a busy one stops this process before it touches the database.
     with listen(host, port) as sock:
         runtime = Runtime(settings)
         for key in [k.strip() for k in templates.split(",") if k.strip()]:
-            build = template_service.ensure_built(runtime.target, settings, key)
+            build = runtime.tenants.templates.ensure_built(key)
             console.print(f"template {key}: ready ({build.version})")
         problems = doctor_service.diagnose(doctor_service.take_snapshot(runtime.tenants))
         for line in doctor_service.repair(runtime.tenants, problems) if problems else []:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from monk.cli.context import state
-from monk.cli.output import console, print_json, print_rows
+from monk.cli.output import console, err_console, print_json, print_rows
+from monk.errors import TemplateNotBuilt
 
 app = typer.Typer(help="The warm pool: spare databases cloned ahead of time.", no_args_is_help=True)
 
@@ -18,7 +20,14 @@ def fill(
     """Create spares of the template's current build until COUNT are ready."""
     from monk.service import pool
 
-    made = pool.fill(state().tenants, template, count)
+    svc = state().tenants
+    try:
+        made = pool.fill(svc, template, count)
+    except TemplateNotBuilt:
+        # The CLI may build it (an HTTP request never does), saying so.
+        err_console.print(f"building template {escape(template)} first …")
+        svc.templates.build(template, recorded_anywhere=True)
+        made = pool.fill(svc, template, count)
     console.print(f"made {made} spare(s) of {template}")
 
 

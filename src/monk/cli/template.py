@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from monk.adapters.postgres.connection import ServerTarget
-    from monk.service.templates import TemplateBuild
+    from monk.service.templates import TemplateBuild, TemplateService
 
 app = typer.Typer(
     help="Template databases: build them from sources, list, check, drop, prune.",
@@ -96,6 +96,13 @@ def _target() -> ServerTarget:
     return target
 
 
+def _service() -> TemplateService:
+    """The template service of the admin target, with pools of its own (close it)."""
+    from monk.service.templates import TemplateService
+
+    return TemplateService.open(state().settings, _target())
+
+
 def _size(size: int | None) -> str:
     if size is None:
         return ""
@@ -140,45 +147,44 @@ def build(
     if all_keys and source is not None:
         raise InvalidRequest("--source builds one KEY; it cannot be combined with --all")
     keys = template_service.available_keys(s.settings) if all_keys else [str(key)]
-    target = _target()
     results = []
     failures: list[tuple[str, MonkError]] = []
     show_steps = console.is_terminal and not as_json
-    for k in keys:
-        try:
-            if show_steps:
-                with _StepDisplay(k) as display:
-                    result = template_service.build_template(
-                        target,
-                        s.settings,
-                        k,
-                        force=force,
-                        source_dir=source,
-                        progress=display,
-                        recorded_anywhere=True,
+    with _service() as templates:
+        for k in keys:
+            try:
+                if show_steps:
+                    with _StepDisplay(k) as display:
+                        result = templates.build(
+                            k,
+                            force=force,
+                            source_dir=source,
+                            progress=display,
+                            recorded_anywhere=True,
+                        )
+                else:
+                    result = templates.build(
+                        k, force=force, source_dir=source, recorded_anywhere=True
                     )
-            else:
-                result = template_service.build_template(
-                    target, s.settings, k, force=force, source_dir=source, recorded_anywhere=True
-                )
-        except MonkError as exc:
-            if not all_keys:
-                raise
-            # One bad source does not stop the others; each failure left nothing behind.
-            failures.append((k, exc))
+            except MonkError as exc:
+                if not all_keys:
+                    raise
+                # One bad source does not stop the others; each failure left nothing behind.
+                failures.append((k, exc))
+                if not as_json:
+                    err_console.print(f"[red]{escape(k)}[/red]: {exc.code}: {escape(str(exc))}")
+                continue
+            results.append(result)
             if not as_json:
-                err_console.print(f"[red]{escape(k)}[/red]: {exc.code}: {escape(str(exc))}")
-            continue
-        results.append(result)
-        if not as_json:
-            b = result.build
-            if result.built:
-                console.print(
-                    f"built {escape(b.key)} {b.version} as {b.database}: {b.table_count} tables, "
-                    f"{b.record_count} records, {_size(b.size_bytes)}, {b.duration_ms} ms"
-                )
-            else:
-                console.print(f"{escape(b.key)} is up to date: {b.version} in {b.database}")
+                b = result.build
+                if result.built:
+                    console.print(
+                        f"built {escape(b.key)} {b.version} as {b.database}: "
+                        f"{b.table_count} tables, {b.record_count} records, "
+                        f"{_size(b.size_bytes)}, {b.duration_ms} ms"
+                    )
+                else:
+                    console.print(f"{escape(b.key)} is up to date: {b.version} in {b.database}")
     if as_json:
         out: list[dict[str, object]] = [{"built": r.built, **r.build.as_dict()} for r in results]
         out += [
@@ -201,10 +207,8 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Builds of every template (or of KEY), newest first."""
-    from monk.service import templates as template_service
-
-    s = state()
-    builds = template_service.list_builds(_target(), s.settings, key, everything=everything)
+    with _service() as templates:
+        builds = templates.list_builds(key, everything=everything)
     if as_json:
         print_json([b.as_dict() for b in builds])
     elif not builds:
@@ -222,10 +226,8 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Everything recorded about the current build of KEY (or the build of --version)."""
-    from monk.service import templates as template_service
-
-    s = state()
-    b = template_service.show(_target(), s.settings, key, version)
+    with _service() as templates:
+        b = templates.show(key, version)
     if as_json:
         print_json(b.as_dict())
     else:
@@ -238,10 +240,8 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-run the health checks on the current build (in a scratch clone); exit 1 on problems."""
-    from monk.service import templates as template_service
-
-    s = state()
-    report = template_service.check(_target(), s.settings, key)
+    with _service() as templates:
+        report = templates.check(key)
     if as_json:
         print_json(report.as_dict())
     elif report.ok:
@@ -268,10 +268,8 @@ def drop(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Drop a build and its database."""
-    from monk.service import templates as template_service
-
-    s = state()
-    b = template_service.drop(_target(), s.settings, key, version, force=force)
+    with _service() as templates:
+        b = templates.drop(key, version, force=force)
     if as_json:
         print_json(b.as_dict())
     else:
@@ -285,10 +283,8 @@ def prune(
 ) -> None:
     """Drop the retired builds that no live tenant was cloned from; forget failed builds but
     the latest of each key."""
-    from monk.service import templates as template_service
-
-    s = state()
-    dropped = template_service.prune(_target(), s.settings, key)
+    with _service() as templates:
+        dropped = templates.prune(key)
     if as_json:
         print_json([b.as_dict() for b in dropped])
     elif not dropped:
@@ -317,13 +313,15 @@ def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
             rows.append({"key": k, "from": "configured", "error": exc.message})
     # Keys built with --source: rebuilt from the folder recorded with their builds.
     try:
-        target = _target()
-        built = {b.key for b in template_service.list_builds(target, s.settings)}
+        with _service() as templates:
+            elsewhere = [
+                (k, templates.recorded_source(k))
+                for k in sorted({b.key for b in templates.list_builds()} - set(configured))
+            ]
     except MonkError as exc:  # the sources are still worth listing without the database
         err_console.print(f"[yellow]keys built with --source not listed: {escape(str(exc))}[/]")
-        built = set()
-    for k in sorted(built - set(configured)):
-        folder = template_service.recorded_source(target, s.settings, k)
+        elsewhere = []
+    for k, folder in elsewhere:
         if folder is None:
             continue
         try:

@@ -3,6 +3,7 @@ objects as the HTTP API)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +22,11 @@ from monk.cli.output import (
 )
 from monk.core.lifecycle import TenantStatus
 from monk.core.tenant_names import MAX_TENANT_CONNECTION_LIMIT
-from monk.errors import MonkError
+from monk.errors import MonkError, TemplateNotBuilt
 
 # The service is imported by the commands that run it (fast start-up, see cli/main.py).
 if TYPE_CHECKING:
-    from monk.service.tenants import TenantView
+    from monk.service.tenants import TenantService, TenantView
 
 app = typer.Typer(help="Tenants: one PostgreSQL database each.", no_args_is_help=True)
 
@@ -78,14 +79,28 @@ def create(
         _create_many(from_file, template=template, host=host, parallel=parallel, as_json=as_json)
         return
     assert name is not None
-    view = state().tenants.provision(
+    svc = state().tenants
+    provision = functools.partial(
+        svc.provision,
         name,
         template=template,
         host=host,
         idempotency_key=idempotency_key,
         connection_limit=connection_limit,
     )
+    try:
+        view = provision()
+    except TemplateNotBuilt:
+        _build_first(svc, template)
+        view = provision()
     _show(view, as_json)
+
+
+def _build_first(svc: TenantService, template: str) -> None:
+    """The CLI builds a template that has no build yet (an HTTP request never does), saying so
+    on stderr."""
+    err_console.print(f"building template {escape(template)} first …")
+    svc.templates.build(template, recorded_anywhere=True)
 
 
 def _create_many(
@@ -116,6 +131,12 @@ def _create_many(
         ) as progress,
     ):
         task = progress.add_task("provisioning", total=len(names))
+        if names:
+            try:
+                if svc.templates.current_build(template) is None:
+                    _build_first(svc, template)
+            except MonkError as exc:  # each name then reports what is wrong
+                err_console.print(f"[red]{exc.code}[/red]: {escape(str(exc))}")
 
         def one(raw: str) -> dict[str, Any]:
             try:

@@ -7,8 +7,9 @@ import re
 from collections.abc import Mapping
 
 # An absolute (or ~) path of one or more components, not inside a word, URL or relative path,
-# nor after a label put in by ``without_paths``.
-_PATH = re.compile(r"(?<![\w.:/~>-])~?/(?:[\w.@+%-]+/)*[\w.@+%-]+/?")
+# nor after a label put in by ``without_paths``, nor one of monk's own routes (/api/…: an error
+# may name the route that fixes it, and no file lives there).
+_PATH = re.compile(r"(?<![\w.:/~>-])(?!/api/)~?/(?:[\w.@+%-]+/)*[\w.@+%-]+/?")
 
 
 def without_paths(text: str, labels: Mapping[str, str] | None = None) -> str:

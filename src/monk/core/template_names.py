@@ -84,3 +84,24 @@ def staging_db_name(key: str, version: str) -> str:
 def retired_db_name(key: str, version: str) -> str:
     """The name an earlier build of ``key`` at ``version`` keeps after a rebuild replaced it."""
     return f"{RETIRED_DB_PREFIX}{validate_template_key(key)}_{validate_version(version)}"
+
+
+CREATE_STEP = "create"
+"""The build step that creates the staging database (the journal and progress name)."""
+
+BUILD_STEPS = (
+    "validate",
+    "journal",
+    CREATE_STEP,
+    "extensions",
+    "core_tables",
+    "tables",
+    "registry",
+    "seed",
+    "migrations",
+    "health",
+    "close",
+    "swap",
+)
+"""The steps a build reports to its ``progress`` callback, in order (``up_to_date`` instead of
+all after ``validate`` when the current build already has the source's version)."""

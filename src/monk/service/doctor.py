@@ -16,12 +16,12 @@ from monk.adapters.postgres import admin
 from monk.adapters.registry import Tenant
 from monk.adapters.registry import events as outbox
 from monk.adapters.registry import reconcile as reconcile_reads
+from monk.adapters.registry import templates as template_builds
 from monk.core import lifecycle
 from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.reconcile import EVENT_BACKLOG_S, Problem, Snapshot, access_drift, diagnose, warnings
 from monk.core.tenant_names import is_tenant_database
 from monk.service import pool, role_pool
-from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ def take_snapshot(svc: TenantService) -> Snapshot:
             if op.database
         }
         current_templates = tuple(
-            b.database for b in template_service.current_builds(reg, pools.target.name)
+            b.database for b in template_builds.current_builds(reg, pools.target.name)
         )
-        build_settings = template_service.settings_by_build(reg, pools.target.name)
+        build_settings = template_builds.settings_by_build(reg, pools.target.name)
     with pools.admin() as adm:
         all_dbs = admin.database_states(adm)
         all_roles = admin.role_states(adm)
@@ -77,7 +77,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
     # COMMENT): another installation's objects on a shared server are left alone.
     db_rows = {n for n, st in all_dbs.items() if st.comment in (None, mark)}
     server_roles = {n for n, st in all_roles.items() if st.comment in (None, mark)}
-    leftovers = tuple(template_service.find_leftovers(pools.target, svc.settings))
+    leftovers = tuple(svc.templates.find_leftovers())
     ours = {n for n in db_rows if is_tenant_database(n) or pool.is_spare_name(n)}
     ours |= {t.database for t in tenants} | set(current_templates)
     public = tuple(
@@ -226,7 +226,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                         admin.drop_role(adm, p.subject)
                     done.append(f"{p.subject}: dropped")
     if any(p.kind == "template_leftover" for p in problems):
-        for name in template_service.cleanup_leftovers(pools.target, svc.settings):
+        for name in svc.templates.cleanup_leftovers():
             done.append(f"{name}: dropped")
     work_queue(svc)
     return done

@@ -466,6 +466,8 @@ def refill(svc: TenantService) -> None:
     spares left ``creating`` by a process that died (the pool would run one short)."""
     clear_crashed(svc)
     for key, count in svc.settings.pool_spares.items():
+        # In the background, never inside a request: a configured key with no build is built.
+        svc.templates.ensure_built(key)
         retire_stale(svc, key)
         if count > 0:
             fill(svc, key, count)

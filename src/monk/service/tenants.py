@@ -44,6 +44,7 @@ from monk.adapters.postgres.connection import (
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
+from monk.adapters.registry import templates as template_builds
 from monk.core import scram, tenant_names
 from monk.core.identifiers import validate_database_name, validate_role_name
 from monk.core.template_names import validate_template_key
@@ -59,6 +60,7 @@ from monk.errors import (
     OperationFailed,
     StrayDatabase,
     TemplateBusy,
+    TemplateNotBuilt,
     TemplateNotFound,
     TenantExists,
     TenantNotFound,
@@ -195,6 +197,7 @@ class TenantService:
     ) -> None:
         self.settings = settings
         self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
+        self.templates = template_service.TemplateService(settings, self.hosts.pools())
         self._hasher = hasher
         self._admin_is_superuser: bool | None = None
         self.spare_secrets = pool.SpareSecrets()
@@ -458,7 +461,7 @@ class TenantService:
         or taken, a spare is ready, or the template has no build (the full path says which)."""
         try:
             build = self._current_build(template, pools.target, reg, cached=True)
-        except TemplateNotFound:
+        except (TemplateNotFound, TemplateNotBuilt):
             return None
         intent = self._record_gated_intent(reg, pools, name, build, idempotency_key)
         if intent is None:
@@ -775,7 +778,8 @@ class TenantService:
         *,
         cached: bool = False,
     ) -> template_service.TemplateBuild:
-        """The build to clone from; a known template without a ready build is built first.
+        """The build to clone from; a template without a ready build raises TemplateNotBuilt
+        (no build starts inside a request: ``monk template build`` or the CLI's create does it).
 
         ``cached``: an answer up to ``_BUILD_CACHE_S`` old will do, for callers that clone
         with ``_clone`` (it checks the registry after cloning and clones again from the new
@@ -788,10 +792,13 @@ class TenantService:
             return hit[1]
         if reg is None:
             with self.hosts.pools(target.name).system() as own:
-                build = template_service.current_build(own, key, target.name)
+                build = template_builds.current_build(own, key, target.name)
+                if build is None:
+                    raise template_service.missing_build(own, target.name, self.settings, key)
         else:
-            build = template_service.current_build(reg, key, target.name)
-        build = build or template_service.ensure_built(target, self.settings, key)
+            build = template_builds.current_build(reg, key, target.name)
+            if build is None:
+                raise template_service.missing_build(reg, target.name, self.settings, key)
         with self._side_lock:
             self._build_cache[(key, target.name)] = (now, build)
         return build
@@ -822,7 +829,7 @@ class TenantService:
         look_for_sessions = template_in_use
 
         def current() -> template_service.TemplateBuild:
-            fresh = template_service.current_build(registry_session(), build.key, target.name)
+            fresh = template_builds.current_build(registry_session(), build.key, target.name)
             if fresh is None:
                 raise TemplateNotFound(f"template {build.key!r} has no ready build")
             return fresh
@@ -840,7 +847,7 @@ class TenantService:
             except DatabaseMissing:
                 cloning = current()
                 raise TemplateBusy(f"template {build.key!r} is being swapped") from None
-            after = template_service.current_build_id(registry_session(), build.key, target.name)
+            after = template_builds.current_build_id(registry_session(), build.key, target.name)
             if after != cloning.id:
                 admin.drop_database(adm, database)
                 cloning = current()
@@ -1185,7 +1192,7 @@ class TenantService:
     def database_settings(self, tenant: Tenant) -> dict[str, str]:
         """The database settings of the build the tenant was cloned from ({} if unknown)."""
         with self.hosts.pools(tenant.host).system() as reg:
-            by_build = template_service.settings_by_build(reg, self.hosts.target(tenant.host).name)
+            by_build = template_builds.settings_by_build(reg, self.hosts.target(tenant.host).name)
         return by_build.get((tenant.template_key or "", tenant.template_version or ""), {})
 
     def restore_access(self, tenant: Tenant) -> str:

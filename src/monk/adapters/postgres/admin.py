@@ -437,3 +437,48 @@ def database_size(conn: Conn, name: str) -> int | None:
 def server_version(conn: Conn) -> str:
     row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]) if row else "unknown"
+
+
+def revoke_all_from_public(conn: Conn, name: str) -> None:
+    """REVOKE ALL ON DATABASE … FROM PUBLIC (CONNECT and TEMPORARY)."""
+    validate_database_name(name)
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+
+
+def comment_on_database(conn: Conn, name: str, comment: str) -> None:
+    validate_database_name(name)
+    conn.execute(
+        sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment))
+    )
+
+
+def databases_commented(conn: Conn, prefix: str, comment: str) -> list[str]:
+    """The databases whose name starts with ``prefix`` and whose comment is ``comment``."""
+    like = prefix.replace("\\", "\\\\").replace("_", r"\_").replace("%", r"\%") + "%"
+    rows = conn.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE %s"
+        " AND shobj_description(oid, 'pg_database') = %s ORDER BY 1",
+        (like, comment),
+    ).fetchall()
+    return [str(name) for (name,) in rows]
+
+
+@dataclass(frozen=True)
+class TemplateAccess:
+    """How closed a template database is."""
+
+    is_template: bool
+    allows_connections: bool
+    public_may_connect: bool
+
+
+def template_access(conn: Conn, name: str) -> TemplateAccess | None:
+    """IS_TEMPLATE, ALLOW_CONNECTIONS and PUBLIC's CONNECT of ``name``; None if it is missing."""
+    row = conn.execute(
+        "SELECT datistemplate, datallowconn, has_database_privilege('public', datname, 'CONNECT')"
+        " FROM pg_database WHERE datname = %s",
+        (name,),
+    ).fetchone()
+    if row is None:
+        return None
+    return TemplateAccess(bool(row[0]), bool(row[1]), bool(row[2]))

@@ -62,7 +62,7 @@ def list_templates(
 ) -> Ok[list[TemplateBuildOut]]:
     if key is not None:
         validate_template_key(key)
-    builds = template_service.list_builds(rt.target, rt.settings, key, everything=all_)
+    builds = rt.tenants.templates.list_builds(key, everything=all_)
     return Ok(data=[_out(rt.settings, b) for b in builds])
 
 
@@ -79,7 +79,7 @@ def prune_templates(
 ) -> Ok[list[TemplateBuildOut]]:
     if key is not None:
         validate_template_key(key)
-    dropped = template_service.prune(rt.target, rt.settings, key)
+    dropped = rt.tenants.templates.prune(key)
     return Ok(data=[_out(rt.settings, b) for b in dropped])
 
 
@@ -91,7 +91,7 @@ def prune_templates(
 def show_template(
     rt: RuntimeDep, _: Root, key: Key, version: Version = None
 ) -> Ok[TemplateBuildOut]:
-    return Ok(data=_out(rt.settings, template_service.show(rt.target, rt.settings, key, version)))
+    return Ok(data=_out(rt.settings, rt.tenants.templates.show(key, version)))
 
 
 @router.post(
@@ -110,7 +110,7 @@ def build_template(
 ) -> Ok[TemplateBuildResultOut]:
     force = body.force if body is not None else False
     try:
-        result = template_service.build_template(rt.target, rt.settings, key, force=force)
+        result = rt.tenants.templates.build(key, force=force)
     except MonkError as exc:
         rt.metrics.template_builds.labels(result=exc.code).inc()
         raise
@@ -129,7 +129,7 @@ def build_template(
     description="`ok: false` with the `problems` found; the template itself is never opened.",
 )
 def check_template(rt: RuntimeDep, _: Root, key: Key) -> Ok[TemplateCheckOut]:
-    report = template_service.check(rt.target, rt.settings, key)
+    report = rt.tenants.templates.check(key)
     return Ok(data=TemplateCheckOut.model_validate(report.as_dict()))
 
 
@@ -149,5 +149,5 @@ def drop_template(
         bool, Query(description="Drop even the current build or one tenants need.")
     ] = False,
 ) -> Ok[TemplateBuildOut]:
-    build = template_service.drop(rt.target, rt.settings, key, version, force=force)
+    build = rt.tenants.templates.drop(key, version, force=force)
     return Ok(data=_out(rt.settings, build))

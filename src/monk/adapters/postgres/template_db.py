@@ -1,0 +1,121 @@
+"""Statements run inside a template database being built (or a clone of one): the build's marker,
+its role switches, and the catalog reads its health checks are made of.
+
+Each takes an open connection to that database; the caller commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+Conn = psycopg.Connection[Any]
+
+MARKER_PREFIX = "monk template "
+
+
+def write_marker(conn: Conn, key: str, version: str) -> None:
+    """Record (key, version) in the database, as a comment every clone copies."""
+    marker = f"{MARKER_PREFIX}{key} {version}"
+    conn.execute(sql.SQL("COMMENT ON SCHEMA public IS {}").format(sql.Literal(marker)))
+
+
+def clone_marker(conn: Conn) -> tuple[str, str] | None:
+    """(key, version) of the build the connected database was cloned from, read from the
+    comment every build writes on schema ``public``; None if there is none."""
+    row = conn.execute("SELECT obj_description('public'::regnamespace, 'pg_namespace')").fetchone()
+    text = str(row[0]) if row and row[0] else ""
+    parts = text.removeprefix(MARKER_PREFIX).split(" ") if text.startswith(MARKER_PREFIX) else []
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def set_role(conn: Conn, role: str) -> None:
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+
+
+def reset_role(conn: Conn) -> None:
+    conn.execute("RESET ROLE")
+
+
+def analyze(conn: Conn) -> None:
+    conn.execute("ANALYZE")
+
+
+def missing_registered_tables(conn: Conn) -> list[str]:
+    """Tables a ``schemas`` row names that do not exist."""
+    rows = conn.execute(
+        "SELECT table_name FROM schemas WHERE to_regclass(format('public.%I', table_name)) IS NULL"
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def registered_columns(conn: Conn) -> list[tuple[Any, ...]]:
+    """Each ``columns`` row with what the catalog says of it: (schema, column, registered type,
+    registered required, actual type or None, actual NOT NULL)."""
+    return conn.execute(
+        "SELECT c.schema_name, c.column_name, c.pg_type, c.is_required,"
+        " format_type(a.atttypid, a.atttypmod), a.attnotnull"
+        " FROM columns c JOIN schemas s ON s.name = c.schema_name"
+        " LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(format('public.%I', s.table_name))"
+        "  AND a.attname = c.column_name AND a.attnum > 0 AND NOT a.attisdropped"
+        " ORDER BY 1, 2"
+    ).fetchall()
+
+
+def unregistered_columns(conn: Conn, system_columns: Sequence[str]) -> list[tuple[str, str]]:
+    """(table, column) of the columns of registered tables that no ``columns`` row names,
+    ``system_columns`` aside."""
+    rows = conn.execute(
+        "SELECT s.table_name, a.attname FROM schemas s"
+        " JOIN pg_attribute a ON a.attrelid = to_regclass(format('public.%%I', s.table_name))"
+        " WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attname <> ALL(%s)"
+        "  AND NOT EXISTS (SELECT 1 FROM columns c"
+        "   WHERE c.schema_name = s.name AND c.column_name = a.attname)"
+        " ORDER BY 1, 2",
+        (list(system_columns),),
+    ).fetchall()
+    return [(str(t), str(c)) for t, c in rows]
+
+
+def unvalidated_constraints(conn: Conn) -> list[tuple[str, str]]:
+    """(table, constraint) of the NOT VALID constraints in schema public."""
+    rows = conn.execute(
+        "SELECT conrelid::regclass::text, conname FROM pg_constraint"
+        " WHERE NOT convalidated AND connamespace = 'public'::regnamespace ORDER BY 1, 2"
+    ).fetchall()
+    return [(str(t), str(n)) for t, n in rows]
+
+
+def not_owned_by(conn: Conn, role: str) -> list[tuple[str, str]]:
+    """(kind, name) of the relations and functions in public that ``role`` does not own."""
+    rows = conn.execute(
+        # Members of an extension belong to it (owned by whoever created it): not checked.
+        "SELECT 'relation', relname::text FROM pg_class c"
+        " WHERE relnamespace = 'public'::regnamespace"
+        "  AND relowner <> %s::regrole AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+        "   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')"
+        " UNION ALL SELECT 'function', proname::text FROM pg_proc p"
+        "  WHERE pronamespace = 'public'::regnamespace AND proowner <> %s::regrole"
+        "  AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+        "   WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')"
+        " ORDER BY 1, 2",
+        (role, role),
+    ).fetchall()
+    return [(str(k), str(n)) for k, n in rows]
+
+
+def public_tables(conn: Conn) -> list[str]:
+    """The tables of schema public, by name."""
+    rows = conn.execute(
+        "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        " AND relkind IN ('r', 'p') ORDER BY relname"
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def row_count(conn: Conn, table: str) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
+    return int(str(row[0])) if row else 0
