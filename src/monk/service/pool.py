@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
@@ -43,10 +42,8 @@ from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.core import scram
 from monk.core.tenant_names import TenantName
-
-if TYPE_CHECKING:
-    from monk.service.templates import TemplateBuild
-    from monk.service.tenants import TenantService
+from monk.service.pipeline import Pipeline
+from monk.service.templates import TemplateBuild
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +55,6 @@ class Spare:
     id: UUID
     database: str
     migration_level: int
-
-
-class SpareSecrets:
-    """Passwords of the spares whose keyholder is this process, with their template key."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_database: dict[str, tuple[str, str]] = {}
-
-    def put(self, database: str, password: str, template: str) -> None:
-        with self._lock:
-            self._by_database[database] = (password, template)
-
-    def take(self, database: str) -> str | None:
-        with self._lock:
-            entry = self._by_database.pop(database, None)
-        return entry[0] if entry else None
-
-    def take_for(self, template: str) -> tuple[str, str] | None:
-        """(database, password) of the oldest known spare of ``template``, taken out, so that
-        no other thread of this process picks it; ``put`` it back if it was not handed out."""
-        with self._lock:
-            for database, (password, key) in self._by_database.items():
-                if key == template:
-                    del self._by_database[database]
-                    return database, password
-        return None
 
 
 def _new_name() -> str:
@@ -100,7 +70,7 @@ def counts(reg: psycopg.Connection[Any], host: str) -> dict[tuple[str, str], int
     return {(str(k), str(v)): int(str(n)) for k, v, n in rows}
 
 
-def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -> str:
+def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str:
     """Make one ready spare of ``build``; a failure leaves nothing behind."""
     name = _new_name()
     svc.hold_keyholder_lock()
@@ -116,15 +86,15 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
             spare_id = row[0]
             try:
                 with pools.admin() as adm:
-                    cloned = svc._clone(adm, pools.target, name, build, lambda: reg)
+                    cloned = svc.clone(adm, pools.target, name, build, lambda: reg)
                     if cloned.id != build.id:
                         build = cloned
                         reg.execute(
                             "UPDATE spares SET template_version = %s WHERE id = %s",
                             (build.version, spare_id),
                         )
-                    svc._checkpoint("spare-cloned")
-                    level = svc._migrate(pools.target, name, build)
+                    svc.checkpoint("spare-cloned")
+                    level = svc.migrate(pools.target, name, build)
                     password = scram.generate_password()
                     admin.create_role(
                         adm,
@@ -138,7 +108,7 @@ def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -
                             sql.Identifier(name), sql.Literal(svc.ownership_mark())
                         )
                     )
-                    svc._configure(adm, name, name, build, svc.settings.tenant_connection_limit)
+                    svc.configure(adm, name, name, build, svc.settings.tenant_connection_limit)
                 svc.spare_secrets.put(name, password, build.key)
                 reg.execute(
                     "UPDATE spares SET status = 'ready', ready_at = now(), migration_level = %s"
@@ -176,7 +146,7 @@ SELECT {} FROM hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(databa
 
 
 def hand_out_fast(
-    svc: TenantService,
+    svc: Pipeline,
     reg: psycopg.Connection[Any],
     *,
     name: TenantName,
@@ -276,7 +246,7 @@ RETURNING {}
 
 
 def hand_out(
-    svc: TenantService,
+    svc: Pipeline,
     reg: psycopg.Connection[Any],
     *,
     tenant_id: UUID,
@@ -319,11 +289,11 @@ def hand_out(
                 UUID(str(row[4])),
                 row[5],
             )
-            svc._checkpoint("spare-claimed")
+            svc.checkpoint("spare-claimed")
             password = _rename_into(
                 svc, reg, claimed, name, connection_limit or svc.settings.tenant_connection_limit
             )
-            svc._checkpoint("spare-renamed")
+            svc.checkpoint("spare-renamed")
             cur = reg.cursor(row_factory=class_row(Tenant))
             cur.execute(
                 sql.SQL(_ACTIVATE).format(registry.TENANT_COLUMNS),
@@ -352,7 +322,7 @@ def hand_out(
 
 
 def _rename_into(
-    svc: TenantService,
+    svc: Pipeline,
     reg: psycopg.Connection[Any],
     claimed: Claim,
     name: TenantName,
@@ -380,18 +350,18 @@ def _rename_into(
     return password
 
 
-def _discard(svc: TenantService, reg: psycopg.Connection[Any], spare: Spare) -> None:
+def _discard(svc: Pipeline, reg: psycopg.Connection[Any], spare: Spare) -> None:
     pools = svc.hosts.pools()
     _drop_spare(pools, spare.database)
     reg.execute("DELETE FROM spares WHERE id = %s", (spare.id,))
 
 
-def fill(svc: TenantService, key: str, count: int, *, host: str | None = None) -> int:
+def fill(svc: Pipeline, key: str, count: int, *, host: str | None = None) -> int:
     """Create spares of ``key``'s current build until ``count`` exist (within the global cap);
     returns how many were made. Blocking: the refiller calls it in the background."""
     target = svc.hosts.target(host)
     pools = svc.hosts.pools(target.name)
-    build = svc._current_build(key, target)
+    build = svc.current_build(key, target)
     made = 0
     while True:
         with pools.system() as reg:
@@ -406,11 +376,11 @@ def fill(svc: TenantService, key: str, count: int, *, host: str | None = None) -
         made += 1
 
 
-def retire_stale(svc: TenantService, key: str, *, host: str | None = None) -> int:
+def retire_stale(svc: Pipeline, key: str, *, host: str | None = None) -> int:
     """Drop ready spares of ``key`` that are not of its current build (after a rebuild)."""
     target = svc.hosts.target(host)
     pools = svc.hosts.pools(target.name)
-    build = svc._current_build(key, target)
+    build = svc.current_build(key, target)
     dropped = 0
     while True:
         with pools.system() as reg, reg.transaction():
@@ -428,7 +398,7 @@ def retire_stale(svc: TenantService, key: str, *, host: str | None = None) -> in
             dropped += 1
 
 
-def adopt(svc: TenantService, *, host: str | None = None) -> int:
+def adopt(svc: Pipeline, *, host: str | None = None) -> int:
     """Give each ready spare whose keyholder is gone (a process that ended, or was killed) a
     fresh password, under its row lock, and become its keyholder; returns how many. Run once
     when a server starts: the spares its predecessor made are then served on the fast path.
@@ -461,7 +431,7 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
         adopted += 1
 
 
-def refill(svc: TenantService) -> None:
+def refill(svc: Pipeline) -> None:
     """One pass of the background refiller over the configured templates; first it clears
     spares left ``creating`` by a process that died (the pool would run one short)."""
     clear_crashed(svc)
@@ -471,7 +441,7 @@ def refill(svc: TenantService) -> None:
             fill(svc, key, count)
 
 
-def drain(svc: TenantService, *, key: str | None = None) -> int:
+def drain(svc: Pipeline, *, key: str | None = None) -> int:
     """Drop every ready spare (of ``key``); returns how many."""
     pools = svc.hosts.pools()
     dropped = 0
@@ -501,7 +471,7 @@ class SpareRow:
     tenant_id: UUID | None
 
 
-def status(svc: TenantService) -> list[dict[str, Any]]:
+def status(svc: Pipeline) -> list[dict[str, Any]]:
     """Spares per template build and state, with the configured target count."""
     pools = svc.hosts.pools()
     with pools.system() as reg:
@@ -538,7 +508,7 @@ def is_spare_name(name: str) -> bool:
     )
 
 
-def clear_crashed(svc: TenantService) -> list[str]:
+def clear_crashed(svc: Pipeline) -> list[str]:
     """Drop the spares left ``creating`` whose creator is gone (its advisory lock on the spare
     is free), and ready spares whose database an interrupted drop left invalid (a handout would
     fail on them), with ``repair_spare``, the doctor's own repair; returns the spares dropped."""
@@ -566,7 +536,7 @@ def clear_crashed(svc: TenantService) -> list[str]:
 SPARE_DROPPED = "spare dropped"
 
 
-def repair_spare(svc: TenantService, row: SpareRow) -> str:
+def repair_spare(svc: Pipeline, row: SpareRow) -> str:
     """Drop a spare whose creator or claimer died, and its row (under the right lock)."""
     pools = svc.hosts.pools()
     with pools.system() as reg:

@@ -17,51 +17,18 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 import psycopg
 
 from monk.adapters import registry
 from monk.core import scram
-
-if TYPE_CHECKING:
-    from monk.service.tenants import TenantService
+from monk.service.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 ROLE_PREFIX = "monk_role_"
-
-
-class RoleSecrets:
-    """Passwords of the spare roles whose keyholder is this process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_role: dict[str, str] = {}
-
-    def put(self, role: str, password: str) -> None:
-        with self._lock:
-            self._by_role[role] = password
-
-    def take(self) -> tuple[str, str] | None:
-        """(role, password) of the oldest known spare role, taken out so that no other thread
-        claims it; ``put`` it back if the claim was rolled back."""
-        with self._lock:
-            for role, password in self._by_role.items():
-                del self._by_role[role]
-                return role, password
-        return None
-
-    def keep_only(self, roles: set[str]) -> None:
-        with self._lock:
-            for role in set(self._by_role) - roles:
-                del self._by_role[role]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_role)
 
 
 def is_spare_role_name(name: str) -> bool:
@@ -74,7 +41,7 @@ def _new_name() -> str:
 
 
 def claim(
-    svc: TenantService, reg: psycopg.Connection[Any], role: str
+    svc: Pipeline, reg: psycopg.Connection[Any], role: str
 ) -> tuple[psycopg.Cursor[Any], tuple[str, str]] | None:
     """Queue, in the caller's transaction (and pipeline), the renaming of one of this process's
     spare roles into ``role``; returns the cursor that answers whether it happened, and the
@@ -90,7 +57,7 @@ def claim(
     return cur, spare
 
 
-def settle(svc: TenantService, claim: tuple[psycopg.Cursor[Any], tuple[str, str]] | None) -> bool:
+def settle(svc: Pipeline, claim: tuple[psycopg.Cursor[Any], tuple[str, str]] | None) -> bool:
     """After the claim's transaction committed: whether its spare role was renamed (if not, it
     was gone: another server's start-up dropped it, and it is forgotten)."""
     if claim is None:
@@ -99,12 +66,12 @@ def settle(svc: TenantService, claim: tuple[psycopg.Cursor[Any], tuple[str, str]
     return bool(row and row[0])
 
 
-def release(svc: TenantService, spare: tuple[str, str]) -> None:
+def release(svc: Pipeline, spare: tuple[str, str]) -> None:
     """A claim whose transaction rolled back: the role is still a spare, and ours."""
     svc.role_secrets.put(*spare)
 
 
-def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
+def fill(svc: Pipeline, count: int, *, host: str | None = None) -> int:
     """Make spare roles until this process holds ``count``; returns how many it made. Spare
     roles of this process that are gone from the registry (another server's start-up dropped
     them) are forgotten first."""
@@ -134,7 +101,7 @@ def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
     return made
 
 
-def drop_others(svc: TenantService, *, host: str | None = None) -> int:
+def drop_others(svc: Pipeline, *, host: str | None = None) -> int:
     """Drop the spare roles of every keyholder that is gone (their passwords died with it):
     run when a server starts, the roles its predecessor made are useless to anyone. Those of
     a live keyholder (another server on this system database) are its own."""
@@ -143,27 +110,27 @@ def drop_others(svc: TenantService, *, host: str | None = None) -> int:
     return sum(_drop(svc, keep=None, only=k, host=host) for k in dead if k is not None)
 
 
-def drop_own(svc: TenantService, *, host: str | None = None) -> int:
+def drop_own(svc: Pipeline, *, host: str | None = None) -> int:
     """Drop this process's spare roles; returns how many."""
     dropped = _drop(svc, keep=None, only=svc.instance_id, host=host)
     svc.role_secrets.keep_only(set())
     return dropped
 
 
-def drain(svc: TenantService, *, host: str | None = None) -> int:
+def drain(svc: Pipeline, *, host: str | None = None) -> int:
     """Drop every spare role, of any keyholder; returns how many."""
     dropped = _drop(svc, keep=None, only=None, host=host)
     svc.role_secrets.keep_only(set())
     return dropped
 
 
-def count(svc: TenantService, *, host: str | None = None) -> int:
+def count(svc: Pipeline, *, host: str | None = None) -> int:
     with svc.hosts.pools(host).system() as reg:
         row = reg.execute("SELECT count(*) FROM spare_roles").fetchone()
     return int(row[0]) if row else 0
 
 
-def _drop(svc: TenantService, *, keep: UUID | None, only: UUID | None, host: str | None) -> int:
+def _drop(svc: Pipeline, *, keep: UUID | None, only: UUID | None, host: str | None) -> int:
     with svc.hosts.pools(host).system() as reg:
         row = reg.execute("SELECT drop_spare_roles(%s, %s)", (keep, only)).fetchone()
     return int(row[0]) if row else 0
