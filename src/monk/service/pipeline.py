@@ -9,7 +9,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from urllib.parse import quote
 from uuid import UUID, uuid4
 
 import psycopg
-from psycopg import sql
+from psycopg.types.json import Jsonb
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from monk.adapters import registry
@@ -31,8 +31,8 @@ from monk.adapters.postgres.connection import (
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
+from monk.adapters.registry import tenants as tenant_registry
 from monk.core import scram, tenant_names
-from monk.core.identifiers import validate_database_name, validate_role_name
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
@@ -218,7 +218,6 @@ class Pipeline:
         self.settings = settings
         self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
         self._hasher = hasher
-        self._admin_is_superuser: bool | None = None
         self.spare_secrets = SpareSecrets()
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
@@ -339,9 +338,9 @@ class Pipeline:
         template_in_use: bool = True,
         owner: str | None = None,
     ) -> template_service.TemplateBuild:
-        """CREATE DATABASE … TEMPLATE [OWNER], keeping the template free of sessions; returns the
-        build whose content the clone really holds. ``registry_session`` gives the caller's registry
-        connection when it is free to use.
+        """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER]``, keeping the
+        template free of sessions; returns the build whose content the clone really holds.
+        ``registry_session`` gives the caller's registry connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
         flipping the flag) makes PostgreSQL wait 5 s and fail: end them first (the caller tells
@@ -451,90 +450,47 @@ class Pipeline:
         order, so only the last commit of an operation needs to wait for the disk."""
         return pools.target is self.hosts.local
 
-    def create_role(self, adm: psycopg.Connection[Any], role: str) -> Credentials:
+    def create_role(
+        self, reg: psycopg.Connection[Any], role: str, *, login: bool = True
+    ) -> Credentials:
+        """Obtain a role, new (``make_tenant_role``, on the registry's session: roles are
+        cluster-wide), with the default connection limit; a leftover of that name, from a
+        crashed attempt on a name the caller holds, is dropped first."""
         password = scram.generate_password()
-        # A role left by a crashed attempt on this very name: we hold the name, it is ours.
-        admin.drop_role(adm, role)
-        admin.create_role(
-            adm,
+        tenant_registry.make_role(
+            reg,
             role,
-            password_verifier=self.verifier(password),
+            verifier=self.verifier(password),
+            mark=self.ownership_mark(),
+            login=login,
             connection_limit=self.settings.tenant_connection_limit,
         )
-        adm.execute(
-            sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                sql.Identifier(role), sql.Literal(self.ownership_mark())
-            )
-        )
-        if not self._superuser(adm):
-            # A CREATEROLE admin needs membership to hand objects over and to manage the role.
-            adm.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role)))
         return Credentials(role, password)
 
-    def _superuser(self, adm: psycopg.Connection[Any]) -> bool:
-        if self._admin_is_superuser is None:
-            row = adm.execute(
-                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-            ).fetchone()
-            self._admin_is_superuser = bool(row and row[0])
-        return self._admin_is_superuser
+    def configure_args(
+        self, database: str, role: str, settings: Mapping[str, str], connection_limit: int
+    ) -> tuple[str, str, str, Jsonb, int]:
+        """Configure's arguments: ownership, connect rights, the build's database settings,
+        the ownership mark and the role's connection limit, which a clone does not copy. Every
+        object inside a template is owned by ``pg_database_owner``, so owning the database
+        gives the tenant's role owner rights over all of them."""
+        return tenant_registry.configure_args(
+            database, role, self.ownership_mark(), settings, connection_limit
+        )
 
     def configure(
         self,
-        adm: psycopg.Connection[Any],
+        reg: psycopg.Connection[Any],
         database: str,
         role: str,
-        build: template_service.TemplateBuild,
+        settings: Mapping[str, str],
         connection_limit: int,
     ) -> None:
-        """Ownership, connect rights, settings and the ownership mark: a clone copies none of
-        them. One transaction, so a crash leaves all or none. Every object inside a template is
-        owned by ``pg_database_owner``, so owning the database gives the tenant's role owner
-        rights over all of them, with no connection to the new database."""
-        with adm.transaction():
-            # Flushed by the registry's final synchronous commit (one server, one WAL).
-            adm.execute("SET LOCAL synchronous_commit = off")
-            self._configure_statements(adm, database, role, build)
-            admin.set_role_connection_limit(adm, role, connection_limit)
-
-    def configure_args(
-        self,
-        database: str,
-        role: str,
-        build: template_service.TemplateBuild,
-        connection_limit: int,
-    ) -> tuple[str, str, str, dict[str, str], int]:
-        """``_configure`` as the arguments of the system database's function
-        ``configure_tenant_database``, which runs the same statements on the registry session
-        (in the activation's statement), validated here as the client-side path does."""
-        validate_database_name(database)
-        validate_role_name(role)
-        admin.validate_setting_names(build.database_settings)
-        return (
-            database,
-            role,
-            self.ownership_mark(),
-            dict(build.database_settings),
-            connection_limit,
+        """Configure on its own (a spare when it is made, a restored tenant), on the registry's
+        session; a provision configures in its activation's statement instead."""
+        tenant_registry.configure(
+            reg, self.configure_args(database, role, settings, connection_limit)
         )
-
-    def _configure_statements(
-        self,
-        conn: psycopg.Connection[Any],
-        database: str,
-        role: str,
-        build: template_service.TemplateBuild,
-    ) -> None:
-        """The statements of ``_configure``, in the caller's transaction."""
-        db, r = sql.Identifier(database), sql.Identifier(role)
-        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r))
-        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
-        conn.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(self.ownership_mark()))
-        )
-        admin.set_database_settings(conn, database, build.database_settings)
 
     def undo_provision(
         self,

@@ -16,16 +16,15 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 
 from monk.adapters import dump, registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import translate
 from monk.adapters.postgres.pools import ServerPools
-from monk.adapters.registry import Operation, Tenant
+from monk.adapters.registry import Operation, Tenant, operations
 from monk.core.tenant_names import TenantName
 from monk.errors import InvalidState, MonkError, OperationFailed, TenantNotFound
-from monk.service.pipeline import Credentials, Pipeline, TenantView, require
+from monk.service.pipeline import Pipeline, TenantView, require
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +77,7 @@ def work_queue(svc: Pipeline, *, only: UUID | None = None) -> int:
 
 def queue_depth(svc: Pipeline) -> int:
     with svc.hosts.pools().system() as reg:
-        row = reg.execute(
-            "SELECT count(*) FROM operations WHERE kind = 'purge' AND state = 'queued'"
-        ).fetchone()
-    return int(row[0]) if row else 0
+        return operations.count_queued(reg, "purge")
 
 
 def purge_now(
@@ -160,22 +156,14 @@ def _archive_fields(svc: Pipeline, pools: ServerPools, tenant: Tenant) -> dict[s
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = svc.settings.archives / f"{tenant.database}-{stamp}.dump"
     with pools.admin() as adm:
-        reopen = _allows_connections(adm, tenant.database) is False
+        reopen = admin.allows_connections(adm, tenant.database) is False
         if reopen:
-            adm.execute(
-                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(tenant.database)
-                )
-            )
+            admin.set_allow_connections(adm, tenant.database, True)
         try:
             archive = dump.dump(pools.target, tenant.database, path)
         finally:
             if reopen:
-                adm.execute(
-                    sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
-                        sql.Identifier(tenant.database)
-                    )
-                )
+                admin.set_allow_connections(adm, tenant.database, False)
         version = admin.server_version(adm)
     return {
         "archive_path": str(archive.path),
@@ -184,13 +172,6 @@ def _archive_fields(svc: Pipeline, pools: ServerPools, tenant: Tenant) -> dict[s
         "archived_at": datetime.now(UTC),
         "archive_server_version": version,
     }
-
-
-def _allows_connections(adm: psycopg.Connection[Any], database: str) -> bool | None:
-    row = adm.execute(
-        "SELECT datallowconn FROM pg_database WHERE datname = %s", (database,)
-    ).fetchone()
-    return None if row is None else bool(row[0])
 
 
 def archive(svc: Pipeline, raw_name: str) -> TenantView:
@@ -239,33 +220,27 @@ def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
                 )
             step = "role"
             try:
+                credentials = svc.create_role(reg, name.role)
+                step = "database"
                 with pools.admin() as adm:
-                    credentials: Credentials = svc.create_role(adm, name.role)
-                    step = "create"
                     # Owned by the tenant's role from the start: the restore runs as that role
                     # and the public schema belongs to the database owner.
                     # template0: no session can block it (see the template build).
                     admin.create_database(
                         adm, tenant.database, template="template0", owner=name.role
                     )
-                    svc.checkpoint("restore-created")
-                    step = "restore"
-                    dump.restore(pools.target, tenant.database, path, role=name.role)
-                    step = "configure"
-                    db, r = sql.Identifier(tenant.database), sql.Identifier(name.role)
-                    adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
-                    adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-                    adm.execute(
-                        sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r)
-                    )
-                    adm.execute(
-                        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                            db, sql.Literal(svc.ownership_mark())
-                        )
-                    )
-                    admin.set_role_connection_limit(adm, name.role, svc.connection_limit(gone))
-                    # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
-                    admin.set_database_settings(adm, tenant.database, svc.database_settings(gone))
+                svc.checkpoint("restore-created")
+                step = "restore"
+                dump.restore(pools.target, tenant.database, path, role=name.role)
+                step = "configure"
+                # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
+                svc.configure(
+                    reg,
+                    tenant.database,
+                    name.role,
+                    svc.database_settings(gone),
+                    svc.connection_limit(gone),
+                )
                 with reg.transaction():
                     # The restored tenant keeps its identity: the purged row comes back to
                     # life (same id and created_at; its 'deleted' -> 'active' update is what

@@ -1,15 +1,19 @@
 """The tenant lifecycle: provision, disable/enable, trash/restore, purge, credentials, health.
 
-Every multi-step operation is a recorded sequence of states. Provisioning:
+Every multi-step operation is a recorded sequence of states. Provisioning is one pipeline of
+steps (docs/architecture.md), each written once:
 
-    intent (registry row 'provisioning', journaled, committed) -> cloned -> migrated -> role
-    -> configured -> active (committed synchronously, then answered)
+    reserve the name (lock, intent row 'provisioning', journal, spare role)
+    -> obtain a database (a spare, or a clone) -> obtain a role (a spare's, a spare role, new)
+    -> migrate -> configure -> activate (committed synchronously, then answered)
 
-The worker holds a session advisory lock on the tenant for the whole operation. A failure undoes
-what was done (database, role, row) and says which step failed; a crash (kill -9) leaves the lock
-released with the dead session, which is how the reconciler (``monk doctor``, service start-up,
-or the next provision of the same name) tells a crashed operation from a running one, and then
-finishes or undoes it from what really exists on the server.
+Warm and cold differ in where the database and the role come from: a spare went through the
+steps that do not depend on the tenant when it was made, so its handout is the rest in one
+statement. The worker holds a session advisory lock on the tenant for the whole operation. A
+failure undoes what was done (database, role, row) and says which step failed; a crash (kill -9)
+leaves the lock released with the dead session, which is how the reconciler (``monk doctor``,
+service start-up, or the next provision of the same name) tells a crashed operation from a
+running one, and then finishes or undoes it from what really exists on the server.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from monk.adapters.postgres.connection import (
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
+from monk.adapters.registry import tenants as tenant_registry
 from monk.core import scram
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import TenantName
@@ -46,7 +51,7 @@ from monk.errors import (
     TenantExists,
     TenantNotFound,
 )
-from monk.service import pool, role_pool
+from monk.service import pool
 from monk.service import templates as template_service
 from monk.service.pipeline import (
     Credentials,
@@ -76,7 +81,6 @@ class _Intent:
     op: UUID
     template_in_use: bool
     role: Credentials | None  # a spare role renamed into the tenant's, with its password
-    shared_wal: bool
 
 
 @dataclass
@@ -117,7 +121,8 @@ class TenantService(Pipeline):
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
     ) -> TenantView:
-        """Create a tenant database cloned from the current build of ``template``.
+        """Provision a tenant: its database cloned from the current build of ``template`` (or a
+        spare of it), its role, configured and active.
 
         With ``idempotency_key``, a retry of the same request answers the tenant it made
         (``replayed``, without the password, which was shown once), and the key with other
@@ -178,36 +183,66 @@ class TenantService(Pipeline):
         idempotency_key: str | None,
         connection_limit: int | None,
     ) -> TenantView:
-        if connection_limit is None:
-            # A spare's role has the default limit already; an own limit takes the full
-            # path, which sets it in the handout's transaction.
-            fast = self._provision_fast(reg, pools, name, template, idempotency_key)
-            if fast is not None:
-                return fast
-        gated = self._provision_gated(reg, pools, name, template, idempotency_key, connection_limit)
-        if gated is not None:
-            return gated
-        locked, existing, spares_ready = registry.lock_and_find(
-            reg, name, ready_spares_of=(pools.target.name, template)
-        )
-        if not locked:
-            return self._concurrent(reg, name, idempotency_key)
+        """The pipeline (see the module's docstring). Two tries of one round trip each, then the
+        full path under the name's lock, which knows what to answer in every case."""
+        # Warm: a spare whose password this process knows, handed out in one statement.
+        warm = self._warm(reg, pools, name, template, idempotency_key, connection_limit)
+        if warm is not None:
+            return warm
+        # Cold: the name reserved in one statement, its lock taken inside.
+        build = self._known_build(template, pools, reg)
+        intent = None
+        if build is not None:
+            intent = self._reserve(reg, pools, name, build, idempotency_key, have_lock=False)
+        existing, spares_ready = None, False
+        if intent is None:
+            # The full path: the name's lock, then what is there decides.
+            locked, existing, spares_ready = registry.lock_and_find(
+                reg, name, ready_spares_of=(pools.target.name, template)
+            )
+            if not locked:
+                return self._concurrent(reg, name, idempotency_key)
         lock = _HeldLock(name.database)
         try:
-            return self._provision_locked(
-                reg,
-                pools,
-                name,
-                template,
-                idempotency_key,
-                existing,
-                spares_ready,
-                lock,
-                connection_limit,
-            )
+            if intent is None:
+                if existing is not None and existing.status in ("provisioning", "deleting"):
+                    # We hold its lock, so the process that owned it is gone: finish or undo it.
+                    self.repair(reg, pools, existing)
+                    existing = registry.get_live(reg, name.key)
+                if existing is not None:
+                    if idempotency_key is not None and existing.idempotency_key == idempotency_key:
+                        return self.view(existing, replayed=True)
+                    raise registry.exists_error(reg, name)
+                if spares_ready:
+                    warm = self._warm(
+                        reg,
+                        pools,
+                        name,
+                        template,
+                        idempotency_key,
+                        connection_limit,
+                        any_spare=True,
+                    )
+                    if warm is not None:
+                        return warm
+                # A known template without a ready build is built here.
+                build = self.current_build(template, pools.target, reg, cached=True)
+                intent = self._reserve(reg, pools, name, build, idempotency_key, have_lock=True)
+                assert intent is not None
+            assert build is not None
+            return self._cold(reg, pools, name, build, intent, lock, connection_limit)
         finally:
             if lock.held:
                 registry.unlock(reg, name.database)
+
+    def _known_build(
+        self, template: str, pools: ServerPools, reg: psycopg.Connection[Any]
+    ) -> template_service.TemplateBuild | None:
+        """The template's current build, if it has one (the full path builds it otherwise)."""
+        try:
+            return self.current_build(template, pools.target, reg, cached=True)
+        except TemplateNotFound:
+            return None
 
     def _concurrent(
         self, reg: psycopg.Connection[Any], name: TenantName, idempotency_key: str | None
@@ -216,147 +251,75 @@ class TenantService(Pipeline):
         if idempotency_key is None:
             raise registry.exists_error(reg, name)
         # The same request retried: wait for the first one, then answer what it made.
-        reg.execute("SELECT pg_advisory_lock(%s)", (registry.advisory_key(name.database),))
+        registry.wait_lock(reg, name.database)
         registry.unlock(reg, name.database)
         existing = registry.get_live(reg, name.key)
         if existing is not None and existing.idempotency_key == idempotency_key:
             return self.view(existing, replayed=True)
         raise registry.exists_error(reg, name)
 
-    def _provision_locked(
+    def _warm(
         self,
         reg: psycopg.Connection[Any],
         pools: ServerPools,
         name: TenantName,
         template: str,
         idempotency_key: str | None,
-        existing: Tenant | None,
-        spares_ready: bool,
-        lock: _HeldLock,
-        connection_limit: int | None = None,
-    ) -> TenantView:
-        if existing is not None and existing.status in ("provisioning", "deleting"):
-            # We hold its lock, so the process that owned it is gone: finish or undo it first.
-            self.repair(reg, pools, existing)
-            existing = registry.get_live(reg, name.key)
-        if existing is not None:
-            if idempotency_key is not None and existing.idempotency_key == idempotency_key:
-                return self.view(existing, replayed=True)
-            raise registry.exists_error(reg, name)
-
-        if spares_ready:
-            warm = self._provision_from_pool(
-                reg, pools, name, template, idempotency_key, connection_limit
-            )
-            if warm is not None:
-                return warm
-        build = self.current_build(template, pools.target, reg, cached=True)
-        intent = self._record_intent(reg, pools, name, build, idempotency_key)
-        return self._provision_cold(reg, pools, name, build, intent, lock, connection_limit)
-
-    def _provision_gated(
-        self,
-        reg: psycopg.Connection[Any],
-        pools: ServerPools,
-        name: TenantName,
-        template: str,
-        idempotency_key: str | None,
-        connection_limit: int | None = None,
+        connection_limit: int | None,
+        *,
+        any_spare: bool = False,
     ) -> TenantView | None:
-        """The cold path of a free name, its lock, checks and intent in one round trip; None
-        (nothing written, no lock kept) sends the caller down the full path: the name is busy
-        or taken, a spare is ready, or the template has no build (the full path says which)."""
+        """Obtain the database and the role from a spare, and activate, in one statement
+        (``pool.hand_out``); ``any_spare``: also a spare whose password this process does not
+        know (it gets a new one). None: no spare served, nothing written."""
         try:
-            build = self.current_build(template, pools.target, reg, cached=True)
-        except TemplateNotFound:
+            handed = pool.hand_out(
+                self,
+                reg,
+                name=name,
+                host=pools.target.name,
+                template=template,
+                idempotency_key=idempotency_key,
+                connection_limit=connection_limit,
+                any_spare=any_spare,
+            )
+        except psycopg.Error as exc:
+            # One transaction: whatever failed left nothing behind.
+            if reg.broken or reg.closed:
+                raise unavailable(pools.target, pools.system_db, exc) from None
+            log.warning("handout of a spare to %s failed (%s); cloning", name.display, exc)
             return None
-        intent = self._record_gated_intent(reg, pools, name, build, idempotency_key)
-        if intent is None:
+        if handed is None:
             return None
-        lock = _HeldLock(name.database)
-        try:
-            return self._provision_cold(reg, pools, name, build, intent, lock, connection_limit)
-        finally:
-            if lock.held:
-                registry.unlock(reg, name.database)
+        tenant, password = handed
+        log.info("provisioned %s as %s from the warm pool", name.display, name.database)
+        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
-    def _record_intent(
+    def _reserve(
         self,
         reg: psycopg.Connection[Any],
         pools: ServerPools,
         name: TenantName,
         build: template_service.TemplateBuild,
         idempotency_key: str | None,
-    ) -> _Intent:
-        """One round trip (the caller holds the name's lock): the intent and its journal entry
-        commit together (with a spare role renamed into the tenant's, when this process has
-        one), and the template's sessions are counted (a session on it would make the clone
-        wait 5 s, then fail)."""
-        shared_wal = self.registry_shares_server(pools)
-        tenant_id, op_id = uuid4(), uuid4()
-        claim = None
-        try:
-            with registry.intent_errors(reg, name), registry.pipelined_transaction(reg):
-                if shared_wal:
-                    # The clone's synchronous commit that follows flushes this record too.
-                    reg.execute("SET LOCAL synchronous_commit = off")
-                sessions = reg.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-                    " AND backend_type = 'client backend'",
-                    (build.database,),
-                    prepare=True,
-                )
-                intent = registry.queue_intent(
-                    reg,
-                    name,
-                    tenant_id=tenant_id,
-                    host=pools.target.name,
-                    template_key=build.key,
-                    template_version=build.version,
-                    idempotency_key=idempotency_key,
-                )
-                registry.start_operation(
-                    reg,
-                    "provision",
-                    name.key,
-                    database=name.database,
-                    host=pools.target.name,
-                    params={"template": build.key, "version": build.version},
-                    op_id=op_id,
-                )
-                if shared_wal:
-                    claim = role_pool.claim(self, reg, name.role)
-        except BaseException:
-            if claim is not None:
-                role_pool.release(self, claim[1])
-            raise
-        renamed = role_pool.settle(self, claim)
-        return _Intent(
-            tenant=registry.fetch_tenant(intent),
-            op=op_id,
-            template_in_use=bool((sessions.fetchone() or (0,))[0]),
-            role=Credentials(name.role, claim[1][1]) if renamed and claim is not None else None,
-            shared_wal=shared_wal,
-        )
-
-    def _record_gated_intent(
-        self,
-        reg: psycopg.Connection[Any],
-        pools: ServerPools,
-        name: TenantName,
-        build: template_service.TemplateBuild,
-        idempotency_key: str | None,
+        *,
+        have_lock: bool,
     ) -> _Intent | None:
-        """``_record_intent`` for a name that is probably free, lock included, in one statement
-        (``registry.gated_intent``); None (nothing written, no lock kept) when the name is
-        busy or taken or a spare is ready."""
+        """Reserve the name, in one statement (``registry.tenants.reserve``): its lock (unless
+        ``have_lock``), the intent row, its journal entry, and one of this process's spare roles
+        renamed into the tenant's, all committed together; the template's sessions counted (a
+        session on it would make the clone wait 5 s, then fail).
+
+        Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
+        taken or a spare is ready: the caller takes the full path. With it, a taken name
+        raises TenantExists or HashCollision."""
         shared_wal = self.registry_shares_server(pools)
         # Spare roles live on the registry's server: only there can the intent rename one.
         spare = self.role_secrets.take() if shared_wal else None
         op_id = uuid4()
         try:
             with registry.intent_errors(reg, name):
-                gate = registry.gated_intent(
+                gate = tenant_registry.reserve(
                     reg,
                     name,
                     tenant_id=uuid4(),
@@ -369,18 +332,22 @@ class TenantService(Pipeline):
                     spare_role=spare[0] if spare else None,
                     keyholder=self.instance_id,
                     async_commit=shared_wal,
+                    have_lock=have_lock,
+                    spares_ok=have_lock,
                 )
         except (TenantExists, HashCollision):
-            # A tenant committed after the statement's snapshot: the full path looks again,
-            # under the lock (an idempotent retry must get the first answer, not a refusal).
             if spare is not None:
                 self.role_secrets.put(*spare)
+            if have_lock:
+                raise
+            # A tenant committed after the statement's snapshot: the full path looks again,
+            # under the lock (an idempotent retry must get the first answer, not a refusal).
             registry.unlock_if_held(reg, name.database)
             return None
         except BaseException:
             if spare is not None:
                 self.role_secrets.put(*spare)
-            if not (reg.closed or reg.broken):
+            if not have_lock and not (reg.closed or reg.broken):
                 with contextlib.suppress(psycopg.Error):
                     registry.unlock_if_held(reg, name.database)
             raise
@@ -388,6 +355,8 @@ class TenantService(Pipeline):
             self.role_secrets.put(*spare)  # no intent, no claim: still a spare, still ours
         # gate.claimed False: the spare was gone (another server's start-up dropped it).
         if gate.tenant is None:
+            if have_lock:
+                raise registry.exists_error(reg, name)
             if gate.locked:
                 registry.unlock(reg, name.database)
             return None
@@ -396,10 +365,9 @@ class TenantService(Pipeline):
             op=op_id,
             template_in_use=gate.sessions > 0,
             role=Credentials(name.role, spare[1]) if spare and gate.claimed else None,
-            shared_wal=shared_wal,
         )
 
-    def _provision_cold(
+    def _cold(
         self,
         reg: psycopg.Connection[Any],
         pools: ServerPools,
@@ -409,14 +377,10 @@ class TenantService(Pipeline):
         lock: _HeldLock,
         connection_limit: int | None = None,
     ) -> TenantView:
-        """Clone, role, configure and activate behind a recorded intent (lock held); any
-        failure undoes it all."""
-        tenant, op, shared_wal, template_in_use = (
-            intent.tenant,
-            intent.op,
-            intent.shared_wal,
-            intent.template_in_use,
-        )
+        """Obtain the database (a clone) and the role (the spare role the reservation renamed
+        in, else a new one, made while the clone runs), migrate, then configure and activate
+        in one round trip, behind a reserved name (lock held); any failure undoes it all."""
+        tenant, op, template_in_use = intent.tenant, intent.op, intent.template_in_use
         self.checkpoint("intent")
         role_limit = connection_limit or self.settings.tenant_connection_limit
         step = "clone"
@@ -465,10 +429,6 @@ class TenantService(Pipeline):
             self.checkpoint("migrated")
             self.checkpoint("role")
             step = "configure"
-            if not shared_wal:
-                with pools.admin() as adm:
-                    self.configure(adm, name.database, name.role, build, role_limit)
-                registry.set_step(reg, tenant.id, "configured")
 
             # One round trip: on one server, configuring the database (ownership, rights,
             # settings, mark: cluster-wide catalogs, reachable from the registry's session) and
@@ -476,22 +436,18 @@ class TenantService(Pipeline):
             def unlock() -> None:
                 # After the COMMIT (a session lock released inside the transaction would let
                 # another process see the intent before the activation), same round trip.
-                reg.execute(
-                    "SELECT pg_advisory_unlock(%s)",
-                    (registry.advisory_key(lock.database),),
-                    prepare=True,
-                )
+                registry.unlock(reg, lock.database, prepare=True)
 
             with registry.pipelined_transaction(reg, after_commit=unlock):
-                activated = registry.queue_activation(
+                activated = tenant_registry.queue_activation(
                     reg,
                     tenant.id,
                     op,
                     migration_level=level,
                     template_version=build.version,
-                    configure=self.configure_args(name.database, name.role, build, role_limit)
-                    if shared_wal
-                    else None,
+                    configure=self.configure_args(
+                        name.database, name.role, build.database_settings, role_limit
+                    ),
                     connection_limit=connection_limit,
                 )
                 self.checkpoint("configured")  # sent, not committed
@@ -520,62 +476,6 @@ class TenantService(Pipeline):
             "provisioned %s as %s from %s@%s", name.display, name.database, build.key, build.version
         )
         return self.view(tenant, credentials, provisioned_from="clone")
-
-    def _provision_fast(
-        self,
-        reg: psycopg.Connection[Any],
-        pools: ServerPools,
-        name: TenantName,
-        template: str,
-        idempotency_key: str | None,
-    ) -> TenantView | None:
-        """The warm pool's one-round-trip handout; None sends the caller down the full path."""
-        try:
-            handed = pool.hand_out_fast(
-                self,
-                reg,
-                name=name,
-                host=pools.target.name,
-                template=template,
-                idempotency_key=idempotency_key,
-            )
-        except psycopg.Error as exc:
-            # One transaction: whatever failed left nothing behind.
-            if reg.broken or reg.closed:
-                raise unavailable(pools.target, pools.system_db, exc) from None
-            log.warning("fast handout of %s failed (%s); taking the full path", name.display, exc)
-            return None
-        if handed is None:
-            return None
-        tenant, password = handed
-        log.info("provisioned %s as %s from the warm pool", name.display, name.database)
-        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
-
-    def _provision_from_pool(
-        self,
-        reg: psycopg.Connection[Any],
-        pools: ServerPools,
-        name: TenantName,
-        template: str,
-        idempotency_key: str | None,
-        connection_limit: int | None = None,
-    ) -> TenantView | None:
-        """Serve from a ready spare of the template's current build; None when there is none
-        (or the handout failed and was undone): the caller then clones cold."""
-        handed = pool.hand_out(
-            self,
-            reg,
-            tenant_id=uuid4(),
-            name=name,
-            host=pools.target.name,
-            template=template,
-            idempotency_key=idempotency_key,
-            connection_limit=connection_limit,
-        )
-        if handed is None:
-            return None
-        tenant, password = handed
-        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def repair(self, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant) -> str:
         """Finish or undo the crashed operation of ``tenant`` (caller holds its lock)."""

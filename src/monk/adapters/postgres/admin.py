@@ -383,6 +383,14 @@ def set_role_connection_limit(conn: Conn, name: str, limit: int) -> None:
     )
 
 
+def allows_connections(conn: Conn, name: str) -> bool | None:
+    """Whether ``name`` accepts connections (None: no such database)."""
+    row = conn.execute(
+        "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    return None if row is None else bool(row[0])
+
+
 def set_allow_connections(conn: Conn, name: str, allow: bool) -> None:
     validate_database_name(name)
     conn.execute(

@@ -11,10 +11,12 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
+from psycopg import Cursor, sql
 from psycopg.rows import class_row
 
-from monk.adapters.registry import TENANT_COLUMNS, Tenant
+from monk.adapters.registry import TENANT_COLUMNS, Tenant, rendered
+from monk.adapters.registry.locks import advisory_key
+from monk.core.tenant_names import TenantName
 
 Conn = psycopg.Connection[Any]
 
@@ -136,14 +138,58 @@ def pick_ready(
     return None if row is None else PickedSpare(UUID(str(row[0])), str(row[1]), str(row[2]))
 
 
-_HAND_OUT = sql.SQL(
-    "SELECT {} FROM hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(database)s,"
-    " %(role)s, %(host)s, %(template)s, %(idempotency_key)s, %(keyholder)s, %(spare)s)"
-).format(TENANT_COLUMNS)
+_HAND_OUT = rendered(
+    sql.SQL(
+        "SELECT {} FROM hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(database)s,"
+        " %(role)s, %(host)s, %(template)s, %(idempotency_key)s, %(keyholder)s, %(spare)s,"
+        " %(verifier)s, %(connection_limit)s)"
+    ).format(TENANT_COLUMNS)
+)
 
 
-def hand_out(conn: Conn, **params: Any) -> Tenant | None:
-    """``hand_out_spare`` (the system function): the spare handed out as the tenant, active,
-    in one statement; None when it declined."""
+def queue_hand_out(
+    conn: Conn,
+    name: TenantName,
+    *,
+    tenant_id: UUID,
+    host: str,
+    template: str,
+    idempotency_key: str | None,
+    keyholder: UUID,
+    spare: str | None,
+    verifier: str | None,
+    connection_limit: int | None,
+) -> Cursor[Tenant]:
+    """The warm handout, ``hand_out_spare`` (the system function): a ready spare of the
+    template's current build becomes the tenant, active, in one statement. ``spare``: the one
+    whose password the caller knows as ``keyholder`` (None: the oldest ready one, whose password
+    ``verifier`` replaces); ``connection_limit``: the tenant's own. Queued: read it with
+    ``fetchone`` after the caller's transaction; no row when the function declined (the name
+    busy or taken, no such spare ready)."""
     cur = conn.cursor(row_factory=class_row(Tenant))
-    return cur.execute(_HAND_OUT, params, prepare=True).fetchone()
+    cur.execute(
+        _HAND_OUT,
+        {
+            "lock": advisory_key(name.database),
+            "id": tenant_id,
+            "name": name.display,
+            "name_key": name.key,
+            "database": name.database,
+            "role": name.role,
+            "host": host,
+            "template": template,
+            "idempotency_key": idempotency_key,
+            "keyholder": keyholder,
+            "spare": spare,
+            "verifier": verifier,
+            "connection_limit": connection_limit,
+        },
+        prepare=True,
+    )
+    return cur
+
+
+def status(conn: Conn, spare_id: UUID) -> str | None:
+    """The warm-pool spare's status (None: its row is gone)."""
+    row = conn.execute("SELECT status FROM spares WHERE id = %s", (spare_id,)).fetchone()
+    return None if row is None else str(row[0])
