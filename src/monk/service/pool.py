@@ -50,6 +50,11 @@ def _new_name() -> str:
     return f"{SPARE_PREFIX}{secrets.token_hex(8)}"
 
 
+def counts(reg: psycopg.Connection[Any], host: str) -> dict[tuple[str, str], int]:
+    """Spares being made or ready, per (template key, version)."""
+    return spares.counts(reg, host)
+
+
 def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str:
     """Make one ready spare of ``build``; a failure leaves nothing behind."""
     name = _new_name()

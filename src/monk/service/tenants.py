@@ -593,13 +593,21 @@ class TenantService(Pipeline):
                 return "nothing to restore (database missing or invalid, or no role)"
             if not admin.role_exists(adm, role):
                 return "nothing to restore (its role is missing)"
-            keep = {role, admin.current_role(adm)}
+            keep = {role, admin.current_role(adm), "PUBLIC"}  # configure revokes PUBLIC's
             others = sorted({grantee for grantee, _ in state.grants} - keep)
-            admin.reset_database_access(adm, tenant.database, role, revoke_from=others)
-            admin.set_database_settings(adm, tenant.database, self.database_settings(tenant))
+            with pools.system() as reg:
+                # The provision's own configure step, again (the owner first: then the grants
+                # of a former owner can be revoked).
+                self.configure(
+                    reg,
+                    tenant.database,
+                    role,
+                    self.database_settings(tenant),
+                    self.connection_limit(tenant),
+                )
+            admin.revoke_database_access(adm, tenant.database, others)
             admin.set_allow_connections(adm, tenant.database, is_open)
             admin.set_role_login(adm, role, login=is_open)
-            admin.set_role_connection_limit(adm, role, self.connection_limit(tenant))
             if not is_open:
                 admin.terminate_sessions(adm, tenant.database)
         return f"restored as {tenant.status}"

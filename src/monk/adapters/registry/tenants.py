@@ -28,7 +28,7 @@ Conn = psycopg.Connection[Any]
 
 @dataclass(frozen=True)
 class Reservation:
-    """What ``gated_intent`` answers: whether it took the name's lock, the template's client
+    """What ``reserve`` answers: whether it took the name's lock, the template's client
     sessions, the intent row if it wrote one (only when it took the lock), and whether the
     spare role was renamed into the tenant's (None: no claim ran)."""
 
@@ -85,17 +85,17 @@ def reserve(
     have_lock: bool = False,
     spares_ok: bool = False,
 ) -> Reservation:
-    """A free name's whole intent in one statement, its own transaction: take the name's
-    session lock, count the template's sessions, and only if the lock was free, no live tenant
-    has the name or its database and no spare of the template is ready, write the intent, its
-    journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given) into
-    the tenant's role. Anything else writes nothing: the caller releases the lock if it was
+    """Reserve the name (the pipeline's first step) in one statement, its own transaction: take the
+    name's session lock, count the template's sessions, and only if the lock was free, no live
+    tenant has the name or its database and no spare of the template is ready, write the intent,
+    its journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given)
+    into the tenant's role. Anything else writes nothing: the caller releases the lock if it was
     taken and takes the full path. The statement's snapshot predates its lock: a tenant
     committed in between is caught by the unique indexes (an error, as in ``queue_intent``).
-    ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit
-    on the same server flushes it). ``have_lock``: the caller holds the name's lock already
-    (the statement takes it otherwise); ``spares_ok``: write the intent even if a spare is
-    ready (the caller tried the warm handout)."""
+    ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit on
+    the same server flushes it). ``have_lock``: the caller holds the name's lock already (the
+    statement takes it otherwise); ``spares_ok``: write the intent even if a spare is ready (the
+    caller tried the warm handout)."""
     params = {
         "lock": advisory_key(name.database),
         "async": async_commit,
