@@ -143,21 +143,29 @@ def _hand_out_one(
     else:
         spare, password = None, scram.generate_password()
         verifier = svc.verifier(password)
+
+    def queue() -> psycopg.Cursor[Tenant]:
+        return spares.queue_hand_out(
+            reg,
+            name,
+            tenant_id=uuid4(),
+            host=host,
+            template=template,
+            idempotency_key=idempotency_key,
+            keyholder=svc.instance_id,
+            spare=spare,
+            verifier=verifier,
+            connection_limit=connection_limit,
+        )
+
     try:
-        with registry.pipelined_transaction(reg):
-            cur = spares.queue_hand_out(
-                reg,
-                name,
-                tenant_id=uuid4(),
-                host=host,
-                template=template,
-                idempotency_key=idempotency_key,
-                keyholder=svc.instance_id,
-                spare=spare,
-                verifier=verifier,
-                connection_limit=connection_limit,
-            )
-            svc.checkpoint("handout")  # sent, not committed
+        if known is not None:
+            # The hot path: one statement, its own transaction, one round trip.
+            cur = queue()
+        else:
+            with registry.pipelined_transaction(reg):
+                cur = queue()
+                svc.checkpoint("handout")  # sent, not committed
         tenant = cur.fetchone()
     except BaseException:
         # One transaction: nothing changed, the spare may serve later.
