@@ -97,7 +97,7 @@ def test_fast_handout_is_one_committed_transaction(env: Env, drained: TenantServ
     name = unique("Fast")
     key = f"k1-{uuid.uuid4().hex}"
     with svc.hosts.pools().system() as reg:
-        handed = pool.hand_out_fast(
+        handed = pool.hand_out(
             svc,
             reg,
             name=svc.name(name),
@@ -130,7 +130,7 @@ def test_fast_handout_declines_what_it_must_not_serve(env: Env, drained: TenantS
 
     def fast(service: TenantService, template: str = env.template) -> object:
         with service.hosts.pools().system() as reg:
-            return pool.hand_out_fast(
+            return pool.hand_out(
                 service, reg, name=name, host="localhost", template=template, idempotency_key=None
             )
 
@@ -215,7 +215,7 @@ def test_parallel_provisions_never_share_a_spare(env: Env, drained: TenantServic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", ["spare-claimed", "spare-renamed"])
+@pytest.mark.parametrize("step", ["handout"])
 def test_crash_in_the_middle_of_a_handout(env: Env, drained: TenantService, step: str) -> None:
     pool.fill(drained, env.template, 1)
     before_dbs, before_roles = databases(env), roles(env)
@@ -277,7 +277,7 @@ def test_a_new_process_adopts_spares_and_serves_them_fast(env: Env, drained: Ten
         assert pool.adopt(other) == 0
         name = other.name(unique("Adopted"))
         with other.hosts.pools().system() as reg:
-            handed = pool.hand_out_fast(
+            handed = pool.hand_out(
                 other, reg, name=name, host="localhost", template=env.template, idempotency_key=None
             )
         assert handed is not None

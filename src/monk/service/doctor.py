@@ -152,7 +152,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                                     "forget": False,
                                 },
                             )
-                        done.append(f"{p.subject}: {svc._repair(reg, pools, fresh)}")
+                        done.append(f"{p.subject}: {svc.repair(reg, pools, fresh)}")
                 finally:
                     registry.unlock(reg, tenant.database)
         elif p.kind == "invalid_database" and p.subject in by_db:

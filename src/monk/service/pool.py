@@ -1,90 +1,49 @@
 """The warm pool: spare databases cloned ahead of time, handed out by renaming.
 
-A spare is a clone of a template build under a neutral name (``monk_spare_<16 hex>``) with
-every step that does not depend on the tenant already done: migrations, its own NOLOGIN role
-(same name) owning the database, CONNECT revoked from PUBLIC, database settings, the ownership
-mark. Handing one out is one transaction on the registry session: claim the spare, record the
-tenant, rename the database and the role to ``tenant_<hash>``, give the role LOGIN, activate.
+A spare has gone through the tenant pipeline's steps that do not depend on the tenant, under a
+neutral name (``monk_spare_<16 hex>``): obtain a database (a clone of a template build),
+migrate, obtain a role (its own NOLOGIN role, same name), configure (the role owns the
+database, CONNECT revoked from PUBLIC, database settings, the ownership mark). Handing one out
+is the rest of the pipeline in one statement on the registry session, the system function
+``hand_out_spare``: reserve the name, rename the database and the role to ``tenant_<hash>``,
+LOGIN (and the tenant's own connection limit), journal, activate. A crash at any point leaves
+the spare ready and no trace of the tenant.
 
 Spare states: creating -> ready (-> row deleted by the handout that consumes it). The creator
 holds the spare's advisory lock, so the reconciler can tell a live creation from a crash.
 
 Passwords of spares live only in the memory of the process that set them (never in the
-registry); the spare's ``keyholder`` column names that process. Two handouts:
-
-    fast   a spare whose keyholder is this process, named by it: one statement,
-           ``SELECT … FROM hand_out_spare(…)`` (one round trip, one transaction: lock, checks,
-           claim, renames, LOGIN, journal, tenant row returned)
-    full   anything else (a name that is taken or busy, only spares of other keyholders): the
-           lifecycle's own path under the session lock, which issues a fresh password when the
-           spare's keyholder is another process (``ALTER ROLE … PASSWORD`` costs ~4 ms of
-           server time: PostgreSQL checks every new secret against the empty password)
+registry); the spare's ``keyholder`` column names that process. A handout names a spare whose
+password this process knows; under the name's lock (the provision's full path) it may also
+take any ready spare and give its role a fresh password (``ALTER ROLE … PASSWORD`` costs ~4 ms
+of server time: PostgreSQL checks every new secret against the empty password).
 
 ``adopt`` gives spares of other (or departed) keyholders a password this process knows, ahead
-of time, so that a restarted server hands out its predecessor's spares on the fast path.
+of time, so that a restarted server hands out its predecessor's spares without that cost.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from uuid import UUID, uuid4
+from typing import Any
+from uuid import uuid4
 
 import psycopg
-from psycopg import sql
-from psycopg.rows import class_row
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.pools import ServerPools
-from monk.adapters.registry import Tenant
+from monk.adapters.registry import Tenant, spares
+from monk.adapters.registry.spares import SpareRow as SpareRow
 from monk.core import scram
 from monk.core.tenant_names import TenantName
-
-if TYPE_CHECKING:
-    from monk.service.templates import TemplateBuild
-    from monk.service.tenants import TenantService
+from monk.service.pipeline import Pipeline
+from monk.service.templates import TemplateBuild
 
 log = logging.getLogger(__name__)
 
 SPARE_PREFIX = "monk_spare_"
-
-
-@dataclass(frozen=True)
-class Spare:
-    id: UUID
-    database: str
-    migration_level: int
-
-
-class SpareSecrets:
-    """Passwords of the spares whose keyholder is this process, with their template key."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_database: dict[str, tuple[str, str]] = {}
-
-    def put(self, database: str, password: str, template: str) -> None:
-        with self._lock:
-            self._by_database[database] = (password, template)
-
-    def take(self, database: str) -> str | None:
-        with self._lock:
-            entry = self._by_database.pop(database, None)
-        return entry[0] if entry else None
-
-    def take_for(self, template: str) -> tuple[str, str] | None:
-        """(database, password) of the oldest known spare of ``template``, taken out, so that
-        no other thread of this process picks it; ``put`` it back if it was not handed out."""
-        with self._lock:
-            for database, (password, key) in self._by_database.items():
-                if key == template:
-                    del self._by_database[database]
-                    return database, password
-        return None
 
 
 def _new_name() -> str:
@@ -92,62 +51,42 @@ def _new_name() -> str:
 
 
 def counts(reg: psycopg.Connection[Any], host: str) -> dict[tuple[str, str], int]:
-    rows = reg.execute(
-        "SELECT template_key, template_version, count(*) FROM spares"
-        " WHERE host = %s AND status IN ('creating', 'ready') GROUP BY 1, 2",
-        (host,),
-    ).fetchall()
-    return {(str(k), str(v)): int(str(n)) for k, v, n in rows}
+    """Spares being made or ready, per (template key, version)."""
+    return spares.counts(reg, host)
 
 
-def create_spare(svc: TenantService, pools: ServerPools, build: TemplateBuild) -> str:
+def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str:
     """Make one ready spare of ``build``; a failure leaves nothing behind."""
     name = _new_name()
     svc.hold_keyholder_lock()
     with pools.system() as reg:
         registry.try_lock(reg, name)  # a fresh random name: always ours
         try:
-            row = reg.execute(
-                "INSERT INTO spares (host, template_key, template_version, database, keyholder)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (pools.target.name, build.key, build.version, name, svc.instance_id),
-            ).fetchone()
-            assert row is not None
-            spare_id = row[0]
+            spare_id = spares.insert(
+                reg,
+                host=pools.target.name,
+                template_key=build.key,
+                template_version=build.version,
+                database=name,
+                keyholder=svc.instance_id,
+            )
             try:
                 with pools.admin() as adm:
-                    cloned = svc._clone(adm, pools.target, name, build, lambda: reg)
-                    if cloned.id != build.id:
-                        build = cloned
-                        reg.execute(
-                            "UPDATE spares SET template_version = %s WHERE id = %s",
-                            (build.version, spare_id),
-                        )
-                    svc._checkpoint("spare-cloned")
-                    level = svc._migrate(pools.target, name, build)
-                    password = scram.generate_password()
-                    admin.create_role(
-                        adm,
-                        name,
-                        password_verifier=svc.verifier(password),
-                        login=False,
-                        connection_limit=svc.settings.tenant_connection_limit,
-                    )
-                    adm.execute(
-                        sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                            sql.Identifier(name), sql.Literal(svc.ownership_mark())
-                        )
-                    )
-                    svc._configure(adm, name, name, build, svc.settings.tenant_connection_limit)
-                svc.spare_secrets.put(name, password, build.key)
-                reg.execute(
-                    "UPDATE spares SET status = 'ready', ready_at = now(), migration_level = %s"
-                    " WHERE id = %s",
-                    (level, spare_id),
+                    cloned = svc.clone(adm, pools.target, name, build, lambda: reg)
+                if cloned.id != build.id:
+                    build = cloned
+                    spares.set_version(reg, spare_id, build.version)
+                svc.checkpoint("spare-cloned")
+                level = svc.migrate(pools.target, name, build)
+                role = svc.create_role(reg, name, login=False)
+                svc.configure(
+                    reg, name, name, build.database_settings, svc.settings.tenant_connection_limit
                 )
+                svc.spare_secrets.put(name, role.password, build.key)
+                spares.mark_ready(reg, spare_id, level)
             except BaseException:
                 _drop_spare(pools, name)
-                reg.execute("DELETE FROM spares WHERE id = %s", (spare_id,))
+                spares.delete(reg, spare_id)
                 raise
         finally:
             registry.unlock(reg, name)
@@ -160,242 +99,98 @@ def _drop_spare(pools: ServerPools, name: str) -> None:
         admin.drop_role(adm, name)
 
 
-@dataclass(frozen=True)
-class Claim:
-    spare: Spare
-    template_version: str
-    operation_id: UUID
-    keyholder: UUID | None
-
-
-_FAST = sql.SQL("""
-SELECT {} FROM hand_out_spare(%(lock)s, %(id)s, %(name)s, %(name_key)s, %(database)s, %(role)s,
-                              %(host)s, %(template)s, %(idempotency_key)s, %(keyholder)s,
-                              %(spare)s)
-""").format(registry.TENANT_COLUMNS)
-
-
-def hand_out_fast(
-    svc: TenantService,
-    reg: psycopg.Connection[Any],
-    *,
-    name: TenantName,
-    host: str,
-    template: str,
-    idempotency_key: str | None,
-) -> tuple[Tenant, str] | None:
-    """The fast handout (see the module's docstring): one statement. Returns (tenant,
-    password), or None when this process knows no spare of ``template`` or the function
-    declined (the caller then takes the full path, which knows what to answer for a busy or
-    taken name, and serves spares of any keyholder)."""
-    picked = svc.spare_secrets.take_for(template)
-    if picked is None:
-        return None
-    spare, password = picked
-    params = {
-        "lock": registry.advisory_key(name.database),
-        "id": uuid4(),
-        "name": name.display,
-        "name_key": name.key,
-        "database": name.database,
-        "role": name.role,
-        "host": host,
-        "template": template,
-        "idempotency_key": idempotency_key,
-        "keyholder": svc.instance_id,
-        "spare": spare,
-    }
-    try:
-        cur = reg.cursor(row_factory=class_row(Tenant))
-        tenant = cur.execute(_FAST, params, prepare=True).fetchone()
-    except BaseException:
-        # One transaction: nothing changed, the spare may serve later.
-        svc.spare_secrets.put(spare, password, template)
-        raise
-    if tenant is None:
-        # Declined: keep the password only if the spare is still ready and ours (not if another
-        # process's full path took it, or a drain or a rebuild dropped it).
-        still = reg.execute(
-            "SELECT 1 FROM spares WHERE host = %s AND database = %s AND status = 'ready'"
-            " AND keyholder = %s",
-            (host, spare, svc.instance_id),
-        ).fetchone()
-        if still is not None:
-            svc.spare_secrets.put(spare, password, template)
-        return None
-    return tenant, password
-
-
-# One statement, one round trip: claim the oldest ready spare of the template's current build
-# (SKIP LOCKED: concurrent provisions never get the same one), and record the tenant's intent
-# and its journal entry. No spare: no row at all is written.
-_CLAIM = """
-WITH spare AS (
-    UPDATE spares SET status = 'claimed', tenant_id = %(id)s, claimed_at = now()
-    WHERE id = (
-        SELECT s.id FROM spares s
-        JOIN template_builds b ON b.host = s.host AND b.key = s.template_key
-            AND b.version = s.template_version AND b.is_current
-        WHERE s.host = %(host)s AND s.template_key = %(template)s AND s.status = 'ready'
-        ORDER BY s.created_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED)
-    RETURNING id, database, migration_level, template_version, keyholder
-), tenant AS (
-    INSERT INTO tenants (id, name, name_key, database, host, is_active, status, template_key,
-                         template_version, role_name, step, idempotency_key, migration_level)
-    SELECT %(id)s, %(name)s, %(name_key)s, %(database)s, %(host)s, false, 'provisioning',
-           %(template)s, spare.template_version, %(role)s, 'intent', %(idempotency_key)s,
-           spare.migration_level
-    FROM spare
-    RETURNING id
-), op AS (
-    INSERT INTO operations (kind, subject, database, host, params)
-    SELECT 'provision', %(name_key)s, %(database)s, %(host)s,
-           jsonb_build_object('template', %(template)s, 'version', spare.template_version,
-                              'spare', spare.database)
-    FROM spare
-    RETURNING id
-)
-SELECT spare.id, spare.database, spare.migration_level, spare.template_version, op.id,
-       spare.keyholder
-FROM spare, op, tenant
-"""
-
-
-_ACTIVATE = """
-WITH gone AS (DELETE FROM spares WHERE id = %(spare)s),
-op AS (
-    UPDATE operations SET state = 'done', step = 'active', updated_at = now(),
-        finished_at = now()
-    WHERE id = %(op)s
-)
-UPDATE tenants SET status = 'active', is_active = true, step = 'active',
-    connection_limit = %(connection_limit)s
-WHERE id = %(id)s
-RETURNING {}
-"""
-
-
 def hand_out(
-    svc: TenantService,
+    svc: Pipeline,
     reg: psycopg.Connection[Any],
     *,
-    tenant_id: UUID,
     name: TenantName,
     host: str,
     template: str,
     idempotency_key: str | None,
     connection_limit: int | None = None,
+    any_spare: bool = False,
 ) -> tuple[Tenant, str] | None:
-    """Turn a ready spare of the template's current build into the tenant, in ONE transaction
-    on the registry session (``ALTER DATABASE … RENAME`` and ``ALTER ROLE`` are cluster-wide
-    and run from any database): claim + intent + journal, rename of the database and its role,
-    the role's password and LOGIN, activation. All of it commits, or none: a crash at any
-    point leaves the spare ready and no trace of the tenant. Two round trips in all.
-
-    Returns (tenant, password), or None when no spare is ready. Raises TenantExists or
-    HashCollision when the name (or its hash) is taken; a spare that cannot be renamed
-    (its database vanished) is dropped and None is returned, so the caller clones instead.
-    """
-    params = {
-        "id": tenant_id,
-        "host": host,
-        "template": template,
-        "name": name.display,
-        "name_key": name.key,
-        "database": name.database,
-        "role": name.role,
-        "idempotency_key": idempotency_key,
-    }
-    claimed: Claim | None = None
-    try:
-        with reg.pipeline(), reg.transaction():
-            # Prepared: the plan of this hot statement is made once per connection.
-            row = reg.execute(_CLAIM, params, prepare=True).fetchone()
-            if row is None:
-                return None
-            claimed = Claim(
-                Spare(UUID(str(row[0])), str(row[1]), int(str(row[2]))),
-                str(row[3]),
-                UUID(str(row[4])),
-                row[5],
-            )
-            svc._checkpoint("spare-claimed")
-            password = _rename_into(
-                svc, reg, claimed, name, connection_limit or svc.settings.tenant_connection_limit
-            )
-            svc._checkpoint("spare-renamed")
-            cur = reg.cursor(row_factory=class_row(Tenant))
-            cur.execute(
-                sql.SQL(_ACTIVATE).format(registry.TENANT_COLUMNS),
-                {
-                    "spare": claimed.spare.id,
-                    "op": claimed.operation_id,
-                    "id": tenant_id,
-                    "connection_limit": connection_limit,
-                },
-                prepare=True,
-            )
-        # Leaving the pipeline sent the renames, the activation and COMMIT together.
-        tenant = cur.fetchone()
-    except psycopg.errors.UniqueViolation:
-        raise registry.exists_error(reg, name) from None
-    except psycopg.Error as exc:
-        if claimed is None:
-            raise
-        log.warning(
-            "spare %s could not be handed out (%s); dropping it", claimed.spare.database, exc
+    """Hand a ready spare of the template's current build out as the tenant (see the module's
+    docstring): first one whose password this process knows, then, with ``any_spare``, any
+    (with a fresh password). Returns (tenant, password), or None when no spare was handed out
+    (none ready, or the name busy or taken: the caller's full path knows what to answer)."""
+    picked = svc.spare_secrets.take_for(template)
+    if picked is not None:
+        handed = _hand_out_one(
+            svc, reg, name, host, template, idempotency_key, connection_limit, picked
         )
-        _discard(svc, reg, claimed.spare)
+        if handed is not None or not any_spare:
+            return handed
+    elif not any_spare:
         return None
-    assert tenant is not None
+    return _hand_out_one(svc, reg, name, host, template, idempotency_key, connection_limit, None)
+
+
+def _hand_out_one(
+    svc: Pipeline,
+    reg: psycopg.Connection[Any],
+    name: TenantName,
+    host: str,
+    template: str,
+    idempotency_key: str | None,
+    connection_limit: int | None,
+    known: tuple[str, str] | None,
+) -> tuple[Tenant, str] | None:
+    """One ``hand_out_spare``: of the ``known`` (spare, password), else of the oldest ready
+    spare, given a new password."""
+    if known is not None:
+        spare, password, verifier = known[0], known[1], None
+    else:
+        spare, password = None, scram.generate_password()
+        verifier = svc.verifier(password)
+
+    def queue() -> psycopg.Cursor[Tenant]:
+        return spares.queue_hand_out(
+            reg,
+            name,
+            tenant_id=uuid4(),
+            host=host,
+            template=template,
+            idempotency_key=idempotency_key,
+            keyholder=svc.instance_id,
+            spare=spare,
+            verifier=verifier,
+            connection_limit=connection_limit,
+        )
+
+    try:
+        if known is not None:
+            # The hot path: one statement, its own transaction, one round trip.
+            cur = queue()
+        else:
+            with registry.pipelined_transaction(reg):
+                cur = queue()
+                svc.checkpoint("handout")  # sent, not committed
+        tenant = cur.fetchone()
+    except BaseException:
+        # One transaction: nothing changed, the spare may serve later.
+        if spare is not None:
+            svc.spare_secrets.put(spare, password, template)
+        raise
+    if tenant is None:
+        # Declined: keep the password only if the spare is still ready and ours (not if another
+        # process took it, or a drain or a rebuild dropped it).
+        if spare is not None and spares.is_ready_and_held_by(reg, host, spare, svc.instance_id):
+            svc.spare_secrets.put(spare, password, template)
+        return None
     return tenant, password
 
 
-def _rename_into(
-    svc: TenantService,
-    reg: psycopg.Connection[Any],
-    claimed: Claim,
-    name: TenantName,
-    connection_limit: int,
-) -> str:
-    """Queue the renames, the role's login and connection limit; returns its password."""
-    spare = claimed.spare
-    reg.execute(
-        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-            sql.Identifier(spare.database), sql.Identifier(name.database)
-        )
-    )
-    reg.execute(
-        sql.SQL("ALTER ROLE {} RENAME TO {}").format(
-            sql.Identifier(spare.database), sql.Identifier(name.role)
-        )
-    )
-    password = svc.spare_secrets.take(spare.database)
-    if password is None or claimed.keyholder != svc.instance_id:
-        # Another process set its password (or adopted it since): issue a new one.
-        password = scram.generate_password()
-        admin.set_role_password(reg, name.role, password_verifier=svc.verifier(password))
-    admin.set_role_login(reg, name.role, login=True)
-    admin.set_role_connection_limit(reg, name.role, connection_limit)
-    return password
-
-
-def _discard(svc: TenantService, reg: psycopg.Connection[Any], spare: Spare) -> None:
-    pools = svc.hosts.pools()
-    _drop_spare(pools, spare.database)
-    reg.execute("DELETE FROM spares WHERE id = %s", (spare.id,))
-
-
-def fill(svc: TenantService, key: str, count: int, *, host: str | None = None) -> int:
-    """Create spares of ``key``'s current build until ``count`` exist (within the global cap);
+def fill(svc: Pipeline, key: str, count: int, *, host: str | None = None) -> int:
+    """Make spares of ``key``'s current build until ``count`` exist (within the global cap);
     returns how many were made. Blocking: the refiller calls it in the background."""
     target = svc.hosts.target(host)
     pools = svc.hosts.pools(target.name)
-    build = svc._current_build(key, target)
+    build = svc.current_build(key, target)
     made = 0
     while True:
         with pools.system() as reg:
-            have = counts(reg, target.name)
+            have = spares.counts(reg, target.name)
         total = sum(have.values())
         if have.get((build.key, build.version), 0) >= count:
             return made
@@ -406,29 +201,24 @@ def fill(svc: TenantService, key: str, count: int, *, host: str | None = None) -
         made += 1
 
 
-def retire_stale(svc: TenantService, key: str, *, host: str | None = None) -> int:
-    """Drop ready spares of ``key`` that are not of its current build (after a rebuild)."""
+def retire_stale(svc: Pipeline, key: str, *, host: str | None = None) -> int:
+    """Retire the ready spares of ``key`` that are not of its current build (after a rebuild)."""
     target = svc.hosts.target(host)
     pools = svc.hosts.pools(target.name)
-    build = svc._current_build(key, target)
+    build = svc.current_build(key, target)
     dropped = 0
     while True:
         with pools.system() as reg, reg.transaction():
-            row = reg.execute(
-                "SELECT id, database FROM spares WHERE host = %s AND template_key = %s"
-                " AND template_version <> %s AND status = 'ready'"
-                " LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (target.name, key, build.version),
-            ).fetchone()
-            if row is None:
+            stale = spares.pick_ready(reg, target.name, template_key=key, not_version=build.version)
+            if stale is None:
                 return dropped
-            _drop_spare(pools, str(row[1]))
-            reg.execute("DELETE FROM spares WHERE id = %s", (row[0],))
-            svc.spare_secrets.take(str(row[1]))
+            _drop_spare(pools, stale.database)
+            spares.delete(reg, stale.id)
+            svc.spare_secrets.take(stale.database)
             dropped += 1
 
 
-def adopt(svc: TenantService, *, host: str | None = None) -> int:
+def adopt(svc: Pipeline, *, host: str | None = None) -> int:
     """Give each ready spare whose keyholder is gone (a process that ended, or was killed) a
     fresh password, under its row lock, and become its keyholder; returns how many. Run once
     when a server starts: the spares its predecessor made are then served on the fast path.
@@ -442,26 +232,23 @@ def adopt(svc: TenantService, *, host: str | None = None) -> int:
     adopted = 0
     while True:
         with pools.system() as reg, reg.transaction():
-            row = reg.execute(
-                "SELECT id, database, template_key FROM spares WHERE host = %s"
-                " AND status = 'ready' AND (keyholder IS NULL OR keyholder = ANY(%s))"
-                " LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (pools.target.name, [k for k in dead if k is not None]),
-            ).fetchone()
-            if row is None:
+            orphan = spares.pick_ready(
+                reg, pools.target.name, keyholders=[k for k in dead if k is not None]
+            )
+            if orphan is None:
                 return adopted
-            database = str(row[1])
+            database = orphan.database
             password = scram.generate_password()
             admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
             # The fast handout keeps the spare role's limit: this process's default.
             admin.set_role_connection_limit(reg, database, svc.settings.tenant_connection_limit)
-            reg.execute("UPDATE spares SET keyholder = %s WHERE id = %s", (svc.instance_id, row[0]))
+            spares.set_keyholder(reg, orphan.id, svc.instance_id)
             # Before the commit: a handout that sees us as keyholder finds the password.
-            svc.spare_secrets.put(database, password, str(row[2]))
+            svc.spare_secrets.put(database, password, orphan.template_key)
         adopted += 1
 
 
-def refill(svc: TenantService) -> None:
+def refill(svc: Pipeline) -> None:
     """One pass of the background refiller over the configured templates; first it clears
     spares left ``creating`` by a process that died (the pool would run one short)."""
     clear_crashed(svc)
@@ -473,62 +260,42 @@ def refill(svc: TenantService) -> None:
             fill(svc, key, count)
 
 
-def drain(svc: TenantService, *, key: str | None = None) -> int:
-    """Drop every ready spare (of ``key``); returns how many."""
+def drain(svc: Pipeline, *, key: str | None = None) -> int:
+    """Every ready spare (of ``key``), dropped; returns how many."""
     pools = svc.hosts.pools()
     dropped = 0
     while True:
         with pools.system() as reg, reg.transaction():
-            row = reg.execute(
-                "SELECT id, database FROM spares WHERE host = %s AND status = 'ready'"
-                " AND (%s::text IS NULL OR template_key = %s)"
-                " LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (pools.target.name, key, key),
-            ).fetchone()
-            if row is None:
+            ready = spares.pick_ready(reg, pools.target.name, template_key=key)
+            if ready is None:
                 return dropped
-            _drop_spare(pools, str(row[1]))
-            reg.execute("DELETE FROM spares WHERE id = %s", (row[0],))
+            _drop_spare(pools, ready.database)
+            spares.delete(reg, ready.id)
             dropped += 1
 
 
 # ---------------------------------------------------------------- reconciliation
 
 
-@dataclass(frozen=True)
-class SpareRow:
-    id: UUID
-    database: str
-    status: str
-    tenant_id: UUID | None
-
-
-def status(svc: TenantService) -> list[dict[str, Any]]:
+def status(svc: Pipeline) -> list[dict[str, Any]]:
     """Spares per template build and state, with the configured target count."""
     pools = svc.hosts.pools()
     with pools.system() as reg:
-        rows = reg.execute(
-            "SELECT template_key, template_version, status, count(*) FROM spares"
-            " WHERE host = %s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-            (pools.target.name,),
-        ).fetchall()
+        rows = spares.status_counts(reg, pools.target.name)
     return [
         {
-            "template": str(k),
-            "version": str(v),
-            "status": str(s),
-            "count": int(str(n)),
-            "target": svc.settings.pool_spares.get(str(k), 0),
+            "template": k,
+            "version": v,
+            "status": s,
+            "count": n,
+            "target": svc.settings.pool_spares.get(k, 0),
         }
         for k, v, s, n in rows
     ]
 
 
 def spare_rows(reg: psycopg.Connection[Any], host: str) -> list[SpareRow]:
-    rows = reg.execute(
-        "SELECT id, database, status, tenant_id FROM spares WHERE host = %s", (host,)
-    ).fetchall()
-    return [SpareRow(r[0], str(r[1]), str(r[2]), r[3]) for r in rows]
+    return spares.rows(reg, host)
 
 
 def is_spare_name(name: str) -> bool:
@@ -540,8 +307,8 @@ def is_spare_name(name: str) -> bool:
     )
 
 
-def clear_crashed(svc: TenantService) -> list[str]:
-    """Drop the spares left ``creating`` whose creator is gone (its advisory lock on the spare
+def clear_crashed(svc: Pipeline) -> list[str]:
+    """Clear the spares left ``creating`` whose creator is gone (its advisory lock on the spare
     is free), and ready spares whose database an interrupted drop left invalid (a handout would
     fail on them), with ``repair_spare``, the doctor's own repair; returns the spares dropped."""
     pools = svc.hosts.pools()
@@ -568,8 +335,8 @@ def clear_crashed(svc: TenantService) -> list[str]:
 SPARE_DROPPED = "spare dropped"
 
 
-def repair_spare(svc: TenantService, row: SpareRow) -> str:
-    """Drop a spare whose creator or claimer died, and its row (under the right lock)."""
+def repair_spare(svc: Pipeline, row: SpareRow) -> str:
+    """A spare whose creator or claimer died, dropped with its row (under the right lock)."""
     pools = svc.hosts.pools()
     with pools.system() as reg:
         lock_name = row.database
@@ -582,11 +349,11 @@ def repair_spare(svc: TenantService, row: SpareRow) -> str:
         try:
             # Under the lock, look again: its creator may have finished between our read and
             # the lock (a ready spare is not a leftover).
-            now = registry.spare_status(reg, row.id)
+            now = spares.status(reg, row.id)
             if now is not None and now != row.status:
                 return f"now {now}, left alone"
             _drop_spare(pools, row.database)
-            reg.execute("DELETE FROM spares WHERE id = %s", (row.id,))
+            spares.delete(reg, row.id)
         finally:
             registry.unlock(reg, lock_name)
     return SPARE_DROPPED

@@ -11,38 +11,34 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 
 from monk.adapters import dump, registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import translate
 from monk.adapters.postgres.pools import ServerPools
-from monk.adapters.registry import Operation, Tenant
+from monk.adapters.registry import Operation, Tenant, operations
 from monk.core.tenant_names import TenantName
 from monk.errors import InvalidState, MonkError, OperationFailed, TenantNotFound
-
-if TYPE_CHECKING:
-    from monk.service.tenants import TenantService, TenantView
+from monk.service.pipeline import Pipeline, TenantView, require
 
 log = logging.getLogger(__name__)
 
 
 def request_purge(
-    svc: TenantService, raw_name: str, *, archive: bool = True, forget: bool = False
+    svc: Pipeline, raw_name: str, *, archive: bool = True, forget: bool = False
 ) -> tuple[TenantView, UUID]:
     """Disable the tenant, mark it ``deleting`` and queue its purge; returns at once."""
-    from monk.service.tenants import _require
-
-    with svc._locked(raw_name) as (reg, pools, tenant):
-        _require(tenant, "purge", "active", "disabled", "trashed")
+    with svc.locked(raw_name) as (reg, pools, tenant):
+        require(tenant, "purge", "active", "disabled", "trashed")
         with pools.admin() as adm:
             exists = admin.database_exists(adm, tenant.database)
         if exists:
-            svc._close(pools, tenant)
+            svc.close_tenant(pools, tenant)
         with reg.transaction():
             tenant = registry.update(
                 reg,
@@ -64,7 +60,7 @@ def request_purge(
         return svc.view(tenant), op
 
 
-def work_queue(svc: TenantService, *, only: UUID | None = None) -> int:
+def work_queue(svc: Pipeline, *, only: UUID | None = None) -> int:
     """Run queued purges until none is left (or until ``only`` is done); returns how many."""
     done = 0
     pools = svc.hosts.pools()
@@ -79,16 +75,13 @@ def work_queue(svc: TenantService, *, only: UUID | None = None) -> int:
             return done
 
 
-def queue_depth(svc: TenantService) -> int:
+def queue_depth(svc: Pipeline) -> int:
     with svc.hosts.pools().system() as reg:
-        row = reg.execute(
-            "SELECT count(*) FROM operations WHERE kind = 'purge' AND state = 'queued'"
-        ).fetchone()
-    return int(row[0]) if row else 0
+        return operations.count_queued(reg, "purge")
 
 
 def purge_now(
-    svc: TenantService, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant
+    svc: Pipeline, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant
 ) -> None:
     """Finish the queued purge of ``tenant`` right here (the caller holds the tenant's lock)."""
     with pools.system() as worker, worker.transaction():
@@ -99,7 +92,7 @@ def purge_now(
 
 
 def _run_job(
-    svc: TenantService, reg: psycopg.Connection[Any], pools: ServerPools, op: Operation
+    svc: Pipeline, reg: psycopg.Connection[Any], pools: ServerPools, op: Operation
 ) -> None:
     tenant = registry.get_by_id(reg, UUID(op.params["tenant_id"]))
     if tenant is None or tenant.status != "deleting":
@@ -115,7 +108,7 @@ def _run_job(
 
 
 def _purge(
-    svc: TenantService,
+    svc: Pipeline,
     reg: psycopg.Connection[Any],
     pools: ServerPools,
     tenant: Tenant,
@@ -134,11 +127,11 @@ def _purge(
     if op.params.get("archive", True) and exists and not invalid:
         fields |= _archive_fields(svc, pools, tenant)
         registry.set_operation_step(reg, op.id, "archived")
-    svc._checkpoint("purge-archived")
+    svc.checkpoint("purge-archived")
     with pools.admin() as adm:
         admin.drop_database(adm, tenant.database)
         registry.set_operation_step(reg, op.id, "dropped")
-        svc._checkpoint("purge-dropped")
+        svc.checkpoint("purge-dropped")
         if tenant.role_name:
             admin.drop_role(adm, tenant.role_name)
     if op.params.get("forget"):
@@ -157,28 +150,20 @@ def _purge(
     log.info("purged tenant %s (%s)", tenant.name, tenant.database)
 
 
-def _archive_fields(svc: TenantService, pools: ServerPools, tenant: Tenant) -> dict[str, Any]:
+def _archive_fields(svc: Pipeline, pools: ServerPools, tenant: Tenant) -> dict[str, Any]:
     """pg_dump the tenant (briefly open to monk's admin only: the tenant's role is NOLOGIN and
     PUBLIC has no CONNECT on it)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = svc.settings.archives / f"{tenant.database}-{stamp}.dump"
     with pools.admin() as adm:
-        reopen = _allows_connections(adm, tenant.database) is False
+        reopen = admin.allows_connections(adm, tenant.database) is False
         if reopen:
-            adm.execute(
-                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(tenant.database)
-                )
-            )
+            admin.set_allow_connections(adm, tenant.database, True)
         try:
             archive = dump.dump(pools.target, tenant.database, path)
         finally:
             if reopen:
-                adm.execute(
-                    sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
-                        sql.Identifier(tenant.database)
-                    )
-                )
+                admin.set_allow_connections(adm, tenant.database, False)
         version = admin.server_version(adm)
     return {
         "archive_path": str(archive.path),
@@ -189,28 +174,17 @@ def _archive_fields(svc: TenantService, pools: ServerPools, tenant: Tenant) -> d
     }
 
 
-def _allows_connections(adm: psycopg.Connection[Any], database: str) -> bool | None:
-    row = adm.execute(
-        "SELECT datallowconn FROM pg_database WHERE datname = %s", (database,)
-    ).fetchone()
-    return None if row is None else bool(row[0])
-
-
-def archive(svc: TenantService, raw_name: str) -> TenantView:
+def archive(svc: Pipeline, raw_name: str) -> TenantView:
     """Archive a live tenant now (pg_dump, custom format); recorded on its registry row."""
-    from monk.service.tenants import _require
-
-    with svc._locked(raw_name) as (reg, pools, tenant):
-        _require(tenant, "archive", "active", "disabled", "trashed")
+    with svc.locked(raw_name) as (reg, pools, tenant):
+        require(tenant, "archive", "active", "disabled", "trashed")
         fields = _archive_fields(svc, pools, tenant)
         tenant = registry.update(reg, tenant.id, **fields)
         return svc.view(tenant)
 
 
-def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
+def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
     """A purged tenant back into a fresh database under the same name and hash."""
-    from monk.service.tenants import Credentials
-
     pools = svc.hosts.pools()
     with pools.system() as reg:
         gone = registry.get_latest_deleted(reg, name.key)
@@ -224,8 +198,6 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
         if not registry.try_lock(reg, name.database):
             raise InvalidState(f"tenant {name.display!r} is busy with another operation")
         try:
-            from pathlib import Path
-
             path = Path(archive_path)
             if not path.is_file() or dump.sha256_file(path) != gone.archive_sha256:
                 raise InvalidState(f"archive {path} of {name.display!r} is missing or damaged")
@@ -248,33 +220,27 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                 )
             step = "role"
             try:
+                credentials = svc.create_role(reg, name.role)
+                step = "database"
                 with pools.admin() as adm:
-                    credentials: Credentials = svc._create_role(adm, name.role)
-                    step = "create"
                     # Owned by the tenant's role from the start: the restore runs as that role
                     # and the public schema belongs to the database owner.
                     # template0: no session can block it (see the template build).
                     admin.create_database(
                         adm, tenant.database, template="template0", owner=name.role
                     )
-                    svc._checkpoint("restore-created")
-                    step = "restore"
-                    dump.restore(pools.target, tenant.database, path, role=name.role)
-                    step = "configure"
-                    db, r = sql.Identifier(tenant.database), sql.Identifier(name.role)
-                    adm.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, r))
-                    adm.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-                    adm.execute(
-                        sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, r)
-                    )
-                    adm.execute(
-                        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                            db, sql.Literal(svc.ownership_mark())
-                        )
-                    )
-                    admin.set_role_connection_limit(adm, name.role, svc.connection_limit(gone))
-                    # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
-                    admin.set_database_settings(adm, tenant.database, svc.database_settings(gone))
+                svc.checkpoint("restore-created")
+                step = "restore"
+                dump.restore(pools.target, tenant.database, path, role=name.role)
+                step = "configure"
+                # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
+                svc.configure(
+                    reg,
+                    tenant.database,
+                    name.role,
+                    svc.database_settings(gone),
+                    svc.connection_limit(gone),
+                )
                 with reg.transaction():
                     # The restored tenant keeps its identity: the purged row comes back to
                     # life (same id and created_at; its 'deleted' -> 'active' update is what
@@ -294,7 +260,7 @@ def restore_from_archive(svc: TenantService, name: TenantName) -> TenantView:
                     )
                     registry.finish_operation(reg, op, "done", step="active")
             except BaseException as exc:
-                svc._undo_provision(reg, pools, tenant)
+                svc.undo_provision(reg, pools, tenant)
                 registry.finish_operation(reg, op, "failed", step=step, error=str(exc))
                 if isinstance(exc, MonkError):
                     raise

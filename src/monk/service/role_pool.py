@@ -7,7 +7,8 @@ the empty password at the same cost (~4 ms), both on the CPU the clone needs. A 
 ``keyholder``, so no more exposed than the tenant role it becomes) is made in idle time by
 ``monk serve``'s refiller; the provision's intent transaction renames it to ``tenant_<hash>``
 (system function ``claim_spare_role``), so a crash leaves the role either still a spare or the
-tenant's, undone with the intent; the clone is then created with it as owner.
+tenant's, undone with the intent; the clone is then created with it as owner. The claim is part
+of the reservation's one statement (``registry.tenants.reserve``).
 
 With none ready, or when the registry is on another server than the tenant (roles are
 per server), the provision makes its role beside the clone, as before.
@@ -17,51 +18,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-import psycopg
-
 from monk.adapters import registry
+from monk.adapters.registry import spare_roles
 from monk.core import scram
-
-if TYPE_CHECKING:
-    from monk.service.tenants import TenantService
+from monk.service.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 ROLE_PREFIX = "monk_role_"
-
-
-class RoleSecrets:
-    """Passwords of the spare roles whose keyholder is this process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_role: dict[str, str] = {}
-
-    def put(self, role: str, password: str) -> None:
-        with self._lock:
-            self._by_role[role] = password
-
-    def take(self) -> tuple[str, str] | None:
-        """(role, password) of the oldest known spare role, taken out so that no other thread
-        claims it; ``put`` it back if the claim was rolled back."""
-        with self._lock:
-            for role, password in self._by_role.items():
-                del self._by_role[role]
-                return role, password
-        return None
-
-    def keep_only(self, roles: set[str]) -> None:
-        with self._lock:
-            for role in set(self._by_role) - roles:
-                del self._by_role[role]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_role)
 
 
 def is_spare_role_name(name: str) -> bool:
@@ -73,38 +39,7 @@ def _new_name() -> str:
     return f"{ROLE_PREFIX}{secrets.token_hex(8)}"
 
 
-def claim(
-    svc: TenantService, reg: psycopg.Connection[Any], role: str
-) -> tuple[psycopg.Cursor[Any], tuple[str, str]] | None:
-    """Queue, in the caller's transaction (and pipeline), the renaming of one of this process's
-    spare roles into ``role``; returns the cursor that answers whether it happened, and the
-    spare's (name, password), to give back with ``release`` if the transaction rolled back.
-    None when this process knows no spare role. (A free name's intent claims inside
-    ``registry.gated_intent`` instead.)"""
-    spare = svc.role_secrets.take()
-    if spare is None:
-        return None
-    cur = reg.execute(
-        "SELECT claim_spare_role(%s, %s, %s)", (spare[0], role, svc.instance_id), prepare=True
-    )
-    return cur, spare
-
-
-def settle(svc: TenantService, claim: tuple[psycopg.Cursor[Any], tuple[str, str]] | None) -> bool:
-    """After the claim's transaction committed: whether its spare role was renamed (if not, it
-    was gone: another server's start-up dropped it, and it is forgotten)."""
-    if claim is None:
-        return False
-    row = claim[0].fetchone()
-    return bool(row and row[0])
-
-
-def release(svc: TenantService, spare: tuple[str, str]) -> None:
-    """A claim whose transaction rolled back: the role is still a spare, and ours."""
-    svc.role_secrets.put(*spare)
-
-
-def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
+def fill(svc: Pipeline, count: int, *, host: str | None = None) -> int:
     """Make spare roles until this process holds ``count``; returns how many it made. Spare
     roles of this process that are gone from the registry (another server's start-up dropped
     them) are forgotten first."""
@@ -112,10 +47,8 @@ def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
     if not svc.registry_shares_server(pools):
         return 0
     with pools.system() as reg:
-        rows = reg.execute(
-            "SELECT role FROM spare_roles WHERE keyholder = %s", (svc.instance_id,)
-        ).fetchall()
-    svc.role_secrets.keep_only({str(r[0]) for r in rows})
+        held = spare_roles.held_by(reg, svc.instance_id)
+    svc.role_secrets.keep_only(held)
     made = 0
     if len(svc.role_secrets) < count:
         svc.hold_keyholder_lock()
@@ -123,9 +56,8 @@ def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
         role, password = _new_name(), scram.generate_password()
         verifier = svc.verifier(password)
         with pools.system() as reg:
-            reg.execute(
-                "SELECT make_spare_role(%s, %s, %s, %s)",
-                (role, verifier, svc.ownership_mark(), svc.instance_id),
+            spare_roles.make(
+                reg, role, verifier=verifier, mark=svc.ownership_mark(), keyholder=svc.instance_id
             )
         svc.role_secrets.put(role, password)
         made += 1
@@ -134,8 +66,8 @@ def fill(svc: TenantService, count: int, *, host: str | None = None) -> int:
     return made
 
 
-def drop_others(svc: TenantService, *, host: str | None = None) -> int:
-    """Drop the spare roles of every keyholder that is gone (their passwords died with it):
+def drop_others(svc: Pipeline, *, host: str | None = None) -> int:
+    """The spare roles of every keyholder that is gone, dropped (their passwords died with it):
     run when a server starts, the roles its predecessor made are useless to anyone. Those of
     a live keyholder (another server on this system database) are its own."""
     with svc.hosts.pools(host).system() as reg:
@@ -143,27 +75,25 @@ def drop_others(svc: TenantService, *, host: str | None = None) -> int:
     return sum(_drop(svc, keep=None, only=k, host=host) for k in dead if k is not None)
 
 
-def drop_own(svc: TenantService, *, host: str | None = None) -> int:
-    """Drop this process's spare roles; returns how many."""
+def drop_own(svc: Pipeline, *, host: str | None = None) -> int:
+    """This process's spare roles, dropped; returns how many."""
     dropped = _drop(svc, keep=None, only=svc.instance_id, host=host)
     svc.role_secrets.keep_only(set())
     return dropped
 
 
-def drain(svc: TenantService, *, host: str | None = None) -> int:
-    """Drop every spare role, of any keyholder; returns how many."""
+def drain(svc: Pipeline, *, host: str | None = None) -> int:
+    """Every spare role, of any keyholder, dropped; returns how many."""
     dropped = _drop(svc, keep=None, only=None, host=host)
     svc.role_secrets.keep_only(set())
     return dropped
 
 
-def count(svc: TenantService, *, host: str | None = None) -> int:
+def count(svc: Pipeline, *, host: str | None = None) -> int:
     with svc.hosts.pools(host).system() as reg:
-        row = reg.execute("SELECT count(*) FROM spare_roles").fetchone()
-    return int(row[0]) if row else 0
+        return spare_roles.count(reg)
 
 
-def _drop(svc: TenantService, *, keep: UUID | None, only: UUID | None, host: str | None) -> int:
+def _drop(svc: Pipeline, *, keep: UUID | None, only: UUID | None, host: str | None) -> int:
     with svc.hosts.pools(host).system() as reg:
-        row = reg.execute("SELECT drop_spare_roles(%s, %s)", (keep, only)).fetchone()
-    return int(row[0]) if row else 0
+        return spare_roles.drop(reg, keep=keep, only=only)

@@ -164,21 +164,13 @@ def role_states(conn: Conn) -> dict[str, RoleState]:
     }
 
 
-def reset_database_access(
-    conn: Conn, database: str, owner: str, *, revoke_from: Iterable[str]
-) -> None:
-    """What monk sets on a tenant database, back: ``owner`` owns it, every privilege of the
-    grantees ``revoke_from`` ("PUBLIC" included) revoked, CONNECT and TEMPORARY for the owner,
-    CONNECT for monk's admin."""
+def revoke_database_access(conn: Conn, database: str, grantees: Iterable[str]) -> None:
+    """Every privilege on ``database`` of each of ``grantees`` ("PUBLIC" included) revoked."""
     validate_database_name(database)
-    validate_role_name(owner)
-    db, role = sql.Identifier(database), sql.Identifier(owner)
-    conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, role))
-    for grantee in revoke_from:
+    db = sql.Identifier(database)
+    for grantee in grantees:
         who = sql.SQL("PUBLIC") if grantee == "PUBLIC" else sql.Identifier(grantee)
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(db, who))
-    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, role))
-    conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
 
 
 def current_role(conn: Conn) -> str:
@@ -407,6 +399,14 @@ def set_role_connection_limit(conn: Conn, name: str, limit: int) -> None:
             sql.Identifier(name), sql.Literal(int(limit))
         )
     )
+
+
+def allows_connections(conn: Conn, name: str) -> bool | None:
+    """Whether ``name`` accepts connections (None: no such database)."""
+    row = conn.execute(
+        "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    return None if row is None else bool(row[0])
 
 
 def set_allow_connections(conn: Conn, name: str, allow: bool) -> None:

@@ -17,9 +17,42 @@ from uuid import UUID
 
 import psycopg
 from psycopg import Cursor, sql
-from psycopg.rows import class_row, kwargs_row
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
+from monk.adapters.registry.locks import (  # re-exported: callers know them as registry's
+    SERVE_LOCK as SERVE_LOCK,
+)
+from monk.adapters.registry.locks import (
+    advisory_key as advisory_key,
+)
+from monk.adapters.registry.locks import (
+    dead_keyholders as dead_keyholders,
+)
+from monk.adapters.registry.locks import (
+    hold_keyholder_lock as hold_keyholder_lock,
+)
+from monk.adapters.registry.locks import (
+    hold_serve_lock as hold_serve_lock,
+)
+from monk.adapters.registry.locks import (
+    keyholder_session_alive as keyholder_session_alive,
+)
+from monk.adapters.registry.locks import (
+    serve_lock_holders as serve_lock_holders,
+)
+from monk.adapters.registry.locks import (
+    try_lock as try_lock,
+)
+from monk.adapters.registry.locks import (
+    unlock as unlock,
+)
+from monk.adapters.registry.locks import (
+    unlock_if_held as unlock_if_held,
+)
+from monk.adapters.registry.locks import (
+    wait_lock as wait_lock,
+)
 from monk.core.tenant_names import TenantName
 from monk.errors import HashCollision, TenantExists
 
@@ -259,155 +292,6 @@ def queue_intent(
     return cur
 
 
-@dataclass(frozen=True)
-class GatedIntent:
-    """What ``gated_intent`` answers: whether it took the name's lock, the template's client
-    sessions, the intent row if it wrote one (only when it took the lock), and whether the
-    spare role was renamed into the tenant's (None: no claim ran)."""
-
-    locked: bool
-    sessions: int
-    tenant: Tenant | None
-    claimed: bool | None
-
-
-_GATED_INTENT = rendered(
-    sql.SQL(
-        "WITH gate AS MATERIALIZED ("
-        " SELECT pg_try_advisory_lock(%(lock)s) AS locked,"
-        " CASE WHEN %(async)s THEN set_config('synchronous_commit', 'off', true) END AS async,"
-        " (SELECT count(*) FROM pg_stat_activity WHERE datname = %(template_db)s"
-        " AND backend_type = 'client backend') AS sessions),"
-        " intent AS (INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
-        " template_key, template_version, role_name, step, idempotency_key)"
-        " SELECT %(id)s, %(name)s, %(key)s, %(database)s, %(host)s, false, 'provisioning',"
-        " %(template)s, %(version)s, %(role)s, 'intent', %(idempotency_key)s"
-        " FROM gate WHERE gate.locked"
-        " AND NOT EXISTS (SELECT 1 FROM tenants WHERE deleted_at IS NULL"
-        " AND (name_key = %(key)s OR database = %(database)s))"
-        " AND NOT EXISTS (SELECT 1 FROM spares WHERE host = %(host)s"
-        " AND template_key = %(template)s AND status = 'ready')"
-        " RETURNING {columns}),"
-        " op AS (INSERT INTO operations (id, kind, subject, database, host, state, params)"
-        " SELECT %(op)s, 'provision', %(key)s, %(database)s, %(host)s, 'running', %(params)s"
-        " FROM intent),"
-        " claimed AS (SELECT claim_spare_role(%(spare)s, %(role)s, %(keyholder)s) AS ok"
-        " FROM intent WHERE %(spare)s::text IS NOT NULL)"
-        " SELECT gate.locked AS gate_locked, gate.sessions AS gate_sessions,"
-        " claimed.ok AS gate_claimed, intent.*"
-        " FROM gate LEFT JOIN intent ON true LEFT JOIN claimed ON true"
-    ).format(columns=_COLUMNS)
-)
-
-
-def gated_intent(
-    conn: Conn,
-    name: TenantName,
-    *,
-    tenant_id: UUID,
-    op_id: UUID,
-    host: str,
-    template_key: str,
-    template_version: str,
-    template_database: str,
-    idempotency_key: str | None,
-    spare_role: str | None,
-    keyholder: UUID,
-    async_commit: bool,
-) -> GatedIntent:
-    """A free name's whole intent in one statement, its own transaction: take the name's
-    session lock, count the template's sessions, and only if the lock was free, no live tenant
-    has the name or its database and no spare of the template is ready, write the intent, its
-    journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given) into
-    the tenant's role. Anything else writes nothing: the caller releases the lock if it was
-    taken and takes the full path. The statement's snapshot predates its lock: a tenant
-    committed in between is caught by the unique indexes (an error, as in ``queue_intent``).
-    ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit
-    on the same server flushes it)."""
-    params = {
-        "lock": advisory_key(name.database),
-        "async": async_commit,
-        "template_db": template_database,
-        "id": tenant_id,
-        "name": name.display,
-        "key": name.key,
-        "database": name.database,
-        "host": host,
-        "template": template_key,
-        "version": template_version,
-        "role": name.role,
-        "idempotency_key": idempotency_key,
-        "op": op_id,
-        "params": Jsonb({"template": template_key, "version": template_version}),
-        "spare": spare_role,
-        "keyholder": keyholder,
-    }
-    with conn.cursor(row_factory=kwargs_row(_gated_intent)) as cur:
-        row = cur.execute(_GATED_INTENT, params, prepare=True).fetchone()
-    assert row is not None
-    return row
-
-
-def _gated_intent(
-    gate_locked: bool, gate_sessions: int, gate_claimed: bool | None, **columns: Any
-) -> GatedIntent:
-    tenant = Tenant(**columns) if columns.get("id") is not None else None
-    return GatedIntent(bool(gate_locked), int(gate_sessions), tenant, gate_claimed)
-
-
-_ACTIVATION = rendered(
-    sql.SQL(
-        "WITH configured AS MATERIALIZED ("
-        " SELECT configure_tenant_database(%(database)s, %(role)s, %(mark)s, %(settings)s,"
-        " %(role_limit)s)"
-        " WHERE %(configure)s),"
-        " op AS (UPDATE operations SET state = 'done', step = 'active', error = NULL,"
-        " result = NULL, updated_at = now(), finished_at = now() WHERE id = %(op)s),"
-        " activated AS (UPDATE tenants SET status = 'active', is_active = true, step = 'active',"
-        " migration_level = %(level)s, template_version = %(version)s,"
-        " connection_limit = %(connection_limit)s WHERE id = %(id)s"
-        " RETURNING {columns})"
-        " SELECT activated.* FROM activated, (SELECT count(*) FROM configured) AS c"
-    ).format(columns=_COLUMNS)
-)
-
-
-def queue_activation(
-    conn: Conn,
-    tenant_id: UUID,
-    op_id: UUID,
-    *,
-    migration_level: int,
-    template_version: str,
-    configure: tuple[str, str, str, dict[str, str], int] | None,
-    connection_limit: int | None = None,
-) -> Cursor[Tenant]:
-    """A provision's last writes in one statement: ``configure_tenant_database`` (database,
-    role, mark, settings, the role's connection limit; None when it was done on another
-    server), the tenant active with its own connection limit (None: the default), its journal
-    entry done. Queued, like ``queue_intent``; the caller's transaction commits it."""
-    database, role, mark, settings, role_limit = configure or ("", "", "", {}, -1)
-    cur = conn.cursor(row_factory=class_row(Tenant))
-    cur.execute(
-        _ACTIVATION,
-        {
-            "configure": configure is not None,
-            "database": database,
-            "role": role,
-            "mark": mark,
-            "settings": Jsonb(settings),
-            "role_limit": role_limit,
-            "connection_limit": connection_limit,
-            "op": op_id,
-            "id": tenant_id,
-            "level": migration_level,
-            "version": template_version,
-        },
-        prepare=True,
-    )
-    return cur
-
-
 def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
     row = cur.fetchone()
     cur.close()
@@ -632,109 +516,3 @@ def claim_queued(conn: Conn, kind: str, *, database: str | None = None) -> Opera
             params,
         )
         return cur.fetchone()
-
-
-# A running ``monk serve`` holds this advisory lock, shared, on the system database for its
-# life (its session ends with the process, kill -9 included): how a tool that needs the
-# installation to itself (``monk bench``) tells that a server is at work on it.
-SERVE_LOCK = (0x6D6F6E6B, 1)  # "monk", 1: the two-int4 key space, apart from tenant keys
-
-
-def hold_serve_lock(conn: Conn) -> None:
-    conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", SERVE_LOCK)
-
-
-def serve_lock_holders(conn: Conn) -> int:
-    """How many sessions (``monk serve`` processes) hold ``SERVE_LOCK`` here."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND classid = %s AND objid = %s AND objsubid = 2",
-        SERVE_LOCK,
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-def advisory_key(database: str) -> int:
-    """A signed 64-bit advisory lock key for an object name (the tenant hash fits as is)."""
-    import hashlib
-
-    raw = int.from_bytes(hashlib.sha256(database.encode()).digest()[:8], "big")
-    return raw - (1 << 64) if raw >= (1 << 63) else raw
-
-
-def try_lock(conn: Conn, database: str) -> bool:
-    """Session advisory lock on a tenant: held by whoever works on it; a dead worker's lock is
-    released with its connection, which is how the reconciler tells running from crashed."""
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(database),)).fetchone()
-    return bool(row and row[0])
-
-
-def unlock(conn: Conn, database: str) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(database),))
-
-
-def unlock_if_held(conn: Conn, database: str) -> None:
-    """``unlock`` when this session holds the lock (a statement that failed may or may not
-    have taken it), without the server's warning when it does not."""
-    key = advisory_key(database)
-    conn.execute(
-        "SELECT pg_advisory_unlock(%s) FROM pg_locks WHERE locktype = 'advisory'"
-        " AND pid = pg_backend_pid() AND objsubid = 1"
-        " AND classid::bigint = (%s >> 32) & 4294967295 AND objid::bigint = %s & 4294967295",
-        (key, key, key),
-    )
-
-
-# Keyholders: the process whose memory holds the passwords of its spares and spare roles
-# (column ``keyholder``) holds this session advisory lock, keyed by its instance id, from
-# before it writes its first such row to its end. Its lock gone means its passwords are gone:
-# only then may another process adopt its spares or drop its spare roles. (The two-key form
-# keeps these apart from the tenants' one-key locks.)
-_KEYHOLDER_LOCK_SPACE = 0x6D6B6800  # "mkh\0"
-
-
-def hold_keyholder_lock(conn: Conn, instance_id: UUID) -> bool:
-    """Take this process's keyholder lock on ``conn`` (a connection kept for that alone)."""
-    row = conn.execute(
-        "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))",
-        (_KEYHOLDER_LOCK_SPACE, instance_id),
-    ).fetchone()
-    return bool(row and row[0])
-
-
-def keyholder_session_alive(conn: Conn) -> bool:
-    """False if the keyholder lock's session is gone (a server restart ends every session)."""
-    try:
-        conn.execute("SELECT 1")
-    except psycopg.Error:
-        return False
-    return True
-
-
-_DEAD_KEYHOLDERS = {
-    # A NULL keyholder (a spare no process claims) counts as dead. The transaction-level try
-    # succeeds only where no live session holds the keyholder's lock, and is released at once.
-    "spares": "SELECT k FROM (SELECT DISTINCT keyholder AS k FROM spares"
-    " WHERE keyholder IS DISTINCT FROM %(me)s) AS s"
-    " WHERE k IS NULL OR pg_try_advisory_xact_lock(%(space)s, hashtext(k::text))",
-    "spare_roles": "SELECT k FROM (SELECT DISTINCT keyholder AS k FROM spare_roles"
-    " WHERE keyholder IS DISTINCT FROM %(me)s) AS s"
-    " WHERE k IS NULL OR pg_try_advisory_xact_lock(%(space)s, hashtext(k::text))",
-}
-
-
-def dead_keyholders(conn: Conn, me: UUID, *, of: str) -> list[UUID | None]:
-    """Keyholders other than ``me`` of rows of ``of`` (``spares`` or ``spare_roles``) whose
-    process is gone; their lock cannot come back (an instance id is never reused)."""
-    with conn.transaction():
-        rows = conn.execute(
-            _DEAD_KEYHOLDERS[of], {"me": me, "space": _KEYHOLDER_LOCK_SPACE}
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
-def spare_status(conn: Conn, spare_id: UUID) -> str | None:
-    """The warm-pool spare's status (None: its row is gone)."""
-    row = conn.execute("SELECT status FROM spares WHERE id = %s", (spare_id,)).fetchone()
-    return None if row is None else str(row[0])

@@ -1,0 +1,608 @@
+"""The provisioning pipeline's shared steps and state: what the tenant service, the warm
+pool, the spare roles and the purge all use (so that none of them calls another's private
+members, and none imports the tenant service)."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Self
+from urllib.parse import quote
+from uuid import UUID, uuid4
+
+import psycopg
+from psycopg.types.json import Jsonb
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from monk.adapters import registry
+from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import (
+    ServerTarget,
+    connect,
+    open_connection,
+)
+from monk.adapters.postgres.pools import ServerPools
+from monk.adapters.registry import Tenant
+from monk.adapters.registry import templates as template_builds
+from monk.adapters.registry import tenants as tenant_registry
+from monk.core import scram, tenant_names
+from monk.core.template_names import validate_template_key
+from monk.core.tenant_names import Hasher, TenantName
+from monk.errors import (
+    DatabaseExists,
+    DatabaseMissing,
+    InvalidRequest,
+    InvalidState,
+    StrayDatabase,
+    TemplateBusy,
+    TemplateNotFound,
+    TenantNotFound,
+)
+from monk.service import templates as template_service
+from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
+from monk.templates.source import Migration
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_CACHE_S = 5.0
+_BUILD_CACHE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    role: str
+    password: str
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """What callers see of a tenant: the provisioning response and the API's tenant object."""
+
+    tenant: Tenant
+    host: str
+    port: int
+    credentials: Credentials | None = None
+    provisioned_from: str | None = None  # "pool" or "clone", in the provisioning answer
+    replayed: bool = False  # the answer to a retry with the first request's Idempotency-Key
+    connection_limit: int | None = None  # the role's, the tenant's own or the default
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.tenant
+        out: dict[str, Any] = {
+            "id": str(t.id),
+            "name": t.name,
+            "database": t.database,
+            "host": t.host,
+            "port": self.port,
+            "template": t.template_key,
+            "template_version": t.template_version,
+            "status": t.status,
+            "is_active": t.is_active,
+            "tenant_type": t.tenant_type,
+            "role": t.role_name,
+            "migration_level": t.migration_level,
+            "connection_limit": self.connection_limit,
+            "created_at": _iso(t.created_at),
+            "updated_at": _iso(t.updated_at),
+            "trashed_at": _iso(t.trashed_at),
+            "deleted_at": _iso(t.deleted_at),
+        }
+        if t.archive_path:
+            out["archive"] = {
+                "path": t.archive_path,
+                "size": t.archive_size,
+                "sha256": t.archive_sha256,
+                "archived_at": _iso(t.archived_at),
+                "server_version": t.archive_server_version,
+            }
+        if self.provisioned_from is not None:
+            out["provisioned_from"] = self.provisioned_from
+        if self.credentials is not None:
+            c = self.credentials
+            out["connection_url"] = (
+                f"postgresql://{quote(c.role, safe='')}:{quote(c.password, safe='')}"
+                f"@{self.host}:{self.port}/{t.database}"
+            )
+        if self.replayed:
+            out["replayed"] = True
+            out["credentials_note"] = (
+                "a retry of the request that made this tenant (same Idempotency-Key): its "
+                "password was shown once, in the first answer, and is not kept; issue a new one "
+                f"with POST /api/root/tenant/{quote(t.name, safe='')}/credentials or "
+                f"'monk tenant credentials {shlex.quote(t.name)} --rotate'"
+            )
+        return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+class Hosts:
+    """The PostgreSQL servers tenants live on, by the name the registry records."""
+
+    def __init__(self, local: ServerTarget, system_db: str, *, pool_size: int) -> None:
+        self.local = local
+        self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
+
+    def target(self, name: str | None) -> ServerTarget:
+        if name is None or name == self.local.name:
+            return self.local
+        raise InvalidRequest(
+            f"unknown host {name!r}: this monk administers {self.local.name!r}", host=name
+        )
+
+    def pools(self, name: str | None = None) -> ServerPools:
+        return self._pools[self.target(name).name]
+
+    def close(self) -> None:
+        for pools in self._pools.values():
+            pools.close()
+
+
+class SpareSecrets:
+    """Passwords of the spares whose keyholder is this process, with their template key."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_database: dict[str, tuple[str, str]] = {}
+
+    def put(self, database: str, password: str, template: str) -> None:
+        with self._lock:
+            self._by_database[database] = (password, template)
+
+    def take(self, database: str) -> str | None:
+        with self._lock:
+            entry = self._by_database.pop(database, None)
+        return entry[0] if entry else None
+
+    def take_for(self, template: str) -> tuple[str, str] | None:
+        """(database, password) of the oldest known spare of ``template``, taken out, so that
+        no other thread of this process picks it; ``put`` it back if it was not handed out."""
+        with self._lock:
+            for database, (password, key) in self._by_database.items():
+                if key == template:
+                    del self._by_database[database]
+                    return database, password
+        return None
+
+
+class RoleSecrets:
+    """Passwords of the spare roles whose keyholder is this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_role: dict[str, str] = {}
+
+    def put(self, role: str, password: str) -> None:
+        with self._lock:
+            self._by_role[role] = password
+
+    def take(self) -> tuple[str, str] | None:
+        """(role, password) of the oldest known spare role, taken out so that no other thread
+        claims it; ``put`` it back if the claim was rolled back."""
+        with self._lock:
+            for role, password in self._by_role.items():
+                del self._by_role[role]
+                return role, password
+        return None
+
+    def keep_only(self, roles: set[str]) -> None:
+        with self._lock:
+            for role in set(self._by_role) - roles:
+                del self._by_role[role]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_role)
+
+
+class Pipeline:
+    """The state and the steps shared by every tenant operation; ``TenantService`` adds the
+    operations themselves."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        target: ServerTarget,
+        *,
+        hasher: Hasher = tenant_names.stable_hex_16,
+    ) -> None:
+        self.settings = settings
+        self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
+        self.templates = template_service.TemplateService(settings, self.hosts.pools())
+        self._hasher = hasher
+        self.spare_secrets = SpareSecrets()
+        self.role_secrets = RoleSecrets()
+        # Names this process as the keyholder of the spares whose passwords it remembers.
+        self.instance_id = uuid4()
+        self._keyholder_conn: psycopg.Connection[Any] | None = None
+        self._keyholder_mutex = threading.Lock()
+        self._side_lock = threading.Lock()
+        self._side_pool: ThreadPoolExecutor | None = None
+        self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
+        self._build_cache: dict[tuple[str, str], tuple[float, template_service.TemplateBuild]] = {}
+
+    def close(self) -> None:
+        if self._side_pool is not None:
+            self._side_pool.shutdown(wait=True)
+        with self._keyholder_mutex:
+            if self._keyholder_conn is not None:
+                self._keyholder_conn.close()
+                self._keyholder_conn = None
+        self.hosts.close()
+
+    def hold_keyholder_lock(self, *, check: bool = False) -> None:
+        """Hold this process's keyholder lock (on a connection of its own) before it names
+        itself keyholder of a spare or a spare role, so that no other process takes those
+        over while it lives. ``check``: make sure the connection still holds it (a server
+        restart ends every session), and take it again if not."""
+        with self._keyholder_mutex:
+            conn = self._keyholder_conn
+            if conn is not None and check and not registry.keyholder_session_alive(conn):
+                conn.close()
+                conn = self._keyholder_conn = None
+                log.warning("keyholder lock lost with its connection; taking it again")
+            if conn is not None and not conn.closed:
+                return
+            local = self.hosts.local
+            conn = open_connection(
+                local, self.settings.system_db_name, autocommit=True, purpose="keyholder"
+            )
+            if not registry.hold_keyholder_lock(conn, self.instance_id):
+                conn.close()  # a transient check by another process: try again next time
+                log.warning("keyholder lock of %s is busy", self.instance_id)
+                return
+            self._keyholder_conn = conn
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def verifier(self, password: str) -> str:
+        """The SCRAM verifier of a tenant password, at the configured iteration count."""
+        return scram.verifier(password, iterations=self.settings.scram_iterations)
+
+    # ------------------------------------------------------------------ names
+
+    def name(self, raw: str) -> TenantName:
+        return tenant_names.normalize(raw, hasher=self._hasher)
+
+    def view(
+        self,
+        tenant: Tenant,
+        credentials: Credentials | None = None,
+        provisioned_from: str | None = None,
+        *,
+        replayed: bool = False,
+    ) -> TenantView:
+        target = self.hosts.target(tenant.host)
+        return TenantView(
+            tenant,
+            target.public_host,
+            target.public_port,
+            credentials,
+            provisioned_from,
+            replayed=replayed,
+            connection_limit=self.connection_limit(tenant),
+        )
+
+    def connection_limit(self, tenant: Tenant) -> int:
+        """The CONNECTION LIMIT its role should have: its own, or the installation's."""
+        return tenant.connection_limit or self.settings.tenant_connection_limit
+
+    def current_build(
+        self,
+        key: str,
+        target: ServerTarget,
+        reg: psycopg.Connection[Any] | None = None,
+        *,
+        cached: bool = False,
+    ) -> template_service.TemplateBuild:
+        """The build to clone from; a template without a ready build raises TemplateNotBuilt
+        (no build starts inside a request: ``monk template build`` or the CLI's create does it).
+
+        ``cached``: an answer up to ``_BUILD_CACHE_S`` old will do, for callers that clone
+        with ``_clone`` (it checks the registry after cloning and clones again from the new
+        build if a rebuild came in between)."""
+        validate_template_key(key)
+        now = time.monotonic()
+        with self._side_lock:
+            hit = self._build_cache.get((key, target.name))
+        if cached and hit is not None and now - hit[0] < _BUILD_CACHE_S:
+            return hit[1]
+        if reg is None:
+            with self.hosts.pools(target.name).system() as own:
+                build = template_builds.current_build(own, key, target.name)
+                if build is None:
+                    raise template_service.missing_build(own, target.name, self.settings, key)
+        else:
+            build = template_builds.current_build(reg, key, target.name)
+            if build is None:
+                raise template_service.missing_build(reg, target.name, self.settings, key)
+        with self._side_lock:
+            self._build_cache[(key, target.name)] = (now, build)
+        return build
+
+    def clone(
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        database: str,
+        build: template_service.TemplateBuild,
+        registry_session: Callable[[], psycopg.Connection[Any]],
+        template_in_use: bool = True,
+        owner: str | None = None,
+    ) -> template_service.TemplateBuild:
+        """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER]``, keeping the
+        template free of sessions; returns the build whose content the clone really holds.
+        ``registry_session`` gives the caller's registry connection when it is free to use.
+
+        Templates are closed to connections, but a session opened before (or by a superuser
+        flipping the flag) makes PostgreSQL wait 5 s and fail: end them first (the caller tells
+        whether it saw any; every retry looks again), and retry with backoff until the clone
+        timeout. A rebuild swaps the template's name and the registry
+        in one transaction; if the registry names another build after the clone than before,
+        the swap may have happened in between, so the clone is dropped and made again from the
+        new build: a tenant never records one version while holding another.
+        """
+        cloning = build
+        look_for_sessions = template_in_use
+
+        def current() -> template_service.TemplateBuild:
+            fresh = template_builds.current_build(registry_session(), build.key, target.name)
+            if fresh is None:
+                raise TemplateNotFound(f"template {build.key!r} has no ready build")
+            return fresh
+
+        def attempt() -> None:
+            nonlocal cloning, look_for_sessions
+            if look_for_sessions and admin.sessions_on(adm, cloning.database):
+                # Someone opened the template (a session cannot start on a closed one): close
+                # it again, then end the sessions, or the next one would start right away.
+                admin.revoke_public_connect(adm, [cloning.database])
+                admin.close_database(adm, cloning.database, as_template=True)
+            look_for_sessions = True
+            try:
+                admin.create_database(adm, database, template=cloning.database, owner=owner)
+            except DatabaseMissing:
+                cloning = current()
+                raise TemplateBusy(f"template {build.key!r} is being swapped") from None
+            after = template_builds.current_build_id(registry_session(), build.key, target.name)
+            if after != cloning.id:
+                admin.drop_database(adm, database)
+                cloning = current()
+                raise TemplateBusy(f"template {build.key!r} was rebuilt during the clone")
+
+        try:
+            for tried in Retrying(
+                retry=retry_if_exception_type(TemplateBusy),
+                stop=stop_after_delay(self.settings.clone_timeout),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                reraise=True,
+            ):
+                with tried:
+                    attempt()
+        except TemplateBusy as exc:
+            raise TemplateBusy(
+                f"template {build.key!r} stayed busy for {self.settings.clone_timeout:.0f}s "
+                f"({exc}); retry later",
+                template=build.key,
+            ) from None
+        except DatabaseExists:
+            raise StrayDatabase(
+                f"database {database} already exists on {target.name!r} without a live tenant: "
+                "a leftover of an earlier crash; run 'monk doctor --repair'",
+                database=database,
+            ) from None
+        return cloning
+
+    def ownership_mark(self) -> str:
+        """Written on every tenant database and role: several monk installations may share a
+        server, and the reconciler only touches what its own system database made."""
+        return f"monk:{self.settings.system_db_name}"
+
+    def migrate(
+        self, target: ServerTarget, database: str, build: template_service.TemplateBuild
+    ) -> int:
+        """Apply the template's migrations newer than the build (source changed since)."""
+        pending = self.pending_migrations(build)
+        if not pending:
+            return build.migration_level
+        with connect(target, database, purpose="migrate") as conn:
+            for migration in pending:
+                with conn.transaction():
+                    # Objects a migration creates belong to the database owner, like the rest.
+                    conn.execute("SET LOCAL ROLE pg_database_owner")
+                    conn.execute(migration.sql.encode())
+        return max(m.number for m in pending)
+
+    def pending_migrations(self, build: template_service.TemplateBuild) -> Sequence[Migration]:
+        """Reading the source costs more than the rest of a provision's bookkeeping, so the
+        answer is kept a few seconds per build: a migration added to a source reaches new
+        tenants within ``_MIGRATION_CACHE_S``."""
+        now = time.monotonic()
+        with self._side_lock:
+            cached = self._migration_cache.get(build.id)
+        if cached is not None and now - cached[0] < _MIGRATION_CACHE_S:
+            return cached[1]
+        pending = template_service.pending_migrations(build, self.settings)
+        with self._side_lock:
+            self._migration_cache[build.id] = (now, pending)
+        return pending
+
+    def side_threads(self) -> ThreadPoolExecutor:
+        """Threads for steps that run beside the clone (one per provision that can hold a
+        registry connection, so a job never waits for a thread)."""
+        with self._side_lock:
+            if self._side_pool is None:
+                self._side_pool = ThreadPoolExecutor(
+                    self.settings.pool_size, thread_name_prefix="monk-side"
+                )
+            return self._side_pool
+
+    def registry_shares_server(self, pools: ServerPools) -> bool:
+        """The registry and this server are one PostgreSQL instance: commits are flushed in
+        order, so only the last commit of an operation needs to wait for the disk."""
+        return pools.target is self.hosts.local
+
+    def create_role(
+        self, reg: psycopg.Connection[Any], role: str, *, login: bool = True
+    ) -> Credentials:
+        """Obtain a role, new (``make_tenant_role``, on the registry's session: roles are
+        cluster-wide), with the default connection limit; a leftover of that name, from a
+        crashed attempt on a name the caller holds, is dropped first."""
+        password = scram.generate_password()
+        tenant_registry.make_role(
+            reg,
+            role,
+            verifier=self.verifier(password),
+            mark=self.ownership_mark(),
+            login=login,
+            connection_limit=self.settings.tenant_connection_limit,
+        )
+        return Credentials(role, password)
+
+    def configure_args(
+        self, database: str, role: str, settings: Mapping[str, str], connection_limit: int
+    ) -> tuple[str, str, str, Jsonb, int]:
+        """Configure's arguments: ownership, connect rights, the build's database settings,
+        the ownership mark and the role's connection limit, which a clone does not copy. Every
+        object inside a template is owned by ``pg_database_owner``, so owning the database
+        gives the tenant's role owner rights over all of them."""
+        return tenant_registry.configure_args(
+            database, role, self.ownership_mark(), settings, connection_limit
+        )
+
+    def configure(
+        self,
+        reg: psycopg.Connection[Any],
+        database: str,
+        role: str,
+        settings: Mapping[str, str],
+        connection_limit: int,
+    ) -> None:
+        """Configure on its own (a spare when it is made, a restored tenant), on the registry's
+        session; a provision configures in its activation's statement instead."""
+        tenant_registry.configure(
+            reg, self.configure_args(database, role, settings, connection_limit)
+        )
+
+    def undo_provision(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        tenant: Tenant,
+        *,
+        drop_database: bool = True,
+    ) -> None:
+        """Remove every trace of a provisioning that did not finish: database, role, row.
+
+        ``drop_database`` is False when the clone itself failed because a database of that name
+        was already there: it is not ours to drop here (the doctor judges it).
+        """
+        with pools.admin() as adm:
+            if drop_database:
+                admin.drop_database(adm, tenant.database)
+            if tenant.role_name:
+                admin.drop_role(adm, tenant.role_name)
+        registry.delete_row(reg, tenant.id)
+        log.warning("undid provisioning of %s (%s)", tenant.name, tenant.database)
+
+    # ------------------------------------------------------------------ state changes
+
+    @contextmanager
+    def locked(
+        self, raw_name: str
+    ) -> Iterator[tuple[psycopg.Connection[Any], ServerPools, Tenant]]:
+        """The live tenant, with its lock held: one operation at a time per tenant."""
+        name = self.name(raw_name)
+        with self.hosts.pools().system() as reg:
+            tenant = registry.get_live(reg, name.key)
+            if tenant is None:
+                raise TenantNotFound(f"tenant {name.display!r} not found")
+            pools = self.hosts.pools(tenant.host)
+            if not registry.try_lock(reg, tenant.database):
+                raise InvalidState(
+                    f"tenant {tenant.name!r} is busy with another operation; retry shortly"
+                )
+            try:
+                tenant = registry.get_by_id(reg, tenant.id) or tenant
+                yield reg, pools, tenant
+            finally:
+                registry.unlock(reg, tenant.database)
+
+    def close_tenant(self, pools: ServerPools, tenant: Tenant) -> None:
+        """No new connections, its sessions ended, its role unable to log in."""
+        self._set_open(pools, tenant, False)
+
+    def open_tenant(self, pools: ServerPools, tenant: Tenant) -> None:
+        self._set_open(pools, tenant, True)
+
+    def _set_open(self, pools: ServerPools, tenant: Tenant, is_open: bool) -> None:
+        with pools.admin() as adm:
+            if not admin.database_exists(adm, tenant.database):
+                raise DatabaseMissing(
+                    f"database {tenant.database} of tenant {tenant.name!r} is missing; "
+                    "run 'monk doctor'"
+                )
+            # An interrupted DROP DATABASE left it invalid: it refuses ALTER DATABASE and every
+            # connection; it can be closed (its role) but not opened.
+            invalid = admin.is_invalid_database(adm, tenant.database)
+            if invalid and is_open:
+                raise InvalidState(
+                    f"database {tenant.database} of tenant {tenant.name!r} is invalid (an "
+                    "interrupted DROP DATABASE); run 'monk doctor --repair'"
+                )
+            if not invalid:
+                admin.set_allow_connections(adm, tenant.database, is_open)
+            if tenant.role_name and admin.role_exists(adm, tenant.role_name):
+                admin.set_role_login(adm, tenant.role_name, login=is_open)
+            if not is_open and not invalid:
+                admin.terminate_sessions(adm, tenant.database)
+
+    def database_settings(self, tenant: Tenant) -> dict[str, str]:
+        """The database settings of the build the tenant was cloned from ({} if unknown)."""
+        with self.hosts.pools(tenant.host).system() as reg:
+            by_build = template_builds.settings_by_build(reg, self.hosts.target(tenant.host).name)
+        return by_build.get((tenant.template_key or "", tenant.template_version or ""), {})
+
+    # ------------------------------------------------------------------ fault injection
+
+    def checkpoint(self, step: str) -> None:
+        """Test hook (MONK_FAULT_PAUSE_AT): stop here so a test can kill -9 the process."""
+        if self.settings.fault_pause_at == step:
+            sys.stderr.write(f"monk: paused at {step}\n")
+            sys.stderr.flush()
+            time.sleep(3600)
+
+
+def validate_connection_limit(limit: int | None) -> None:
+    if limit is not None and not 1 <= limit <= MAX_TENANT_CONNECTION_LIMIT:
+        raise InvalidRequest(
+            f"connection limit must be between 1 and {MAX_TENANT_CONNECTION_LIMIT}, not {limit}",
+            field="connection_limit",
+        )
+
+
+def require(tenant: Tenant, action: str, *allowed: str) -> None:
+    if tenant.status not in allowed:
+        raise InvalidState(
+            f"cannot {action} tenant {tenant.name!r}: it is {tenant.status} "
+            f"(allowed when {' or '.join(allowed)})"
+        )
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
