@@ -70,9 +70,6 @@ __all__ = ["Credentials", "Hosts", "TenantService", "TenantView"]
 
 log = logging.getLogger(__name__)
 
-_MIGRATION_CACHE_S = 5.0
-_BUILD_CACHE_S = 2.0
-
 
 @dataclass(frozen=True)
 class _Intent:
