@@ -595,14 +595,6 @@ def validate_connection_limit(limit: int | None) -> None:
         )
 
 
-def require(tenant: Tenant, action: str, *allowed: str) -> None:
-    if tenant.status not in allowed:
-        raise InvalidState(
-            f"cannot {action} tenant {tenant.name!r}: it is {tenant.status} "
-            f"(allowed when {' or '.join(allowed)})"
-        )
-
-
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

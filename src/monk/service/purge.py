@@ -22,9 +22,11 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Operation, Tenant, operations
+from monk.core import lifecycle
+from monk.core.lifecycle import Action
 from monk.core.tenant_names import TenantName
 from monk.errors import InvalidState, MonkError, OperationFailed, TenantNotFound
-from monk.service.pipeline import Pipeline, TenantView, require
+from monk.service.pipeline import Pipeline, TenantView
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def request_purge(
 ) -> tuple[TenantView, UUID]:
     """Disable the tenant, mark it ``deleting`` and queue its purge; returns at once."""
     with svc.locked(raw_name) as (reg, pools, tenant):
-        require(tenant, "purge", "active", "disabled", "trashed")
+        lifecycle.check(Action.PURGE, tenant.status, tenant=tenant.name)
         with pools.admin() as adm:
             exists = admin.database_exists(adm, tenant.database)
         if exists:
@@ -177,7 +179,7 @@ def _archive_fields(svc: Pipeline, pools: ServerPools, tenant: Tenant) -> dict[s
 def archive(svc: Pipeline, raw_name: str) -> TenantView:
     """Archive a live tenant now (pg_dump, custom format); recorded on its registry row."""
     with svc.locked(raw_name) as (reg, pools, tenant):
-        require(tenant, "archive", "active", "disabled", "trashed")
+        lifecycle.check(Action.ARCHIVE, tenant.status, tenant=tenant.name)
         fields = _archive_fields(svc, pools, tenant)
         tenant = registry.update(reg, tenant.id, **fields)
         return svc.view(tenant)

@@ -37,7 +37,8 @@ from monk.adapters.postgres.connection import (
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.adapters.registry import tenants as tenant_registry
-from monk.core import scram
+from monk.core import lifecycle, scram
+from monk.core.lifecycle import Action
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import TenantName
 from monk.errors import (
@@ -60,7 +61,6 @@ from monk.service.pipeline import (
     Pipeline,
     TenantView,
     describe,
-    require,
     validate_connection_limit,
 )
 from monk.service.purge import purge_now, restore_from_archive
@@ -491,14 +491,14 @@ class TenantService(Pipeline):
 
     def disable(self, raw_name: str) -> TenantView:
         with self.locked(raw_name) as (reg, pools, tenant):
-            require(tenant, "disable", "active", "disabled")
+            lifecycle.check(Action.DISABLE, tenant.status, tenant=tenant.name)
             self.close_tenant(pools, tenant)
             tenant = registry.update(reg, tenant.id, status="disabled", is_active=False)
             return self.view(tenant)
 
     def enable(self, raw_name: str) -> TenantView:
         with self.locked(raw_name) as (reg, pools, tenant):
-            require(tenant, "enable", "active", "disabled")
+            lifecycle.check(Action.ENABLE, tenant.status, tenant=tenant.name)
             self.open_tenant(pools, tenant)
             tenant = registry.update(reg, tenant.id, status="active", is_active=True)
             return self.view(tenant)
@@ -506,7 +506,7 @@ class TenantService(Pipeline):
     def trash(self, raw_name: str) -> TenantView:
         """Soft delete: disabled and marked trashed; ``restore`` brings it back."""
         with self.locked(raw_name) as (reg, pools, tenant):
-            require(tenant, "delete", "active", "disabled", "trashed")
+            lifecycle.check(Action.TRASH, tenant.status, tenant=tenant.name)
             self.close_tenant(pools, tenant)
             tenant = registry.update(
                 reg,
@@ -525,7 +525,7 @@ class TenantService(Pipeline):
         if live is None:
             return restore_from_archive(self, name)
         with self.locked(raw_name) as (reg, pools, tenant):
-            require(tenant, "restore", "trashed", "active")
+            lifecycle.check(Action.RESTORE, tenant.status, tenant=tenant.name)
             self.open_tenant(pools, tenant)
             tenant = registry.update(
                 reg, tenant.id, status="active", is_active=True, trashed_at=None
@@ -534,7 +534,7 @@ class TenantService(Pipeline):
 
     def rotate_credentials(self, raw_name: str) -> TenantView:
         with self.locked(raw_name) as (_reg, pools, tenant):
-            require(tenant, "rotate credentials of", "active", "disabled")
+            lifecycle.check(Action.ROTATE_CREDENTIALS, tenant.status, tenant=tenant.name)
             if tenant.role_name is None:
                 raise InvalidState(f"tenant {tenant.name!r} has no role of its own")
             password = scram.generate_password()
@@ -566,7 +566,7 @@ class TenantService(Pipeline):
         """The tenant's own connection limit (None: the default), on its role and its row."""
         validate_connection_limit(limit)
         with self.locked(raw_name) as (reg, pools, tenant):
-            require(tenant, "change the connection limit of", "active", "disabled", "trashed")
+            lifecycle.check(Action.SET_CONNECTION_LIMIT, tenant.status, tenant=tenant.name)
             with reg.transaction():
                 tenant = registry.update(reg, tenant.id, connection_limit=limit)
                 if tenant.role_name:
