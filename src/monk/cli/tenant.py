@@ -281,18 +281,14 @@ def delete(
             raise typer.BadParameter("--no-archive, --forget and --no-wait go with --purge")
         _show(svc.trash(name), as_json)
         return
-    view, op = purge.request_purge(svc, name, archive=not no_archive, forget=forget)
-    if not no_wait:
-        purge.work_queue(svc, only=op)
-        tenant = svc.list(include_trashed=True, include_deleted=True, limit=10_000)
-        gone = [t for t in tenant if t.id == view.tenant.id]
-        if gone:
-            view = svc.view(gone[0])
-        elif as_json:
-            print_json(
-                {"name": view.tenant.name, "database": view.tenant.database, "status": "forgotten"}
-            )
-            return
+    view, forgotten = purge.purge(
+        svc, name, archive=not no_archive, forget=forget, wait=not no_wait
+    )
+    if forgotten and as_json:
+        print_json(
+            {"name": view.tenant.name, "database": view.tenant.database, "status": "forgotten"}
+        )
+        return
     _show(view, as_json)
 
 

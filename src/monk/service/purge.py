@@ -62,6 +62,20 @@ def request_purge(
         return svc.view(tenant), op
 
 
+def purge(
+    svc: Pipeline, raw_name: str, *, archive: bool = True, forget: bool = False, wait: bool = True
+) -> tuple[TenantView, bool]:
+    """Queue the tenant's purge and, with ``wait``, finish it here. Returns the tenant as it
+    ends up, and whether ``forget`` removed its row (the view is then its last one)."""
+    view, op = request_purge(svc, raw_name, archive=archive, forget=forget)
+    if not wait:
+        return view, False
+    work_queue(svc, only=op)
+    with svc.hosts.pools().system() as reg:
+        row = registry.get_by_id(reg, view.tenant.id)
+    return (view, True) if row is None else (svc.view(row), False)
+
+
 def work_queue(svc: Pipeline, *, only: UUID | None = None) -> int:
     """Run queued purges until none is left (or until ``only`` is done); returns how many."""
     done = 0
