@@ -370,3 +370,6 @@ def test_tenant_show_starts_without_the_http_stack_or_the_bench(env: Env) -> Non
     assert "monk.service.tenants" in modules  # the list is real
     heavy = ("fastapi", "uvicorn", "starlette", "monk.api", "monk.bench.runner")
     assert not {m for m in modules if m.startswith(heavy)}
+    # nor the template service's compiler and jsonschema: reading a tenant builds nothing
+    template_side = ("jsonschema", "monk.core.schema_compiler", "monk.service.templates")
+    assert not {m for m in modules if m.startswith(template_side)}

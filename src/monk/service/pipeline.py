@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Self
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 from uuid import UUID, uuid4
 
@@ -33,6 +34,7 @@ from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
+from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram, tenant_names
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
@@ -41,14 +43,19 @@ from monk.errors import (
     DatabaseMissing,
     InvalidRequest,
     InvalidState,
+    MonkError,
     StrayDatabase,
     TemplateBusy,
     TemplateNotFound,
     TenantNotFound,
 )
-from monk.service import templates as template_service
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
-from monk.templates.source import Migration
+
+# The template service brings jsonschema and the schema compiler: imported on first use, so a
+# command that only reads tenants starts without them.
+if TYPE_CHECKING:
+    from monk.service.templates import TemplateService
+    from monk.templates.source import Migration
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +225,6 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
-        self.templates = template_service.TemplateService(settings, self.hosts.pools())
         self._hasher = hasher
         self.spare_secrets = SpareSecrets()
         self.role_secrets = RoleSecrets()
@@ -229,7 +235,14 @@ class Pipeline:
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
-        self._build_cache: dict[tuple[str, str], tuple[float, template_service.TemplateBuild]] = {}
+        self._build_cache: dict[tuple[str, str], tuple[float, TemplateBuild]] = {}
+
+    @cached_property
+    def templates(self) -> TemplateService:
+        """The template service on this server's pools (made on first use)."""
+        from monk.service.templates import TemplateService
+
+        return TemplateService(self.settings, self.hosts.pools())
 
     def close(self) -> None:
         if self._side_pool is not None:
@@ -308,7 +321,7 @@ class Pipeline:
         reg: psycopg.Connection[Any] | None = None,
         *,
         cached: bool = False,
-    ) -> template_service.TemplateBuild:
+    ) -> TemplateBuild:
         """The build to clone from; a template without a ready build raises TemplateNotBuilt
         (no build starts inside a request: ``monk template build`` or the CLI's create does it).
 
@@ -325,11 +338,11 @@ class Pipeline:
             with self.hosts.pools(target.name).system() as own:
                 build = template_builds.current_build(own, key, target.name)
                 if build is None:
-                    raise template_service.missing_build(own, target.name, self.settings, key)
+                    raise _missing_build(own, target.name, self.settings, key)
         else:
             build = template_builds.current_build(reg, key, target.name)
             if build is None:
-                raise template_service.missing_build(reg, target.name, self.settings, key)
+                raise _missing_build(reg, target.name, self.settings, key)
         with self._side_lock:
             self._build_cache[(key, target.name)] = (now, build)
         return build
@@ -339,11 +352,11 @@ class Pipeline:
         adm: psycopg.Connection[Any],
         target: ServerTarget,
         database: str,
-        build: template_service.TemplateBuild,
+        build: TemplateBuild,
         registry_session: Callable[[], psycopg.Connection[Any]],
         template_in_use: bool = True,
         owner: str | None = None,
-    ) -> template_service.TemplateBuild:
+    ) -> TemplateBuild:
         """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER]``, keeping the
         template free of sessions; returns the build whose content the clone really holds.
         ``registry_session`` gives the caller's registry connection when it is free to use.
@@ -359,7 +372,7 @@ class Pipeline:
         cloning = build
         look_for_sessions = template_in_use
 
-        def current() -> template_service.TemplateBuild:
+        def current() -> TemplateBuild:
             fresh = template_builds.current_build(registry_session(), build.key, target.name)
             if fresh is None:
                 raise TemplateNotFound(f"template {build.key!r} has no ready build")
@@ -412,9 +425,7 @@ class Pipeline:
         server, and the reconciler only touches what its own system database made."""
         return f"monk:{self.settings.system_db_name}"
 
-    def migrate(
-        self, target: ServerTarget, database: str, build: template_service.TemplateBuild
-    ) -> int:
+    def migrate(self, target: ServerTarget, database: str, build: TemplateBuild) -> int:
         """Apply the template's migrations newer than the build (source changed since)."""
         pending = self.pending_migrations(build)
         if not pending:
@@ -427,7 +438,7 @@ class Pipeline:
                     conn.execute(migration.sql.encode())
         return max(m.number for m in pending)
 
-    def pending_migrations(self, build: template_service.TemplateBuild) -> Sequence[Migration]:
+    def pending_migrations(self, build: TemplateBuild) -> Sequence[Migration]:
         """Reading the source costs more than the rest of a provision's bookkeeping, so the
         answer is kept a few seconds per build: a migration added to a source reaches new
         tenants within ``_MIGRATION_CACHE_S``."""
@@ -436,7 +447,9 @@ class Pipeline:
             cached = self._migration_cache.get(build.id)
         if cached is not None and now - cached[0] < _MIGRATION_CACHE_S:
             return cached[1]
-        pending = template_service.pending_migrations(build, self.settings)
+        from monk.service.templates import pending_migrations
+
+        pending = pending_migrations(build, self.settings)
         with self._side_lock:
             self._migration_cache[build.id] = (now, pending)
         return pending
@@ -598,3 +611,11 @@ def validate_connection_limit(limit: int | None) -> None:
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _missing_build(
+    reg: psycopg.Connection[Any], host: str, settings: Settings, key: str
+) -> MonkError:
+    from monk.service.templates import missing_build
+
+    return missing_build(reg, host, settings, key)

@@ -36,10 +36,10 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, spares
 from monk.adapters.registry.spares import SpareRow as SpareRow
+from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram
 from monk.core.tenant_names import TenantName
 from monk.service.pipeline import Pipeline
-from monk.service.templates import TemplateBuild
 
 log = logging.getLogger(__name__)
 

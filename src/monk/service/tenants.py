@@ -37,6 +37,7 @@ from monk.adapters.postgres.connection import (
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
 from monk.adapters.registry import tenants as tenant_registry
+from monk.adapters.registry.templates import TemplateBuild
 from monk.core import lifecycle, scram
 from monk.core.lifecycle import Action
 from monk.core.template_names import validate_template_key
@@ -54,7 +55,6 @@ from monk.errors import (
     TenantNotFound,
 )
 from monk.service import pool
-from monk.service import templates as template_service
 from monk.service.pipeline import (
     Credentials,
     Hosts,
@@ -235,7 +235,7 @@ class TenantService(Pipeline):
 
     def _known_build(
         self, template: str, pools: ServerPools, reg: psycopg.Connection[Any]
-    ) -> template_service.TemplateBuild | None:
+    ) -> TemplateBuild | None:
         """The template's current build, if it has one (the full path says why not)."""
         try:
             return self.current_build(template, pools.target, reg, cached=True)
@@ -298,7 +298,7 @@ class TenantService(Pipeline):
         reg: psycopg.Connection[Any],
         pools: ServerPools,
         name: TenantName,
-        build: template_service.TemplateBuild,
+        build: TemplateBuild,
         idempotency_key: str | None,
         *,
         have_lock: bool,
@@ -370,7 +370,7 @@ class TenantService(Pipeline):
         reg: psycopg.Connection[Any],
         pools: ServerPools,
         name: TenantName,
-        build: template_service.TemplateBuild,
+        build: TemplateBuild,
         intent: _Intent,
         lock: _HeldLock,
         connection_limit: int | None = None,
