@@ -232,14 +232,16 @@ def _wait_health(base: str, ok: Callable[[dict[str, Any]], bool], within: float)
     pytest.fail(f"/health did not become ready within {within} s")
 
 
-def test_serve_restarts_its_embedded_server_after_kill9(tmp_path: Path) -> None:
-    # Its own embedded server (in CI's external-server pass too): this test kills it.
-    data_dir = tmp_path / "monk-data"
+def _serve_on_own_server(
+    data_dir: Path, *, durable: bool
+) -> tuple[subprocess.Popen[str], dict[str, str], int, str]:
+    """A real `monk serve` on an embedded server of its own in ``data_dir`` (the tests that use
+    it kill or starve that server): the process, its environment, the server's port, its URL."""
     pg_port, port = free_port(), free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")} | {
         "MONK_DATA_DIR": str(data_dir),
         "MONK_EMBEDDED_PORT": str(pg_port),
-        "MONK_EMBEDDED_DURABLE": "false",
+        "MONK_EMBEDDED_DURABLE": "true" if durable else "false",
         "MONK_POOL_SPARES": "{}",
         "MONK_POOL_ROLES": "0",
     }
@@ -250,7 +252,13 @@ def test_serve_restarts_its_embedded_server_after_kill9(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    return proc, environ, pg_port, f"http://127.0.0.1:{port}"
+
+
+def test_serve_restarts_its_embedded_server_after_kill9(tmp_path: Path) -> None:
+    # Its own embedded server (in CI's external-server pass too): this test kills it.
+    data_dir = tmp_path / "monk-data"
+    proc, environ, pg_port, base = _serve_on_own_server(data_dir, durable=False)
     try:
         assert _wait_health(base, lambda h: True, 120)["server_restarts"] == 0
         pidfile = data_dir / "pgdata" / "postmaster.pid"
@@ -291,22 +299,7 @@ def test_serve_restarts_its_embedded_server_after_a_full_disk_panic(tmp_path: Pa
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(disk)], check=True)
     data_dir = disk / "monk-data"
-    pg_port, port = free_port(), free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")} | {
-        "MONK_DATA_DIR": str(data_dir),
-        "MONK_EMBEDDED_PORT": str(pg_port),
-        "MONK_EMBEDDED_DURABLE": "true",
-        "MONK_POOL_SPARES": "{}",
-        "MONK_POOL_ROLES": "0",
-    }
-    proc = subprocess.Popen(
-        [MONK_BIN, "serve", "--port", str(port), "--templates", "empty"],
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, _environ, pg_port, base = _serve_on_own_server(data_dir, durable=True)
     server = EmbeddedServer(data_dir, port=pg_port)
     filler = disk / "filler"
     try:
