@@ -62,7 +62,7 @@ from psycopg.types.json import Jsonb
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.errors import InvalidTemplateSource
 
-COMPILER_VERSION = "1"
+COMPILER_VERSION = "2"
 """Bump whenever the output for the same input changes: it is part of every template version."""
 
 REFERENCE_KEYWORD = "x-monk-reference"

@@ -32,6 +32,36 @@ def clone_marker(conn: Conn) -> tuple[str, str] | None:
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
+# Inside every template, so inside every tenant: which build and migration level the database
+# itself is at. An upgrade changes it in the transaction that changes the schema, so after any
+# crash the database, not monk's memory of it, says how far it got. Schema ``monk`` keeps it out
+# of the tenant's own namespace; pg_database_owner owns it like everything else in a template.
+BUILD_RECORD = "monk.build"
+
+
+def write_build_record(conn: Conn, key: str, version: str, level: int) -> None:
+    """Create the build record of a template being built (run as the admin role)."""
+    conn.execute("CREATE SCHEMA monk AUTHORIZATION pg_database_owner")
+    conn.execute(
+        "CREATE TABLE monk.build (key text NOT NULL, version text NOT NULL,"
+        " level integer NOT NULL, upgraded_at timestamptz)"
+    )
+    conn.execute("ALTER TABLE monk.build OWNER TO pg_database_owner")
+    conn.execute(
+        "INSERT INTO monk.build (key, version, level) VALUES (%s, %s, %s)", (key, version, level)
+    )
+
+
+def read_build_record(conn: Conn, *, for_update: bool = False) -> tuple[str, str, int] | None:
+    """(key, version, level) the connected database is at; None when it has no build record
+    (cloned before monk kept one, or the tenant dropped it)."""
+    if conn.execute("SELECT to_regclass('monk.build')").fetchone() in (None, (None,)):
+        return None
+    query = "SELECT key, version, level FROM monk.build" + (" FOR UPDATE" if for_update else "")
+    row = conn.execute(query).fetchone()
+    return (str(row[0]), str(row[1]), int(row[2])) if row else None
+
+
 def set_role(conn: Conn, role: str) -> None:
     conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
 

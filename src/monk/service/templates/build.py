@@ -43,7 +43,9 @@ import monk
 from monk.adapters.postgres import admin, template_db
 from monk.adapters.postgres.connection import ServerTarget, connect, translate
 from monk.adapters.registry import templates as builds
+from monk.adapters.registry import upgrades
 from monk.adapters.registry.templates import NewBuild, TemplateBuild
+from monk.adapters.registry.upgrades import UpgradeStep
 from monk.core.schema_compiler import COMPILER_VERSION, core_tables_ddl
 from monk.core.template_names import (
     BUILD_STEPS,
@@ -199,7 +201,7 @@ def _build(
             "record_count": health.record_count,
             "size_bytes": admin.database_size(adm, staging),
             "server_version": admin.server_version(adm),
-            "migration_level": max((m.number for m in source.migrations), default=0),
+            "migration_level": migration_level(source),
         }
         b.step("swap", settings, report)
         if current is not None:
@@ -217,6 +219,8 @@ def _build(
             _checkpoint(settings, "swap_registry")
             stats["duration_ms"] = int((time.monotonic() - started) * 1000)
             builds.finish_swap(reg, key, target.name, build_id, b.op_id, stats)
+            if current is not None and current.version != plan.version:
+                upgrades.record_step(reg, target.name, key, upgrade_step(current, plan))
     except BaseException as exc:
         _undo(reg, adm, b, exc)
         if (known := translate(exc)) is not None:
@@ -277,7 +281,24 @@ def _fill(db: Conn, b: _Builder, settings: Settings, plan: Plan, report: Progres
             raise _refused(source, f"{migration.template}/{migration.path}", exc) from None
     template_db.reset_role(db)
     template_db.write_marker(db, source.key, plan.version)
+    template_db.write_build_record(db, source.key, plan.version, migration_level(source))
     db.commit()
+
+
+def upgrade_step(predecessor: TemplateBuild, plan: Plan) -> UpgradeStep:
+    """How a database of ``predecessor`` becomes one of ``plan``: the migration files added
+    since."""
+    added = [m for m in plan.source.migrations if m.number > predecessor.migration_level]
+    return UpgradeStep(
+        from_version=predecessor.version,
+        to_version=plan.version,
+        script=tuple(m.sql for m in added),
+        level=migration_level(plan.source),
+    )
+
+
+def migration_level(source: TemplateSource) -> int:
+    return max((m.number for m in source.migrations), default=0)
 
 
 def pg_message(exc: psycopg.Error) -> str:

@@ -1,0 +1,63 @@
+"""The upgrade step each build records from its predecessor, and the build record inside every
+template (the ground the fleet upgrade stands on)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from monk.adapters.postgres import template_db
+from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.adapters.registry import upgrades
+from monk.service.server import Server
+from monk.service.templates import TemplateService
+from monk.settings import Settings
+from tests.integration.template_support import copy_builtin, drop_key, new_key, scratch_clone
+
+
+@pytest.fixture
+def installed(settings: Settings) -> ServerTarget:
+    target, _ = Server.from_settings(settings).init()
+    return target
+
+
+@pytest.fixture
+def key(admin_url: str) -> Iterator[str]:
+    k = new_key("u")
+    yield k
+    drop_key(admin_url, k)
+
+
+def test_each_build_records_the_step_from_its_predecessor(
+    installed: ServerTarget, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    with TemplateService.open(settings, installed) as templates:
+        a = templates.build(key, source_dir=path).build
+        (path / "migrations").mkdir()
+        (path / "migrations/0001_note.sql").write_text("CREATE TABLE note (body text);")
+        b = templates.build(key, source_dir=path).build
+        (path / "migrations/0002_idx.sql").write_text("CREATE INDEX note_body ON note (body);")
+        c = templates.build(key, source_dir=path).build
+    assert len({a.version, b.version, c.version}) == 3
+    with connect(installed, settings.system_db_name, autocommit=True) as reg:
+        assert upgrades.path(reg, installed.name, key, c.version, c.version) == []
+        assert upgrades.path(reg, installed.name, key, c.version, a.version) is None
+        steps = upgrades.path(reg, installed.name, key, a.version, c.version)
+        assert steps is not None
+        assert [(s.from_version, s.to_version, s.level) for s in steps] == [
+            (a.version, b.version, 1),
+            (b.version, c.version, 2),
+        ]
+        assert steps[0].script == ("CREATE TABLE note (body text);",)
+        assert steps[1].script == ("CREATE INDEX note_body ON note (body);",)
+        direct = upgrades.path(reg, installed.name, key, b.version, c.version)
+        assert direct == steps[1:]
+    with scratch_clone(admin_url, c.database) as db:
+        assert template_db.read_build_record(db) == (key, c.version, 2)
+        owner = db.execute(
+            "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'monk'"
+        )
+        assert owner.fetchone() == ("pg_database_owner",)
