@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from monk.core.schema_compiler import SYSTEM_COLUMNS
+
 Conn = psycopg.Connection[Any]
 
 MARKER_PREFIX = "monk template "
@@ -60,6 +62,52 @@ def read_build_record(conn: Conn, *, for_update: bool = False) -> tuple[str, str
     query = "SELECT key, version, level FROM monk.build" + (" FOR UPDATE" if for_update else "")
     row = conn.execute(query).fetchone()
     return (str(row[0]), str(row[1]), int(row[2])) if row else None
+
+
+# The ``columns`` rows of registered tables brought in line with the catalog, after a build's
+# migration files and at the end of every upgrade step (the step's script carries this text), so
+# a migration may add, drop or alter columns without touching ``columns`` itself. For each table
+# a ``schemas`` row names (docs/templates.md, "How columns rows follow the catalog"):
+#   - the table is gone (a migration dropped it): its ``schemas`` row goes, its columns rows with it
+#   - a row whose column is gone: deleted
+#   - a row whose type or NOT NULL differs from the catalog: pg_type and is_required updated
+#   - a column without a row (system columns aside): a row with schema_name, column_name,
+#     pg_type (format_type), is_required (NOT NULL), is_array (a PostgreSQL array type) and
+#     description (the column's COMMENT); every other field NULL or its default
+# Statements without parameters, several in one text: it runs as one simple query.
+SYNC_COLUMNS = (
+    sql.SQL(
+        """-- monk: the columns rows of registered tables follow the catalog
+DELETE FROM schemas s WHERE to_regclass(format('public.%I', s.table_name)) IS NULL;
+DELETE FROM columns c USING schemas s
+ WHERE s.name = c.schema_name AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+  WHERE a.attrelid = to_regclass(format('public.%I', s.table_name))
+   AND a.attname = c.column_name AND a.attnum > 0 AND NOT a.attisdropped);
+UPDATE columns c SET pg_type = format_type(a.atttypid, a.atttypmod), is_required = a.attnotnull
+  FROM schemas s, pg_attribute a
+ WHERE s.name = c.schema_name AND a.attrelid = to_regclass(format('public.%I', s.table_name))
+   AND a.attname = c.column_name AND a.attnum > 0 AND NOT a.attisdropped
+   AND (c.pg_type, c.is_required)
+       IS DISTINCT FROM (format_type(a.atttypid, a.atttypmod), a.attnotnull);
+INSERT INTO columns (schema_name, column_name, pg_type, is_required, is_array, description)
+SELECT s.name, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       t.typcategory = 'A', col_description(a.attrelid, a.attnum)
+  FROM schemas s
+  JOIN pg_attribute a ON a.attrelid = to_regclass(format('public.%I', s.table_name))
+  JOIN pg_type t ON t.oid = a.atttypid
+ WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attname <> ALL ({}::text[])
+   AND NOT EXISTS (SELECT 1 FROM columns c
+    WHERE c.schema_name = s.name AND c.column_name = a.attname)
+ ORDER BY s.name, a.attnum;"""
+    )
+    .format(sql.Literal(list(SYSTEM_COLUMNS)))
+    .as_string(None)
+)
+
+
+def sync_columns(conn: Conn) -> None:
+    """Run ``SYNC_COLUMNS`` (as the role that owns ``columns``)."""
+    conn.execute(SYNC_COLUMNS.encode())
 
 
 def set_role(conn: Conn, role: str) -> None:
