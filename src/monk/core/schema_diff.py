@@ -119,8 +119,9 @@ def _removed_table(table: str) -> InvalidTemplateSource:
     return _error(
         table,
         None,
-        f"removed (the schema file is gone), and monk never drops a table that tenants hold data in: to "
-        f'drop it, add a migration file with DROP TABLE IF EXISTS "{table}"; to the same build '
+        "removed (the schema file is gone), and monk never drops a table that tenants hold "
+        "data in: to drop it, add a migration file with "
+        f'DROP TABLE IF EXISTS "{table}"; to the same build '
         "(IF EXISTS: a fresh build never creates it); otherwise keep the schema",
     )
 
@@ -136,9 +137,9 @@ def _removed_column(table: str, column: str, added: Sequence[str]) -> InvalidTem
     return _error(
         table,
         column,
-        "removed from the schema, and monk never drops a column that tenants hold data in: to drop it, add "
-        f'a migration file with ALTER TABLE "{table}" DROP COLUMN IF EXISTS "{column}"; to the '
-        f"same build (IF EXISTS: a fresh build never creates it){rename}",
+        "removed from the schema, and monk never drops a column that tenants hold data in: "
+        f'to drop it, add a migration file with ALTER TABLE "{table}" DROP COLUMN IF EXISTS '
+        f'"{column}"; to the same build (IF EXISTS: a fresh build never creates it){rename}',
     )
 
 
