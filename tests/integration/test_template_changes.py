@@ -4,6 +4,8 @@ applied migrations fail the build; migrations need no hand-written ``columns`` r
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from monk.errors import InvalidTemplateSource
 from monk.service.server import Server
 from monk.service.templates import TemplateBuild, TemplateService
 from monk.settings import Settings
+from tests.conftest import RunMonk
 from tests.integration.schema_change_support import apply_steps, catalog, differences
 from tests.integration.template_support import (
     copy_builtin,
@@ -226,6 +229,7 @@ def test_a_migration_adding_a_column_needs_no_columns_row(
     """The issue's example: on main this build failed with "column contact.note is not
     registered in columns"."""
     path = copy_builtin(tmp_path, "basic", key)
+    write_json(path / "schemas/scratch.json", {"type": "object", "properties": {}})
     add_migration(
         path,
         "0001_note.sql",
@@ -234,11 +238,14 @@ def test_a_migration_adding_a_column_needs_no_columns_row(
         "COMMENT ON COLUMN contact.note IS 'free text';\n"
         "ALTER TABLE contact DROP COLUMN birthday;\n"
         "UPDATE contact SET email = 'none@example.org' WHERE email IS NULL;\n"
-        "ALTER TABLE contact ALTER COLUMN job_title TYPE text, ALTER COLUMN email SET NOT NULL;\n",
+        "ALTER TABLE contact ALTER COLUMN job_title TYPE text, ALTER COLUMN email SET NOT NULL;\n"
+        "DROP TABLE scratch;\n",
     )
     built = templates.build(key, source_dir=path).build
     assert built.status == "ready"
     with scratch_clone(admin_url, built.database) as db:
+        schemas = db.execute("SELECT name FROM schemas ORDER BY 1").fetchall()
+        assert schemas == [("account",), ("contact",)]
         rows = db.execute(
             "SELECT column_name, pg_type, is_required, is_array, description, default_value,"
             " max_length FROM columns WHERE schema_name = 'contact'"
@@ -307,6 +314,44 @@ def test_a_changed_applied_migration_fails_the_build(
         "file (0002_….sql) with the change instead"
     )
     assert_unchanged(installed, settings, key, a, admin_url, databases)
+    with connect(installed, settings.system_db_name, autocommit=True) as reg:
+        recorded = builds.recorded_plan(reg, a.id)
+    assert recorded is not None
+    assert sorted(recorded.compiled_schemas) == ["account", "contact"]
+    applied = b"ALTER TABLE contact ADD COLUMN note text;"
+    assert recorded.migration_manifest == [
+        {"number": 1, "name": "note", "sha256": hashlib.sha256(applied).hexdigest()}
+    ]
+
+
+def test_the_cli_names_an_unsafe_edit_in_one_line_and_builds_nothing(
+    monk: RunMonk, admin_url: str, key: str, tmp_path: Path
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    first = monk("template", "build", key, "--source", str(path), "--json")
+    assert first.returncode == 0, first.stderr
+    databases = key_databases(admin_url, key)
+    edit_schema(path, "account", prop_max_length("name", 50))
+    result = monk("template", "build", key, "--source", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "schemas/account.json: property 'name': type narrowed from character varying(100) to "
+        "character varying(50), which values already stored may not fit: keep the old type in "
+        'the schema and add a migration file with ALTER TABLE "account" ALTER COLUMN "name" '
+        "TYPE character varying(50) USING …;"
+    ) in result.stderr
+    assert key_databases(admin_url, key) == databases
+    shown = json.loads(monk("template", "show", key, "--json").stdout)
+    assert shown["version"] == json.loads(first.stdout)["version"]
+
+
+def prop_max_length(name: str, length: int) -> Any:
+    def change(d: dict[str, Any]) -> None:
+        d["properties"][name]["maxLength"] = length
+
+    return change
 
 
 def assert_unchanged(
