@@ -136,7 +136,7 @@ def test_a_new_required_column_without_a_default_is_refused() -> None:
 def test_a_changed_enum_replaces_its_check_not_valid_then_validated() -> None:
     new = edited(prop("account", "kind", {"enum": ["a", "b", "c"], "default": "a"}))
     assert ddl(new) == [
-        'ALTER TABLE "account" DROP CONSTRAINT "account_kind_enum"',
+        'ALTER TABLE "account" DROP CONSTRAINT IF EXISTS "account_kind_enum"',
         'ALTER TABLE "account" ADD CONSTRAINT "account_kind_enum" CHECK ("kind" IN '
         "('a', 'b', 'c')) NOT VALID",
         'ALTER TABLE "account" VALIDATE CONSTRAINT "account_kind_enum"',
@@ -149,7 +149,7 @@ def test_a_changed_enum_replaces_its_check_not_valid_then_validated() -> None:
 def test_new_and_removed_bounds_add_and_drop_checks() -> None:
     new = edited(prop("account", "size", {"type": "integer", "maximum": 10}))
     assert ddl(new) == [
-        'ALTER TABLE "account" DROP CONSTRAINT "account_size_min"',
+        'ALTER TABLE "account" DROP CONSTRAINT IF EXISTS "account_size_min"',
         'ALTER TABLE "account" ADD CONSTRAINT "account_size_max" CHECK ("size" <= 10) NOT VALID',
         'ALTER TABLE "account" VALIDATE CONSTRAINT "account_size_max"',
     ]
@@ -240,8 +240,8 @@ def test_a_changed_or_removed_reference_drops_the_old_foreign_key() -> None:
         )
     )
     assert ddl(changed) == [
-        'ALTER TABLE "contact" DROP CONSTRAINT "contact_account_id_fkey"',
-        'DROP INDEX "contact_account_id_idx"',
+        'ALTER TABLE "contact" DROP CONSTRAINT IF EXISTS "contact_account_id_fkey"',
+        'DROP INDEX IF EXISTS "contact_account_id_idx"',
         'ALTER TABLE "contact" ADD CONSTRAINT "contact_account_id_fkey" FOREIGN KEY ("account_id")'
         ' REFERENCES "account" ("id") ON DELETE CASCADE NOT VALID',
         'CREATE INDEX "contact_account_id_idx" ON "contact" ("account_id")',
@@ -249,8 +249,8 @@ def test_a_changed_or_removed_reference_drops_the_old_foreign_key() -> None:
     ]
     removed = edited(prop("contact", "account_id", {"type": "string", "format": "uuid"}))
     assert ddl(removed) == [
-        'ALTER TABLE "contact" DROP CONSTRAINT "contact_account_id_fkey"',
-        'DROP INDEX "contact_account_id_idx"',
+        'ALTER TABLE "contact" DROP CONSTRAINT IF EXISTS "contact_account_id_fkey"',
+        'DROP INDEX IF EXISTS "contact_account_id_idx"',
     ]
 
 
@@ -372,3 +372,20 @@ def test_applied_migrations_must_stay_as_they_were() -> None:
         match=r"^migrations/0002_idx\.sql was replaced by migrations/0002_other",
     ):
         check_applied_migrations(applied, replaced, "v1")
+
+
+def test_json_values_are_compared_as_sql_not_by_python_equality() -> None:
+    """``Jsonb`` compares by identity and ``1 == True``: both would hide or invent changes."""
+    any_json = {"enum": [1, "a", None], "default": 1}
+    base = edited(prop("account", "extra", any_json))
+    same = edited(prop("account", "extra", copy.deepcopy(any_json)))
+    assert not schema_change(compile_template(base), compile_template(same))
+    to_true = edited(prop("account", "extra", {"enum": [True, "a", None], "default": True}))
+    change = schema_change(compile_template(base), compile_template(to_true))
+    assert [s.as_string(None) for s in change.ddl] == [
+        'ALTER TABLE "account" DROP CONSTRAINT IF EXISTS "account_extra_enum"',
+        'ALTER TABLE "account" ALTER COLUMN "extra" SET DEFAULT \'true\'::jsonb',
+        'ALTER TABLE "account" ADD CONSTRAINT "account_extra_enum" CHECK ("extra" IN '
+        "('true'::jsonb, '\"a\"'::jsonb)) NOT VALID",
+        'ALTER TABLE "account" VALIDATE CONSTRAINT "account_extra_enum"',
+    ]

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from monk.core.schema_compiler import (
     Check,
@@ -218,18 +217,17 @@ def _table_change(old: CompiledTable, new: CompiledTable, files: str) -> list[sq
             old_checks = {check.name: check for check in was.checks}
         new_checks = {check.name: check for check in column.checks}
         for check_name, check in old_checks.items():
-            if check_name not in new_checks or new_checks[check_name] != check:
+            if check_name not in new_checks or not _same(new_checks[check_name], check):
                 drops.append(alter(_drop_constraint(check_name)))
         for check_name, check in new_checks.items():
-            if check_name not in old_checks or old_checks[check_name] != check:
+            if check_name not in old_checks or not _same(old_checks[check_name], check):
                 add_constraint(check_clause(check), check_name)
         old_ref = was.reference if was is not None else None
         if old_ref != column.reference:
             if old_ref is not None:
                 drops.append(alter(_drop_constraint(foreign_key_name(new.name, name))))
-                drops.append(
-                    sql.SQL("DROP INDEX {}").format(sql.Identifier(index_name(new.name, name)))
-                )
+                index = sql.Identifier(index_name(new.name, name))
+                drops.append(sql.SQL("DROP INDEX IF EXISTS {}").format(index))
             if column.reference is not None:
                 add_constraint(
                     foreign_key_clause(new.name, column), foreign_key_name(new.name, name)
@@ -261,8 +259,8 @@ def _column_alters(old: Column, new: Column) -> Iterator[sql.Composed]:
         yield sql.SQL("ALTER COLUMN {} TYPE {}").format(column, new.pg_type.as_sql())
     if old.not_null and not new.not_null:
         yield sql.SQL("ALTER COLUMN {} DROP NOT NULL").format(column)
-    old_default = (old.has_default, _plain(old.to_sql_value(old.default)))
-    new_default = (new.has_default, _plain(new.to_sql_value(new.default)))
+    old_default = (old.has_default, _literal(old.to_sql_value(old.default)))
+    new_default = (new.has_default, _literal(new.to_sql_value(new.default)))
     if old_default != new_default or (new.has_default and old.pg_type != new.pg_type):
         if new.has_default:
             value = sql.Literal(new.to_sql_value(new.default))
@@ -272,7 +270,18 @@ def _column_alters(old: Column, new: Column) -> Iterator[sql.Composed]:
 
 
 def _drop_constraint(name: str) -> sql.Composed:
-    return sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(name))
+    # IF EXISTS: a tenant's migration may already have dropped it; the end state is the same.
+    return sql.SQL("DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name))
+
+
+def _same(a: Check, b: Check) -> bool:
+    """Same constraint, compared as SQL text (``Jsonb`` values compare by identity, and
+    Python's ``1 == True`` would hide a changed JSON enum)."""
+    return a.keyword == b.keyword and a.expression.as_string(None) == b.expression.as_string(None)
+
+
+def _literal(value: Any) -> str:
+    return sql.Literal(value).as_string(None)
 
 
 # --- registry rows --------------------------------------------------------------------------------
@@ -297,19 +306,15 @@ def _registry_change(old: CompiledTable, new: CompiledTable) -> list[sql.Compose
     for name, row in after.items():
         if name not in before:
             out.append(_insert("columns", row))
-        elif _plain_row(before[name]) != _plain_row(row):
+        elif _literal_row(before[name]) != _literal_row(row):
             key = {"schema_name": new.name, "column_name": name}
             out.append(_update("columns", _without(row, *key), key))
     return out
 
 
-def _plain(value: Any) -> Any:
-    """A value comparable with ``==`` (``Jsonb`` compares by identity)."""
-    return value.obj if isinstance(value, Jsonb) else value
-
-
-def _plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: _plain(value) for name, value in row.items()}
+def _literal_row(row: Mapping[str, Any]) -> dict[str, str]:
+    """A row as SQL literals, to compare (see ``_same``)."""
+    return {name: _literal(value) for name, value in row.items()}
 
 
 def _without(row: Mapping[str, Any], *names: str) -> dict[str, Any]:
