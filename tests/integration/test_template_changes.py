@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from monk.adapters.postgres import template_db
 from monk.adapters.postgres.connection import ServerTarget, connect
@@ -20,11 +21,13 @@ from monk.adapters.registry import upgrades
 from monk.errors import InvalidTemplateSource
 from monk.service.server import Server
 from monk.service.templates import TemplateBuild, TemplateService
+from monk.service.tenants import TenantService
 from monk.settings import Settings
 from tests.conftest import RunMonk
 from tests.integration.schema_change_support import apply_steps, catalog, differences
 from tests.integration.template_support import (
     copy_builtin,
+    drop_databases,
     drop_key,
     key_databases,
     new_key,
@@ -258,6 +261,36 @@ def test_a_migration_adding_a_column_needs_no_columns_row(
         ("labels", "text[]", False, True, None, None, None),
         ("note", "character varying(80)", True, False, "free text", None, None),
     ]
+
+
+def test_a_tenant_provisioned_with_pending_migrations_gets_its_columns_rows(
+    installed: ServerTarget,
+    settings: Settings,
+    templates: TemplateService,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+) -> None:
+    """A migration added to the source after the build runs at provision (the build is behind
+    its source); the columns rows follow there too."""
+    path = copy_builtin(tmp_path, "basic", key)
+    templates.build(key, source_dir=path)
+    add_migration(path, "0001_note.sql", "ALTER TABLE contact ADD COLUMN note text;")
+    with TenantService(settings, installed) as tenants:
+        made = tenants.provision(f"Pending {key}", template=key).as_dict()
+        try:
+            with psycopg.connect(made["connection_url"]) as db:
+                row = db.execute(
+                    "SELECT pg_type, is_required FROM columns"
+                    " WHERE schema_name = 'contact' AND column_name = 'note'"
+                ).fetchone()
+            assert row == ("text", False)
+        finally:
+            drop_databases(admin_url, [made["database"]])
+            with psycopg.connect(admin_url, autocommit=True) as adm:
+                adm.execute(
+                    sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(made["database"]))
+                )
 
 
 def test_an_unsafe_schema_edit_fails_the_build_and_changes_nothing(
