@@ -3,14 +3,47 @@ does (BRIEF12's contract), and read a database's catalog for comparison."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from monk.adapters.registry.upgrades import UpgradeStep
 
 Conn = psycopg.Connection[Any]
+
+
+@contextmanager
+def tenant_clone(admin_url: str, template: str) -> Iterator[Conn]:
+    """A clone of ``template`` owned by a login role of its own, as a tenant's is, and a
+    connection to it as that role (not a superuser): steps must run with the owner's rights."""
+    name = f"sc_tenant_{secrets.token_hex(6)}"
+    password = secrets.token_urlsafe(12)
+    with psycopg.connect(admin_url, autocommit=True) as adm:
+        adm.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)
+            )
+        )
+        adm.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    try:
+        with psycopg.connect(
+            admin_url, dbname=name, user=name, password=password, autocommit=True
+        ) as db:
+            yield db
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as adm:
+            adm.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            adm.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def apply_steps(db: Conn, steps: Sequence[UpgradeStep]) -> None:

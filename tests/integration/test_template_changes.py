@@ -24,7 +24,12 @@ from monk.service.templates import TemplateBuild, TemplateService
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 from tests.conftest import RunMonk
-from tests.integration.schema_change_support import apply_steps, catalog, differences
+from tests.integration.schema_change_support import (
+    apply_steps,
+    catalog,
+    differences,
+    tenant_clone,
+)
 from tests.integration.template_support import (
     copy_builtin,
     drop_databases,
@@ -108,13 +113,15 @@ def to_b(path: Path) -> None:
 
 
 def to_c(path: Path) -> None:
-    """Build C: a new table referenced from an existing one (new FK and index), a varchar
-    widened into text with a CHECK, a changed default, a changed enum, a property removed with
-    the migration that drops it, and a migration that tightens a column."""
+    """Build C: a new table with a reference, referenced from an existing table (new FK and
+    index), a new column with a default, a varchar widened into text with a CHECK, a changed
+    default, a changed enum, a property removed with the migration that drops it, and a
+    migration that tightens a column."""
 
     def account(d: dict[str, Any]) -> None:
         d["properties"]["name"]["maxLength"] = 1000
         d["properties"]["credit_limit"]["default"] = 750
+        d["properties"]["tier"] = {"type": "integer", "minimum": 0, "default": 1}
         del d["properties"]["phone"]
 
     def contact(d: dict[str, Any]) -> None:
@@ -134,7 +141,17 @@ def to_c(path: Path) -> None:
     write_json(path / "data/account.json", [without(r, "phone") for r in records])
     write_json(
         path / "schemas" / "tag.json",
-        {"type": "object", "properties": {"label": {"type": "string", "maxLength": 40}}},
+        {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string", "maxLength": 40},
+                "owner_id": {
+                    "type": "string",
+                    "format": "uuid",
+                    "x-monk-reference": {"schema": "account", "on_delete": "set null"},
+                },
+            },
+        },
     )
     add_migration(
         path,
@@ -197,16 +214,16 @@ def test_a_database_upgraded_a_to_c_through_b_equals_a_fresh_clone_of_c(
         want = catalog(fresh)
         assert template_db.read_build_record(fresh) == (key, c.version, 2)
     for start, steps in ((a_db, a_to_c), (b_db, a_to_c[1:])):
-        with scratch_clone(admin_url, start) as tenant:
+        with tenant_clone(admin_url, start) as tenant:
             add_tenant_data(tenant)
             apply_steps(tenant, steps)
             assert differences(catalog(tenant), want) == []
             assert template_db.read_build_record(tenant) == (key, c.version, 2)
             rows = tenant.execute(
-                "SELECT score, website, note FROM contact JOIN account a ON a.id = account_id"
-                " WHERE first_name = 'Ann'"
+                "SELECT score, website, note, tier FROM contact JOIN account a"
+                " ON a.id = account_id WHERE first_name = 'Ann'"
             ).fetchall()
-            assert rows == [(0, None, None)]
+            assert rows == [(0, None, None, 1)]
     # The steps are what the design says: diff, the new migration files, the metadata sync.
     step_c = a_to_c[1]
     assert step_c.script[0].startswith(f"-- monk: schema change {b.version} -> {c.version}")
