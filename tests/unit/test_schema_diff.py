@@ -7,11 +7,14 @@ import copy
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from psycopg import sql
 
 from monk.core.schema_compiler import compile_template
 from monk.core.schema_diff import SchemaChange, schema_change
 from monk.core.upgrade_plan import MigrationEntry, check_applied_migrations
 from monk.errors import InvalidTemplateSource
+from tests.strategies import template_schemas
 
 BASE: dict[str, Any] = {
     "account": {
@@ -389,3 +392,24 @@ def test_json_values_are_compared_as_sql_not_by_python_equality() -> None:
         "('true'::jsonb, '\"a\"'::jsonb)) NOT VALID",
         'ALTER TABLE "account" VALIDATE CONSTRAINT "account_extra_enum"',
     ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(template_schemas())
+def test_a_template_against_itself_changes_nothing(schemas: dict[str, Any]) -> None:
+    compiled = compile_template(schemas)
+    assert not schema_change(compiled, compile_template(copy.deepcopy(schemas)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(template_schemas())
+def test_from_no_tables_the_change_is_a_fresh_build(schemas: dict[str, Any]) -> None:
+    compiled = compile_template(schemas)
+    change = schema_change(compile_template({}), compiled)
+    assert [s.as_string(None) for s in change.ddl] == [s.as_string(None) for s in compiled.ddl()]
+    # The rows a fresh build inserts, with literals instead of parameters.
+    fresh = [
+        query.as_string(None) % tuple(sql.Literal(value).as_string(None) for value in params)
+        for query, params in compiled.registry_inserts()
+    ]
+    assert [s.as_string(None) for s in change.registry] == fresh

@@ -8,8 +8,10 @@ compiler's object names:
                            indexes and its updated_at trigger
     new column             ADD COLUMN, nullable or with its default (NOT NULL only with one);
                            then its checks, foreign key and index as below
-    new or changed check   the old one dropped; ADD … NOT VALID, then VALIDATE CONSTRAINT (the
-                           scan takes no lock that blocks writes)
+    new or changed check   the old one dropped; ADD … NOT VALID, then VALIDATE CONSTRAINT
+                           (a step is one transaction, so the table stays locked until it
+                           commits either way; the split keeps each statement's scan apart
+                           from the catalog change, and matches a fresh build's end state)
     new or changed ref.    the foreign key ADD … NOT VALID, then VALIDATE; CREATE INDEX
     removed check / ref.   dropped (the column's index with its reference)
     varchar widened        ALTER COLUMN TYPE varchar(longer) or text (no rewrite, no re-index)
