@@ -343,6 +343,32 @@ def test_an_unsafe_schema_edit_fails_the_build_and_changes_nothing(
     assert b.version != a.version
 
 
+def test_a_property_an_earlier_migration_dropped_may_leave_the_schema(
+    installed: ServerTarget,
+    settings: Settings,
+    templates: TemplateService,
+    key: str,
+    admin_url: str,
+    tmp_path: Path,
+) -> None:
+    path = copy_builtin(tmp_path, "basic", key)
+    add_migration(path, "0001_drop_phone.sql", "ALTER TABLE contact DROP COLUMN IF EXISTS phone;")
+    a = templates.build(key, source_dir=path).build
+
+    def drop_phone(d: dict[str, Any]) -> None:
+        del d["properties"]["phone"]
+
+    edit_schema(path, "contact", drop_phone)
+    records = read_json(path / "data/contact.json")
+    write_json(path / "data/contact.json", [without(r, "phone") for r in records])
+    b = templates.build(key, source_dir=path).build
+    with scratch_clone(admin_url, b.database) as fresh:
+        want = catalog(fresh)
+    with tenant_clone(admin_url, f"monk_retired_{key}_{a.version}") as tenant:
+        apply_steps(tenant, steps_between(installed, settings, key, a.version, b.version))
+        assert differences(catalog(tenant), want) == []
+
+
 def test_a_changed_applied_migration_fails_the_build(
     installed: ServerTarget,
     settings: Settings,

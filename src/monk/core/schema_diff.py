@@ -26,11 +26,12 @@ removed property or schema, a type changed or narrowed, a new required property 
 default, an optional property made required. A migration file runs on a fresh build too, where
 the tables are made from the new schemas; the advice is written so the same file works on both.
 
-One removal is accepted: a property (or a whole schema) removed together with a migration file
-added in the same build that drops its column (or table), i.e. holds ``ALTER TABLE t … DROP
-[COLUMN] [IF EXISTS] c`` (``DROP TABLE [IF EXISTS] t``). The diff then leaves the catalog to that
-file and deletes the registry rows. The file must say ``IF EXISTS``: on a fresh build the column
-was never created.
+One removal is accepted: a property (or a whole schema) removed while a migration file of the
+new source drops its column (or table), i.e. holds ``ALTER TABLE t … DROP [COLUMN] [IF EXISTS]
+c`` (``DROP TABLE [IF EXISTS] t``): one added with the removal, or one an earlier build already
+ran (the column is then gone from every database). The diff leaves the catalog to that file and
+deletes the registry rows. The file must say ``IF EXISTS``: on a fresh build the column was never
+created.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ class SchemaChange:
 def schema_change(
     old: CompiledTemplate, new: CompiledTemplate, migrations: Sequence[str] = ()
 ) -> SchemaChange:
-    """The change from ``old`` to ``new``; ``migrations``: the SQL of the migration files added
-    with ``new`` (only read to accept a removal they carry out). Raises InvalidTemplateSource for
-    a change that is not safe to apply to a database holding data."""
+    """The change from ``old`` to ``new``; ``migrations``: the SQL of the migration files of
+    ``new`` (only read to accept a removal one of them carries out). Raises
+    InvalidTemplateSource for a change that is not safe to apply to a database holding data."""
     before = {table.name: table for table in old.tables}
     after = {table.name: table for table in new.tables}
     dropped_by_file = _comment_free(migrations)

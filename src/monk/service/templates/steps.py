@@ -80,7 +80,8 @@ def compose_step(predecessor: TemplateBuild, recorded: RecordedPlan, plan: Plan)
     check_applied_migrations(applied, manifest(plan.source), predecessor.version)
     old = compile_template(recorded.compiled_schemas)
     added = [m for m in plan.source.migrations if m.number > predecessor.migration_level]
-    change = schema_change(old, plan.compiled, [m.sql for m in added])
+    # All files, not only the added ones: a column an earlier file dropped may leave the schema.
+    change = schema_change(old, plan.compiled, [m.sql for m in plan.source.migrations])
     script: list[str] = []
     if change:
         statements = [statement.as_string(None) + ";" for statement in change.statements]
