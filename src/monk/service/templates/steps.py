@@ -78,11 +78,16 @@ def compose_step(predecessor: TemplateBuild, recorded: RecordedPlan, plan: Plan)
     """``upgrade_step`` once the predecessor's record is read (no I/O)."""
     applied = [MigrationEntry.from_json(entry) for entry in recorded.migration_manifest]
     check_applied_migrations(applied, manifest(plan.source), predecessor.version)
-    old = compile_template(recorded.compiled_schemas)
     added = [m for m in plan.source.migrations if m.number > predecessor.migration_level]
-    # All files, not only the added ones: a column an earlier file dropped may leave the schema.
-    change = schema_change(old, plan.compiled, [m.sql for m in plan.source.migrations])
     script: list[str] = []
+    # Unchanged schemas (only migration files or seed data changed) need no compile: compiling
+    # saas's 27 schemas takes ~0.1 s.
+    change = None
+    if recorded.compiled_schemas != dict(plan.source.schemas):
+        old = compile_template(recorded.compiled_schemas)
+        # All files, not only the added ones: a column an earlier file dropped may leave the
+        # schema.
+        change = schema_change(old, plan.compiled, [m.sql for m in plan.source.migrations])
     if change:
         statements = [statement.as_string(None) + ";" for statement in change.statements]
         header = f"-- monk: schema change {predecessor.version} -> {plan.version}"
