@@ -74,31 +74,46 @@ def read_build_record(conn: Conn, *, for_update: bool = False) -> tuple[str, str
 #   - a column without a row (system columns aside): a row with schema_name, column_name,
 #     pg_type (format_type), is_required (NOT NULL), is_array (a PostgreSQL array type) and
 #     description (the column's COMMENT); every other field NULL or its default
-# Statements without parameters, several in one text: it runs as one simple query.
+# One statement (its parts share one read of the catalog), without parameters: a step's script
+# runs it as it is.
 SYNC_COLUMNS = (
     sql.SQL(
         """-- monk: the columns rows of registered tables follow the catalog
-DELETE FROM schemas s WHERE to_regclass(format('public.%I', s.table_name)) IS NULL;
-DELETE FROM columns c USING schemas s
- WHERE s.name = c.schema_name AND NOT EXISTS (SELECT 1 FROM pg_attribute a
-  WHERE a.attrelid = to_regclass(format('public.%I', s.table_name))
-   AND a.attname = c.column_name AND a.attnum > 0 AND NOT a.attisdropped);
-UPDATE columns c SET pg_type = format_type(a.atttypid, a.atttypmod), is_required = a.attnotnull
-  FROM schemas s, pg_attribute a
- WHERE s.name = c.schema_name AND a.attrelid = to_regclass(format('public.%I', s.table_name))
-   AND a.attname = c.column_name AND a.attnum > 0 AND NOT a.attisdropped
-   AND (c.pg_type, c.is_required)
-       IS DISTINCT FROM (format_type(a.atttypid, a.atttypmod), a.attnotnull);
+WITH catalog AS MATERIALIZED (
+  SELECT s.name AS schema_name, a.attname::text AS column_name,
+         format_type(a.atttypid, a.atttypmod) AS pg_type, a.attnotnull AS not_null,
+         t.typcategory = 'A' AS is_array, col_description(a.attrelid, a.attnum) AS description,
+         a.attnum
+    FROM schemas s
+    JOIN pg_class r ON r.relname = s.table_name AND r.relnamespace = 'public'::regnamespace
+     AND r.relkind IN ('r', 'p')
+    JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped
+    JOIN pg_type t ON t.oid = a.atttypid
+   WHERE a.attname <> ALL ({}::text[])
+), tables_gone AS (
+  DELETE FROM schemas s WHERE NOT EXISTS (SELECT 1 FROM pg_class r
+   WHERE r.relname = s.table_name AND r.relnamespace = 'public'::regnamespace
+    AND r.relkind IN ('r', 'p'))
+  RETURNING s.name
+), columns_gone AS (
+  DELETE FROM columns c
+   WHERE NOT EXISTS (SELECT 1 FROM catalog k
+    WHERE k.schema_name = c.schema_name AND k.column_name = c.column_name)
+     AND c.schema_name NOT IN (SELECT name FROM tables_gone)
+  RETURNING c.id
+), columns_changed AS (
+  UPDATE columns c SET pg_type = k.pg_type, is_required = k.not_null
+    FROM catalog k
+   WHERE k.schema_name = c.schema_name AND k.column_name = c.column_name
+     AND (c.pg_type, c.is_required) IS DISTINCT FROM (k.pg_type, k.not_null)
+  RETURNING c.id
+)
 INSERT INTO columns (schema_name, column_name, pg_type, is_required, is_array, description)
-SELECT s.name, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-       t.typcategory = 'A', col_description(a.attrelid, a.attnum)
-  FROM schemas s
-  JOIN pg_attribute a ON a.attrelid = to_regclass(format('public.%I', s.table_name))
-  JOIN pg_type t ON t.oid = a.atttypid
- WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attname <> ALL ({}::text[])
-   AND NOT EXISTS (SELECT 1 FROM columns c
-    WHERE c.schema_name = s.name AND c.column_name = a.attname)
- ORDER BY s.name, a.attnum;"""
+SELECT k.schema_name, k.column_name, k.pg_type, k.not_null, k.is_array, k.description
+  FROM catalog k
+ WHERE NOT EXISTS (SELECT 1 FROM columns c
+  WHERE c.schema_name = k.schema_name AND c.column_name = k.column_name)
+ ORDER BY k.schema_name, k.attnum"""
     )
     .format(sql.Literal(list(SYSTEM_COLUMNS)))
     .as_string(None)
