@@ -61,6 +61,7 @@ from monk.errors import DatabaseExists, InvalidTemplateSource, MonkError, Operat
 from monk.service.templates import recovery, steps
 from monk.service.templates.health import OWNER_ROLE, expected_counts, inspect
 from monk.service.templates.sources import Plan
+from monk.service.templates.steps import migration_level
 from monk.settings import Settings
 from monk.templates.source import TemplateSource
 
@@ -210,7 +211,7 @@ def _build(
             "record_count": health.record_count,
             "size_bytes": admin.database_size(adm, staging),
             "server_version": admin.server_version(adm),
-            "migration_level": steps.migration_level(source),
+            "migration_level": migration_level(source),
         }
         b.step("swap", settings, report)
         if current is not None:
@@ -292,7 +293,7 @@ def _fill(db: Conn, b: _Builder, settings: Settings, plan: Plan, report: Progres
     template_db.sync_columns(db)
     template_db.reset_role(db)
     template_db.write_marker(db, source.key, plan.version)
-    template_db.write_build_record(db, source.key, plan.version, steps.migration_level(source))
+    template_db.write_build_record(db, source.key, plan.version, migration_level(source))
     db.commit()
 
 
