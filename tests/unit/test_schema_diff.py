@@ -308,8 +308,8 @@ def test_a_rename_is_refused_with_the_migration_to_write() -> None:
     [
         "ALTER TABLE account DROP COLUMN IF EXISTS bio;",
         'alter table "account" drop column if exists "bio"',
-        "ALTER TABLE IF EXISTS public.account ADD COLUMN x int, DROP bio;",
-        "UPDATE account SET size = 0;\nALTER TABLE ONLY account\n  DROP COLUMN bio CASCADE;",
+        "ALTER TABLE IF EXISTS public.account ADD COLUMN x int, DROP IF EXISTS bio;",
+        "UPDATE account SET size = 0;\nALTER TABLE ONLY account\n DROP COLUMN IF EXISTS bio;",
     ],
 )
 def test_a_removed_property_with_a_migration_that_drops_it_is_accepted(migration: str) -> None:
@@ -332,6 +332,21 @@ def test_a_removed_property_with_a_migration_that_drops_it_is_accepted(migration
 )
 def test_a_migration_that_does_not_drop_the_column_does_not_count(migration: str) -> None:
     refused(edited(drop_bio), (migration,))
+
+
+def test_a_drop_without_if_exists_is_refused_before_a_fresh_build_fails_on_it() -> None:
+    error = refused(edited(drop_bio), ("ALTER TABLE account DROP COLUMN bio;",))
+    assert str(error) == (
+        "schemas/account.json: property 'bio': removed, and a migration file drops its column "
+        "without IF EXISTS, which fails on a fresh build (the column is never created there): "
+        'write ALTER TABLE "account" DROP COLUMN IF EXISTS "bio"; (a file an earlier build '
+        "already ran cannot change: keep the property then)"
+    )
+    error = refused(edited(lambda s: s.pop("contact")), ("DROP TABLE contact;",))
+    assert str(error).startswith(
+        "schemas/contact.json: removed, and a migration file drops its table without IF EXISTS"
+    )
+    assert 'write DROP TABLE IF EXISTS "contact";' in str(error)
 
 
 def test_a_removed_schema_is_refused_unless_a_migration_drops_its_table() -> None:

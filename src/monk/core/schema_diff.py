@@ -89,8 +89,11 @@ def schema_change(
     after = {table.name: table for table in new.tables}
     dropped_by_file = _comment_free(migrations)
     for name in sorted(set(before) - set(after)):
-        if not _drops_table(dropped_by_file, name):
+        dropped = _drops_table(dropped_by_file, name)
+        if dropped is None:
             raise _removed_table(name)
+        if not dropped:
+            raise _drop_without_if_exists(name, None, f'DROP TABLE IF EXISTS "{name}";')
     ddl: list[sql.Composed] = []
     registry: list[sql.Composed] = []
     for name in sorted(set(before) - set(after)):
@@ -145,6 +148,20 @@ def _removed_column(table: str, column: str, added: Sequence[str]) -> InvalidTem
     )
 
 
+def _drop_without_if_exists(
+    table: str, column: str | None, statement: str
+) -> InvalidTemplateSource:
+    what = "column" if column is not None else "table"
+    return _error(
+        table,
+        column,
+        f"removed, and a migration file drops its {what} without IF EXISTS, which fails on a "
+        f"fresh build (the {what} is never created there): write {statement} (a file an "
+        f"earlier build already ran cannot change: keep the {'property' if column else 'schema'}"
+        " then)",
+    )
+
+
 def _required_without_default(table: str, column: str) -> InvalidTemplateSource:
     return _error(
         table,
@@ -188,8 +205,14 @@ def _table_change(old: CompiledTable, new: CompiledTable, files: str) -> list[sq
     after = {column.name: column for column in new.columns}
     added = [name for name in after if name not in before]
     for name in before:
-        if name not in after and not _drops_column(files, new.name, name):
+        if name in after:
+            continue
+        dropped = _drops_column(files, new.name, name)
+        if dropped is None:
             raise _removed_column(new.name, name, added)
+        if not dropped:
+            statement = f'ALTER TABLE "{new.name}" DROP COLUMN IF EXISTS "{name}";'
+            raise _drop_without_if_exists(new.name, name, statement)
     for name in added:
         if after[name].not_null and not after[name].has_default:
             raise _required_without_default(new.name, name)
@@ -370,14 +393,22 @@ def _name(name: str) -> str:
     )
 
 
-def _drops_column(text: str, table: str, column: str) -> bool:
+def _drops_column(text: str, table: str, column: str) -> bool | None:
+    """Whether the migrations drop ``table.column``: None if not at all, False if some drop
+    lacks IF EXISTS (it fails on a fresh build, where the column never exists), else True."""
     pattern = (
         rf"\bALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?{_name(table)}[^;]*?"
-        rf"\bDROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?{_name(column)}"
+        rf"\bDROP\s+(?:COLUMN\s+)?(IF\s+EXISTS\s+)?{_name(column)}"
     )
-    return re.search(pattern, text, re.IGNORECASE) is not None
+    return _drop_state(pattern, text)
 
 
-def _drops_table(text: str, table: str) -> bool:
-    pattern = rf"\bDROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:[^;]*?,\s*)?{_name(table)}"
-    return re.search(pattern, text, re.IGNORECASE) is not None
+def _drops_table(text: str, table: str) -> bool | None:
+    """As ``_drops_column``, for ``DROP TABLE``."""
+    pattern = rf"\bDROP\s+TABLE\s+(IF\s+EXISTS\s+)?(?:[^;]*?,\s*)?{_name(table)}"
+    return _drop_state(pattern, text)
+
+
+def _drop_state(pattern: str, text: str) -> bool | None:
+    found = [match.group(1) is not None for match in re.finditer(pattern, text, re.IGNORECASE)]
+    return all(found) if found else None
