@@ -14,7 +14,8 @@ compiler's object names:
                            from the catalog change, and matches a fresh build's end state)
     new or changed ref.    the foreign key ADD … NOT VALID, then VALIDATE; CREATE INDEX
     removed check / ref.   dropped (the column's index with its reference)
-    varchar widened        ALTER COLUMN TYPE varchar(longer) or text (no rewrite, no re-index)
+    varchar widened        ALTER COLUMN TYPE varchar(longer) or text (no table rewrite, no
+                           index rebuild: the relation files stay the same)
     NOT NULL removed       ALTER COLUMN DROP NOT NULL
     default set/changed    ALTER COLUMN SET DEFAULT / DROP DEFAULT (only new rows see it)
     registry               the ``schemas`` and ``columns`` rows a fresh build of ``new`` holds:
