@@ -9,9 +9,8 @@ compiler's object names:
     new column             ADD COLUMN, nullable or with its default (NOT NULL only with one);
                            then its checks, foreign key and index as below
     new or changed check   the old one dropped; ADD … NOT VALID, then VALIDATE CONSTRAINT
-                           (a step is one transaction, so the table stays locked until it
-                           commits either way; the split keeps each statement's scan apart
-                           from the catalog change, and matches a fresh build's end state)
+                           (the end state is a fresh build's: validated; inside a step's one
+                           transaction the table's lock is held until commit either way)
     new or changed ref.    the foreign key ADD … NOT VALID, then VALIDATE; CREATE INDEX
     removed check / ref.   dropped (the column's index with its reference)
     varchar widened        ALTER COLUMN TYPE varchar(longer) or text (no table rewrite, no
