@@ -36,6 +36,7 @@ _STEP_LABELS = {
     "registry": "schemas and columns rows",
     "seed": "seed records",
     "migrations": "migrations",
+    "sync": "columns rows follow the catalog",
     "health": "health checks",
     "close": "close it as a template",
     "swap": "swap it in",

@@ -253,7 +253,7 @@ class CompiledTable:
     @property
     def relations(self) -> tuple[str, ...]:
         """Names this table puts in PostgreSQL's relation namespace: itself and its indexes."""
-        indexes = (_index_name(self.name, c.name) for c in self.columns if c.reference)
+        indexes = (index_name(self.name, c.name) for c in self.columns if c.reference)
         return (self.name, _object_name(self.name, "pkey"), *indexes)
 
 
@@ -293,8 +293,14 @@ def _object_name(*parts: str) -> str:
     return f"{name[: MAX_IDENTIFIER_BYTES - 9]}_{digest}"
 
 
-def _index_name(table: str, column: str) -> str:
+def index_name(table: str, column: str) -> str:
+    """The index a reference puts on its column."""
     return _object_name(table, column, "idx")
+
+
+def foreign_key_name(table: str, column: str) -> str:
+    """The foreign key constraint of a reference."""
+    return _object_name(table, column, "fkey")
 
 
 def _name_problem(name: str) -> str | None:
@@ -362,7 +368,7 @@ def _check(table: str, column: str, keyword: str, expression: sql.Composed) -> C
     return Check(_object_name(table, column, _CHECK_SUFFIXES[keyword]), keyword, expression)
 
 
-def _check_clause(check: Check) -> sql.Composed:
+def check_clause(check: Check) -> sql.Composed:
     return sql.SQL("CONSTRAINT {} CHECK ({})").format(sql.Identifier(check.name), check.expression)
 
 
@@ -442,7 +448,7 @@ def _core_table(
     table: str, columns: Sequence[tuple[str, str]], checks: Sequence[Check] = ()
 ) -> list[sql.Composed]:
     constraints = [_unique(table, key) for key in _CORE_UNIQUE_KEYS[table]]
-    constraints += [_check_clause(check) for check in checks]
+    constraints += [check_clause(check) for check in checks]
     return [
         _create_table(table, [_fixed_column(*c) for c in columns], constraints),
         _touch_trigger(table),
@@ -567,16 +573,16 @@ def _compile_table(name: str, definition: Mapping[str, Any]) -> CompiledTable:
         _compile_column(name, prop, properties[prop], prop in required, validator)
         for prop in properties
     )
-    constraints = [_check_clause(check) for column in columns for check in column.checks]
-    constraints += [_foreign_key(name, column) for column in columns if column.reference]
+    constraints = [check_clause(check) for column in columns for check in column.checks]
+    constraints += [foreign_key_clause(name, column) for column in columns if column.reference]
     checksum = schema_checksum(definition)
     return CompiledTable(
         name=name,
         definition=definition,
         checksum=checksum,
         columns=columns,
-        create=_create_table(name, [_column_clause(column) for column in columns], constraints),
-        indexes=tuple(_index(name, column.name) for column in columns if column.reference),
+        create=_create_table(name, [column_clause(column) for column in columns], constraints),
+        indexes=tuple(index_statement(name, column.name) for column in columns if column.reference),
         trigger=_touch_trigger(name),
         registry=(
             _schema_row(name, definition, checksum),
@@ -773,7 +779,7 @@ def _reference(
     return reference
 
 
-def _column_clause(column: Column) -> sql.Composed:
+def column_clause(column: Column) -> sql.Composed:
     parts = [sql.Identifier(column.name), column.pg_type.as_sql()]
     if column.not_null:
         parts.append(sql.SQL("NOT NULL"))
@@ -782,10 +788,10 @@ def _column_clause(column: Column) -> sql.Composed:
     return _join(parts, " ")
 
 
-def _foreign_key(table: str, column: Column) -> sql.Composed:
+def foreign_key_clause(table: str, column: Column) -> sql.Composed:
     assert column.reference is not None
     return sql.SQL("CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE {}").format(
-        sql.Identifier(_object_name(table, column.name, "fkey")),
+        sql.Identifier(foreign_key_name(table, column.name)),
         sql.Identifier(column.name),
         sql.Identifier(column.reference.schema),
         sql.Identifier("id"),
@@ -793,53 +799,61 @@ def _foreign_key(table: str, column: Column) -> sql.Composed:
     )
 
 
-def _index(table: str, column: str) -> sql.Composed:
+def index_statement(table: str, column: str) -> sql.Composed:
     return sql.SQL("CREATE INDEX {} ON {} ({})").format(
-        sql.Identifier(_index_name(table, column)), sql.Identifier(table), sql.Identifier(column)
+        sql.Identifier(index_name(table, column)), sql.Identifier(table), sql.Identifier(column)
     )
+
+
+def schema_row(table: CompiledTable) -> dict[str, Any]:
+    """The ``schemas`` row of a table (column → value), as a build inserts it."""
+    return _schema_values(table.name, table.definition, table.checksum)
+
+
+def _schema_values(name: str, definition: Mapping[str, Any], checksum: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "table_name": name,
+        "status": "active",
+        "definition": Jsonb(definition),
+        "field_count": len(definition["properties"]),
+        "checksum": checksum,
+    }
 
 
 def _schema_row(name: str, definition: Mapping[str, Any], checksum: str) -> Statement:
-    return insert_statement(
-        "schemas",
-        {
-            "name": name,
-            "table_name": name,
-            "status": "active",
-            "definition": Jsonb(definition),
-            "field_count": len(definition["properties"]),
-            "checksum": checksum,
-        },
-    )
+    return insert_statement("schemas", _schema_values(name, definition, checksum))
 
 
 def _column_row(table: str, column: Column) -> Statement:
-    """The ``columns`` row of a property; ``is_required`` is NOT NULL, as the catalog has it."""
+    return insert_statement("columns", column_row(table, column))
+
+
+def column_row(table: str, column: Column) -> dict[str, Any]:
+    """The ``columns`` row of a property (column → value); ``is_required`` is NOT NULL, as the
+    catalog has it."""
     prop = column.definition
     reference = column.reference
-    return insert_statement(
-        "columns",
-        {
-            "schema_name": table,
-            "column_name": column.name,
-            "pg_type": str(column.pg_type),
-            "is_required": column.not_null,
-            "default_value": Jsonb(column.default) if column.has_default else None,
-            "minimum": _sql_value(prop.get("minimum"), NUMERIC),
-            "maximum": _sql_value(prop.get("maximum"), NUMERIC),
-            "exclusive_minimum": _sql_value(prop.get("exclusiveMinimum"), NUMERIC),
-            "exclusive_maximum": _sql_value(prop.get("exclusiveMaximum"), NUMERIC),
-            "min_length": prop.get("minLength"),
-            "max_length": prop.get("maxLength"),
-            "pattern": prop.get("pattern"),
-            "format": prop.get("format"),
-            "enum_values": Jsonb(prop["enum"]) if "enum" in prop else None,
-            "is_array": column.json_type == "array",
-            "description": prop.get("description"),
-            "reference_schema": reference.schema if reference else None,
-            "reference_on_delete": reference.on_delete if reference else None,
-        },
-    )
+    return {
+        "schema_name": table,
+        "column_name": column.name,
+        "pg_type": str(column.pg_type),
+        "is_required": column.not_null,
+        "default_value": Jsonb(column.default) if column.has_default else None,
+        "minimum": _sql_value(prop.get("minimum"), NUMERIC),
+        "maximum": _sql_value(prop.get("maximum"), NUMERIC),
+        "exclusive_minimum": _sql_value(prop.get("exclusiveMinimum"), NUMERIC),
+        "exclusive_maximum": _sql_value(prop.get("exclusiveMaximum"), NUMERIC),
+        "min_length": prop.get("minLength"),
+        "max_length": prop.get("maxLength"),
+        "pattern": prop.get("pattern"),
+        "format": prop.get("format"),
+        "enum_values": Jsonb(prop["enum"]) if "enum" in prop else None,
+        "is_array": column.json_type == "array",
+        "description": prop.get("description"),
+        "reference_schema": reference.schema if reference else None,
+        "reference_on_delete": reference.on_delete if reference else None,
+    }
 
 
 def _creation_order(tables: Mapping[str, CompiledTable]) -> list[str]:

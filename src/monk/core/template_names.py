@@ -99,6 +99,7 @@ BUILD_STEPS = (
     "registry",
     "seed",
     "migrations",
+    "sync",
     "health",
     "close",
     "swap",

@@ -436,6 +436,13 @@ class Pipeline:
                     # Objects a migration creates belong to the database owner, like the rest.
                     conn.execute("SET LOCAL ROLE pg_database_owner")
                     conn.execute(migration.sql.encode())
+                    if migration is pending[-1]:
+                        # As after a build's migrations: ``columns`` follows the catalog.
+                        # (Imported here: it loads the schema compiler, which most commands
+                        # never need; see tests/unit/test_cli_startup.py.)
+                        from monk.adapters.postgres import template_db
+
+                        template_db.sync_columns(conn)
         return max(m.number for m in pending)
 
     def pending_migrations(self, build: TemplateBuild) -> Sequence[Migration]:

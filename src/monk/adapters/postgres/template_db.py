@@ -12,6 +12,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from monk.core.schema_compiler import SYSTEM_COLUMNS
+
 Conn = psycopg.Connection[Any]
 
 MARKER_PREFIX = "monk template "
@@ -60,6 +62,67 @@ def read_build_record(conn: Conn, *, for_update: bool = False) -> tuple[str, str
     query = "SELECT key, version, level FROM monk.build" + (" FOR UPDATE" if for_update else "")
     row = conn.execute(query).fetchone()
     return (str(row[0]), str(row[1]), int(row[2])) if row else None
+
+
+# The ``columns`` rows of registered tables brought in line with the catalog, after a build's
+# migration files and at the end of every upgrade step (the step's script carries this text), so
+# a migration may add, drop or alter columns without touching ``columns`` itself. For each table
+# a ``schemas`` row names (docs/templates.md, "How columns rows follow the catalog"):
+#   - the table is gone (a migration dropped it): its ``schemas`` row goes, its columns rows with it
+#   - a row whose column is gone: deleted
+#   - a row whose type or NOT NULL differs from the catalog: pg_type and is_required updated
+#   - a column without a row (system columns aside): a row with schema_name, column_name,
+#     pg_type (format_type), is_required (NOT NULL), is_array (a PostgreSQL array type) and
+#     description (the column's COMMENT); every other field NULL or its default
+# One statement (its parts share one read of the catalog), without parameters: a step's script
+# runs it as it is.
+SYNC_COLUMNS = (
+    sql.SQL(
+        """-- monk: the columns rows of registered tables follow the catalog
+WITH catalog AS MATERIALIZED (
+  SELECT s.name AS schema_name, a.attname::text AS column_name,
+         format_type(a.atttypid, a.atttypmod) AS pg_type, a.attnotnull AS not_null,
+         t.typcategory = 'A' AS is_array, col_description(a.attrelid, a.attnum) AS description,
+         a.attnum
+    FROM schemas s
+    JOIN pg_class r ON r.relname = s.table_name AND r.relnamespace = 'public'::regnamespace
+     AND r.relkind IN ('r', 'p')
+    JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped
+    JOIN pg_type t ON t.oid = a.atttypid
+   WHERE a.attname <> ALL ({}::text[])
+), tables_gone AS (
+  DELETE FROM schemas s WHERE NOT EXISTS (SELECT 1 FROM pg_class r
+   WHERE r.relname = s.table_name AND r.relnamespace = 'public'::regnamespace
+    AND r.relkind IN ('r', 'p'))
+  RETURNING s.name
+), columns_gone AS (
+  DELETE FROM columns c
+   WHERE NOT EXISTS (SELECT 1 FROM catalog k
+    WHERE k.schema_name = c.schema_name AND k.column_name = c.column_name)
+     AND c.schema_name NOT IN (SELECT name FROM tables_gone)
+  RETURNING c.id
+), columns_changed AS (
+  UPDATE columns c SET pg_type = k.pg_type, is_required = k.not_null
+    FROM catalog k
+   WHERE k.schema_name = c.schema_name AND k.column_name = c.column_name
+     AND (c.pg_type, c.is_required) IS DISTINCT FROM (k.pg_type, k.not_null)
+  RETURNING c.id
+)
+INSERT INTO columns (schema_name, column_name, pg_type, is_required, is_array, description)
+SELECT k.schema_name, k.column_name, k.pg_type, k.not_null, k.is_array, k.description
+  FROM catalog k
+ WHERE NOT EXISTS (SELECT 1 FROM columns c
+  WHERE c.schema_name = k.schema_name AND c.column_name = k.column_name)
+ ORDER BY k.schema_name, k.attnum"""
+    )
+    .format(sql.Literal(list(SYSTEM_COLUMNS)))
+    .as_string(None)
+)
+
+
+def sync_columns(conn: Conn) -> None:
+    """Run ``SYNC_COLUMNS`` (as the role that owns ``columns``)."""
+    conn.execute(SYNC_COLUMNS.encode())
 
 
 def set_role(conn: Conn, role: str) -> None:

@@ -82,6 +82,18 @@ class NewBuild:
     database_settings: Mapping[str, str]
     monk_version: str
     compiler_version: str
+    compiled_schemas: Mapping[str, Any] | None = None
+    """The JSON Schemas the build compiles (schema name → document), for its successor's step."""
+    migration_manifest: Sequence[Mapping[str, Any]] | None = None
+    """``{number, name, sha256}`` of each migration file the build applies."""
+
+
+@dataclass(frozen=True)
+class RecordedPlan:
+    """What a build recorded for its successor (see ``NewBuild``)."""
+
+    compiled_schemas: dict[str, Any]
+    migration_manifest: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,18 @@ def build_operation(conn: Conn, build_id: UUID) -> BuildOperation | None:
     return BuildOperation(UUID(str(row[0])), str(row[1]) if row[1] else None, result)
 
 
+def recorded_plan(conn: Conn, build_id: UUID) -> RecordedPlan | None:
+    """The schemas and migration manifest a build recorded; None for a build made before monk
+    recorded them."""
+    row = conn.execute(
+        "SELECT compiled_schemas, migration_manifest FROM template_builds WHERE id = %s",
+        (build_id,),
+    ).fetchone()
+    if row is None or row[0] is None or row[1] is None:
+        return None
+    return RecordedPlan(dict(row[0]), list(row[1]))
+
+
 def operation_step(conn: Conn, op_id: UUID) -> str | None:
     row = conn.execute("SELECT step FROM operations WHERE id = %s", (op_id,)).fetchone()
     return str(row[0]) if row and row[0] else None
@@ -237,7 +261,8 @@ def start_build(conn: Conn, new: NewBuild) -> tuple[UUID, UUID]:
         row = conn.execute(
             "INSERT INTO template_builds (key, version, database, host, description,"
             " version_label, parent_key, source, database_settings, monk_version,"
-            " compiler_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            " compiler_version, compiled_schemas, migration_manifest)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (
                 new.key,
                 new.version,
@@ -250,6 +275,8 @@ def start_build(conn: Conn, new: NewBuild) -> tuple[UUID, UUID]:
                 Jsonb(dict(new.database_settings)),
                 new.monk_version,
                 new.compiler_version,
+                None if new.compiled_schemas is None else Jsonb(dict(new.compiled_schemas)),
+                None if new.migration_manifest is None else Jsonb(list(new.migration_manifest)),
             ),
         ).fetchone()
         assert row is not None

@@ -14,11 +14,15 @@ A build of key ``K`` at version ``V`` (the content hash of the source and the co
     registry     the ``schemas`` and ``columns`` rows
     seed         the seed records
     migrations   ``migrations/NNNN_*.sql`` in order, each in its own transaction
+    sync         the ``columns`` rows of registered tables follow the catalog (what migrations
+                 added, dropped or altered: ``template_db.SYNC_COLUMNS``)
     health       tables match their ``columns`` rows, row counts, constraints valid, ownership;
                  then ANALYZE, so that clones start with planner statistics
     close        REVOKE CONNECT FROM PUBLIC; ALLOW_CONNECTIONS false, IS_TEMPLATE true; no session
     swap         in ONE transaction: ``monk_template_K`` → ``monk_retired_K_<old version>`` and
                  staging → ``monk_template_K``; then the registry marks old retired, new current
+                 and records the upgrade step from the old build (``steps``), computed before
+                 the journal: a change it cannot apply fails the build before anything is made
 
 Clones in flight hold a lock on their source database, so the renames wait for them; a clone that
 starts during the swap waits for the renaming transaction and then clones whatever is named
@@ -45,7 +49,6 @@ from monk.adapters.postgres.connection import ServerTarget, connect, translate
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry import upgrades
 from monk.adapters.registry.templates import NewBuild, TemplateBuild
-from monk.adapters.registry.upgrades import UpgradeStep
 from monk.core.schema_compiler import COMPILER_VERSION, core_tables_ddl
 from monk.core.template_names import (
     BUILD_STEPS,
@@ -55,9 +58,10 @@ from monk.core.template_names import (
     template_db_name,
 )
 from monk.errors import DatabaseExists, InvalidTemplateSource, MonkError, OperationFailed
-from monk.service.templates import recovery
+from monk.service.templates import recovery, steps
 from monk.service.templates.health import OWNER_ROLE, expected_counts, inspect
 from monk.service.templates.sources import Plan
+from monk.service.templates.steps import migration_level
 from monk.settings import Settings
 from monk.templates.source import TemplateSource
 
@@ -151,6 +155,10 @@ def _build(
             'there (e.g. the server\'s contrib package) or remove it from "extensions"',
             file="template.json",
         )
+    step = None
+    if current is not None and current.version != plan.version:
+        step = steps.upgrade_step(reg, current, plan)
+    compiled_schemas, manifest = steps.recorded_for_successor(plan)
     report("journal")
     build_id, op_id = builds.start_build(
         reg,
@@ -166,6 +174,8 @@ def _build(
             database_settings=source.database_settings,
             monk_version=monk.__version__,
             compiler_version=COMPILER_VERSION,
+            compiled_schemas=compiled_schemas,
+            migration_manifest=manifest,
         ),
     )
     b = _Builder(reg, build_id, op_id, staging)
@@ -219,8 +229,8 @@ def _build(
             _checkpoint(settings, "swap_registry")
             stats["duration_ms"] = int((time.monotonic() - started) * 1000)
             builds.finish_swap(reg, key, target.name, build_id, b.op_id, stats)
-            if current is not None and current.version != plan.version:
-                upgrades.record_step(reg, target.name, key, upgrade_step(current, plan))
+            if step is not None:
+                upgrades.record_step(reg, target.name, key, step)
     except BaseException as exc:
         _undo(reg, adm, b, exc)
         if (known := translate(exc)) is not None:
@@ -279,26 +289,12 @@ def _fill(db: Conn, b: _Builder, settings: Settings, plan: Plan, report: Progres
                 db.execute(migration.sql.encode())
         except psycopg.Error as exc:
             raise _refused(source, f"{migration.template}/{migration.path}", exc) from None
+    b.step("sync", settings, report)
+    template_db.sync_columns(db)
     template_db.reset_role(db)
     template_db.write_marker(db, source.key, plan.version)
     template_db.write_build_record(db, source.key, plan.version, migration_level(source))
     db.commit()
-
-
-def upgrade_step(predecessor: TemplateBuild, plan: Plan) -> UpgradeStep:
-    """How a database of ``predecessor`` becomes one of ``plan``: the migration files added
-    since."""
-    added = [m for m in plan.source.migrations if m.number > predecessor.migration_level]
-    return UpgradeStep(
-        from_version=predecessor.version,
-        to_version=plan.version,
-        script=tuple(m.sql for m in added),
-        level=migration_level(plan.source),
-    )
-
-
-def migration_level(source: TemplateSource) -> int:
-    return max((m.number for m in source.migrations), default=0)
 
 
 def pg_message(exc: psycopg.Error) -> str:
