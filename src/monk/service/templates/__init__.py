@@ -27,11 +27,13 @@ from typing import Any
 
 import psycopg
 
+from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.postgres.template_db import clone_marker
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
+from monk.core.catalog import Catalog
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError, TemplateNotBuilt
 from monk.service.templates import health, lifecycle, recovery, sources
@@ -200,6 +202,25 @@ class TemplateService:
         validate_template_key(key)
         with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
             return health.check(reg, adm, self.target, self.settings, key)
+
+    def build_catalog(self, key: str, version: str) -> tuple[TemplateBuild, Catalog] | None:
+        """The catalog of ``key``'s build ``version`` (what drift compares tenants with): the
+        one the build recorded, else read now from a scratch clone of it and recorded; None
+        when it recorded none and its database is gone."""
+        host = self.target.name
+        with self.pools.system() as reg:
+            for build in builds.builds_of_version(reg, key, host, version):
+                if (found := builds.build_catalog(reg, build.id)) is not None:
+                    return build, Catalog.from_dict(found)
+            with builds.key_lock(reg, key), self.pools.admin() as adm:
+                # Under the lock: nobody drops it while it is cloned.
+                for build in builds.live_builds_of_version(reg, key, host, version):
+                    if not admin.database_exists(adm, build.database):
+                        continue
+                    catalog = health.read_build_catalog(adm, self.target, self.settings, build)
+                    builds.record_catalog(reg, build.id, catalog.as_dict(), catalog.fingerprint())
+                    return builds.get(reg, build.id), catalog
+        return None
 
     # ------------------------------------------------------------------------ lifecycle
 
