@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
 from monk.settings import Settings
-from tests.conftest import RunMonk
+from tests.conftest import RunMonk, _drop_installation
 from tests.integration.template_support import copy_builtin, drop_key, new_key
 
 
@@ -113,3 +117,101 @@ def test_drift_finds_and_names_each_hand_change(
     # Undone by hand: the next check finds nothing.
     _run_in(admin_url, db["Drift Column"], "ALTER TABLE contact DROP COLUMN note")
     assert _ok(monk("tenant", "drift", "Drift Column", "--json"))["drifted"] is False
+
+
+@pytest.fixture
+def api(admin_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], str, Path]]:
+    """The real ASGI app on its own system database, with one source folder of its own."""
+    key = new_key("da")
+    source = copy_builtin(tmp_path / "sources", "basic", key)
+    system_db = f"monk_dr_{uuid.uuid4().hex[:10]}"
+    s = Settings(
+        database_url=admin_url,  # type: ignore[arg-type]
+        system_db_name=system_db,
+        data_dir=tmp_path / "data",
+        template_path=[tmp_path / "sources"],
+        pool_spares={},
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    try:
+        with TestClient(create_app(s)) as client:
+            auth = {"Authorization": f"Bearer {issue_root_token(s, ttl_seconds=600)}"}
+            yield client, auth, key, source
+    finally:
+        _drop_installation(admin_url, system_db)
+        drop_key(admin_url, key)
+
+
+def test_status_and_drift_over_http(
+    api: tuple[TestClient, dict[str, str], str, Path], admin_url: str
+) -> None:
+    client, auth, key, source = api
+    tpl, ten = "/api/root/template", "/api/root/tenant"
+
+    def ok(response: Any) -> Any:
+        assert response.status_code in (200, 201), response.text
+        return response.json()["data"]
+
+    first = ok(client.post(f"{tpl}/{key}", headers=auth, json={}))
+    names = ["Http Old A", "Http Old B", "Http Old C"]
+    for name in names:
+        ok(client.post(ten, headers=auth, json={"name": name, "template": key}))
+    ok(client.patch(f"{ten}/Http Old C", headers=auth, json={"is_active": False}))
+    # A new build (one more migration file): the tenants stay where they are, behind it.
+    (source / "migrations").mkdir()
+    (source / "migrations/0001_note.sql").write_text("CREATE TABLE note (body text);")
+    second = ok(client.post(f"{tpl}/{key}", headers=auth, json={}))
+    assert second["version"] != first["version"]
+    ok(client.post(ten, headers=auth, json={"name": "Http New", "template": key}))
+
+    status = ok(client.get(f"{tpl}/{key}/status", headers=auth))
+    assert status["current"]["version"] == second["version"]
+    assert status["current"]["fingerprint"] == second["fingerprint"]
+    assert status["total"] == 4
+    counts = {(r["version"], r["level"], r["status"]): r["count"] for r in status["tenants"]}
+    assert counts == {
+        (first["version"], 0, "active"): 2,
+        (first["version"], 0, "disabled"): 1,
+        (second["version"], 1, "active"): 1,
+    }
+    assert status["behind"] == {"count": 3, "tenants": names}
+    per_build = {b["version"]: b for b in status["builds"]}
+    assert per_build[first["version"]]["status"] == "retired"
+    assert per_build[first["version"]]["tenants"] == 3
+    assert per_build[second["version"]]["is_current"] is True
+    assert status["drift"]["checked"] == 0
+    assert ok(client.get(f"{tpl}/{key}/drift", headers=auth)) == []
+    assert ok(client.get(f"{ten}/Http Old A/drift", headers=auth)) is None
+
+    # By hand, in one old tenant: a column. Each tenant is compared with its own build, the
+    # disabled one too (opened to monk's admin for the read, closed again).
+    db = ok(client.get(f"{ten}/Http Old B", headers=auth))["database"]
+    _run_in(admin_url, db, "ALTER TABLE account ADD COLUMN secret_flag boolean DEFAULT false")
+    results = ok(client.post(f"{tpl}/{key}/drift", headers=auth, params={"parallel": 2}))
+    by_name = {r["name"]: r for r in results}
+    assert {n: r["drifted"] for n, r in by_name.items()} == {
+        "Http Old A": False,
+        "Http Old B": True,
+        "Http Old C": False,
+        "Http New": False,
+    }
+    assert by_name["Http Old A"]["template_version"] == first["version"]
+    assert by_name["Http New"]["template_version"] == second["version"]
+    assert [d["text"] for d in by_name["Http Old B"]["differences"]] == [
+        "column account.secret_flag: added (boolean)"
+    ]
+    closed = ok(client.get(f"{ten}/Http Old C", headers=auth))
+    assert closed["status"] == "disabled"
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(admin_url, dbname=closed["database"]).close()
+
+    one = ok(client.post(f"{ten}/Http Old B/drift", headers=auth))
+    assert one["drifted"] is True
+    kept = ok(client.get(f"{ten}/Http Old B/drift", headers=auth))
+    assert kept["drifted"] is True
+    assert kept["differences"] == one["differences"]
+    status = ok(client.get(f"{tpl}/{key}/status", headers=auth))
+    assert status["drift"]["drifted_tenants"] == ["Http Old B"]
+    assert status["drift"]["clean"] == 3
+    missing = client.get(f"{tpl}/nokey_{uuid.uuid4().hex[:6]}/status", headers=auth)
+    assert missing.status_code == 404

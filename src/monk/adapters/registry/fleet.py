@@ -34,6 +34,19 @@ class DriftCheck:
     fingerprint: str | None
     error: str | None
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "database": self.database,
+            "template_key": self.template_key,
+            "template_version": self.template_version,
+            "drifted": self.drifted,
+            "differences": list(self.differences),
+            "fingerprint": self.fingerprint,
+            "error": self.error,
+            "checked_at": self.checked_at.isoformat(),
+        }
+
 
 @dataclass(frozen=True)
 class FleetCount:
