@@ -114,6 +114,32 @@ def test_drift_finds_and_names_each_hand_change(
     assert status["drift"]["drifted"] == 3
     assert sorted(status["drift"]["drifted_tenants"]) == sorted(names[:3])
 
+    # The doctor reports each drifted tenant (exit 1) and repairs none of them.
+    for args in (("doctor", "--json"), ("doctor", "--repair", "--json")):
+        doctor = monk(*args)
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        report = json.loads(doctor.stdout)
+        found = {p["subject"]: p for p in report["remaining"] if p["kind"] == "drifted"}
+        assert set(found) == {db[n] for n in names[:3]}
+        assert "column contact.note: added (text)" in found[db["Drift Column"]]["detail"]
+        assert found[db["Drift Column"]]["repair"].startswith("none: ")
+    assert "drifted" in monk("doctor").stdout
+
+    # A new build: every tenant is behind it; the doctor warns per key, names with --json.
+    source = tmp_path / key
+    (source / "migrations").mkdir()
+    (source / "migrations/0001_note.sql").write_text("CREATE TABLE note (body text);")
+    _build(monk, key, source)
+    report = json.loads(monk("doctor", "--json").stdout)
+    [behind] = [w for w in report["warnings"] if w["kind"] == "behind_build"]
+    assert behind["subject"] == key
+    assert behind["detail"].startswith(f"4 tenant(s) of {key} are not at its current build")
+    assert behind["tenants"] == sorted(names, key=str.casefold)
+    plain = monk("doctor")
+    assert f"warning: behind_build {key}: 4 tenant(s)" in plain.stdout.replace("\n", " ")
+    # Still compared with the build each one is at, not the current one.
+    assert _ok(monk("tenant", "drift", "Drift None", "--json"))["drifted"] is False
+
     # Undone by hand: the next check finds nothing.
     _run_in(admin_url, db["Drift Column"], "ALTER TABLE contact DROP COLUMN note")
     assert _ok(monk("tenant", "drift", "Drift Column", "--json"))["drifted"] is False

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from monk.adapters import registry
 from monk.adapters.registry import fleet as fleet_rows
 from monk.adapters.registry import templates as builds
+from monk.core.reconcile import behind_current
 from monk.core.template_names import validate_template_key
 from monk.errors import TemplateNotFound
 from monk.service.tenants import TenantService
@@ -21,11 +23,12 @@ def template_status(svc: TenantService, key: str) -> dict[str, Any]:
         known = builds.list_builds(reg, host, key)
         tenants = fleet_rows.tenant_counts(reg, host, key)
         spares = fleet_rows.spare_counts(reg, host, key)
-        behind = fleet_rows.behind(reg, host).get(key, [])
+        live = [t for t in registry.all_live(reg, host) if t.template_key == key]
         checks = fleet_rows.drift_checks(reg, host, key=key)
     if current is None and not known and not tenants:
         raise TemplateNotFound(f"template {key!r} has no build and no tenants", template=key)
     current_version = current.version if current else None
+    behind = behind_current(live, {key: current_version} if current_version else {}).get(key, [])
 
     def counted(rows: list[fleet_rows.FleetCount]) -> list[dict[str, Any]]:
         return [

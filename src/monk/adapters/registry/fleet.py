@@ -146,20 +146,3 @@ def spare_counts(conn: Conn, host: str, key: str) -> list[FleetCount]:
             (host, key),
         )
         return cur.fetchall()
-
-
-def behind(conn: Conn, host: str) -> dict[str, list[str]]:
-    """Per key, the names of the active and disabled tenants whose registry row says they are
-    at another build than the key's current one (trashed ones follow when restored)."""
-    rows = conn.execute(
-        "SELECT t.template_key, t.name FROM tenants t JOIN template_builds b"
-        " ON b.host = t.host AND b.key = t.template_key AND b.is_current"
-        " WHERE t.host = %s AND t.deleted_at IS NULL AND t.status IN ('active', 'disabled')"
-        "  AND t.template_version IS DISTINCT FROM b.version"
-        " ORDER BY t.template_key, t.name_key",
-        (host,),
-    ).fetchall()
-    out: dict[str, list[str]] = {}
-    for key, name in rows:
-        out.setdefault(str(key), []).append(str(name))
-    return out
