@@ -21,6 +21,7 @@ and the CLI; a provision of a key with no build raises TemplateNotBuilt.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -231,14 +232,27 @@ class TemplateService:
         with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
             return lifecycle.drop(reg, adm, self.target, key, version, force=force)
 
-    def prune(self, key: str | None = None) -> list[TemplateBuild]:
-        """Remove the retired builds (of ``key``, or of every key) that no live tenant needs, and
-        forget failed builds but the latest of each key."""
+    def prune(
+        self,
+        key: str | None = None,
+        *,
+        retired_before: datetime | None = None,
+        wait: bool = True,
+    ) -> list[TemplateBuild]:
+        """Remove the retired builds (of ``key``, or of every key; retired before
+        ``retired_before`` if given) that no tenant, archive or spare needs, and forget failed
+        builds but the latest of each key. Without ``wait`` (``monk serve``'s schedule), a key
+        whose lock someone holds (a build, a check) is left for the next time."""
         dropped: list[TemplateBuild] = []
         with self.pools.system() as reg, self.pools.admin() as adm:
             for k in builds.keys_in_status(reg, self.target.name, ["retired", "failed"], key):
-                with builds.key_lock(reg, k):
-                    dropped += lifecycle.prune_key(reg, adm, self.target, k)
+                lock = builds.key_lock(reg, k) if wait else builds.key_lock_if_free(reg, k)
+                with lock as taken:
+                    if taken is False:
+                        continue
+                    dropped += lifecycle.prune_key(
+                        reg, adm, self.target, k, retired_before=retired_before
+                    )
         return dropped
 
     # ------------------------------------------------------------------------ sources
