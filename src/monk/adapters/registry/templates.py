@@ -233,20 +233,21 @@ def build_catalog(conn: Conn, build_id: UUID) -> dict[str, Any] | None:
 def retired_unneeded(conn: Conn, key: str, host: str) -> list[TemplateBuild]:
     """The retired builds of ``key``, oldest first, that nothing needs: no tenant holding a
     database (trashed ones included), no archive of a purged tenant, no spare records its
-    version, unless the current build has that same version."""
+    version; or the current build has that same version (it serves them all)."""
     return _fetch(
         conn,
         "key = %s AND host = %s AND status = 'retired'"
-        " AND NOT EXISTS (SELECT 1 FROM template_builds c WHERE c.host = template_builds.host"
-        "  AND c.key = template_builds.key AND c.is_current"
-        "  AND c.version = template_builds.version)"
-        " AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.host = template_builds.host"
-        "  AND t.template_key = template_builds.key"
-        "  AND t.template_version = template_builds.version"
-        "  AND (t.deleted_at IS NULL OR t.archive_path IS NOT NULL))"
-        " AND NOT EXISTS (SELECT 1 FROM spares s WHERE s.host = template_builds.host"
-        "  AND s.template_key = template_builds.key"
-        "  AND s.template_version = template_builds.version)"
+        # the current build serves whatever needs this version (a forced rebuild)
+        " AND (EXISTS (SELECT 1 FROM template_builds c WHERE c.host = template_builds.host"
+        "   AND c.key = template_builds.key AND c.is_current"
+        "   AND c.version = template_builds.version)"
+        "  OR (NOT EXISTS (SELECT 1 FROM tenants t WHERE t.host = template_builds.host"
+        "   AND t.template_key = template_builds.key"
+        "   AND t.template_version = template_builds.version"
+        "   AND (t.deleted_at IS NULL OR t.archive_path IS NOT NULL))"
+        "  AND NOT EXISTS (SELECT 1 FROM spares s WHERE s.host = template_builds.host"
+        "   AND s.template_key = template_builds.key"
+        "   AND s.template_version = template_builds.version)))"
         " ORDER BY created_at",
         (key, host),
     )
