@@ -14,8 +14,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from monk.adapters.registry import locks
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
+from monk.service import drift
+from monk.service.server import Server
+from monk.service.tenants import TenantService
 from monk.settings import Settings
 from tests.conftest import RunMonk, _drop_installation
 from tests.integration.template_support import copy_builtin, drop_key, new_key
@@ -241,3 +245,76 @@ def test_status_and_drift_over_http(
     assert status["drift"]["clean"] == 3
     missing = client.get(f"{tpl}/nokey_{uuid.uuid4().hex[:6]}/status", headers=auth)
     assert missing.status_code == 404
+
+
+@pytest.fixture
+def svc(settings: Settings) -> Iterator[TenantService]:
+    target, _ = Server.from_settings(settings).init()
+    with TenantService(settings, target) as service:
+        yield service
+
+
+def test_what_drift_compares_with_when_the_records_are_missing(
+    svc: TenantService, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    source = copy_builtin(tmp_path, "basic", key)
+    first = svc.templates.build(key, source_dir=source).build
+    old = svc.provision("Old Build Tenant", template=key).tenant
+    (source / "migrations").mkdir()
+    (source / "migrations/0001_note.sql").write_text("CREATE TABLE note (body text);")
+    svc.templates.build(key, source_dir=source)
+
+    # A build made before builds recorded their catalog: drift reads it from a scratch clone of
+    # the (retired) build, records it, and compares.
+    with psycopg.connect(admin_url, dbname=settings.system_db_name, autocommit=True) as reg:
+        reg.execute(
+            "UPDATE template_builds SET catalog = NULL, fingerprint = NULL WHERE id = %s",
+            (first.id,),
+        )
+    checked = drift.tenant_drift(svc, "Old Build Tenant")
+    assert checked.drifted is False
+    assert checked.template_version == first.version
+    assert svc.templates.show(key, first.version).fingerprint == checked.expected_fingerprint
+    assert checked.fingerprint == checked.expected_fingerprint
+
+    # A tenant cloned before templates held monk.build: the registry says where it is.
+    _run_in(admin_url, old.database, "DROP SCHEMA monk CASCADE")
+    checked = drift.tenant_drift(svc, "Old Build Tenant")
+    assert (checked.claimed_by, checked.drifted) == ("registry", False)
+    assert checked.template_version == first.version
+
+    # Neither a recorded catalog nor a database to read it from: not compared, and why.
+    with psycopg.connect(admin_url, dbname=settings.system_db_name, autocommit=True) as reg:
+        reg.execute(
+            "UPDATE template_builds SET catalog = NULL, fingerprint = NULL WHERE id = %s",
+            (first.id,),
+        )
+    svc.templates.drop(key, first.version, force=True)
+    checked = drift.tenant_drift(svc, "Old Build Tenant")
+    assert checked.drifted is None
+    assert checked.error is not None
+    assert "recorded no catalog and its database is gone" in checked.error
+    [kept] = drift.last_results(svc, key)
+    assert kept.drifted is None
+    assert kept.error == checked.error
+
+
+def test_a_closed_tenant_is_read_under_its_lock_and_closed_again(
+    svc: TenantService, settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    svc.templates.build(key, source_dir=copy_builtin(tmp_path, "basic", key))
+    tenant = svc.provision("Closed Drift", template=key).tenant
+    _run_in(admin_url, tenant.database, "CREATE INDEX account_name_extra ON account (name)")
+    svc.disable("Closed Drift")
+    # Another process works on the tenant (holds its lock): not opened, not compared.
+    with psycopg.connect(admin_url, dbname=settings.system_db_name, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (locks.advisory_key(tenant.database),))
+        busy = drift.tenant_drift(svc, "Closed Drift")
+    assert busy.drifted is None
+    assert busy.error == "not checked: busy with another operation"
+    found = drift.tenant_drift(svc, "Closed Drift")
+    assert found.drifted is True
+    assert [d.subject for d in found.differences] == ["account_name_extra"]
+    assert svc.get("Closed Drift").status == "disabled"
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(admin_url, dbname=tenant.database).close()
