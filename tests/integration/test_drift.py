@@ -308,8 +308,11 @@ def test_a_closed_tenant_is_read_under_its_lock_and_closed_again(
     svc.disable("Closed Drift")
     # Another process works on the tenant (holds its lock): not opened, not compared.
     with psycopg.connect(admin_url, dbname=settings.system_db_name, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s)", (locks.advisory_key(tenant.database),))
+        lock = locks.advisory_key(tenant.database)
+        other.execute("SELECT pg_advisory_lock(%s)", (lock,))
         busy = drift.tenant_drift(svc, "Closed Drift")
+        # Released before the session ends (its end is not waited for).
+        other.execute("SELECT pg_advisory_unlock(%s)", (lock,))
     assert busy.drifted is None
     assert busy.error == "not checked: busy with another operation"
     found = drift.tenant_drift(svc, "Closed Drift")
