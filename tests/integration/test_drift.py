@@ -24,11 +24,20 @@ from monk.settings import Settings
 from tests.conftest import RunMonk, _drop_installation
 from tests.integration.template_support import copy_builtin, drop_key, new_key
 
+SUFFIX = uuid.uuid4().hex[:6]
+
+
+def _n(name: str) -> str:
+    """A tenant name of this run: database names are cluster-wide."""
+    return f"{name} {SUFFIX}"
+
 
 @pytest.fixture
-def key(admin_url: str) -> Iterator[str]:
+def key(admin_url: str, settings: Settings) -> Iterator[str]:
     k = new_key("d")
     yield k
+    # What the test's installation made (tenants' databases and roles) goes with it.
+    _drop_installation(admin_url, settings.system_db_name)
     drop_key(admin_url, k)
 
 
@@ -59,21 +68,21 @@ def test_drift_finds_and_names_each_hand_change(
     built = _build(monk, key, copy_builtin(tmp_path, "basic", key))
     assert built["fingerprint"]
     assert len(built["fingerprint"]) == 64
-    names = ["Drift Column", "Drift Index", "Drift Check", "Drift None"]
+    names = [_n("Drift Column"), _n("Drift Index"), _n("Drift Check"), _n("Drift None")]
     for name in names:
         _ok(monk("tenant", "create", name, "--template", key, "--json"))
     db = {name: _tenant_db(monk, name) for name in names}
-    _run_in(admin_url, db["Drift Column"], "ALTER TABLE contact ADD COLUMN note text")
-    _run_in(admin_url, db["Drift Index"], "DROP INDEX contact_account_id_idx")
+    _run_in(admin_url, db[_n("Drift Column")], "ALTER TABLE contact ADD COLUMN note text")
+    _run_in(admin_url, db[_n("Drift Index")], "DROP INDEX contact_account_id_idx")
     _run_in(
         admin_url,
-        db["Drift Check"],
+        db[_n("Drift Check")],
         "ALTER TABLE contact DROP CONSTRAINT contact_first_name_minlen",
         "ALTER TABLE contact ADD CONSTRAINT contact_first_name_minlen"
         " CHECK (char_length(first_name) >= 2)",
     )
 
-    untouched = monk("tenant", "drift", "Drift None", "--json")
+    untouched = monk("tenant", "drift", _n("Drift None"), "--json")
     assert untouched.returncode == 0, untouched.stdout[:3000]
     clean = json.loads(untouched.stdout)
     assert clean["drifted"] is False
@@ -89,15 +98,15 @@ def test_drift_finds_and_names_each_hand_change(
         assert found["drifted"] is True
         return [d["text"] for d in found["differences"]]
 
-    assert texts("Drift Column") == ["column contact.note: added (text)"]
-    [index] = texts("Drift Index")
+    assert texts(_n("Drift Column")) == ["column contact.note: added (text)"]
+    [index] = texts(_n("Drift Index"))
     assert index.startswith("index contact_account_id_idx: missing")
-    [check] = texts("Drift Check")
+    [check] = texts(_n("Drift Check"))
     assert check.startswith("constraint contact_first_name_minlen: definition differs")
     assert ">= 2" in check
 
     # For people: the differences named, exit 1.
-    shown = monk("tenant", "drift", "Drift Column")
+    shown = monk("tenant", "drift", _n("Drift Column"))
     assert shown.returncode == 1
     assert "column contact.note: added (text)" in shown.stdout
 
@@ -106,10 +115,10 @@ def test_drift_finds_and_names_each_hand_change(
     assert fleet.returncode == 1, fleet.stderr
     by_name = {r["name"]: r for r in json.loads(fleet.stdout)}
     assert {n: r["drifted"] for n, r in by_name.items()} == {
-        "Drift Column": True,
-        "Drift Index": True,
-        "Drift Check": True,
-        "Drift None": False,
+        _n("Drift Column"): True,
+        _n("Drift Index"): True,
+        _n("Drift Check"): True,
+        _n("Drift None"): False,
     }
 
     # Kept in the system database: status reports the last check.
@@ -125,8 +134,8 @@ def test_drift_finds_and_names_each_hand_change(
         report = json.loads(doctor.stdout)
         found = {p["subject"]: p for p in report["remaining"] if p["kind"] == "drifted"}
         assert set(found) == {db[n] for n in names[:3]}
-        assert "column contact.note: added (text)" in found[db["Drift Column"]]["detail"]
-        assert found[db["Drift Column"]]["repair"].startswith("none: ")
+        assert "column contact.note: added (text)" in found[db[_n("Drift Column")]]["detail"]
+        assert found[db[_n("Drift Column")]]["repair"].startswith("none: ")
     assert "drifted" in monk("doctor").stdout
 
     # A new build: every tenant is behind it; the doctor warns per key, names with --json.
@@ -142,11 +151,11 @@ def test_drift_finds_and_names_each_hand_change(
     plain = monk("doctor")
     assert f"warning: behind_build {key}: 4 tenant(s)" in plain.stdout.replace("\n", " ")
     # Still compared with the build each one is at, not the current one.
-    assert _ok(monk("tenant", "drift", "Drift None", "--json"))["drifted"] is False
+    assert _ok(monk("tenant", "drift", _n("Drift None"), "--json"))["drifted"] is False
 
     # Undone by hand: the next check finds nothing.
-    _run_in(admin_url, db["Drift Column"], "ALTER TABLE contact DROP COLUMN note")
-    assert _ok(monk("tenant", "drift", "Drift Column", "--json"))["drifted"] is False
+    _run_in(admin_url, db[_n("Drift Column")], "ALTER TABLE contact DROP COLUMN note")
+    assert _ok(monk("tenant", "drift", _n("Drift Column"), "--json"))["drifted"] is False
 
 
 @pytest.fixture
@@ -183,16 +192,16 @@ def test_status_and_drift_over_http(
         return response.json()["data"]
 
     first = ok(client.post(f"{tpl}/{key}", headers=auth, json={}))
-    names = ["Http Old A", "Http Old B", "Http Old C"]
+    names = [_n("Http Old A"), _n("Http Old B"), _n("Http Old C")]
     for name in names:
         ok(client.post(ten, headers=auth, json={"name": name, "template": key}))
-    ok(client.patch(f"{ten}/Http Old C", headers=auth, json={"is_active": False}))
+    ok(client.patch(f"{ten}/{_n('Http Old C')}", headers=auth, json={"is_active": False}))
     # A new build (one more migration file): the tenants stay where they are, behind it.
     (source / "migrations").mkdir()
     (source / "migrations/0001_note.sql").write_text("CREATE TABLE note (body text);")
     second = ok(client.post(f"{tpl}/{key}", headers=auth, json={}))
     assert second["version"] != first["version"]
-    ok(client.post(ten, headers=auth, json={"name": "Http New", "template": key}))
+    ok(client.post(ten, headers=auth, json={"name": _n("Http New"), "template": key}))
 
     status = ok(client.get(f"{tpl}/{key}/status", headers=auth))
     assert status["current"]["version"] == second["version"]
@@ -211,37 +220,37 @@ def test_status_and_drift_over_http(
     assert per_build[second["version"]]["is_current"] is True
     assert status["drift"]["checked"] == 0
     assert ok(client.get(f"{tpl}/{key}/drift", headers=auth)) == []
-    assert ok(client.get(f"{ten}/Http Old A/drift", headers=auth)) is None
+    assert ok(client.get(f"{ten}/{_n('Http Old A')}/drift", headers=auth)) is None
 
     # By hand, in one old tenant: a column. Each tenant is compared with its own build, the
     # disabled one too (opened to monk's admin for the read, closed again).
-    db = ok(client.get(f"{ten}/Http Old B", headers=auth))["database"]
+    db = ok(client.get(f"{ten}/{_n('Http Old B')}", headers=auth))["database"]
     _run_in(admin_url, db, "ALTER TABLE account ADD COLUMN secret_flag boolean DEFAULT false")
     results = ok(client.post(f"{tpl}/{key}/drift", headers=auth, params={"parallel": 2}))
     by_name = {r["name"]: r for r in results}
     assert {n: r["drifted"] for n, r in by_name.items()} == {
-        "Http Old A": False,
-        "Http Old B": True,
-        "Http Old C": False,
-        "Http New": False,
+        _n("Http Old A"): False,
+        _n("Http Old B"): True,
+        _n("Http Old C"): False,
+        _n("Http New"): False,
     }
-    assert by_name["Http Old A"]["template_version"] == first["version"]
-    assert by_name["Http New"]["template_version"] == second["version"]
-    assert [d["text"] for d in by_name["Http Old B"]["differences"]] == [
+    assert by_name[_n("Http Old A")]["template_version"] == first["version"]
+    assert by_name[_n("Http New")]["template_version"] == second["version"]
+    assert [d["text"] for d in by_name[_n("Http Old B")]["differences"]] == [
         "column account.secret_flag: added (boolean)"
     ]
-    closed = ok(client.get(f"{ten}/Http Old C", headers=auth))
+    closed = ok(client.get(f"{ten}/{_n('Http Old C')}", headers=auth))
     assert closed["status"] == "disabled"
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(admin_url, dbname=closed["database"]).close()
 
-    one = ok(client.post(f"{ten}/Http Old B/drift", headers=auth))
+    one = ok(client.post(f"{ten}/{_n('Http Old B')}/drift", headers=auth))
     assert one["drifted"] is True
-    kept = ok(client.get(f"{ten}/Http Old B/drift", headers=auth))
+    kept = ok(client.get(f"{ten}/{_n('Http Old B')}/drift", headers=auth))
     assert kept["drifted"] is True
     assert kept["differences"] == one["differences"]
     status = ok(client.get(f"{tpl}/{key}/status", headers=auth))
-    assert status["drift"]["drifted_tenants"] == ["Http Old B"]
+    assert status["drift"]["drifted_tenants"] == [_n("Http Old B")]
     assert status["drift"]["clean"] == 3
     missing = client.get(f"{tpl}/nokey_{uuid.uuid4().hex[:6]}/status", headers=auth)
     assert missing.status_code == 404
@@ -259,7 +268,7 @@ def test_what_drift_compares_with_when_the_records_are_missing(
 ) -> None:
     source = copy_builtin(tmp_path, "basic", key)
     first = svc.templates.build(key, source_dir=source).build
-    old = svc.provision("Old Build Tenant", template=key).tenant
+    old = svc.provision(_n("Old Build Tenant"), template=key).tenant
     (source / "migrations").mkdir()
     (source / "migrations/0001_note.sql").write_text("CREATE TABLE note (body text);")
     svc.templates.build(key, source_dir=source)
@@ -271,7 +280,7 @@ def test_what_drift_compares_with_when_the_records_are_missing(
             "UPDATE template_builds SET catalog = NULL, fingerprint = NULL WHERE id = %s",
             (first.id,),
         )
-    checked = drift.tenant_drift(svc, "Old Build Tenant")
+    checked = drift.tenant_drift(svc, _n("Old Build Tenant"))
     assert checked.drifted is False
     assert checked.template_version == first.version
     assert svc.templates.show(key, first.version).fingerprint == checked.expected_fingerprint
@@ -279,7 +288,7 @@ def test_what_drift_compares_with_when_the_records_are_missing(
 
     # A tenant cloned before templates held monk.build: the registry says where it is.
     _run_in(admin_url, old.database, "DROP SCHEMA monk CASCADE")
-    checked = drift.tenant_drift(svc, "Old Build Tenant")
+    checked = drift.tenant_drift(svc, _n("Old Build Tenant"))
     assert (checked.claimed_by, checked.drifted) == ("registry", False)
     assert checked.template_version == first.version
 
@@ -290,7 +299,7 @@ def test_what_drift_compares_with_when_the_records_are_missing(
             (first.id,),
         )
     svc.templates.drop(key, first.version, force=True)
-    checked = drift.tenant_drift(svc, "Old Build Tenant")
+    checked = drift.tenant_drift(svc, _n("Old Build Tenant"))
     assert checked.drifted is None
     assert checked.error is not None
     assert "recorded no catalog and its database is gone" in checked.error
@@ -303,21 +312,21 @@ def test_a_closed_tenant_is_read_under_its_lock_and_closed_again(
     svc: TenantService, settings: Settings, key: str, admin_url: str, tmp_path: Path
 ) -> None:
     svc.templates.build(key, source_dir=copy_builtin(tmp_path, "basic", key))
-    tenant = svc.provision("Closed Drift", template=key).tenant
+    tenant = svc.provision(_n("Closed Drift"), template=key).tenant
     _run_in(admin_url, tenant.database, "CREATE INDEX account_name_extra ON account (name)")
-    svc.disable("Closed Drift")
+    svc.disable(_n("Closed Drift"))
     # Another process works on the tenant (holds its lock): not opened, not compared.
     with psycopg.connect(admin_url, dbname=settings.system_db_name, autocommit=True) as other:
         lock = locks.advisory_key(tenant.database)
         other.execute("SELECT pg_advisory_lock(%s)", (lock,))
-        busy = drift.tenant_drift(svc, "Closed Drift")
+        busy = drift.tenant_drift(svc, _n("Closed Drift"))
         # Released before the session ends (its end is not waited for).
         other.execute("SELECT pg_advisory_unlock(%s)", (lock,))
     assert busy.drifted is None
     assert busy.error == "not checked: busy with another operation"
-    found = drift.tenant_drift(svc, "Closed Drift")
+    found = drift.tenant_drift(svc, _n("Closed Drift"))
     assert found.drifted is True
     assert [d.subject for d in found.differences] == ["account_name_extra"]
-    assert svc.get("Closed Drift").status == "disabled"
+    assert svc.get(_n("Closed Drift")).status == "disabled"
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(admin_url, dbname=tenant.database).close()

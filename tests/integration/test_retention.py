@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,14 +25,23 @@ from monk.service.server import Server
 from monk.service.templates import TemplateBuild
 from monk.service.tenants import TenantService
 from monk.settings import Settings
-from tests.conftest import MONK_BIN, RunMonk, free_port, settings_env
+from tests.conftest import MONK_BIN, RunMonk, _drop_installation, free_port, settings_env
 from tests.integration.template_support import copy_builtin, drop_key, new_key
+
+SUFFIX = uuid.uuid4().hex[:6]
+
+
+def _n(name: str) -> str:
+    """A tenant name of this run: database names are cluster-wide."""
+    return f"{name} {SUFFIX}"
 
 
 @pytest.fixture
-def key(admin_url: str) -> Iterator[str]:
+def key(admin_url: str, settings: Settings) -> Iterator[str]:
     k = new_key("r")
     yield k
+    # What the test's installation made (tenants' databases and roles) goes with it.
+    _drop_installation(admin_url, settings.system_db_name)
     drop_key(admin_url, k)
 
 
@@ -66,11 +76,11 @@ def test_prune_never_drops_a_build_a_tenant_an_archive_or_a_spare_needs(
 ) -> None:
     source = copy_builtin(tmp_path, "basic", key)
     archived = svc.templates.build(key, source_dir=source).build
-    svc.provision("Keep Archive", template=key)
-    purge.purge(svc, "Keep Archive", archive=True)
+    svc.provision(_n("Keep Archive"), template=key)
+    purge.purge(svc, _n("Keep Archive"), archive=True)
     trashed = _rebuild(svc, key, source, 1)
-    svc.provision("Keep Trash", template=key)
-    svc.trash("Keep Trash")
+    svc.provision(_n("Keep Trash"), template=key)
+    svc.trash(_n("Keep Trash"))
     spared = _rebuild(svc, key, source, 2)
     assert pool.fill(svc, key, 1) == 1
     unneeded = _rebuild(svc, key, source, 3)
@@ -93,17 +103,17 @@ def test_prune_never_drops_a_build_a_tenant_an_archive_or_a_spare_needs(
         assert _exists(admin_url, svc.templates.show(key, kept.version).database)
 
     # The archive comes back at its build, whose catalog drift still compares it with.
-    restored = svc.restore("Keep Archive")
+    restored = svc.restore(_n("Keep Archive"))
     assert restored.tenant.status == "active"
     assert restored.tenant.template_version == archived.version
-    assert drift.tenant_drift(svc, "Keep Archive").drifted is False
+    assert drift.tenant_drift(svc, _n("Keep Archive")).drifted is False
 
     # Once nothing needs them, they go.
     assert pool.retire_stale(svc, key) == 1
-    purge.purge(svc, "Keep Trash", archive=False)
+    purge.purge(svc, _n("Keep Trash"), archive=False)
     dropped = {b.version for b in svc.templates.prune(key)}
     assert dropped == {trashed.version, spared.version}
-    assert _status(svc, key)[archived.version] == "retired"  # "Keep Archive" is live at it
+    assert _status(svc, key)[archived.version] == "retired"  # Keep Archive is live at it
 
 
 @pytest.mark.slow
@@ -112,8 +122,8 @@ def test_monk_serve_drops_unneeded_retired_builds_on_its_schedule(
 ) -> None:
     source = copy_builtin(tmp_path, "basic", key)
     needed = svc.templates.build(key, source_dir=source).build
-    svc.provision("Serve Trash", template=key)
-    svc.trash("Serve Trash")
+    svc.provision(_n("Serve Trash"), template=key)
+    svc.trash(_n("Serve Trash"))
     unneeded = _rebuild(svc, key, source, 1)
     current = _rebuild(svc, key, source, 2)
     port = free_port()
