@@ -20,7 +20,7 @@ import pytest
 
 from monk.adapters.postgres.connection import ServerTarget
 from monk.core.template_names import retired_db_name
-from monk.service import drift, pool, purge
+from monk.service import drift, fleet, pool, purge
 from monk.service.server import Server
 from monk.service.templates import TemplateBuild
 from monk.service.tenants import TenantService
@@ -85,6 +85,19 @@ def test_prune_never_drops_a_build_a_tenant_an_archive_or_a_spare_needs(
     assert pool.fill(svc, key, 1) == 1
     unneeded = _rebuild(svc, key, source, 3)
     current = _rebuild(svc, key, source, 4)
+
+    # What status shows of it: the spare at its build, the trashed tenant at its own.
+    status = fleet.template_status(svc, key)
+    assert status["spares"] == [
+        {"version": spared.version, "level": 2, "status": "ready", "count": 1, "current": False}
+    ]
+    assert status["tenants"] == [
+        {"version": trashed.version, "level": 1, "status": "trashed", "count": 1, "current": False}
+    ]
+    assert status["behind"] == {"count": 0, "tenants": []}  # trashed: upgraded when restored
+    per_build = {b["version"]: (b["status"], b["tenants"], b["spares"]) for b in status["builds"]}
+    assert per_build[spared.version] == ("retired", 0, 1)
+    assert per_build[current.version] == ("ready", 0, 0)
 
     # Retired too recently for the schedule: nothing goes.
     assert svc.templates.prune(retired_before=datetime.now(UTC) - timedelta(hours=1)) == []

@@ -137,6 +137,7 @@ class Check:
     template_version: str | None
     drifted: bool | None
     differences: list[dict[str, str]]
+    registry_version: str | None = "v2"
 
 
 def test_a_drifted_tenant_is_a_problem_with_no_repair() -> None:
@@ -152,3 +153,7 @@ def test_a_drifted_tenant_is_a_problem_with_no_repair() -> None:
     assert problem.detail.endswith("and 2 more")
     assert problem.repair.startswith("none: ")
     assert "tenants" not in problem.as_dict()
+    [stale] = diagnose(
+        _empty_snapshot(drift_checks=(dataclasses.replace(checks[0], registry_version="v3"),))
+    )
+    assert stale.detail.endswith("(checked at that build; the registry now records v3)")

@@ -85,6 +85,8 @@ class DriftFacts(Protocol):
     def drifted(self) -> bool | None: ...
     @property
     def differences(self) -> Sequence[Mapping[str, str]]: ...
+    @property
+    def registry_version(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -372,19 +374,28 @@ def behind_current(
 def drifted(checks: Iterable[DriftFacts]) -> list[Problem]:
     """A tenant whose last drift check found differences. monk repairs none: the change was
     made by hand, and only its author knows whether to undo it or make it the template's."""
-    return [
-        Problem(
-            "drifted",
-            c.database,
+    out = []
+    for c in checks:
+        if not c.drifted:
+            continue
+        detail = (
             f"tenant {c.name!r} differs from its build {c.template_version}: "
             + "; ".join(d.get("text", "") for d in list(c.differences)[:3])
-            + (f"; and {len(c.differences) - 3} more" if len(c.differences) > 3 else ""),
-            "none: undo the change in the tenant's database, or make it a migration file of "
-            "the template, build and upgrade; `monk tenant drift NAME` lists the differences",
+            + (f"; and {len(c.differences) - 3} more" if len(c.differences) > 3 else "")
         )
-        for c in checks
-        if c.drifted
-    ]
+        if c.registry_version != c.template_version:
+            # Upgraded (or restored) since: the finding may be out of date.
+            detail += f" (checked at that build; the registry now records {c.registry_version})"
+        out.append(
+            Problem(
+                "drifted",
+                c.database,
+                detail,
+                "none: undo the change in the tenant's database, or make it a migration file "
+                "of the template, build and upgrade; `monk tenant drift NAME` checks again",
+            )
+        )
+    return out
 
 
 def behind_warnings(snap: Snapshot) -> list[Problem]:

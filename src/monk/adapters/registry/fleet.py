@@ -33,6 +33,8 @@ class DriftCheck:
     differences: list[dict[str, str]]
     fingerprint: str | None
     error: str | None
+    registry_version: str | None
+    """The build the registry records for the tenant now (an upgrade since the check moves it)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,7 +95,7 @@ def record_drift(
 
 _DRIFT_SELECT = (
     "SELECT d.tenant_id, t.name, t.database, d.template_key, d.template_version, d.checked_at,"
-    " d.drifted, d.differences, d.fingerprint, d.error"
+    " d.drifted, d.differences, d.fingerprint, d.error, t.template_version AS registry_version"
     " FROM drift_checks d JOIN tenants t ON t.id = d.tenant_id"
     " WHERE t.deleted_at IS NULL AND d.host = %s"
 )
@@ -116,7 +118,8 @@ def drift_check(conn: Conn, tenant_id: UUID) -> DriftCheck | None:
     with conn.cursor(row_factory=class_row(DriftCheck)) as cur:
         cur.execute(
             "SELECT d.tenant_id, t.name, t.database, d.template_key, d.template_version,"
-            " d.checked_at, d.drifted, d.differences, d.fingerprint, d.error"
+            " d.checked_at, d.drifted, d.differences, d.fingerprint, d.error,"
+            " t.template_version AS registry_version"
             " FROM drift_checks d JOIN tenants t ON t.id = d.tenant_id WHERE d.tenant_id = %s",
             (tenant_id,),
         )
