@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -157,6 +158,12 @@ class Settings(BaseSettings):
     events_retention_days: int = Field(
         default=30, ge=1, description="Days delivered events are kept as an audit trail."
     )
+    template_retention: str = Field(
+        default="7d",
+        description="monk serve drops the retired template builds that no tenant (trashed "
+        "ones included), archive or spare needs once they have been retired this long: a "
+        "number with s, m, h, d or w (7d, 12h, 0 for as soon as nothing needs them), or off.",
+    )
     fault_pause_at: str | None = Field(
         default=None,
         description="Test hook: pause forever when an operation reaches this step "
@@ -173,6 +180,21 @@ class Settings(BaseSettings):
             return validate_database_name(value)
         except InvalidName as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("template_retention", mode="before")
+    @classmethod
+    def _retention_is_a_duration(cls, value: object) -> object:
+        if isinstance(value, int):
+            value = f"{value}s"
+        if isinstance(value, str):
+            value = value.strip().lower()
+            parse_duration(value)  # ValueError: the message names what is expected
+        return value
+
+    @property
+    def retention(self) -> timedelta | None:
+        """``template_retention`` as a duration; None when it is off."""
+        return parse_duration(self.template_retention)
 
     @field_validator("data_dir", "archive_dir", mode="before")
     @classmethod
@@ -225,6 +247,23 @@ class Settings(BaseSettings):
                 ]
             out[f"MONK_{name.upper()}"] = value
         return out
+
+
+_DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)?$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """'7d', '12h', '30m', '45s', '2w', a number of seconds, or 'off' (None)."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    found = _DURATION.match(text)
+    if found is None:
+        raise ValueError(
+            f"{text!r} is not a duration: give a number with s, m, h, d or w (e.g. 7d), or off"
+        )
+    return timedelta(seconds=int(found.group(1)) * _UNIT_SECONDS[found.group(2) or "s"])
 
 
 def _mask_url(url: str) -> str:

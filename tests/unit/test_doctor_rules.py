@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from monk.adapters.postgres.admin import DatabaseState, RoleState
 from monk.adapters.registry import Tenant
-from monk.core.reconcile import Snapshot, access_drift, warnings
+from monk.core.reconcile import Snapshot, access_drift, behind_current, diagnose, warnings
 
 ROLE = "tenant_0123456789abcdef"
 ADMIN = "monk"
@@ -88,3 +88,72 @@ def test_warnings_for_a_server_monk_may_not_own() -> None:
     ok = {"superuser": False, "may_use_reserved": True, "reserved": 10}
     assert warnings(snapshot(reserves=ok)) == []
     assert warnings(snapshot(reserves={"superuser": True})) == []
+
+
+def _empty_snapshot(**changes: object) -> Snapshot:
+    snap = Snapshot(
+        tenants=(),
+        crashed=frozenset(),
+        queued_purges=frozenset(),
+        databases=frozenset(),
+        roles=frozenset(),
+        template_leftovers=(),
+        crashed_spares=(),
+        spare_databases=frozenset(),
+        spare_roles=frozenset(),
+        spare_names=frozenset(),
+    )
+    return dataclasses.replace(snap, **changes)  # type: ignore[arg-type]
+
+
+def test_tenants_behind_the_current_build_are_a_warning_per_key_with_their_names() -> None:
+    at = {
+        "Old Active": ("active", "v1"),
+        "old disabled": ("disabled", "v1"),
+        "Old Trashed": ("trashed", "v1"),  # follows when restored: not counted
+        "Current": ("active", "v2"),
+    }
+    rows = tuple(
+        dataclasses.replace(tenant(status), name=name, template_version=version)
+        for name, (status, version) in at.items()
+    )
+    other = dataclasses.replace(tenant(), name="Other", template_key="crm", template_version="c")
+    snap = _empty_snapshot(tenants=(*rows, other), current_versions={"basic": "v2", "crm": "c"})
+    assert behind_current(snap.tenants, snap.current_versions) == {
+        "basic": ["Old Active", "old disabled"]
+    }
+    [warned] = [w for w in warnings(snap) if w.kind == "behind_build"]
+    assert warned.subject == "basic"
+    assert warned.detail.startswith("2 tenant(s) of basic are not at its current build v2")
+    assert warned.as_dict()["tenants"] == ["Old Active", "old disabled"]
+    assert "monk template upgrade basic" in warned.repair
+    assert not [p for p in diagnose(snap) if p.kind in ("behind_build", "drifted")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    database: str
+    template_version: str | None
+    drifted: bool | None
+    differences: list[dict[str, str]]
+    registry_version: str | None = "v2"
+
+
+def test_a_drifted_tenant_is_a_problem_with_no_repair() -> None:
+    texts = [f"column contact.c{i}: added (text)" for i in range(5)]
+    checks = (
+        Check("Drifted", "tenant_a", "v2", True, [{"text": t} for t in texts]),
+        Check("Clean", "tenant_b", "v2", False, []),
+        Check("Unknown", "tenant_c", "v2", None, []),
+    )
+    [problem] = diagnose(_empty_snapshot(drift_checks=checks))
+    assert (problem.kind, problem.subject) == ("drifted", "tenant_a")
+    assert texts[0] in problem.detail
+    assert problem.detail.endswith("and 2 more")
+    assert problem.repair.startswith("none: ")
+    assert "tenants" not in problem.as_dict()
+    [stale] = diagnose(
+        _empty_snapshot(drift_checks=(dataclasses.replace(checks[0], registry_version="v3"),))
+    )
+    assert stale.detail.endswith("(checked at that build; the registry now records v3)")

@@ -75,3 +75,26 @@ def test_a_bad_member_names_where_inside(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("MONK_POOL_SPARES", '{"basic": "x"}')
     with pytest.raises(ConfigError, match=r"^MONK_POOL_SPARES\[basic\]: "):
         load_settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("7d", 7 * 86400), ("12h", 43200), (" 30M ", 1800), ("45s", 45), ("90", 90), ("2w", 1209600),
+     ("0", 0), ("off", None), ("OFF", None)],
+)  # fmt: skip
+def test_template_retention_is_a_duration_or_off(
+    monkeypatch: pytest.MonkeyPatch, text: str, seconds: int | None
+) -> None:
+    monkeypatch.setenv("MONK_TEMPLATE_RETENTION", text)
+    retention = load_settings(_env_file=None).retention
+    assert (None if retention is None else retention.total_seconds()) == seconds
+
+
+def test_template_retention_default_and_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = Settings(_env_file=None).retention  # type: ignore[call-arg]
+    assert default is not None
+    assert default.days == 7
+    for bad in ("7 days", "-1d", "soon", ""):
+        monkeypatch.setenv("MONK_TEMPLATE_RETENTION", bad)
+        with pytest.raises(ConfigError, match=r"^MONK_TEMPLATE_RETENTION: .* not a duration"):
+            load_settings(_env_file=None)

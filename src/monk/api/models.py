@@ -223,3 +223,86 @@ class TemplateCheckOut(BaseModel):
     record_count: int
     counts: dict[str, int] = Field(..., description="Rows per table of the clone.")
     problems: list[str]
+
+
+class DriftDifferenceOut(BaseModel):
+    kind: str = Field(..., description="table, column, constraint, index, trigger, schemas row…")
+    subject: str = Field(..., description="The object's name (`table.column` for a column).")
+    change: str = Field(..., description="added, missing, or what differs.")
+    detail: str
+    text: str = Field(..., examples=["column contact.note: added (text)"])
+
+
+class DriftOut(BaseModel):
+    """A tenant's drift check: its catalog compared with the build it claims to be at."""
+
+    name: str
+    database: str
+    template_key: str | None
+    template_version: str | None = Field(..., description="The build the tenant claims.")
+    drifted: bool | None = Field(..., description="null: not compared (see `error`).")
+    differences: list[DriftDifferenceOut]
+    fingerprint: str | None = Field(..., description="sha256 of the tenant's catalog.")
+    error: str | None
+    checked_at: str
+    status: str | None = None
+    claimed_by: Literal["database", "registry"] | None = Field(
+        default=None,
+        description="Where the claim was read: the tenant's `monk.build` row, or the registry "
+        "(a tenant cloned before monk kept one).",
+    )
+    expected_fingerprint: str | None = None
+
+
+class FleetCountOut(BaseModel):
+    version: str
+    level: int
+    status: str
+    count: int
+    current: bool
+
+
+class FleetBuildOut(BaseModel):
+    version: str
+    status: str
+    is_current: bool
+    level: int
+    retired_at: str | None
+    tenants: int
+    spares: int
+
+
+class FleetCurrentOut(BaseModel):
+    version: str
+    level: int
+    built_at: str | None
+    fingerprint: str | None
+
+
+class FleetBehindOut(BaseModel):
+    count: int
+    tenants: list[str]
+
+
+class FleetDriftOut(BaseModel):
+    checked: int
+    drifted: int
+    clean: int
+    not_compared: int
+    last_checked_at: str | None
+    drifted_tenants: list[str]
+
+
+class TemplateStatusOut(BaseModel):
+    """Where the tenants of a key are, from the system database alone."""
+
+    key: str
+    current: FleetCurrentOut | None
+    builds: list[FleetBuildOut]
+    total: int
+    tenants: list[FleetCountOut] = Field(..., description="Per (build, level, status).")
+    spares: list[FleetCountOut]
+    behind: FleetBehindOut = Field(
+        ..., description="Active and disabled tenants at another build than the current one."
+    )
+    drift: FleetDriftOut = Field(..., description="The last drift check of each tenant.")

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -80,6 +81,7 @@ class Runtime:
         self._refill_wake = threading.Event()
         self._refiller = threading.Thread(target=self._refill, name="monk-pool", daemon=True)
         self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
+        self._retainer = threading.Thread(target=self._retain, name="monk-retention", daemon=True)
         # Only the server monk itself started: an external one is its operator's to restart.
         self.supervisor = (
             Supervisor(self.server.embedded, on_restart=self._count_restart)
@@ -97,6 +99,8 @@ class Runtime:
         self._worker.start()
         self._refiller.start()
         self._notifier.start()
+        if self.settings.retention is not None:
+            self._retainer.start()
 
     def wake_worker(self) -> None:
         self._wake.set()
@@ -161,6 +165,32 @@ class Runtime:
                 self._failed("event delivery", exc)
             self._stop.wait(timeout=1.0)
 
+    def _retain(self) -> None:
+        """Drop the retired template builds nothing needs any more once they have been retired
+        for MONK_TEMPLATE_RETENTION (what ``monk template prune`` does, for the older ones);
+        a pass every half of it, at least every hour. A key being built is left for the next."""
+        retention = self.settings.retention
+        assert retention is not None
+        interval = min(max(retention.total_seconds() / 2, 1.0), 3600.0)
+        while not self._stop.is_set():
+            try:
+                dropped = self.tenants.templates.prune(
+                    retired_before=datetime.now(UTC) - retention, wait=False
+                )
+                for build in dropped:
+                    if build.status == "dropped":
+                        log.info(
+                            "dropped retired template build %s %s (%s), retired since %s",
+                            build.key,
+                            build.version,
+                            build.database,
+                            build.retired_at,
+                        )
+                self._last_warning.pop("template retention", None)
+            except Exception as exc:
+                self._failed("template retention", exc)
+            self._stop.wait(timeout=interval)
+
     def _refill(self) -> None:
         """Keep the warm pool topped up. It runs beside provisioning on its own connections,
         so a cold provision never waits for it."""
@@ -207,6 +237,8 @@ class Runtime:
         self._worker.join(timeout=60)
         self._refiller.join(timeout=60)
         self._notifier.join(timeout=60)
+        if self._retainer.is_alive():
+            self._retainer.join(timeout=60)
         if self.supervisor is not None:
             self.supervisor.stop()
         try:

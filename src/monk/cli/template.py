@@ -299,6 +299,74 @@ def prune(
 
 
 @app.command()
+def status(
+    key: str = typer.Argument(..., help="Template key."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Where the tenants of KEY are: per build and migration level, the current build, spares,
+    tenants behind, the last drift checks (from the system database alone)."""
+    from monk.service import fleet
+
+    report = fleet.template_status(state().tenants, key)
+    if as_json:
+        print_json(report)
+        return
+    current = report["current"]
+    console.print(
+        f"{escape(key)}: current build "
+        + (f"{current['version']} (level {current['level']})" if current else "none")
+        + f", {report['total']} tenant(s), {report['behind']['count']} behind"
+    )
+    counted = ["version", "level", "status", "count", "current"]
+    print_rows(report["tenants"], counted, title="tenants")
+    if report["spares"]:
+        print_rows(report["spares"], counted, title="spares")
+    print_rows(
+        report["builds"],
+        ["version", "status", "is_current", "level", "tenants", "spares", "retired_at"],
+        title="builds",
+    )
+    d = report["drift"]
+    if d["checked"]:
+        console.print(
+            f"drift (last checked {d['last_checked_at']}): {d['drifted']} drifted, "
+            f"{d['clean']} clean, {d['not_compared']} not compared"
+            + (f": {escape(', '.join(d['drifted_tenants']))}" if d["drifted_tenants"] else "")
+        )
+    else:
+        console.print(f"drift: never checked (run 'monk template drift {escape(key)}')")
+
+
+@app.command()
+def drift(
+    key: str = typer.Argument(..., help="Template key."),
+    parallel: int = typer.Option(
+        4, "--parallel", min=1, max=64, help="Tenant databases checked at once."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Compare every tenant of KEY with the build it claims to be at; exit 1 when any drifted
+    (the results are kept for 'monk template status' and 'monk doctor')."""
+    from monk.cli.tenant import print_drift
+    from monk.service import drift as drift_service
+
+    results = drift_service.template_drift(state().tenants, key, parallel=parallel)
+    if as_json:
+        print_json([r.as_dict() for r in results])
+    else:
+        for result in results:
+            print_drift(result)
+        drifted = sum(1 for r in results if r.drifted)
+        unchecked = sum(1 for r in results if r.drifted is None)
+        console.print(
+            f"{len(results)} tenant(s) of {escape(key)}: {drifted} drifted, "
+            f"{len(results) - drifted - unchecked} clean, {unchecked} not compared"
+        )
+    if any(r.drifted for r in results):
+        raise typer.Exit(PROBLEMS_FOUND)
+
+
+@app.command()
 def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The template sources monk knows (built-in, MONK_TEMPLATE_PATH, and the folders keys were
     built from with --source) and their versions."""

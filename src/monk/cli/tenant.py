@@ -316,3 +316,33 @@ def credentials(
     svc = state().tenants
     view = svc.rotate_credentials(name) if rotate else svc.view(svc.get(name))
     _show(view, as_json)
+
+
+@app.command()
+def drift(name: str, as_json: bool = JSON) -> None:
+    """Compare the tenant's schema with the build it claims to be at; exit 1 when it drifted
+    (the result is kept: 'monk template status' and 'monk doctor' report it)."""
+    from monk.service import drift as drift_service
+
+    result = drift_service.tenant_drift(state().tenants, name)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        print_drift(result)
+    if result.drifted:
+        raise typer.Exit(PROBLEMS_FOUND)
+
+
+def print_drift(result: Any) -> None:
+    """One tenant's drift check, for people (``result``: a ``drift.DriftResult``)."""
+    build = f"{result.template_key} {result.template_version} (per its {result.claimed_by})"
+    if result.drifted is None:
+        console.print(f"{escape(result.name)}: {escape(result.error or 'not checked')}")
+    elif not result.drifted:
+        console.print(f"{escape(result.name)}: no drift from {escape(build)}")
+    else:
+        console.print(
+            f"{escape(result.name)}: {len(result.differences)} difference(s) from {escape(build)}"
+        )
+        for difference in result.differences:
+            console.print(f"  - {escape(str(difference))}", soft_wrap=True)

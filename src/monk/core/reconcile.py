@@ -8,9 +8,9 @@ core imports nothing of the adapters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from monk.core import lifecycle
 from monk.core.lifecycle import SETTLED, TenantStatus
@@ -72,20 +72,41 @@ class RoleFacts(Protocol):
     def connection_limit(self) -> int: ...
 
 
+class DriftFacts(Protocol):
+    """What the rules read of a tenant's last drift check."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def template_version(self) -> str | None: ...
+    @property
+    def drifted(self) -> bool | None: ...
+    @property
+    def differences(self) -> Sequence[Mapping[str, str]]: ...
+    @property
+    def registry_version(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class Problem:
     kind: str  # stuck_operation | missing_database | missing_role | orphan_database | ...
     subject: str  # database, role or template name
     detail: str
     repair: str  # what --repair does about it
+    tenants: tuple[str, ...] = ()  # the tenants concerned, when the subject is a template key
 
-    def as_dict(self) -> dict[str, str]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "kind": self.kind,
             "subject": self.subject,
             "detail": self.detail,
             "repair": self.repair,
         }
+        if self.tenants:
+            out["tenants"] = list(self.tenants)
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,9 @@ class Snapshot:
     reserves: Mapping[str, object] = field(default_factory=dict)
     # database settings each template build (key, version) gives its clones
     build_settings: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+    # the version of each key's current build, and the last drift check of each live tenant
+    current_versions: Mapping[str, str] = field(default_factory=dict)
+    drift_checks: tuple[DriftFacts, ...] = ()
 
 
 def access_drift(
@@ -324,13 +348,75 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                 "template_leftover", name, "leftover of an interrupted template build", "drop it"
             )
         )
+    problems += drifted(snap.drift_checks)
     return problems
 
 
+# Statuses of the tenants an upgrade brings forward (a trashed one follows when restored).
+UPGRADED_STATUSES = frozenset({TenantStatus.ACTIVE, TenantStatus.DISABLED})
+
+
+def behind_current(
+    tenants: Iterable[TenantRow], current_versions: Mapping[str, str]
+) -> dict[str, list[str]]:
+    """Per template key, the names (sorted) of the active and disabled tenants the registry
+    records at another build than the key's current one."""
+    out: dict[str, list[str]] = {}
+    for t in tenants:
+        key = t.template_key
+        if t.status not in UPGRADED_STATUSES or key is None or key not in current_versions:
+            continue
+        if t.template_version != current_versions[key]:
+            out.setdefault(key, []).append(t.name)
+    return {key: sorted(names, key=str.casefold) for key, names in sorted(out.items())}
+
+
+def drifted(checks: Iterable[DriftFacts]) -> list[Problem]:
+    """A tenant whose last drift check found differences. monk repairs none: the change was
+    made by hand, and only its author knows whether to undo it or make it the template's."""
+    out = []
+    for c in checks:
+        if not c.drifted:
+            continue
+        detail = (
+            f"tenant {c.name!r} differs from its build {c.template_version}: "
+            + "; ".join(d.get("text", "") for d in list(c.differences)[:3])
+            + (f"; and {len(c.differences) - 3} more" if len(c.differences) > 3 else "")
+        )
+        if c.registry_version != c.template_version:
+            # Upgraded (or restored) since: the finding may be out of date.
+            detail += f" (checked at that build; the registry now records {c.registry_version})"
+        out.append(
+            Problem(
+                "drifted",
+                c.database,
+                detail,
+                "none: undo the change in the tenant's database, or make it a migration file "
+                "of the template, build and upgrade; `monk tenant drift NAME` checks again",
+            )
+        )
+    return out
+
+
+def behind_warnings(snap: Snapshot) -> list[Problem]:
+    return [
+        Problem(
+            "behind_build",
+            key,
+            f"{len(names)} tenant(s) of {key} are not at its current build "
+            f"{snap.current_versions[key]}",
+            f"none: `monk template upgrade {key}` brings them forward",
+            tuple(names),
+        )
+        for key, names in behind_current(snap.tenants, snap.current_versions).items()
+    ]
+
+
 def warnings(snap: Snapshot) -> list[Problem]:
-    """Pure: what monk cannot decide for a server it may not own; reported, never repaired,
+    """Pure: what monk cannot decide for a server it may not own, and tenants behind their
+    key's current build (a state between a build and its upgrade); reported, never repaired,
     and not a reason for a non-zero exit."""
-    out: list[Problem] = []
+    out: list[Problem] = behind_warnings(snap)
     if snap.public_databases:
         out.append(
             Problem(

@@ -13,7 +13,7 @@ from typing import Any
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
-from monk.adapters.registry import Tenant
+from monk.adapters.registry import Tenant, fleet
 from monk.adapters.registry import events as outbox
 from monk.adapters.registry import reconcile as reconcile_reads
 from monk.adapters.registry import templates as template_builds
@@ -68,6 +68,8 @@ def take_snapshot(svc: TenantService) -> Snapshot:
             b.database for b in template_builds.current_builds(reg, pools.target.name)
         )
         build_settings = template_builds.settings_by_build(reg, pools.target.name)
+        current_builds = template_builds.current_builds(reg, pools.target.name)
+        drift_checks = tuple(fleet.drift_checks(reg, pools.target.name, drifted_only=True))
     with pools.admin() as adm:
         all_dbs = admin.database_states(adm)
         all_roles = admin.role_states(adm)
@@ -114,6 +116,8 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         public_databases=public,
         reserves=reserves,
         build_settings=build_settings,
+        current_versions={b.key: b.version for b in current_builds},
+        drift_checks=drift_checks,
     )
 
 

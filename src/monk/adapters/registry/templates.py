@@ -56,6 +56,8 @@ class TemplateBuild:
     built_at: datetime | None
     retired_at: datetime | None
     dropped_at: datetime | None
+    fingerprint: str | None
+    """sha256 of the build's catalog (``monk.core.catalog``); None for builds made before."""
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -246,6 +248,35 @@ def recorded_plan(conn: Conn, build_id: UUID) -> RecordedPlan | None:
     return RecordedPlan(dict(row[0]), list(row[1]))
 
 
+def build_catalog(conn: Conn, build_id: UUID) -> dict[str, Any] | None:
+    """The catalog a build recorded (``Catalog.as_dict``), None if it has none."""
+    row = conn.execute("SELECT catalog FROM template_builds WHERE id = %s", (build_id,)).fetchone()
+    return row[0] if row and isinstance(row[0], dict) else None
+
+
+def retired_unneeded(conn: Conn, key: str, host: str) -> list[TemplateBuild]:
+    """The retired builds of ``key``, oldest first, that nothing needs: no tenant holding a
+    database (trashed ones included), no archive of a purged tenant, no spare records its
+    version; or the current build has that same version (it serves them all)."""
+    return _fetch(
+        conn,
+        "key = %s AND host = %s AND status = 'retired'"
+        # the current build serves whatever needs this version (a forced rebuild)
+        " AND (EXISTS (SELECT 1 FROM template_builds c WHERE c.host = template_builds.host"
+        "   AND c.key = template_builds.key AND c.is_current"
+        "   AND c.version = template_builds.version)"
+        "  OR (NOT EXISTS (SELECT 1 FROM tenants t WHERE t.host = template_builds.host"
+        "   AND t.template_key = template_builds.key"
+        "   AND t.template_version = template_builds.version"
+        "   AND (t.deleted_at IS NULL OR t.archive_path IS NOT NULL))"
+        "  AND NOT EXISTS (SELECT 1 FROM spares s WHERE s.host = template_builds.host"
+        "   AND s.template_key = template_builds.key"
+        "   AND s.template_version = template_builds.version)))"
+        " ORDER BY created_at",
+        (key, host),
+    )
+
+
 def operation_step(conn: Conn, op_id: UUID) -> str | None:
     row = conn.execute("SELECT step FROM operations WHERE id = %s", (op_id,)).fetchone()
     return str(row[0]) if row and row[0] else None
@@ -314,6 +345,17 @@ def mark_failed(conn: Conn, build_id: UUID, op_id: UUID | None, error: str, op_e
                 " finished_at = now() WHERE id = %s",
                 (op_error, op_id),
             )
+
+
+def record_catalog(
+    conn: Conn, build_id: UUID, catalog: Mapping[str, Any], fingerprint: str
+) -> None:
+    """Record the catalog of a build's database (read before it is closed, or later from a
+    scratch clone of it) and its fingerprint."""
+    conn.execute(
+        "UPDATE template_builds SET catalog = %s, fingerprint = %s WHERE id = %s",
+        (Jsonb(dict(catalog)), fingerprint, build_id),
+    )
 
 
 def mark_dropped(conn: Conn, build_id: UUID, *, error: str | None = None) -> None:

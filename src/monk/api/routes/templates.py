@@ -15,14 +15,17 @@ from fastapi import APIRouter, Body, Path, Query
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok, responses
 from monk.api.models import (
+    DriftOut,
     TemplateBuildOut,
     TemplateBuildRequest,
     TemplateBuildResultOut,
     TemplateCheckOut,
+    TemplateStatusOut,
 )
 from monk.api.public import scrubbed
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError
+from monk.service import drift, fleet
 from monk.service import templates as template_service
 from monk.settings import Settings
 
@@ -131,6 +134,47 @@ def build_template(
 def check_template(rt: RuntimeDep, _: Root, key: Key) -> Ok[TemplateCheckOut]:
     report = rt.tenants.templates.check(key)
     return Ok(data=TemplateCheckOut.model_validate(report.as_dict()))
+
+
+@router.get(
+    "/{key}/status",
+    summary="Where the tenants of a key are: per build, level and status",
+    responses=READ_ONE,
+    description="From the system database alone: tenants per (build version, migration "
+    "level, status), the current build, spares per build, the tenants behind the current "
+    "build, the last drift checks.",
+)
+def template_status(rt: RuntimeDep, _: Root, key: Key) -> Ok[TemplateStatusOut]:
+    return Ok(data=TemplateStatusOut.model_validate(fleet.template_status(rt.tenants, key)))
+
+
+@router.get(
+    "/{key}/drift",
+    summary="The last drift check of each tenant of a key",
+    responses=READ,
+    description="As kept in the system database; `POST` checks every tenant now.",
+)
+def last_drift(rt: RuntimeDep, _: Root, key: Key) -> Ok[list[DriftOut]]:
+    validate_template_key(key)
+    rows = drift.last_results(rt.tenants, key)
+    return Ok(data=[DriftOut.model_validate(r.as_dict()) for r in rows])
+
+
+@router.post(
+    "/{key}/drift",
+    summary="Compare every tenant of a key with the build it claims to be at",
+    responses=READ_ONE,
+    description="One connection per tenant, `parallel` at a time; each result is kept. "
+    "Answers when every tenant was checked.",
+)
+def check_drift(
+    rt: RuntimeDep,
+    _: Root,
+    key: Key,
+    parallel: Annotated[int, Query(ge=1, le=64, description="Tenants checked at once.")] = 4,
+) -> Ok[list[DriftOut]]:
+    results = drift.template_drift(rt.tenants, key, parallel=parallel)
+    return Ok(data=[DriftOut.model_validate(r.as_dict()) for r in results])
 
 
 @router.delete(

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Header, Query, status
 
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
-from monk.api.models import TenantCreate, TenantHealth, TenantOut, TenantPatch
+from monk.api.models import DriftOut, TenantCreate, TenantHealth, TenantOut, TenantPatch
 from monk.api.public import scrubbed
 from monk.core.lifecycle import TenantStatus
+from monk.service import drift
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantView
 from monk.settings import Settings
@@ -120,6 +121,30 @@ def delete_tenant(
 @router.get("/{name}/health", summary="Check a tenant", responses=READ_ONE)
 def health(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantHealth]:
     return Ok(data=TenantHealth.model_validate(tenant_health(rt.tenants, name)))
+
+
+@router.get(
+    "/{name}/drift",
+    summary="The tenant's last drift check",
+    responses=READ_ONE,
+    description="As kept in the system database (`data` is null if it was never checked); "
+    "`POST` checks now.",
+)
+def last_drift(rt: RuntimeDep, _: Root, name: str) -> Ok[DriftOut | None]:
+    found = drift.last_result(rt.tenants, name)
+    return Ok(data=DriftOut.model_validate(found.as_dict()) if found else None)
+
+
+@router.post(
+    "/{name}/drift",
+    summary="Compare the tenant's schema with the build it claims to be at",
+    responses=READ_ONE,
+    description="Opens the tenant's database (monk's admin, one connection), compares its "
+    "catalog with the claimed build's, keeps the result. `drifted: true` lists the "
+    "`differences`; there is no repair (see docs/templates.md).",
+)
+def check_drift(rt: RuntimeDep, _: Root, name: str) -> Ok[DriftOut]:
+    return Ok(data=DriftOut.model_validate(drift.tenant_drift(rt.tenants, name).as_dict()))
 
 
 @router.post(

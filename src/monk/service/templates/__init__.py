@@ -21,17 +21,20 @@ and the CLI; a provision of a key with no build raises TemplateNotBuilt.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
+from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.postgres.template_db import clone_marker
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
+from monk.core.catalog import Catalog
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError, TemplateNotBuilt
 from monk.service.templates import health, lifecycle, recovery, sources
@@ -201,6 +204,25 @@ class TemplateService:
         with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
             return health.check(reg, adm, self.target, self.settings, key)
 
+    def build_catalog(self, key: str, version: str) -> tuple[TemplateBuild, Catalog] | None:
+        """The catalog of ``key``'s build ``version`` (what drift compares tenants with): the
+        one the build recorded, else read now from a scratch clone of it and recorded; None
+        when it recorded none and its database is gone."""
+        host = self.target.name
+        with self.pools.system() as reg:
+            for build in builds.builds_of_version(reg, key, host, version):
+                if (found := builds.build_catalog(reg, build.id)) is not None:
+                    return build, Catalog.from_dict(found)
+            with builds.key_lock(reg, key), self.pools.admin() as adm:
+                # Under the lock: nobody drops it while it is cloned.
+                for build in builds.live_builds_of_version(reg, key, host, version):
+                    if not admin.database_exists(adm, build.database):
+                        continue
+                    catalog = health.read_build_catalog(adm, self.target, self.settings, build)
+                    builds.record_catalog(reg, build.id, catalog.as_dict(), catalog.fingerprint())
+                    return builds.get(reg, build.id), catalog
+        return None
+
     # ------------------------------------------------------------------------ lifecycle
 
     def drop(self, key: str, version: str | None = None, *, force: bool = False) -> TemplateBuild:
@@ -210,14 +232,27 @@ class TemplateService:
         with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
             return lifecycle.drop(reg, adm, self.target, key, version, force=force)
 
-    def prune(self, key: str | None = None) -> list[TemplateBuild]:
-        """Remove the retired builds (of ``key``, or of every key) that no live tenant needs, and
-        forget failed builds but the latest of each key."""
+    def prune(
+        self,
+        key: str | None = None,
+        *,
+        retired_before: datetime | None = None,
+        wait: bool = True,
+    ) -> list[TemplateBuild]:
+        """Remove the retired builds (of ``key``, or of every key; retired before
+        ``retired_before`` if given) that no tenant, archive or spare needs, and forget failed
+        builds but the latest of each key. Without ``wait`` (``monk serve``'s schedule), a key
+        whose lock someone holds (a build, a check) is left for the next time."""
         dropped: list[TemplateBuild] = []
         with self.pools.system() as reg, self.pools.admin() as adm:
             for k in builds.keys_in_status(reg, self.target.name, ["retired", "failed"], key):
-                with builds.key_lock(reg, k):
-                    dropped += lifecycle.prune_key(reg, adm, self.target, k)
+                lock = builds.key_lock(reg, k) if wait else builds.key_lock_if_free(reg, k)
+                with lock as taken:
+                    if taken is False:
+                        continue
+                    dropped += lifecycle.prune_key(
+                        reg, adm, self.target, k, retired_before=retired_before
+                    )
         return dropped
 
     # ------------------------------------------------------------------------ sources

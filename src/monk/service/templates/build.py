@@ -45,6 +45,7 @@ import psycopg
 
 import monk
 from monk.adapters.postgres import admin, template_db
+from monk.adapters.postgres import catalog as catalog_reader
 from monk.adapters.postgres.connection import ServerTarget, connect, translate
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry import upgrades
@@ -189,6 +190,13 @@ def _build(
             b.step("health", settings, report)
             expected = None if plan.source.migrations else expected_counts(plan)
             health = inspect(db, staging, expected)
+            catalog_ms = 0.0
+            if health.ok:
+                # What drift compares tenants with: read once, before the template is closed.
+                catalog_started = time.monotonic()
+                catalog = catalog_reader.read_catalog(db)
+                builds.record_catalog(reg, build_id, catalog.as_dict(), catalog.fingerprint())
+                catalog_ms = round((time.monotonic() - catalog_started) * 1000, 1)
             db.commit()
             if health.ok:
                 # Clones copy the statistics: every tenant plans with them from its first query,
@@ -212,6 +220,7 @@ def _build(
             "size_bytes": admin.database_size(adm, staging),
             "server_version": admin.server_version(adm),
             "migration_level": migration_level(source),
+            "catalog_ms": catalog_ms,
         }
         b.step("swap", settings, report)
         if current is not None:

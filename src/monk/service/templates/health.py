@@ -13,8 +13,11 @@ from typing import Any
 import psycopg
 
 from monk.adapters.postgres import admin, template_db
+from monk.adapters.postgres.catalog import read_catalog
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.adapters.registry import templates as builds
+from monk.adapters.registry.templates import TemplateBuild
+from monk.core.catalog import Catalog
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.core.schema_compiler import CORE_TABLES, SYSTEM_COLUMNS
 from monk.core.template_names import validate_template_key
@@ -136,6 +139,21 @@ def check(reg: Conn, adm: Conn, target: ServerTarget, settings: Settings, key: s
     if build.record_count is not None and report.record_count != build.record_count:
         problems.append(f"{report.record_count} records, the build recorded {build.record_count}")
     return dataclasses.replace(report, problems=(*problems, *report.problems))
+
+
+def read_build_catalog(
+    adm: Conn, target: ServerTarget, settings: Settings, build: TemplateBuild
+) -> Catalog:
+    """The catalog of a build made before builds recorded theirs, read from a scratch clone
+    (the template itself is never opened); the caller holds the key's lock."""
+    scratch = f"{CHECK_DB_PREFIX}{validate_template_key(build.key)}_{secrets.token_hex(4)}"
+    admin.create_database(adm, scratch, template=build.database)
+    try:
+        admin.comment_on_database(adm, scratch, check_mark(settings))
+        with connect(target, scratch, purpose="template-check") as db:
+            return read_catalog(db)
+    finally:
+        admin.drop_database(adm, scratch)
 
 
 def closed_problems(adm: Conn, database: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -72,13 +73,24 @@ def drop(
     return builds.get(reg, build.id)
 
 
-def prune_key(reg: Conn, adm: Conn, target: ServerTarget, key: str) -> list[TemplateBuild]:
-    """With the key's lock held: drop its retired builds that no live tenant needs, and
+def prune_key(
+    reg: Conn,
+    adm: Conn,
+    target: ServerTarget,
+    key: str,
+    *,
+    retired_before: datetime | None = None,
+) -> list[TemplateBuild]:
+    """With the key's lock held: drop its retired builds that nothing needs (no tenant that
+    holds a database, trashed ones included; no archive of a purged tenant, which a restore
+    brings back at that build; no spare), retired before ``retired_before`` if given; and
     forget its failed builds but the latest (they have no database left; the latest still
     tells ``template list --all`` why the key's last build failed)."""
     dropped = []
-    for build in builds.builds_in_status(reg, key, target.name, "retired"):
-        if needed_by_tenants(reg, build):
+    for build in builds.retired_unneeded(reg, key, target.name):
+        if retired_before is not None and (
+            build.retired_at is None or build.retired_at > retired_before
+        ):
             continue
         admin.drop_database(adm, build.database)
         builds.mark_dropped(reg, build.id)
