@@ -703,13 +703,16 @@ def pause_at(settings: Settings, step: str) -> None:
     a pause in the main thread)."""
     if settings.fault_pause_at != step:
         return
-    sys.stderr.write(f"monk: paused at {step}\n")
-    sys.stderr.flush()
     if threading.current_thread() is not threading.main_thread():
+        sys.stderr.write(f"monk: paused at {step}\n")
+        sys.stderr.flush()
         time.sleep(3600)
         return
+    # The handler first: a test sends SIGUSR1 as soon as it reads the line.
     previous = signal.signal(signal.SIGUSR1, _resume)
     try:
+        sys.stderr.write(f"monk: paused at {step}\n")
+        sys.stderr.flush()
         time.sleep(3600)
     except _Resume:
         sys.stderr.write(f"monk: resumed at {step}\n")
