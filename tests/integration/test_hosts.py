@@ -142,6 +142,18 @@ def test_add_list_show_check_drain_undrain_remove(
     assert json.loads(local.stdout)["state"] == "draining"
     assert hosts_json(monk)[0]["state"] == "draining"
 
+    changed = monk("host", "set", "pg-2", "--capacity", "5", "--label", "zone=eu-2", "--json")
+    assert changed.returncode == 0, changed.stderr
+    assert (json.loads(changed.stdout)["capacity"], json.loads(changed.stdout)["labels"]) == (
+        5,
+        {"zone": "eu-2"},
+    )
+    cleared = json.loads(monk("host", "set", "pg-2", "--unlimited", "--no-labels", "--json").stdout)
+    assert (cleared["capacity"], cleared["labels"]) == (None, {})
+    local_cap = monk("host", "set", settings.host_name, "--capacity", "100", "--json")
+    assert json.loads(local_cap.stdout)["capacity"] == 100
+    assert monk("host", "set", "pg-9", "--capacity", "1").returncode == 3
+
     removed = monk("host", "remove", "pg-2")
     assert removed.returncode == 0, removed.stderr
     assert names(monk) == [settings.host_name]
@@ -282,6 +294,18 @@ def test_hosts_resolve_registered_servers_with_lazy_pools(
         assert svc.hosts.pools("pg-2") is pools
         with pytest.raises(Exception, match="not registered"):
             svc.hosts.target("pg-9")
+        # Another process removes it and adds the name again for another server: this one
+        # sees it once its look at the row is older than the recheck interval.
+        assert monk("host", "remove", "pg-2").returncode == 0
+        assert monk("host", "add", "pg-2", "--url", fleet.third.url).returncode == 0
+        time.sleep(5.2)
+        with svc.hosts.pools("pg-2").admin() as adm:
+            now_there = adm.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+        with fleet.third.connect() as conn:
+            assert (
+                now_there
+                == conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+            )
 
 
 def monk_sessions(fs: FleetServer) -> int:
@@ -328,6 +352,14 @@ def test_api_host_routes(
     checked = client.post(f"{base}/pg-3/check", headers=auth)
     assert checked.status_code == 200
     assert checked.json()["data"]["reachable"] is True
+    patched = client.patch(f"{base}/pg-3", json={"labels": {"zone": "c"}}, headers=auth)
+    assert (patched.json()["data"]["capacity"], patched.json()["data"]["labels"]) == (
+        10,
+        {"zone": "c"},
+    )
+    unlimited = client.patch(f"{base}/pg-3", json={"capacity": None}, headers=auth)
+    assert unlimited.json()["data"]["capacity"] is None
+    assert client.patch(f"{base}/pg-3", json={"capacity": -1}, headers=auth).status_code == 422
     assert client.post(f"{base}/pg-3/drain", headers=auth).json()["data"]["state"] == "draining"
     assert client.post(f"{base}/pg-3/undrain", headers=auth).json()["data"]["state"] == "active"
     assert client.get(f"{base}/pg-9", headers=auth).status_code == 404

@@ -236,7 +236,7 @@ class HostCreate(BaseModel):
     url: str = Field(
         ...,
         description="Admin URL of the server (its password is stored apart and never shown).",
-        examples=["postgresql://monk_admin:secret@10.0.0.12:5432/postgres"],
+        examples=["postgresql://monk_admin:secret@127.0.0.1:5433/postgres"],
     )
     password: str | None = Field(None, description="The admin role's password, if not in the URL.")
     capacity: int | None = Field(
@@ -245,6 +245,15 @@ class HostCreate(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, description='Labels for placement, e.g. {"zone": "eu-1"}.'
     )
+
+
+class HostPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    capacity: int | None = Field(
+        None, ge=0, le=1_000_000, description="Tenants it may hold; null: no limit."
+    )
+    labels: dict[str, str] | None = Field(None, description="Replaces every label.")
 
 
 class HostLastCheck(BaseModel):

@@ -127,6 +127,27 @@ def undrain(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
     _show(hosts.set_state(state().tenants, name, "active"), as_json)
 
 
+@app.command("set")
+def set_(
+    name: str = typer.Argument(...),
+    capacity: int | None = typer.Option(None, "--capacity", min=0, help="Tenants it may hold."),
+    unlimited: bool = typer.Option(False, "--unlimited", help="No capacity limit."),
+    label: list[str] | None = typer.Option(
+        None, "--label", help="k=v, repeatable: replaces every label."
+    ),
+    no_labels: bool = typer.Option(False, "--no-labels", help="Remove every label."),
+    as_json: bool = JSON,
+) -> None:
+    """Change a host's capacity or labels (the local host's too)."""
+    from monk.service import hosts
+
+    labels: list[str] | None = [] if no_labels else (label or None)
+    view = hosts.update(
+        state().tenants, name, capacity=capacity, unlimited=unlimited, labels=labels
+    )
+    _show(view, as_json)
+
+
 @app.command()
 def remove(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
     """Unregister a host that holds no live tenant, and forget its password."""

@@ -427,6 +427,41 @@ def set_state(svc: Pipeline, name: str, state: str) -> HostView:
     return get(svc, name)
 
 
+def update(
+    svc: Pipeline,
+    name: str,
+    *,
+    capacity: int | None = None,
+    unlimited: bool = False,
+    labels: Mapping[str, str] | Iterable[str] | None = None,
+) -> HostView:
+    """Change a host's capacity (``unlimited``: none) and/or replace its labels; the local
+    host's too (placement weighs it like the others)."""
+    if capacity is not None and unlimited:
+        raise InvalidRequest("give a capacity or no limit, not both", field="capacity")
+    rules.validate_capacity(capacity)
+    label_map: dict[str, str] | None = None
+    if labels is not None:
+        label_map = (
+            {rules.validate_label(k, v): v for k, v in labels.items()}
+            if isinstance(labels, Mapping)
+            else rules.parse_labels(labels)
+        )
+    with svc.hosts.pools().system() as reg:
+        if name == svc.hosts.local.name:
+            host_registry.ensure_local(reg, name, _LOCAL_ID)
+        changed = host_registry.update(
+            reg,
+            name,
+            capacity=capacity,
+            set_capacity=capacity is not None or unlimited,
+            labels=label_map,
+        )
+        if changed is None:
+            raise HostNotFound(f"host {name!r} is not registered ('monk host list')", host=name)
+    return get(svc, name)
+
+
 def remove(svc: Pipeline, name: str) -> HostView:
     """Unregister a host that no live tenant records, and forget its password."""
     if name == svc.hosts.local.name:

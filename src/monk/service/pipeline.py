@@ -139,6 +139,17 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+_HOST_RECHECK_S = 5.0
+
+
+@dataclass(frozen=True)
+class _KnownHost:
+    seen: float  # time.monotonic() of the last look at its row
+    host_id: UUID
+    url: str
+    target: ServerTarget
+
+
 class Hosts:
     """The PostgreSQL servers tenants live on, by the name the registry records: the local one
     (it keeps the system database) and the hosts of the fleet (``monk host add``), whose
@@ -161,24 +172,36 @@ class Hosts:
         self._connect_timeout = connect_timeout
         self._statement_timeout_ms = statement_timeout_ms
         self._lock = threading.Lock()
-        self._targets: dict[str, ServerTarget] = {}
+        self._targets: dict[str, _KnownHost] = {}
         self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
 
     def target(self, name: str | None) -> ServerTarget:
-        """The server of host ``name`` (None: the local one); HostNotFound if not registered."""
+        """The server of host ``name`` (None: the local one); HostNotFound if not registered.
+
+        A host's target is kept for ``_HOST_RECHECK_S``, then its row is read again: a host
+        removed, or removed and added again with another URL, by another process is seen
+        within that time (its old pools are closed)."""
         if name is None or name == self.local.name:
             return self.local
+        now = time.monotonic()
         with self._lock:
             known = self._targets.get(name)
-        if known is not None:
-            return known
+        if known is not None and now - known.seen < _HOST_RECHECK_S:
+            return known.target
         with self._pools[self.local.name].system() as reg:
             row = host_registry.get(reg, name)
         if row is None or row.is_local or row.url is None:
+            self.forget(name)
             raise HostNotFound(f"host {name!r} is not registered ('monk host list')", host=name)
-        found = self.remote_target(row)
+        if known is not None and (known.host_id, known.url) == (row.id, row.url):
+            with self._lock:
+                self._targets[name] = _KnownHost(now, row.id, row.url, known.target)
+            return known.target
+        if known is not None:
+            self.forget(name)
+        found = _KnownHost(now, row.id, row.url, self.remote_target(row))
         with self._lock:
-            return self._targets.setdefault(name, found)
+            return self._targets.setdefault(name, found).target
 
     def remote_target(self, row: HostRow) -> ServerTarget:
         """How to reach a registered host as its admin: its URL and its stored password."""

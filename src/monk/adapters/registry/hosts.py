@@ -118,6 +118,26 @@ def set_state(conn: Conn, name: str, state: str) -> HostRow | None:
         return cur.fetchone()
 
 
+def update(
+    conn: Conn,
+    name: str,
+    *,
+    capacity: int | None,
+    set_capacity: bool,
+    labels: Mapping[str, str] | None,
+) -> HostRow | None:
+    """Set a host's capacity (``set_capacity``: None is no limit) and/or replace its labels."""
+    with conn.cursor(row_factory=class_row(HostRow)) as cur:
+        cur.execute(
+            sql.SQL(
+                "UPDATE hosts SET capacity = CASE WHEN %s THEN %s ELSE capacity END, "
+                "labels = coalesce(%s, labels), updated_at = now() WHERE name = %s RETURNING {}"
+            ).format(_COLUMNS),
+            (set_capacity, capacity, None if labels is None else Jsonb(dict(labels)), name),
+        )
+        return cur.fetchone()
+
+
 def record_check(
     conn: Conn,
     name: str,

@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, READ, READ_ONE, Ok
-from monk.api.models import HostCheckOut, HostCreate, HostOut
+from monk.api.models import HostCheckOut, HostCreate, HostOut, HostPatch
 from monk.api.public import scrubbed
 from monk.service import hosts
 from monk.service.hosts import HostView
@@ -46,6 +46,21 @@ def add_host(rt: RuntimeDep, _: Root, body: HostCreate) -> Ok[HostOut]:
 @router.get("/{name}", summary="One host", responses=READ_ONE)
 def get_host(rt: RuntimeDep, _: Root, name: str) -> Ok[HostOut]:
     return Ok(data=_out(hosts.get(rt.tenants, name), rt.settings))
+
+
+@router.patch(
+    "/{name}", summary="Change a host's capacity (null: no limit) or labels", responses=CHANGE
+)
+def patch_host(rt: RuntimeDep, _: Root, name: str, body: HostPatch) -> Ok[HostOut]:
+    given = body.model_fields_set
+    view = hosts.update(
+        rt.tenants,
+        name,
+        capacity=body.capacity,
+        unlimited="capacity" in given and body.capacity is None,
+        labels=body.labels if "labels" in given else None,
+    )
+    return Ok(data=_out(view, rt.settings))
 
 
 @router.delete("/{name}", summary="Remove a host that holds no live tenant", responses=CHANGE)
