@@ -191,6 +191,11 @@ def test_add_refuses_a_role_without_createdb_and_createrole(
     assert wrong.returncode == 2, wrong.stderr
     assert "refused the connection" in wrong.stderr
     assert "password authentication failed" in wrong.stderr
+    no_pw = monk(
+        "host", "add", "nopw", "--url", f"postgresql://monk@127.0.0.1:{second.port}/postgres"
+    )
+    assert no_pw.returncode == 2, no_pw.stderr
+    assert "no password supplied" in no_pw.stderr
     assert names(monk) == [settings.host_name]
     assert secret_files(settings) == []
 

@@ -307,11 +307,18 @@ _FATAL_BUT_DOWN = (
 )
 
 
+# libpq's own refusals of what the server asked for: the server is up.
+_CLIENT_REFUSED = ("fe_sendauth:", "does not support SSL")
+
+
 def refused_by_server(exc: psycopg.Error) -> bool:
-    """True when a connection attempt reached a server that answered and refused it."""
+    """True when a connection attempt reached a server that answered and refused it (or
+    asked for what the client could not give: a password, SSL)."""
     if exc.sqlstate is not None:
         return exc.sqlstate not in _SERVER_DOWN_STATES
     text = str(exc)
+    if any(s in text for s in _CLIENT_REFUSED):
+        return True
     return "FATAL:" in text and not any(s in text for s in _FATAL_BUT_DOWN)
 
 
