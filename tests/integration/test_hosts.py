@@ -95,6 +95,31 @@ def test_local_host_is_listed_without_being_added(monk: RunMonk, settings: Setti
     assert "reaches the local server" in itself.stderr
     assert names(monk) == [settings.host_name]
     assert secret_files(settings) == []
+    checked = monk("host", "check", settings.host_name, "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["reachable"] is True
+    assert hosts_json(monk)[0]["last_check"]["ok"] is True
+
+
+def test_a_role_with_createdb_and_createrole_is_enough(
+    monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    third = fleet.third
+    role, pw = third.make_role("CREATEDB", "CREATEROLE")
+    added = monk("host", "add", "pg-3", "--url", third.url_as(role, pw), "--json")
+    assert added.returncode == 0, added.stderr
+    checked = monk("host", "check", "pg-3", "--json")
+    assert checked.returncode == 0, checked.stdout
+    assert json.loads(checked.stdout)["problems"] == []
+    # Its privileges taken away later: check says so (exit 1), the host stays registered.
+    with third.connect() as conn:
+        conn.execute(
+            psycopg.sql.SQL("ALTER ROLE {} NOCREATEROLE").format(psycopg.sql.Identifier(role))
+        )
+    weakened = monk("host", "check", "pg-3", "--json")
+    assert weakened.returncode == 1
+    assert json.loads(weakened.stdout)["problems"] == [f"role '{role}' lacks CREATEROLE"]
+    assert names(monk) == [settings.host_name, "pg-3"]
 
 
 def test_add_list_show_check_drain_undrain_remove(
