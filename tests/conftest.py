@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -23,6 +24,9 @@ from psycopg import sql
 from monk.adapters.embedded import EmbeddedServer
 from monk.adapters.postgres.connection import ServerTarget
 from monk.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.fleet import Fleet, FleetServer
 
 EXTERNAL_URL = os.environ.get("MONK_DATABASE_URL")
 
@@ -165,3 +169,26 @@ def _drop_installation(admin_url: str, system_db: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(system_db))
         )
+
+
+# ---------------------------------------------------------------- a fleet of servers
+# Imported inside the fixtures: tests.fleet imports free_port from here.
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """More real servers beside the session's own, each started on first use (tests/fleet.py)."""
+    from tests.fleet import Fleet
+
+    f = Fleet(tmp_path_factory)
+    yield f
+    f.stop_all()
+
+
+@pytest.fixture
+def fleet_server(tmp_path: Path) -> Iterator[FleetServer]:
+    """A server of this test alone (embedded 18), to stop, restart or break."""
+    from tests.fleet import own_fleet_server
+
+    with own_fleet_server(tmp_path / "own-pg") as fs:
+        yield fs

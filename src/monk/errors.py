@@ -5,12 +5,14 @@
     │   ├── InvalidName            tenant, template, schema or database name  400 / 2
     │   ├── InvalidTemplateSource  template.json, schemas, data, migrations   422 / 2
     │   ├── InvalidRequest         a well-formed body or argument, wrong      422 / 2
-    │   └── IdempotencyKeyReused   one Idempotency-Key, other parameters      422 / 2
+    │   ├── IdempotencyKeyReused   one Idempotency-Key, other parameters      422 / 2
+    │   └── HostUnsuitable         a server that cannot be a host (role, version) 422 / 2
     ├── ConfigError                a setting is wrong or its target unusable  500 / 6
     ├── NotFound                                                              404 / 3
     │   ├── TenantNotFound
     │   ├── TemplateNotFound
     │   ├── OperationNotFound
+    │   ├── HostNotFound
     │   └── DatabaseMissing        a database monk expected is not there
     ├── Conflict                                                              409 / 4
     │   ├── TenantExists
@@ -19,11 +21,14 @@
     │   ├── DatabaseExists         a database of that name is already there
     │   ├── StrayDatabase          a tenant's database exists with no live tenant
     │   ├── TemplateInUse          a build that tenants or spares still need
-    │   └── TemplateNotBuilt       a provision of a key with no build yet
+    │   ├── TemplateNotBuilt       a provision of a key with no build yet
+    │   ├── HostExists             a host of that name, URL or cluster is registered
+    │   └── HostInUse              a host that live tenants still record
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
     │   ├── ServerStartError       the embedded server did not start
+    │   ├── HostUnavailable        a host of the fleet cannot be reached
     │   └── DiskFull               the server's disk is full: free space      507 / 5
     ├── AuthError                                                             401 / 7
     │   └── RootAccessRequired                                                403 / 7
@@ -74,6 +79,13 @@ class IdempotencyKeyReused(UsageError):
     code = "IDEMPOTENCY_KEY_REUSED"
 
 
+class HostUnsuitable(UsageError):
+    """A server ``monk host add`` refuses: its role lacks privileges, its version is not
+    supported, or it refused the credentials."""
+
+    code = "HOST_UNSUITABLE"
+
+
 class ConfigError(MonkError):
     code = "CONFIG_ERROR"
 
@@ -92,6 +104,10 @@ class TemplateNotFound(NotFound):
 
 class OperationNotFound(NotFound):
     code = "OPERATION_NOT_FOUND"
+
+
+class HostNotFound(NotFound):
+    code = "HOST_NOT_FOUND"
 
 
 class DatabaseMissing(NotFound):
@@ -132,6 +148,14 @@ class TemplateNotBuilt(Conflict):
     code = "TEMPLATE_NOT_BUILT"
 
 
+class HostExists(Conflict):
+    code = "HOST_EXISTS"
+
+
+class HostInUse(Conflict):
+    code = "HOST_IN_USE"
+
+
 class Unavailable(MonkError):
     code = "UNAVAILABLE"
     retryable = True
@@ -148,6 +172,10 @@ class TemplateBusy(Unavailable):
 
 class ServerStartError(Unavailable):
     code = "SERVER_START_FAILED"
+
+
+class HostUnavailable(Unavailable):
+    code = "HOST_UNAVAILABLE"
 
 
 class DiskFull(Unavailable):
@@ -183,6 +211,7 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     InvalidTemplateSource: (422, 2),
     InvalidRequest: (422, 2),
     IdempotencyKeyReused: (422, 2),
+    HostUnsuitable: (422, 2),
     ConfigError: (500, 6),
     NotFound: (404, 3),
     Conflict: (409, 4),

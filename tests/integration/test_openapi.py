@@ -85,6 +85,11 @@ def test_api_conforms_to_its_openapi(
         headers=kwargs.get("headers"),
         content=body,
     )
+    if response.status_code == 503 and response.json().get("error_code") == "HOST_UNAVAILABLE":
+        # POST /api/root/host with a generated URL: no server there, which is an answer
+        # (documented, with Retry-After), not a failure of monk's.
+        case.validate_response(response, checks=CHECKS[1:])
+        return
     case.validate_response(response, checks=CHECKS)
 
 
@@ -102,6 +107,11 @@ def test_schema_lists_every_route(client: TestClient) -> None:
         "/api/root/template/prune",
         "/api/root/template/{key}",
         "/api/root/template/{key}/check",
+        "/api/root/host",
+        "/api/root/host/{name}",
+        "/api/root/host/{name}/check",
+        "/api/root/host/{name}/drain",
+        "/api/root/host/{name}/undrain",
     }
 
 
@@ -113,6 +123,8 @@ def test_schema_lists_every_route(client: TestClient) -> None:
         ("GET", "/api/root/tenant", {"template": "\x00"}, None, 400),
         ("GET", "/api/root/tenant", {"offset": 2**63}, None, 422),
         ("POST", "/api/root/tenant", None, {"name": "x", "host": "elsewhere"}, 422),
+        ("POST", "/api/root/host", None, {"name": "x", "url": "host=h port=x"}, 422),
+        ("POST", "/api/root/host", None, {"name": "Not A Name", "url": "postgresql://h"}, 400),
         ("GET", "/api/root/template", {"key": "Not A Key"}, None, 400),
         ("POST", "/api/root/template/prune", {"key": "x\x00"}, None, 400),
     ],

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import monk
 from monk.api import envelope
-from monk.api.routes import system, templates, tenants
+from monk.api.routes import hosts, system, templates, tenants
 from monk.api.runtime import Runtime
 from monk.errors import ConfigError, MonkError
 from monk.settings import Settings
@@ -54,6 +54,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(system.router)
     app.include_router(tenants.router)
     app.include_router(templates.router)
+    app.include_router(hosts.router)
     return app
 
 

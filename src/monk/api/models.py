@@ -306,3 +306,70 @@ class TemplateStatusOut(BaseModel):
         ..., description="Active and disabled tenants at another build than the current one."
     )
     drift: FleetDriftOut = Field(..., description="The last drift check of each tenant.")
+
+
+class HostCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        ...,
+        description="Host name: lower-case letters, digits and '-', starting with a letter.",
+        examples=["pg-eu-2"],
+    )
+    url: str = Field(
+        ...,
+        description="Admin URL of the server (its password is stored apart and never shown).",
+        examples=["postgresql://monk_admin:secret@127.0.0.1:5433/postgres"],
+    )
+    password: str | None = Field(None, description="The admin role's password, if not in the URL.")
+    capacity: int | None = Field(
+        None, ge=0, le=1_000_000, description="Tenants it may hold (default: no limit)."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description='Labels for placement, e.g. {"zone": "eu-1"}.'
+    )
+
+
+class HostPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    capacity: int | None = Field(
+        None, ge=0, le=1_000_000, description="Tenants it may hold; null: no limit."
+    )
+    labels: dict[str, str] | None = Field(None, description="Replaces every label.")
+
+
+class HostLastCheck(BaseModel):
+    at: str | None
+    ok: bool | None
+    error: str | None
+    latency_ms: float | None
+
+
+class HostOut(BaseModel):
+    name: str
+    local: bool = Field(description="The server monk starts with: it keeps the system database.")
+    url: str = Field(description="The admin URL, without its password.")
+    state: Literal["active", "draining"]
+    capacity: int | None
+    tenants: int = Field(description="Live tenants the registry records on this host.")
+    free: int | None
+    labels: dict[str, str]
+    server_version: str | None
+    added_at: str | None
+    last_check: HostLastCheck
+
+
+class HostCheckOut(BaseModel):
+    name: str
+    ok: bool
+    reachable: bool
+    state: Literal["active", "draining"]
+    server_version: str | None
+    connect_ms: float | None
+    latency_ms: float | None
+    tenants: int
+    capacity: int | None
+    free: int | None
+    error: str | None
+    problems: list[str]

@@ -11,6 +11,7 @@ import typer
 from monk.cli import bench as bench_cli
 from monk.cli import db as db_cli
 from monk.cli import events as events_cli
+from monk.cli import host as host_cli
 from monk.cli import pool as pool_cli
 from monk.cli import template as template_cli
 from monk.cli import tenant as tenant_cli
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(db_cli.app, name="db")
 app.add_typer(events_cli.app, name="events")
+app.add_typer(host_cli.app, name="host")
 app.add_typer(pool_cli.app, name="pool")
 app.add_typer(template_cli.app, name="template")
 app.add_typer(tenant_cli.app, name="tenant")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -24,16 +25,20 @@ from psycopg.types.json import Jsonb
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from monk.adapters import registry
+from monk.adapters.host_secrets import HostSecrets
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import (
     ServerTarget,
     connect,
     open_connection,
+    with_password,
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
+from monk.adapters.registry import hosts as host_registry
 from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
+from monk.adapters.registry.hosts import HostRow
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram, tenant_names
 from monk.core.template_names import validate_template_key
@@ -41,6 +46,7 @@ from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
     DatabaseExists,
     DatabaseMissing,
+    HostNotFound,
     InvalidRequest,
     InvalidState,
     MonkError,
@@ -133,25 +139,127 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-class Hosts:
-    """The PostgreSQL servers tenants live on, by the name the registry records."""
+_HOST_RECHECK_S = 5.0
 
-    def __init__(self, local: ServerTarget, system_db: str, *, pool_size: int) -> None:
+
+@dataclass(frozen=True)
+class _KnownHost:
+    seen: float  # time.monotonic() of the last look at its row
+    host_id: UUID
+    url: str
+    target: ServerTarget
+
+
+class Hosts:
+    """The PostgreSQL servers tenants live on, by the name the registry records: the local one
+    (it keeps the system database) and the hosts of the fleet (``monk host add``), whose
+    targets and pools are made on first use."""
+
+    def __init__(
+        self,
+        local: ServerTarget,
+        system_db: str,
+        *,
+        pool_size: int,
+        secrets: HostSecrets | None = None,
+        connect_timeout: int = 10,
+        statement_timeout_ms: int = 60_000,
+    ) -> None:
         self.local = local
+        self.secrets = secrets
+        self._system_db = system_db
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._statement_timeout_ms = statement_timeout_ms
+        self._lock = threading.Lock()
+        self._targets: dict[str, _KnownHost] = {}
         self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
 
     def target(self, name: str | None) -> ServerTarget:
+        """The server of host ``name`` (None: the local one); HostNotFound if not registered.
+
+        A host's target is kept for ``_HOST_RECHECK_S``, then its row is read again: a host
+        removed, or removed and added again with another URL, by another process is seen
+        within that time (its old pools are closed)."""
         if name is None or name == self.local.name:
             return self.local
+        now = time.monotonic()
+        with self._lock:
+            known = self._targets.get(name)
+        if known is not None and now - known.seen < _HOST_RECHECK_S:
+            return known.target
+        with self._pools[self.local.name].system() as reg:
+            row = host_registry.get(reg, name)
+        if row is None or row.is_local or row.url is None:
+            self.forget(name)
+            raise HostNotFound(f"host {name!r} is not registered ('monk host list')", host=name)
+        if known is not None and (known.host_id, known.url) == (row.id, row.url):
+            with self._lock:
+                self._targets[name] = _KnownHost(now, row.id, row.url, known.target)
+            return known.target
+        if known is not None:
+            self.forget(name)
+        found = _KnownHost(now, row.id, row.url, self.remote_target(row))
+        with self._lock:
+            return self._targets.setdefault(name, found).target
+
+    def remote_target(self, row: HostRow) -> ServerTarget:
+        """How to reach a registered host as its admin: its URL and its stored password."""
+        assert row.url is not None
+        password = self.secrets.get(row.id) if self.secrets is not None else None
+        return ServerTarget.from_url(
+            with_password(row.url, password),
+            name=row.name,
+            connect_timeout=self._connect_timeout,
+            statement_timeout_ms=self._statement_timeout_ms,
+            source=f"host {row.name!r}",
+        )
+
+    def placement(self, name: str | None) -> ServerTarget:
+        """Where a new tenant (or spare) goes: the local server until placement over the fleet
+        lands; a registered host is refused by name, an unknown one as before."""
+        if name is None or name == self.local.name:
+            return self.local
+        with self._pools[self.local.name].system() as reg:
+            registered = host_registry.get(reg, name) is not None
+        if registered:
+            raise InvalidRequest(
+                f"host {name!r} is registered, but tenants are placed on {self.local.name!r} "
+                "only for now",
+                host=name,
+            )
         raise InvalidRequest(
             f"unknown host {name!r}: this monk administers {self.local.name!r}", host=name
         )
 
     def pools(self, name: str | None = None) -> ServerPools:
-        return self._pools[self.target(name).name]
+        target = self.target(name)
+        with self._lock:
+            pools = self._pools.get(target.name)
+            if pools is None:
+                # A host of the fleet: its own admin pool, the local server's registry.
+                pools = self._pools[target.name] = ServerPools(
+                    target,
+                    self._system_db,
+                    max_size=self._pool_size,
+                    registry=self._pools[self.local.name],
+                )
+            return pools
+
+    def forget(self, name: str) -> None:
+        """Forget what this process keeps of a host (removed, or its URL changed)."""
+        if name == self.local.name:
+            return
+        with self._lock:
+            self._targets.pop(name, None)
+            pools = self._pools.pop(name, None)
+        if pools is not None:
+            pools.close()
 
     def close(self) -> None:
-        for pools in self._pools.values():
+        with self._lock:
+            every = list(self._pools.values())
+        for pools in every:
             pools.close()
 
 
@@ -224,7 +332,14 @@ class Pipeline:
         hasher: Hasher = tenant_names.stable_hex_16,
     ) -> None:
         self.settings = settings
-        self.hosts = Hosts(target, settings.system_db_name, pool_size=settings.pool_size)
+        self.hosts = Hosts(
+            target,
+            settings.system_db_name,
+            pool_size=settings.pool_size,
+            secrets=HostSecrets(settings.data_dir / "hosts"),
+            connect_timeout=settings.connect_timeout,
+            statement_timeout_ms=settings.statement_timeout_ms,
+        )
         self._hasher = hasher
         self.spare_secrets = SpareSecrets()
         self.role_secrets = RoleSecrets()
@@ -601,10 +716,39 @@ class Pipeline:
 
     def checkpoint(self, step: str) -> None:
         """Test hook (MONK_FAULT_PAUSE_AT): stop here so a test can kill -9 the process."""
-        if self.settings.fault_pause_at == step:
-            sys.stderr.write(f"monk: paused at {step}\n")
-            sys.stderr.flush()
-            time.sleep(3600)
+        pause_at(self.settings, step)
+
+
+class _Resume(Exception):
+    pass
+
+
+def _resume(_signum: int, _frame: object) -> None:
+    raise _Resume
+
+
+def pause_at(settings: Settings, step: str) -> None:
+    """Test hook (MONK_FAULT_PAUSE_AT): pause when an operation reaches ``step``, so that a
+    test can kill -9 the process there, or break something and let it go on (SIGUSR1 resumes
+    a pause in the main thread)."""
+    if settings.fault_pause_at != step:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        sys.stderr.write(f"monk: paused at {step}\n")
+        sys.stderr.flush()
+        time.sleep(3600)
+        return
+    # The handler first: a test sends SIGUSR1 as soon as it reads the line.
+    previous = signal.signal(signal.SIGUSR1, _resume)
+    try:
+        sys.stderr.write(f"monk: paused at {step}\n")
+        sys.stderr.flush()
+        time.sleep(3600)
+    except _Resume:
+        sys.stderr.write(f"monk: resumed at {step}\n")
+        sys.stderr.flush()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def validate_connection_limit(limit: int | None) -> None:

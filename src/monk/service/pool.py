@@ -184,7 +184,7 @@ def _hand_out_one(
 def fill(svc: Pipeline, key: str, count: int, *, host: str | None = None) -> int:
     """Make spares of ``key``'s current build until ``count`` exist (within the global cap);
     returns how many were made. Blocking: the refiller calls it in the background."""
-    target = svc.hosts.target(host)
+    target = svc.hosts.placement(host)
     pools = svc.hosts.pools(target.name)
     build = svc.current_build(key, target)
     made = 0

@@ -128,7 +128,7 @@ class TenantService(Pipeline):
 
         ``connection_limit``: its role's own (None: ``MONK_TENANT_CONNECTION_LIMIT``)."""
         name = self.name(raw_name)
-        target = self.hosts.target(host)
+        target = self.hosts.placement(host)
         pools = self.hosts.pools(target.name)
         validate_template_key(template)
         # Every parameter of the request: one Idempotency-Key stands for one request.

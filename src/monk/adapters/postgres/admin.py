@@ -8,6 +8,7 @@ caller decides how long a connection lives. PostgreSQL errors become monk errors
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -437,6 +438,45 @@ def database_size(conn: Conn, name: str) -> int | None:
 def server_version(conn: Conn) -> str:
     row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]) if row else "unknown"
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What ``monk host add`` and ``check`` ask of a server, in one round trip."""
+
+    version: str
+    version_num: int
+    system_identifier: str
+    user: str
+    superuser: bool
+    createdb: bool
+    createrole: bool
+
+
+def round_trip_ms(conn: Conn) -> float:
+    """The time of one trivial statement on ``conn``: the network and the server's answer."""
+    started = time.perf_counter()
+    conn.execute("SELECT 1")
+    return (time.perf_counter() - started) * 1000
+
+
+def server_facts(conn: Conn) -> ServerFacts:
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+        " (SELECT system_identifier::text FROM pg_control_system()), current_user,"
+        " rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    assert row is not None
+    version, num, ident, user, superuser, createdb, createrole = row
+    return ServerFacts(
+        str(version),
+        int(str(num)),
+        str(ident),
+        str(user),
+        bool(superuser),
+        bool(createdb),
+        bool(createrole),
+    )
 
 
 def revoke_all_from_public(conn: Conn, name: str) -> None:

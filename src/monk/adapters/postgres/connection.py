@@ -20,7 +20,15 @@ from typing import Any, Self
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from monk.errors import ConfigError, DatabaseUnavailable, DiskFull, MonkError
+from monk.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    DiskFull,
+    HostUnavailable,
+    HostUnsuitable,
+    InvalidRequest,
+    MonkError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +61,12 @@ class ServerTarget:
         name: str,
         connect_timeout: int = 10,
         statement_timeout_ms: int = 60_000,
+        source: str = "MONK_DATABASE_URL",
     ) -> ServerTarget:
         try:
             params = pg_conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
-            raise ConfigError(f"MONK_DATABASE_URL is not a valid PostgreSQL URL: {exc}") from None
+            raise ConfigError(f"{source} is not a valid PostgreSQL URL: {exc}") from None
         maintenance_db = str(params.pop("dbname", None) or "postgres")
         clean = {k: str(v) for k, v in params.items() if v is not None}
         host = clean.get("host", "localhost")
@@ -67,6 +76,7 @@ class ServerTarget:
             public_host="localhost" if host.startswith("/") else host.split(",")[0],
             public_port=int(clean.get("port", "5432").split(",")[0]),
             maintenance_db=maintenance_db,
+            source=source,
             connect_timeout=connect_timeout,
             statement_timeout_ms=statement_timeout_ms,
         )
@@ -76,6 +86,40 @@ class ServerTarget:
         params = pg_conninfo.conninfo_to_dict(self.conninfo)
         params["dbname"] = dbname
         return _to_url({k: str(v) for k, v in params.items() if v is not None})
+
+
+def split_password(
+    url: str, *, what: str = "the URL", public: ServerTarget | None = None
+) -> tuple[str, str | None]:
+    """``url`` (a libpq URL or key=value string) as a URL without its password, and the
+    password (None if it had none). A URL libpq cannot read is an InvalidRequest that does
+    not quote it (it may hold the password). ``public``: a unix socket host is replaced by
+    that target's public address (for display)."""
+    try:
+        params = pg_conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise InvalidRequest(
+            f"{what} is not a valid PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DBNAME)",
+            field="url",
+        ) from None
+    clean = {k: str(v) for k, v in params.items() if v is not None}
+    password = clean.pop("password", None)
+    if public is not None and clean.get("host", "/").startswith("/"):
+        clean["host"], clean["port"] = public.public_host, str(public.public_port)
+    if "sslpassword" in clean:
+        raise InvalidRequest(f"{what}: sslpassword is not supported", field="url")
+    if not all(p.strip().isdigit() for p in clean.get("port", "5432").split(",")):
+        raise InvalidRequest(f"{what}: the port must be a number", field="url")
+    return _to_url(clean), password
+
+
+def with_password(url: str, password: str | None) -> str:
+    """``url`` (from ``split_password``) with ``password`` put back."""
+    if password is None:
+        return url
+    params = {k: str(v) for k, v in pg_conninfo.conninfo_to_dict(url).items() if v is not None}
+    params["password"] = password
+    return _to_url(params)
 
 
 def _to_url(params: dict[str, str]) -> str:
@@ -146,6 +190,30 @@ def open_connection(
         )
     except psycopg.OperationalError as exc:
         raise unavailable(target, dbname or target.maintenance_db, exc) from None
+
+
+def open_checked(target: ServerTarget, *, purpose: str) -> psycopg.Connection[tuple[object, ...]]:
+    """A connection to ``target``'s maintenance database for checking it as a host: a server
+    that does not answer raises HostUnavailable, one that answers and refuses (credentials,
+    pg_hba.conf, no such database) HostUnsuitable, each with libpq's reason."""
+    try:
+        return GuardedConnection.connect(
+            target.conninfo,
+            dbname=target.maintenance_db,
+            autocommit=True,
+            application_name=f"{APPLICATION_NAME}:{purpose}",
+            connect_timeout=target.connect_timeout,
+            options=f"-c statement_timeout={int(target.statement_timeout_ms)}",
+        )
+    except psycopg.OperationalError as exc:
+        reason = _first_line(exc)
+        if not refused_by_server(exc):
+            raise HostUnavailable(
+                f"{target.source}: cannot reach the server: {reason}", host=target.name
+            ) from None
+        raise HostUnsuitable(
+            f"{target.source}: the server refused the connection: {reason}", host=target.name
+        ) from None
 
 
 def unavailable(target: ServerTarget, dbname: str, exc: BaseException | str) -> DatabaseUnavailable:
@@ -227,9 +295,37 @@ def breaker(conninfo: str) -> Breaker:
         return _breakers.setdefault(key, Breaker())
 
 
+# A failed connection attempt carries no SQLSTATE, only libpq's text: a FATAL the server sent
+# is an answer (a wrong password, no such database, pg_hba.conf), except these, which say
+# the server cannot be used now.
+_FATAL_BUT_DOWN = (
+    "starting up",
+    "shutting down",
+    "in recovery mode",
+    "not yet accepting connections",
+    "not accepting connections",
+)
+
+
+# libpq's own refusals of what the server asked for: the server is up.
+_CLIENT_REFUSED = ("fe_sendauth:", "does not support SSL")
+
+
+def refused_by_server(exc: psycopg.Error) -> bool:
+    """True when a connection attempt reached a server that answered and refused it (or
+    asked for what the client could not give: a password, SSL)."""
+    if exc.sqlstate is not None:
+        return exc.sqlstate not in _SERVER_DOWN_STATES
+    text = str(exc)
+    if any(s in text for s in _CLIENT_REFUSED):
+        return True
+    return "FATAL:" in text and not any(s in text for s in _FATAL_BUT_DOWN)
+
+
 def server_down(exc: psycopg.Error) -> bool:
-    """True when ``exc`` says the server cannot be reached or used at all."""
-    return exc.sqlstate in _SERVER_DOWN_STATES
+    """True when ``exc`` says the server cannot be reached or used at all (a server that
+    refuses monk's credentials is up: its breaker stays closed)."""
+    return exc.sqlstate in _SERVER_DOWN_STATES and not refused_by_server(exc)
 
 
 class GuardedConnection(psycopg.Connection[Any]):

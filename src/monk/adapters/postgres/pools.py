@@ -70,15 +70,30 @@ _returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
 
 
 class ServerPools:
-    def __init__(self, target: ServerTarget, system_db: str, *, max_size: int = 8) -> None:
+    """``registry``: the pools of the server that keeps the system database, for a host of the
+    fleet that does not (its ``system()`` is the registry's, its ``admin()`` its own)."""
+
+    def __init__(
+        self,
+        target: ServerTarget,
+        system_db: str,
+        *,
+        max_size: int = 8,
+        registry: ServerPools | None = None,
+    ) -> None:
         self.target = target
         self.system_db = system_db
         self.breaker = breaker(target.conninfo)
+        self._registry = registry
         # The registry's statements are small indexed reads and writes, prepared and run on
         # every request: a generic plan serves them all, where a custom plan is made again at
         # each execution (0.3 ms of server CPU for the provision's intent statement).
-        self._system = self._pool(
-            system_db, "registry", max_size, settings="-c plan_cache_mode=force_generic_plan"
+        self._system = (
+            None
+            if registry is not None
+            else self._pool(
+                system_db, "registry", max_size, settings="-c plan_cache_mode=force_generic_plan"
+            )
         )
         self._admin = self._pool(target.maintenance_db, "admin", max_size)
 
@@ -150,6 +165,9 @@ class ServerPools:
 
     def system(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """An autocommit connection to the system database (registry)."""
+        if self._registry is not None:
+            return self._registry.system()
+        assert self._system is not None
         return self._get(self._system, self.system_db)
 
     def admin(self) -> AbstractContextManager[psycopg.Connection[Any]]:
@@ -157,5 +175,6 @@ class ServerPools:
         return self._get(self._admin, self.target.maintenance_db)
 
     def close(self) -> None:
-        self._system.close()
+        if self._system is not None:
+            self._system.close()
         self._admin.close()

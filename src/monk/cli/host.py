@@ -1,0 +1,160 @@
+"""``monk host …``: the fleet's PostgreSQL servers (``--json`` prints the API's objects)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.markup import escape
+
+from monk.cli.context import state
+from monk.cli.exits import PROBLEMS_FOUND
+from monk.cli.output import console, print_json, print_mapping, print_rows
+
+if TYPE_CHECKING:
+    from monk.service.hosts import HostView
+
+app = typer.Typer(help="Hosts: the PostgreSQL servers tenants live on.", no_args_is_help=True)
+
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _show(view: HostView, as_json: bool) -> None:
+    data = view.as_dict()
+    if as_json:
+        print_json(data)
+        return
+    last = data.pop("last_check")
+    data["labels"] = _labels(data["labels"])
+    print_mapping(data)
+    print_mapping(last, title="last check")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+@app.command()
+def add(
+    name: str = typer.Argument(..., help="Host name, e.g. 'pg-eu-2'."),
+    url: str = typer.Option(
+        ..., "--url", help="Admin URL: postgresql://USER:PASSWORD@HOST:PORT/postgres."
+    ),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from stdin (not in the URL)."
+    ),
+    capacity: int | None = typer.Option(
+        None, "--capacity", min=0, help="Tenants it may hold (default: no limit)."
+    ),
+    label: list[str] = typer.Option([], "--label", help="k=v, repeatable."),
+    as_json: bool = JSON,
+) -> None:
+    """Register a server, after checking it: reachable, PostgreSQL 15-18, CREATEDB and
+    CREATEROLE."""
+    from monk.service import hosts
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    view = hosts.add(state().tenants, name, url, password=password, capacity=capacity, labels=label)
+    if as_json:
+        print_json(view.as_dict())
+    else:
+        console.print(
+            f"added host {escape(view.name)} (PostgreSQL {escape(view.server_version or '?')})"
+        )
+
+
+@app.command("list")
+def list_(as_json: bool = JSON) -> None:
+    """Every host with its state, tenants against capacity, and its last check."""
+    from monk.service import hosts
+
+    views = hosts.list_hosts(state().tenants)
+    if as_json:
+        print_json([v.as_dict() for v in views])
+        return
+    rows: list[dict[str, Any]] = []
+    for v in views:
+        d = v.as_dict()
+        last = d["last_check"]
+        d["tenants"] = f"{v.tenants}/{v.capacity}" if v.capacity is not None else v.tenants
+        d["labels"] = _labels(v.labels)
+        d["last_check"] = (
+            None if last["at"] is None else ("ok" if last["ok"] else f"failed: {last['error']}")
+        )
+        rows.append(d)
+    print_rows(rows, ["name", "state", "tenants", "server_version", "labels", "url", "last_check"])
+
+
+@app.command()
+def show(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
+    """One host."""
+    from monk.service import hosts
+
+    _show(hosts.get(state().tenants, name), as_json)
+
+
+@app.command()
+def check(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
+    """Connect (within MONK_CONNECT_TIMEOUT), measure latency, count tenants; exit 1 if the
+    host is unreachable or has problems."""
+    from monk.service import hosts
+
+    result = hosts.check(state().tenants, name)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        data = result.as_dict()
+        data["problems"] = "; ".join(data["problems"]) or None
+        print_mapping(data)
+    if not result.ok:
+        raise typer.Exit(PROBLEMS_FOUND)
+
+
+@app.command()
+def drain(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
+    """Mark a host draining: placement will put no new tenant there."""
+    from monk.service import hosts
+
+    _show(hosts.set_state(state().tenants, name, "draining"), as_json)
+
+
+@app.command()
+def undrain(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
+    """Mark a draining host active again."""
+    from monk.service import hosts
+
+    _show(hosts.set_state(state().tenants, name, "active"), as_json)
+
+
+@app.command("set")
+def set_(
+    name: str = typer.Argument(...),
+    capacity: int | None = typer.Option(None, "--capacity", min=0, help="Tenants it may hold."),
+    unlimited: bool = typer.Option(False, "--unlimited", help="No capacity limit."),
+    label: list[str] | None = typer.Option(
+        None, "--label", help="k=v, repeatable: replaces every label."
+    ),
+    no_labels: bool = typer.Option(False, "--no-labels", help="Remove every label."),
+    as_json: bool = JSON,
+) -> None:
+    """Change a host's capacity or labels (the local host's too)."""
+    from monk.service import hosts
+
+    labels: list[str] | None = [] if no_labels else (label or None)
+    view = hosts.update(
+        state().tenants, name, capacity=capacity, unlimited=unlimited, labels=labels
+    )
+    _show(view, as_json)
+
+
+@app.command()
+def remove(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
+    """Unregister a host that holds no live tenant, and forget its password."""
+    from monk.service import hosts
+
+    view = hosts.remove(state().tenants, name)
+    if as_json:
+        print_json(view.as_dict())
+    else:
+        console.print(f"removed host {escape(view.name)}")
