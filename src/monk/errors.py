@@ -19,7 +19,8 @@
     │   ├── DatabaseExists         a database of that name is already there
     │   ├── StrayDatabase          a tenant's database exists with no live tenant
     │   ├── TemplateInUse          a build that tenants or spares still need
-    │   └── TemplateNotBuilt       a provision of a key with no build yet
+    │   ├── TemplateNotBuilt       a provision of a key with no build yet
+    │   └── UpgradeRunning         another process runs an upgrade of the key
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
@@ -130,6 +131,12 @@ class TemplateNotBuilt(Conflict):
     """A provision of a template key that has no ready build: no HTTP request builds one."""
 
     code = "TEMPLATE_NOT_BUILT"
+
+
+class UpgradeRunning(Conflict):
+    """A fleet upgrade of a key while another process runs one (its lock is held)."""
+
+    code = "UPGRADE_RUNNING"
 
 
 class Unavailable(MonkError):

@@ -1,0 +1,360 @@
+"""Fleet upgrades (issue 12, items 3 and 4): the runner, through the service, the CLI and HTTP,
+on the real server."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from monk.adapters.postgres.connection import ServerTarget
+from monk.errors import UpgradeRunning
+from monk.service import operations, upgrades
+from monk.service.server import Server
+from monk.service.templates import TemplateService
+from monk.service.tenants import TenantService
+from monk.service.upgrades import UpgradeOptions
+from monk.settings import Settings
+from tests.conftest import MONK_BIN, RunMonk, settings_env
+from tests.integration.template_support import copy_builtin, drop_key, new_key
+
+# A migration that leaves a trace per run: applied twice, a tenant would hold two rows.
+COUNTED = "CREATE TABLE IF NOT EXISTS upgrade_runs (n int); INSERT INTO upgrade_runs VALUES (1);"
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    target: ServerTarget
+    key: str
+    source: Path
+    admin_url: str
+    names: list[str]
+
+    def service(self) -> TenantService:
+        return TenantService(self.settings, self.target)
+
+    def build(self) -> str:
+        with TemplateService.open(self.settings, self.target) as templates:
+            return templates.build(self.key, source_dir=self.source).build.version
+
+    def add_migration(self, name: str, text: str) -> str:
+        (self.source / "migrations").mkdir(exist_ok=True)
+        (self.source / "migrations" / name).write_text(text)
+        return self.build()
+
+    def database(self, name: str) -> str:
+        with self.service() as svc:
+            return svc.get(name).database
+
+    def tenant_db(self, name: str) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.admin_url, dbname=self.database(name), autocommit=True)
+
+    @contextmanager
+    def peek(self, name: str) -> Iterator[psycopg.Connection[Any]]:
+        """A connection to the tenant's database even when it is closed (disabled): opened
+        for the read, closed again after."""
+        db = self.database(name)
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (db,))
+            closed = row.fetchone() == (False,)
+            if closed:
+                conn.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+            try:
+                with psycopg.connect(self.admin_url, dbname=db, autocommit=True) as tdb:
+                    yield tdb
+            finally:
+                if closed:
+                    conn.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+
+    def build_record(self, name: str) -> tuple[Any, ...] | None:
+        with self.peek(name) as db:
+            return db.execute("SELECT key, version, level FROM monk.build").fetchone()
+
+    def counted(self, name: str) -> int:
+        with self.peek(name) as db:
+            row = db.execute("SELECT count(*) FROM upgrade_runs").fetchone()
+            return int(row[0]) if row else 0
+
+    def registry_versions(self) -> dict[str, tuple[str | None, int]]:
+        with self.service() as svc:
+            return {
+                t.name: (t.template_version, t.migration_level)
+                for t in svc.list(template=self.key, include_trashed=True)
+            }
+
+    def sessions(self) -> int:
+        """Sessions ever opened on the fleet's tenant databases (pg_stat_database)."""
+        dbs = [self.database(n) for n in self.names]
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT sum(sessions) FROM pg_stat_database WHERE datname = ANY(%s)", (dbs,)
+            ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+@pytest.fixture
+def fleet(settings: Settings, admin_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    """A key built at A, with four tenants provisioned from it (the last one disabled)."""
+    target, _ = Server.from_settings(settings).init()
+    key = new_key("up")
+    source = copy_builtin(tmp_path, "basic", key)
+    f = Fleet(settings, target, key, source, admin_url, [])
+    f.add_migration("0001_item.sql", "CREATE TABLE item (code text);")
+    with f.service() as svc:
+        for i in range(4):
+            name = f"up-{uuid.uuid4().hex[:6]}-{i}"
+            svc.provision(name, template=key)
+            f.names.append(name)
+        svc.disable(f.names[-1])
+    yield f
+    drop_key(admin_url, key)
+
+
+def run(f: Fleet, **options: Any) -> upgrades.RunReport:
+    with f.service() as svc:
+        return upgrades.begin(svc, f.key, UpgradeOptions(**options)).execute()
+
+
+def test_every_tenant_upgraded_once_registry_follows_and_a_second_run_opens_nothing(
+    fleet: Fleet,
+) -> None:
+    a = fleet.registry_versions()[fleet.names[0]][0]
+    b = fleet.add_migration("0002_counted.sql", COUNTED)
+    assert a != b
+    report = run(fleet, parallel=3)
+    assert report.state == "done"
+    assert report.counts == {"done": 4}
+    for name in fleet.names:
+        assert fleet.build_record(name) == (fleet.key, b, 2)
+        assert fleet.counted(name) == 1
+    assert set(fleet.registry_versions().values()) == {(b, 2)}
+    # The disabled tenant was upgraded, and is still closed.
+    with psycopg.connect(fleet.admin_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT datallowconn FROM pg_database WHERE datname = %s",
+            (fleet.database(fleet.names[-1]),),
+        ).fetchone()
+    assert row == (False,)
+    # A no-op run: every tenant skipped from the registry alone, no tenant connection opened.
+    before = fleet.sessions()
+    again = run(fleet, parallel=3)
+    assert again.counts == {"skipped": 4}
+    assert {t.reason for t in again.tenants} == {"already at the target"}
+    time.sleep(0.5)
+    assert fleet.sessions() == before
+    # (The measure sees a session when there is one.)
+    with fleet.peek(fleet.names[0]):
+        pass
+    time.sleep(0.5)
+    assert fleet.sessions() > before
+
+
+def _duplicates(fleet: Fleet, name: str) -> None:
+    with fleet.peek(name) as db:
+        db.execute("INSERT INTO item VALUES ('x'), ('x')")
+
+
+def test_a_migration_failing_on_one_tenant_continue_finishes_the_others(fleet: Fleet) -> None:
+    _duplicates(fleet, fleet.names[1])
+    b = fleet.add_migration("0002_unique.sql", "CREATE UNIQUE INDEX item_code ON item (code);")
+    report = run(fleet, parallel=2, on_error="continue")
+    assert report.state == "failed"
+    by_name = {t.name: t for t in report.tenants}
+    bad = by_name[fleet.names[1]]
+    assert bad.state == "failed"
+    assert bad.reason is not None
+    assert "UniqueViolation" in bad.reason
+    assert "item_code" in bad.reason
+    assert [by_name[n].state for n in fleet.names] == ["done", "failed", "done", "done"]
+    # Nothing half-made on the failed tenant: its build and registry row unchanged.
+    assert fleet.build_record(fleet.names[1])[1] != b  # type: ignore[index]
+    assert fleet.registry_versions()[fleet.names[1]][0] != b
+
+
+def test_a_migration_failing_on_one_tenant_stop_stops(fleet: Fleet) -> None:
+    _duplicates(fleet, fleet.names[1])
+    fleet.add_migration("0002_unique.sql", "CREATE UNIQUE INDEX item_code ON item (code);")
+    report = run(fleet, parallel=1, on_error="stop")
+    states = [next(t for t in report.tenants if t.name == n).state for n in fleet.names]
+    assert states == ["done", "failed", "skipped", "skipped"]
+    skipped = [t for t in report.tenants if t.state == "skipped"]
+    assert all("not scheduled" in (t.reason or "") for t in skipped)
+
+
+def test_a_failing_canary_stops_the_run_before_the_rest(fleet: Fleet) -> None:
+    _duplicates(fleet, fleet.names[0])
+    fleet.add_migration("0002_unique.sql", "CREATE UNIQUE INDEX item_code ON item (code);")
+    report = run(fleet, parallel=4, canary=1, on_error="continue")
+    states = {t.name: t.state for t in report.tenants}
+    assert states[fleet.names[0]] == "failed"
+    assert {states[n] for n in fleet.names[1:]} == {"skipped"}
+    assert report.error is not None
+    assert "canary" in report.error
+
+
+def test_a_tenant_holding_a_long_lock_is_retried_and_not_blocked_past_the_timeout(
+    fleet: Fleet,
+) -> None:
+    fleet.settings = fleet.settings.model_copy(update={"upgrade_lock_timeout": 0.5})
+    b = fleet.add_migration("0002_col.sql", "ALTER TABLE item ADD COLUMN note text;")
+    busy = fleet.names[0]
+    holder = fleet.tenant_db(busy)
+    holder.execute("BEGIN")
+    holder.execute("SELECT * FROM item")  # ACCESS SHARE, held until the commit
+    waits: list[float] = []
+
+    def app_session() -> None:
+        # The tenant's own session, arriving while the upgrade waits for its lock.
+        time.sleep(0.3)
+        with fleet.tenant_db(busy) as db:
+            started = time.monotonic()
+            db.execute("SELECT count(*) FROM item")
+            waits.append(time.monotonic() - started)
+
+    def release() -> None:
+        time.sleep(2.5)
+        holder.execute("COMMIT")
+
+    threads = [threading.Thread(target=app_session), threading.Thread(target=release)]
+    for t in threads:
+        t.start()
+    report = run(fleet, parallel=1)
+    for t in threads:
+        t.join()
+    holder.close()
+    first = next(t for t in report.tenants if t.name == busy)
+    assert first.state == "done"
+    assert first.attempts >= 2
+    assert report.counts == {"done": 4}
+    assert fleet.build_record(busy) == (fleet.key, b, 2)
+    assert len(waits) == 1
+    assert waits[0] < 0.5 + 0.4, waits
+
+
+def test_a_second_process_gets_a_clear_error(fleet: Fleet) -> None:
+    fleet.add_migration("0002_counted.sql", COUNTED)
+    with fleet.service() as svc:
+        first = upgrades.begin(svc, fleet.key, UpgradeOptions())
+        try:
+            with pytest.raises(UpgradeRunning, match="being upgraded by another process"):
+                upgrades.begin(svc, fleet.key, UpgradeOptions())
+        finally:
+            first.execute()
+    assert {fleet.counted(n) for n in fleet.names} == {1}
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def test_cli_json_result_and_exit_code_when_a_tenant_failed(fleet: Fleet, monk: RunMonk) -> None:
+    _duplicates(fleet, fleet.names[2])
+    fleet.add_migration("0002_unique.sql", "CREATE UNIQUE INDEX item_code ON item (code);")
+    dry = monk("template", "upgrade", fleet.key, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["state"] == "planned"
+    assert planned["counts"] == {"pending": 4}
+    done = monk("template", "upgrade", fleet.key, "--on-error", "continue", "--json")
+    assert done.returncode == 1, done.stderr
+    result = json.loads(done.stdout)
+    states = {t["name"]: t["state"] for t in result["tenants"]}
+    assert states == {n: "failed" if n == fleet.names[2] else "done" for n in fleet.names}
+    failed = next(t for t in result["tenants"] if t["state"] == "failed")
+    assert "UniqueViolation" in failed["reason"]
+    assert "Traceback" not in done.stderr
+    text = monk("template", "upgrade", fleet.key, "--on-error", "sometimes")
+    assert text.returncode == 2
+    assert "on_error must be 'stop' or 'continue'" in text.stderr
+
+
+def test_kill_9_at_random_moments_then_the_command_again_upgrades_each_tenant_once(
+    fleet: Fleet, monk: RunMonk
+) -> None:
+    with fleet.service() as svc:
+        for i in range(4):
+            name = f"up-{uuid.uuid4().hex[:6]}-k{i}"
+            svc.provision(name, template=fleet.key)
+            fleet.names.append(name)
+    # Each tenant takes a little while: a random kill lands in the middle of the run.
+    b = fleet.add_migration("0002_counted.sql", COUNTED + " SELECT pg_sleep(0.03);")
+    env = settings_env(fleet.settings)
+    command = [MONK_BIN, "template", "upgrade", fleet.key, "--parallel", "2", "--json"]
+    rng = random.Random(12)
+    moments: list[str | float] = ["upgrade-started", "upgrade-applied", "upgrade-committed"]
+    moments += ["upgrade-committed", *(rng.uniform(0.0, 0.25) for _ in range(4))]
+    paused = 0
+    for moment in moments:
+        fault = {"MONK_FAULT_PAUSE_AT": moment} if isinstance(moment, str) else {}
+        proc = subprocess.Popen(
+            command,
+            env=env | fault,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if isinstance(moment, str):
+            assert proc.stderr is not None
+            for line in proc.stderr:  # blocks until the pause (or the end)
+                if "paused at" in line:
+                    paused += 1
+                    break
+        else:
+            # A random moment of the run itself (the interpreter's start-up is not of interest).
+            _wait_for_run(fleet, proc)
+            time.sleep(moment)
+        proc.kill()  # SIGKILL
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert paused == 4  # each pause point was reached, the process killed there
+    last = None
+    for _ in range(50):  # the killed sessions end within moments; until then: UPGRADE_RUNNING
+        last = monk("template", "upgrade", fleet.key, "--json")
+        if last.returncode != 4:
+            break
+        time.sleep(0.2)
+    assert last is not None
+    assert last.returncode == 0, last.stderr
+    for name in fleet.names:
+        assert fleet.counted(name) == 1, name
+        assert fleet.build_record(name) == (fleet.key, b, 2)
+    assert set(fleet.registry_versions().values()) == {(b, 2)}
+    with fleet.service() as svc:
+        runs = operations.list_operations(svc, kind=upgrades.KIND, subject=fleet.key)
+    assert runs
+    assert {op.state for op in runs} == {"done"}
+    with psycopg.connect(fleet.admin_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT datallowconn FROM pg_database WHERE datname = %s",
+            (fleet.database(fleet.names[3]),),
+        ).fetchone()
+    assert row == (False,)  # the disabled tenant is closed again
+
+
+def _wait_for_run(fleet: Fleet, proc: subprocess.Popen[str]) -> None:
+    """Until the process has a run going (its tenant rows written), or has ended."""
+    with psycopg.connect(
+        fleet.admin_url, dbname=fleet.settings.system_db_name, autocommit=True
+    ) as conn:
+        for _ in range(300):
+            row = conn.execute(
+                "SELECT count(*) FROM upgrade_tenants u JOIN operations o ON o.id = u.op_id"
+                " WHERE o.subject = %s AND o.state = 'running'",
+                (fleet.key,),
+            ).fetchone()
+            if (row and row[0]) or proc.poll() is not None:
+                return
+            time.sleep(0.02)
