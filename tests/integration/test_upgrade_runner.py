@@ -17,10 +17,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from monk.adapters.postgres.connection import ServerTarget
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
 from monk.errors import UpgradeRunning
-from monk.service import operations, upgrades
+from monk.service import operations, pool, upgrades
 from monk.service.server import Server
 from monk.service.templates import TemplateService
 from monk.service.tenants import TenantService
@@ -358,3 +361,100 @@ def _wait_for_run(fleet: Fleet, proc: subprocess.Popen[str]) -> None:
             if (row and row[0]) or proc.poll() is not None:
                 return
             time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- HTTP, spares, doctor
+
+
+def test_http_upgrade_answers_at_once_and_the_operation_shows_per_tenant_results(
+    fleet: Fleet,
+) -> None:
+    _duplicates(fleet, fleet.names[0])
+    b = fleet.add_migration("0002_unique.sql", "CREATE UNIQUE INDEX item_code ON item (code);")
+    s = fleet.settings.model_copy(update={"pool_spares": {}})
+    headers = {"Authorization": f"Bearer {issue_root_token(s, ttl_seconds=600)}"}
+    with TestClient(create_app(s)) as client:
+        bad = client.post(
+            f"/api/root/template/{fleet.key}/upgrade", json={"parallel": 0}, headers=headers
+        )
+        assert bad.status_code == 422
+        started = client.post(
+            f"/api/root/template/{fleet.key}/upgrade",
+            json={"on_error": "continue", "parallel": 2},
+            headers=headers,
+        )
+        assert started.status_code == 202, started.text
+        op_id = started.json()["data"]["operation_id"]
+        assert started.json()["data"]["to_version"] == b
+        deadline = time.monotonic() + 60
+        while True:
+            got = client.get(f"/api/root/operations/{op_id}", headers=headers)
+            assert got.status_code == 200, got.text
+            upgrade = got.json()["data"]["upgrade"]
+            if upgrade["state"] != "running" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        missing = client.get(f"/api/root/operations/{uuid.uuid4()}", headers=headers)
+        assert missing.status_code == 404
+    assert got.json()["data"]["kind"] == "template_upgrade"
+    assert upgrade["state"] == "failed"
+    assert upgrade["counts"] == {"done": 3, "failed": 1}
+    failed = [t for t in upgrade["tenants"] if t["state"] == "failed"]
+    assert [t["name"] for t in failed] == [fleet.names[0]]
+    assert "UniqueViolation" in failed[0]["reason"]
+
+
+def test_spares_of_the_old_build_are_dropped_and_a_provision_gets_the_new_build(
+    fleet: Fleet,
+) -> None:
+    a = fleet.registry_versions()[fleet.names[0]][0]
+    with fleet.service() as svc:
+        assert pool.fill(svc, fleet.key, 2) == 2
+        before = [r for r in pool.status(svc) if r["template"] == fleet.key]
+    assert [(r["version"], r["status"], r["count"]) for r in before] == [(a, "ready", 2)]
+    b = fleet.add_migration("0002_counted.sql", COUNTED)
+    report = run(fleet)
+    assert report.counts == {"done": 4}
+    with fleet.service() as svc:
+        rows = [r for r in pool.status(svc) if r["template"] == fleet.key]
+        assert {r["version"] for r in rows} <= {b}
+        name = f"up-{uuid.uuid4().hex[:6]}-new"
+        view = svc.provision(name, template=fleet.key)
+    assert view.tenant.template_version == b
+    fleet.names.append(name)
+    assert fleet.build_record(name) == (fleet.key, b, 2)
+
+
+def test_doctor_reports_a_dead_run_and_repair_finishes_it(fleet: Fleet, monk: RunMonk) -> None:
+    fleet.add_migration("0002_counted.sql", COUNTED)
+    proc = subprocess.Popen(
+        [MONK_BIN, "template", "upgrade", fleet.key, "--parallel", "1"],
+        env=settings_env(fleet.settings) | {"MONK_FAULT_PAUSE_AT": "upgrade-applied"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "paused at" in line:
+            break
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+    found = None
+    for _ in range(50):  # until the killed process's sessions are gone
+        found = monk("doctor", "--json")
+        if "unfinished_upgrade" in found.stdout:
+            break
+        time.sleep(0.2)
+    assert found is not None
+    assert found.returncode == 1, found.stdout
+    kinds = [p["kind"] for p in json.loads(found.stdout)["problems"]]
+    assert kinds == ["unfinished_upgrade"]
+    repaired = monk("doctor", "--repair", "--json")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    lines = json.loads(repaired.stdout)["repaired"]
+    assert len(lines) == 1
+    assert "finished (4 done)" in lines[0]
+    assert {fleet.counted(n) for n in fleet.names} == {1}
+    assert monk("doctor").returncode == 0

@@ -41,6 +41,7 @@ from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import upgrade_runs as runs
 from monk.adapters.registry.upgrade_runs import RunTenant, Selected
 from monk.core.lifecycle import TenantStatus
+from monk.core.reconcile import Problem
 from monk.core.template_names import validate_template_key
 from monk.errors import (
     InvalidRequest,
@@ -732,3 +733,43 @@ def dead_runs(svc: Pipeline) -> list[Operation]:
             for op in runs.unfinished_runs(reg, pools.target.name)
             if runs.run_lock_free(reg, op.host, op.subject)
         ]
+
+
+# ---------------------------------------------------------------------- monk doctor
+
+UNFINISHED = "unfinished_upgrade"
+
+
+def unfinished_problems(svc: Pipeline) -> list[Problem]:
+    """A run whose process died before it finished (``monk doctor``)."""
+    out = []
+    for op in dead_runs(svc):
+        with svc.hosts.pools().system() as reg:
+            counts = runs.counts(reg, op.id)
+        left = counts.get("pending", 0) + counts.get("running", 0)
+        out.append(
+            Problem(
+                UNFINISHED,
+                op.subject,
+                f"upgrade run {op.id} to {op.params.get('to_version')} stopped with its process: "
+                f"{left} tenant(s) not finished",
+                "resume the run (or run the same `monk template upgrade` again)",
+            )
+        )
+    return out
+
+
+def finish_dead_runs(svc: Pipeline) -> list[str]:
+    """Resume and finish each dead run (``monk doctor --repair``); a line per run."""
+    lines = []
+    for op in dead_runs(svc):
+        what = f"upgrade run {op.id} of {op.subject}"
+        try:
+            result = resume(svc, op.id).execute()
+        except MonkError as exc:
+            lines.append(f"{what}: cannot finish it: {exc.message}")
+            continue
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
+        failed = "; ".join(f"{t.name}: {t.reason}" for t in result.failed)
+        lines.append(f"{what}: finished ({counts})" + (f"; failed: {failed}" if failed else ""))
+    return lines
