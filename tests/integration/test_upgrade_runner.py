@@ -458,3 +458,21 @@ def test_doctor_reports_a_dead_run_and_repair_finishes_it(fleet: Fleet, monk: Ru
     assert "finished (4 done)" in lines[0]
     assert {fleet.counted(n) for n in fleet.names} == {1}
     assert monk("doctor").returncode == 0
+
+
+def test_a_trashed_tenant_is_skipped_then_brought_up_to_date_when_restored(fleet: Fleet) -> None:
+    trashed = fleet.names[0]
+    with fleet.service() as svc:
+        svc.trash(trashed)
+    b = fleet.add_migration("0002_counted.sql", COUNTED)
+    report = run(fleet)
+    mine = next(t for t in report.tenants if t.name == trashed)
+    assert mine.state == "skipped"
+    assert mine.reason == "trashed: upgraded when restored"
+    assert fleet.registry_versions()[trashed][0] != b
+    with fleet.service() as svc:
+        view = svc.restore(trashed)
+    assert view.tenant.template_version == b
+    assert view.tenant.status == "active"
+    assert fleet.build_record(trashed) == (fleet.key, b, 2)
+    assert fleet.counted(trashed) == 1
