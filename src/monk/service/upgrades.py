@@ -212,38 +212,35 @@ def _upgrade_tenant(
     svc: Pipeline,
     sysc: psycopg.Connection[Any],
     tenant_id: UUID,
+    database: str,
     paths: _Paths,
     op_id: UUID | None,
 ) -> _Outcome:
     """Upgrade one tenant (see the module's docstring), on the caller's system connection."""
     target = svc.hosts.target(paths.host)
-    tenant = registry.get_by_id(sysc, tenant_id)
-    if tenant is None or tenant.deleted_at is not None:
-        return _Outcome("skipped", "purged before its turn")
-    if not registry.try_lock(sysc, tenant.database):
+    if not registry.try_lock(sysc, database):
         return _Outcome("busy", "another operation holds the tenant")
     try:
-        tenant = registry.get_by_id(sysc, tenant_id) or tenant
+        tenant = registry.get_by_id(sysc, tenant_id)
+        if tenant is None or tenant.deleted_at is not None or tenant.database != database:
+            return _Outcome("skipped", "purged before its turn")
         if tenant.status not in (TenantStatus.ACTIVE, TenantStatus.DISABLED):
             return _Outcome("skipped", f"{tenant.status} at its turn")
         if op_id is not None:
             runs.mark_running(sysc, op_id, tenant_id)
         svc.checkpoint("upgrade-started")
-        state = admin.database_states(sysc, [tenant.database]).get(tenant.database)
-        if state is None:
-            return _Outcome("failed", f"database {tenant.database} is missing")
-        if not state.allow_connections:
-            # A disabled tenant's database takes no connections; its role cannot log in, so
-            # opening it for the upgrade's own session lets no one else in.
-            admin.set_allow_connections(sysc, tenant.database, True)
+        if tenant.status == TenantStatus.ACTIVE:
+            return _apply(svc, sysc, tenant, paths, op_id, target)
+        # A disabled tenant's database takes no connections; its role cannot log in, so
+        # opening it for the upgrade's own session lets no one else in. Closed again after,
+        # also when an earlier attempt died with it open (kill -9).
+        admin.set_allow_connections(sysc, tenant.database, True)
         try:
             return _apply(svc, sysc, tenant, paths, op_id, target)
         finally:
-            if tenant.status != TenantStatus.ACTIVE:
-                # Closed again, also when an earlier attempt died with it open (kill -9).
-                admin.set_allow_connections(sysc, tenant.database, False)
+            admin.set_allow_connections(sysc, tenant.database, False)
     finally:
-        registry.unlock(sysc, tenant.database)
+        registry.unlock(sysc, database)
 
 
 def _apply(
@@ -304,12 +301,13 @@ def upgrade_one(svc: Pipeline, tenant_id: UUID) -> str | None:
         tenant = registry.get_by_id(sysc, tenant_id)
         if tenant is None or tenant.template_key is None:
             return "no template"
+        database = tenant.database
         build = template_builds.current_build(sysc, tenant.template_key, pools.target.name)
         if build is None or build.version == tenant.template_version:
             return None
         paths = _Paths(pools.target.name, tenant.template_key, build.version)
         for attempt in range(BUSY_ATTEMPTS):
-            outcome = _upgrade_tenant(svc, sysc, tenant_id, paths, None)
+            outcome = _upgrade_tenant(svc, sysc, tenant_id, database, paths, None)
             if outcome.state != "busy":
                 break
             time.sleep(_BUSY_BACKOFF_S * (attempt + 1))
@@ -487,7 +485,7 @@ class Run:
         self, rows: Sequence[RunTenant], paths: _Paths, tracker: _Tracker, *, stop_on_error: bool
     ) -> int:
         """Upgrade ``rows`` on up to ``parallel`` threads; the number that failed."""
-        queue = _Queue([_Item(r.tenant_id) for r in rows])
+        queue = _Queue([_Item(r.tenant_id, r.database) for r in rows])
         failures = [0]
         mutex = threading.Lock()
 
@@ -498,6 +496,7 @@ class Run:
                 conn = open_connection(
                     target, self.svc.settings.system_db_name, autocommit=True, purpose="upgrade"
                 )
+                runs.relax_commits(conn)
                 while (item := queue.get()) is not None:
                     outcome = self._one(conn, item, paths)
                     requeue = outcome.state == "busy"  # _one fails it after the last try
@@ -530,7 +529,9 @@ class Run:
     def _one(self, conn: psycopg.Connection[Any], item: _Item, paths: _Paths) -> _Outcome:
         item.attempts += 1
         try:
-            outcome = _upgrade_tenant(self.svc, conn, item.tenant_id, paths, self.op_id)
+            outcome = _upgrade_tenant(
+                self.svc, conn, item.tenant_id, item.database, paths, self.op_id
+            )
         except (psycopg.Error, MonkError) as exc:
             outcome = _Outcome("failed", describe(exc))
         if outcome.state == "busy":
@@ -559,6 +560,7 @@ class Run:
 @dataclass
 class _Item:
     tenant_id: UUID
+    database: str
     attempts: int = 0
     not_before: float = 0.0
 
