@@ -392,7 +392,7 @@ def upgrade(
         print_json(report.as_dict())
     else:
         _print_upgrade(report)
-    if report.failed:
+    if report.failed or report.state == "failed":
         raise typer.Exit(PROBLEMS_FOUND)
 
 
@@ -438,6 +438,8 @@ def _print_upgrade(report: RunReport) -> None:
     took = f" in {report.elapsed_s:.2f} s" if report.elapsed_s is not None else ""
     run = f" (run {report.operation_id})" if report.operation_id else ""
     console.print(f"{what} {escape(report.key)} to {report.to_version}: {counts}{took}{run}")
+    if report.error:
+        err_console.print(f"[red]{escape(report.error)}[/]")
     shown = [
         t.as_dict()
         for t in report.tenants

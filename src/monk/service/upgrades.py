@@ -442,6 +442,11 @@ class Run:
             with pools.system() as reg:
                 total = sum(runs.counts(reg, self.op_id).values())
                 rows = runs.run_tenants(reg, self.op_id, ["pending"])
+                current = _current_version(reg, self.host, self.key)
+            if current == self.to_version:
+                # Spares of older builds are dropped (the refiller clones new ones from the
+                # swapped template in milliseconds): cheaper and simpler than upgrading each.
+                pool.retire_stale(self.svc, self.key, host=self.host)
             paths = _Paths(self.host, self.key, self.to_version)
             tracker = _Tracker(self, total, progress)
             tracker.report()
@@ -458,6 +463,10 @@ class Run:
                 if failures and self.on_error == "stop":
                     error = "a tenant failed and --on-error is stop: the run stopped"
             with pools.system() as reg:
+                left = runs.counts(reg, self.op_id)
+                unfinished = left.get("pending", 0) + left.get("running", 0)
+                if error is None and unfinished:
+                    error = f"{unfinished} tenant(s) left unfinished: a worker failed (see the log)"
                 if error is not None:
                     runs.skip_open(reg, self.op_id, f"not scheduled: {error}")
                 counts = runs.counts(reg, self.op_id)
@@ -467,7 +476,7 @@ class Run:
                 registry.finish_operation(
                     reg,
                     self.op_id,
-                    "failed" if failed else "done",
+                    "failed" if error is not None else "done",
                     step="finished",
                     error=error,
                     result={
@@ -660,10 +669,6 @@ def begin(svc: Pipeline, key: str, options: UpgradeOptions) -> Run:
             log.info("resuming upgrade run %s of %s", op.id, key)
             return Run(svc, lock_conn, op, resumed=True, parallel=options.parallel)
         to_version = _target_version(lock_conn, host, key, options.to_version)
-        if to_version == _current_version(lock_conn, host, key):
-            # Spares of older builds are dropped (the refiller clones new ones from the swapped
-            # template in milliseconds): cheaper and simpler than upgrading each.
-            pool.retire_stale(svc, key)
         selected = _select(lock_conn, svc, host, key, to_version, options)
         params = {
             "to_version": to_version,
