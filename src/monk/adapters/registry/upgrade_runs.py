@@ -118,30 +118,28 @@ def unfinished_runs(conn: Conn, host: str, key: str | None = None) -> list[Opera
 
 
 def add_tenants(conn: Conn, op_id: UUID, to_version: str, rows: Sequence[Selected]) -> None:
-    """Record the run's tenants, in the order it schedules them (caller's transaction)."""
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO upgrade_tenants (op_id, tenant_id, name, database, canary, position,"
-            " state, from_version, to_version, reason, finished_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-            "  CASE WHEN %s = 'skipped' THEN now() END)",
-            [
-                (
-                    op_id,
-                    r.tenant_id,
-                    r.name,
-                    r.database,
-                    r.canary,
-                    i,
-                    r.state,
-                    r.from_version,
-                    to_version,
-                    r.reason,
-                    r.state,
-                )
-                for i, r in enumerate(rows)
-            ],
-        )
+    """Record the run's tenants, in the order it schedules them (caller's transaction), in one
+    statement: a thousand tenants cost one round trip."""
+    conn.execute(
+        "INSERT INTO upgrade_tenants (op_id, tenant_id, name, database, canary, position,"
+        " state, from_version, to_version, reason, finished_at)"
+        " SELECT %s, t.id, t.name, t.db, t.canary, t.pos - 1, t.state, t.from_version, %s,"
+        "  t.reason, CASE WHEN t.state = 'skipped' THEN now() END"
+        " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::boolean[], %s::text[],"
+        "  %s::text[], %s::text[]) WITH ORDINALITY"
+        "  AS t (id, name, db, canary, state, from_version, reason, pos)",
+        (
+            op_id,
+            to_version,
+            [r.tenant_id for r in rows],
+            [r.name for r in rows],
+            [r.database for r in rows],
+            [r.canary for r in rows],
+            [r.state for r in rows],
+            [r.from_version for r in rows],
+            [r.reason for r in rows],
+        ),
+    )
 
 
 def run_tenants(conn: Conn, op_id: UUID, states: Sequence[str] | None = None) -> list[RunTenant]:
