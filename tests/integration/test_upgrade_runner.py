@@ -480,3 +480,45 @@ def test_a_trashed_tenant_is_skipped_then_brought_up_to_date_when_restored(fleet
     assert view.tenant.status == "active"
     assert fleet.build_record(trashed) == (fleet.key, b, 2)
     assert fleet.counted(trashed) == 1
+
+
+def test_the_same_command_again_resumes_the_dead_run_and_trusts_the_tenant_database(
+    fleet: Fleet, monk: RunMonk
+) -> None:
+    b = fleet.add_migration("0002_counted.sql", COUNTED)
+    proc = subprocess.Popen(
+        [MONK_BIN, "template", "upgrade", fleet.key, "--parallel", "1"],
+        env=settings_env(fleet.settings) | {"MONK_FAULT_PAUSE_AT": "upgrade-committed"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "paused at" in line:
+            break
+    proc.kill()  # the first tenant's database committed, the registry not told
+    proc.wait()
+    proc.stderr.close()
+    assert fleet.build_record(fleet.names[0]) == (fleet.key, b, 2)
+    assert fleet.registry_versions()[fleet.names[0]][0] != b
+    with fleet.service() as svc:
+        (dead,) = operations.list_operations(svc, kind=upgrades.KIND, subject=fleet.key)
+    again = None
+    for _ in range(50):
+        again = monk("template", "upgrade", fleet.key, "--json")
+        if again.returncode != 4:  # UPGRADE_RUNNING until the killed sessions are gone
+            break
+        time.sleep(0.2)
+    assert again is not None
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["operation_id"] == str(dead.id)
+    assert result["resumed"] is True
+    assert result["counts"] == {"done": 4}
+    first = next(t for t in result["tenants"] if t["name"] == fleet.names[0])
+    assert first["reason"] == "already at the target (its database said so)"
+    assert {fleet.counted(n) for n in fleet.names} == {1}
+    assert set(fleet.registry_versions().values()) == {(b, 2)}
+    with fleet.service() as svc:
+        assert len(operations.list_operations(svc, kind=upgrades.KIND, subject=fleet.key)) == 1
