@@ -522,3 +522,26 @@ def test_the_same_command_again_resumes_the_dead_run_and_trusts_the_tenant_datab
     assert set(fleet.registry_versions().values()) == {(b, 2)}
     with fleet.service() as svc:
         assert len(operations.list_operations(svc, kind=upgrades.KIND, subject=fleet.key)) == 1
+
+
+def test_a_tenant_provisioned_with_migrations_newer_than_its_build_is_refused_not_migrated_twice(
+    fleet: Fleet,
+) -> None:
+    # A migration file added to the source but not built: a provision runs it on its clone.
+    (fleet.source / "migrations" / "0002_counted.sql").write_text(COUNTED)
+    ahead = f"up-{uuid.uuid4().hex[:6]}-ahead"
+    with fleet.service() as svc:
+        svc.provision(ahead, template=fleet.key)
+    fleet.names.append(ahead)
+    assert fleet.registry_versions()[ahead][1] == 2
+    assert fleet.counted(ahead) == 1
+    b = fleet.build()  # now the build holds it: the step A -> B runs 0002
+    report = run(fleet, on_error="continue")
+    mine = next(t for t in report.tenants if t.name == ahead)
+    assert mine.state == "failed"
+    assert mine.reason is not None
+    assert "ran migrations up to level 2 when provisioned" in mine.reason
+    assert fleet.counted(ahead) == 1
+    assert report.counts == {"done": 4, "failed": 1}
+    assert {fleet.counted(n) for n in fleet.names} == {1}
+    assert fleet.build_record(fleet.names[0]) == (fleet.key, b, 2)

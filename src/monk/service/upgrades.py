@@ -267,6 +267,15 @@ def _apply(
             if key != paths.key:
                 raise _Failed(f"its database records template {key!r}, not {paths.key!r}")
             already = from_version == paths.to
+            if not already and tenant.migration_level > level:
+                # Provisioned while its source had migrations its build lacked: they ran then
+                # (the registry's level) but its build record does not know; the step from its
+                # build holds them again. Refused rather than applied twice.
+                raise _Failed(
+                    f"it ran migrations up to level {tenant.migration_level} when provisioned, "
+                    f"beyond its build {from_version} (level {level}); the step would run them "
+                    "again: bring it forward by hand, then set monk.build"
+                )
             if not already:
                 steps = paths.steps(sysc, from_version)
                 for step in steps:
