@@ -23,7 +23,7 @@ from monk.adapters.postgres.connection import ServerTarget
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
 from monk.errors import UpgradeRunning
-from monk.service import operations, pool, upgrades
+from monk.service import operations, pool, purge, upgrades
 from monk.service.server import Server
 from monk.service.templates import TemplateService
 from monk.service.tenants import TenantService
@@ -545,3 +545,21 @@ def test_a_tenant_provisioned_with_migrations_newer_than_its_build_is_refused_no
     assert report.counts == {"done": 4, "failed": 1}
     assert {fleet.counted(n) for n in fleet.names} == {1}
     assert fleet.build_record(fleet.names[0]) == (fleet.key, b, 2)
+
+
+def test_a_tenant_restored_from_its_archive_is_brought_to_the_current_build(
+    fleet: Fleet,
+) -> None:
+    gone = fleet.names.pop(0)  # out of the fleet's live names
+    with fleet.service() as svc:
+        purge.purge(svc, gone, archive=True)
+    b = fleet.add_migration("0002_counted.sql", COUNTED)
+    assert run(fleet).counts == {"done": 3}
+    with fleet.service() as svc:
+        view = svc.restore(gone)
+    fleet.names.append(gone)
+    assert view.tenant.template_version == b
+    assert view.tenant.migration_level == 2
+    assert view.credentials is not None  # the restore's new password is still shown
+    assert fleet.build_record(gone) == (fleet.key, b, 2)
+    assert fleet.counted(gone) == 1
