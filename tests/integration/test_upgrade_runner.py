@@ -287,6 +287,7 @@ def test_cli_json_result_and_exit_code_when_a_tenant_failed(fleet: Fleet, monk: 
     assert "on_error must be 'stop' or 'continue'" in text.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_the_command_again_upgrades_each_tenant_once(
     fleet: Fleet, monk: RunMonk
 ) -> None:
