@@ -23,7 +23,8 @@
     │   ├── TemplateInUse          a build that tenants or spares still need
     │   ├── TemplateNotBuilt       a provision of a key with no build yet
     │   ├── HostExists             a host of that name, URL or cluster is registered
-    │   └── HostInUse              a host that live tenants still record
+    │   ├── HostInUse              a host that live tenants still record
+    │   └── UpgradeRunning         another process runs an upgrade of the key
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
@@ -154,6 +155,12 @@ class HostExists(Conflict):
 
 class HostInUse(Conflict):
     code = "HOST_IN_USE"
+
+
+class UpgradeRunning(Conflict):
+    """A fleet upgrade of a key while another process runs one (its lock is held)."""
+
+    code = "UPGRADE_RUNNING"
 
 
 class Unavailable(MonkError):

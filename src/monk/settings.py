@@ -119,6 +119,14 @@ class Settings(BaseSettings):
     clone_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a clone may retry while the template is busy."
     )
+    upgrade_lock_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="Seconds a tenant upgrade waits for a lock its tenant's sessions hold "
+        "before it gives up (and is retried later in the run): the longest an upgrade may "
+        "block the tenant's own sessions.",
+    )
     template_path: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Extra folders holding template sources (one sub-folder per key).",

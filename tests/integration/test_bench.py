@@ -220,3 +220,40 @@ def test_bench_refuses_to_run_beside_a_serving_monk(
         for (spare,) in spares:
             drop_template(admin_url, spare)
         drop_template(admin_url, f"monk_template_{key}")
+
+
+def test_bench_upgrade_measures_a_fleet_upgrade_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    assert monk("init").returncode == 0
+    before = server_objects(admin_url)
+    out = tmp_path / "upgrade.json"
+    done = monk(
+        "bench",
+        "--upgrade",
+        "--tenants",
+        "4",
+        "--parallel",
+        "1,2",
+        "--json",
+        str(out),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["tenants"] == 4
+    assert result["baseline"]["seconds"] > 0
+    assert [(r["parallel"], r["counts"]) for r in result["monk"]] == [
+        (1, {"done": 4}),
+        (2, {"done": 4}),
+    ]
+    assert result["best"]["parallel"] in (1, 2)
+    assert result["noop"]["counts"] == {"skipped": 4}
+    assert result["noop"]["tenant_sessions_opened"] == 0
+    assert "no-op run" in done.stdout
+    assert server_objects(admin_url) == before
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'monk\\_%bench\\_up\\_%'"
+        ).fetchall()
+    assert left == []

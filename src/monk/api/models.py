@@ -373,3 +373,69 @@ class HostCheckOut(BaseModel):
     free: int | None
     error: str | None
     problems: list[str]
+
+
+class TemplateUpgradeRequest(BaseModel):
+    """``POST /api/root/template/{key}/upgrade``: the options of ``monk template upgrade``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to_version: str | None = Field(
+        default=None, description="The build to bring tenants to (default: the current build)."
+    )
+    tenants: list[str] = Field(
+        default_factory=list, description="Only these tenants (default: every tenant of the key)."
+    )
+    canary: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Upgrade this many first; any failure stops the run.",
+    )
+    parallel: int = Field(default=4, ge=1, le=64, description="Tenants upgraded at once.")
+    on_error: Literal["stop", "continue"] = Field(
+        default="stop",
+        description="stop: schedule no more after a failure; continue: finish the rest.",
+    )
+
+
+class UpgradeTenantOut(BaseModel):
+    name: str
+    database: str
+    state: Literal["pending", "running", "done", "failed", "skipped"]
+    from_version: str | None
+    to_version: str | None
+    level: int | None
+    reason: str | None = Field(description="failed: the error; skipped: why.")
+    attempts: int
+    canary: bool
+
+
+class TemplateUpgradeOut(BaseModel):
+    """A fleet upgrade run: its progress and per-tenant results."""
+
+    operation_id: str | None
+    template: str
+    to_version: str
+    state: Literal["running", "done", "failed", "dead"] = Field(
+        description="dead: its process is gone before it finished; the same upgrade again "
+        "(or `monk doctor --repair`) resumes it."
+    )
+    resumed: bool
+    counts: dict[str, int]
+    error: str | None
+    elapsed_s: float | None
+    tenants: list[UpgradeTenantOut]
+
+
+class TemplateUpgradeStartedOut(BaseModel):
+    operation_id: str
+    template: str
+    to_version: str
+    resumed: bool = Field(description="An unfinished run of the key, resumed (not a new one).")
+
+
+class OperationDetailOut(OperationOut):
+    upgrade: TemplateUpgradeOut | None = Field(
+        default=None, description="For a template_upgrade operation: the run's per-tenant results."
+    )

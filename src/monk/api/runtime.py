@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, pool, purge, role_pool
+from monk.service import events, pool, purge, role_pool, upgrades
 from monk.service.health import Recent, ServerProbe
 from monk.service.presence import ServeMark
 from monk.service.server import Server
@@ -138,6 +138,21 @@ class Runtime:
             self.wake_refiller()
         self.metrics.provisions.labels(result="ok").inc()
         return view
+
+    def start_upgrade(self, key: str, options: upgrades.UpgradeOptions) -> upgrades.Run:
+        """Start (or resume) a fleet upgrade of ``key``, run on a thread of its own: the caller
+        answers at once. Its lock is held by the run's own connection; if ``monk serve`` stops
+        first, the run is dead and the next upgrade of the key resumes it."""
+        run = upgrades.begin(self.tenants, key, options)
+
+        def execute() -> None:
+            try:
+                run.execute()
+            except Exception as exc:
+                self._failed(f"upgrade of {key}", exc)
+
+        threading.Thread(target=execute, name=f"monk-upgrade-{key}", daemon=True).start()
+        return run
 
     def request_purge(self, name: str, *, archive: bool, forget: bool) -> TenantView:
         """Queue a tenant's purge and wake the purge worker for it."""

@@ -49,6 +49,18 @@ def bench(
     json_file: Path | None = typer.Option(
         None, "--json", help="Also write the result as JSON to this file.", dir_okay=False
     ),
+    upgrade: bool = typer.Option(
+        False,
+        "--upgrade",
+        help="Measure a fleet upgrade instead: N tenants, one migration per build, at each "
+        "--parallel level, a no-op run, and a one-by-one loop over fresh connections.",
+    ),
+    tenants: int = typer.Option(
+        200, "--tenants", min=1, max=100_000, help="With --upgrade: tenants to upgrade."
+    ),
+    parallel: str = typer.Option(
+        "1,2,4,8", "--parallel", help="With --upgrade: the parallelism levels to measure."
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -65,8 +77,11 @@ def bench(
     from monk.bench.runner import Bench, BenchConfig
     from monk.service.presence import refuse_beside_serve
 
-    levels = parse_concurrency(concurrency)
     s = state()
+    if upgrade:
+        _bench_upgrade(tenants, parse_concurrency(parallel), json_file)
+        return
+    levels = parse_concurrency(concurrency)
     runner_config = BenchConfig(
         template=template,
         iterations=iterations,
@@ -96,6 +111,55 @@ def bench(
             s.settings, target, runner_config, progress=progress, embedded=embedded
         ).run()
     render(result, console)
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def _bench_upgrade(tenants: int, levels: tuple[int, ...], json_file: Path | None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from monk.bench.upgrade import UpgradeBench
+    from monk.service.presence import refuse_beside_serve
+
+    s = state()
+    refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = int(bar.add_task(phase, total=total))
+            bar.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
+
+        result = UpgradeBench(
+            s.settings, s.target, tenants=tenants, levels=levels, progress=progress
+        ).run()
+    base, best, noop = result["baseline"], result["best"], result["noop"]
+    console.print(f"fleet upgrade of {result['tenants']} tenants ({result['template']})")
+    console.print(
+        f"  one by one, fresh connections: {base['seconds']:.2f} s "
+        f"({base['tenants_per_s']:.0f} tenants/s)"
+    )
+    for r in result["monk"]:
+        console.print(
+            f"  monk template upgrade --parallel {r['parallel']}: {r['seconds']:.2f} s "
+            f"({r['tenants_per_s']:.0f} tenants/s) {r['counts']}"
+        )
+    console.print(
+        f"  best: --parallel {best['parallel']}, {result['speedup_over_baseline']}x the loop"
+    )
+    console.print(
+        f"  no-op run: {noop['seconds']:.3f} s, {noop['tenant_sessions_opened']} tenant "
+        f"session(s) opened {noop['counts']}"
+    )
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"wrote {json_file}")

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
     from monk.adapters.postgres.connection import ServerTarget
     from monk.service.templates import TemplateBuild, TemplateService
+    from monk.service.upgrades import Progress as UpgradeProgress
+    from monk.service.upgrades import RunReport
 
 app = typer.Typer(
     help="Template databases: build them from sources, list, check, drop, prune.",
@@ -408,3 +410,109 @@ def sources(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
             ],
             ["key", "version", "from", "schemas", "description", "error"],
         )
+
+
+@app.command()
+def upgrade(
+    key: str = typer.Argument(..., help="Template key."),
+    to: str | None = typer.Option(
+        None, "--to", help="The build version to bring tenants to (default: the current build)."
+    ),
+    tenants: list[str] = typer.Option(
+        [], "--tenants", help="Only this tenant (repeat for several).", show_default=False
+    ),
+    canary: int = typer.Option(
+        0, "--canary", min=0, help="Upgrade this many tenants first; any failure stops the run."
+    ),
+    parallel: int = typer.Option(4, "--parallel", min=1, max=64, help="Tenants at once."),
+    on_error: str = typer.Option(
+        "stop", "--on-error", help="stop: schedule no more after a failure; continue: finish."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List what would be done; change and open nothing."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-tenant result as JSON."),
+) -> None:
+    """Bring the tenants of KEY to a build: each in one transaction in its own database, the
+    canary wave first, resumable (the same command again finishes a run whose process died).
+    Exit 1 when a tenant failed."""
+    from monk.service import upgrades
+
+    options = upgrades.UpgradeOptions(
+        to_version=to,
+        tenants=tuple(tenants),
+        canary=canary,
+        parallel=parallel,
+        on_error=on_error,
+    )
+    svc = state().tenants
+    if dry_run:
+        report = upgrades.plan(svc, key, options)
+    else:
+        run = upgrades.begin(svc, key, options)
+        if run.resumed and not as_json:
+            err_console.print(f"resuming the unfinished run {run.op_id} of {escape(key)}")
+        if console.is_terminal and not as_json:
+            with _UpgradeBar(key, run.to_version) as bar:
+                report = run.execute(bar)
+        else:
+            report = run.execute()
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        _print_upgrade(report)
+    if report.failed or report.state == "failed":
+        raise typer.Exit(PROBLEMS_FOUND)
+
+
+class _UpgradeBar:
+    """A progress bar with the counts and the rate (terminals only)."""
+
+    def __init__(self, key: str, version: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(
+            TextColumn(f"{escape(key)} → {version}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[counts]}"),
+            TextColumn("{task.fields[rate]}"),
+            console=console,
+        )
+        self.task = self.progress.add_task("upgrade", total=None, counts="", rate="")
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _UpgradeBar:
+        self.progress.start()
+        return self
+
+    def __call__(self, p: UpgradeProgress) -> None:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(p.counts.items()) if n)
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        self.progress.update(
+            self.task,
+            total=p.total,
+            completed=p.finished,
+            counts=counts,
+            rate=f"{p.counts.get('done', 0) / elapsed:.1f} tenants/s",
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _print_upgrade(report: RunReport) -> None:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts.items()) if n) or "no tenants"
+    what = "would upgrade" if report.state == "planned" else "upgrade"
+    took = f" in {report.elapsed_s:.2f} s" if report.elapsed_s is not None else ""
+    run = f" (run {report.operation_id})" if report.operation_id else ""
+    console.print(f"{what} {escape(report.key)} to {report.to_version}: {counts}{took}{run}")
+    if report.error:
+        err_console.print(f"[red]{escape(report.error)}[/]")
+    shown = [
+        t.as_dict()
+        for t in report.tenants
+        if report.state == "planned" or t.state in ("failed", "skipped")
+    ]
+    if shown:
+        print_rows(shown, ["name", "state", "from_version", "reason"])

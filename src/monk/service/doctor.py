@@ -21,7 +21,7 @@ from monk.core import lifecycle
 from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.reconcile import EVENT_BACKLOG_S, Problem, Snapshot, access_drift, diagnose, warnings
 from monk.core.tenant_names import is_tenant_database
-from monk.service import pool, role_pool
+from monk.service import pool, role_pool, upgrades
 from monk.service.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,14 @@ class Checkup:
 def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
     """Diagnose; with ``repair_them``, repair each problem and diagnose again."""
     snap = take_snapshot(svc)
-    problems = diagnose(snap)
+    # Fleet upgrade runs whose process died: reported here, and finished by --repair (not at
+    # ``monk serve``'s start-up, which repairs ``diagnose``'s problems only: a run may be long).
+    problems = diagnose(snap) + upgrades.unfinished_problems(svc)
     warned = warnings(snap)
     if not repair_them:
         return Checkup(problems, [], problems, warned)
-    repaired = repair(svc, problems) if problems else []
-    return Checkup(problems, repaired, diagnose(take_snapshot(svc)), warned)
+    lifecycle_problems = [p for p in problems if p.kind != upgrades.UNFINISHED]
+    repaired = repair(svc, lifecycle_problems) if lifecycle_problems else []
+    repaired += upgrades.finish_dead_runs(svc)
+    remaining = diagnose(take_snapshot(svc)) + upgrades.unfinished_problems(svc)
+    return Checkup(problems, repaired, remaining, warned)

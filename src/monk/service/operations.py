@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 from monk.adapters import registry
 from monk.adapters.registry import Operation as Operation  # re-exported: for the edges
 from monk.core.records import plain
+from monk.errors import OperationNotFound
 from monk.service import events
 from monk.service.events import Delivery, Event
 from monk.service.tenants import TenantService
@@ -25,6 +27,15 @@ def list_operations(
     """The newest journal entries first, filtered by state(s), kind and subject."""
     with svc.hosts.pools().system() as reg:
         return registry.list_operations(reg, states=states, kind=kind, subject=subject, limit=limit)
+
+
+def get_operation(svc: TenantService, op_id: UUID) -> Operation:
+    """One journal entry; OperationNotFound if there is none."""
+    with svc.hosts.pools().system() as reg:
+        op = registry.get_operation(reg, op_id)
+    if op is None:
+        raise OperationNotFound(f"operation {op_id} not found")
+    return op
 
 
 def operation_dict(op: Operation) -> dict[str, Any]:

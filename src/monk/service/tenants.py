@@ -19,6 +19,7 @@ running one, and then finishes or undoes it from what really exists on the serve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from monk.errors import (
     TenantExists,
     TenantNotFound,
 )
-from monk.service import pool
+from monk.service import pool, upgrades
 from monk.service.pipeline import (
     Credentials,
     Hosts,
@@ -518,19 +519,37 @@ class TenantService(Pipeline):
             return self.view(tenant)
 
     def restore(self, raw_name: str) -> TenantView:
-        """A trashed tenant back to active; a purged one back from its archive."""
+        """A trashed tenant back to active; a purged one back from its archive. Either is then
+        brought to its template's current build (fleet upgrades skip trashed and purged
+        tenants); if that fails the tenant stays restored at its build, and the warning says
+        why (``monk template upgrade KEY --tenants NAME`` retries it)."""
         name = self.name(raw_name)
         with self.hosts.pools().system() as reg:
             live = registry.get_live(reg, name.key)
         if live is None:
-            return restore_from_archive(self, name)
+            return self._up_to_date(restore_from_archive(self, name))
         with self.locked(raw_name) as (reg, pools, tenant):
             lifecycle.check(Action.RESTORE, tenant.status, tenant=tenant.name)
             self.open_tenant(pools, tenant)
             tenant = registry.update(
                 reg, tenant.id, status="active", is_active=True, trashed_at=None
             )
-            return self.view(tenant)
+            view = self.view(tenant)
+        return self._up_to_date(view)
+
+    def _up_to_date(self, view: TenantView) -> TenantView:
+        why_not = upgrades.upgrade_one(self, view.tenant.id)
+        if why_not is not None:
+            log.warning(
+                "restored %s stays at build %s: %s",
+                view.tenant.name,
+                view.tenant.template_version,
+                why_not,
+            )
+            return view
+        with self.hosts.pools().system() as reg:
+            tenant = registry.get_by_id(reg, view.tenant.id)
+        return dataclasses.replace(view, tenant=tenant) if tenant is not None else view
 
     def rotate_credentials(self, raw_name: str) -> TenantView:
         with self.locked(raw_name) as (_reg, pools, tenant):

@@ -522,3 +522,14 @@ def template_access(conn: Conn, name: str) -> TemplateAccess | None:
     if row is None:
         return None
     return TemplateAccess(bool(row[0]), bool(row[1]), bool(row[2]))
+
+
+def sessions_opened(conn: Conn, databases: Sequence[str]) -> int:
+    """Sessions ever established on ``databases`` (pg_stat_database.sessions, PostgreSQL 14+;
+    counted when a session ends), read afresh."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT coalesce(sum(sessions), 0) FROM pg_stat_database WHERE datname = ANY(%s)",
+        (list(databases),),
+    ).fetchone()
+    return int(str(row[0])) if row else 0

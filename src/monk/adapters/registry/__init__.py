@@ -471,6 +471,14 @@ def set_operation_step(conn: Conn, op_id: UUID, step: str) -> None:
         )
 
 
+def get_operation(conn: Conn, op_id: UUID) -> Operation | None:
+    with conn.cursor(row_factory=class_row(Operation)) as cur:
+        cur.execute(
+            sql.SQL("SELECT {} FROM operations WHERE id = %s").format(_OP_COLUMNS), (op_id,)
+        )
+        return cur.fetchone()
+
+
 def list_operations(
     conn: Conn,
     *,

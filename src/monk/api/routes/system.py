@@ -5,18 +5,26 @@ from __future__ import annotations
 import contextlib
 from datetime import UTC, datetime
 from typing import Annotated
+from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monk.api.deps import Root, RuntimeDep
-from monk.api.envelope import READ, RETRY_AFTER, Ok, error_headers
-from monk.api.models import EventOut, OperationOut, ServiceHealth, ServiceHealthFailure
+from monk.api.envelope import READ, READ_ONE, RETRY_AFTER, Ok, error_headers
+from monk.api.models import (
+    EventOut,
+    OperationDetailOut,
+    OperationOut,
+    ServiceHealth,
+    ServiceHealthFailure,
+)
 from monk.api.public import scrubbed
 from monk.api.runtime import Runtime
 from monk.errors import DatabaseUnavailable, MonkError, table_entry
 from monk.service import operations as operations_service
+from monk.service import upgrades
 
 router = APIRouter()
 
@@ -107,6 +115,22 @@ def operations(
             data[name] = scrubbed(rt.settings, data[name])
         out.append(OperationOut.model_validate(data))
     return Ok(data=out)
+
+
+@router.get(
+    "/api/root/operations/{op_id}",
+    tags=["operations"],
+    summary="One operation; for a fleet upgrade, its progress and per-tenant results",
+    responses=READ_ONE,
+)
+def operation(rt: RuntimeDep, _: Root, op_id: UUID) -> Ok[OperationDetailOut]:
+    op = operations_service.get_operation(rt.tenants, op_id)
+    data = operations_service.operation_dict(op)
+    for name in ("error", "params", "result"):
+        data[name] = scrubbed(rt.settings, data[name])
+    if op.kind == upgrades.KIND:
+        data["upgrade"] = scrubbed(rt.settings, upgrades.report(rt.tenants, op_id).as_dict())
+    return Ok(data=OperationDetailOut.model_validate(data))
 
 
 @router.get(

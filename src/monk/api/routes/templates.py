@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Body, Path, Query, status
 
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok, responses
@@ -21,12 +21,15 @@ from monk.api.models import (
     TemplateBuildResultOut,
     TemplateCheckOut,
     TemplateStatusOut,
+    TemplateUpgradeRequest,
+    TemplateUpgradeStartedOut,
 )
 from monk.api.public import scrubbed
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError
 from monk.service import drift, fleet
 from monk.service import templates as template_service
+from monk.service.upgrades import UpgradeOptions
 from monk.settings import Settings
 
 router = APIRouter(prefix="/api/root/template", tags=["templates"])
@@ -195,3 +198,37 @@ def drop_template(
 ) -> Ok[TemplateBuildOut]:
     build = rt.tenants.templates.drop(key, version, force=force)
     return Ok(data=_out(rt.settings, build))
+
+
+@router.post(
+    "/{key}/upgrade",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Bring the tenants of a template to a build (a fleet upgrade, in the background)",
+    responses=CHANGE,
+    description="Answered at once with the run's operation id; `monk serve` runs it in the "
+    "background. Follow it with `GET /api/root/operations/{id}`. A dead run of the key (its "
+    "process killed) is resumed instead of starting a new one; a run in progress: 409.",
+)
+def upgrade_template(
+    rt: RuntimeDep,
+    _: Root,
+    key: Key,
+    body: Annotated[TemplateUpgradeRequest | None, Body()] = None,
+) -> Ok[TemplateUpgradeStartedOut]:
+    body = body or TemplateUpgradeRequest()
+    options = UpgradeOptions(
+        to_version=body.to_version,
+        tenants=tuple(body.tenants),
+        canary=body.canary,
+        parallel=body.parallel,
+        on_error=body.on_error,
+    )
+    run = rt.start_upgrade(key, options)
+    return Ok(
+        data=TemplateUpgradeStartedOut(
+            operation_id=str(run.op_id),
+            template=run.key,
+            to_version=run.to_version,
+            resumed=run.resumed,
+        )
+    )
