@@ -63,7 +63,6 @@ from monk.service.pipeline import (
     describe,
     validate_connection_limit,
 )
-from monk.service.purge import purge_now, restore_from_archive
 
 # Re-exported: callers know these as the tenant service's.
 __all__ = ["Credentials", "Hosts", "TenantService", "TenantView"]
@@ -485,6 +484,10 @@ class TenantService(Pipeline):
                 registry.finish_operation(reg, op.id, "undone", error="process died; undone")
             return "undone"
         if tenant.status == "deleting":
+            # Imported when used: the purge brings pg_dump's adapter, which reading or
+            # provisioning a tenant does not need (a CLI command starts without it).
+            from monk.service.purge import purge_now
+
             purge_now(self, reg, pools, tenant)
             return "finished"
         return "nothing"
@@ -523,6 +526,8 @@ class TenantService(Pipeline):
         with self.hosts.pools().system() as reg:
             live = registry.get_live(reg, name.key)
         if live is None:
+            from monk.service.purge import restore_from_archive  # as above: when used
+
             return restore_from_archive(self, name)
         with self.locked(raw_name) as (reg, pools, tenant):
             lifecycle.check(Action.RESTORE, tenant.status, tenant=tenant.name)

@@ -16,14 +16,14 @@ from importlib import resources
 import psycopg
 from psycopg import sql
 
-from monk.adapters.postgres.connection import ServerTarget, connect
-from monk.errors import ConfigError
+from monk.adapters.postgres.connection import ServerTarget, breaker, connect
+from monk.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 # An arbitrary constant: the advisory lock key of "migrating monk's system database".
-_MIGRATION_LOCK_KEY = 0x6D6F6E6B
+MIGRATION_LOCK_KEY = 0x6D6F6E6B
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,45 @@ def ensure_system_database(target: ServerTarget, system_db: str) -> InitResult:
     return InitResult(created_database=created, applied=applied)
 
 
+def is_current(target: ServerTarget, system_db: str) -> bool:
+    """Whether the system database exists with every bundled migration applied and the admin
+    role may do monk's work: one connection and one read, no lock, no DDL (what every command
+    but ``monk init`` asks before it starts). False on any doubt: ``ensure_system_database``
+    then does the work, or says what is wrong."""
+    query = sql.SQL(
+        "SELECT r.ok, m.number, m.checksum FROM (SELECT rolsuper OR (rolcreatedb AND"
+        " rolcreaterole) AS ok FROM pg_roles WHERE rolname = current_user) AS r"
+        " LEFT JOIN {}.schema_migrations AS m ON true"
+    ).format(sql.Identifier(system_db))
+    try:
+        with connect(target, system_db, autocommit=True, purpose="init") as conn:
+            rows = conn.execute(query).fetchall()
+    except DatabaseUnavailable:
+        if breaker(target.conninfo).refusal(probe=False) is not None:
+            raise  # the server is down: the full path would only say so again
+        return False  # no system database yet
+    except psycopg.Error:
+        return False  # no schema or table yet
+    if not rows or not all(ok for ok, _, _ in rows):
+        return False
+    done = {int(str(n)): str(c) for _, n, c in rows if n is not None}
+    bundled = bundled_migrations()
+    if any(m.number not in done for m in bundled):
+        return False
+    _warn_changed(bundled, done)
+    return True
+
+
+def _warn_changed(bundled: list[Migration], done: dict[int, str]) -> None:
+    for migration in bundled:
+        if migration.number in done and done[migration.number] != migration.checksum:
+            log.warning(
+                "system migration %04d_%s changed since it was applied",
+                migration.number,
+                migration.name,
+            )
+
+
 def _create_database_if_missing(target: ServerTarget, system_db: str) -> bool:
     with connect(target, autocommit=True, purpose="init") as conn:
         exists = conn.execute(
@@ -109,7 +148,7 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
     schema = sql.Identifier(system_db)
     applied: list[str] = []
     with connect(target, system_db, autocommit=True, purpose="migrate") as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             with conn.transaction():
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
@@ -139,14 +178,10 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
                     sql.SQL("SELECT number, checksum FROM {}.schema_migrations").format(schema)
                 ).fetchall()
             }
-            for migration in bundled_migrations():
+            bundled = bundled_migrations()
+            _warn_changed(bundled, done)
+            for migration in bundled:
                 if migration.number in done:
-                    if done[migration.number] != migration.checksum:
-                        log.warning(
-                            "system migration %04d_%s changed since it was applied",
-                            migration.number,
-                            migration.name,
-                        )
                     continue
                 with conn.transaction():
                     conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(schema))
@@ -161,5 +196,5 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
                 applied.append(f"{migration.number:04d}_{migration.name}")
                 log.info("applied system migration %04d_%s", migration.number, migration.name)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied
