@@ -4,6 +4,7 @@ members, and none imports the tenant service)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import sys
@@ -41,12 +42,14 @@ from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
     DatabaseExists,
     DatabaseMissing,
+    HashCollision,
     InvalidRequest,
     InvalidState,
     MonkError,
     StrayDatabase,
     TemplateBusy,
     TemplateNotFound,
+    TenantExists,
     TenantNotFound,
 )
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
@@ -210,6 +213,16 @@ class RoleSecrets:
     def __len__(self) -> int:
         with self._lock:
             return len(self._by_role)
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A reserved name, as the steps after ``Pipeline.reserve`` continue from it."""
+
+    tenant: Tenant  # the intent row, 'provisioning'
+    op: UUID  # its journal entry, running
+    template_in_use: bool  # the template had client sessions (a clone would wait)
+    role: Credentials | None  # a spare role renamed into the tenant's, with its password
 
 
 class Pipeline:
@@ -468,6 +481,87 @@ class Pipeline:
         """The registry and this server are one PostgreSQL instance: commits are flushed in
         order, so only the last commit of an operation needs to wait for the disk."""
         return pools.target is self.hosts.local
+
+    def reserve(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        *,
+        template_key: str,
+        template_version: str,
+        template_database: str,
+        idempotency_key: str | None,
+        have_lock: bool,
+        operation: str = "provision",
+        params: Mapping[str, Any] | None = None,
+        host: str | None = None,
+    ) -> Intent | None:
+        """Reserve the name, the pipeline's first step, in one statement
+        (``registry.tenants.reserve``): its lock (unless ``have_lock``), the intent row on
+        ``host`` (default: the pools' server), its journal entry (``operation``, ``params``),
+        and one of this process's spare roles renamed into the tenant's, all committed
+        together; ``template_database``'s sessions counted (a session on it would make a clone
+        wait 5 s, then fail).
+
+        Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
+        taken or a spare is ready: the caller takes the full path. With it, a taken name
+        raises TenantExists or HashCollision."""
+        shared_wal = self.registry_shares_server(pools)
+        # Spare roles live on the registry's server: only there can the intent rename one.
+        spare = self.role_secrets.take() if shared_wal else None
+        op_id = uuid4()
+        try:
+            with registry.intent_errors(reg, name):
+                gate = tenant_registry.reserve(
+                    reg,
+                    name,
+                    tenant_id=uuid4(),
+                    op_id=op_id,
+                    host=host or pools.target.name,
+                    template_key=template_key,
+                    template_version=template_version,
+                    template_database=template_database,
+                    idempotency_key=idempotency_key,
+                    spare_role=spare[0] if spare else None,
+                    keyholder=self.instance_id,
+                    async_commit=shared_wal,
+                    have_lock=have_lock,
+                    spares_ok=have_lock,
+                    operation=operation,
+                    params=params,
+                )
+        except (TenantExists, HashCollision):
+            if spare is not None:
+                self.role_secrets.put(*spare)
+            if have_lock:
+                raise
+            # A tenant committed after the statement's snapshot: the full path looks again,
+            # under the lock (an idempotent retry must get the first answer, not a refusal).
+            registry.unlock_if_held(reg, name.database)
+            return None
+        except BaseException:
+            if spare is not None:
+                self.role_secrets.put(*spare)
+            if not have_lock and not (reg.closed or reg.broken):
+                with contextlib.suppress(psycopg.Error):
+                    registry.unlock_if_held(reg, name.database)
+            raise
+        if spare is not None and gate.claimed is None:
+            self.role_secrets.put(*spare)  # no intent, no claim: still a spare, still ours
+        # gate.claimed False: the spare was gone (another server's start-up dropped it).
+        if gate.tenant is None:
+            if have_lock:
+                raise registry.exists_error(reg, name)
+            if gate.locked:
+                registry.unlock(reg, name.database)
+            return None
+        return Intent(
+            tenant=gate.tenant,
+            op=op_id,
+            template_in_use=gate.sessions > 0,
+            role=Credentials(name.role, spare[1]) if spare and gate.claimed else None,
+        )
 
     def create_role(
         self, reg: psycopg.Connection[Any], role: str, *, login: bool = True
