@@ -29,7 +29,6 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import (
     ServerTarget,
     connect,
-    open_connection,
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
@@ -52,6 +51,7 @@ from monk.errors import (
     TenantExists,
     TenantNotFound,
 )
+from monk.service.presence import Presence
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
 
 # The template service brings jsonschema and the schema compiler: imported on first use, so a
@@ -243,8 +243,8 @@ class Pipeline:
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()
-        self._keyholder_conn: psycopg.Connection[Any] | None = None
-        self._keyholder_mutex = threading.Lock()
+        # This process's one session of presence: its keyholder lock (and a serve's mark).
+        self.presence = Presence(target, settings.system_db_name, self.instance_id)
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
@@ -260,34 +260,13 @@ class Pipeline:
     def close(self) -> None:
         if self._side_pool is not None:
             self._side_pool.shutdown(wait=True)
-        with self._keyholder_mutex:
-            if self._keyholder_conn is not None:
-                self._keyholder_conn.close()
-                self._keyholder_conn = None
+        self.presence.release()
         self.hosts.close()
 
     def hold_keyholder_lock(self, *, check: bool = False) -> None:
-        """Hold this process's keyholder lock (on a connection of its own) before it names
-        itself keyholder of a spare or a spare role, so that no other process takes those
-        over while it lives. ``check``: make sure the connection still holds it (a server
-        restart ends every session), and take it again if not."""
-        with self._keyholder_mutex:
-            conn = self._keyholder_conn
-            if conn is not None and check and not registry.keyholder_session_alive(conn):
-                conn.close()
-                conn = self._keyholder_conn = None
-                log.warning("keyholder lock lost with its connection; taking it again")
-            if conn is not None and not conn.closed:
-                return
-            local = self.hosts.local
-            conn = open_connection(
-                local, self.settings.system_db_name, autocommit=True, purpose="keyholder"
-            )
-            if not registry.hold_keyholder_lock(conn, self.instance_id):
-                conn.close()  # a transient check by another process: try again next time
-                log.warning("keyholder lock of %s is busy", self.instance_id)
-                return
-            self._keyholder_conn = conn
+        """Hold this process's keyholder lock before it names itself keyholder of a spare or
+        a spare role (``Presence.hold``)."""
+        self.presence.hold(check=check)
 
     def __enter__(self) -> Self:
         return self

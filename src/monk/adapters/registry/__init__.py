@@ -21,7 +21,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from monk.adapters.registry.locks import (  # re-exported: callers know them as registry's
-    SERVE_LOCK as SERVE_LOCK,
+    SERVE_PURPOSE as SERVE_PURPOSE,
 )
 from monk.adapters.registry.locks import (
     advisory_key as advisory_key,
@@ -33,13 +33,13 @@ from monk.adapters.registry.locks import (
     hold_keyholder_lock as hold_keyholder_lock,
 )
 from monk.adapters.registry.locks import (
-    hold_serve_lock as hold_serve_lock,
-)
-from monk.adapters.registry.locks import (
     keyholder_session_alive as keyholder_session_alive,
 )
 from monk.adapters.registry.locks import (
-    serve_lock_holders as serve_lock_holders,
+    mark_serving as mark_serving,
+)
+from monk.adapters.registry.locks import (
+    serving_keyholders as serving_keyholders,
 )
 from monk.adapters.registry.locks import (
     try_lock as try_lock,
