@@ -16,8 +16,8 @@ from importlib import resources
 import psycopg
 from psycopg import sql
 
-from monk.adapters.postgres.connection import ServerTarget, breaker, connect
-from monk.errors import ConfigError, DatabaseUnavailable
+from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +86,30 @@ def ensure_system_database(target: ServerTarget, system_db: str) -> InitResult:
 
 
 def is_current(target: ServerTarget, system_db: str) -> bool:
-    """Whether the system database exists with every bundled migration applied and the admin
-    role may do monk's work: one connection and one read, no lock, no DDL (what every command
-    but ``monk init`` asks before it starts). False on any doubt: ``ensure_system_database``
-    then does the work, or says what is wrong."""
-    query = sql.SQL(
-        "SELECT r.ok, m.number, m.checksum FROM (SELECT rolsuper OR (rolcreatedb AND"
-        " rolcreaterole) AS ok FROM pg_roles WHERE rolname = current_user) AS r"
-        " LEFT JOIN {}.schema_migrations AS m ON true"
-    ).format(sql.Identifier(system_db))
+    """Whether the admin role may do monk's work and the system database exists with every
+    bundled migration applied: two connections and two reads, no lock, no DDL (what every
+    command but ``monk init`` asks before it starts). False on any doubt:
+    ``ensure_system_database`` then does the work, or says what is wrong."""
+    # The maintenance database first: a connection to a database that does not exist fails
+    # like a server that is down (no SQLSTATE), which would trip the server's breaker.
+    with connect(target, autocommit=True, purpose="init") as conn:
+        row = conn.execute(
+            "SELECT (SELECT rolsuper OR (rolcreatedb AND rolcreaterole) FROM pg_roles"
+            " WHERE rolname = current_user),"
+            " EXISTS (SELECT 1 FROM pg_database WHERE datname = %s)",
+            (system_db,),
+        ).fetchone()
+    if row is None or not (row[0] and row[1]):
+        return False
+    query = sql.SQL("SELECT number, checksum FROM {}.schema_migrations").format(
+        sql.Identifier(system_db)
+    )
     try:
         with connect(target, system_db, autocommit=True, purpose="init") as conn:
             rows = conn.execute(query).fetchall()
-    except DatabaseUnavailable:
-        if breaker(target.conninfo).refusal(probe=False) is not None:
-            raise  # the server is down: the full path would only say so again
-        return False  # no system database yet
     except psycopg.Error:
         return False  # no schema or table yet
-    if not rows or not all(ok for ok, _, _ in rows):
-        return False
-    done = {int(str(n)): str(c) for _, n, c in rows if n is not None}
+    done = {int(str(n)): str(c) for n, c in rows}
     bundled = bundled_migrations()
     if any(m.number not in done for m in bundled):
         return False
