@@ -76,6 +76,8 @@ def test_bench_writes_its_json_and_removes_what_it_made(
             "2",
             "--concurrency",
             "1,2",
+            "--level-seconds",
+            "0.6",
             "--json",
             str(out),
             env=env,
@@ -96,10 +98,20 @@ def test_bench_writes_its_json_and_removes_what_it_made(
         assert result["warm"]["all_from_pool"] is True
 
         assert set(result["throughput"]) == {"1", "2"}
+        assert result["config"]["level_seconds"] == 0.6
         for level in result["throughput"].values():
+            # each level runs for a time, not a count: both variants at least 0.6 s, in two
+            # halves, as many operations as fit
+            assert level["seconds"] == 0.6
             for side in ("raw", "monk"):
                 assert level[f"{side}_per_s"] > 0
                 assert level[f"{side}_failures"] == 0
+                assert level[f"{side}_seconds"] >= 0.6
+                assert level[f"{side}_ops"] >= 2
+                assert level[f"{side}_per_s"] == pytest.approx(
+                    level[f"{side}_ops"] / level[f"{side}_seconds"], rel=0.01
+                )
+            assert level["ops"] == level["raw_ops"] + level["monk_ops"]
         deprovision = result["deprovision"]
         assert deprovision["answer"]["n"] == deprovision["dropped"]["n"] == 4
         assert set(result["ratios"]) == {
@@ -150,6 +162,8 @@ def test_bench_can_drop_as_it_goes(
             "2",
             "--concurrency",
             "2",
+            "--level-seconds",
+            "0.6",
             "--drop-each-round",
             "--json",
             str(out),
@@ -208,7 +222,18 @@ def test_bench_refuses_to_run_beside_a_serving_monk(
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     try:
-        ran = monk("bench", "--template", key, "--iterations", "1", "--concurrency", "1", env=env)
+        ran = monk(
+            "bench",
+            "--template",
+            key,
+            "--iterations",
+            "1",
+            "--concurrency",
+            "1",
+            "--level-seconds",
+            "0.4",
+            env=env,
+        )
         assert ran.returncode == 0, ran.stderr + ran.stdout
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from monk.adapters import registry
-from monk.errors import DatabaseUnavailable, TenantExists
-from monk.service import pool, purge
+from monk.adapters.registry.locks import KEYHOLDER_LOCK_SPACE
+from monk.errors import DatabaseUnavailable, InvalidState, TenantExists
+from monk.service import doctor, pool, purge
 from monk.service import templates as template_service
+from monk.service.presence import refuse_beside_serve
 from monk.service.tenants import TenantService
 from tests.conftest import MONK_BIN, settings_env
 from tests.integration import template_support
@@ -291,6 +295,66 @@ def test_a_new_process_adopts_spares_and_serves_them_fast(env: Env, drained: Ten
     assert view.provisioned_from == "pool"
     with psycopg.connect(view.as_dict()["connection_url"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_one_presence_lock_says_keyholder_and_serving(env: Env, drained: TenantService) -> None:
+    """A process's keyholder lock is its one presence: a serving process names that same
+    session as serving (monk bench refuses beside it, not beside any keyholder), and when the
+    process is gone, its spares are adopted."""
+    with TenantService(env.settings, env.target) as serving:
+        pool.fill(serving, env.template, 1)  # takes the keyholder lock: a keyholder, not a serve
+        refuse_beside_serve(env.target, env.settings.system_db_name, "the figures")
+        serving.presence.serve()
+        with pytest.raises(InvalidState, match="monk serve is running on this installation"):
+            refuse_beside_serve(env.target, env.settings.system_db_name, "the figures")
+        with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+            holders = conn.execute(
+                "SELECT a.application_name FROM pg_locks AS l"
+                " JOIN pg_stat_activity AS a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                " AND l.classid = %s AND l.objid::bigint = hashtext(%s)::bigint & 4294967295",
+                (KEYHOLDER_LOCK_SPACE, str(serving.instance_id)),
+            ).fetchall()
+        assert holders == [("monk:serve",)]  # one session: the keyholder's is the serve's
+        serving.presence.release()  # a lost session, taken again, still says serving
+        serving.hold_keyholder_lock(check=True)
+        with pytest.raises(InvalidState):
+            refuse_beside_serve(env.target, env.settings.system_db_name, "the figures")
+    refuse_beside_serve(env.target, env.settings.system_db_name, "the figures")  # gone
+    with TenantService(env.settings, env.target) as other:
+        assert pool.adopt(other) == 1  # the departed serve's spare
+
+
+def test_a_broken_spare_is_dropped_by_the_handout_that_found_it(
+    env: Env, drained: TenantService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spare whose database was dropped behind monk's back fails its handout: the provision
+    clones, and the handout drops the broken spare (role and row) at once, saying so, instead
+    of leaving it ready for every later provision to try and for the doctor to find."""
+    svc = drained
+    assert pool.fill(svc, env.template, 1) == 1
+    (spare,) = databases(env, "monk_spare_%")
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+        adm.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(spare)))
+    with caplog.at_level(logging.WARNING, logger="monk"):
+        view = svc.provision(unique("Broken spare"), template=env.template)
+    assert view.provisioned_from == "clone"
+    assert view.tenant.status == "active"
+    assert spare_count(env) == 0  # its row is gone
+    with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
+        assert (
+            conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (spare,)).fetchone() is None
+        )
+    dropped = [r.getMessage() for r in caplog.records if "dropped spare" in r.getMessage()]
+    assert len(dropped) == 1
+    assert spare in dropped[0]
+    assert "its database is gone" in dropped[0]
+    assert not [p for p in doctor.checkup(svc).problems if spare in p.subject]
+    # the next provision does not try it again: no failed handout, no second warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monk"):
+        assert svc.provision(unique("After"), template=env.template).provisioned_from == "clone"
+    assert not [r for r in caplog.records if "handout" in r.getMessage()]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from psycopg import sql
 
 from monk.adapters.postgres.connection import ServerTarget
 from monk.settings import Settings
-from monk.system.migrator import bundled_migrations, ensure_system_database
+from monk.system.migrator import MIGRATION_LOCK_KEY, bundled_migrations, ensure_system_database
 from tests.conftest import RunMonk
 
 SPEC_INSERT = """
@@ -170,3 +170,30 @@ def test_db_psql_passes_its_arguments_to_psql(monk: RunMonk, settings: Settings)
     assert "--dbname=" in done.stdout
     assert password
     assert password not in done.stdout
+
+
+def test_a_first_command_creates_the_system_database_and_a_later_one_only_reads_it(
+    monk: RunMonk, settings: Settings, target: ServerTarget
+) -> None:
+    """Any command brings a missing or outdated system database up to date (the whole of
+    `monk init`); once it is current, a command reads `schema_migrations` and goes on (no
+    migration lock: it answers while another session holds it). No warning either way: a
+    missing system database is not a server down."""
+    assert not _db_exists(target, settings.system_db_name)
+    first = monk("tenant", "list", "--json")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""
+    with psycopg.connect(target.conninfo, dbname=settings.system_db_name) as conn:
+        applied = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.schema_migrations").format(
+                sql.Identifier(settings.system_db_name)
+            )
+        ).fetchone()
+    assert applied == (len(bundled_migrations()),)
+    with psycopg.connect(
+        target.conninfo, dbname=settings.system_db_name, autocommit=True
+    ) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        again = monk("tenant", "list", "--json", timeout=30)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""

@@ -28,7 +28,7 @@ from monk.errors import (
     TenantExists,
     TenantNotFound,
 )
-from monk.service import purge
+from monk.service import purge, role_pool
 from monk.service import templates as template_service
 from monk.service.health import tenant_health
 from monk.service.tenants import TenantService, TenantView
@@ -317,6 +317,35 @@ def test_restore_from_archive_keeps_the_tenants_identity(env: Env, svc: TenantSe
         ("tenant.provisioned", first.id),
         *[("tenant.purged", first.id), ("tenant.restored", first.id)] * 2,
     ]
+
+
+def test_restore_from_archive_reserves_the_name_as_a_provision_does(
+    env: Env, svc: TenantService
+) -> None:
+    """Restore's first step is the provisioning pipeline's reserve: the intent and its journal
+    entry (a restore naming the archive) in one statement and, as for a cold provision, one of
+    this process's spare roles renamed into the tenant's (its password is the one answered)."""
+    name = unique("Reserved")
+    svc.provision(name, template=env.template)
+    _, op = purge.request_purge(svc, name, archive=True)
+    purge.work_queue(svc, only=op)
+    try:
+        role_pool.fill(svc, 2)
+        spares_before = len(svc.role_secrets)
+        restored = svc.restore(name)
+        assert len(svc.role_secrets) == spares_before - 1  # the tenant's role was a spare
+        assert restored.tenant.role_name in roles(env)
+        with tenant_conn(restored.as_dict()["connection_url"]) as conn:
+            assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+        with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+            journal = conn.execute(
+                "SELECT state, step, params->>'archive' FROM operations"
+                " WHERE kind = 'restore' AND subject = %s",
+                (restored.tenant.name_key,),
+            ).fetchall()
+        assert journal == [("done", "active", restored.tenant.archive_path)]
+    finally:
+        role_pool.drop_own(svc)
 
 
 def test_purge_forget_frees_the_name(env: Env, svc: TenantService) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from monk.bench import stats
-from monk.bench.runner import ops_per_level
+from monk.bench.runner import BenchConfig, throughput_estimate, throughput_slices
 
 finite = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
 
@@ -151,8 +151,18 @@ def test_targets_not_met_or_not_measured() -> None:
     }
 
 
-def test_ops_per_level_keeps_every_thread_busy() -> None:
-    assert ops_per_level(1, 30) == 30
-    assert ops_per_level(16, 30) == 64
-    assert ops_per_level(1, 2) == 4
-    assert ops_per_level(2, 2) == 8
+def test_throughput_estimate_is_generous_and_grows_with_the_time_of_a_level() -> None:
+    config = BenchConfig(concurrency=(1, 2, 4, 8, 16), level_seconds=4.0)
+    # two cores at a 30 ms clone clone ~67 a second; the estimate allows half as much again,
+    # for both variants, 4 s each, at five levels
+    assert throughput_estimate(config, 30.0, 2) == 4001
+    longer = BenchConfig(concurrency=(1, 2, 4, 8, 16), level_seconds=8.0)
+    assert throughput_estimate(longer, 30.0, 2) == 8001
+    assert throughput_estimate(config, None, 2) == 100 * 2 * 4 * 5 + 1  # no raw p50: 100/s
+
+
+def test_a_level_is_cut_into_an_even_count_of_slices_of_about_a_second() -> None:
+    assert throughput_slices(4.0) == (4, 1.0)
+    assert throughput_slices(0.6) == (2, 0.3)
+    assert throughput_slices(3.0) == (4, 0.75)
+    assert throughput_slices(10.0) == (10, 1.0)

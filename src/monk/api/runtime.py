@@ -15,7 +15,6 @@ from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool, upgrades
 from monk.service.health import Recent, ServerProbe
-from monk.service.presence import ServeMark
 from monk.service.server import Server
 from monk.service.supervisor import Supervisor
 from monk.service.tenants import TenantService, TenantView
@@ -69,7 +68,6 @@ class Runtime:
         self.target: ServerTarget
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
-        self.mark = ServeMark(self.target, settings.system_db_name)
         self.metrics = Metrics()
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
@@ -93,7 +91,11 @@ class Runtime:
         self.metrics.server_restarts.labels("ok" if ok else "failed").inc()
 
     def start(self) -> None:
-        self.mark.hold()
+        try:
+            # The keyholder lock's session, named as a serve's: monk bench refuses beside it.
+            self.tenants.presence.serve()
+        except Exception as exc:
+            log.warning("could not mark this server as running: %s", exc)
         if self.supervisor is not None:
             self.supervisor.start()
         self._worker.start()
@@ -231,7 +233,6 @@ class Runtime:
                 self.tenants.hold_keyholder_lock(check=True)
             except Exception as exc:
                 log.warning("keyholder lock: %s", exc)
-            self.mark.hold()  # again, if its session was lost (the server restarted)
             # Roles first: a second each for dozens, where a spare database is a clone.
             for refill in (
                 lambda: role_pool.fill(self.tenants, self.settings.pool_roles),
@@ -262,7 +263,6 @@ class Runtime:
         except Exception as exc:
             log.warning("could not drop this server's spare roles: %s", exc)
         self.probe.close()
-        self.mark.release()
         self.tenants.close()
 
     def _failed(self, worker: str, exc: Exception) -> None:

@@ -80,15 +80,17 @@ def render(result: Mapping[str, Any], console: Console) -> None:
         console.print(f"  {variant}: {label}", highlight=False)
     console.print("  purge answer: request_purge returns; purge dropped: the background drop done")
 
-    throughput = Table(title="throughput (successes / wall second)")
-    for column in ("threads", "ops", "raw/s", "raw fail", "monk/s", "monk fail"):
+    seconds = result.get("config", {}).get("level_seconds")
+    throughput = Table(title=f"throughput (successes / wall second; {seconds} s a variant a level)")
+    for column in ("threads", "raw ops", "raw/s", "raw fail", "monk ops", "monk/s", "monk fail"):
         throughput.add_column(column, justify="right")
     for level, row in (result.get("throughput") or {}).items():
         throughput.add_row(
             level,
-            str(row.get("ops")),
+            str(row.get("raw_ops")),
             _rate(row.get("raw_per_s")),
             str(row.get("raw_failures")),
+            str(row.get("monk_ops")),
             _rate(row.get("monk_per_s")),
             str(row.get("monk_failures")),
         )

@@ -81,23 +81,36 @@ class BenchConfig:
     iterations: int = 30
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     drop_each_round: bool = False
+    # Seconds each variant runs at each throughput level (in two slices, A-B-B-A): a level of
+    # a fixed count lasted half a second on a tmpfs, and one lucky raw level decided the ratio.
+    level_seconds: float = 4.0
 
 
-def databases_made(config: BenchConfig) -> int:
-    """How many databases a run makes: four a latency round (and the untimed first one), and
-    both variants' operations at each throughput level."""
-    rounds = (config.iterations + 1) * len(VARIANTS)
-    throughput = sum(
-        2 * 2 * ((ops_per_level(c, config.iterations) + 1) // 2) for c in config.concurrency
-    )
-    return rounds + throughput
+def throughput_slices(level_seconds: float) -> tuple[int, float]:
+    """How a level's time is cut: (slices per variant, seconds a slice), an even count of
+    slices of about a second each. The variants alternate A-B-B-A-A-B-B-A, so that what the
+    machine does meanwhile (other processes, a checkpoint, the filesystem slowing down as drops
+    accumulate) weighs on both alike; slices much shorter would spend their time ramping up."""
+    slices = max(2, 2 * round(level_seconds / 2))
+    return slices, level_seconds / slices
 
 
-def ops_per_level(concurrency: int, iterations: int) -> int:
-    """Operations per throughput measurement: four per thread at least, and as many as the
-    latency rounds at least, so that a level lasts long enough for one slow operation (a
-    checkpoint, the other core busy) not to decide its rate."""
-    return max(4 * concurrency, iterations, 1)
+def _abba(slices: int) -> list[str]:
+    pairs = [("raw", "monk") if i % 2 == 0 else ("monk", "raw") for i in range(slices)]
+    return [variant for pair in pairs for variant in pair]
+
+
+def latency_databases(config: BenchConfig) -> int:
+    """How many databases the latency rounds make: four a round (and the untimed first one)."""
+    return (config.iterations + 1) * len(VARIANTS)
+
+
+def throughput_estimate(config: BenchConfig, raw_p50_ms: float | None, cpus: int) -> int:
+    """A generous guess at how many databases the throughput levels make, each variant running
+    ``level_seconds`` per level: every core cloning back to back at the latency rounds' raw
+    p50, half as fast again (a level runs for a time, not a count, so only a guess is known)."""
+    per_second = 1.5 * max(cpus, 1) * 1000 / raw_p50_ms if raw_p50_ms else 100.0
+    return int(per_second * 2 * config.level_seconds * len(config.concurrency)) + 1
 
 
 @dataclass
@@ -171,8 +184,10 @@ class Bench:
         self._scratch_sql: list[tuple[sql.Composed, tuple[Any, ...]]] = []
         self._scratch_migrations: list[str] = []
         self._spares_before = 0
-        # Whether creations are measured with nothing dropped in between (decided in run()).
+        # Whether creations are measured with nothing dropped in between (decided in run(), and
+        # again before the throughput levels, whose count of databases is known only then).
         self._keep = not config.drop_each_round
+        self._dropped_while_measuring = False
         # Tenants of the latency rounds, in order, to deprovision (timed or not) at the end.
         self._to_deprovision: list[tuple[str, bool]] = []
 
@@ -229,9 +244,20 @@ class Bench:
                     "tables": build.table_count,
                     "records": build.record_count,
                 }
-                self._keep = self._keep and self._room_to_keep(result["template"]["size_bytes"])
+                size = result["template"]["size_bytes"]
+                self._keep = self._keep and self._room_to_keep(
+                    latency_databases(self.config) * size, "the latency rounds"
+                )
+                latency_keep = self._keep
                 result |= self._latencies(adm, svc, pool_api)
-                result["throughput"] = self._throughput(adm, svc)
+                estimate = throughput_estimate(
+                    self.config, result["raw"].get("p50_ms"), os.cpu_count() or 1
+                )
+                throughput_keep = self._keep and self._room_to_keep(
+                    estimate * size, "the throughput levels"
+                )
+                self._dropped_while_measuring = not (latency_keep and throughput_keep)
+                result["throughput"] = self._throughput(adm, svc, keep=throughput_keep)
                 if self._keep:
                     answer, dropped = _Samples(), _Samples()
                     self._deprovision_all(svc, self._to_deprovision, answer, dropped)
@@ -246,12 +272,10 @@ class Bench:
             "template": key,
             "iterations": self.config.iterations,
             "concurrency": list(self.config.concurrency),
-            "ops_per_level": {
-                str(c): ops_per_level(c, self.config.iterations) for c in self.config.concurrency
-            },
+            "level_seconds": self.config.level_seconds,
             "pool_size": self._settings.pool_size,
-            "dropped_while_measuring": not self._keep,
-            "databases_made": databases_made(self.config),
+            "dropped_while_measuring": self._dropped_while_measuring or not self._keep,
+            "databases_made": self._counter,  # one name each
         }
         result["machine"] = {
             "cpus": os.cpu_count(),
@@ -276,20 +300,17 @@ class Bench:
                 f"dropped {dropped} spare(s) of {build.key} before the run, refilled after it"
             )
 
-    def _room_to_keep(self, template_bytes: int) -> bool:
-        """Whether the server's disk can hold every database of the run until the end (with a
-        gigabyte to spare); if not, or unknown, the run drops as it goes and says so."""
-        need = databases_made(self.config) * template_bytes
+    def _room_to_keep(self, need: int, phase: str) -> bool:
+        """Whether the server's disk can hold ``need`` more bytes until the end (with a
+        gigabyte to spare; on a tmpfs, in memory as well); if not, or unknown, ``phase`` drops
+        as it goes and says so."""
         if not self.embedded:
             return True  # its disk is not ours to see: --drop-each-round is the user's call
-        try:
-            free = shutil.disk_usage(self._settings.data_dir).free
-        except OSError:
-            free = 0
+        free = _free_bytes(self._settings.data_dir)
         if free >= need + 2**30:
             return True
         self.notes.append(
-            f"dropped while measuring: keeping every database needs ~{_gib(need)}, "
+            f"{phase} dropped while measuring: keeping their databases needs ~{_gib(need)}, "
             f"the disk has {_gib(free)} free (creations after drops can be slower)"
         )
         return False
@@ -413,11 +434,11 @@ class Bench:
                 dropped.ms.append(dropped_ms)
         self._progress("deprovision", len(tenants), len(tenants))
 
-    def _fill_roles(self, svc: TenantService) -> None:
+    def _fill_roles(self, svc: TenantService, count: int | None = None) -> None:
         """Untimed, before cold provisions: the spare roles a serving monk's refiller keeps
-        (``MONK_POOL_ROLES``), made in its idle time."""
+        (``MONK_POOL_ROLES``, or ``count``), made in its idle time."""
         try:
-            role_pool.fill(svc, self._settings.pool_roles)
+            role_pool.fill(svc, self._settings.pool_roles if count is None else count)
         except Exception as exc:
             log.warning("bench could not make spare roles: %s", _describe(exc))
 
@@ -462,38 +483,42 @@ class Bench:
 
     # ------------------------------------------------------------------ throughput
 
-    def _throughput(self, adm: Conn, svc: TenantService) -> dict[str, Any]:
+    def _throughput(self, adm: Conn, svc: TenantService, *, keep: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         levels = self.config.concurrency
+        slices, slice_seconds = throughput_slices(self.config.level_seconds)
         for index, c in enumerate(levels):
             self._progress("throughput", index, len(levels))
-            ops = ops_per_level(c, self.config.iterations)
-            level: dict[str, Any] = {"ops": ops}
-            # A-B-B-A: each variant runs twice, half its operations each time, once before and
-            # once after the other, so that a drift of the machine (the filesystem slowing
-            # down as drops accumulate, a checkpoint) weighs on both alike.
-            halves = (ops + 1) // 2
-            level["ops"] = 2 * halves
             totals = {v: _Tally() for v in ("raw", "monk")}
             roles_used = 0
-            for variant in ("raw", "monk", "monk", "raw"):
+            for variant in _abba(slices):
                 if variant == "raw":
-                    names = [self.db_name("traw") for _ in range(halves)]
-                    ok, failed, seconds, errors = self._parallel_raw(names, c)
-                    if not self._keep:
+                    ok, failed, seconds, errors, names = self._parallel_raw(c, slice_seconds)
+                    if not keep:
                         self._drop_databases(adm, names)
                 else:
-                    names = [self.tenant_name("tmonk") for _ in range(halves)]
-                    self._fill_roles(svc)
+                    # Spare roles for as many provisions as the level's raw clones made in a
+                    # slice (and a quarter more), as a serving monk's refiller keeps them
+                    # ready in its idle time: untimed, like the latency rounds' top-ups.
+                    expected = totals["raw"].ok or c * 4
+                    self._fill_roles(svc, max(self._settings.pool_roles, expected * 5 // 4))
                     roles_before = len(svc.role_secrets)
-                    ok, failed, seconds, errors = self._parallel(
-                        c, names, lambda name: self._provision(svc, name)
+                    ok, failed, seconds, errors, names = self._parallel(
+                        c,
+                        slice_seconds,
+                        lambda: self.tenant_name("tmonk"),
+                        lambda name: self._provision(svc, name),
                     )
                     roles_used += roles_before - len(svc.role_secrets)
-                    if not self._keep:
+                    if not keep:
                         self._purge_all(svc, names)
                 totals[variant].add(ok, failed, seconds, errors)
+            level: dict[str, Any] = {
+                "ops": totals["raw"].ok + totals["monk"].ok,
+                "seconds": self.config.level_seconds,
+            }
             for variant, t in totals.items():
+                level[f"{variant}_ops"] = t.ok
                 level[f"{variant}_per_s"] = stats.throughput(t.ok, t.seconds)
                 level[f"{variant}_failures"] = t.failed
                 level[f"{variant}_seconds"] = round(t.seconds, 3)
@@ -505,8 +530,8 @@ class Bench:
         return out
 
     def _parallel_raw(
-        self, names: Sequence[str], threads: int
-    ) -> tuple[int, int, float, list[str]]:
+        self, threads: int, seconds: float
+    ) -> tuple[int, int, float, list[str], list[str]]:
         """Raw clones from ``threads`` connections opened before the clock starts."""
         conns = [
             open_connection(self.target, autocommit=True, purpose="bench-raw")
@@ -525,61 +550,67 @@ class Bench:
                         conn = local.conn = next(spare)
                 conn.execute(query.format(sql.Identifier(name), sql.Identifier(self._template_db)))
 
-            return self._parallel(threads, names, clone)
+            return self._parallel(threads, seconds, lambda: self.db_name("traw"), clone)
         finally:
             for conn in conns:
                 conn.close()
 
     def _parallel(
-        self, threads: int, names: Sequence[str], work: Callable[[str], object]
-    ) -> tuple[int, int, float, list[str]]:
-        """Run ``work`` on every name from ``threads`` threads started together; returns
-        (successes, failures, wall seconds, first errors). A KeyboardInterrupt stops handing out
-        work, waits for the threads' current operations, and propagates."""
-        queue = iter(names)
-        queue_lock = threading.Lock()
+        self,
+        threads: int,
+        seconds: float,
+        new_name: Callable[[], str],
+        work: Callable[[str], object],
+    ) -> tuple[int, int, float, list[str], list[str]]:
+        """Run ``work`` on new names from ``threads`` threads started together, each starting
+        operations until ``seconds`` have passed; returns (successes, failures, wall seconds
+        until the last operation ended, first errors, every name used). A KeyboardInterrupt
+        stops starting operations, waits for the threads' current ones, and propagates."""
+        names: list[str] = []
+        lock = threading.Lock()
         stop = threading.Event()
         start = threading.Barrier(threads + 1)
         counts = {"ok": 0, "failed": 0}
         errors: list[str] = []
+        deadline = [0.0]
 
         def worker() -> None:
             try:
                 start.wait()
             except threading.BrokenBarrierError:
                 return
-            while not stop.is_set():
-                with queue_lock:
-                    name = next(queue, None)
-                if name is None:
-                    return
+            while not stop.is_set() and time.perf_counter() < deadline[0]:
+                with lock:
+                    name = new_name()
+                    names.append(name)
                 try:
                     work(name)
                 except Exception as exc:
-                    with queue_lock:
+                    with lock:
                         counts["failed"] += 1
                         if len(errors) < 3:
                             errors.append(_describe(exc))
                 else:
-                    with queue_lock:
+                    with lock:
                         counts["ok"] += 1
 
         pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
         for thread in pool:
             thread.start()
         try:
-            start.wait()
             t0 = time.perf_counter()
+            deadline[0] = t0 + seconds
+            start.wait()
             for thread in pool:
                 thread.join()
-            seconds = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
         except BaseException:
             stop.set()
             start.abort()
             for thread in pool:
                 thread.join()
             raise
-        return counts["ok"], counts["failed"], seconds, errors
+        return counts["ok"], counts["failed"], elapsed, errors, names
 
     # ------------------------------------------------------------------ clean-up
 
@@ -660,6 +691,48 @@ def _deprovision_summary(answer: _Samples, dropped: _Samples) -> dict[str, Any]:
         "meaning": "answer: request_purge returns (the caller's answer); dropped: until "
         "the background drop finished (request + queue work)",
     }
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on ``path``'s filesystem; on a tmpfs no more than the memory available
+    (less 2 GiB for everything else), which is what its pages take. 0 when unknown."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return 0
+    if _filesystem_type(path) == "tmpfs":
+        available = _meminfo_bytes("MemAvailable")
+        free = min(free, max(available - 2 * 2**30, 0)) if available is not None else 0
+    return free
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on, from /proc/mounts ("" when unknown)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        resolved = path.resolve()
+    except OSError:
+        return ""
+    best, kind = -1, ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (resolved == point or point in resolved.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind
+
+
+def _meminfo_bytes(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == field_name:
+                return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _gib(size: int) -> str:

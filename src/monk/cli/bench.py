@@ -40,6 +40,14 @@ def bench(
     concurrency: str = typer.Option(
         "1,2,4,8,16", "--concurrency", help="Thread counts of the throughput measurements."
     ),
+    level_seconds: float = typer.Option(
+        4.0,
+        "--level-seconds",
+        min=0.2,
+        max=120,
+        help="Seconds raw and monk each run at every throughput level (in two halves, "
+        "interleaved).",
+    ),
     drop_each_round: bool = typer.Option(
         False,
         "--drop-each-round",
@@ -87,6 +95,7 @@ def bench(
         iterations=iterations,
         concurrency=levels,
         drop_each_round=drop_each_round,
+        level_seconds=level_seconds,
     )
     target = s.target
     embedded = s.settings.database_url is None

@@ -30,8 +30,7 @@ class CliState:
     @cached_property
     def target(self) -> ServerTarget:
         """The admin target, with the server started and the system database up to date."""
-        target, _ = self.server.init()
-        return target
+        return self.server.ready()
 
     @cached_property
     def tenants(self) -> TenantService:

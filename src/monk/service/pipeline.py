@@ -4,6 +4,7 @@ members, and none imports the tenant service)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import signal
@@ -30,7 +31,6 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import (
     ServerTarget,
     connect,
-    open_connection,
     with_password,
 )
 from monk.adapters.postgres.pools import ServerPools
@@ -46,6 +46,7 @@ from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
     DatabaseExists,
     DatabaseMissing,
+    HashCollision,
     HostNotFound,
     InvalidRequest,
     InvalidState,
@@ -53,8 +54,10 @@ from monk.errors import (
     StrayDatabase,
     TemplateBusy,
     TemplateNotFound,
+    TenantExists,
     TenantNotFound,
 )
+from monk.service.presence import Presence
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
 
 # The template service brings jsonschema and the schema compiler: imported on first use, so a
@@ -320,6 +323,16 @@ class RoleSecrets:
             return len(self._by_role)
 
 
+@dataclass(frozen=True)
+class Intent:
+    """A reserved name, as the steps after ``Pipeline.reserve`` continue from it."""
+
+    tenant: Tenant  # the intent row, 'provisioning'
+    op: UUID  # its journal entry, running
+    template_in_use: bool  # the template had client sessions (a clone would wait)
+    role: Credentials | None  # a spare role renamed into the tenant's, with its password
+
+
 class Pipeline:
     """The state and the steps shared by every tenant operation; ``TenantService`` adds the
     operations themselves."""
@@ -345,8 +358,8 @@ class Pipeline:
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()
-        self._keyholder_conn: psycopg.Connection[Any] | None = None
-        self._keyholder_mutex = threading.Lock()
+        # This process's one session of presence: its keyholder lock (and a serve's mark).
+        self.presence = Presence(target, settings.system_db_name, self.instance_id)
         self._side_lock = threading.Lock()
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
@@ -362,34 +375,13 @@ class Pipeline:
     def close(self) -> None:
         if self._side_pool is not None:
             self._side_pool.shutdown(wait=True)
-        with self._keyholder_mutex:
-            if self._keyholder_conn is not None:
-                self._keyholder_conn.close()
-                self._keyholder_conn = None
+        self.presence.release()
         self.hosts.close()
 
     def hold_keyholder_lock(self, *, check: bool = False) -> None:
-        """Hold this process's keyholder lock (on a connection of its own) before it names
-        itself keyholder of a spare or a spare role, so that no other process takes those
-        over while it lives. ``check``: make sure the connection still holds it (a server
-        restart ends every session), and take it again if not."""
-        with self._keyholder_mutex:
-            conn = self._keyholder_conn
-            if conn is not None and check and not registry.keyholder_session_alive(conn):
-                conn.close()
-                conn = self._keyholder_conn = None
-                log.warning("keyholder lock lost with its connection; taking it again")
-            if conn is not None and not conn.closed:
-                return
-            local = self.hosts.local
-            conn = open_connection(
-                local, self.settings.system_db_name, autocommit=True, purpose="keyholder"
-            )
-            if not registry.hold_keyholder_lock(conn, self.instance_id):
-                conn.close()  # a transient check by another process: try again next time
-                log.warning("keyholder lock of %s is busy", self.instance_id)
-                return
-            self._keyholder_conn = conn
+        """Hold this process's keyholder lock before it names itself keyholder of a spare or
+        a spare role (``Presence.hold``)."""
+        self.presence.hold(check=check)
 
     def __enter__(self) -> Self:
         return self
@@ -590,6 +582,87 @@ class Pipeline:
         """The registry and this server are one PostgreSQL instance: commits are flushed in
         order, so only the last commit of an operation needs to wait for the disk."""
         return pools.target is self.hosts.local
+
+    def reserve(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        *,
+        template_key: str,
+        template_version: str,
+        template_database: str,
+        idempotency_key: str | None,
+        have_lock: bool,
+        operation: str = "provision",
+        params: Mapping[str, Any] | None = None,
+        host: str | None = None,
+    ) -> Intent | None:
+        """Reserve the name, the pipeline's first step, in one statement
+        (``registry.tenants.reserve``): its lock (unless ``have_lock``), the intent row on
+        ``host`` (default: the pools' server), its journal entry (``operation``, ``params``),
+        and one of this process's spare roles renamed into the tenant's, all committed
+        together; ``template_database``'s sessions counted (a session on it would make a clone
+        wait 5 s, then fail).
+
+        Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
+        taken or a spare is ready: the caller takes the full path. With it, a taken name
+        raises TenantExists or HashCollision."""
+        shared_wal = self.registry_shares_server(pools)
+        # Spare roles live on the registry's server: only there can the intent rename one.
+        spare = self.role_secrets.take() if shared_wal else None
+        op_id = uuid4()
+        try:
+            with registry.intent_errors(reg, name):
+                gate = tenant_registry.reserve(
+                    reg,
+                    name,
+                    tenant_id=uuid4(),
+                    op_id=op_id,
+                    host=host or pools.target.name,
+                    template_key=template_key,
+                    template_version=template_version,
+                    template_database=template_database,
+                    idempotency_key=idempotency_key,
+                    spare_role=spare[0] if spare else None,
+                    keyholder=self.instance_id,
+                    async_commit=shared_wal,
+                    have_lock=have_lock,
+                    spares_ok=have_lock,
+                    operation=operation,
+                    params=params,
+                )
+        except (TenantExists, HashCollision):
+            if spare is not None:
+                self.role_secrets.put(*spare)
+            if have_lock:
+                raise
+            # A tenant committed after the statement's snapshot: the full path looks again,
+            # under the lock (an idempotent retry must get the first answer, not a refusal).
+            registry.unlock_if_held(reg, name.database)
+            return None
+        except BaseException:
+            if spare is not None:
+                self.role_secrets.put(*spare)
+            if not have_lock and not (reg.closed or reg.broken):
+                with contextlib.suppress(psycopg.Error):
+                    registry.unlock_if_held(reg, name.database)
+            raise
+        if spare is not None and gate.claimed is None:
+            self.role_secrets.put(*spare)  # no intent, no claim: still a spare, still ours
+        # gate.claimed False: the spare was gone (another server's start-up dropped it).
+        if gate.tenant is None:
+            if have_lock:
+                raise registry.exists_error(reg, name)
+            if gate.locked:
+                registry.unlock(reg, name.database)
+            return None
+        return Intent(
+            tenant=gate.tenant,
+            op=op_id,
+            template_in_use=gate.sessions > 0,
+            role=Credentials(name.role, spare[1]) if spare and gate.claimed else None,
+        )
 
     def create_role(
         self, reg: psycopg.Connection[Any], role: str, *, login: bool = True

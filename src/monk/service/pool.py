@@ -167,9 +167,12 @@ def _hand_out_one(
                 cur = queue()
                 svc.checkpoint("handout")  # sent, not committed
         tenant = cur.fetchone()
-    except BaseException:
-        # One transaction: nothing changed, the spare may serve later.
-        if spare is not None:
+    except BaseException as exc:
+        # One transaction: nothing changed, the spare may serve later, unless it is broken.
+        dropped = None
+        if isinstance(exc, psycopg.Error) and not (reg.broken or reg.closed):
+            dropped = _drop_if_broken(svc, reg, host, template, spare, exc)
+        if spare is not None and dropped is None:
             svc.spare_secrets.put(spare, password, template)
         raise
     if tenant is None:
@@ -179,6 +182,49 @@ def _hand_out_one(
             svc.spare_secrets.put(spare, password, template)
         return None
     return tenant, password
+
+
+def _drop_if_broken(
+    svc: Pipeline,
+    reg: psycopg.Connection[Any],
+    host: str,
+    template: str,
+    spare: str | None,
+    failure: psycopg.Error,
+) -> str | None:
+    """After a failed handout: the spare it was for (``spare``, else the oldest ready one, which
+    ``hand_out_spare`` takes first), dropped with its row at once if it is broken (its database
+    or its role gone, or the database invalid), so that no later provision tries it again and
+    the doctor finds nothing. Returns its name when dropped; a spare that is whole (the failure
+    was elsewhere) stays."""
+    pools = svc.hosts.pools(host)
+    try:
+        with reg.transaction():
+            row = spares.pick_ready(reg, host, template_key=template, database=spare)
+            if row is None:
+                return None
+            with pools.admin() as adm:
+                if not admin.database_exists(adm, row.database):
+                    why = "its database is gone"
+                elif not admin.role_exists(adm, row.database):
+                    why = "its role is gone"
+                elif admin.is_invalid_database(adm, row.database):
+                    why = "its database is invalid"
+                else:
+                    return None
+            _drop_spare(pools, row.database)
+            spares.delete(reg, row.id)
+    except Exception as exc:
+        log.warning("could not check or drop the spare of a failed handout: %s", exc)
+        return None
+    log.warning(
+        "dropped spare %s of %s: its handout failed (%s) and %s",
+        row.database,
+        template,
+        str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__,
+        why,
+    )
+    return row.database
 
 
 def fill(svc: Pipeline, key: str, count: int, *, host: str | None = None) -> int:

@@ -18,8 +18,8 @@ from uuid import UUID
 import psycopg
 
 from monk.adapters import dump, registry
-from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import translate
+from monk.adapters.postgres import admin, template_db
+from monk.adapters.postgres.connection import connect, translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Operation, Tenant, operations
 from monk.core import lifecycle
@@ -217,26 +217,27 @@ def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
             path = Path(archive_path)
             if not path.is_file() or dump.sha256_file(path) != gone.archive_sha256:
                 raise InvalidState(f"archive {path} of {name.display!r} is missing or damaged")
-            with registry.intent_transaction(reg, name):
-                tenant = registry.insert_intent(
-                    reg,
-                    TenantName(display=gone.name, key=gone.name_key, database=gone.database),
-                    host=gone.host,
-                    template_key=gone.template_key or "",
-                    template_version=gone.template_version or "",
-                    idempotency_key=None,
-                )
-                op = registry.start_operation(
-                    reg,
-                    "restore",
-                    name.key,
-                    database=name.database,
-                    host=gone.host,
-                    params={"archive": archive_path},
-                )
+            # The pipeline's first step, as a provision's: the intent row (which holds the
+            # name while the database is rebuilt), its journal entry (a running 'restore')
+            # and a spare role renamed into the tenant's, if this process has one.
+            intent = svc.reserve(
+                reg,
+                pools,
+                TenantName(display=gone.name, key=gone.name_key, database=gone.database),
+                template_key=gone.template_key or "",
+                template_version=gone.template_version or "",
+                template_database="template0",
+                idempotency_key=None,
+                have_lock=True,
+                operation="restore",
+                params={"archive": archive_path},
+                host=gone.host,
+            )
+            assert intent is not None  # with the lock held, a taken name raises
+            tenant, op = intent.tenant, intent.op
             step = "role"
             try:
-                credentials = svc.create_role(reg, name.role)
+                credentials = intent.role or svc.create_role(reg, name.role)
                 step = "database"
                 with pools.admin() as adm:
                     # Owned by the tenant's role from the start: the restore runs as that role
@@ -248,6 +249,8 @@ def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
                 svc.checkpoint("restore-created")
                 step = "restore"
                 dump.restore(pools.target, tenant.database, path, role=name.role)
+                with connect(pools.target, tenant.database, purpose="restore") as db:
+                    template_db.own_like_a_clone(db, name.role, tenant.database)
                 step = "configure"
                 # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
                 svc.configure(

@@ -10,7 +10,7 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.errors import MonkError
 from monk.settings import Settings
-from monk.system.migrator import InitResult, ensure_system_database
+from monk.system.migrator import InitResult, ensure_system_database, is_current
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ class Server:
                     adm, ["postgres", "template1", self.settings.system_db_name]
                 )
         return target, result
+
+    def ready(self) -> ServerTarget:
+        """The admin target of a server that is up with its system database current: one read
+        when there is nothing to do (every command but ``monk init`` starts here), else
+        ``init``."""
+        target = self.target()
+        if is_current(target, self.settings.system_db_name):
+            return target
+        return self.init()[0]
 
     def status(self) -> dict[str, object]:
         """What a person asks first: is it up, which version, where. Does not start anything."""

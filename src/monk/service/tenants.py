@@ -25,7 +25,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
 
 import psycopg
 
@@ -44,7 +43,6 @@ from monk.core.lifecycle import Action
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import TenantName
 from monk.errors import (
-    HashCollision,
     IdempotencyKeyReused,
     InvalidState,
     MonkError,
@@ -52,34 +50,23 @@ from monk.errors import (
     StrayDatabase,
     TemplateNotBuilt,
     TemplateNotFound,
-    TenantExists,
     TenantNotFound,
 )
 from monk.service import pool, upgrades
 from monk.service.pipeline import (
     Credentials,
     Hosts,
+    Intent,
     Pipeline,
     TenantView,
     describe,
     validate_connection_limit,
 )
-from monk.service.purge import purge_now, restore_from_archive
 
 # Re-exported: callers know these as the tenant service's.
 __all__ = ["Credentials", "Hosts", "TenantService", "TenantView"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Intent:
-    """A recorded intent to provision, as the cold path continues from it."""
-
-    tenant: Tenant
-    op: UUID
-    template_in_use: bool
-    role: Credentials | None  # a spare role renamed into the tenant's, with its password
 
 
 @dataclass
@@ -303,67 +290,17 @@ class TenantService(Pipeline):
         idempotency_key: str | None,
         *,
         have_lock: bool,
-    ) -> _Intent | None:
-        """Reserve the name, in one statement (``registry.tenants.reserve``): its lock (unless
-        ``have_lock``), the intent row, its journal entry, and one of this process's spare roles
-        renamed into the tenant's, all committed together; the template's sessions counted (a
-        session on it would make the clone wait 5 s, then fail).
-
-        Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
-        taken or a spare is ready: the caller takes the full path. With it, a taken name
-        raises TenantExists or HashCollision."""
-        shared_wal = self.registry_shares_server(pools)
-        # Spare roles live on the registry's server: only there can the intent rename one.
-        spare = self.role_secrets.take() if shared_wal else None
-        op_id = uuid4()
-        try:
-            with registry.intent_errors(reg, name):
-                gate = tenant_registry.reserve(
-                    reg,
-                    name,
-                    tenant_id=uuid4(),
-                    op_id=op_id,
-                    host=pools.target.name,
-                    template_key=build.key,
-                    template_version=build.version,
-                    template_database=build.database,
-                    idempotency_key=idempotency_key,
-                    spare_role=spare[0] if spare else None,
-                    keyholder=self.instance_id,
-                    async_commit=shared_wal,
-                    have_lock=have_lock,
-                    spares_ok=have_lock,
-                )
-        except (TenantExists, HashCollision):
-            if spare is not None:
-                self.role_secrets.put(*spare)
-            if have_lock:
-                raise
-            # A tenant committed after the statement's snapshot: the full path looks again,
-            # under the lock (an idempotent retry must get the first answer, not a refusal).
-            registry.unlock_if_held(reg, name.database)
-            return None
-        except BaseException:
-            if spare is not None:
-                self.role_secrets.put(*spare)
-            if not have_lock and not (reg.closed or reg.broken):
-                with contextlib.suppress(psycopg.Error):
-                    registry.unlock_if_held(reg, name.database)
-            raise
-        if spare is not None and gate.claimed is None:
-            self.role_secrets.put(*spare)  # no intent, no claim: still a spare, still ours
-        # gate.claimed False: the spare was gone (another server's start-up dropped it).
-        if gate.tenant is None:
-            if have_lock:
-                raise registry.exists_error(reg, name)
-            if gate.locked:
-                registry.unlock(reg, name.database)
-            return None
-        return _Intent(
-            tenant=gate.tenant,
-            op=op_id,
-            template_in_use=gate.sessions > 0,
-            role=Credentials(name.role, spare[1]) if spare and gate.claimed else None,
+    ) -> Intent | None:
+        """The pipeline's first step (``Pipeline.reserve``) for a clone of ``build``."""
+        return self.reserve(
+            reg,
+            pools,
+            name,
+            template_key=build.key,
+            template_version=build.version,
+            template_database=build.database,
+            idempotency_key=idempotency_key,
+            have_lock=have_lock,
         )
 
     def _cold(
@@ -372,7 +309,7 @@ class TenantService(Pipeline):
         pools: ServerPools,
         name: TenantName,
         build: TemplateBuild,
-        intent: _Intent,
+        intent: Intent,
         lock: _HeldLock,
         connection_limit: int | None = None,
     ) -> TenantView:
@@ -486,6 +423,10 @@ class TenantService(Pipeline):
                 registry.finish_operation(reg, op.id, "undone", error="process died; undone")
             return "undone"
         if tenant.status == "deleting":
+            # Imported when used: the purge brings pg_dump's adapter, which reading or
+            # provisioning a tenant does not need (a CLI command starts without it).
+            from monk.service.purge import purge_now
+
             purge_now(self, reg, pools, tenant)
             return "finished"
         return "nothing"
@@ -527,6 +468,8 @@ class TenantService(Pipeline):
         with self.hosts.pools().system() as reg:
             live = registry.get_live(reg, name.key)
         if live is None:
+            from monk.service.purge import restore_from_archive  # as above: when used
+
             return self._up_to_date(restore_from_archive(self, name))
         with self.locked(raw_name) as (reg, pools, tenant):
             lifecycle.check(Action.RESTORE, tenant.status, tenant=tenant.name)

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 # An arbitrary constant: the advisory lock key of "migrating monk's system database".
-_MIGRATION_LOCK_KEY = 0x6D6F6E6B
+MIGRATION_LOCK_KEY = 0x6D6F6E6B
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,48 @@ def ensure_system_database(target: ServerTarget, system_db: str) -> InitResult:
     return InitResult(created_database=created, applied=applied)
 
 
+def is_current(target: ServerTarget, system_db: str) -> bool:
+    """Whether the admin role may do monk's work and the system database exists with every
+    bundled migration applied: two connections and two reads, no lock, no DDL (what every
+    command but ``monk init`` asks before it starts). False on any doubt:
+    ``ensure_system_database`` then does the work, or says what is wrong."""
+    # The maintenance database first: a connection to a database that does not exist fails
+    # like a server that is down (no SQLSTATE), which would trip the server's breaker.
+    with connect(target, autocommit=True, purpose="init") as conn:
+        row = conn.execute(
+            "SELECT (SELECT rolsuper OR (rolcreatedb AND rolcreaterole) FROM pg_roles"
+            " WHERE rolname = current_user),"
+            " EXISTS (SELECT 1 FROM pg_database WHERE datname = %s)",
+            (system_db,),
+        ).fetchone()
+    if row is None or not (row[0] and row[1]):
+        return False
+    query = sql.SQL("SELECT number, checksum FROM {}.schema_migrations").format(
+        sql.Identifier(system_db)
+    )
+    try:
+        with connect(target, system_db, autocommit=True, purpose="init") as conn:
+            rows = conn.execute(query).fetchall()
+    except psycopg.Error:
+        return False  # no schema or table yet
+    done = {int(str(n)): str(c) for n, c in rows}
+    bundled = bundled_migrations()
+    if any(m.number not in done for m in bundled):
+        return False
+    _warn_changed(bundled, done)
+    return True
+
+
+def _warn_changed(bundled: list[Migration], done: dict[int, str]) -> None:
+    for migration in bundled:
+        if migration.number in done and done[migration.number] != migration.checksum:
+            log.warning(
+                "system migration %04d_%s changed since it was applied",
+                migration.number,
+                migration.name,
+            )
+
+
 def _create_database_if_missing(target: ServerTarget, system_db: str) -> bool:
     with connect(target, autocommit=True, purpose="init") as conn:
         exists = conn.execute(
@@ -109,7 +151,7 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
     schema = sql.Identifier(system_db)
     applied: list[str] = []
     with connect(target, system_db, autocommit=True, purpose="migrate") as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             with conn.transaction():
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
@@ -139,14 +181,10 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
                     sql.SQL("SELECT number, checksum FROM {}.schema_migrations").format(schema)
                 ).fetchall()
             }
-            for migration in bundled_migrations():
+            bundled = bundled_migrations()
+            _warn_changed(bundled, done)
+            for migration in bundled:
                 if migration.number in done:
-                    if done[migration.number] != migration.checksum:
-                        log.warning(
-                            "system migration %04d_%s changed since it was applied",
-                            migration.number,
-                            migration.name,
-                        )
                     continue
                 with conn.transaction():
                     conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(schema))
@@ -161,5 +199,5 @@ def _migrate(target: ServerTarget, system_db: str) -> list[str]:
                 applied.append(f"{migration.number:04d}_{migration.name}")
                 log.info("applied system migration %04d_%s", migration.number, migration.name)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied

@@ -125,6 +125,22 @@ def sync_columns(conn: Conn) -> None:
     conn.execute(SYNC_COLUMNS.encode())
 
 
+def own_like_a_clone(conn: Conn, role: str, database: str) -> None:
+    """Give what ``role`` owns in the connected database to pg_database_owner, as in every
+    clone (a restore from an archive creates its objects as the tenant's role), so that upgrade
+    steps, run as pg_database_owner, may change them. REASSIGN OWNED moves the database itself
+    too: it goes back to ``role`` in the same transaction."""
+    with conn.transaction():
+        conn.execute(
+            sql.SQL("REASSIGN OWNED BY {} TO pg_database_owner").format(sql.Identifier(role))
+        )
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(database), sql.Identifier(role)
+            )
+        )
+
+
 def set_role(conn: Conn, role: str) -> None:
     conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
 

@@ -21,7 +21,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from monk.adapters.registry.locks import (  # re-exported: callers know them as registry's
-    SERVE_LOCK as SERVE_LOCK,
+    SERVE_PURPOSE as SERVE_PURPOSE,
 )
 from monk.adapters.registry.locks import (
     advisory_key as advisory_key,
@@ -33,13 +33,13 @@ from monk.adapters.registry.locks import (
     hold_keyholder_lock as hold_keyholder_lock,
 )
 from monk.adapters.registry.locks import (
-    hold_serve_lock as hold_serve_lock,
-)
-from monk.adapters.registry.locks import (
     keyholder_session_alive as keyholder_session_alive,
 )
 from monk.adapters.registry.locks import (
-    serve_lock_holders as serve_lock_holders,
+    mark_serving as mark_serving,
+)
+from monk.adapters.registry.locks import (
+    serving_keyholders as serving_keyholders,
 )
 from monk.adapters.registry.locks import (
     try_lock as try_lock,
@@ -227,71 +227,6 @@ def all_live(conn: Conn, host: str) -> list[Tenant]:
         return cur.fetchall()
 
 
-def insert_intent(
-    conn: Conn,
-    name: TenantName,
-    *,
-    host: str,
-    template_key: str,
-    template_version: str,
-    idempotency_key: str | None,
-    status: str = "provisioning",
-    tenant_id: UUID | None = None,
-) -> Tenant:
-    """Record the intent to provision, inside ``intent_transaction``: the unique indexes make
-    exactly one of many concurrent requests for a name win."""
-    return fetch_tenant(
-        queue_intent(
-            conn,
-            name,
-            host=host,
-            template_key=template_key,
-            template_version=template_version,
-            idempotency_key=idempotency_key,
-            status=status,
-            tenant_id=tenant_id,
-        )
-    )
-
-
-def queue_intent(
-    conn: Conn,
-    name: TenantName,
-    *,
-    host: str,
-    template_key: str,
-    template_version: str,
-    idempotency_key: str | None,
-    status: str = "provisioning",
-    tenant_id: UUID | None = None,
-) -> Cursor[Tenant]:
-    """``insert_intent`` without waiting for the row: in a pipeline, ``fetch_tenant`` reads it
-    once the pipeline has been sent."""
-    cur = conn.cursor(row_factory=class_row(Tenant))
-    cur.execute(
-        sql.SQL(
-            "INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
-            " template_key, template_version, role_name, step, idempotency_key)"
-            " VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, false, %s, %s, %s,"
-            " %s, 'intent', %s) RETURNING {}"
-        ).format(_COLUMNS),
-        (
-            tenant_id,
-            name.display,
-            name.key,
-            name.database,
-            host,
-            status,
-            template_key,
-            template_version,
-            name.role,
-            idempotency_key,
-        ),
-        prepare=True,
-    )
-    return cur
-
-
 def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
     row = cur.fetchone()
     cur.close()
@@ -300,17 +235,10 @@ def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
 
 
 @contextmanager
-def intent_transaction(conn: Conn, name: TenantName) -> Iterator[None]:
-    """A transaction for ``insert_intent``: a unique violation (the name, or its hash, is
-    taken) rolls it back and becomes TenantExists or HashCollision."""
-    with intent_errors(conn, name), conn.transaction():
-        yield
-
-
-@contextmanager
 def intent_errors(conn: Conn, name: TenantName) -> Iterator[None]:
     """A unique violation on the intent (the name, or its hash, is taken) becomes
-    TenantExists or HashCollision; for a pipeline that holds the intent's transaction."""
+    TenantExists or HashCollision; for a statement or pipeline that holds the intent's
+    transaction (``tenants.reserve``)."""
     try:
         yield
     except psycopg.errors.UniqueViolation:

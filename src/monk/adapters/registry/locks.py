@@ -1,6 +1,7 @@
-"""Advisory locks on the system database: a tenant's (one key, from its database name), a
-running ``monk serve``'s, and a keyholder's (two keys). A session lock is released with its
-session, kill -9 included: how the reconciler tells a running operation from a crashed one."""
+"""Advisory locks on the system database: a tenant's (one key, from its database name) and a
+process's keyholder lock (two keys), which a running ``monk serve`` holds too, naming its
+session. A session lock is released with its session, kill -9 included: how the reconciler
+tells a running operation from a crashed one."""
 
 from __future__ import annotations
 
@@ -10,27 +11,9 @@ from uuid import UUID
 
 import psycopg
 
+from monk.adapters.postgres.connection import APPLICATION_NAME
+
 Conn = psycopg.Connection[Any]
-
-# A running ``monk serve`` holds this advisory lock, shared, on the system database for its
-# life (its session ends with the process, kill -9 included): how a tool that needs the
-# installation to itself (``monk bench``) tells that a server is at work on it.
-SERVE_LOCK = (0x6D6F6E6B, 1)  # "monk", 1: the two-int4 key space, apart from tenant keys
-
-
-def hold_serve_lock(conn: Conn) -> None:
-    conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", SERVE_LOCK)
-
-
-def serve_lock_holders(conn: Conn) -> int:
-    """How many sessions (``monk serve`` processes) hold ``SERVE_LOCK`` here."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND classid = %s AND objid = %s AND objsubid = 2",
-        SERVE_LOCK,
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def advisory_key(database: str) -> int:
@@ -72,17 +55,39 @@ def unlock_if_held(conn: Conn, database: str) -> None:
 # (column ``keyholder``) holds this session advisory lock, keyed by its instance id, from
 # before it writes its first such row to its end. Its lock gone means its passwords are gone:
 # only then may another process adopt its spares or drop its spare roles. (The two-key form
-# keeps these apart from the tenants' one-key locks.)
-_KEYHOLDER_LOCK_SPACE = 0x6D6B6800  # "mkh\0"
+# keeps these apart from the tenants' one-key locks.) A running ``monk serve`` holds it on a
+# session named ``SERVING``: how a tool that needs the installation to itself (``monk bench``)
+# tells that a server is at work on it.
+KEYHOLDER_LOCK_SPACE = 0x6D6B6800  # "mkh\0"
+SERVE_PURPOSE = "serve"
+SERVING = f"{APPLICATION_NAME}:{SERVE_PURPOSE}"  # the application_name of a serve's session
 
 
 def hold_keyholder_lock(conn: Conn, instance_id: UUID) -> bool:
     """Take this process's keyholder lock on ``conn`` (a connection kept for that alone)."""
     row = conn.execute(
         "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))",
-        (_KEYHOLDER_LOCK_SPACE, instance_id),
+        (KEYHOLDER_LOCK_SPACE, instance_id),
     ).fetchone()
     return bool(row and row[0])
+
+
+def mark_serving(conn: Conn) -> None:
+    """Name the keyholder lock's session as a running ``monk serve``'s (``SERVING``)."""
+    conn.execute("SELECT set_config('application_name', %s, false)", (SERVING,))
+
+
+def serving_keyholders(conn: Conn) -> int:
+    """How many sessions named ``SERVING`` (``monk serve`` processes) hold a keyholder lock
+    on this system database."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = %s"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND a.application_name = %s",
+        (KEYHOLDER_LOCK_SPACE, SERVING),
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def keyholder_session_alive(conn: Conn) -> bool:
@@ -111,6 +116,6 @@ def dead_keyholders(conn: Conn, me: UUID, *, of: str) -> list[UUID | None]:
     process is gone; their lock cannot come back (an instance id is never reused)."""
     with conn.transaction():
         rows = conn.execute(
-            _DEAD_KEYHOLDERS[of], {"me": me, "space": _KEYHOLDER_LOCK_SPACE}
+            _DEAD_KEYHOLDERS[of], {"me": me, "space": KEYHOLDER_LOCK_SPACE}
         ).fetchall()
     return [r[0] for r in rows]

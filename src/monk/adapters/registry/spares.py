@@ -121,10 +121,11 @@ def pick_ready(
     template_key: str | None = None,
     not_version: str | None = None,
     keyholders: list[UUID] | None = None,
+    database: str | None = None,
 ) -> PickedSpare | None:
-    """One ready spare of ``host`` (of ``template_key``; not of ``not_version``; whose keyholder
-    is one of ``keyholders`` or none), locked for the caller's transaction (SKIP LOCKED: two
-    callers never pick the same)."""
+    """The oldest ready spare of ``host`` (of ``template_key``; not of ``not_version``; whose
+    keyholder is one of ``keyholders`` or none; named ``database``), locked for the caller's
+    transaction (SKIP LOCKED: two callers never pick the same)."""
     row = conn.execute(
         "SELECT id, database, template_key FROM spares WHERE host = %(host)s"
         " AND status = 'ready'"
@@ -132,8 +133,15 @@ def pick_ready(
         " AND (%(not_version)s::text IS NULL OR template_version <> %(not_version)s)"
         " AND (%(keyholders)s::uuid[] IS NULL OR keyholder IS NULL"
         " OR keyholder = ANY(%(keyholders)s::uuid[]))"
-        " LIMIT 1 FOR UPDATE SKIP LOCKED",
-        {"host": host, "key": template_key, "not_version": not_version, "keyholders": keyholders},
+        " AND (%(database)s::text IS NULL OR database = %(database)s)"
+        " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+        {
+            "host": host,
+            "key": template_key,
+            "not_version": not_version,
+            "keyholders": keyholders,
+            "database": database,
+        },
     ).fetchone()
     return None if row is None else PickedSpare(UUID(str(row[0])), str(row[1]), str(row[2]))
 

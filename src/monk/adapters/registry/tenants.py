@@ -57,7 +57,7 @@ _RESERVE = rendered(
         " AND template_key = %(template)s AND status = 'ready'))"
         " RETURNING {columns}),"
         " op AS (INSERT INTO operations (id, kind, subject, database, host, state, params)"
-        " SELECT %(op)s, 'provision', %(key)s, %(database)s, %(host)s, 'running', %(params)s"
+        " SELECT %(op)s, %(kind)s, %(key)s, %(database)s, %(host)s, 'running', %(params)s"
         " FROM intent),"
         " claimed AS (SELECT claim_spare_role(%(spare)s, %(role)s, %(keyholder)s) AS ok"
         " FROM intent WHERE %(spare)s::text IS NOT NULL)"
@@ -84,6 +84,8 @@ def reserve(
     async_commit: bool,
     have_lock: bool = False,
     spares_ok: bool = False,
+    operation: str = "provision",
+    params: Mapping[str, Any] | None = None,
 ) -> Reservation:
     """Reserve the name (the pipeline's first step) in one statement, its own transaction: take the
     name's session lock, count the template's sessions, and only if the lock was free, no live
@@ -91,12 +93,14 @@ def reserve(
     its journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given)
     into the tenant's role. Anything else writes nothing: the caller releases the lock if it was
     taken and takes the full path. The statement's snapshot predates its lock: a tenant
-    committed in between is caught by the unique indexes (an error, as in ``queue_intent``).
+    committed in between is caught by the unique indexes (an error: ``registry.intent_errors``).
     ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit on
     the same server flushes it). ``have_lock``: the caller holds the name's lock already (the
     statement takes it otherwise); ``spares_ok``: write the intent even if a spare is ready (the
-    caller tried the warm handout)."""
-    params = {
+    caller tried the warm handout). ``operation`` and ``params``: the journal entry's kind and
+    parameters (default: a ``provision`` of the template's version; a restore from archive
+    records its archive)."""
+    values = {
         "lock": advisory_key(name.database),
         "async": async_commit,
         "template_db": template_database,
@@ -110,14 +114,19 @@ def reserve(
         "role": name.role,
         "idempotency_key": idempotency_key,
         "op": op_id,
-        "params": Jsonb({"template": template_key, "version": template_version}),
+        "kind": operation,
+        "params": Jsonb(
+            dict(params)
+            if params is not None
+            else {"template": template_key, "version": template_version}
+        ),
         "spare": spare_role,
         "keyholder": keyholder,
         "have_lock": have_lock,
         "spares_ok": spares_ok,
     }
     with conn.cursor(row_factory=kwargs_row(_reservation)) as cur:
-        row = cur.execute(_RESERVE, params, prepare=True).fetchone()
+        row = cur.execute(_RESERVE, values, prepare=True).fetchone()
     assert row is not None
     return row
 
@@ -158,7 +167,7 @@ def queue_activation(
     """Configure and activate, a provision's last writes in one statement:
     ``configure_tenant_database`` (``configure``: ``configure_args``: database, role, mark,
     settings, the role's connection limit), the tenant active with its own connection limit
-    (None: the default), its journal entry done. Queued, like ``queue_intent``; the caller's
+    (None: the default), its journal entry done. Queued (read with ``fetch_tenant``); the caller's
     transaction commits it."""
     database, role, mark, settings, role_limit = configure
     cur = conn.cursor(row_factory=class_row(Tenant))
