@@ -36,7 +36,8 @@ def print_rows(
 ) -> None:
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        # A build version (16 hex) folded in two reads as two values: kept whole.
+        table.add_column(column, overflow="fold", no_wrap=column == "version")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     console.print(table)

@@ -323,9 +323,14 @@ def status(
     print_rows(report["tenants"], counted, title="tenants")
     if report["spares"]:
         print_rows(report["spares"], counted, title="spares")
+    # Minutes are enough on a terminal (--json keeps the full time).
+    builds = [
+        {**b, "current": b["is_current"], "retired": (b["retired_at"] or "")[:16].replace("T", " ")}
+        for b in report["builds"]
+    ]
     print_rows(
-        report["builds"],
-        ["version", "status", "is_current", "level", "tenants", "spares", "retired_at"],
+        builds,
+        ["version", "status", "current", "level", "tenants", "spares", "retired"],
         title="builds",
     )
     d = report["drift"]
