@@ -265,15 +265,14 @@ def test_remove_refuses_a_host_with_live_tenants(
 ) -> None:
     assert monk("host", "add", "pg-2", "--url", fleet.second.url).returncode == 0
     # What a placement will record: a live tenant whose registry row names the host.
+    name = normalize("Placed Elsewhere")
     with system_conn(settings) as reg:
-        tenant = registry.insert_intent(
-            reg,
-            normalize("Placed Elsewhere"),
-            host="pg-2",
-            template_key="basic",
-            template_version="v1",
-            idempotency_key=None,
-        )
+        row = reg.execute(
+            "INSERT INTO tenants (name, database, host, template_key, template_version)"
+            " VALUES (%s, %s, 'pg-2', 'basic', 'v1') RETURNING id",
+            (name.display, name.database),
+        ).fetchone()
+        assert row is not None
     refused = monk("host", "remove", "pg-2")
     assert refused.returncode == 4, refused.stderr
     assert "HOST_IN_USE" in refused.stderr
@@ -281,7 +280,7 @@ def test_remove_refuses_a_host_with_live_tenants(
     listed = {h["name"]: h for h in hosts_json(monk)}
     assert listed["pg-2"]["tenants"] == 1
     with system_conn(settings) as reg:
-        registry.delete_row(reg, tenant.id)
+        registry.delete_row(reg, row[0])
     assert monk("host", "remove", "pg-2").returncode == 0
 
 
