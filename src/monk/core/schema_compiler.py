@@ -60,6 +60,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
+from monk.core.system_columns import SYSTEM_COLUMN_DEFS, SYSTEM_COLUMNS
 from monk.errors import InvalidTemplateSource
 
 COMPILER_VERSION = "2"
@@ -73,19 +74,7 @@ CORE_TABLES = ("users", "schemas", "columns")
 USER_ACCESS_LEVELS = ("root", "full", "edit", "read", "deny")
 SCHEMA_STATUSES = ("pending", "active", "disabled", "system")
 
-# Columns every table carries, with their fixed definitions (constant SQL, no input in it).
-_SYSTEM_COLUMN_DEFS = (
-    ("id", "uuid NOT NULL DEFAULT gen_random_uuid()"),
-    ("access_read", "uuid[] NOT NULL DEFAULT '{}'"),
-    ("access_edit", "uuid[] NOT NULL DEFAULT '{}'"),
-    ("access_full", "uuid[] NOT NULL DEFAULT '{}'"),
-    ("access_deny", "uuid[] NOT NULL DEFAULT '{}'"),
-    ("created_at", "timestamp with time zone NOT NULL DEFAULT now()"),
-    ("updated_at", "timestamp with time zone NOT NULL DEFAULT now()"),
-    ("trashed_at", "timestamp with time zone"),
-    ("deleted_at", "timestamp with time zone"),
-)
-SYSTEM_COLUMNS = tuple(name for name, _ in _SYSTEM_COLUMN_DEFS)
+_SYSTEM_COLUMN_DEFS = SYSTEM_COLUMN_DEFS
 
 # Hidden columns PostgreSQL puts on every table; the server refuses user columns of these names.
 POSTGRES_SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "xmax", "cmin", "cmax", "ctid"})

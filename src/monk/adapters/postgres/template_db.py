@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from monk.core.schema_compiler import SYSTEM_COLUMNS
+from monk.core.system_columns import SYSTEM_COLUMNS
 
 Conn = psycopg.Connection[Any]
 

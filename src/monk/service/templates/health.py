@@ -19,7 +19,8 @@ from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core.catalog import Catalog
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
-from monk.core.schema_compiler import CORE_TABLES, SYSTEM_COLUMNS
+from monk.core.schema_compiler import CORE_TABLES
+from monk.core.system_columns import SYSTEM_COLUMNS
 from monk.core.template_names import validate_template_key
 from monk.errors import TemplateNotFound
 from monk.service.templates.sources import Plan
