@@ -34,7 +34,10 @@ DATABASES = 60
 def _create(target: ServerTarget, names: list[str]) -> None:
     with psycopg.connect(target.conninfo, dbname="postgres", autocommit=True) as conn:
         for name in names:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            # FILE_COPY: an empty database copied whole is quicker than WAL-logged block by block.
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} STRATEGY FILE_COPY").format(sql.Identifier(name))
+            )
 
 
 def _drop(target: ServerTarget, names: list[str]) -> None:
@@ -349,6 +352,61 @@ def test_over_http_budget_exhausted_is_a_503_with_retry_after_and_metrics_show_i
         'monk_budget_evictions_total{host="localhost",reason="lru"} 0.0',
     ):
         assert line in metrics, metrics
+
+
+def test_a_connection_that_cannot_be_opened_gives_its_slot_back(
+    env: Env, databases: list[str]
+) -> None:
+    b = budget(env.target, host=1, tenant=1, wait_ms=200)
+    try:
+        with pytest.raises(DatabaseUnavailable, match="no_such_database"):
+            query(b, "no_such_database")
+        stats = b.stats()
+        assert (stats.open, stats.busy, stats.waiting) == (0, 0, 0)
+        query(b, databases[50])  # the one slot is free
+    finally:
+        b.close()
+
+
+def test_monks_own_connections_never_wait_for_a_budget_in_full_use(
+    env: Env, databases: list[str]
+) -> None:
+    settings = env.settings.model_copy(update={"host_connections": 2, "budget_wait_ms": 3000})
+    with TenantService(settings, env.target) as service:
+        b = service.hosts.budget()
+        release = threading.Event()
+
+        def hold(i: int) -> None:
+            with b.connection(databases[51 + i]):
+                release.wait(10)
+
+        holders = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
+        for t in holders:
+            t.start()
+        waiter = threading.Thread(target=query, args=(b, databases[53]))
+        try:
+            deadline = time.monotonic() + 5
+            while b.stats().busy < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            waiter.start()
+            while b.stats().waiting < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            # Every data connection in use and a request queued: the registry and the admin
+            # pool answer at once.
+            started = time.monotonic()
+            service.list()
+            with service.hosts.pools().admin() as adm:
+                adm.execute("SELECT 1")
+            assert time.monotonic() - started < 1.0
+            assert b.stats().waiting == 1
+        finally:
+            release.set()
+            for t in [*holders, waiter]:
+                if t.is_alive() or t.ident is not None:
+                    t.join(timeout=10)
+        assert b.stats().exhausted == 0
 
 
 @pytest.fixture
