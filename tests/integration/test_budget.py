@@ -223,7 +223,16 @@ def test_past_the_wait_limit_a_request_gets_budget_exhausted(
         assert caught.value.code == "BUDGET_EXHAUSTED"
         assert caught.value.retryable
         assert b.stats().exhausted == 1
+        assert "MONK_HOST_CONNECTIONS" in str(caught.value)
         query(b, databases[1])  # the slot is free again: served at once
+    finally:
+        b.close()
+    b = budget(env.target, host=4, tenant=1, wait_ms=100)
+    try:
+        with b.connection(databases[0]):
+            with pytest.raises(BudgetExhausted, match="MONK_TENANT_CONNECTIONS"):
+                query(b, databases[0])  # its tenant's one connection is in use
+            query(b, databases[1])  # another tenant is served
     finally:
         b.close()
 

@@ -83,8 +83,9 @@ class Budget:
         self._cond = threading.Condition()
         self._ledger = Ledger(host_cap=host_connections, tenant_cap=tenant_connections)
         self._idle: dict[int, psycopg.Connection[Any]] = {}
-        # ticket -> its grant, and the idle connection it evicts (the grantee closes it before
-        # it opens its own: the server never holds both).
+        # ticket -> its grant with the idle connection it reuses or evicts, taken out of
+        # ``_idle`` (an evicted one is closed by the grantee before it opens its own: the
+        # server never holds both).
         self._granted: dict[int, tuple[Grant, psycopg.Connection[Any] | None]] = {}
         self._next = 0
         self._closed = False
@@ -111,6 +112,7 @@ class Budget:
 
     def _acquire(self, database: str) -> tuple[int, psycopg.Connection[Any]]:
         started = self._clock()
+        own = False  # the wait ran out on the tenant's own cap, not the host's
         with self._cond:
             if self._closed:
                 raise unavailable(self.target, database, "the budget is closed")
@@ -121,26 +123,58 @@ class Budget:
             grant = self._granted.pop(ticket, None)
             if grant is None:
                 self._waits += 1
-                deadline = started + self.wait_s
-                while grant is None:
-                    remaining = deadline - self._clock()
-                    if remaining <= 0 and self._ledger.cancel(ticket):
-                        self._exhausted += 1
-                        self._wait_seconds += self._clock() - started
-                        break
-                    self._cond.wait(timeout=max(remaining, 0.001))
-                    grant = self._granted.pop(ticket, None)
-                else:
+                try:
+                    grant = self._wait(ticket, started + self.wait_s)
+                finally:
                     self._wait_seconds += self._clock() - started
+                if grant is None:
+                    self._exhausted += 1
+                    own = self._ledger.busy[database] >= self._ledger.tenant_cap
         if grant is None:
+            why = (
+                f"its tenant's {self._ledger.tenant_cap} connections (MONK_TENANT_CONNECTIONS)"
+                if own
+                else f"all {self._ledger.host_cap} tenant connections of the host "
+                "(MONK_HOST_CONNECTIONS)"
+            )
             raise BudgetExhausted(
                 f"no connection to database {database!r} on host {self.target.name!r} "
-                f"within {self.wait_s * 1000:.0f} ms: all {self._ledger.host_cap} of the "
-                "host's tenant connections are in use",
+                f"within {self.wait_s * 1000:.0f} ms: {why} stayed in use",
                 host=self.target.name,
                 database=database,
             )
         return self._serve(grant)
+
+    def _wait(
+        self, ticket: int, deadline: float
+    ) -> tuple[Grant, psycopg.Connection[Any] | None] | None:
+        """Under the lock: the grant of ``ticket``, or None once ``deadline`` passed (the
+        request withdrawn). Interrupted, it gives back a grant it got."""
+        try:
+            while True:
+                grant = self._granted.pop(ticket, None)
+                if grant is not None:
+                    return grant
+                remaining = deadline - self._clock()
+                if remaining <= 0 and self._ledger.cancel(ticket):
+                    return None
+                self._cond.wait(timeout=max(remaining, 0.001))
+        except BaseException:
+            if not self._ledger.cancel(ticket):
+                self._give_back(self._granted.pop(ticket))
+            raise
+
+    def _give_back(self, granted: tuple[Grant, psycopg.Connection[Any] | None]) -> None:
+        """Under the lock: a grant not used (its requester was interrupted)."""
+        grant, conn = granted
+        if grant.reuse is not None and conn is not None:
+            self._ledger.release(grant.database, grant.reuse)
+            self._idle[grant.reuse] = conn
+        else:
+            if conn is not None:
+                conn.close()  # evicted for it
+            self._ledger.release(grant.database, None)
+        self._dispatch()
 
     def _serve(
         self, granted: tuple[Grant, psycopg.Connection[Any] | None]
@@ -148,15 +182,13 @@ class Budget:
         """The connection a grant stands for: the idle one it reuses if still alive, else a
         new one in its slot (after closing the one it evicts). A failure to open gives the
         slot back."""
-        grant, evicted = granted
-        if evicted is not None:
-            evicted.close()
-        if grant.reuse is not None:
-            with self._cond:
-                conn = self._idle.pop(grant.reuse)
-            if alive(conn):
-                return grant.reuse, conn
-            self._discard(conn)
+        grant, held = granted
+        if grant.reuse is not None and held is not None:
+            if alive(held):
+                return grant.reuse, held
+            self._discard(held)  # dead while idle (a restart, a terminated backend)
+        elif held is not None:
+            held.close()  # evicted: closed before this slot opens again
         try:
             conn = self._open(grant.database)
         except BaseException:
@@ -217,11 +249,13 @@ class Budget:
         """Under the lock: hand out what the ledger grants now, and wake the grantees."""
         grants = self._ledger.grants()
         for grant in grants:
-            evicted = None
-            if grant.evict is not None:
-                evicted = self._idle.pop(grant.evict)
+            held = None
+            if grant.reuse is not None:
+                held = self._idle.pop(grant.reuse)
+            elif grant.evict is not None:
+                held = self._idle.pop(grant.evict)
                 self._evictions += 1
-            self._granted[grant.ticket] = (grant, evicted)
+            self._granted[grant.ticket] = (grant, held)
         if grants:
             self._cond.notify_all()
 
