@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from monk.core.budget import Grant, Ledger
 
@@ -108,3 +110,53 @@ def test_evicting_a_database_takes_its_idle_connections_and_dooms_its_busy_ones(
 def test_the_caps_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Ledger(host_cap=0, tenant_cap=1)
+
+
+# One step of a random run: a request of a database, the release of the oldest busy
+# connection (kept, or broken), an evict, or a withdrawn wait.
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("request"), st.integers(0, 5)),
+        st.tuples(st.just("release"), st.booleans()),
+        st.tuples(st.just("evict"), st.integers(0, 5)),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+    ),
+    max_size=80,
+)
+
+
+@given(host_cap=st.integers(1, 4), tenant_cap=st.integers(1, 3), steps=_steps)
+def test_any_run_keeps_the_caps_the_count_and_the_order(
+    host_cap: int, tenant_cap: int, steps: list[tuple[str, object]]
+) -> None:
+    ledger = Ledger(host_cap=host_cap, tenant_cap=tenant_cap)
+    in_use: list[tuple[str, int]] = []  # (database, key), oldest first
+    ticket = 0
+    for kind, arg in steps:
+        if kind == "request":
+            ledger.request(ticket, f"db{arg}")
+            ticket += 1
+        elif kind == "release" and in_use:
+            database, key = in_use.pop(0)
+            ledger.release(database, key if arg else None)
+        elif kind == "evict":
+            ledger.evict(f"db{arg}")
+        elif kind == "cancel":
+            ledger.cancel(int(str(arg)))
+        granted = ledger.grants()
+        for grant in granted:
+            key = grant.reuse if grant.reuse is not None else grant.ticket
+            in_use.append((grant.database, key))
+        # The caps, and every slot accounted for: idle, or in use (opening included).
+        assert ledger.open <= host_cap
+        assert all(n <= tenant_cap for n in ledger.busy.values())
+        assert ledger.open == len(ledger.idle) + sum(ledger.busy.values())
+        assert sum(ledger.busy.values()) == len(in_use)
+        # Nobody waits who could be served: a request still queued is at its tenant's cap,
+        # or nothing is left (no free slot, nothing idle to close).
+        for database in ledger.queue.values():
+            assert ledger.busy[database] >= tenant_cap or (
+                ledger.open >= host_cap and not ledger.idle
+            )
+        # First come, first served: the grants of one pass go out in arrival order.
+        assert [g.ticket for g in granted] == sorted(g.ticket for g in granted)
