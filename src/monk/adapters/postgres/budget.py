@@ -84,8 +84,8 @@ class Budget:
         self._ledger = Ledger(host_cap=host_connections, tenant_cap=tenant_connections)
         self._idle: dict[int, psycopg.Connection[Any]] = {}
         # ticket -> its grant with the idle connection it reuses or evicts, taken out of
-        # ``_idle`` (an evicted one is closed by the grantee before it opens its own: the
-        # server never holds both).
+        # ``_idle`` (an evicted one is closed by the grantee before it opens its own: its
+        # backend is told to exit before the new one is forked).
         self._granted: dict[int, tuple[Grant, psycopg.Connection[Any] | None]] = {}
         self._next = 0
         self._closed = False
