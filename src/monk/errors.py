@@ -30,6 +30,7 @@
     │   ├── TemplateBusy           sessions kept the template busy too long
     │   ├── ServerStartError       the embedded server did not start
     │   ├── HostUnavailable        a host of the fleet cannot be reached
+    │   ├── BudgetExhausted        no tenant connection free within the wait  503 / 5
     │   └── DiskFull               the server's disk is full: free space      507 / 5
     ├── AuthError                                                             401 / 7
     │   └── RootAccessRequired                                                403 / 7
@@ -185,6 +186,13 @@ class HostUnavailable(Unavailable):
     code = "HOST_UNAVAILABLE"
 
 
+class BudgetExhausted(Unavailable):
+    """Every tenant data connection of the host stayed in use for MONK_BUDGET_WAIT_MS."""
+
+    code = "BUDGET_EXHAUSTED"
+    retry_after = 1  # a request holds a connection for milliseconds
+
+
 class DiskFull(Unavailable):
     """PostgreSQL could not write (SQLSTATE 53100), or monk could not write a file (ENOSPC)."""
 
@@ -224,6 +232,7 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     Conflict: (409, 4),
     TemplateNotBuilt: (409, 4),
     Unavailable: (503, 5),
+    BudgetExhausted: (503, 5),
     DiskFull: (507, 5),
     AuthError: (401, 7),
     RootAccessRequired: (403, 7),

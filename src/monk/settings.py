@@ -158,6 +158,27 @@ class Settings(BaseSettings):
         description="CONNECTION LIMIT of each tenant's role, unless the tenant has its own "
         "(with max_connections=100, one tenant takes at most a fifth of the server).",
     )
+    host_connections: int = Field(
+        default=40,
+        ge=1,
+        le=10_000,
+        description="Connection budget: server connections this process opens for tenant data "
+        "requests per host, over all its tenant databases (monk's own pools are apart).",
+    )
+    tenant_connections: int = Field(
+        default=4,
+        ge=1,
+        le=10_000,
+        description="Connection budget: connections one tenant's requests hold at once; its "
+        "further requests wait without taking slots from other tenants.",
+    )
+    budget_wait_ms: int = Field(
+        default=2000,
+        ge=0,
+        le=600_000,
+        description="Connection budget: how long a request waits for a connection before it "
+        "is answered 503 BUDGET_EXHAUSTED (ms).",
+    )
     hooks: Annotated[list[Hook], NoDecode] = Field(
         default_factory=list,
         description='Observers (JSON): [{"url": "https://…", "events": ["tenant.provisioned"], '

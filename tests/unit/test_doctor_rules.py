@@ -157,3 +157,16 @@ def test_a_drifted_tenant_is_a_problem_with_no_repair() -> None:
         _empty_snapshot(drift_checks=(dataclasses.replace(checks[0], registry_version="v3"),))
     )
     assert stale.detail.endswith("(checked at that build; the registry now records v3)")
+
+
+def test_a_connection_budget_larger_than_the_servers_ordinary_slots_is_a_warning() -> None:
+    server = {"superuser": True, "max_connections": 100, "superuser_reserved": 20, "reserved": 0}
+    assert warnings(snapshot(reserves=server, own_connections=56)) == []  # the defaults
+    assert warnings(snapshot(reserves=server, own_connections=80)) == []
+    [big] = warnings(snapshot(reserves=server, own_connections=81, admin_role="monk_admin"))
+    assert big.kind == "connection_budget_too_large"
+    assert "81 connections" in big.detail
+    assert "80 beside its reserves" in big.detail
+    assert "MONK_HOST_CONNECTIONS" in big.repair
+    # Reserves not read (an older snapshot): no guess.
+    assert warnings(snapshot(own_connections=500)) == []

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool, upgrades
 from monk.service.health import Recent, ServerProbe
+from monk.service.pipeline import Hosts
 from monk.service.server import Server
 from monk.service.supervisor import Supervisor
 from monk.service.tenants import TenantService, TenantView
@@ -59,6 +63,49 @@ class Metrics:
         )
 
 
+class BudgetCollector(Collector):
+    """The connection budgets of this process, one series per host, read at each scrape.
+    ``rate(monk_budget_connections_opened_total[1m])`` is the opens per second."""
+
+    def __init__(self, hosts: Hosts) -> None:
+        self.hosts = hosts
+
+    def collect(self) -> Iterator[Metric]:
+        every = [b.stats() for b in self.hosts.budgets()]
+        gauges = {
+            "open": ("monk_budget_connections_open", "Tenant data connections open"),
+            "busy": ("monk_budget_connections_busy", "Tenant data connections in use"),
+            "waiting": ("monk_budget_waiting", "Requests waiting for a tenant data connection"),
+        }
+        for attr, (name, doc) in gauges.items():
+            g = GaugeMetricFamily(name, doc, labels=["host"])
+            for st in every:
+                g.add_metric([st.host], getattr(st, attr))
+            yield g
+        counters = {
+            "opens": ("monk_budget_connections_opened", "Tenant data connections opened"),
+            "discarded": ("monk_budget_connections_discarded", "Broken connections dropped"),
+            "waits": ("monk_budget_waits", "Requests that waited for a connection"),
+            "wait_seconds": ("monk_budget_wait_seconds", "Time requests spent waiting"),
+            "exhausted": ("monk_budget_exhausted", "Requests answered BUDGET_EXHAUSTED"),
+        }
+        for attr, (name, doc) in counters.items():
+            c = CounterMetricFamily(name, doc, labels=["host"])
+            for st in every:
+                c.add_metric([st.host], getattr(st, attr))
+            yield c
+        ev = CounterMetricFamily(
+            "monk_budget_evictions",
+            "Idle connections closed: lru (room for another database), tenant (its disable, "
+            "purge or move)",
+            labels=["host", "reason"],
+        )
+        for st in every:
+            ev.add_metric([st.host, "lru"], st.evictions)
+            ev.add_metric([st.host, "tenant"], st.closed_for_tenant)
+        yield ev
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -69,6 +116,8 @@ class Runtime:
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
         self.metrics = Metrics()
+        self.tenants.hosts.budget()  # the local host's, in /metrics from the start
+        self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
         self.purge_queue_depth = Recent(lambda: purge.queue_depth(self.tenants), ttl=1.0)

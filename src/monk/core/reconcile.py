@@ -138,6 +138,8 @@ class Snapshot:
     # connect to, and the connection reserves (warnings: the server may not be monk's).
     public_databases: tuple[str, ...] = ()
     reserves: Mapping[str, object] = field(default_factory=dict)
+    # What one monk process may open: its connection budget and its two pools (0: unknown).
+    own_connections: int = 0
     # database settings each template build (key, version) gives its clones
     build_settings: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
     # the version of each key's current build, and the last drift check of each live tenant
@@ -441,4 +443,30 @@ def warnings(snap: Snapshot) -> list[Problem]:
                 "pg_use_reserved_connections to monk's admin",
             )
         )
+    ordinary = _ordinary_slots(r)
+    if ordinary is not None and snap.own_connections > ordinary:
+        out.append(
+            Problem(
+                "connection_budget_too_large",
+                snap.admin_role,
+                f"one monk process may open {snap.own_connections} connections (its "
+                "connection budget MONK_HOST_CONNECTIONS and its two pools of MONK_POOL_SIZE) "
+                f"but the server has {ordinary} beside its reserves: under load the budget "
+                "takes the reserve monk's admin is kept",
+                "none: lower MONK_HOST_CONNECTIONS or raise max_connections "
+                "(docs/configuration.md: sizing the connection budget)",
+            )
+        )
     return out
+
+
+def _ordinary_slots(r: Mapping[str, object]) -> int | None:
+    """max_connections less its reserves, if the snapshot read them."""
+    try:
+        return (
+            int(str(r["max_connections"]))
+            - int(str(r["superuser_reserved"]))
+            - int(str(r.get("reserved", 0)))
+        )
+    except (KeyError, ValueError):
+        return None

@@ -115,6 +115,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         current_templates=current_templates,
         public_databases=public,
         reserves=reserves,
+        own_connections=svc.settings.host_connections + 2 * svc.settings.pool_size,
         build_settings=build_settings,
         current_versions={b.key: b.version for b in current_builds},
         drift_checks=drift_checks,

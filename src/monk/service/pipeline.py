@@ -28,6 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from monk.adapters import registry
 from monk.adapters.host_secrets import HostSecrets
 from monk.adapters.postgres import admin
+from monk.adapters.postgres.budget import Budget
 from monk.adapters.postgres.connection import (
     ServerTarget,
     connect,
@@ -146,6 +147,16 @@ _HOST_RECHECK_S = 5.0
 
 
 @dataclass(frozen=True)
+class BudgetLimits:
+    """The connection budget's settings (MONK_HOST_CONNECTIONS, MONK_TENANT_CONNECTIONS,
+    MONK_BUDGET_WAIT_MS), the same for every host."""
+
+    host_connections: int = 40
+    tenant_connections: int = 4
+    wait_ms: int = 2000
+
+
+@dataclass(frozen=True)
 class _KnownHost:
     seen: float  # time.monotonic() of the last look at its row
     host_id: UUID
@@ -167,8 +178,11 @@ class Hosts:
         secrets: HostSecrets | None = None,
         connect_timeout: int = 10,
         statement_timeout_ms: int = 60_000,
+        budget: BudgetLimits | None = None,
     ) -> None:
         self.local = local
+        self._budget_limits = budget or BudgetLimits()
+        self._budgets: dict[str, Budget] = {}
         self.secrets = secrets
         self._system_db = system_db
         self._pool_size = pool_size
@@ -249,6 +263,34 @@ class Hosts:
                 )
             return pools
 
+    def budget(self, name: str | None = None) -> Budget:
+        """The connection budget of host ``name`` (None: the local one): every tenant data
+        connection of this process to that server goes through it."""
+        target = self.target(name)
+        with self._lock:
+            budget = self._budgets.get(target.name)
+            if budget is None:
+                limits = self._budget_limits
+                budget = self._budgets[target.name] = Budget(
+                    target,
+                    host_connections=limits.host_connections,
+                    tenant_connections=limits.tenant_connections,
+                    wait_ms=limits.wait_ms,
+                )
+            return budget
+
+    def budgets(self) -> list[Budget]:
+        """The budgets made so far (for /metrics)."""
+        with self._lock:
+            return list(self._budgets.values())
+
+    def evict(self, host: str, database: str) -> None:
+        """Close this process's pooled data connections to ``database`` on ``host``."""
+        with self._lock:
+            budget = self._budgets.get(host)
+        if budget is not None:
+            budget.evict(database)
+
     def forget(self, name: str) -> None:
         """Forget what this process keeps of a host (removed, or its URL changed)."""
         if name == self.local.name:
@@ -256,12 +298,18 @@ class Hosts:
         with self._lock:
             self._targets.pop(name, None)
             pools = self._pools.pop(name, None)
+            budget = self._budgets.pop(name, None)
         if pools is not None:
             pools.close()
+        if budget is not None:
+            budget.close()
 
     def close(self) -> None:
         with self._lock:
             every = list(self._pools.values())
+            budgets = list(self._budgets.values())
+        for budget in budgets:
+            budget.close()
         for pools in every:
             pools.close()
 
@@ -352,6 +400,11 @@ class Pipeline:
             secrets=HostSecrets(settings.data_dir / "hosts"),
             connect_timeout=settings.connect_timeout,
             statement_timeout_ms=settings.statement_timeout_ms,
+            budget=BudgetLimits(
+                host_connections=settings.host_connections,
+                tenant_connections=settings.tenant_connections,
+                wait_ms=settings.budget_wait_ms,
+            ),
         )
         self._hasher = hasher
         self.spare_secrets = SpareSecrets()
@@ -751,7 +804,10 @@ class Pipeline:
                 registry.unlock(reg, tenant.database)
 
     def close_tenant(self, pools: ServerPools, tenant: Tenant) -> None:
-        """No new connections, its sessions ended, its role unable to log in."""
+        """No new connections, its sessions ended, its role unable to log in. This process's
+        pooled data connections to it are closed first (cleanly, rather than terminated with
+        the other sessions, which ends those of other processes)."""
+        self.hosts.evict(pools.target.name, tenant.database)
         self._set_open(pools, tenant, False)
 
     def open_tenant(self, pools: ServerPools, tenant: Tenant) -> None:

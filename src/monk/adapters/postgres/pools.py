@@ -37,11 +37,11 @@ _WAIT_FOR_CONNECTION_S = 30.0
 _WAIT_SLICE_S = 0.2
 
 
-def _mark_returned(conn: psycopg.Connection[Any]) -> None:
+def mark_returned(conn: psycopg.Connection[Any]) -> None:
     _returned_at[conn] = time.monotonic()
 
 
-def _alive(conn: psycopg.Connection[Any]) -> bool:
+def alive(conn: psycopg.Connection[Any]) -> bool:
     """Whether an idle pooled connection may be handed out.
 
     An idle session receives nothing (monk never LISTENs): anything to read on its socket is
@@ -119,7 +119,7 @@ class ServerPools:
             # makes the pool try again.
             reconnect_timeout=0,
             reconnect_failed=lambda _pool: None,
-            reset=_mark_returned,
+            reset=mark_returned,
             open=True,
             name=f"monk-{purpose}",
         )
@@ -144,7 +144,7 @@ class ServerPools:
                 conn: psycopg.Connection[Any] = pool.getconn(timeout=min(_WAIT_SLICE_S, remaining))
             except PoolTimeout:
                 continue
-            if _alive(conn):
+            if alive(conn):
                 return conn
             conn.close()
             pool.putconn(conn)  # a closed connection is discarded, and replaced on demand
