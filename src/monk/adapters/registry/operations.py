@@ -16,3 +16,15 @@ def count_queued(conn: Conn, kind: str) -> int:
         "SELECT count(*) FROM operations WHERE kind = %s AND state = 'queued'", (kind,)
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def retry_later(conn: Conn, op_id: Any, *, error: str, after_s: float) -> int:
+    """A queued job's attempt failed: count it, keep its error, make it due in ``after_s``
+    seconds; it stays queued. Returns its failed attempts so far."""
+    row = conn.execute(
+        "UPDATE operations SET attempts = attempts + 1, error = %s,"
+        " next_attempt_at = now() + make_interval(secs => %s), updated_at = now()"
+        " WHERE id = %s RETURNING attempts",
+        (error, after_s, op_id),
+    ).fetchone()
+    return int(row[0]) if row else 0
