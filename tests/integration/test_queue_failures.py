@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from monk.errors import OperationFailed
-from monk.service import purge
+from monk.service import pool, purge
 from monk.service.tenants import TenantService
 from tests.integration.conftest import Env
 from tests.integration.server_faults import checkpointer_stopped, interrupt_drop
@@ -200,3 +200,37 @@ def test_the_clis_own_failing_purge_is_one_line_and_stays_queued(
     repaired = run(env, "doctor", "--repair", "--json")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert t["database"] not in databases(env)
+
+
+def ready_spares(env: Env, key: str) -> list[str]:
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        rows = conn.execute(
+            "SELECT database FROM spares WHERE template_key = %s AND status = 'ready'"
+            " ORDER BY created_at",
+            (key,),
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def test_a_spare_that_cannot_be_dropped_never_holds_back_the_others(
+    env: Env, svc: TenantService
+) -> None:
+    """``monk pool drain`` with the oldest spare's database locked by a session: the others
+    are dropped, the locked one stays ready and the command fails naming why (today it fails
+    at the first and drops none)."""
+    pool.fill(svc, env.template, 2)
+    spares = ready_spares(env, env.template)
+    assert len(spares) >= 2
+    with database_locked(env, spares[0]):
+        done = run(
+            env, "pool", "drain", env.template, extra={"MONK_STATEMENT_TIMEOUT_MS": SHORT_MS}
+        )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "could not be dropped" in done.stderr, done.stderr
+    assert ready_spares(env, env.template) == [spares[0]]
+    assert spares[1] not in databases(env)
+    again = run(env, "pool", "drain", env.template)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert ready_spares(env, env.template) == []
+    assert spares[0] not in databases(env)
