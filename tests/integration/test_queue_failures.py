@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -22,6 +24,7 @@ from psycopg import sql
 from monk.errors import OperationFailed
 from monk.service import pool, purge
 from monk.service.tenants import TenantService
+from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
 from tests.integration.server_faults import checkpointer_stopped, interrupt_drop
 from tests.integration.test_crash import registry_rows, run
@@ -234,3 +237,61 @@ def test_a_spare_that_cannot_be_dropped_never_holds_back_the_others(
     assert again.returncode == 0, again.stdout + again.stderr
     assert ready_spares(env, env.template) == []
     assert spares[0] not in databases(env)
+
+
+@pytest.mark.slow
+def test_serves_worker_goes_on_past_a_failing_purge_and_retries_it(
+    env: Env, svc: TenantService
+) -> None:
+    """A real ``monk serve`` (MONK_STATEMENT_TIMEOUT_MS=1000) with two purges queued, the
+    older one's database locked by a session: its start-up repair and its worker record the
+    failure and purge the younger one; once the session is gone a retry purges the older."""
+    a = queue_no_wait(env, svc, "Servehead")
+    b = queue_no_wait(env, svc, "Servebehind")
+    port = free_port()
+    environ = settings_env(env.settings) | {
+        "MONK_STATEMENT_TIMEOUT_MS": SHORT_MS,
+        "MONK_POOL_ROLES": "0",
+        "MONK_POOL_SPARES": "{}",
+    }
+    with database_locked(env, a["database"]):
+        proc = subprocess.Popen(
+            [MONK_BIN, "serve", "--port", str(port), "--templates", env.template],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_for("the purge queued behind the failing one", lambda: gone(env, b))
+            wait_for("the failure recorded", lambda: purge_job(env, a["database"])[1] >= 1)
+            assert status_of(env, a["database"]) == "deleting"
+            state, _, error = purge_job(env, a["database"])
+            assert state == "queued"
+            assert error is not None
+            assert "locked by another session" in error
+        except BaseException:
+            proc.kill()
+            raise
+    try:
+        wait_for("the failing purge, retried", lambda: gone(env, a), within=30)
+        assert purge_job(env, a["database"])[0] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert "purge of servehead" in out
+    assert "Traceback" not in out, out
+
+
+def gone(env: Env, tenant: dict[str, str]) -> bool:
+    return status_of(env, tenant["database"]) == "deleted" and tenant["database"] not in (
+        databases(env)
+    )
+
+
+def wait_for(what: str, check: Callable[[], bool], *, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {within} s: {what}")
+        time.sleep(0.2)
