@@ -58,6 +58,20 @@ def purge_job(env: Env, database: str) -> tuple[str, int, str | None]:
     return str(row[0]), int(str(row[1])), None if row[2] is None else str(row[2])
 
 
+def backoff(env: Env, database: str) -> tuple[float, bool]:
+    """Seconds from the job's last failed attempt to its next one, and whether it is due."""
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        row = conn.execute(
+            "SELECT round(extract(epoch FROM next_attempt_at - updated_at)),"
+            " next_attempt_at <= now()"
+            " FROM operations WHERE kind = 'purge' AND database = %s"
+            " ORDER BY created_at DESC LIMIT 1",
+            (database,),
+        ).fetchone()
+    assert row is not None
+    return float(str(row[0])), bool(row[1])
+
+
 def queue_no_wait(env: Env, svc: TenantService, prefix: str) -> dict[str, str]:
     t = svc.provision(unique(prefix), template=env.template).as_dict()
     done = run(env, "tenant", "delete", t["name"], "--purge", "--no-wait", "--no-archive")
@@ -145,10 +159,12 @@ def test_a_failing_purge_is_retried_later_and_never_blocks_the_queue(
         assert error is not None
         assert "locked by another session" in error, error
 
-        # Not due again at once: the next pass leaves it, then (after 2 s) tries it again.
+        # Due again 2 s after its attempt began, then 4 s: a pass meanwhile leaves it.
+        assert backoff(env, a["database"])[0] == 2
+        wait_for("the job due again", lambda: backoff(env, a["database"])[1], within=10)
         assert purge.work_queue(short_svc) == 0
-        assert purge_job(env, a["database"])[1] == 1
-        time.sleep(2.2)
+        assert purge_job(env, a["database"])[1] == 2
+        assert backoff(env, a["database"]) == (4, False)
         assert purge.work_queue(short_svc) == 0
         assert purge_job(env, a["database"])[1] == 2
 
