@@ -157,3 +157,18 @@ def test_a_drifted_tenant_is_a_problem_with_no_repair() -> None:
         _empty_snapshot(drift_checks=(dataclasses.replace(checks[0], registry_version="v3"),))
     )
     assert stale.detail.endswith("(checked at that build; the registry now records v3)")
+
+
+def test_a_crashed_purge_is_queued_then_failing_with_its_attempts_and_error() -> None:
+    t = tenant("deleting")
+    base = _empty_snapshot(tenants=(t,), crashed=frozenset({ROLE}), queued_purges=frozenset({ROLE}))
+    [queued] = diagnose(base)
+    assert queued.kind == "queued_purge"
+    failing = dataclasses.replace(base, failing_purges={ROLE: (3, "database is locked")})
+    [found] = diagnose(failing)
+    assert found.kind == "failing_purge"
+    assert found.subject == ROLE
+    assert "3 attempts" in found.detail
+    assert "database is locked" in found.detail
+    [once] = diagnose(dataclasses.replace(base, failing_purges={ROLE: (1, "x")}))
+    assert "1 attempt," in once.detail
