@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
+import httpx
 import psycopg
 import pytest
 from psycopg import sql
@@ -286,6 +287,26 @@ def test_serves_worker_goes_on_past_a_failing_purge_and_retries_it(
             assert state == "queued"
             assert error is not None
             assert "locked by another session" in error
+            # The journal says so over HTTP: attempts, error, next attempt.
+            wait_for("monk serve answering", lambda: answers(port))
+            token = subprocess.run(
+                [MONK_BIN, "token", "--root"],
+                env=environ,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            listed = httpx.get(
+                f"http://127.0.0.1:{port}/api/root/operations",
+                params={"kind": "purge", "state": "queued"},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            assert listed.status_code == 200, listed.text
+            [job] = [o for o in listed.json()["data"] if o["database"] == a["database"]]
+            assert job["attempts"] >= 1
+            assert job["next_attempt_at"] is not None
+            assert "locked by another session" in job["error"]
         except BaseException:
             proc.kill()
             raise
@@ -297,6 +318,13 @@ def test_serves_worker_goes_on_past_a_failing_purge_and_retries_it(
         out, _ = proc.communicate(timeout=60)
     assert "purge of servehead" in out
     assert "Traceback" not in out, out
+
+
+def answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def gone(env: Env, tenant: dict[str, str]) -> bool:
