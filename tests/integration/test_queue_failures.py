@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import time
@@ -307,6 +308,14 @@ def test_serves_worker_goes_on_past_a_failing_purge_and_retries_it(
             assert job["attempts"] >= 1
             assert job["next_attempt_at"] is not None
             assert "locked by another session" in job["error"]
+            wait_for(
+                "the failing purge counted in /metrics",
+                lambda: (
+                    "monk_purge_failing 1.0"
+                    in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                ),
+                within=10,
+            )
         except BaseException:
             proc.kill()
             raise
@@ -318,6 +327,12 @@ def test_serves_worker_goes_on_past_a_failing_purge_and_retries_it(
         out, _ = proc.communicate(timeout=60)
     assert "purge of servehead" in out
     assert "Traceback" not in out, out
+
+
+def failing(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    found = re.search(r"^monk_purge_failing ([0-9.]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def answers(port: int) -> bool:

@@ -102,9 +102,10 @@ def work_queue(svc: Pipeline, *, only: UUID | None = None) -> int:
             return done
 
 
-def queue_depth(svc: Pipeline) -> int:
+def queue_counts(svc: Pipeline) -> tuple[int, int]:
+    """Purges queued, and how many of them are waiting to be retried after a failure."""
     with svc.hosts.pools().system() as reg:
-        return operations.count_queued(reg, "purge")
+        return operations.queue_counts(reg, "purge")
 
 
 def purge_now(
