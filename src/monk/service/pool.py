@@ -343,7 +343,7 @@ def drain(svc: Pipeline, *, key: str | None = None) -> int:
 
 
 def _try_drop_spare(pools: ServerPools, name: str, failed: dict[UUID, str], spare: UUID) -> bool:
-    """Drop one spare; a failure is logged and noted in ``failed`` (the pass leaves that spare
+    """One spare dropped; a failure is logged and noted in ``failed`` (the pass leaves that spare
     to a later one and goes on with the next: one spare that cannot be dropped never holds
     back the others)."""
     try:
