@@ -4,7 +4,9 @@ A purge request disables the tenant and records it as ``deleting`` with a queued
 operation, then returns: the drop costs a forced checkpoint. A worker (the HTTP service in the
 background, or the CLI before it exits) claims the job with FOR UPDATE SKIP LOCKED and does it
 inside that claiming transaction, so a worker killed half-way leaves the job queued, and every
-step is idempotent (archive again, drop if exists).
+step is idempotent (archive again, drop if exists). A job that fails is recorded (error, one
+more attempt) and stays queued, due again after a backoff; workers claim only due jobs, so it
+never holds back the jobs queued after it.
 """
 
 from __future__ import annotations
