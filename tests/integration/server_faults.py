@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import sql
 
 
@@ -80,3 +83,23 @@ def interrupt_drop(admin_url: str, database: str) -> str:
         assert row is not None
         assert row[0] == -2, row
         return "interrupted drop"
+
+
+@contextlib.contextmanager
+def checkpointer_stopped(admin_url: str, *, for_s: float) -> Iterator[None]:
+    """Make every checkpoint slow, as a server under heavy write load does: the checkpointer is
+    stopped (SIGSTOP) and resumed after ``for_s`` seconds (or on leaving, at the latest). A
+    DROP DATABASE started meanwhile waits that long for its checkpoint. Skips the test where
+    the checkpointer cannot be signalled (another pid namespace)."""
+    with psycopg.connect(admin_url, dbname="postgres", autocommit=True) as conn:
+        pid = _checkpointer(conn)
+    if pid is None:
+        pytest.skip("the server's checkpointer is not a process this test can signal")
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(for_s, os.kill, (pid, signal.SIGCONT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.kill(pid, signal.SIGCONT)

@@ -40,6 +40,7 @@ def test_health_and_metrics_need_no_token(client: TestClient) -> None:
     m = client.get("/metrics")
     assert m.status_code == 200
     assert "monk_purge_queue_depth" in m.text
+    assert "monk_purge_failing" in m.text
 
 
 def test_metrics_count_no_delivery_without_hooks(

@@ -163,6 +163,36 @@ def test_hooks_only_get_the_types_they_asked_for(
     assert [b["type"] for b in receiver.bodies()] == ["tenant.disabled"]
 
 
+def test_an_event_that_cannot_be_sent_never_holds_back_the_next(
+    env: Env, svc: TenantService, receiver: Receiver
+) -> None:
+    """A hook whose URL passes the settings' check but that httpx refuses to parse (it raises
+    InvalidURL, not a transport error): its event's attempt fails and is retried later, and
+    the event leased after it in the same pass is delivered (today the pass stops at the
+    first one, on every pass, and the next event is never sent)."""
+    drain_events(env)
+    settings = env.settings.model_copy(
+        update={
+            "hooks": [
+                Hook(url="http://[::1/hook", events=["tenant.provisioned"]),
+                Hook(url=receiver.url, events=["tenant.disabled"]),
+            ]
+        }
+    )
+    name = unique("Poisoned")
+    svc.provision(name, template=env.template)
+    svc.disable(name)
+    with svc.hosts.pools().system() as reg:
+        report = events.deliver_due(reg, settings)
+        assert (report.delivered, report.failed) == (1, 1)
+        [pending] = events.list_events(reg, pending=True)
+    assert pending.kind == "tenant.provisioned"
+    assert pending.last_error is not None
+    assert "InvalidURL" in pending.last_error
+    assert [b["type"] for b in receiver.bodies()] == ["tenant.disabled"]
+    drain_events(env)
+
+
 def test_unknown_event_type_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="unknown event type"):
         Hook(url="http://x/", events=["tenant.exploded"])

@@ -170,3 +170,18 @@ def test_a_connection_budget_larger_than_the_servers_ordinary_slots_is_a_warning
     assert "MONK_HOST_CONNECTIONS" in big.repair
     # Reserves not read (an older snapshot): no guess.
     assert warnings(snapshot(own_connections=500)) == []
+
+
+def test_a_crashed_purge_is_queued_then_failing_with_its_attempts_and_error() -> None:
+    t = tenant("deleting")
+    base = _empty_snapshot(tenants=(t,), crashed=frozenset({ROLE}), queued_purges=frozenset({ROLE}))
+    [queued] = diagnose(base)
+    assert queued.kind == "queued_purge"
+    failing = dataclasses.replace(base, failing_purges={ROLE: (3, "database is locked")})
+    [found] = diagnose(failing)
+    assert found.kind == "failing_purge"
+    assert found.subject == ROLE
+    assert "3 attempts" in found.detail
+    assert "database is locked" in found.detail
+    [once] = diagnose(dataclasses.replace(base, failing_purges={ROLE: (1, "x")}))
+    assert "1 attempt," in once.detail

@@ -49,6 +49,11 @@ class Metrics:
         self.purge_queue = Gauge(
             "monk_purge_queue_depth", "Purges queued for the background worker", registry=r
         )
+        self.purge_failing = Gauge(
+            "monk_purge_failing",
+            "Queued purges whose last attempt failed (retried with backoff)",
+            registry=r,
+        )
         self.server_restarts = Counter(
             "monk_embedded_server_restarts",
             "Restarts of the embedded PostgreSQL server after it died, by result",
@@ -120,7 +125,7 @@ class Runtime:
         self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
-        self.purge_queue_depth = Recent(lambda: purge.queue_depth(self.tenants), ttl=1.0)
+        self.purge_queue_depth = Recent(lambda: purge.queue_counts(self.tenants), ttl=1.0)
         self._last_warning: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -314,6 +319,11 @@ class Runtime:
         self.probe.close()
         self.tenants.close()
 
+    def set_purge_metrics(self, counts: tuple[int, int]) -> None:
+        queued, failing = counts
+        self.metrics.purge_queue.set(queued)
+        self.metrics.purge_failing.set(failing)
+
     def _failed(self, worker: str, exc: Exception) -> None:
         """A background worker's pass failed; it retries on its next turn. A known failure (the
         server down, a full disk) is one warning line, not repeated while it lasts; anything
@@ -331,7 +341,7 @@ class Runtime:
         while not self._stop.is_set():
             try:
                 purge.work_queue(self.tenants)
-                self.metrics.purge_queue.set(purge.queue_depth(self.tenants))
+                self.set_purge_metrics(purge.queue_counts(self.tenants))
                 self._last_warning.pop("purge worker", None)
             except Exception as exc:
                 self._failed("purge worker", exc)

@@ -145,6 +145,8 @@ class Snapshot:
     # the version of each key's current build, and the last drift check of each live tenant
     current_versions: Mapping[str, str] = field(default_factory=dict)
     drift_checks: tuple[DriftFacts, ...] = ()
+    # queued purges that failed: database -> (failed attempts, the last error)
+    failing_purges: Mapping[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def access_drift(
@@ -201,6 +203,17 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                         f"provisioning of {t.name!r} stopped after step {t.step!r}: "
                         "its process is gone",
                         "undo: drop database and role, remove the row",
+                    )
+                )
+            elif t.database in snap.failing_purges:
+                attempts, error = snap.failing_purges[t.database]
+                problems.append(
+                    Problem(
+                        "failing_purge",
+                        t.database,
+                        f"purge of {t.name!r} failed {attempts} "
+                        f"{'attempt' if attempts == 1 else 'attempts'}, last: {error}",
+                        "try the purge now (it stays queued, retried with backoff)",
                     )
                 )
             elif t.database in snap.queued_purges:

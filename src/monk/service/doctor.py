@@ -21,6 +21,7 @@ from monk.core import lifecycle
 from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.reconcile import EVENT_BACKLOG_S, Problem, Snapshot, access_drift, diagnose, warnings
 from monk.core.tenant_names import is_tenant_database
+from monk.errors import MonkError
 from monk.service import pool, role_pool, upgrades
 from monk.service.tenants import TenantService
 
@@ -59,10 +60,12 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         # Rows before roles: a spare role made in between (role and row commit together) is
         # seen as a role without a row, which the repair checks again under the row's lock.
         role_rows = reconcile_reads.spare_role_names(reg)
-        queued = {
-            op.database
-            for op in registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
-            if op.database
+        queued_ops = registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
+        queued = {op.database for op in queued_ops if op.database}
+        failing = {
+            op.database: (op.attempts, op.error or "")
+            for op in queued_ops
+            if op.database and op.attempts > 0
         }
         current_templates = tuple(
             b.database for b in template_builds.current_builds(reg, pools.target.name)
@@ -119,6 +122,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         build_settings=build_settings,
         current_versions={b.key: b.version for b in current_builds},
         drift_checks=drift_checks,
+        failing_purges=failing,
     )
 
 
@@ -132,7 +136,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
     with pools.system() as reg:
         by_db = {t.database: t for t in registry.all_live(reg, pools.target.name)}
     for p in problems:
-        if p.kind in ("stuck_operation", "queued_purge"):
+        if p.kind in ("stuck_operation", "queued_purge", "failing_purge"):
             tenant = by_db.get(p.subject)
             if tenant is None:
                 continue
@@ -157,7 +161,12 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                                     "forget": False,
                                 },
                             )
-                        done.append(f"{p.subject}: {svc.repair(reg, pools, fresh)}")
+                        try:
+                            done.append(f"{p.subject}: {svc.repair(reg, pools, fresh)}")
+                        except MonkError as exc:
+                            # A failed purge is recorded on its job and retried later: the
+                            # other problems are repaired meanwhile.
+                            done.append(f"{p.subject}: failed: {exc.message}")
                 finally:
                     registry.unlock(reg, tenant.database)
         elif p.kind == "invalid_database" and p.subject in by_db:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 import psycopg
 
 from monk.adapters import hooks
 from monk.adapters.registry import events as outbox
 from monk.adapters.registry.events import Event
-from monk.settings import Settings
+from monk.settings import Hook, Settings
 
 __all__ = ["Delivery", "Event", "deliver_due", "forget_old", "list_events"]
 
@@ -55,17 +56,7 @@ def deliver_due(reg: psycopg.Connection[Any], settings: Settings, *, limit: int 
         errors = [
             f"{hook.url}: {error}"
             for hook in settings.hooks
-            if hook.wants(event.kind)
-            and (
-                error := hooks.post(
-                    hook.url,
-                    body,
-                    event_id=str(event.id),
-                    event_type=event.kind,
-                    secret=hook.secret.get_secret_value() if hook.secret else None,
-                    timeout=hook.timeout,
-                )
-            )
+            if hook.wants(event.kind) and (error := _post(hook, event.id, event.kind, body))
         ]
         if errors:
             backoff = min(2**event.attempts, _MAX_BACKOFF_S)
@@ -86,6 +77,23 @@ def deliver_due(reg: psycopg.Connection[Any], settings: Settings, *, limit: int 
             else:
                 report.unobserved += 1
     return report
+
+
+def _post(hook: Hook, event_id: UUID, kind: str, body: bytes) -> str | None:
+    """One POST; whatever goes wrong (an unusable URL raises, not only a refused connection)
+    is this event's failed attempt, retried later: never the pass's, so the events leased
+    after it are delivered all the same."""
+    try:
+        return hooks.post(
+            hook.url,
+            body,
+            event_id=str(event_id),
+            event_type=kind,
+            secret=hook.secret.get_secret_value() if hook.secret else None,
+            timeout=hook.timeout,
+        )
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def forget_old(reg: psycopg.Connection[Any], settings: Settings) -> int:

@@ -27,18 +27,20 @@ from __future__ import annotations
 import logging
 import secrets
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psycopg
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, spares
 from monk.adapters.registry.spares import SpareRow as SpareRow
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram
 from monk.core.tenant_names import TenantName
+from monk.errors import InvalidState, MonkError
 from monk.service.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -253,15 +255,18 @@ def retire_stale(svc: Pipeline, key: str, *, host: str | None = None) -> int:
     pools = svc.hosts.pools(target.name)
     build = svc.current_build(key, target)
     dropped = 0
+    failed: dict[UUID, str] = {}
     while True:
         with pools.system() as reg, reg.transaction():
-            stale = spares.pick_ready(reg, target.name, template_key=key, not_version=build.version)
+            stale = spares.pick_ready(
+                reg, target.name, template_key=key, not_version=build.version, exclude=list(failed)
+            )
             if stale is None:
                 return dropped
-            _drop_spare(pools, stale.database)
-            spares.delete(reg, stale.id)
-            svc.spare_secrets.take(stale.database)
-            dropped += 1
+            if _try_drop_spare(pools, stale.database, failed, stale.id):
+                spares.delete(reg, stale.id)
+                svc.spare_secrets.take(stale.database)
+                dropped += 1
 
 
 def adopt(svc: Pipeline, *, host: str | None = None) -> int:
@@ -298,26 +303,58 @@ def refill(svc: Pipeline) -> None:
     """One pass of the background refiller over the configured templates; first it clears
     spares left ``creating`` by a process that died (the pool would run one short)."""
     clear_crashed(svc)
+    first: Exception | None = None
     for key, count in svc.settings.pool_spares.items():
-        # In the background, never inside a request: a configured key with no build is built.
-        svc.templates.ensure_built(key)
-        retire_stale(svc, key)
-        if count > 0:
-            fill(svc, key, count)
+        try:
+            # In the background, never inside a request: a configured key with no build is built.
+            svc.templates.ensure_built(key)
+            retire_stale(svc, key)
+            if count > 0:
+                fill(svc, key, count)
+        except Exception as exc:
+            # One key that fails (its build, a clone) never keeps the others' spares from
+            # being made; the first failure is the pass's, reported by its caller.
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def drain(svc: Pipeline, *, key: str | None = None) -> int:
     """Every ready spare (of ``key``), dropped; returns how many."""
     pools = svc.hosts.pools()
     dropped = 0
+    failed: dict[UUID, str] = {}
     while True:
         with pools.system() as reg, reg.transaction():
-            ready = spares.pick_ready(reg, pools.target.name, template_key=key)
+            ready = spares.pick_ready(
+                reg, pools.target.name, template_key=key, exclude=list(failed)
+            )
             if ready is None:
-                return dropped
-            _drop_spare(pools, ready.database)
-            spares.delete(reg, ready.id)
-            dropped += 1
+                break
+            if _try_drop_spare(pools, ready.database, failed, ready.id):
+                spares.delete(reg, ready.id)
+                dropped += 1
+    if failed:
+        raise InvalidState(
+            f"dropped {dropped} spare(s); {len(failed)} could not be dropped and stay ready:"
+            f" {next(iter(failed.values()))}"
+        )
+    return dropped
+
+
+def _try_drop_spare(pools: ServerPools, name: str, failed: dict[UUID, str], spare: UUID) -> bool:
+    """One spare dropped; a failure is logged and noted in ``failed`` (the pass leaves that spare
+    to a later one and goes on with the next: one spare that cannot be dropped never holds
+    back the others)."""
+    try:
+        _drop_spare(pools, name)
+    except Exception as exc:
+        known = exc if isinstance(exc, MonkError) else translate(exc)
+        message = known.message if known is not None else f"{type(exc).__name__}: {exc}"
+        log.warning("could not drop spare %s, left for a later pass: %s", name, message)
+        failed[spare] = message
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- reconciliation
@@ -368,7 +405,13 @@ def clear_crashed(svc: Pipeline) -> list[str]:
         invalid = {name for name, st in states.items() if st.invalid}
     cleared = []
     for row in [r for r in rows if r.status == "creating" or r.database in invalid]:
-        if repair_spare(svc, row) == SPARE_DROPPED:
+        try:
+            outcome = repair_spare(svc, row)
+        except Exception as exc:
+            # Left for the next pass; the other leftovers are cleared meanwhile.
+            log.warning("could not clear spare %s: %s", row.database, exc)
+            continue
+        if outcome == SPARE_DROPPED:
             log.warning(
                 "dropped spare %s (%s, left by a process that died)",
                 row.database,

@@ -4,7 +4,9 @@ A purge request disables the tenant and records it as ``deleting`` with a queued
 operation, then returns: the drop costs a forced checkpoint. A worker (the HTTP service in the
 background, or the CLI before it exits) claims the job with FOR UPDATE SKIP LOCKED and does it
 inside that claiming transaction, so a worker killed half-way leaves the job queued, and every
-step is idempotent (archive again, drop if exists).
+step is idempotent (archive again, drop if exists). A job that fails is recorded (error, one
+more attempt) and stays queued, due again after a backoff; workers claim only due jobs, so it
+never holds back the jobs queued after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from monk.adapters import dump, registry
 from monk.adapters.postgres import admin, template_db
@@ -76,8 +79,15 @@ def purge(
     return (view, True) if row is None else (svc.view(row), False)
 
 
+# A failed job waits 2^attempts seconds (at most an hour) before it is tried again.
+_MAX_BACKOFF_S = 3600
+
+
 def work_queue(svc: Pipeline, *, only: UUID | None = None) -> int:
-    """Run queued purges until none is left (or until ``only`` is done); returns how many."""
+    """Run the due queued purges until none is left (or until ``only`` is done); returns how
+    many were done. A job that fails is recorded (its error, one more attempt) and left queued
+    for a later attempt with backoff, and the worker goes on with the next: one failing purge
+    never holds back the others. ``only`` failing raises, as ``OperationFailed``."""
     done = 0
     pools = svc.hosts.pools()
     while True:
@@ -85,26 +95,74 @@ def work_queue(svc: Pipeline, *, only: UUID | None = None) -> int:
             op = registry.claim_queued(reg, "purge")
             if op is None:
                 return done
-            _run_job(svc, reg, pools, op)
+            error = _attempt(svc, reg, pools, op)
+        if error is not None and op.id == only:
+            raise error
+        if error is None:
             done += 1
         if only is not None and op.id == only:
             return done
 
 
-def queue_depth(svc: Pipeline) -> int:
+def queue_counts(svc: Pipeline) -> tuple[int, int]:
+    """Purges queued, and how many of them are waiting to be retried after a failure."""
     with svc.hosts.pools().system() as reg:
-        return operations.count_queued(reg, "purge")
+        return operations.queue_counts(reg, "purge")
 
 
 def purge_now(
     svc: Pipeline, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant
 ) -> None:
-    """Finish the queued purge of ``tenant`` right here (the caller holds the tenant's lock)."""
+    """Finish the queued purge of ``tenant`` right here, due or not (the caller holds the
+    tenant's lock). A failure is recorded on the job, as the worker's, and raised."""
     with pools.system() as worker, worker.transaction():
         op = registry.claim_queued(worker, "purge", database=tenant.database)
         if op is None:
             raise InvalidState(f"tenant {tenant.name!r} is being purged by another worker")
-        _purge(svc, worker, pools, tenant, op)
+        error = _attempt(svc, worker, pools, op, tenant=tenant)
+    if error is not None:
+        raise error
+
+
+def _attempt(
+    svc: Pipeline,
+    reg: psycopg.Connection[Any],
+    pools: ServerPools,
+    op: Operation,
+    *,
+    tenant: Tenant | None = None,
+) -> OperationFailed | None:
+    """One attempt at the claimed job ``op`` in the claiming transaction. On a failure the
+    step's savepoint is rolled back (a step done before it, such as the archive, stays), the
+    failure is recorded on the job, which stays queued, and returned."""
+    try:
+        if tenant is None:
+            _run_job(svc, reg, pools, op)
+        else:
+            _purge(svc, reg, pools, tenant, op)
+        return None
+    except Exception as exc:
+        if reg.info.transaction_status == TransactionStatus.INERROR:
+            raise  # the registry's own session failed: the claim is rolled back, as a crash
+        known = exc if isinstance(exc, MonkError) else translate(exc)
+        message = known.message if known is not None else str(exc).strip() or type(exc).__name__
+        after = min(2 ** (op.attempts + 1), _MAX_BACKOFF_S)
+        attempts = operations.retry_later(reg, op.id, error=message, after_s=after)
+        log.warning(
+            "purge of %s failed (attempt %d), retried in %ds: %s",
+            op.subject,
+            attempts,
+            after,
+            message,
+        )
+        failed = OperationFailed(
+            f"purge of {op.subject!r} failed (attempt {attempts}): {message}; it stays queued"
+            f" and is retried in {after}s by monk serve's worker (or monk doctor --repair)",
+            step=op.step or "queued",
+            attempts=attempts,
+        )
+        failed.__cause__ = exc
+        return failed
 
 
 def _run_job(
@@ -130,7 +188,6 @@ def _purge(
     tenant: Tenant,
     op: Operation,
 ) -> None:
-    fields: dict[str, Any] = {}
     with pools.admin() as adm:
         exists = admin.database_exists(adm, tenant.database)
         # An interrupted DROP DATABASE (disk full, crash) left it invalid: nothing can connect
@@ -141,28 +198,31 @@ def _purge(
             "database %s of %s is invalid: dropped without archive", tenant.database, tenant.name
         )
     if op.params.get("archive", True) and exists and not invalid:
-        fields |= _archive_fields(svc, pools, tenant)
-        registry.set_operation_step(reg, op.id, "archived")
+        # Recorded on the row at once: if the drop then fails, the failure is recorded in
+        # this transaction too, and an attempt over the then invalid database keeps it.
+        with reg.transaction():
+            registry.update(reg, tenant.id, **_archive_fields(svc, pools, tenant))
+            registry.set_operation_step(reg, op.id, "archived")
     svc.checkpoint("purge-archived")
-    with pools.admin() as adm:
-        admin.drop_database(adm, tenant.database)
-        registry.set_operation_step(reg, op.id, "dropped")
-        svc.checkpoint("purge-dropped")
-        if tenant.role_name:
-            admin.drop_role(adm, tenant.role_name)
-    if op.params.get("forget"):
-        registry.delete_row(reg, tenant.id)
-    else:
-        registry.update(
-            reg,
-            tenant.id,
-            status="deleted",
-            is_active=False,
-            step="deleted",
-            deleted_at=datetime.now(UTC),
-            **fields,
-        )
-    registry.finish_operation(reg, op.id, "done", step="done")
+    with reg.transaction():
+        with pools.admin() as adm:
+            admin.drop_database(adm, tenant.database)
+            registry.set_operation_step(reg, op.id, "dropped")
+            svc.checkpoint("purge-dropped")
+            if tenant.role_name:
+                admin.drop_role(adm, tenant.role_name)
+        if op.params.get("forget"):
+            registry.delete_row(reg, tenant.id)
+        else:
+            registry.update(
+                reg,
+                tenant.id,
+                status="deleted",
+                is_active=False,
+                step="deleted",
+                deleted_at=datetime.now(UTC),
+            )
+        registry.finish_operation(reg, op.id, "done", step="done")
     log.info("purged tenant %s (%s)", tenant.name, tenant.database)
 
 

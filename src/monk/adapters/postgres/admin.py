@@ -7,6 +7,7 @@ caller decides how long a connection lives. PostgreSQL errors become monk errors
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -280,10 +281,28 @@ def drop_database(conn: Conn, name: str, *, force: bool = True, missing_ok: bool
     query = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
     if force:
         query += sql.SQL(" WITH (FORCE)")
+    # Past its lock, DROP DATABASE marks the database invalid and waits for a forced
+    # checkpoint, as long as the server's dirty buffers take to write. Cutting that wait short
+    # saves nothing (the checkpoint goes on) and leaves an invalid database whose next drop
+    # waits for a checkpoint again: so no statement timeout for it. The wait for the lock,
+    # which another session may hold for ever, keeps the session's statement timeout.
+    conn.execute(
+        "SELECT set_config('lock_timeout', current_setting('statement_timeout'), false),"
+        " set_config('statement_timeout', '0', false)"
+    )
     try:
         conn.execute(query)
     except psycopg.errors.ObjectInUse as exc:
         raise InvalidState(f"database {name!r} is in use: {exc}") from None
+    except psycopg.errors.LockNotAvailable:
+        raise InvalidState(
+            f"database {name!r} is locked by another session: its drop gave up waiting"
+        ) from None
+    finally:
+        # A broken session is the pool's to discard; the drop's own error is the one to raise.
+        with contextlib.suppress(psycopg.OperationalError):
+            conn.execute("RESET lock_timeout")
+            conn.execute("RESET statement_timeout")
     return True
 
 

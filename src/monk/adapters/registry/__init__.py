@@ -337,6 +337,9 @@ class Operation:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    # a queued job's failed attempts, and when it is due again (None: at once)
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
 
 
 _OP_COLUMNS = rendered(
@@ -435,14 +438,18 @@ def list_operations(
 
 
 def claim_queued(conn: Conn, kind: str, *, database: str | None = None) -> Operation | None:
-    """Claim the oldest queued operation of ``kind`` (optionally on ``database``) with FOR
-    UPDATE SKIP LOCKED, in the caller's transaction: a crashed worker's transaction ends with
-    it, so its job becomes claimable again."""
+    """Claim the oldest due queued operation of ``kind`` with FOR UPDATE SKIP LOCKED, in the
+    caller's transaction: a crashed worker's transaction ends with it, so its job becomes
+    claimable again. A job that failed waits for its ``next_attempt_at``, so the jobs queued
+    after it go first; with ``database`` (that tenant's purge, asked for now) it is taken
+    whenever it is due."""
     where: sql.Composable = sql.SQL("kind = %s AND state = 'queued'")
     params: list[Any] = [kind]
     if database is not None:
         where += sql.SQL(" AND database = %s")
         params.append(database)
+    else:
+        where += sql.SQL(" AND (next_attempt_at IS NULL OR next_attempt_at <= now())")
     with conn.cursor(row_factory=class_row(Operation)) as cur:
         cur.execute(
             sql.SQL(

@@ -6,6 +6,7 @@ creator holds the spare's advisory lock, so the reconciler can tell a live creat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -122,10 +123,11 @@ def pick_ready(
     not_version: str | None = None,
     keyholders: list[UUID] | None = None,
     database: str | None = None,
+    exclude: Sequence[UUID] = (),
 ) -> PickedSpare | None:
     """The oldest ready spare of ``host`` (of ``template_key``; not of ``not_version``; whose
-    keyholder is one of ``keyholders`` or none; named ``database``), locked for the caller's
-    transaction (SKIP LOCKED: two callers never pick the same)."""
+    keyholder is one of ``keyholders`` or none; named ``database``; not one of ``exclude``),
+    locked for the caller's transaction (SKIP LOCKED: two callers never pick the same)."""
     row = conn.execute(
         "SELECT id, database, template_key FROM spares WHERE host = %(host)s"
         " AND status = 'ready'"
@@ -134,6 +136,7 @@ def pick_ready(
         " AND (%(keyholders)s::uuid[] IS NULL OR keyholder IS NULL"
         " OR keyholder = ANY(%(keyholders)s::uuid[]))"
         " AND (%(database)s::text IS NULL OR database = %(database)s)"
+        " AND id <> ALL(%(exclude)s::uuid[])"
         " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
         {
             "host": host,
@@ -141,6 +144,7 @@ def pick_ready(
             "not_version": not_version,
             "keyholders": keyholders,
             "database": database,
+            "exclude": list(exclude),
         },
     ).fetchone()
     return None if row is None else PickedSpare(UUID(str(row[0])), str(row[1]), str(row[2]))
