@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, pool, purge, role_pool, upgrades
+from monk.service import events, pool, purge, role_pool, tenant_auth, upgrades
 from monk.service.health import Recent, ServerProbe
 from monk.service.server import Server
 from monk.service.supervisor import Supervisor
@@ -69,6 +69,12 @@ class Runtime:
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
         self.metrics = Metrics()
+        self.tenant_states = tenant_auth.TenantStates(
+            self.tenants, ttl=settings.tenant_state_ttl_ms / 1000
+        )
+        self.login_policy = tenant_auth.LoginPolicy(
+            max_failures=settings.login_max_failures, window=settings.login_failure_window
+        )
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
         self.purge_queue_depth = Recent(lambda: purge.queue_depth(self.tenants), ttl=1.0)
@@ -118,13 +124,16 @@ class Runtime:
         host: str | None = None,
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
+        root_password: str | None = None,
     ) -> TenantView:
-        """A provision through the service, counted in the metrics; the pool refiller is woken
-        when it took a spare, or when the spare roles run low."""
+        """A provision through the service (with its root user), counted in the metrics; the
+        pool refiller is woken when it took a spare, or when the spare roles run low."""
         started = time.perf_counter()
         try:
-            view = self.tenants.provision(
+            view = tenant_auth.provision(
+                self.tenants,
                 name,
+                root_password=root_password,
                 template=template,
                 host=host,
                 idempotency_key=idempotency_key,
