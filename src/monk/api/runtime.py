@@ -97,6 +97,8 @@ class Runtime:
         self.metrics.server_restarts.labels("ok" if ok else "failed").inc()
 
     def start(self) -> None:
+        # Root passwords hashed ahead: a warm provision does not wait for argon2.
+        tenant_auth.stock_root_passwords(4)
         try:
             # The keyholder lock's session, named as a serve's: monk bench refuses beside it.
             self.tenants.presence.serve()

@@ -133,9 +133,57 @@ def insert_user(
 _hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="monk-argon2")
 
 
+class _Stock:
+    """Generated root passwords with their hashes made ahead, in this process's memory only
+    (never written anywhere): a provision that generates its root password takes a ready pair
+    instead of paying for argon2 on its critical path. Refilled on a side thread after each
+    take, up to ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._ready: list[tuple[str, str]] = []
+        self._pending = 0
+
+    def take(self) -> tuple[str, str] | None:
+        with self._lock:
+            pair = self._ready.pop() if self._ready else None
+        self.refill()
+        return pair
+
+    def refill(self) -> None:
+        with self._lock:
+            missing = self.size - len(self._ready) - self._pending
+            self._pending += max(missing, 0)
+        for _ in range(max(missing, 0)):
+            _hashing.submit(self._make)
+
+    def _make(self) -> None:
+        password = passwords.generate_password()
+        pair = (password, passwords.hash_password(password))
+        with self._lock:
+            self._pending -= 1
+            self._ready.append(pair)
+
+
+_stock = _Stock(size=0)
+
+
+def stock_root_passwords(size: int) -> None:
+    """Keep ``size`` generated root passwords hashed ahead (``monk serve``: the warm path)."""
+    _stock.size = size
+    _stock.refill()
+
+
 def hash_ahead(password: str | None) -> tuple[str, Future[str]]:
-    """The root password (given or generated) and its hash, computed on a side thread while
-    the provision runs (argon2-cffi releases the GIL)."""
+    """The root password (given, or generated) and its hash: one made ahead if there is one,
+    else computed on a side thread while the provision runs (argon2-cffi releases the GIL)."""
+    if password is None:
+        pair = _stock.take()
+        if pair is not None:
+            done: Future[str] = Future()
+            done.set_result(pair[1])
+            return pair[0], done
     password = passwords.validate_password(password) if password is not None else None
     password = password or passwords.generate_password()
     return password, _hashing.submit(passwords.hash_password, password)
