@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 from monk.api.app import create_app
 from monk.api.auth import TENANT_AUDIENCE, issue_root_token, signing_secret
-from monk.settings import Settings
 from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
 
@@ -460,5 +459,46 @@ def test_two_serve_processes_see_a_cli_disable_within_a_second(env: Env) -> None
             assert "pw of two" not in out
 
 
-def _settings_of(env: Env, **update: Any) -> Settings:
-    return env.settings.model_copy(update=update)
+@pytest.mark.slow
+def test_warm_provisions_with_a_root_user_cost(
+    client: TestClient, env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The measurement in docs/tenant-api.md (run with -s to see it): warm provisions without
+    a root user, with a generated one (hashed ahead), with a given one (hashed meanwhile)."""
+    from monk.service import pool, tenant_auth
+    from monk.service.tenants import TenantService
+
+    tenant_auth.stock_root_passwords(4)
+    n = 8
+    report = []
+    made: list[tuple[str, str]] = []
+    with TenantService(env.settings, env.target) as svc:
+        cases: dict[str, Callable[[str], Any]] = {
+            "without root user": lambda name: svc.provision(name, template=env.template),
+            "root user, generated (hashed ahead)": lambda name: tenant_auth.provision(
+                svc, name, template=env.template
+            ),
+            "root user, given (hashed meanwhile)": lambda name: tenant_auth.provision(
+                svc, name, template=env.template, root_password="given password"
+            ),
+        }
+        for label, provision_one in cases.items():
+            pool.fill(svc, env.template, n)
+            taken = []
+            for _ in range(n):
+                time.sleep(0.3)  # one provision every 0.3 s: the stock refills meanwhile
+                name = new_name()
+                started = time.perf_counter()
+                view = provision_one(name)
+                taken.append(time.perf_counter() - started)
+                assert view.provisioned_from == "pool"
+                if view.root_password is not None:
+                    made.append((name, view.root_password))
+            report.append(
+                f"{label}: median {statistics.median(taken) * 1000:.1f} ms, "
+                f"max {max(taken) * 1000:.1f} ms"
+            )
+    with capsys.disabled():
+        print(f"\nwarm provisions (n={n} each):\n  " + "\n  ".join(report))
+    for name, password in made:
+        assert login(client, name, "root", password).status_code == 200

@@ -34,7 +34,7 @@ def _dummy_hash() -> str:
     return _hasher.hash(secrets.token_urlsafe(16))
 
 
-USERNAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+USERNAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_PASSWORD = 1024  # argon2 takes any length; a bound keeps a request from costing more
 
 
@@ -69,7 +69,7 @@ def needs_rehash(password_hash: str) -> bool:
 
 
 def validate_username(raw: str) -> str:
-    if not USERNAME.match(raw):
+    if not USERNAME.fullmatch(raw):
         raise InvalidName(
             f"user name {raw!r}: 1-63 characters, a lowercase letter first, then lowercase "
             "letters, digits or _"

@@ -76,14 +76,6 @@ def set_password(conn: Conn, auth: str, password_hash: str) -> bool:
     return cur.rowcount > 0
 
 
-def set_access(conn: Conn, auth: str, access: str) -> bool:
-    cur = conn.execute(
-        f"UPDATE public.users SET access = %s WHERE auth = %s AND {_LIVE}",
-        (access, auth),
-    )
-    return cur.rowcount > 0
-
-
 def remove(conn: Conn, auth: str) -> bool:
     cur = conn.execute("DELETE FROM public.users WHERE auth = %s", (auth,))
     return cur.rowcount > 0
