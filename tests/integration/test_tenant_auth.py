@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 import jwt
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from monk.api.app import create_app
 from monk.api.auth import TENANT_AUDIENCE, issue_root_token, signing_secret
+from monk.service import tenant_auth
 from tests.conftest import MONK_BIN, free_port, settings_env
 from tests.integration.conftest import Env
 
@@ -183,7 +185,7 @@ def test_failed_logins_are_rate_limited_per_tenant_and_user_across_processes(
         assert login(b, name, "someone", "wrong").status_code == 401
 
 
-def test_a_window_that_passed_starts_over(root: dict[str, str], env: Env) -> None:
+def test_a_window_that_passed_starts_over_and_is_forgotten(root: dict[str, str], env: Env) -> None:
     settings = env.settings.model_copy(update={"login_max_failures": 2, "login_failure_window": 1})
     with TestClient(create_app(settings)) as c:
         name, password = provision(c, root, env)
@@ -192,6 +194,27 @@ def test_a_window_that_passed_starts_over(root: dict[str, str], env: Env) -> Non
         assert login(c, name, "root", password).status_code == 429
         time.sleep(1.2)
         assert login(c, name, "root", password).status_code == 200
+        ghost = f"Ghost {uuid.uuid4().hex}"
+        assert login(c, ghost, "nobody", "x").status_code == 401
+
+        def ghost_rows() -> int:
+            with psycopg.connect(
+                env.target.conninfo, dbname=env.settings.system_db_name, autocommit=True
+            ) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM login_failures WHERE tenant_key = %s",
+                    (ghost.casefold(),),
+                ).fetchone()
+                assert row is not None
+                return int(row[0])
+
+        assert ghost_rows() == 1
+        time.sleep(1.2)
+        with psycopg.connect(
+            env.target.conninfo, dbname=env.settings.system_db_name, autocommit=True
+        ) as conn:
+            assert tenant_auth.forget_old_failures(conn, c.app.state.runtime.login_policy) >= 1
+        assert ghost_rows() == 0
 
 
 def test_a_tenant_token_is_refused_on_root_routes_and_a_root_token_on_tenant_routes(
@@ -465,7 +488,7 @@ def test_warm_provisions_with_a_root_user_cost(
 ) -> None:
     """The measurement in docs/tenant-api.md (run with -s to see it): warm provisions without
     a root user, with a generated one (hashed ahead), with a given one (hashed meanwhile)."""
-    from monk.service import pool, tenant_auth
+    from monk.service import pool
     from monk.service.tenants import TenantService
 
     tenant_auth.stock_root_passwords(4)

@@ -187,6 +187,7 @@ class Runtime:
                         self.metrics.event_deliveries.labels("failed").inc(report.failed)
                     if time.monotonic() - last_cleanup > 3600:
                         events.forget_old(reg, self.settings)
+                        tenant_auth.forget_old_failures(reg, self.login_policy)
                         last_cleanup = time.monotonic()
                 self._last_warning.pop("event delivery", None)
             except Exception as exc:

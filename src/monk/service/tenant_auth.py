@@ -302,6 +302,12 @@ def login(
     return identity
 
 
+def forget_old_failures(reg: psycopg.Connection[Any], policy: LoginPolicy) -> int:
+    """Forget failed-login counts whose window has passed (``monk serve``: hourly, on its
+    system-database session ``reg``): names that never existed leave no rows behind for long."""
+    return logins_db.forget_old_failures(reg, window=policy.window)
+
+
 def _check(svc: TenantService, raw_tenant: str, username: str, password: str) -> Identity | None:
     try:
         tenant: Tenant | None = svc.get(raw_tenant)

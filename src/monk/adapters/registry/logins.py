@@ -47,6 +47,15 @@ def clear_failures(conn: psycopg.Connection[Any], tenant_key: str, username: str
     )
 
 
+def forget_old_failures(conn: psycopg.Connection[Any], *, window: int) -> int:
+    """Drop the counts whose window has passed (a failure starts them over anyway)."""
+    cur = conn.execute(
+        "DELETE FROM login_failures WHERE window_start + make_interval(secs => %s) < now()",
+        (window,),
+    )
+    return cur.rowcount
+
+
 @dataclass(frozen=True)
 class TenantState:
     """What a tenant request needs to know of its tenant, read on every cache refresh."""
