@@ -162,6 +162,10 @@ def test_unknown_tenant_unknown_user_and_wrong_password_get_one_answer_in_about_
     # Each pays one argon2 check; the tenant's connection is the rest (a few ms).
     fastest, slowest = min(times.values()), max(times.values())
     assert slowest < fastest * 2.5 + 0.02, times
+    # NUL bytes (which PostgreSQL text cannot hold) are the same failure, not a 500
+    for fields in ((name + "\x00", "root", password), (name, "ro\x00ot", password)):
+        r = login(client, *fields)
+        assert (r.status_code, r.json()) == (401, answers["unknown user"])
     # and the right password still works (the failures above were on other counters but one)
     assert login(client, name, "root", password).status_code == 200
 

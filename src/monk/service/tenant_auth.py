@@ -8,6 +8,7 @@ else: the system database only counts failed logins (``login_failures``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 import threading
@@ -283,7 +284,11 @@ def login(
 ) -> Identity:
     """The user's identity, or LoginFailed: one answer, and one argon2 check's time, whether
     the tenant, the user or the password was wrong. LoginThrottled past the policy's failures."""
-    key = (raw_tenant.strip().casefold()[:200], username[:200])
+    # PostgreSQL text holds no NUL: such a name is counted under a stand-in, and never found.
+    key = (
+        raw_tenant.strip().casefold()[:200].replace("\x00", "\ufffd"),
+        username[:200].replace("\x00", "\ufffd"),
+    )
     with svc.hosts.pools().system() as reg:
         wait = logins_db.blocked_for(
             reg, *key, max_failures=policy.max_failures, window=policy.window
@@ -309,10 +314,10 @@ def forget_old_failures(reg: psycopg.Connection[Any], policy: LoginPolicy) -> in
 
 
 def _check(svc: TenantService, raw_tenant: str, username: str, password: str) -> Identity | None:
-    try:
-        tenant: Tenant | None = svc.get(raw_tenant)
-    except (InvalidName, NotFound):
-        tenant = None
+    tenant: Tenant | None = None
+    if "\x00" not in raw_tenant + username:
+        with contextlib.suppress(InvalidName, NotFound):
+            tenant = svc.get(raw_tenant)
     if tenant is None or tenant.status != TenantStatus.ACTIVE:
         passwords.burn(password)
         return None
