@@ -146,22 +146,23 @@ def test_unknown_tenant_unknown_user_and_wrong_password_get_one_answer_in_about_
         "unknown user": lambda i: (name, f"nobody{i}", password),
         "wrong password": lambda i: (name, "root", f"wrong {i}"),
     }
-    answers, times = {}, {}
-    for kind, make in kinds.items():
-        taken = []
-        for i in range(4):
+    answers: dict[str, Any] = {}
+    taken: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for i in range(5):  # interleaved: the machine's load weighs on each kind alike
+        for kind, make in kinds.items():
             started = time.perf_counter()
             r = login(client, *make(i))
-            taken.append(time.perf_counter() - started)
+            taken[kind].append(time.perf_counter() - started)
             assert r.status_code == 401, (kind, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
             answers[kind] = r.json()
-        times[kind] = statistics.median(taken)
+    times = {kind: statistics.median(t) for kind, t in taken.items()}
     assert len({str(a) for a in answers.values()}) == 1, answers
     assert answers["unknown user"]["error_code"] == "AUTH_LOGIN_FAILED"
-    # Each pays one argon2 check; the tenant's connection is the rest (a few ms).
+    # Each pays one argon2 check; a login naming no tenant also waits as long as the tenant's
+    # connection and lookup take (without that wait it answered in about half the time).
     fastest, slowest = min(times.values()), max(times.values())
-    assert slowest < fastest * 2.5 + 0.02, times
+    assert slowest < fastest * 1.6 + 0.01, times
     # NUL bytes (which PostgreSQL text cannot hold) are the same failure, not a 500
     for fields in ((name + "\x00", "root", password), (name, "ro\x00ot", password)):
         r = login(client, *fields)

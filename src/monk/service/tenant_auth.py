@@ -316,14 +316,47 @@ def forget_old_failures(reg: psycopg.Connection[Any], policy: LoginPolicy) -> in
     return logins_db.forget_old_failures(reg, window=policy.window)
 
 
+class _Pace:
+    """How long a check of a real tenant takes (a moving average): a login naming no live
+    tenant waits as long, since it skips the tenant's connection and user lookup, which would
+    otherwise tell a caller which tenant names exist."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds = seconds if not self.seconds else 0.8 * self.seconds + 0.2 * seconds
+
+    def wait_since(self, started: float) -> None:
+        left = self.seconds - (time.perf_counter() - started)
+        if left > 0:
+            time.sleep(min(left, 1.0))
+
+
+_pace = _Pace()
+
+
 def _check(svc: TenantService, raw_tenant: str, username: str, password: str) -> Identity | None:
+    started = time.perf_counter()
     tenant: Tenant | None = None
     if "\x00" not in raw_tenant + username:
         with contextlib.suppress(InvalidName, NotFound):
             tenant = svc.get(raw_tenant)
     if tenant is None or tenant.status != TenantStatus.ACTIVE:
         passwords.burn(password)
+        _pace.wait_since(started)
         return None
+    try:
+        return _check_user(svc, tenant, username, password)
+    finally:
+        _pace.observe(time.perf_counter() - started)
+
+
+def _check_user(
+    svc: TenantService, tenant: Tenant, username: str, password: str
+) -> Identity | None:
     try:
         with _tenant_db(svc, tenant) as conn:
             row = users_db.find(conn, username) if users_db.has_password_column(conn) else None
