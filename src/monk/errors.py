@@ -5,6 +5,7 @@
     │   ├── InvalidName            tenant, template, schema or database name  400 / 2
     │   ├── InvalidTemplateSource  template.json, schemas, data, migrations   422 / 2
     │   ├── InvalidRequest         a well-formed body or argument, wrong      422 / 2
+    │   ├── LoginFieldMissing      AUTH_{TENANT,USERNAME,PASSWORD}_MISSING     400 / 2
     │   ├── IdempotencyKeyReused   one Idempotency-Key, other parameters      422 / 2
     │   └── HostUnsuitable         a server that cannot be a host (role, version) 422 / 2
     ├── ConfigError                a setting is wrong or its target unusable  500 / 6
@@ -33,7 +34,12 @@
     │   ├── BudgetExhausted        no tenant connection free within the wait  503 / 5
     │   └── DiskFull               the server's disk is full: free space      507 / 5
     ├── AuthError                                                             401 / 7
-    │   └── RootAccessRequired                                                403 / 7
+    │   ├── RootAccessRequired                                                403 / 7
+    │   ├── LoginFailed            unknown tenant, unknown user, wrong password 401 / 7
+    │   ├── TokenRequired / TokenInvalid / TokenExpired  (tenant routes)      401 / 7
+    │   ├── LoginThrottled         too many failed logins: Retry-After        429 / 7
+    │   ├── TenantDisabled         a valid tenant token, the tenant disabled  403 / 7
+    │   └── TenantGone             a valid tenant token, the tenant trashed/purged 410 / 7
     └── OperationFailed            a step failed and was undone (.step)       500 / 1
 
 ``ERROR_TABLE`` maps each class to its HTTP status and CLI exit code; the most specific class wins.
@@ -75,6 +81,24 @@ class InvalidTemplateSource(UsageError):
 
 class InvalidRequest(UsageError):
     code = "INVALID_REQUEST"
+
+
+class LoginFieldMissing(UsageError):
+    """A login body without one of its fields; ``field`` picks the origin's code."""
+
+    code = "AUTH_FIELD_MISSING"
+
+
+class TenantMissing(LoginFieldMissing):
+    code = "AUTH_TENANT_MISSING"
+
+
+class UsernameMissing(LoginFieldMissing):
+    code = "AUTH_USERNAME_MISSING"
+
+
+class PasswordMissing(LoginFieldMissing):
+    code = "AUTH_PASSWORD_MISSING"
 
 
 class IdempotencyKeyReused(UsageError):
@@ -208,6 +232,39 @@ class RootAccessRequired(AuthError):
     code = "ROOT_ACCESS_REQUIRED"
 
 
+class LoginFailed(AuthError):
+    """One answer for an unknown tenant, an unknown user and a wrong password."""
+
+    code = "AUTH_LOGIN_FAILED"
+
+
+class TokenRequired(AuthError):
+    code = "AUTH_TOKEN_REQUIRED"
+
+
+class TokenInvalid(AuthError):
+    code = "AUTH_TOKEN_INVALID"
+
+
+class TokenExpired(AuthError):
+    code = "AUTH_TOKEN_EXPIRED"
+
+
+class LoginThrottled(AuthError):
+    """Too many failed logins for one tenant and user; ``details["retry_after"]`` seconds."""
+
+    code = "AUTH_RATE_LIMITED"
+    retryable = True
+
+
+class TenantDisabled(AuthError):
+    code = "TENANT_DISABLED"
+
+
+class TenantGone(AuthError):
+    code = "TENANT_GONE"
+
+
 class OperationFailed(MonkError):
     code = "OPERATION_FAILED"
 
@@ -236,6 +293,9 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     DiskFull: (507, 5),
     AuthError: (401, 7),
     RootAccessRequired: (403, 7),
+    LoginThrottled: (429, 7),
+    TenantDisabled: (403, 7),
+    TenantGone: (410, 7),
     OperationFailed: (500, 1),
 }
 

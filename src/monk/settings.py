@@ -199,7 +199,31 @@ class Settings(BaseSettings):
         "(crash tests kill -9 the process there).",
     )
     jwt_secret: SecretStr | None = Field(
-        default=None, description="HS256 secret of root tokens (default: generated in data_dir)."
+        default=None,
+        description="HS256 secret of root and tenant tokens (default: generated in data_dir).",
+    )
+    tenant_token_ttl: int = Field(
+        default=86400, ge=60, le=30 * 86400, description="Lifetime of a tenant token, seconds."
+    )
+    login_max_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Failed logins of one tenant and user allowed per login_failure_window.",
+    )
+    login_failure_window: int = Field(
+        default=300,
+        ge=1,
+        le=86400,
+        description="Seconds over which failed logins are counted; past login_max_failures, "
+        "logins of that tenant and user get 429 until the window ends.",
+    )
+    tenant_state_ttl_ms: int = Field(
+        default=500,
+        ge=0,
+        le=1000,
+        description="How long a serve process trusts its cached copy of a tenant's status "
+        "(the bound on how late a disable or trash is seen by tenant requests).",
     )
 
     @field_validator("system_db_name")

@@ -73,6 +73,7 @@ def test_the_tenant_model_is_what_the_service_renders() -> None:
         provisioned_from="pool",
         replayed=True,
         connection_limit=20,
+        root_password="rp",
     ).as_dict()
     plain = TenantView(tenant=sample(Tenant), host="localhost", port=5432).as_dict()
     assert set(TenantOut.model_fields) == set(fullest)

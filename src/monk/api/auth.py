@@ -10,10 +10,21 @@ from typing import Any
 import jwt
 
 from monk.adapters import files
-from monk.errors import AuthError, ConfigError, RootAccessRequired
+from monk.errors import (
+    AuthError,
+    ConfigError,
+    RootAccessRequired,
+    TokenExpired,
+    TokenInvalid,
+)
 from monk.settings import Settings
 
 ALGORITHM = "HS256"
+# Audiences: a tenant token (whose user may well have access "root" in its tenant) is refused
+# on /api/root/*, a root token on the tenant routes.
+ROOT_AUDIENCE = "monk:root"
+TENANT_AUDIENCE = "monk:tenant"
+TENANT_CLAIMS = ("sub", "user_id", "username", "tenant", "tenant_id", "db", "access")
 SECRET_FILE = "jwt_secret"  # noqa: S105 (a file name, not a secret)
 
 
@@ -46,6 +57,7 @@ def signing_secret(settings: Settings) -> str:
 
 def issue_root_token(settings: Settings, *, ttl_seconds: int = 3600, subject: str = "root") -> str:
     now = int(time.time())
+    # No audience: root tokens stay what they were (a tenant token's audience sets it apart).
     claims = {"sub": subject, "access": "root", "iat": now, "exp": now + ttl_seconds}
     return jwt.encode(claims, signing_secret(settings), algorithm=ALGORITHM)
 
@@ -53,13 +65,45 @@ def issue_root_token(settings: Settings, *, ttl_seconds: int = 3600, subject: st
 def verify_root(token: str, secret: str) -> dict[str, Any]:
     """The token's claims if it is a valid, unexpired root token; AuthError otherwise."""
     try:
+        # Root tokens have no audience, or monk:root; a tenant token's is refused below.
         claims: dict[str, Any] = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["exp"]}
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={"require": ["exp"], "verify_aud": False},
         )
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token: {exc}") from None
+    if claims.get("aud", ROOT_AUDIENCE) != ROOT_AUDIENCE:
+        raise RootAccessRequired("a tenant token is not valid on root routes")
     if claims.get("access") != "root":
         raise RootAccessRequired("root access required")
+    return claims
+
+
+def issue_tenant_token(secret: str, identity: dict[str, str], *, ttl_seconds: int) -> str:
+    """An HS256 token for a tenant user: ``identity`` holds TENANT_CLAIMS but ``sub``."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": identity["user_id"], **identity}
+    claims |= {"aud": TENANT_AUDIENCE, "iat": now, "exp": now + ttl_seconds}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_tenant(token: str, secret: str) -> dict[str, Any]:
+    """The claims of a valid, unexpired tenant token; TokenExpired or TokenInvalid otherwise
+    (a root token has the wrong audience: invalid here)."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            audience=TENANT_AUDIENCE,
+            options={"require": ["exp", "iat", "aud", *TENANT_CLAIMS]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise TokenExpired("token expired: log in again") from None
+    except jwt.InvalidTokenError as exc:
+        raise TokenInvalid(f"invalid token: {exc}") from None
     return claims

@@ -1,15 +1,18 @@
-"""Request dependencies: the runtime, and root authentication."""
+"""Request dependencies: the runtime, root authentication, tenant authentication."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from monk.api.auth import verify_root
+from monk.api.auth import verify_root, verify_tenant
 from monk.api.runtime import Runtime
-from monk.errors import AuthError
+from monk.errors import AuthError, TokenInvalid, TokenRequired
+from monk.service.tenant_auth import TenantState
 
 _bearer = HTTPBearer(auto_error=False, description="A root JWT from `monk token --root`.")
 
@@ -31,3 +34,45 @@ def require_root(
 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 Root = Annotated[dict[str, Any], Depends(require_root)]
+
+
+tenant_bearer = HTTPBearer(
+    auto_error=False, description="A tenant JWT from `POST /auth/login`.", scheme_name="tenant"
+)
+
+
+@dataclass(frozen=True)
+class TenantPrincipal:
+    """Who a tenant request is from, and the tenant as the system database has it now (its
+    database and host: what the data routes connect to)."""
+
+    claims: dict[str, Any]
+    state: TenantState
+
+    @property
+    def access(self) -> str:
+        return str(self.claims["access"])
+
+    @property
+    def user_id(self) -> str:
+        return str(self.claims["user_id"])
+
+
+def require_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(tenant_bearer)],
+) -> TenantPrincipal:
+    """401 without a valid tenant token (a root token included); 403 TENANT_DISABLED, 410
+    TENANT_GONE when the tenant's state says so now (within MONK_TENANT_STATE_TTL_MS)."""
+    if credentials is None:
+        raise TokenRequired("authentication required: send Authorization: Bearer <tenant token>")
+    rt = runtime(request)
+    claims = verify_tenant(credentials.credentials, rt.secret)
+    try:
+        tenant_id = UUID(str(claims["tenant_id"]))
+    except ValueError:
+        raise TokenInvalid("invalid token: tenant_id is not a UUID") from None
+    return TenantPrincipal(claims, rt.tenant_states.check(tenant_id))
+
+
+TenantUser = Annotated[TenantPrincipal, Depends(require_tenant)]

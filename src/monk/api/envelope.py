@@ -60,7 +60,8 @@ def failure(
 
 def error_headers(exc: MonkError) -> dict[str, str] | None:
     status, _exit = status_and_exit(exc)
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retryable else None
+    retry_after = exc.details.get("retry_after", exc.retry_after)
+    headers = {"Retry-After": str(retry_after)} if exc.retryable else None
     if status == 401:
         headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
     return headers
@@ -139,7 +140,9 @@ _DESCRIPTIONS = {
     403: "Token without root access",
     404: "Not found",
     409: "Exists, or not in a state that allows it",
+    410: "The tenant of this token was trashed or purged (TENANT_GONE)",
     422: "Invalid body or parameter",
+    429: "Too many failed logins: retry after Retry-After seconds",
     500: "A step failed (undone), the server is misconfigured, or a bug",
     503: "Database server or template unavailable: retry after Retry-After seconds",
     507: "Disk full (DISK_FULL): free space, then retry",
@@ -151,7 +154,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         entry: dict[str, Any] = {"model": Failure, "description": _DESCRIPTIONS[status]}
-        if status in (503, 507):
+        if status in (429, 503, 507):
             entry["headers"] = RETRY_AFTER
         out[status] = entry
     return out

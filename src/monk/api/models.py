@@ -63,6 +63,74 @@ class TenantCreate(BaseModel):
         le=MAX_TENANT_CONNECTION_LIMIT,
         description="CONNECTION LIMIT of the tenant's role; default MONK_TENANT_CONNECTION_LIMIT.",
     )
+    root_password: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Password of the tenant's first user, root (default: generated, and "
+        "returned once in root_user). Never stored but as its argon2id hash.",
+    )
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(..., description="Login name: a lowercase letter, then a-z 0-9 _.")
+    access: Literal["root", "full", "edit", "read", "deny"] = "read"
+    password: str | None = Field(
+        None, min_length=1, max_length=1024, description="Default: generated, returned once."
+    )
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    password: str | None = Field(
+        None, min_length=1, max_length=1024, description="Default: generated, returned once."
+    )
+
+
+class UserOut(BaseModel):
+    id: str
+    username: str
+    name: str
+    access: str
+    created_at: str | None
+    updated_at: str | None
+    password: str | None = Field(None, description="Only when monk generated it: shown once.")
+
+
+class LoginIn(BaseModel):
+    """Fields are optional here so that a missing one gets the origin's own code."""
+
+    tenant: str | None = None
+    username: str | None = None
+    password: str | None = None
+    format: str | None = None
+
+
+class LoginUser(BaseModel):
+    id: str
+    username: str
+    tenant: str
+    tenant_id: str
+    access: str
+
+
+class LoginOut(BaseModel):
+    token: str
+    expires_in: int
+    user: LoginUser
+
+
+class WhoAmI(BaseModel):
+    user_id: str
+    username: str
+    tenant: str
+    tenant_id: str
+    database: str
+    access: str
+    tenant_status: str
 
 
 class TenantPatch(BaseModel):
@@ -85,6 +153,11 @@ class ArchiveOut(BaseModel):
     sha256: str | None
     archived_at: str | None
     server_version: str | None
+
+
+class RootUserOut(BaseModel):
+    username: str
+    password: str
 
 
 class TenantOut(BaseModel):
@@ -110,6 +183,9 @@ class TenantOut(BaseModel):
     archive: ArchiveOut | None = None
     connection_url: str | None = Field(
         None, description="Only in answers that issue a password (create, rotate, restore)."
+    )
+    root_user: RootUserOut | None = Field(
+        None, description="Only in the create answer: the first tenant user and its password."
     )
     provisioned_from: Literal["pool", "clone"] | None = Field(
         None, description="Only in the create answer: a warm-pool spare or a fresh clone."

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, pool, purge, role_pool, upgrades
+from monk.service import events, pool, purge, role_pool, tenant_auth, upgrades
 from monk.service.health import Recent, ServerProbe
 from monk.service.pipeline import Hosts
 from monk.service.server import Server
@@ -123,6 +123,12 @@ class Runtime:
         self.metrics = Metrics()
         self.tenants.hosts.budget()  # the local host's, in /metrics from the start
         self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
+        self.tenant_states = tenant_auth.TenantStates(
+            self.tenants, ttl=settings.tenant_state_ttl_ms / 1000
+        )
+        self.login_policy = tenant_auth.LoginPolicy(
+            max_failures=settings.login_max_failures, window=settings.login_failure_window
+        )
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
         self.purge_queue_depth = Recent(lambda: purge.queue_counts(self.tenants), ttl=1.0)
@@ -145,6 +151,8 @@ class Runtime:
         self.metrics.server_restarts.labels("ok" if ok else "failed").inc()
 
     def start(self) -> None:
+        # Root passwords hashed ahead: a warm provision does not wait for argon2.
+        tenant_auth.stock_root_passwords(4)
         try:
             # The keyholder lock's session, named as a serve's: monk bench refuses beside it.
             self.tenants.presence.serve()
@@ -172,13 +180,16 @@ class Runtime:
         host: str | None = None,
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
+        root_password: str | None = None,
     ) -> TenantView:
-        """A provision through the service, counted in the metrics; the pool refiller is woken
-        when it took a spare, or when the spare roles run low."""
+        """A provision through the service (with its root user), counted in the metrics; the
+        pool refiller is woken when it took a spare, or when the spare roles run low."""
         started = time.perf_counter()
         try:
-            view = self.tenants.provision(
+            view = tenant_auth.provision(
+                self.tenants,
                 name,
+                root_password=root_password,
                 template=template,
                 host=host,
                 idempotency_key=idempotency_key,
@@ -230,6 +241,7 @@ class Runtime:
                         self.metrics.event_deliveries.labels("failed").inc(report.failed)
                     if time.monotonic() - last_cleanup > 3600:
                         events.forget_old(reg, self.settings)
+                        tenant_auth.forget_old_failures(reg, self.login_policy)
                         last_cleanup = time.monotonic()
                 self._last_warning.pop("event delivery", None)
             except Exception as exc:

@@ -41,12 +41,17 @@ def _show(view: TenantView, as_json: bool) -> None:
     archive = data.pop("archive", None)
     url = data.pop("connection_url", None)
     note = data.pop("credentials_note", None)
+    root_user = data.pop("root_user", None)
     print_mapping(data)
     if archive:
         print_mapping(archive, title="archive")
     if url is not None:
         print_whole("connection_url", url)
         console.print("[yellow]The password in connection_url is shown once.[/]")
+    if root_user is not None:
+        print_whole("root_user", root_user["username"])
+        print_whole("root_password", root_user["password"])
+        console.print("[yellow]The root user's password is shown once.[/]")
     if note is not None:
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
 
@@ -70,19 +75,30 @@ def create(
         max=MAX_TENANT_CONNECTION_LIMIT,
         help="CONNECTION LIMIT of the tenant's role (default: MONK_TENANT_CONNECTION_LIMIT).",
     ),
+    root_password_stdin: bool = typer.Option(
+        False,
+        "--root-password-stdin",
+        help="Read the root user's password from stdin (default: generated, shown once).",
+    ),
     as_json: bool = JSON,
 ) -> None:
-    """Provision a tenant: clone its database from the template's current build."""
+    """Provision a tenant: clone its database from the template's current build, and its
+    first user, root."""
     if (name is None) == (from_file is None):
         raise typer.BadParameter("give a NAME or --from FILE")
     if from_file is not None:
         _create_many(from_file, template=template, host=host, parallel=parallel, as_json=as_json)
         return
     assert name is not None
+    from monk.service import tenant_auth
+
+    root_password = _read_password() if root_password_stdin else None
     svc = state().tenants
     provision = functools.partial(
-        svc.provision,
+        tenant_auth.provision,
+        svc,
         name,
+        root_password=root_password,
         template=template,
         host=host,
         idempotency_key=idempotency_key,
@@ -138,14 +154,17 @@ def _create_many(
             except MonkError as exc:  # each name then reports what is wrong
                 err_console.print(f"[red]{exc.code}[/red]: {escape(str(exc))}")
 
+        from monk.service import tenant_auth
+
         def one(raw: str) -> dict[str, Any]:
             try:
-                out = svc.provision(raw, template=template, host=host).as_dict()
+                out = tenant_auth.provision(svc, raw, template=template, host=host).as_dict()
                 return {
                     "name": raw,
                     "ok": True,
                     "database": out["database"],
                     "connection_url": out.get("connection_url"),
+                    "root_password": (out.get("root_user") or {}).get("password"),
                 }
             except MonkError as exc:
                 return {"name": raw, "ok": False, "error": exc.message, "error_code": exc.code}
@@ -164,6 +183,8 @@ def _create_many(
         for r in results:
             if r.get("connection_url"):
                 print_whole(f"{r['name']}:", r["connection_url"])
+            if r.get("root_password"):
+                print_whole(f"{r['name']} root password:", r["root_password"])
         console.print(f"{len(results) - len(failed)} provisioned, {len(failed)} failed")
         if len(results) > len(failed):
             console.print("[yellow]The passwords in these URLs are shown once.[/]")
@@ -346,3 +367,84 @@ def print_drift(result: Any) -> None:
         )
         for difference in result.differences:
             console.print(f"  - {escape(str(difference))}", soft_wrap=True)
+
+
+def _read_password() -> str:
+    """A password from stdin (one line; never an argument, which other users see in ps)."""
+    import sys
+
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise typer.BadParameter("no password on stdin")
+    return line
+
+
+user_app = typer.Typer(help="A tenant's users (who log in with POST /auth/login).")
+app.add_typer(user_app, name="user")
+
+PASSWORD_STDIN = typer.Option(
+    False, "--password-stdin", help="Read the password from stdin (default: generated, shown once)."
+)
+
+
+def _show_user(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(data)
+        return
+    password = data.pop("password", None)
+    print_mapping(data)
+    if password is not None:
+        print_whole("password", password)
+        console.print("[yellow]The password is shown once.[/]")
+
+
+@user_app.command("add")
+def user_add(
+    tenant: str,
+    user: str,
+    access: str = typer.Option("read", "--access", help="root, full, edit, read or deny."),
+    password_stdin: bool = PASSWORD_STDIN,
+    as_json: bool = JSON,
+) -> None:
+    """Add a user to the tenant (password from stdin, or generated and shown once)."""
+    from monk.service import tenant_auth
+
+    password = _read_password() if password_stdin else None
+    view = tenant_auth.add_user(state().tenants, tenant, user, access, password)
+    _show_user(view.as_dict(), as_json)
+
+
+@user_app.command("list")
+def user_list(tenant: str, as_json: bool = JSON) -> None:
+    """The tenant's users (never their passwords)."""
+    from monk.service import tenant_auth
+
+    rows = [u.as_dict() for u in tenant_auth.list_users(state().tenants, tenant)]
+    if as_json:
+        print_json(rows)
+    else:
+        print_rows(rows, ["username", "access", "id", "created_at"])
+
+
+@user_app.command("passwd")
+def user_passwd(
+    tenant: str, user: str, password_stdin: bool = PASSWORD_STDIN, as_json: bool = JSON
+) -> None:
+    """Set a user's password (from stdin, or generated and shown once)."""
+    from monk.service import tenant_auth
+
+    password = _read_password() if password_stdin else None
+    view = tenant_auth.set_password(state().tenants, tenant, user, password)
+    _show_user(view.as_dict(), as_json)
+
+
+@user_app.command("remove")
+def user_remove(tenant: str, user: str, as_json: bool = JSON) -> None:
+    """Remove a user from the tenant (their tokens stop refreshing)."""
+    from monk.service import tenant_auth
+
+    tenant_auth.remove_user(state().tenants, tenant, user)
+    if as_json:
+        print_json({"username": user, "status": "removed"})
+    else:
+        console.print(f"removed user {escape(user)}")

@@ -63,7 +63,7 @@ from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.core.system_columns import SYSTEM_COLUMN_DEFS, SYSTEM_COLUMNS
 from monk.errors import InvalidTemplateSource
 
-COMPILER_VERSION = "2"
+COMPILER_VERSION = "3"
 """Bump whenever the output for the same input changes: it is part of every template version."""
 
 REFERENCE_KEYWORD = "x-monk-reference"
@@ -451,7 +451,13 @@ def core_tables_ddl() -> list[sql.Composed]:
     )
     users = _core_table(
         "users",
-        [("name", "text NOT NULL"), ("auth", "text NOT NULL"), ("access", "text NOT NULL")],
+        [
+            ("name", "text NOT NULL"),
+            ("auth", "text NOT NULL"),
+            ("access", "text NOT NULL"),
+            # argon2id (PHC string) of the user's password; NULL: cannot log in
+            ("password_hash", "text"),
+        ],
         [_check("users", "access", "enum", _one_of("access", USER_ACCESS_LEVELS))],
     )
     schemas = _core_table(

@@ -90,6 +90,7 @@ class TenantView:
     provisioned_from: str | None = None  # "pool" or "clone", in the provisioning answer
     replayed: bool = False  # the answer to a retry with the first request's Idempotency-Key
     connection_limit: int | None = None  # the role's, the tenant's own or the default
+    root_password: str | None = None  # the first tenant user's, in the provisioning answer
 
     def as_dict(self) -> dict[str, Any]:
         t = self.tenant
@@ -128,6 +129,8 @@ class TenantView:
                 f"postgresql://{quote(c.role, safe='')}:{quote(c.password, safe='')}"
                 f"@{self.host}:{self.port}/{t.database}"
             )
+        if self.root_password is not None:
+            out["root_user"] = {"username": "root", "password": self.root_password}
         if self.replayed:
             out["replayed"] = True
             out["credentials_note"] = (

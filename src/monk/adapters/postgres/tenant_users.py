@@ -1,0 +1,81 @@
+"""SQL run inside a tenant database on its core table ``users`` (one row per tenant user)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+Conn = psycopg.Connection[Any]
+
+
+@dataclass(frozen=True)
+class UserRow:
+    id: UUID
+    name: str
+    auth: str
+    access: str
+    password_hash: str | None
+    created_at: Any
+    updated_at: Any
+
+
+_COLUMNS = "id, name, auth, access, password_hash, created_at, updated_at"
+_LIVE = "trashed_at IS NULL AND deleted_at IS NULL"
+
+
+def has_password_column(conn: Conn) -> bool:
+    """False in a tenant cloned from a build older than tenant users (compiler version 3)."""
+    row = conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('public.users')"
+        " AND attname = 'password_hash' AND NOT attisdropped"
+    ).fetchone()
+    return row is not None
+
+
+def find(conn: Conn, auth: str) -> UserRow | None:
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM public.users WHERE auth = %s AND {_LIVE}",
+        (auth,),
+    ).fetchone()
+    return UserRow(*row) if row is not None else None
+
+
+def find_by_id(conn: Conn, user_id: UUID) -> UserRow | None:
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM public.users WHERE id = %s AND {_LIVE}",
+        (user_id,),
+    ).fetchone()
+    return UserRow(*row) if row is not None else None
+
+
+def list_users(conn: Conn) -> list[UserRow]:
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM public.users WHERE {_LIVE} ORDER BY auth"
+    ).fetchall()
+    return [UserRow(*r) for r in rows]
+
+
+def insert(conn: Conn, *, name: str, auth: str, access: str, password_hash: str) -> UserRow | None:
+    """The new user, or None if a user of that login name exists."""
+    row = conn.execute(
+        "INSERT INTO public.users (name, auth, access, password_hash) VALUES (%s, %s, %s, %s)"
+        f" ON CONFLICT (auth) DO NOTHING RETURNING {_COLUMNS}",
+        (name, auth, access, password_hash),
+    ).fetchone()
+    return UserRow(*row) if row is not None else None
+
+
+def set_password(conn: Conn, auth: str, password_hash: str) -> bool:
+    cur = conn.execute(
+        f"UPDATE public.users SET password_hash = %s WHERE auth = %s AND {_LIVE}",
+        (password_hash, auth),
+    )
+    return cur.rowcount > 0
+
+
+def remove(conn: Conn, auth: str) -> bool:
+    cur = conn.execute("DELETE FROM public.users WHERE auth = %s", (auth,))
+    return cur.rowcount > 0

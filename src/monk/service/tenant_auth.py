@@ -1,0 +1,450 @@
+"""Tenant users, their logins, and the tenant state every tenant request is checked against.
+
+A tenant's users live in its own database (core table ``users``); monk reaches it as its admin
+on a connection of its own, opened for the call (the connection budget replaces this later).
+Passwords are hashed with argon2id (monk.core.passwords) and never stored or logged anywhere
+else: the system database only counts failed logins (``login_failures``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shlex
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from monk.adapters.postgres import tenant_users as users_db
+from monk.adapters.postgres.connection import connect
+from monk.adapters.registry import Tenant
+from monk.adapters.registry import logins as logins_db
+from monk.adapters.registry.logins import TenantState
+from monk.core import passwords
+from monk.core.lifecycle import TenantStatus
+from monk.errors import (
+    InvalidName,
+    InvalidState,
+    LoginFailed,
+    LoginThrottled,
+    MonkError,
+    NotFound,
+    OperationFailed,
+    TenantDisabled,
+    TenantExists,
+    TenantGone,
+)
+from monk.service.tenants import TenantService, TenantView
+
+ROOT_USER = "root"
+
+__all__ = ["ROOT_USER", "Identity", "TenantState", "TenantStates", "UserView"]
+
+
+@dataclass(frozen=True)
+class UserView:
+    id: str
+    username: str
+    name: str
+    access: str
+    created_at: str | None
+    updated_at: str | None
+    password: str | None = None  # only when monk generated it: shown once
+
+    @classmethod
+    def of(cls, row: users_db.UserRow, password: str | None = None) -> UserView:
+        return cls(
+            id=str(row.id),
+            username=row.auth,
+            name=row.name,
+            access=row.access,
+            created_at=row.created_at.isoformat() if row.created_at else None,
+            updated_at=row.updated_at.isoformat() if row.updated_at else None,
+            password=password,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "password"}
+        if self.password is not None:
+            out["password"] = self.password
+        return out
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A tenant user who proved who they are: what a tenant token says."""
+
+    user_id: str
+    username: str
+    tenant: str
+    tenant_id: str
+    database: str
+    access: str
+
+
+# --------------------------------------------------------------------------- tenant databases
+
+
+@contextmanager
+def _tenant_db(svc: TenantService, tenant: Tenant) -> Iterator[psycopg.Connection[Any]]:
+    target = svc.hosts.pools(tenant.host).target
+    with connect(target, tenant.database, autocommit=True, purpose="auth") as conn:
+        yield conn
+
+
+def _live(svc: TenantService, raw_name: str) -> Tenant:
+    tenant = svc.get(raw_name)
+    if tenant.status != TenantStatus.ACTIVE:
+        raise InvalidState(
+            f"tenant {tenant.name!r} is {tenant.status}: its users cannot be changed"
+        )
+    return tenant
+
+
+def _check_users_table(conn: psycopg.Connection[Any], tenant: Tenant) -> None:
+    if not users_db.has_password_column(conn):
+        raise InvalidState(
+            f"tenant {tenant.name!r} was cloned from a template build older than tenant users "
+            "(users.password_hash missing); rebuild its template and upgrade it"
+        )
+
+
+def insert_user(
+    conn: psycopg.Connection[Any], tenant: Tenant, username: str, access: str, password_hash: str
+) -> users_db.UserRow:
+    _check_users_table(conn, tenant)
+    row = users_db.insert(
+        conn, name=username, auth=username, access=access, password_hash=password_hash
+    )
+    if row is None:
+        raise TenantExists(f"tenant {tenant.name!r} already has a user {username!r}")
+    return row
+
+
+# --------------------------------------------------------------------------- the root user
+
+
+_hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="monk-argon2")
+
+
+class _Stock:
+    """Generated root passwords with their hashes made ahead, in this process's memory only
+    (never written anywhere): a provision that generates its root password takes a ready pair
+    instead of paying for argon2 on its critical path. Refilled on a side thread after each
+    take, up to ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._ready: list[tuple[str, str]] = []
+        self._pending = 0
+
+    def take(self) -> tuple[str, str] | None:
+        with self._lock:
+            pair = self._ready.pop() if self._ready else None
+        self.refill()
+        return pair
+
+    def refill(self) -> None:
+        with self._lock:
+            missing = self.size - len(self._ready) - self._pending
+            self._pending += max(missing, 0)
+        for _ in range(max(missing, 0)):
+            _hashing.submit(self._make)
+
+    def _make(self) -> None:
+        password = passwords.generate_password()
+        pair = (password, passwords.hash_password(password))
+        with self._lock:
+            self._pending -= 1
+            self._ready.append(pair)
+
+
+_stock = _Stock(size=0)
+
+
+def stock_root_passwords(size: int) -> None:
+    """Keep ``size`` generated root passwords hashed ahead (``monk serve``: the warm path)."""
+    _stock.size = size
+    _stock.refill()
+    # The dummy hash an unknown tenant or user is checked against, made before the first such
+    # login: else that one login would pay for two hashes, and stand out.
+    _hashing.submit(passwords.burn, "")
+
+
+def hash_ahead(password: str | None) -> tuple[str, Future[str]]:
+    """The root password (given, or generated) and its hash: one made ahead if there is one,
+    else computed on a side thread while the provision runs (argon2-cffi releases the GIL)."""
+    if password is None:
+        pair = _stock.take()
+        if pair is not None:
+            done: Future[str] = Future()
+            done.set_result(pair[1])
+            return pair[0], done
+    password = passwords.validate_password(password) if password is not None else None
+    password = password or passwords.generate_password()
+    return password, _hashing.submit(passwords.hash_password, password)
+
+
+def create_root(svc: TenantService, tenant: Tenant, password_hash: str) -> None:
+    """The first user of a provisioned tenant: ``root`` with access ``root``."""
+    with _tenant_db(svc, tenant) as conn:
+        insert_user(conn, tenant, ROOT_USER, "root", password_hash)
+
+
+def provision(
+    svc: TenantService, raw_name: str, *, root_password: str | None = None, **options: Any
+) -> TenantView:
+    """``TenantService.provision``, then the tenant's ``root`` user; its password (given, or
+    generated) is in the answer once. The hash is made while the provision runs. If the user
+    cannot be made the tenant stays (undoing a provision is a purge) and the error says how to
+    add the user."""
+    password, hashed = hash_ahead(root_password)
+    view = svc.provision(raw_name, **options)
+    if view.replayed:
+        hashed.cancel()
+        return view
+    try:
+        create_root(svc, view.tenant, hashed.result())
+    except MonkError as exc:
+        raise OperationFailed(
+            f"tenant {view.tenant.name!r} was provisioned but its root user could not be "
+            f"made ({exc.message}); add it with: monk tenant user add "
+            f"{shlex.quote(view.tenant.name)} root --access root",
+            step="root_user",
+        ) from exc
+    return dataclasses.replace(view, root_password=password)
+
+
+# --------------------------------------------------------------------------- user management
+
+
+def add_user(
+    svc: TenantService, raw_tenant: str, username: str, access: str, password: str | None
+) -> UserView:
+    passwords.validate_username(username)
+    passwords.validate_access(access)
+    tenant = _live(svc, raw_tenant)
+    generated = password is None
+    password = passwords.validate_password(password) if password is not None else None
+    password = password or passwords.generate_password()
+    hashed = passwords.hash_password(password)
+    with _tenant_db(svc, tenant) as conn:
+        row = insert_user(conn, tenant, username, access, hashed)
+    return UserView.of(row, password if generated else None)
+
+
+def list_users(svc: TenantService, raw_tenant: str) -> list[UserView]:
+    tenant = _live(svc, raw_tenant)
+    with _tenant_db(svc, tenant) as conn:
+        return [UserView.of(r) for r in users_db.list_users(conn)]
+
+
+def set_password(
+    svc: TenantService, raw_tenant: str, username: str, password: str | None
+) -> UserView:
+    passwords.validate_username(username)
+    tenant = _live(svc, raw_tenant)
+    generated = password is None
+    password = passwords.validate_password(password) if password is not None else None
+    password = password or passwords.generate_password()
+    hashed = passwords.hash_password(password)
+    with _tenant_db(svc, tenant) as conn:
+        _check_users_table(conn, tenant)
+        if not users_db.set_password(conn, username, hashed):
+            raise NotFound(f"tenant {tenant.name!r} has no user {username!r}")
+        row = users_db.find(conn, username)
+    assert row is not None
+    return UserView.of(row, password if generated else None)
+
+
+def remove_user(svc: TenantService, raw_tenant: str, username: str) -> None:
+    passwords.validate_username(username)
+    tenant = _live(svc, raw_tenant)
+    with _tenant_db(svc, tenant) as conn:
+        if not users_db.remove(conn, username):
+            raise NotFound(f"tenant {tenant.name!r} has no user {username!r}")
+
+
+# --------------------------------------------------------------------------- login
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    max_failures: int
+    window: int
+
+
+def login(
+    svc: TenantService, policy: LoginPolicy, raw_tenant: str, username: str, password: str
+) -> Identity:
+    """The user's identity, or LoginFailed: one answer, and one argon2 check's time, whether
+    the tenant, the user or the password was wrong. LoginThrottled past the policy's failures."""
+    # PostgreSQL text holds no NUL: such a name is counted under a stand-in, and never found.
+    key = (
+        raw_tenant.strip().casefold()[:200].replace("\x00", "\ufffd"),
+        username[:200].replace("\x00", "\ufffd"),
+    )
+    with svc.hosts.pools().system() as reg:
+        wait = logins_db.blocked_for(
+            reg, *key, max_failures=policy.max_failures, window=policy.window
+        )
+    if wait:
+        raise LoginThrottled(
+            f"too many failed logins for this tenant and user; retry in {wait} s",
+            retry_after=wait,
+        )
+    identity = _check(svc, raw_tenant, username, password)
+    with svc.hosts.pools().system() as reg:
+        if identity is None:
+            logins_db.record_failure(reg, *key, window=policy.window)
+            raise LoginFailed("login failed: unknown tenant or user, or wrong password")
+        logins_db.clear_failures(reg, *key)
+    return identity
+
+
+def forget_old_failures(reg: psycopg.Connection[Any], policy: LoginPolicy) -> int:
+    """Forget failed-login counts whose window has passed (``monk serve``: hourly, on its
+    system-database session ``reg``): names that never existed leave no rows behind for long."""
+    return logins_db.forget_old_failures(reg, window=policy.window)
+
+
+class _Pace:
+    """How long a check of a real tenant takes (a moving average): a login naming no live
+    tenant waits as long, since it skips the tenant's connection and user lookup, which would
+    otherwise tell a caller which tenant names exist."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds = seconds if not self.seconds else 0.8 * self.seconds + 0.2 * seconds
+
+    def wait_since(self, started: float) -> None:
+        left = self.seconds - (time.perf_counter() - started)
+        if left > 0:
+            time.sleep(min(left, 1.0))
+
+
+_pace = _Pace()
+
+
+def _check(svc: TenantService, raw_tenant: str, username: str, password: str) -> Identity | None:
+    started = time.perf_counter()
+    tenant: Tenant | None = None
+    if "\x00" not in raw_tenant + username:
+        with contextlib.suppress(InvalidName, NotFound):
+            tenant = svc.get(raw_tenant)
+    if tenant is None or tenant.status != TenantStatus.ACTIVE:
+        passwords.burn(password)
+        _pace.wait_since(started)
+        return None
+    try:
+        return _check_user(svc, tenant, username, password)
+    finally:
+        _pace.observe(time.perf_counter() - started)
+
+
+def _check_user(
+    svc: TenantService, tenant: Tenant, username: str, password: str
+) -> Identity | None:
+    try:
+        with _tenant_db(svc, tenant) as conn:
+            row = users_db.find(conn, username) if users_db.has_password_column(conn) else None
+            ok = passwords.verify(row.password_hash if row else None, password)
+            if row is None or not ok or row.access == "deny":
+                return None
+            if row.password_hash and passwords.needs_rehash(row.password_hash):
+                users_db.set_password(conn, row.auth, passwords.hash_password(password))
+    except psycopg.OperationalError:
+        # A tenant closed between the read and the connection: refused like any other.
+        return None
+    return Identity(
+        user_id=str(row.id),
+        username=row.auth,
+        tenant=tenant.name,
+        tenant_id=str(tenant.id),
+        database=tenant.database,
+        access=row.access,
+    )
+
+
+def still_valid(svc: TenantService, identity: Identity) -> Identity:
+    """For a refresh: the user still exists, with their current access (LoginFailed if not)."""
+    state = svc_state(svc, UUID(identity.tenant_id))
+    tenant = svc.get(state.name)
+    with _tenant_db(svc, tenant) as conn:
+        row = users_db.find_by_id(conn, UUID(identity.user_id))
+    if row is None or row.access == "deny":
+        raise LoginFailed("the token's user no longer exists or was denied access")
+    return Identity(
+        user_id=str(row.id),
+        username=row.auth,
+        tenant=tenant.name,
+        tenant_id=str(tenant.id),
+        database=tenant.database,
+        access=row.access,
+    )
+
+
+# --------------------------------------------------------------------------- tenant state
+
+
+def svc_state(svc: TenantService, tenant_id: UUID) -> TenantState:
+    """The tenant's state from the system database; TenantDisabled or TenantGone unless active."""
+    with svc.hosts.pools().system() as reg:
+        state = logins_db.tenant_state(reg, tenant_id)
+    return _admit(state)
+
+
+def _admit(state: TenantState | None) -> TenantState:
+    if state is None or state.status in (
+        TenantStatus.TRASHED,
+        TenantStatus.DELETING,
+        TenantStatus.DELETED,
+        "failed",
+        TenantStatus.PROVISIONING,
+    ):
+        raise TenantGone("this tenant was deleted")
+    if state.status == TenantStatus.DISABLED:
+        raise TenantDisabled("this tenant is disabled")
+    return state
+
+
+class TenantStates:
+    """Each process's copy of the tenants' states, trusted for ``ttl`` seconds per tenant.
+
+    A change made by any process (another ``monk serve``, the CLI) is a row update in the
+    system database; a copy older than ``ttl`` is read again (one indexed read by primary key),
+    so a disable or trash reaches every process's tenant requests within ``ttl`` plus one
+    read. Polling per tenant keeps it exact without a listener connection per process."""
+
+    def __init__(self, svc: TenantService, ttl: float) -> None:
+        self._svc = svc
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._cache: dict[UUID, tuple[float, TenantState | None]] = {}
+
+    def check(self, tenant_id: UUID) -> TenantState:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(tenant_id)
+        if cached is None or now - cached[0] >= self._ttl:
+            with self._svc.hosts.pools().system() as reg:
+                state = logins_db.tenant_state(reg, tenant_id)
+            with self._lock:
+                if len(self._cache) > 100_000:
+                    self._cache.clear()  # bounded: a copy is cheap to read again
+                self._cache[tenant_id] = (now, state)
+        else:
+            state = cached[1]
+        return _admit(state)
