@@ -566,3 +566,12 @@ def test_the_compiler_accepts_every_generated_template(schemas: dict[str, Any]) 
     assert len(compiled.registry_inserts()) == len(schemas) + sum(
         len(document["properties"]) for document in schemas.values()
     )
+
+
+def test_core_upgrade_lists_what_each_later_compiler_changed_in_monks_tables() -> None:
+    from monk.core.schema_compiler import CORE_UPGRADES, core_upgrade
+
+    assert core_upgrade(COMPILER_VERSION) == []
+    assert core_upgrade("2", "3") == list(CORE_UPGRADES["3"])
+    assert core_upgrade("1", "3") == core_upgrade("2", "3")  # 2 changed nothing to replay
+    assert core_upgrade(None, "3") == list(CORE_UPGRADES["3"])

@@ -66,6 +66,25 @@ from monk.errors import InvalidTemplateSource
 COMPILER_VERSION = "3"
 """Bump whenever the output for the same input changes: it is part of every template version."""
 
+# What each compiler version changed in monk's own tables, as SQL that brings a database of the
+# version before to this one (an upgrade step from a build of an older compiler runs them first).
+# Version 2 added ``monk.build``, which the upgrade itself creates when a tenant lacks it.
+CORE_UPGRADES: dict[str, tuple[str, ...]] = {
+    "3": ("ALTER TABLE users ADD COLUMN IF NOT EXISTS password_hash text",),
+}
+
+
+def core_upgrade(from_version: str | None, to_version: str = COMPILER_VERSION) -> list[str]:
+    """The ``CORE_UPGRADES`` statements from compiler ``from_version`` (exclusive) to
+    ``to_version`` (inclusive), in order; all known ones when ``from_version`` is unknown."""
+    start = int(from_version) if from_version and from_version.isdigit() else 0
+    return [
+        statement
+        for version in range(start + 1, int(to_version) + 1)
+        for statement in CORE_UPGRADES.get(str(version), ())
+    ]
+
+
 REFERENCE_KEYWORD = "x-monk-reference"
 _ON_DELETE_SQL = {"cascade": "CASCADE", "restrict": "RESTRICT", "set null": "SET NULL"}
 ON_DELETE_ACTIONS = tuple(_ON_DELETE_SQL)

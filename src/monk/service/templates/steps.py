@@ -3,6 +3,8 @@
 A step's script, run in one transaction in a database of the predecessor build (see
 ``monk.adapters.registry.upgrades``), is in this order:
 
+    0. the changes of monk's own tables since the predecessor's compiler version
+       (``schema_compiler.CORE_UPGRADES``)
     1. the schema change (``monk.core.schema_diff``) between the schemas the predecessor
        compiled and the new ones: DDL, then the ``schemas``/``columns`` rows (one chunk)
     2. each migration file numbered above the predecessor's level (a chunk each)
@@ -23,7 +25,7 @@ from monk.adapters.postgres import template_db
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import RecordedPlan, TemplateBuild
 from monk.adapters.registry.upgrades import UpgradeStep
-from monk.core.schema_compiler import compile_template
+from monk.core.schema_compiler import compile_template, core_upgrade
 from monk.core.schema_diff import schema_change
 from monk.core.upgrade_plan import MigrationEntry, check_applied_migrations
 from monk.errors import InvalidTemplateSource
@@ -80,6 +82,10 @@ def compose_step(predecessor: TemplateBuild, recorded: RecordedPlan, plan: Plan)
     check_applied_migrations(applied, manifest(plan.source), predecessor.version)
     added = [m for m in plan.source.migrations if m.number > predecessor.migration_level]
     script: list[str] = []
+    # monk's own tables first, as a fresh build creates them before the template's.
+    core = core_upgrade(predecessor.compiler_version)
+    if core:
+        script.append("\n".join(f"{statement};" for statement in core))
     # Unchanged schemas (only migration files or seed data changed) need no compile: compiling
     # saas's 27 schemas takes ~0.1 s.
     change = None
