@@ -191,8 +191,10 @@ class Runtime:
         interval = min(max(retention.total_seconds() / 2, 1.0), 3600.0)
         while not self._stop.is_set():
             try:
-                dropped = self.tenants.templates.prune(
-                    retired_before=datetime.now(UTC) - retention, wait=False
+                from monk.service import host_templates
+
+                dropped = host_templates.prune_everywhere(
+                    self.tenants, retired_before=datetime.now(UTC) - retention, wait=False
                 )
                 for build in dropped:
                     if build.status == "dropped":

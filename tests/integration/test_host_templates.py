@@ -1,0 +1,173 @@
+"""Templates on every host (issue 13, item 2) and placement over the fleet (item 3), against
+real servers: the session's own (the local host), and the fleet's (tests/fleet.py).
+
+Every test uses template keys and tenant names of its own: the fleet's servers are shared by
+the whole session, and database names are cluster-wide."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from monk.service import templates as template_service
+from monk.settings import Settings
+from tests.conftest import RunMonk
+from tests.fleet import Fleet, FleetServer
+
+BASIC = str(template_service.builtin_source_dir("basic"))
+
+
+def new_key() -> str:
+    return f"ht_{uuid.uuid4().hex[:8]}"
+
+
+def add_host(monk: RunMonk, name: str, fs: FleetServer, *extra: str) -> dict[str, Any]:
+    done = monk("host", "add", name, "--url", fs.url, "--json", *extra)
+    assert done.returncode == 0, done.stderr
+    added: dict[str, Any] = json.loads(done.stdout)
+    return added
+
+
+def build(monk: RunMonk, key: str, *extra: str) -> tuple[int, dict[str, Any], str]:
+    done = monk("template", "build", key, "--source", BASIC, "--json", *extra)
+    out: dict[str, Any] = json.loads(done.stdout) if done.stdout.strip() else {}
+    return done.returncode, out, done.stderr
+
+
+def template_on(fs: FleetServer, key: str) -> tuple[str | None, bool] | None:
+    """(the version written inside monk_template_<key>, datistemplate) on a fleet server."""
+    with fs.connect() as conn:
+        row = conn.execute(
+            "SELECT datistemplate FROM pg_database WHERE datname = %s", (f"monk_template_{key}",)
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute(f"ALTER DATABASE monk_template_{key} ALLOW_CONNECTIONS true")
+    try:
+        with fs.connect(f"monk_template_{key}") as db:
+            mark = db.execute("SELECT obj_description('public'::regnamespace)").fetchone()
+    finally:
+        with fs.connect() as conn:
+            conn.execute(f"ALTER DATABASE monk_template_{key} ALLOW_CONNECTIONS false")
+    assert mark is not None
+    return (str(mark[0]) if mark[0] is not None else None), bool(row[0])
+
+
+def builds_on(monk: RunMonk, key: str, host: str | None = None) -> list[dict[str, Any]]:
+    args = ["template", "list", key, "--all", "--json"] + (["--host", host] if host else [])
+    done = monk(*args)
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    return rows
+
+
+def test_a_build_and_a_rebuild_reach_every_host(
+    monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    add_host(monk, "pg-2", fleet.second)
+    add_host(monk, "pg-3", fleet.third)
+    key = new_key()
+    code, out, err = build(monk, key)
+    assert code == 0, err
+    hosts = {h["host"]: h for h in out["hosts"]}
+    assert set(hosts) == {settings.host_name, "pg-2", "pg-3"}
+    versions = {h["version"] for h in hosts.values()}
+    assert len(versions) == 1
+    assert all(h["built"] for h in hosts.values())
+    (version,) = versions
+    for fs in (fleet.second, fleet.third):
+        found = template_on(fs, key)
+        assert found is not None
+        assert found[1], "a closed template database on the host"
+        assert version in str(found[0])
+    for host in ("pg-2", "pg-3"):
+        (row,) = builds_on(monk, key, host)
+        assert (row["host"], row["status"], row["is_current"]) == (host, "ready", True)
+        assert row["database"] == f"monk_template_{key}"
+
+    # A forced rebuild: a new current build on every host, the old one retired on each.
+    code, out, err = build(monk, key, "--force")
+    assert code == 0, err
+    assert {h["host"] for h in out["hosts"] if h["built"]} == {settings.host_name, "pg-2", "pg-3"}
+    for host in (None, "pg-2", "pg-3"):
+        rows = builds_on(monk, key, host)
+        assert sorted(r["status"] for r in rows) == ["ready", "retired"], rows
+    # Per-host health check and drop of the retired build.
+    done = monk("template", "check", key, "--host", "pg-3", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+    done = monk("template", "prune", key, "--json")
+    assert done.returncode == 0, done.stderr
+    pruned = json.loads(done.stdout)
+    assert sorted(b["host"] for b in pruned) == sorted([settings.host_name, "pg-2", "pg-3"])
+    for fs in (fleet.second, fleet.third):
+        with fs.connect() as conn:
+            left = conn.execute(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE %s", (f"monk_retired_{key}%",)
+            ).fetchone()
+        assert left == (0,)
+    # Tidy the shared servers: this test's templates dropped there.
+    for host in ("pg-2", "pg-3"):
+        assert monk("template", "drop", key, "--host", host, "--force").returncode == 0
+
+
+def test_a_host_that_is_down_fails_its_builds_without_blocking_the_others(
+    monk: RunMonk, settings: Settings, fleet: Fleet, fleet_server: FleetServer
+) -> None:
+    add_host(monk, "pg-2", fleet.second)
+    add_host(monk, "pg-down", fleet_server)
+    fleet_server.stop()
+    key = new_key()
+    started = time.monotonic()
+    code, out, err = build(monk, key)
+    elapsed = time.monotonic() - started
+    assert code != 0
+    assert elapsed < 30
+    hosts = {h["host"]: h for h in out["hosts"]}
+    assert hosts[settings.host_name]["built"]
+    assert hosts["pg-2"]["built"]
+    assert hosts["pg-down"]["error"]["code"] in ("DATABASE_UNAVAILABLE", "HOST_UNAVAILABLE")
+    assert "pg-down" in err
+    (row,) = builds_on(monk, key, "pg-down")
+    assert row["status"] == "failed"
+    assert row["error"]
+    assert fleet_server.password not in err + json.dumps(out)
+    # Back up: the next build gives it the build, the others are up to date.
+    fleet_server.start()
+    code, out, err = build(monk, key)
+    assert code == 0, err
+    built = {h["host"]: h["built"] for h in out["hosts"]}
+    assert built == {settings.host_name: False, "pg-2": False, "pg-down": True}
+    assert monk("template", "drop", key, "--host", "pg-2", "--force").returncode == 0
+
+
+def test_a_host_added_later_receives_the_current_builds(
+    monk: RunMonk, settings: Settings, fleet_server: FleetServer
+) -> None:
+    key = new_key()
+    code, out, err = build(monk, key)
+    assert code == 0, err
+    version = out["version"]
+    added = add_host(monk, "pg-late", fleet_server)
+    received = {t["key"]: t for t in added["templates"]}
+    assert received[key]["built"] is True
+    assert received[key]["version"] == version
+    found = template_on(fleet_server, key)
+    assert found is not None
+    assert version in str(found[0])
+    (row,) = builds_on(monk, key, "pg-late")
+    assert (row["status"], row["is_current"]) == ("ready", True)
+
+
+def test_a_draining_host_gets_no_new_builds(
+    monk: RunMonk, settings: Settings, fleet_server: FleetServer
+) -> None:
+    add_host(monk, "pg-d", fleet_server, "--no-templates")
+    assert monk("host", "drain", "pg-d").returncode == 0
+    key = new_key()
+    code, out, err = build(monk, key)
+    assert code == 0, err
+    assert "hosts" not in out  # the local host alone
+    assert builds_on(monk, key, "pg-d") == []
