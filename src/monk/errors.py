@@ -30,6 +30,7 @@
     │   ├── TemplateBusy           sessions kept the template busy too long
     │   ├── ServerStartError       the embedded server did not start
     │   ├── HostUnavailable        a host of the fleet cannot be reached
+    │   ├── NoHostAvailable        placement found no eligible host (full, draining, labels)
     │   └── DiskFull               the server's disk is full: free space      507 / 5
     ├── AuthError                                                             401 / 7
     │   └── RootAccessRequired                                                403 / 7
@@ -185,6 +186,14 @@ class HostUnavailable(Unavailable):
     code = "HOST_UNAVAILABLE"
 
 
+class NoHostAvailable(Unavailable):
+    """Placement found no eligible host: every one is draining, full, or lacks the labels
+    asked for. Retryable: capacity frees, a host is added or undrained."""
+
+    code = "NO_HOST_AVAILABLE"
+    retry_after = 30
+
+
 class DiskFull(Unavailable):
     """PostgreSQL could not write (SQLSTATE 53100), or monk could not write a file (ENOSPC)."""
 
@@ -224,6 +233,7 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     Conflict: (409, 4),
     TemplateNotBuilt: (409, 4),
     Unavailable: (503, 5),
+    NoHostAvailable: (503, 5),
     DiskFull: (507, 5),
     AuthError: (401, 7),
     RootAccessRequired: (403, 7),

@@ -9,9 +9,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from monk.adapters.postgres.connection import ServerTarget
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
+from monk.errors import NoHostAvailable
 from monk.service import templates as template_service
+from monk.service.tenants import TenantService
 from monk.settings import Settings
 from tests.conftest import RunMonk
 from tests.fleet import Fleet, FleetServer
@@ -171,3 +182,139 @@ def test_a_draining_host_gets_no_new_builds(
     assert code == 0, err
     assert "hosts" not in out  # the local host alone
     assert builds_on(monk, key, "pg-d") == []
+
+
+# ---------------------------------------------------------------- placement over the fleet
+
+
+def tenant_service(settings: Settings) -> TenantService:
+    assert settings.database_url is not None
+    local = ServerTarget.from_url(settings.database_url.get_secret_value(), name="localhost")
+    return TenantService(settings.model_copy(update={"pool_spares": {}, "pool_roles": 0}), local)
+
+
+def database_on(fs: FleetServer, database: str) -> bool:
+    with fs.connect() as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+    return row is not None
+
+
+def test_placement_spreads_30_provisions_by_capacity(
+    monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    add_host(monk, "pg-2", fleet.second, "--capacity", "10")
+    add_host(monk, "pg-3", fleet.third, "--capacity", "20")
+    assert monk("host", "set", settings.host_name, "--capacity", "5").returncode == 0
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    run = uuid.uuid4().hex[:6]
+    placed: Counter[str] = Counter()
+    urls: dict[str, str] = {}
+    with tenant_service(settings) as svc:
+        for i in range(30):
+            out = svc.provision(f"spread {run} {i}", template=key).as_dict()
+            placed[out["host"]] += 1
+            urls[out["host"]] = out["connection_url"]
+        # Most free capacity first: each host ends with the same room left (1, 2 and 2).
+        assert placed == {settings.host_name: 4, "pg-2": 8, "pg-3": 18}
+        # Each tenant's connection_url names its own host and works there.
+        for host, fs in (("pg-2", fleet.second), ("pg-3", fleet.third)):
+            assert f"127.0.0.1:{fs.port}/" in urls[host]
+            with psycopg.connect(urls[host], connect_timeout=5) as conn:
+                row = conn.execute("SELECT current_user, count(*) FROM users").fetchone()
+            assert row is not None
+            assert str(row[0]).startswith("tenant_")
+        listed = {
+            h["name"]: h["tenants"] for h in json.loads(monk("host", "list", "--json").stdout)
+        }
+        assert listed == {settings.host_name: 4, "pg-2": 8, "pg-3": 18}
+        # All full now but 5 places: the 6th beyond them has nowhere to go.
+        for i in range(5):
+            svc.provision(f"spread {run} more {i}", template=key)
+        with pytest.raises(NoHostAvailable, match="full"):
+            svc.provision(f"spread {run} none", template=key)
+
+
+def test_a_pinned_provision_lands_there_and_its_url_works(
+    monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    add_host(monk, "pg-3", fleet.third)
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    name = f"pinned {uuid.uuid4().hex[:6]}"
+    done = monk("tenant", "create", name, "--template", key, "--host", "pg-3", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["host"] == "pg-3"
+    assert database_on(fleet.third, out["database"])
+    with psycopg.connect(out["connection_url"], connect_timeout=5) as conn:
+        conn.execute("CREATE TABLE mine (x int)")  # it owns its database there
+        version = conn.execute("SHOW server_version_num").fetchone()
+    with fleet.third.connect() as conn:
+        assert version == conn.execute("SHOW server_version_num").fetchone()
+    # Pinned to a host that is not registered: 404; to a draining one: 503 with the reason.
+    unknown = monk("tenant", "create", f"x {uuid.uuid4().hex[:6]}", "--host", "pg-9")
+    assert unknown.returncode == 3, unknown.stderr
+    assert monk("host", "drain", "pg-3").returncode == 0
+    drained = monk("tenant", "create", f"x {uuid.uuid4().hex[:6]}", "-t", key, "--host", "pg-3")
+    assert drained.returncode == 5
+    assert "NO_HOST_AVAILABLE" in drained.stderr
+    assert "pg-3 is draining" in drained.stderr
+    # The tenant's own operations go to its host: disable closes its database there.
+    assert monk("tenant", "disable", name).returncode == 0
+    with fleet.third.connect() as conn:
+        allowed = conn.execute(
+            "SELECT datallowconn FROM pg_database WHERE datname = %s", (out["database"],)
+        ).fetchone()
+    assert allowed == (False,)
+
+
+def test_a_label_restricts_and_none_eligible_is_503(
+    api: tuple[TestClient, dict[str, str]], monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    client, auth = api
+    add_host(monk, "pg-2", fleet.second, "--label", "zone=a")
+    add_host(monk, "pg-3", fleet.third, "--label", "zone=b", "--capacity", "1")
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    run = uuid.uuid4().hex[:6]
+    for i in range(3):
+        r = client.post(
+            "/api/root/tenant",
+            json={"name": f"zone {run} {i}", "template": key, "placement": {"zone": "a"}},
+            headers=auth,
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["data"]["host"] == "pg-2"
+    r = client.post(
+        "/api/root/tenant",
+        json={"name": f"zone {run} b", "template": key, "placement": {"zone": "b"}},
+        headers=auth,
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["data"]["host"] == "pg-3"
+    # zone=b is full (capacity 1), zone=c exists nowhere: 503 NO_HOST_AVAILABLE, Retry-After.
+    for zone, why in (("b", "pg-3 is full (1/1)"), ("c", "lacks label zone=c")):
+        r = client.post(
+            "/api/root/tenant",
+            json={"name": f"zone {run} {zone}2", "template": key, "placement": {"zone": zone}},
+            headers=auth,
+        )
+        assert r.status_code == 503, r.text
+        assert r.json()["error_code"] == "NO_HOST_AVAILABLE"
+        assert why in r.json()["error"]
+        assert int(r.headers["Retry-After"]) > 0
+    # Nothing half-made: no intent row is left for the refused names.
+    listed = client.get("/api/root/tenant", headers=auth).json()["data"]
+    assert sorted(t["host"] for t in listed) == ["pg-2", "pg-2", "pg-2", "pg-3"]
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    auth = {"Authorization": f"Bearer {issue_root_token(settings, ttl_seconds=600)}"}
+    quiet = settings.model_copy(update={"pool_spares": {}, "pool_roles": 0})
+    with TestClient(create_app(quiet)) as client:
+        yield client, auth

@@ -56,7 +56,14 @@ class TenantCreate(BaseModel):
         examples=["Acme Corp"],
     )
     template: str = Field("basic", description="Template key to clone from.", examples=["basic"])
-    host: str | None = Field(None, description="Server to place the tenant on.")
+    host: str | None = Field(
+        None, description="The host to place the tenant on (default: placement chooses)."
+    )
+    placement: dict[str, str] | None = Field(
+        None,
+        description='Labels the host must have, e.g. {"zone": "eu-1"} (docs/hosts.md).',
+        examples=[{"zone": "eu-1"}],
+    )
     connection_limit: int | None = Field(
         None,
         ge=1,

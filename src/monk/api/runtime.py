@@ -118,6 +118,7 @@ class Runtime:
         host: str | None = None,
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
+        placement: dict[str, str] | None = None,
     ) -> TenantView:
         """A provision through the service, counted in the metrics; the pool refiller is woken
         when it took a spare, or when the spare roles run low."""
@@ -129,6 +130,7 @@ class Runtime:
                 host=host,
                 idempotency_key=idempotency_key,
                 connection_limit=connection_limit,
+                placement=placement,
             )
         except MonkError as exc:
             self.metrics.provisions.labels(result=exc.code).inc()

@@ -130,6 +130,14 @@ def current_build(conn: Conn, key: str, host: str) -> TemplateBuild | None:
     return rows[0] if rows else None
 
 
+def hosts_with_current(conn: Conn, key: str) -> set[str]:
+    """The hosts that have a ready (current) build of ``key``: where placement may clone it."""
+    rows = conn.execute(
+        "SELECT host FROM template_builds WHERE key = %s AND is_current", (key,)
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
 def current_builds(conn: Conn, host: str) -> list[TemplateBuild]:
     """The current build of every key on ``host``."""
     return _fetch(conn, "host = %s AND is_current", (host,))

@@ -64,6 +64,7 @@ def create_tenant(
         host=body.host,
         idempotency_key=idempotency_key,
         connection_limit=body.connection_limit,
+        placement=body.placement,
     )
     return Ok(data=_out(view, rt.settings))
 
