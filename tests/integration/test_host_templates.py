@@ -254,9 +254,10 @@ def test_a_pinned_provision_lands_there_and_its_url_works(
         version = conn.execute("SHOW server_version_num").fetchone()
     with fleet.third.connect() as conn:
         assert version == conn.execute("SHOW server_version_num").fetchone()
-    # Pinned to a host that is not registered: 404; to a draining one: 503 with the reason.
+    # Pinned to a host that is not registered: 422; to a draining one: 503 with the reason.
     unknown = monk("tenant", "create", f"x {uuid.uuid4().hex[:6]}", "--host", "pg-9")
-    assert unknown.returncode == 3, unknown.stderr
+    assert unknown.returncode == 2, unknown.stderr
+    assert "host 'pg-9' is not registered" in unknown.stderr
     assert monk("host", "drain", "pg-3").returncode == 0
     drained = monk("tenant", "create", f"x {uuid.uuid4().hex[:6]}", "-t", key, "--host", "pg-3")
     assert drained.returncode == 5

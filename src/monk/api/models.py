@@ -219,6 +219,11 @@ class TemplateBuildResultOut(TemplateBuildOut):
     built: bool = Field(
         ..., description="false: the current build already had this version (nothing done)."
     )
+    hosts: list[dict[str, Any]] | None = Field(
+        None,
+        description="With hosts in the fleet: each host's answer (host, built, version, status, "
+        "or error {code, message}); the build above is the local host's.",
+    )
 
 
 class TemplateCheckOut(BaseModel):

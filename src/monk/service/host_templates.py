@@ -78,8 +78,7 @@ def build_everywhere(
     host, the local one first. The source is read and validated once, here: a bad source
     fails before any host starts (and raises, as on one server)."""
     targets = hosts if hosts is not None else build_hosts(svc)
-    local = svc.hosts.local.name
-    if source_dir is None and key not in svc.templates.available_keys():
+    if source_dir is None and recorded_anywhere and key not in svc.templates.available_keys():
         # Built with --source: every host reads the folder the local host's builds came from.
         source_dir = svc.templates.recorded_source(key)
 
@@ -94,7 +93,7 @@ def build_everywhere(
                 force=force,
                 source_dir=source_dir,
                 progress=report,
-                recorded_anywhere=recorded_anywhere or host != local,
+                recorded_anywhere=recorded_anywhere,
             )
         except MonkError as exc:
             report("failed")

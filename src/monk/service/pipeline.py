@@ -228,8 +228,8 @@ class Hosts:
     ) -> ServerTarget:
         """Where a new tenant goes (``monk.core.placement``): ``name`` pins a host, ``labels``
         restrict; else the active host with the most free capacity that has a ready build of
-        ``template``. NoHostAvailable (503) when none is eligible; HostNotFound for a pinned
-        host that is not registered. With no host of the fleet, the local one as before (a
+        ``template``. NoHostAvailable (503) when none is eligible; InvalidRequest (422) for a
+        pinned host that is not registered. With no host of the fleet, the local one as before (a
         template it has not built then fails as it always did)."""
         with self._pools[self.local.name].system() as reg:
             rows = host_registry.list_all(reg)
@@ -237,7 +237,7 @@ class Hosts:
             if not remote and not labels:
                 if name is None or name == self.local.name:
                     return self.local
-                raise HostNotFound(f"host {name!r} is not registered ('monk host list')", host=name)
+                raise _unknown_host(name)
             counts = host_registry.live_tenant_counts(reg)
             built = template_builds.hosts_with_current(reg, template) if template else None
         local_row = next((r for r in rows if r.is_local), None)
@@ -265,7 +265,7 @@ class Hosts:
             # No host has a build of it: the local host says why (TemplateNotBuilt/NotFound).
             return self.local
         if name is not None and all(c.name != name for c in candidates):
-            raise HostNotFound(f"host {name!r} is not registered ('monk host list')", host=name)
+            raise _unknown_host(name)
         choice = placement.choose(candidates, pinned=name, labels=labels)
         if choice.host is None:
             raise NoHostAvailable(
@@ -894,6 +894,13 @@ def pause_at(settings: Settings, step: str) -> None:
         sys.stderr.flush()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def _unknown_host(name: str) -> InvalidRequest:
+    """A provision pinned to a host that is not registered: bad input (422), nothing made."""
+    return InvalidRequest(
+        f"host {name!r} is not registered ('monk host list')", field="host", host=name
+    )
 
 
 def validate_connection_limit(limit: int | None) -> None:
