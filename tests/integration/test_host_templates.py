@@ -7,6 +7,7 @@ the whole session, and database names are cluster-wide."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -18,13 +19,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from monk.adapters.postgres.connection import ServerTarget
+from monk.adapters.registry import tenants as tenant_registry
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
+from monk.core.tenant_names import normalize
 from monk.errors import NoHostAvailable
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 from monk.settings import Settings
-from tests.conftest import RunMonk
+from tests.conftest import MONK_BIN, RunMonk, settings_env
 from tests.fleet import Fleet, FleetServer
 
 BASIC = str(template_service.builtin_source_dir("basic"))
@@ -319,3 +322,44 @@ def api(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str]]]:
     quiet = settings.model_copy(update={"pool_spares": {}, "pool_roles": 0})
     with TestClient(create_app(quiet)) as client:
         yield client, auth
+
+
+def test_host_remove_waits_for_a_provision_placing_onto_it(
+    monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    """The intent statement holds the host's row FOR KEY SHARE until it commits; ``host
+    remove`` waits for it, then counts the new tenant and refuses."""
+    add_host(monk, "pg-2", fleet.second, "--no-templates")
+    assert settings.database_url is not None
+    with psycopg.connect(
+        settings.database_url.get_secret_value(), dbname=settings.system_db_name
+    ) as reg:
+        gate = tenant_registry.reserve(
+            reg,
+            normalize(f"placing {uuid.uuid4().hex[:6]}"),
+            tenant_id=uuid.uuid4(),
+            op_id=uuid.uuid4(),
+            host="pg-2",
+            template_key="basic",
+            template_version="v1",
+            template_database="monk_template_basic",
+            idempotency_key=None,
+            spare_role=None,
+            keyholder=uuid.uuid4(),
+            async_commit=False,
+            remote=True,
+        )
+        assert gate.tenant is not None  # written, not committed yet
+        remove = subprocess.Popen(
+            [MONK_BIN, "host", "remove", "pg-2"],
+            env=settings_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2.0)
+        assert remove.poll() is None, "remove waits for the provision's commit"
+        reg.commit()
+    _out, err = remove.communicate(timeout=60)
+    assert remove.returncode == 4, err
+    assert "HOST_IN_USE" in err
