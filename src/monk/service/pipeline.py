@@ -178,6 +178,7 @@ class Hosts:
         self._lock = threading.Lock()
         self._targets: dict[str, _KnownHost] = {}
         self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
+        self._no_fleet_until = 0.0  # monotonic time until which "no host but the local one" holds
 
     def target(self, name: str | None) -> ServerTarget:
         """The server of host ``name`` (None: the local one); HostNotFound if not registered.
@@ -231,16 +232,23 @@ class Hosts:
         ``template``. NoHostAvailable (503) when none is eligible; InvalidRequest (422) for a
         pinned host that is not registered. With no host of the fleet, the local one as before (a
         template it has not built then fails as it always did)."""
+        alone = name is None or name == self.local.name
+        if alone and not labels and self._no_fleet_until > time.monotonic():
+            # The hot path of a single server: no registry read per provision. A host added
+            # by another process is seen within _HOST_RECHECK_S.
+            return self.local
         with self._pools[self.local.name].system() as reg:
             rows = host_registry.list_all(reg)
             remote = [r for r in rows if not r.is_local]
+            local_row = next((r for r in rows if r.is_local), None)
+            if not remote and local_row is None:
+                self._no_fleet_until = time.monotonic() + _HOST_RECHECK_S
             if not remote and not labels:
                 if name is None or name == self.local.name:
                     return self.local
                 raise _unknown_host(name)
             counts = host_registry.live_tenant_counts(reg)
             built = template_builds.hosts_with_current(reg, template) if template else None
-        local_row = next((r for r in rows if r.is_local), None)
         candidates = [
             placement.Candidate(
                 name=self.local.name,
