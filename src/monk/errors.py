@@ -32,6 +32,7 @@
     │   ├── ServerStartError       the embedded server did not start
     │   ├── HostUnavailable        a host of the fleet cannot be reached
     │   ├── BudgetExhausted        no tenant connection free within the wait  503 / 5
+    │   ├── NoHostAvailable        placement found no eligible host (full, draining, labels)
     │   └── DiskFull               the server's disk is full: free space      507 / 5
     ├── AuthError                                                             401 / 7
     │   ├── RootAccessRequired                                                403 / 7
@@ -217,6 +218,14 @@ class BudgetExhausted(Unavailable):
     retry_after = 1  # a request holds a connection for milliseconds
 
 
+class NoHostAvailable(Unavailable):
+    """Placement found no eligible host: every one is draining, full, or lacks the labels
+    asked for. Retryable: capacity frees, a host is added or undrained."""
+
+    code = "NO_HOST_AVAILABLE"
+    retry_after = 30
+
+
 class DiskFull(Unavailable):
     """PostgreSQL could not write (SQLSTATE 53100), or monk could not write a file (ENOSPC)."""
 
@@ -290,6 +299,7 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     TemplateNotBuilt: (409, 4),
     Unavailable: (503, 5),
     BudgetExhausted: (503, 5),
+    NoHostAvailable: (503, 5),
     DiskFull: (507, 5),
     AuthError: (401, 7),
     RootAccessRequired: (403, 7),

@@ -128,7 +128,8 @@ def test_list_and_show(
     assert ok(client.get(BASE, params={"key": "no_such_key"}, headers=auth)) == []
 
     shown = ok(client.get(f"{BASE}/{key}", headers=auth))
-    assert shown == {k: v for k, v in built.items() if k != "built"}
+    assert shown == {k: v for k, v in built.items() if k not in ("built", "hosts")}
+    assert built["hosts"] is None  # no host in the fleet but the local one
     by_version = ok(client.get(f"{BASE}/{key}", params={"version": built["version"]}, headers=auth))
     assert by_version["id"] == built["id"]
 

@@ -284,13 +284,15 @@ def test_remove_refuses_a_host_with_live_tenants(
     assert monk("host", "remove", "pg-2").returncode == 0
 
 
-def test_provisioning_stays_on_the_local_host(
+def test_a_host_without_the_template_gets_no_tenant(
     monk: RunMonk, settings: Settings, fleet: Fleet
 ) -> None:
-    assert monk("host", "add", "pg-2", "--url", fleet.second.url).returncode == 0
+    """Placement (tests/integration/test_host_templates.py) skips a host that has no ready
+    build of the template; pinned there, the provision is refused with the reason."""
+    assert monk("host", "add", "pg-2", "--url", fleet.second.url, "--no-templates").returncode == 0
     done = monk("tenant", "create", "Not There", "--host", "pg-2")
-    assert done.returncode == 2, done.stderr
-    assert "registered, but tenants are placed on" in done.stderr
+    assert done.returncode == 5, done.stderr
+    assert "pg-2 has no ready build of the template" in done.stderr
 
 
 def test_hosts_resolve_registered_servers_with_lazy_pools(

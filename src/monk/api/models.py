@@ -56,7 +56,14 @@ class TenantCreate(BaseModel):
         examples=["Acme Corp"],
     )
     template: str = Field("basic", description="Template key to clone from.", examples=["basic"])
-    host: str | None = Field(None, description="Server to place the tenant on.")
+    host: str | None = Field(
+        None, description="The host to place the tenant on (default: placement chooses)."
+    )
+    placement: dict[str, str] | None = Field(
+        None,
+        description='Labels the host must have, e.g. {"zone": "eu-1"} (docs/hosts.md).',
+        examples=[{"zone": "eu-1"}],
+    )
     connection_limit: int | None = Field(
         None,
         ge=1,
@@ -287,6 +294,11 @@ class TemplateBuildOut(_TEMPLATE_BUILD_FIELDS):  # type: ignore[misc, valid-type
 class TemplateBuildResultOut(TemplateBuildOut):
     built: bool = Field(
         ..., description="false: the current build already had this version (nothing done)."
+    )
+    hosts: list[dict[str, Any]] | None = Field(
+        None,
+        description="With hosts in the fleet: each host's answer (host, built, version, status, "
+        "or error {code, message}); the build above is the local host's.",
     )
 
 

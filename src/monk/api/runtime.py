@@ -181,6 +181,7 @@ class Runtime:
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
         root_password: str | None = None,
+        placement: dict[str, str] | None = None,
     ) -> TenantView:
         """A provision through the service (with its root user), counted in the metrics; the
         pool refiller is woken when it took a spare, or when the spare roles run low."""
@@ -194,6 +195,7 @@ class Runtime:
                 host=host,
                 idempotency_key=idempotency_key,
                 connection_limit=connection_limit,
+                placement=placement,
             )
         except MonkError as exc:
             self.metrics.provisions.labels(result=exc.code).inc()
@@ -257,8 +259,10 @@ class Runtime:
         interval = min(max(retention.total_seconds() / 2, 1.0), 3600.0)
         while not self._stop.is_set():
             try:
-                dropped = self.tenants.templates.prune(
-                    retired_before=datetime.now(UTC) - retention, wait=False
+                from monk.service import host_templates
+
+                dropped = host_templates.prune_everywhere(
+                    self.tenants, retired_before=datetime.now(UTC) - retention, wait=False
                 )
                 for build in dropped:
                     if build.status == "dropped":

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from monk.cli.context import state
 from monk.cli.exits import PROBLEMS_FOUND
-from monk.cli.output import console, print_json, print_mapping, print_rows
+from monk.cli.output import console, err_console, print_json, print_mapping, print_rows
 
 if TYPE_CHECKING:
     from monk.service.hosts import HostView
@@ -48,20 +48,32 @@ def add(
         None, "--capacity", min=0, help="Tenants it may hold (default: no limit)."
     ),
     label: list[str] = typer.Option([], "--label", help="k=v, repeatable."),
+    templates: bool = typer.Option(
+        True, "--templates/--no-templates", help="Build the current templates there."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Register a server, after checking it: reachable, PostgreSQL 15-18, CREATEDB and
-    CREATEROLE."""
-    from monk.service import hosts
+    CREATEROLE; then build the local host's current templates there."""
+    from monk.service import host_templates, hosts
 
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     view = hosts.add(state().tenants, name, url, password=password, capacity=capacity, labels=label)
-    if as_json:
-        print_json(view.as_dict())
-    else:
+    if not as_json:
         console.print(
             f"added host {escape(view.name)} (PostgreSQL {escape(view.server_version or '?')})"
         )
+    # The host stands whatever its builds do: a failed one says why in 'template list --host'.
+    received = host_templates.receive(state().tenants, view.name) if templates else []
+    if as_json:
+        print_json(view.as_dict() | {"templates": [a.as_dict() for a in received]})
+        return
+    for a in received:
+        if a.result is not None:
+            b = a.result.build
+            console.print(f"  built template {escape(b.key)} {b.version} ({b.duration_ms} ms)")
+        elif a.error is not None:
+            err_console.print(f"  [red]template build failed[/red]: {escape(str(a.error))}")
 
 
 @app.command("list")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +108,21 @@ def _service() -> TemplateService:
     return TemplateService.open(state().settings, _target())
 
 
+@contextlib.contextmanager
+def _host_service(host: str | None) -> Iterator[TemplateService]:
+    """The template service of ``host`` (None: the local one, on pools of its own)."""
+    if host is None:
+        with _service() as templates:
+            yield templates
+        return
+    from monk.service import host_templates
+
+    yield host_templates.service_of(state().tenants, host)
+
+
+_HOST_OPTION = typer.Option(None, "--host", help="A host of the fleet (default: the local one).")
+
+
 def _size(size: int | None) -> str:
     if size is None:
         return ""
@@ -150,55 +167,104 @@ def build(
     if all_keys and source is not None:
         raise InvalidRequest("--source builds one KEY; it cannot be combined with --all")
     keys = template_service.available_keys(s.settings) if all_keys else [str(key)]
-    results = []
+    from monk.service import host_templates
+
+    svc = s.tenants
+    hosts = host_templates.build_hosts(svc)
+    fleet = len(hosts) > 1
+    results: list[list[host_templates.HostBuild]] = []
     failures: list[tuple[str, MonkError]] = []
     show_steps = console.is_terminal and not as_json
-    with _service() as templates:
-        for k in keys:
-            try:
-                if show_steps:
-                    with _StepDisplay(k) as display:
-                        result = templates.build(
-                            k,
-                            force=force,
-                            source_dir=source,
-                            progress=display,
-                            recorded_anywhere=True,
-                        )
-                else:
-                    result = templates.build(
-                        k, force=force, source_dir=source, recorded_anywhere=True
+
+    def host_step(host: str, step: str) -> None:
+        # Per-host progress: one line per step reached, from each host's build thread.
+        console.print(f"  {escape(host)}: {_STEP_LABELS.get(step, step)}")
+
+    for k in keys:
+        try:
+            if show_steps and not fleet:
+                with _StepDisplay(k) as display:
+                    answers = host_templates.build_everywhere(
+                        svc,
+                        k,
+                        force=force,
+                        source_dir=source,
+                        recorded_anywhere=True,
+                        progress=lambda _h, step: (
+                            None if step in ("done", "failed") else display(step)
+                        ),
+                        hosts=hosts,
                     )
-            except MonkError as exc:
-                if not all_keys:
-                    raise
-                # One bad source does not stop the others; each failure left nothing behind.
-                failures.append((k, exc))
-                if not as_json:
-                    err_console.print(f"[red]{escape(k)}[/red]: {exc.code}: {escape(str(exc))}")
-                continue
-            results.append(result)
+                    if answers[0].error is not None:
+                        raise answers[0].error
+            else:
+                answers = host_templates.build_everywhere(
+                    svc,
+                    k,
+                    force=force,
+                    source_dir=source,
+                    recorded_anywhere=True,
+                    progress=host_step if show_steps else None,
+                    hosts=hosts,
+                )
+            if answers[0].error is not None:
+                raise answers[0].error
+        except MonkError as exc:
+            if not all_keys:
+                raise
+            # One bad source does not stop the others; each failure left nothing behind.
+            failures.append((k, exc))
             if not as_json:
-                b = result.build
-                if result.built:
-                    console.print(
-                        f"built {escape(b.key)} {b.version} as {b.database}: "
-                        f"{b.table_count} tables, {b.record_count} records, "
-                        f"{_size(b.size_bytes)}, {b.duration_ms} ms"
+                err_console.print(f"[red]{escape(k)}[/red]: {exc.code}: {escape(str(exc))}")
+            continue
+        results.append(answers)
+        for a in answers:
+            where = f"{escape(a.host)}: " if fleet else ""
+            if a.error is not None:
+                # Another host failed: the others' builds stand; its row says why.
+                failures.append((f"{k}@{a.host}", a.error))
+                if not as_json:
+                    err_console.print(
+                        f"[red]{where}{escape(k)}[/red]: {a.error.code}: {escape(str(a.error))}"
                     )
-                else:
-                    console.print(f"{escape(b.key)} is up to date: {b.version} in {b.database}")
+                continue
+            if as_json or a.result is None:
+                continue
+            b = a.result.build
+            if a.result.built:
+                console.print(
+                    f"{where}built {escape(b.key)} {b.version} as {b.database}: "
+                    f"{b.table_count} tables, {b.record_count} records, "
+                    f"{_size(b.size_bytes)}, {b.duration_ms} ms"
+                )
+            else:
+                console.print(f"{where}{escape(b.key)} is up to date: {b.version} in {b.database}")
     if as_json:
-        out: list[dict[str, object]] = [{"built": r.built, **r.build.as_dict()} for r in results]
+        out: list[dict[str, object]] = []
+        for answers in results:
+            first = answers[0].as_dict()
+            first.pop("host", None)
+            if fleet:
+                first["hosts"] = [a.as_dict() for a in answers]
+            out.append(first)
         out += [
             {"key": k, "built": False, "error": {"code": exc.code, "message": str(exc)}}
             for k, exc in failures
+            if "@" not in k
         ]
         print_json(out if all_keys else out[0])
-    if failures:
+    local_failures = [k for k, _ in failures if "@" not in k]
+    if local_failures and len(local_failures) == len(failures):
         raise OperationFailed(
             f"{len(failures)} of {len(keys)} template(s) failed to build: "
-            + ", ".join(k for k, _ in failures),
+            + ", ".join(local_failures),
+            step="build",
+        )
+    if failures:
+        # A host that failed: the others built; its failed row says why ('template list').
+        raise OperationFailed(
+            f"{len(failures)} build(s) failed: "
+            + "; ".join(f"{k}: {exc}" if "@" in k else k for k, exc in failures),
             step="build",
         )
 
@@ -207,10 +273,11 @@ def build(
 def list_(
     key: str | None = typer.Argument(None, help="Only this template key."),
     everything: bool = typer.Option(False, "--all", help="Include dropped builds."),
+    host: str | None = _HOST_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Builds of every template (or of KEY), newest first."""
-    with _service() as templates:
+    with _host_service(host) as templates:
         builds = templates.list_builds(key, everything=everything)
     if as_json:
         print_json([b.as_dict() for b in builds])
@@ -226,10 +293,11 @@ def show(
     version: str | None = typer.Option(
         None, "--version", help="A build version (default: current)."
     ),
+    host: str | None = _HOST_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Everything recorded about the current build of KEY (or the build of --version)."""
-    with _service() as templates:
+    with _host_service(host) as templates:
         b = templates.show(key, version)
     if as_json:
         print_json(b.as_dict())
@@ -240,10 +308,11 @@ def show(
 @app.command()
 def check(
     key: str = typer.Argument(..., help="Template key."),
+    host: str | None = _HOST_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-run the health checks on the current build (in a scratch clone); exit 1 on problems."""
-    with _service() as templates:
+    with _host_service(host) as templates:
         report = templates.check(key)
     if as_json:
         print_json(report.as_dict())
@@ -268,10 +337,11 @@ def drop(
     force: bool = typer.Option(
         False, "--force", help="Drop even the current build or one that tenants were cloned from."
     ),
+    host: str | None = _HOST_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Drop a build and its database."""
-    with _service() as templates:
+    """Drop a build and its database (on the local host, or --host)."""
+    with _host_service(host) as templates:
         b = templates.drop(key, version, force=force)
     if as_json:
         print_json(b.as_dict())
@@ -282,12 +352,18 @@ def drop(
 @app.command()
 def prune(
     key: str | None = typer.Argument(None, help="Only this template key."),
+    host: str | None = _HOST_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Drop the retired builds that no live tenant was cloned from; forget failed builds but
-    the latest of each key."""
-    with _service() as templates:
-        dropped = templates.prune(key)
+    the latest of each key (on every host, or --host)."""
+    if host is None:
+        from monk.service import host_templates
+
+        dropped = host_templates.prune_everywhere(state().tenants, key)
+    else:
+        with _host_service(host) as templates:
+            dropped = templates.prune(key)
     if as_json:
         print_json([b.as_dict() for b in dropped])
     elif not dropped:

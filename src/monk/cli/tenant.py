@@ -60,7 +60,12 @@ def _show(view: TenantView, as_json: bool) -> None:
 def create(
     name: str | None = typer.Argument(None, help="Tenant name, e.g. 'Acme Corp'."),
     template: str = typer.Option("basic", "--template", "-t", help="Template key."),
-    host: str | None = typer.Option(None, "--host", help="Server to place the tenant on."),
+    host: str | None = typer.Option(
+        None, "--host", help="The host to place it on (default: placement chooses)."
+    ),
+    placement: list[str] = typer.Option(
+        [], "--placement", help="k=v: a label the host must have (repeatable)."
+    ),
     idempotency_key: str | None = typer.Option(
         None, "--idempotency-key", help="Retries with the same key get the first result."
     ),
@@ -86,8 +91,18 @@ def create(
     first user, root."""
     if (name is None) == (from_file is None):
         raise typer.BadParameter("give a NAME or --from FILE")
+    from monk.core.hosts import parse_labels
+
+    labels = parse_labels(placement) or None
     if from_file is not None:
-        _create_many(from_file, template=template, host=host, parallel=parallel, as_json=as_json)
+        _create_many(
+            from_file,
+            template=template,
+            host=host,
+            labels=labels,
+            parallel=parallel,
+            as_json=as_json,
+        )
         return
     assert name is not None
     from monk.service import tenant_auth
@@ -103,6 +118,7 @@ def create(
         host=host,
         idempotency_key=idempotency_key,
         connection_limit=connection_limit,
+        placement=labels,
     )
     try:
         view = provision()
@@ -120,7 +136,13 @@ def _build_first(svc: TenantService, template: str) -> None:
 
 
 def _create_many(
-    path: Path, *, template: str, host: str | None, parallel: int, as_json: bool
+    path: Path,
+    *,
+    template: str,
+    host: str | None,
+    labels: dict[str, str] | None,
+    parallel: int,
+    as_json: bool,
 ) -> None:
     """Bulk provisioning with a progress bar and a summary; exit 1 if any name failed."""
     from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +180,9 @@ def _create_many(
 
         def one(raw: str) -> dict[str, Any]:
             try:
-                out = tenant_auth.provision(svc, raw, template=template, host=host).as_dict()
+                out = tenant_auth.provision(
+                    svc, raw, template=template, host=host, placement=labels
+                ).as_dict()
                 return {
                     "name": raw,
                     "ok": True,

@@ -41,7 +41,7 @@ from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.hosts import HostRow
 from monk.adapters.registry.templates import TemplateBuild
-from monk.core import scram, tenant_names
+from monk.core import placement, scram, tenant_names
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
@@ -52,6 +52,7 @@ from monk.errors import (
     InvalidRequest,
     InvalidState,
     MonkError,
+    NoHostAvailable,
     StrayDatabase,
     TemplateBusy,
     TemplateNotFound,
@@ -194,6 +195,7 @@ class Hosts:
         self._lock = threading.Lock()
         self._targets: dict[str, _KnownHost] = {}
         self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
+        self._no_fleet_until = 0.0  # monotonic time until which "no host but the local one" holds
 
     def target(self, name: str | None) -> ServerTarget:
         """The server of host ``name`` (None: the local one); HostNotFound if not registered.
@@ -235,22 +237,69 @@ class Hosts:
             source=f"host {row.name!r}",
         )
 
-    def placement(self, name: str | None) -> ServerTarget:
-        """Where a new tenant (or spare) goes: the local server until placement over the fleet
-        lands; a registered host is refused by name, an unknown one as before."""
-        if name is None or name == self.local.name:
+    def placement(
+        self,
+        name: str | None,
+        *,
+        template: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> ServerTarget:
+        """Where a new tenant goes (``monk.core.placement``): ``name`` pins a host, ``labels``
+        restrict; else the active host with the most free capacity that has a ready build of
+        ``template``. NoHostAvailable (503) when none is eligible; InvalidRequest (422) for a
+        pinned host that is not registered. With no host of the fleet, the local one as before (a
+        template it has not built then fails as it always did)."""
+        alone = name is None or name == self.local.name
+        if alone and not labels and self._no_fleet_until > time.monotonic():
+            # The hot path of a single server: no registry read per provision. A host added
+            # by another process is seen within _HOST_RECHECK_S.
             return self.local
         with self._pools[self.local.name].system() as reg:
-            registered = host_registry.get(reg, name) is not None
-        if registered:
-            raise InvalidRequest(
-                f"host {name!r} is registered, but tenants are placed on {self.local.name!r} "
-                "only for now",
-                host=name,
+            rows = host_registry.list_all(reg)
+            remote = [r for r in rows if not r.is_local]
+            local_row = next((r for r in rows if r.is_local), None)
+            if not remote and local_row is None:
+                self._no_fleet_until = time.monotonic() + _HOST_RECHECK_S
+            if not remote and not labels:
+                if name is None or name == self.local.name:
+                    return self.local
+                raise _unknown_host(name)
+            counts = host_registry.live_tenant_counts(reg)
+            built = template_builds.hosts_with_current(reg, template) if template else None
+        candidates = [
+            placement.Candidate(
+                name=self.local.name,
+                state=local_row.state if local_row else "active",
+                capacity=local_row.capacity if local_row else None,
+                tenants=counts.get(self.local.name, 0),
+                labels=dict(local_row.labels) if local_row else {},
+                has_template=built is None or self.local.name in built,
             )
-        raise InvalidRequest(
-            f"unknown host {name!r}: this monk administers {self.local.name!r}", host=name
-        )
+        ] + [
+            placement.Candidate(
+                name=r.name,
+                state=r.state,
+                capacity=r.capacity,
+                tenants=counts.get(r.name, 0),
+                labels=dict(r.labels),
+                has_template=built is None or r.name in built,
+            )
+            for r in remote
+        ]
+        if built is not None and not built and name is None:
+            # No host has a build of it: the local host says why (TemplateNotBuilt/NotFound).
+            return self.local
+        if name is not None and all(c.name != name for c in candidates):
+            raise _unknown_host(name)
+        choice = placement.choose(candidates, pinned=name, labels=labels)
+        if choice.host is None:
+            raise NoHostAvailable(
+                f"no host can take a new tenant: {choice.reason}; add or undrain a host, raise "
+                "a capacity ('monk host set'), or build the template there",
+                host=name,
+                labels=dict(labels or {}),
+            )
+        return self.target(choice.host)
 
     def pools(self, name: str | None = None) -> ServerPools:
         target = self.target(name)
@@ -687,6 +736,7 @@ class Pipeline:
                     spares_ok=have_lock,
                     operation=operation,
                     params=params,
+                    remote=not pools.keeps_registry,
                 )
         except (TenantExists, HashCollision):
             if spare is not None:
@@ -736,6 +786,36 @@ class Pipeline:
             connection_limit=self.settings.tenant_connection_limit,
         )
         return Credentials(role, password)
+
+    def create_remote_role(self, pools: ServerPools, role: str) -> Credentials:
+        """``create_role`` on a host of the fleet (no system database there: the same steps,
+        sent by the client on the host's admin connection)."""
+        password = scram.generate_password()
+        with pools.admin() as adm:
+            admin.make_tenant_role(
+                adm,
+                role,
+                verifier=self.verifier(password),
+                mark=self.ownership_mark(),
+                login=True,
+                connection_limit=self.settings.tenant_connection_limit,
+            )
+        return Credentials(role, password)
+
+    def configure_remote(
+        self,
+        pools: ServerPools,
+        database: str,
+        role: str,
+        settings: Mapping[str, str],
+        connection_limit: int,
+    ) -> None:
+        """Configure on a host of the fleet, before the activation (which then only commits
+        the registry): a crash between leaves an intent, undone whole like any other."""
+        with pools.admin() as adm:
+            admin.configure_database(
+                adm, database, role, self.ownership_mark(), settings, connection_limit
+            )
 
     def configure_args(
         self, database: str, role: str, settings: Mapping[str, str], connection_limit: int
@@ -881,6 +961,13 @@ def pause_at(settings: Settings, step: str) -> None:
         sys.stderr.flush()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def _unknown_host(name: str) -> InvalidRequest:
+    """A provision pinned to a host that is not registered: bad input (422), nothing made."""
+    return InvalidRequest(
+        f"host {name!r} is not registered ('monk host list')", field="host", host=name
+    )
 
 
 def validate_connection_limit(limit: int | None) -> None:

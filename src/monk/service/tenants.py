@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,7 @@ from monk.adapters.registry import Tenant
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import lifecycle, scram
+from monk.core.hosts import validate_label
 from monk.core.lifecycle import Action
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import TenantName
@@ -106,6 +108,7 @@ class TenantService(Pipeline):
         host: str | None = None,
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
+        placement: Mapping[str, str] | None = None,
     ) -> TenantView:
         """Provision a tenant: its database cloned from the current build of ``template`` (or a
         spare of it), its role, configured and active.
@@ -116,16 +119,22 @@ class TenantService(Pipeline):
 
         ``connection_limit``: its role's own (None: ``MONK_TENANT_CONNECTION_LIMIT``)."""
         name = self.name(raw_name)
-        target = self.hosts.placement(host)
-        pools = self.hosts.pools(target.name)
         validate_template_key(template)
-        # Every parameter of the request: one Idempotency-Key stands for one request.
-        request = {
+        labels = dict(sorted((placement or {}).items()))
+        for key, value in labels.items():
+            validate_label(key, value)
+        target = self.hosts.placement(host, template=template, labels=labels)
+        pools = self.hosts.pools(target.name)
+        # Every parameter of the request (as asked: a retry may be placed elsewhere, and is
+        # the same request): one Idempotency-Key stands for one request.
+        request: dict[str, Any] = {
             "name": name.key,
             "template": template,
-            "host": target.name,
+            "host": host or self.hosts.local.name,
             "connection_limit": connection_limit,
         }
+        if labels:
+            request["placement"] = labels
         validate_connection_limit(connection_limit)
         with pools.system() as reg:
             if idempotency_key is None:
@@ -193,7 +202,7 @@ class TenantService(Pipeline):
             if intent is None:
                 if existing is not None and existing.status in ("provisioning", "deleting"):
                     # We hold its lock, so the process that owned it is gone: finish or undo it.
-                    self.repair(reg, pools, existing)
+                    self.repair(reg, self.hosts.pools(existing.host), existing)
                     existing = registry.get_live(reg, name.key)
                 if existing is not None:
                     if idempotency_key is not None and existing.idempotency_key == idempotency_key:
@@ -328,6 +337,9 @@ class TenantService(Pipeline):
             if intent.role is not None:
                 role_job = Future()
                 role_job.set_result(intent.role)
+            elif not pools.keeps_registry:
+                # A host of the fleet: its role is made there, on its own admin connection.
+                role_job = self.side_threads().submit(self.create_remote_role, pools, name.role)
             else:
                 role_job = self.side_threads().submit(self.create_role, reg, name.role)
 
@@ -374,6 +386,15 @@ class TenantService(Pipeline):
                 # another process see the intent before the activation), same round trip.
                 registry.unlock(reg, lock.database, prepare=True)
 
+            configure = None
+            if pools.keeps_registry:
+                configure = self.configure_args(
+                    name.database, name.role, build.database_settings, role_limit
+                )
+            else:
+                self.configure_remote(
+                    pools, name.database, name.role, build.database_settings, role_limit
+                )
             with registry.pipelined_transaction(reg, after_commit=unlock):
                 activated = tenant_registry.queue_activation(
                     reg,
@@ -381,9 +402,7 @@ class TenantService(Pipeline):
                     op,
                     migration_level=level,
                     template_version=build.version,
-                    configure=self.configure_args(
-                        name.database, name.role, build.database_settings, role_limit
-                    ),
+                    configure=configure,
                     connection_limit=connection_limit,
                 )
                 self.checkpoint("configured")  # sent, not committed

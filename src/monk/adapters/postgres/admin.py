@@ -552,3 +552,55 @@ def sessions_opened(conn: Conn, databases: Sequence[str]) -> int:
         (list(databases),),
     ).fetchone()
     return int(str(row[0])) if row else 0
+
+
+def make_tenant_role(
+    conn: Conn, name: str, *, verifier: str, mark: str, login: bool, connection_limit: int
+) -> None:
+    """The system database's ``make_tenant_role`` on a server that has no system database (a
+    host of the fleet): a leftover of that name dropped first, the role made with its SCRAM
+    verifier and ownership mark, membership for a CREATEROLE admin (to hand objects over)."""
+    validate_role_name(name)
+    role = sql.Identifier(name)
+    with conn.transaction():
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} {} CONNECTION LIMIT {} PASSWORD {}").format(
+                role,
+                sql.SQL("LOGIN" if login else "NOLOGIN"),
+                sql.Literal(int(connection_limit)),
+                sql.Literal(verifier),
+            )
+        )
+        conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role, sql.Literal(mark)))
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        if not (row and row[0]):
+            conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(role))
+
+
+def configure_database(
+    conn: Conn,
+    database: str,
+    role: str,
+    mark: str,
+    settings: Mapping[str, str],
+    connection_limit: int,
+) -> None:
+    """The system database's ``configure_tenant_database`` on a host of the fleet, in one
+    transaction: the tenant's role owns the database, may connect (PUBLIC may not), the
+    ownership mark, the role's connection limit and the build's database settings."""
+    validate_role_name(role)
+    validate_setting_names(settings)
+    db, who = sql.Identifier(database), sql.Identifier(role)
+    with conn.transaction():
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, who))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, who))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(mark)))
+        conn.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
+                who, sql.Literal(int(connection_limit))
+            )
+        )
+        set_database_settings(conn, database, settings)

@@ -97,6 +97,11 @@ class ServerPools:
         )
         self._admin = self._pool(target.maintenance_db, "admin", max_size)
 
+    @property
+    def keeps_registry(self) -> bool:
+        """This server keeps the system database (the local host)."""
+        return self._registry is None
+
     def _pool(
         self, dbname: str, purpose: str, max_size: int, *, settings: str = ""
     ) -> ConnectionPool[Any]:

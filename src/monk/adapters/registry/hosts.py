@@ -159,7 +159,10 @@ def delete_unused(conn: Conn, name: str) -> HostRow | None:
     """Delete a (remote) host that no live tenant records, in one statement; None if it has
     tenants (or is gone). A provision that places a tenant there must hold the host's row
     (FOR KEY SHARE) until it commits, so that this cannot remove it under the provision."""
-    with conn.cursor(row_factory=class_row(HostRow)) as cur:
+    with conn.transaction(), conn.cursor(row_factory=class_row(HostRow)) as cur:
+        # Waits for provisions placing onto it (their FOR KEY SHARE): the count below then
+        # sees their intents (a new statement, a new snapshot).
+        cur.execute("SELECT 1 FROM hosts WHERE name = %s FOR UPDATE", (name,))
         cur.execute(
             sql.SQL(
                 "DELETE FROM hosts h WHERE name = %s AND NOT is_local AND NOT EXISTS "

@@ -130,6 +130,14 @@ def current_build(conn: Conn, key: str, host: str) -> TemplateBuild | None:
     return rows[0] if rows else None
 
 
+def hosts_with_current(conn: Conn, key: str) -> set[str]:
+    """The hosts that have a ready (current) build of ``key``: where placement may clone it."""
+    rows = conn.execute(
+        "SELECT host FROM template_builds WHERE key = %s AND is_current", (key,)
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
 def current_builds(conn: Conn, host: str) -> list[TemplateBuild]:
     """The current build of every key on ``host``."""
     return _fetch(conn, "host = %s AND is_current", (host,))
@@ -419,51 +427,54 @@ def finish_swap(
 # ---------------------------------------------------------------------------- the key lock
 
 
-def _lock_id(key: str) -> int:
-    raw = int.from_bytes(hashlib.sha256(f"monk.template:{key}".encode()).digest()[:8], "big")
+def _lock_id(key: str, host: str | None = None) -> int:
+    # The local host's lock keeps the id it always had; another host's builds of a key run
+    # beside them (each host's databases are its own), so its lock is its own too.
+    name = f"monk.template:{key}" if host is None else f"monk.template:{host}:{key}"
+    raw = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
     return raw - (1 << 64) if raw >= (1 << 63) else raw
 
 
-def try_key_lock(conn: Conn, key: str) -> bool:
-    """Take the key's session advisory lock if nobody holds it."""
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lock_id(key),)).fetchone()
+def try_key_lock(conn: Conn, key: str, host: str | None = None) -> bool:
+    """Take the key's session advisory lock (of ``host``; None: the local one) if free."""
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_lock_id(key, host),)).fetchone()
     return bool(row and row[0])
 
 
-def key_unlock(conn: Conn, key: str) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_id(key),))
+def key_unlock(conn: Conn, key: str, host: str | None = None) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_id(key, host),))
 
 
-def key_is_free(conn: Conn, key: str) -> bool:
+def key_is_free(conn: Conn, key: str, host: str | None = None) -> bool:
     """Whether nobody holds the key's lock (a build or check of it is not running)."""
-    if not try_key_lock(conn, key):
+    if not try_key_lock(conn, key, host):
         return False
-    key_unlock(conn, key)
+    key_unlock(conn, key, host)
     return True
 
 
 @contextlib.contextmanager
-def key_lock(conn: Conn, key: str) -> Iterator[None]:
+def key_lock(conn: Conn, key: str, host: str | None = None) -> Iterator[None]:
     """Hold the key's session advisory lock (waiting for another build as long as it takes)."""
     conn.execute("SET statement_timeout = 0")
     try:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_lock_id(key),))
+        conn.execute("SELECT pg_advisory_lock(%s)", (_lock_id(key, host),))
     finally:
         conn.execute("RESET statement_timeout")
     try:
         yield
     finally:
         with contextlib.suppress(psycopg.Error):
-            key_unlock(conn, key)
+            key_unlock(conn, key, host)
 
 
 @contextlib.contextmanager
-def key_lock_if_free(conn: Conn, key: str) -> Iterator[bool]:
+def key_lock_if_free(conn: Conn, key: str, host: str | None = None) -> Iterator[bool]:
     """Hold the key's lock for the block if nobody holds it; yields whether it was taken."""
-    if not try_key_lock(conn, key):
+    if not try_key_lock(conn, key, host):
         yield False
         return
     try:
         yield True
     finally:
-        key_unlock(conn, key)
+        key_unlock(conn, key, host)

@@ -45,12 +45,17 @@ _RESERVE = rendered(
         " AS locked,"
         " CASE WHEN %(async)s THEN set_config('synchronous_commit', 'off', true) END AS async,"
         " (SELECT count(*) FROM pg_stat_activity WHERE datname = %(template_db)s"
-        " AND backend_type = 'client backend') AS sessions),"
+        " AND backend_type = 'client backend') AS sessions,"
+        # Another host's row held (FOR KEY SHARE) until the intent commits: 'host remove'
+        # locks it FOR UPDATE before it counts tenants, so it never removes a host a provision
+        # is placing onto (it waits, then sees the intent).
+        " (SELECT count(*) FROM (SELECT 1 FROM hosts WHERE name = %(host)s AND NOT is_local"
+        " FOR KEY SHARE) h) AS placed),"
         " intent AS (INSERT INTO tenants (id, name, name_key, database, host, is_active, status,"
         " template_key, template_version, role_name, step, idempotency_key)"
         " SELECT %(id)s, %(name)s, %(key)s, %(database)s, %(host)s, false, 'provisioning',"
         " %(template)s, %(version)s, %(role)s, 'intent', %(idempotency_key)s"
-        " FROM gate WHERE gate.locked"
+        " FROM gate WHERE gate.locked AND (NOT %(remote)s OR gate.placed > 0)"
         " AND NOT EXISTS (SELECT 1 FROM tenants WHERE deleted_at IS NULL"
         " AND (name_key = %(key)s OR database = %(database)s))"
         " AND (%(spares_ok)s OR NOT EXISTS (SELECT 1 FROM spares WHERE host = %(host)s"
@@ -86,6 +91,7 @@ def reserve(
     spares_ok: bool = False,
     operation: str = "provision",
     params: Mapping[str, Any] | None = None,
+    remote: bool = False,
 ) -> Reservation:
     """Reserve the name (the pipeline's first step) in one statement, its own transaction: take the
     name's session lock, count the template's sessions, and only if the lock was free, no live
@@ -99,7 +105,8 @@ def reserve(
     statement takes it otherwise); ``spares_ok``: write the intent even if a spare is ready (the
     caller tried the warm handout). ``operation`` and ``params``: the journal entry's kind and
     parameters (default: a ``provision`` of the template's version; a restore from archive
-    records its archive)."""
+    records its archive). ``remote``: ``host`` is a host of the fleet, whose row must be there
+    (no intent otherwise: it was removed)."""
     values = {
         "lock": advisory_key(name.database),
         "async": async_commit,
@@ -124,6 +131,7 @@ def reserve(
         "keyholder": keyholder,
         "have_lock": have_lock,
         "spares_ok": spares_ok,
+        "remote": remote,
     }
     with conn.cursor(row_factory=kwargs_row(_reservation)) as cur:
         row = cur.execute(_RESERVE, values, prepare=True).fetchone()
@@ -154,6 +162,18 @@ _ACTIVATION = rendered(
 )
 
 
+_ACTIVATION_ONLY = rendered(
+    sql.SQL(
+        "WITH op AS (UPDATE operations SET state = 'done', step = 'active', error = NULL,"
+        " result = NULL, updated_at = now(), finished_at = now() WHERE id = %(op)s)"
+        " UPDATE tenants SET status = 'active', is_active = true, step = 'active',"
+        " migration_level = %(level)s, template_version = %(version)s,"
+        " connection_limit = %(connection_limit)s WHERE id = %(id)s"
+        " RETURNING {columns}"
+    ).format(columns=_COLUMNS)
+)
+
+
 def queue_activation(
     conn: Conn,
     tenant_id: UUID,
@@ -161,16 +181,29 @@ def queue_activation(
     *,
     migration_level: int,
     template_version: str,
-    configure: tuple[str, str, str, Jsonb, int],
+    configure: tuple[str, str, str, Jsonb, int] | None,
     connection_limit: int | None = None,
 ) -> Cursor[Tenant]:
     """Configure and activate, a provision's last writes in one statement:
     ``configure_tenant_database`` (``configure``: ``configure_args``: database, role, mark,
     settings, the role's connection limit), the tenant active with its own connection limit
     (None: the default), its journal entry done. Queued (read with ``fetch_tenant``); the caller's
-    transaction commits it."""
-    database, role, mark, settings, role_limit = configure
+    transaction commits it. ``configure`` None: the database is on another host, configured
+    there before (``admin.configure_database``): activation alone."""
     cur = conn.cursor(row_factory=class_row(Tenant))
+    if configure is None:
+        cur.execute(
+            _ACTIVATION_ONLY,
+            {
+                "connection_limit": connection_limit,
+                "op": op_id,
+                "id": tenant_id,
+                "level": migration_level,
+                "version": template_version,
+            },
+        )
+        return cur
+    database, role, mark, settings, role_limit = configure
     cur.execute(
         _ACTIVATION,
         {

@@ -26,7 +26,6 @@ from monk.api.models import (
 )
 from monk.api.public import scrubbed
 from monk.core.template_names import validate_template_key
-from monk.errors import MonkError
 from monk.service import drift, fleet
 from monk.service import templates as template_service
 from monk.service.upgrades import UpgradeOptions
@@ -114,18 +113,29 @@ def build_template(
     key: Key,
     body: Annotated[TemplateBuildRequest | None, Body()] = None,
 ) -> Ok[TemplateBuildResultOut]:
+    from monk.service import host_templates
+
     force = body.force if body is not None else False
-    try:
-        result = rt.tenants.templates.build(key, force=force)
-    except MonkError as exc:
-        rt.metrics.template_builds.labels(result=exc.code).inc()
-        raise
+    answers = host_templates.build_everywhere(rt.tenants, key, force=force)
+    local = answers[0]
+    if local.error is not None:
+        rt.metrics.template_builds.labels(result=local.error.code).inc()
+        raise local.error
+    assert local.result is not None
+    result = local.result
     rt.metrics.template_builds.labels(result="ok" if result.built else "up_to_date").inc()
+    hosts = None
+    if len(answers) > 1:
+        # Another host's failure is its own (its failed row says why): 200, listed here.
+        hosts = [{k: v for k, v in a.as_dict().items() if k in _HOST_FIELDS} for a in answers]
     return Ok(
         data=TemplateBuildResultOut.model_validate(
-            _public(rt.settings, result.build) | {"built": result.built}
+            _public(rt.settings, result.build) | {"built": result.built, "hosts": hosts}
         )
     )
+
+
+_HOST_FIELDS = ("host", "built", "version", "status", "database", "duration_ms", "error")
 
 
 @router.post(

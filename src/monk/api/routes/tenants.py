@@ -65,6 +65,7 @@ def create_tenant(
         idempotency_key=idempotency_key,
         connection_limit=body.connection_limit,
         root_password=body.root_password,
+        placement=body.placement,
     )
     return Ok(data=_out(view, rt.settings))
 

@@ -21,6 +21,7 @@ and the CLI; a provision of a key with no build raises TemplateNotBuilt.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -36,9 +37,15 @@ from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core.catalog import Catalog
 from monk.core.template_names import validate_template_key
-from monk.errors import MonkError, TemplateNotBuilt
+from monk.errors import MonkError, TemplateNotBuilt, Unavailable
 from monk.service.templates import health, lifecycle, recovery, sources
-from monk.service.templates.build import BUILD_STEPS, BuildResult, Progress, build_locked
+from monk.service.templates.build import (
+    BUILD_STEPS,
+    BuildResult,
+    Progress,
+    build_locked,
+    record_unreachable,
+)
 from monk.service.templates.health import CHECK_DB_PREFIX, OWNER_ROLE, HealthReport
 from monk.service.templates.sources import (
     available_keys,
@@ -125,6 +132,12 @@ class TemplateService:
     def target(self) -> ServerTarget:
         return self.pools.target
 
+    @property
+    def lock_host(self) -> str | None:
+        """Whose key locks this service takes: None for the local host (the locks every other
+        module takes), the host's name for another host (its builds run beside the local's)."""
+        return None if self.pools.keeps_registry else self.target.name
+
     # ------------------------------------------------------------------------ build
 
     def build(
@@ -152,9 +165,27 @@ class TemplateService:
                     reg, self.target.name, self.settings, key, anywhere=recorded_anywhere
                 )
         plan = sources.plan(sources.resolve_source(self.settings, key, source_dir))
-        with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
+        with (
+            self.pools.system() as reg,
+            builds.key_lock(reg, key, self.lock_host),
+            contextlib.ExitStack() as stack,
+        ):
+            try:
+                adm = stack.enter_context(self.pools.admin())
+            except Unavailable as exc:
+                if not self.pools.keeps_registry:
+                    # Another host, down or refusing: its state in the registry says so.
+                    record_unreachable(reg, self.target, plan, exc)
+                raise
             return build_locked(
-                reg, adm, self.target, self.settings, plan, force=force, report=report
+                reg,
+                adm,
+                self.target,
+                self.settings,
+                plan,
+                force=force,
+                report=report,
+                same_server=self.pools.keeps_registry,
             )
 
     def ensure_built(self, key: str) -> TemplateBuild:
@@ -201,7 +232,11 @@ class TemplateService:
         """Re-run the health checks on the current build of ``key``, in a scratch clone (see
         ``monk.service.templates.health.check``)."""
         validate_template_key(key)
-        with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
+        with (
+            self.pools.system() as reg,
+            builds.key_lock(reg, key, self.lock_host),
+            self.pools.admin() as adm,
+        ):
             return health.check(reg, adm, self.target, self.settings, key)
 
     def build_catalog(self, key: str, version: str) -> tuple[TemplateBuild, Catalog] | None:
@@ -213,7 +248,7 @@ class TemplateService:
             for build in builds.builds_of_version(reg, key, host, version):
                 if (found := builds.build_catalog(reg, build.id)) is not None:
                     return build, Catalog.from_dict(found)
-            with builds.key_lock(reg, key), self.pools.admin() as adm:
+            with builds.key_lock(reg, key, self.lock_host), self.pools.admin() as adm:
                 # Under the lock: nobody drops it while it is cloned.
                 for build in builds.live_builds_of_version(reg, key, host, version):
                     if not admin.database_exists(adm, build.database):
@@ -229,7 +264,11 @@ class TemplateService:
         """Remove a build (default: the current one) and its database. Refuses, unless
         ``force``, the current build and a build whose version live tenants record."""
         validate_template_key(key)
-        with self.pools.system() as reg, builds.key_lock(reg, key), self.pools.admin() as adm:
+        with (
+            self.pools.system() as reg,
+            builds.key_lock(reg, key, self.lock_host),
+            self.pools.admin() as adm,
+        ):
             return lifecycle.drop(reg, adm, self.target, key, version, force=force)
 
     def prune(
@@ -246,7 +285,11 @@ class TemplateService:
         dropped: list[TemplateBuild] = []
         with self.pools.system() as reg, self.pools.admin() as adm:
             for k in builds.keys_in_status(reg, self.target.name, ["retired", "failed"], key):
-                lock = builds.key_lock(reg, k) if wait else builds.key_lock_if_free(reg, k)
+                lock = (
+                    builds.key_lock(reg, k, self.lock_host)
+                    if wait
+                    else builds.key_lock_if_free(reg, k, self.lock_host)
+                )
                 with lock as taken:
                     if taken is False:
                         continue
@@ -279,9 +322,9 @@ class TemplateService:
     def find_leftovers(self) -> list[str]:
         """What interrupted builds and checks left behind (see ``recovery``)."""
         with self.pools.system() as reg, self.pools.admin() as adm:
-            return recovery.find_leftovers(reg, adm, self.target, self.settings)
+            return recovery.find_leftovers(reg, adm, self.target, self.settings, self.lock_host)
 
     def cleanup_leftovers(self) -> list[str]:
         """Settle what ``find_leftovers`` reports; builds and checks running now are left alone."""
         with self.pools.system() as reg, self.pools.admin() as adm:
-            return recovery.cleanup_leftovers(reg, adm, self.target, self.settings)
+            return recovery.cleanup_leftovers(reg, adm, self.target, self.settings, self.lock_host)

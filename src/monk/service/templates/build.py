@@ -70,7 +70,14 @@ log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[Any]
 
-__all__ = ["BUILD_STEPS", "BuildResult", "Progress", "build_locked", "pg_message"]
+__all__ = [
+    "BUILD_STEPS",
+    "BuildResult",
+    "Progress",
+    "build_locked",
+    "pg_message",
+    "record_unreachable",
+]
 
 Progress = Callable[[str], None]
 
@@ -91,6 +98,7 @@ def build_locked(
     *,
     force: bool,
     report: Progress,
+    same_server: bool = True,
 ) -> BuildResult:
     """With the key's lock held on ``reg``: settle a crashed build of the key, then build
     ``plan`` unless the current build already has its version (and not ``force``)."""
@@ -110,7 +118,9 @@ def build_locked(
             f"{settings.system_db_name}; drop it or choose another template key",
             database=template_db_name(key),
         )
-    return BuildResult(_build(reg, adm, target, settings, plan, current, report), built=True)
+    return BuildResult(
+        _build(reg, adm, target, settings, plan, current, report, same_server), built=True
+    )
 
 
 class _Builder:
@@ -144,6 +154,7 @@ def _build(
     plan: Plan,
     current: TemplateBuild | None,
     report: Progress,
+    same_server: bool = True,
 ) -> TemplateBuild:
     started = time.monotonic()
     source, key = plan.source, plan.source.key
@@ -159,26 +170,8 @@ def _build(
     step = None
     if current is not None and current.version != plan.version:
         step = steps.upgrade_step(reg, current, plan)
-    compiled_schemas, manifest = steps.recorded_for_successor(plan)
     report("journal")
-    build_id, op_id = builds.start_build(
-        reg,
-        NewBuild(
-            key=key,
-            version=plan.version,
-            database=staging,
-            host=target.name,
-            description=source.description,
-            version_label=source.version_label or None,
-            parent_key=source.extends,
-            source=str(source.path),
-            database_settings=source.database_settings,
-            monk_version=monk.__version__,
-            compiler_version=COMPILER_VERSION,
-            compiled_schemas=compiled_schemas,
-            migration_manifest=manifest,
-        ),
-    )
+    build_id, op_id = builds.start_build(reg, _new_build(plan, target, staging))
     b = _Builder(reg, build_id, op_id, staging)
     try:
         b.step(CREATE_STEP, settings, report)
@@ -229,12 +222,16 @@ def _build(
         _checkpoint(settings, "swap_renames")
         # The renames and the registry change commit together (ALTER DATABASE … RENAME runs in a
         # transaction on the system database's connection): whoever reads the registry knows
-        # which build the name monk_template_<key> stands for.
-        with reg.transaction():
+        # which build the name monk_template_<key> stands for. On another host the renames
+        # commit there first, then the registry: a crash between them is finished by the next
+        # build's recovery (journal step swap, staging name gone), as on one server.
+        ddl = reg if same_server else adm
+        # One connection: the inner block is a savepoint. Two: the remote commits first.
+        with reg.transaction(), ddl.transaction():
             if current is not None:
-                admin.terminate_sessions(reg, current.database)
-                admin.rename_database(reg, current.database, retired_db_name(key, current.version))
-            admin.rename_database(reg, staging, template_db_name(key))
+                admin.terminate_sessions(ddl, current.database)
+                admin.rename_database(ddl, current.database, retired_db_name(key, current.version))
+            admin.rename_database(ddl, staging, template_db_name(key))
             _checkpoint(settings, "swap_registry")
             stats["duration_ms"] = int((time.monotonic() - started) * 1000)
             builds.finish_swap(reg, key, target.name, build_id, b.op_id, stats)
@@ -253,6 +250,34 @@ def _build(
     built = builds.get(reg, build_id)
     log.info("built template %s version %s in %s ms", key, built.version, built.duration_ms)
     return built
+
+
+def _new_build(plan: Plan, target: ServerTarget, staging: str) -> NewBuild:
+    source = plan.source
+    compiled_schemas, manifest = steps.recorded_for_successor(plan)
+    return NewBuild(
+        key=source.key,
+        version=plan.version,
+        database=staging,
+        host=target.name,
+        description=source.description,
+        version_label=source.version_label or None,
+        parent_key=source.extends,
+        source=str(source.path),
+        database_settings=source.database_settings,
+        monk_version=monk.__version__,
+        compiler_version=COMPILER_VERSION,
+        compiled_schemas=compiled_schemas,
+        migration_manifest=manifest,
+    )
+
+
+def record_unreachable(reg: Conn, target: ServerTarget, plan: Plan, exc: MonkError) -> None:
+    """A host the build could not reach: a failed build row on it says why (its state in the
+    registry, as a build that failed a step), nothing was made there."""
+    staging = staging_db_name(plan.source.key, plan.version)
+    build_id, op_id = builds.start_build(reg, _new_build(plan, target, staging))
+    builds.mark_failed(reg, build_id, op_id, str(exc), str(exc))
 
 
 def _fill(db: Conn, b: _Builder, settings: Settings, plan: Plan, report: Progress) -> None:

@@ -61,9 +61,13 @@ def recover_key(reg: Conn, adm: Conn, target: ServerTarget, key: str) -> list[st
     return handled
 
 
-def _dead_keys(reg: Conn, host: str) -> list[str]:
+def _dead_keys(reg: Conn, host: str, lock_host: str | None) -> list[str]:
     """Keys with a 'building' row whose build process is gone (nobody holds the key lock)."""
-    return [k for k in builds.keys_in_status(reg, host, ["building"]) if builds.key_is_free(reg, k)]
+    return [
+        k
+        for k in builds.keys_in_status(reg, host, ["building"])
+        if builds.key_is_free(reg, k, lock_host)
+    ]
 
 
 def _orphan_checks(adm: Conn, settings: Settings) -> list[str]:
@@ -76,30 +80,36 @@ def _check_key(name: str) -> str:
     return name.removeprefix(CHECK_DB_PREFIX)[: -(1 + 8)]
 
 
-def find_leftovers(reg: Conn, adm: Conn, target: ServerTarget, settings: Settings) -> list[str]:
+def find_leftovers(
+    reg: Conn, adm: Conn, target: ServerTarget, settings: Settings, lock_host: str | None = None
+) -> list[str]:
     """What interrupted builds and checks left behind: the staging databases of dead builds
     (present or not, their rows still say 'building') and orphaned check databases."""
     found = []
-    for key in _dead_keys(reg, target.name):
+    for key in _dead_keys(reg, target.name, lock_host):
         found += [
             row.database for row in builds.builds_in_status(reg, key, target.name, "building")
         ]
     found += [
-        name for name in _orphan_checks(adm, settings) if builds.key_is_free(reg, _check_key(name))
+        name
+        for name in _orphan_checks(adm, settings)
+        if builds.key_is_free(reg, _check_key(name), lock_host)
     ]
     return sorted(found)
 
 
-def cleanup_leftovers(reg: Conn, adm: Conn, target: ServerTarget, settings: Settings) -> list[str]:
+def cleanup_leftovers(
+    reg: Conn, adm: Conn, target: ServerTarget, settings: Settings, lock_host: str | None = None
+) -> list[str]:
     """Settle what ``find_leftovers`` reports; returns the names handled. Builds and checks
     running right now are left alone (their key lock is held)."""
     handled: list[str] = []
     for key in builds.keys_in_status(reg, target.name, ["building"]):
-        with builds.key_lock_if_free(reg, key) as mine:
+        with builds.key_lock_if_free(reg, key, lock_host) as mine:
             if mine:
                 handled += recover_key(reg, adm, target, key)
     for name in _orphan_checks(adm, settings):
-        with builds.key_lock_if_free(reg, _check_key(name)) as mine:
+        with builds.key_lock_if_free(reg, _check_key(name), lock_host) as mine:
             if mine:
                 admin.drop_database(adm, name)
                 handled.append(name)
