@@ -62,6 +62,10 @@ ON_ERROR = ("stop", "continue")
 BUSY_ATTEMPTS = 5
 _BUSY_BACKOFF_S = 0.5
 MAX_PARALLEL = 64
+# Measured on 2 cores, 1,000 tenants: 2 → 4 → 8 threads each cut the wall time by a third or
+# more (a tenant's time is half waits: connection start-up, commit, round trips); 16 gained
+# less again and doubles the connections (one to the system database, one to a tenant each).
+DEFAULT_PARALLEL = 8
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class UpgradeOptions:
     to_version: str | None = None  # default: the key's current build
     tenants: tuple[str, ...] = ()  # names; default: every tenant of the key
     canary: int = 0
-    parallel: int = 4
+    parallel: int = DEFAULT_PARALLEL
     on_error: str = "stop"
 
     def check(self) -> None:
@@ -750,7 +754,7 @@ def begin(svc: Pipeline, key: str, options: UpgradeOptions) -> Run:
         raise
 
 
-def resume(svc: Pipeline, op_id: UUID, *, parallel: int = 4) -> Run:
+def resume(svc: Pipeline, op_id: UUID, *, parallel: int = DEFAULT_PARALLEL) -> Run:
     """Take over the dead run ``op_id`` (``monk doctor --repair``)."""
     with svc.hosts.pools().system() as reg:
         op = _operation(reg, op_id)
