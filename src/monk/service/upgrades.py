@@ -62,9 +62,9 @@ ON_ERROR = ("stop", "continue")
 BUSY_ATTEMPTS = 5
 _BUSY_BACKOFF_S = 0.5
 MAX_PARALLEL = 64
-# Measured on 2 cores, 1,000 tenants: 2 → 4 → 8 threads each cut the wall time by a third or
-# more (a tenant's time is half waits: connection start-up, commit, round trips); 16 gained
-# less again and doubles the connections (one to the system database, one to a tenant each).
+# Measured on 2 cores, 1,000 tenants (docs/benchmarks.md): 8 threads beat 4 by 1-26 % (a
+# tenant's time is partly waits: connection start-up, commit, round trips); 16 gained -3 to
+# +17 % more and doubles the connections (one to the system database, one to a tenant each).
 DEFAULT_PARALLEL = 8
 
 
@@ -214,8 +214,8 @@ class _Paths:
         return found
 
     def target(self, svc: Pipeline, sysc: psycopg.Connection[Any]) -> ServerTarget:
-        """The host, logging in with its SCRAM keys when it can: measured, a fresh
-        connection's PBKDF2 was the largest client cost of a tenant's upgrade."""
+        """The host, logging in with its SCRAM keys when it can: kept for the bench, a login
+        took 4.2 ms with the keys against 10.8 ms with the password (its PBKDF2)."""
         with self._lock:
             if self._target is None:
                 self._target = with_scram_keys(

@@ -5,8 +5,8 @@ transaction the upgrade is; the caller commits.
 
 A run's upgrade is three round trips on an autocommit connection whose ``lock_timeout`` came
 with its start-up packet: ``begin_read_build`` (BEGIN + the record FOR UPDATE), ``apply_steps``
-(every chunk and the record's update, one simple query), COMMIT. Measured on 1,000 tenants: the
-statement-per-round-trip form (11 round trips) cost ~1.5 ms more per tenant.
+(every chunk and the record's update, one simple query), COMMIT, instead of 11+. Kept for the
+bench: with the login by SCRAM keys, 1,000 tenants went from 18.6 s to 10.3 s at 8 threads.
 """
 
 from __future__ import annotations
