@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from monk.api.envelope import Failure
 from monk.service.operations import Operation
 from monk.service.templates import TemplateBuild
+from monk.service.upgrades import DEFAULT_PARALLEL
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT
 
 
@@ -480,7 +481,9 @@ class TemplateUpgradeRequest(BaseModel):
         le=10_000,
         description="Upgrade this many first; any failure stops the run.",
     )
-    parallel: int = Field(default=4, ge=1, le=64, description="Tenants upgraded at once.")
+    parallel: int = Field(
+        default=DEFAULT_PARALLEL, ge=1, le=64, description="Tenants upgraded at once."
+    )
     on_error: Literal["stop", "continue"] = Field(
         default="stop",
         description="stop: schedule no more after a failure; continue: finish the rest.",

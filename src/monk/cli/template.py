@@ -505,7 +505,13 @@ def upgrade(
     canary: int = typer.Option(
         0, "--canary", min=0, help="Upgrade this many tenants first; any failure stops the run."
     ),
-    parallel: int = typer.Option(4, "--parallel", min=1, max=64, help="Tenants at once."),
+    parallel: int = typer.Option(
+        8,
+        "--parallel",
+        min=1,
+        max=64,
+        help="Tenants at once.",  # upgrades.DEFAULT_PARALLEL
+    ),
     on_error: str = typer.Option(
         "stop", "--on-error", help="stop: schedule no more after a failure; continue: finish."
     ),

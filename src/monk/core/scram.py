@@ -30,3 +30,29 @@ def verifier(password: str, *, salt: bytes | None = None, iterations: int = ITER
         return base64.b64encode(raw).decode("ascii")
 
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def client_keys(password: str, stored: str) -> tuple[str, str] | None:
+    """The (ClientKey, ServerKey) of ``password`` under the verifier ``stored`` (as
+    pg_authid holds it), base64: what libpq 18's ``scram_client_key``/``scram_server_key`` take
+    to log in without the password's PBKDF2. None when ``stored`` is not a SCRAM-SHA-256
+    verifier or the password does not match it."""
+    try:
+        mechanism, rest = stored.split("$", 1)
+        iterations_salt, keys = rest.split("$", 1)
+        iterations, salt = iterations_salt.split(":", 1)
+        stored_key, server_key = keys.split(":", 1)
+        if mechanism != "SCRAM-SHA-256":
+            return None
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", password.encode("utf-8"), base64.b64decode(salt), int(iterations)
+        )
+    except ValueError:
+        return None
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    if base64.b64encode(hashlib.sha256(client_key).digest()).decode("ascii") != stored_key:
+        return None
+    server = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    if base64.b64encode(server).decode("ascii") != server_key:
+        return None
+    return base64.b64encode(client_key).decode("ascii"), server_key

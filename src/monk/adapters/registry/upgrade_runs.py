@@ -9,7 +9,7 @@ is dead (its process was killed), and the next run of the key resumes it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from monk.adapters.registry import (
     list_operations,
     pipelined_transaction,
 )
+from monk.adapters.registry.locks import advisory_key
 
 Conn = psycopg.Connection[Any]
 
@@ -168,6 +169,27 @@ def counts(conn: Conn, op_id: UUID) -> dict[str, int]:
     return {str(s): int(n) for s, n in rows}
 
 
+def claim(
+    conn: Conn, op_id: UUID | None, tenant_id: UUID, database: str
+) -> tuple[bool, Tenant | None]:
+    """The tenant's lock tried; then its registry row, read by a statement of its own (after
+    the lock is held, so it sees what the lock's last holder committed); and the run's row
+    marked running (the caller marks it again when the tenant does not go on): one round
+    trip, a pipeline. (Whether the lock was taken, the row.)"""
+    rows = conn.cursor(row_factory=class_row(Tenant))
+    with conn.pipeline():
+        lock = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(database),))
+        rows.execute(
+            sql.SQL("SELECT {} FROM tenants WHERE id = %s").format(TENANT_COLUMNS), (tenant_id,)
+        )
+        if op_id is not None:
+            mark_running(conn, op_id, tenant_id)
+    held = lock.fetchone()
+    tenant = rows.fetchone()
+    rows.close()
+    return bool(held and held[0]), tenant
+
+
 def mark_running(conn: Conn, op_id: UUID, tenant_id: UUID) -> None:
     conn.execute(
         "UPDATE upgrade_tenants SET state = 'running', attempts = attempts + 1,"
@@ -204,10 +226,12 @@ def record_done(
     version: str,
     level: int,
     reason: str | None = None,
+    after_commit: Callable[[], object] | None = None,
 ) -> None:
     """The tenant's database committed at ``version`` / ``level``: the registry follows, and
-    the run's row says done, in one transaction."""
-    with pipelined_transaction(conn):  # one round trip
+    the run's row says done, in one transaction; then ``after_commit`` (the tenant's unlock),
+    all in one round trip."""
+    with pipelined_transaction(conn, after_commit=after_commit):
         conn.execute(
             "UPDATE tenants SET template_version = %s, migration_level = %s, updated_at = now()"
             " WHERE id = %s",
