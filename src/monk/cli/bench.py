@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -73,14 +75,6 @@ def bench(
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
     # Imported here: the bench and its progress bars load only when 'monk bench' runs.
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     from monk.bench.report import render
     from monk.bench.runner import Bench, BenchConfig
     from monk.service.presence import refuse_beside_serve
@@ -100,6 +94,28 @@ def bench(
     target = s.target
     embedded = s.settings.database_url is None
     refuse_beside_serve(target, s.settings.system_db_name, "the figures")
+    with _phase_bar(_PHASES) as progress:
+        result = Bench(
+            s.settings, target, runner_config, progress=progress, embedded=embedded
+        ).run()
+    render(result, console)
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+@contextmanager
+def _phase_bar(labels: dict[str, str]) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar per bench phase on stderr (none when it is not a terminal); yields the
+    callback the bench reports ``(phase, done, total)`` to."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -113,41 +129,19 @@ def bench(
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
-                tasks[phase] = int(bar.add_task(_PHASES.get(phase, phase), total=total))
+                tasks[phase] = int(bar.add_task(labels.get(phase, phase), total=total))
             bar.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
 
-        result = Bench(
-            s.settings, target, runner_config, progress=progress, embedded=embedded
-        ).run()
-    render(result, console)
-    if json_file is not None:
-        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        console.print(f"wrote {json_file}")
+        yield progress
 
 
 def _bench_upgrade(tenants: int, levels: tuple[int, ...], json_file: Path | None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from monk.bench.upgrade import UpgradeBench
     from monk.service.presence import refuse_beside_serve
 
     s = state()
     refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = int(bar.add_task(phase, total=total))
-            bar.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
-
+    with _phase_bar({}) as progress:
         result = UpgradeBench(
             s.settings, s.target, tenants=tenants, levels=levels, progress=progress
         ).run()

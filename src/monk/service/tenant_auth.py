@@ -24,6 +24,7 @@ import psycopg
 
 from monk.adapters.postgres import tenant_users as users_db
 from monk.adapters.postgres.connection import connect
+from monk.adapters.postgres.tenant_users import UserRow
 from monk.adapters.registry import Tenant
 from monk.adapters.registry import logins as logins_db
 from monk.adapters.registry.logins import TenantState
@@ -368,6 +369,10 @@ def _check_user(
     except psycopg.OperationalError:
         # A tenant closed between the read and the connection: refused like any other.
         return None
+    return _identity(tenant, row)
+
+
+def _identity(tenant: Tenant, row: UserRow) -> Identity:
     return Identity(
         user_id=str(row.id),
         username=row.auth,
@@ -386,14 +391,7 @@ def still_valid(svc: TenantService, identity: Identity) -> Identity:
         row = users_db.find_by_id(conn, UUID(identity.user_id))
     if row is None or row.access == "deny":
         raise LoginFailed("the token's user no longer exists or was denied access")
-    return Identity(
-        user_id=str(row.id),
-        username=row.auth,
-        tenant=tenant.name,
-        tenant_id=str(tenant.id),
-        database=tenant.database,
-        access=row.access,
-    )
+    return _identity(tenant, row)
 
 
 # --------------------------------------------------------------------------- tenant state
