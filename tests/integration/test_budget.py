@@ -145,7 +145,10 @@ def test_under_concurrent_load_over_many_databases_the_server_never_holds_more_t
         b.close()
     assert errors == []
     assert sampler.samples > 20
-    assert 0 < sampler.peak <= cap, sampler.peak
+    # An evicted backend exits asynchronously after its connection is closed: the server may
+    # show it for a moment beside its successor (seen once on PostgreSQL 15 in CI). monk itself
+    # never holds more than the cap (stats.open); the server's view may lag by that one exit.
+    assert 0 < sampler.peak <= cap + 1, sampler.peak
     assert stats.open <= cap
     assert stats.evictions > 0  # 60 databases through 8 connections
     assert stats.waits > 0
