@@ -93,6 +93,10 @@ class BudgetCollector(Collector):
             "waits": ("monk_budget_waits", "Requests that waited for a connection"),
             "wait_seconds": ("monk_budget_wait_seconds", "Time requests spent waiting"),
             "exhausted": ("monk_budget_exhausted", "Requests answered BUDGET_EXHAUSTED"),
+            "exit_wait_seconds": (
+                "monk_budget_exit_wait_seconds",
+                "Time evictions waited for the evicted backend to exit",
+            ),
         }
         for attr, (name, doc) in counters.items():
             c = CounterMetricFamily(name, doc, labels=["host"])

@@ -13,6 +13,8 @@ Connections log in as monk's admin role (monk does not keep tenant passwords), a
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +52,71 @@ _RESET = (
 )
 
 
+# How long a closed connection's backend may take to exit before its slot opens again anyway
+# (logged). An idle backend exits in well under a millisecond once told to.
+EXIT_WAIT_S = 2.0
+
+
+class Exiting:
+    """A connection closed (Terminate sent) whose server backend may still be exiting.
+
+    A backend told to terminate leaves pg_stat_activity and frees its ``max_connections`` slot
+    a moment after the client closes; opening a successor at once can let the server count
+    both. PostgreSQL keeps the backend's socket open until its process ends so that a client
+    can make a "synchronous close" (pqcomm.c, socket_close): a duplicate of the socket is kept
+    across ``close()``, and its end of file is the backend gone. No query, no other connection.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._sock: socket.socket | None = None
+        try:
+            fd = os.dup(conn.fileno())
+        except (OSError, psycopg.Error):
+            fd = -1
+        if fd >= 0:
+            try:
+                self._sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+        conn.close()  # sends Terminate: the backend starts exiting now
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the backend has exited; False after ``timeout`` (default EXIT_WAIT_S;
+        logged) or when it could not be watched."""
+        timeout = EXIT_WAIT_S if timeout is None else timeout
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return False
+        with sock:
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    if not sock.recv(4096):
+                        return True  # end of file: the backend process has ended
+                except TimeoutError:
+                    break
+                except OSError:
+                    return True  # reset: gone too
+        log.warning("budget: a closed connection's backend did not exit within %.1f s", timeout)
+        return False
+
+    def abandon(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def close_and_wait(conn: psycopg.Connection[Any], timeout: float | None = None) -> bool:
+    """Close ``conn`` and wait until its backend has exited (see ``Exiting``)."""
+    return Exiting(conn).wait(timeout)
+
+
+# What a grant carries: the idle connection it reuses, the one it evicted (closed at once, its
+# backend exiting while the grantee wakes up), or nothing (a free slot).
+Held = psycopg.Connection[Any] | Exiting | None
+
+
 @dataclass(frozen=True)
 class BudgetStats:
     """Counters since this budget was made, and its state now (for /metrics)."""
@@ -65,6 +132,7 @@ class BudgetStats:
     waits: int  # requests that had to queue
     wait_seconds: float  # their time in the queue, summed
     exhausted: int  # requests that gave up after the wait limit (BudgetExhausted)
+    exit_wait_seconds: float = 0.0  # evictions' waits for the evicted backend to exit, summed
 
 
 class Budget:
@@ -86,12 +154,13 @@ class Budget:
         # ticket -> its grant with the idle connection it reuses or evicts, taken out of
         # ``_idle`` (an evicted one is closed by the grantee before it opens its own: its
         # backend is told to exit before the new one is forked).
-        self._granted: dict[int, tuple[Grant, psycopg.Connection[Any] | None]] = {}
+        self._granted: dict[int, tuple[Grant, Held]] = {}
         self._next = 0
         self._closed = False
         self._opens = self._evictions = self._closed_for_tenant = self._discarded = 0
         self._waits = self._exhausted = 0
         self._wait_seconds = 0.0
+        self._exit_wait_seconds = 0.0
 
     # ------------------------------------------------------------------ use
 
@@ -145,9 +214,7 @@ class Budget:
             )
         return self._serve(grant)
 
-    def _wait(
-        self, ticket: int, deadline: float
-    ) -> tuple[Grant, psycopg.Connection[Any] | None] | None:
+    def _wait(self, ticket: int, deadline: float) -> tuple[Grant, Held] | None:
         """Under the lock: the grant of ``ticket``, or None once ``deadline`` passed (the
         request withdrawn). Interrupted, it gives back a grant it got."""
         try:
@@ -164,31 +231,35 @@ class Budget:
                 self._give_back(self._granted.pop(ticket))
             raise
 
-    def _give_back(self, granted: tuple[Grant, psycopg.Connection[Any] | None]) -> None:
+    def _give_back(self, granted: tuple[Grant, Held]) -> None:
         """Under the lock: a grant not used (its requester was interrupted)."""
-        grant, conn = granted
-        if grant.reuse is not None and conn is not None:
+        grant, held = granted
+        if grant.reuse is not None and isinstance(held, psycopg.Connection):
             self._ledger.release(grant.database, grant.reuse)
-            self._idle[grant.reuse] = conn
+            self._idle[grant.reuse] = held
         else:
-            if conn is not None:
-                conn.close()  # evicted for it
+            if isinstance(held, Exiting):
+                held.abandon()  # evicted for it: already closed
             self._ledger.release(grant.database, None)
         self._dispatch()
 
-    def _serve(
-        self, granted: tuple[Grant, psycopg.Connection[Any] | None]
-    ) -> tuple[int, psycopg.Connection[Any]]:
+    def _serve(self, granted: tuple[Grant, Held]) -> tuple[int, psycopg.Connection[Any]]:
         """The connection a grant stands for: the idle one it reuses if still alive, else a
-        new one in its slot (after closing the one it evicts). A failure to open gives the
-        slot back."""
+        new one in its slot (once the backend of the one it evicted has exited). A failure to
+        open gives the slot back."""
         grant, held = granted
-        if grant.reuse is not None and held is not None:
+        if isinstance(held, psycopg.Connection):
+            assert grant.reuse is not None
             if alive(held):
                 return grant.reuse, held
             self._discard(held)  # dead while idle (a restart, a terminated backend)
-        elif held is not None:
-            held.close()  # evicted: closed before this slot opens again
+        elif isinstance(held, Exiting):
+            # Evicted: its backend gone before this slot opens again, so that the server never
+            # counts more than the cap either (not just monk). Bounded: EXIT_WAIT_S.
+            started = time.perf_counter()
+            held.wait()
+            with self._cond:
+                self._exit_wait_seconds += time.perf_counter() - started
         try:
             conn = self._open(grant.database)
         except BaseException:
@@ -233,6 +304,13 @@ class Budget:
         return conn
 
     def _release(self, database: str, key: int, conn: psycopg.Connection[Any] | None) -> None:
+        if conn is not None:
+            with self._cond:
+                doomed = self._closed or database in self._ledger.doomed
+            if doomed:
+                # Not kept: its backend gone before its slot is handed to the next request.
+                close_and_wait(conn)
+                conn = None
         with self._cond:
             kept = self._ledger.release(database, key if conn is not None else None)
             if kept and self._closed:
@@ -249,11 +327,13 @@ class Budget:
         """Under the lock: hand out what the ledger grants now, and wake the grantees."""
         grants = self._ledger.grants()
         for grant in grants:
-            held = None
+            held: Held = None
             if grant.reuse is not None:
                 held = self._idle.pop(grant.reuse)
             elif grant.evict is not None:
-                held = self._idle.pop(grant.evict)
+                # Closed now, under the lock (a few bytes sent): the backend exits while the
+                # grantee wakes up, which then waits for the rest of its exit.
+                held = Exiting(self._idle.pop(grant.evict))
                 self._evictions += 1
             self._granted[grant.ticket] = (grant, held)
         if grants:
@@ -266,8 +346,11 @@ class Budget:
 
     @staticmethod
     def _close_all(conns: list[psycopg.Connection[Any]]) -> None:
+        """Close them and wait for their backends to exit (a DROP DATABASE that follows, or a
+        slot handed out again, finds them gone)."""
         for conn in conns:
-            conn.close()
+            if not conn.closed:
+                close_and_wait(conn)
 
     # ------------------------------------------------------------------ control
 
@@ -279,8 +362,9 @@ class Budget:
             keys = self._ledger.evict(database)
             conns = [self._idle.pop(key) for key in keys]
             self._closed_for_tenant += len(conns)
-            self._dispatch()  # the freed slots may serve a waiting request
         self._close_all(conns)
+        with self._cond:
+            self._dispatch()  # the freed slots may serve a waiting request
         return len(conns)
 
     def stats(self) -> BudgetStats:
@@ -298,6 +382,7 @@ class Budget:
                 waits=self._waits,
                 wait_seconds=self._wait_seconds,
                 exhausted=self._exhausted,
+                exit_wait_seconds=self._exit_wait_seconds,
             )
 
     def close(self) -> None:
