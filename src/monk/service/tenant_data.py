@@ -82,6 +82,8 @@ class TenantData:
             with budget.connection(state.database) as conn:
                 try:
                     with conn.transaction():
+                        if state.role is not None:
+                            data_db.as_role(conn, state.role)
                         models = self._cached(state, conn)
                         model = None
                         if model_name is not None:

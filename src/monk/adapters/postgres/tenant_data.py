@@ -33,6 +33,13 @@ _MODELS = (
 )
 
 
+def as_role(conn: Conn, role: str) -> None:
+    """Run the rest of the transaction as the tenant's own role (it owns the tenant's tables
+    through pg_database_owner): monk's admin role, which the budget logs in as, does no data
+    work itself."""
+    conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+
+
 def load_models(conn: Conn) -> dict[str, Model]:
     """The tenant's registered models (schemas rows) with their fields (columns rows)."""
     found: dict[str, tuple[str, Any, list[Field]]] = {}

@@ -67,6 +67,8 @@ class TenantState:
     host: str
     # The template build the tenant is at (key:version:level): what its models are cached by.
     build: str | None = None
+    # The tenant's own role: the data routes run their statements as it (SET LOCAL ROLE).
+    role: str | None = None
 
 
 def tenant_state(conn: psycopg.Connection[Any], tenant_id: UUID) -> TenantState | None:
@@ -74,10 +76,10 @@ def tenant_state(conn: psycopg.Connection[Any], tenant_id: UUID) -> TenantState 
     row = conn.execute(
         "SELECT id, name, status, database, host,"
         " coalesce(template_key, '') || ':' || coalesce(template_version, '') || ':'"
-        " || coalesce(migration_level::text, '')"
+        " || coalesce(migration_level::text, ''), role_name"
         " FROM tenants WHERE id = %s",
         (tenant_id,),
     ).fetchone()
     if row is None:
         return None
-    return TenantState(row[0], row[1], row[2], row[3], row[4], row[5])
+    return TenantState(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
