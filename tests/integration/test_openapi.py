@@ -112,6 +112,10 @@ def test_schema_lists_every_route(client: TestClient) -> None:
         "/api/root/host/{name}/check",
         "/api/root/host/{name}/drain",
         "/api/root/host/{name}/undrain",
+        "/api/describe",
+        "/api/describe/{model}",
+        "/api/data/{model}",
+        "/api/data/{model}/{record_id}",
     }
 
 

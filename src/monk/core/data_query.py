@@ -59,6 +59,7 @@ def require(access: str, action: Action) -> None:
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+MAX_OFFSET = 2**53  # JSON's safe integers; PostgreSQL's OFFSET is a bigint
 MAX_WHERE_DEPTH = 8
 MAX_WHERE_TERMS = 200
 MAX_IN_VALUES = 1000
@@ -445,6 +446,8 @@ def check_limit(limit: int | None, offset: int | None) -> tuple[int, int]:
     off = 0 if offset is None else offset
     if lim < 0 or off < 0:
         raise InvalidQuery("limit and offset must not be negative")
+    if off > MAX_OFFSET:
+        raise InvalidQuery(f"offset must be at most {MAX_OFFSET}")
     return min(lim, MAX_LIMIT), off
 
 
