@@ -6,10 +6,12 @@ that are 4xx and change nothing, access levels, and a token reaching only its ow
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +22,14 @@ from psycopg import sql
 
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token, issue_tenant_token, signing_secret
+from monk.service import upgrades
+from monk.service.server import Server
+from monk.service.templates import TemplateService
+from monk.service.tenants import TenantService
+from monk.service.upgrades import UpgradeOptions
+from monk.settings import Settings
 from tests.integration.conftest import Env
+from tests.integration.template_support import copy_builtin, drop_key, new_key
 
 PASSWORD = "data route password"
 
@@ -507,3 +516,57 @@ def test_a_tenant_token_reaches_only_its_own_tenant(
     root_token = issue_root_token(env.settings, ttl_seconds=60)
     r = client.get("/api/data/account", headers={"Authorization": f"Bearer {root_token}"})
     fails(r, 401, "AUTH_TOKEN_INVALID")
+
+
+# --------------------------------------------------------------------------- the model cache
+
+
+def test_the_model_cache_follows_an_upgrade(
+    settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    """A field added by an upgrade is accepted, and described, within the tenant state's
+    refresh: the models are cached per build, and the upgrade moves the tenant's build."""
+    target, _ = Server.from_settings(settings).init()
+    key = new_key("dm")
+    source = copy_builtin(tmp_path, "basic", key)
+    with TemplateService.open(settings, target) as templates:
+        templates.build(key, source_dir=source)
+    try:
+        with TestClient(create_app(settings)) as c:
+            root = {"Authorization": f"Bearer {issue_root_token(settings, ttl_seconds=600)}"}
+            body = {"name": f"Cache {uuid.uuid4().hex[:6]}", "template": key}
+            made = ok(
+                c.post("/api/root/tenant", json={**body, "root_password": PASSWORD}, headers=root),
+                201,
+            )
+            login = {"tenant": made["name"], "username": "root", "password": PASSWORD}
+            token = ok(c.post("/auth/login", json=login))["token"]
+            h = {"Authorization": f"Bearer {token}"}
+            record = [account(f"Nick {uuid.uuid4().hex[:6]}", nickname="nick")]
+            error = fails(
+                c.post("/api/data/account", json=record, headers=h), 400, "VALIDATION_ERROR"
+            )
+            assert "field 'nickname'" in error
+            assert "nickname" not in ok(c.get("/api/describe/account", headers=h))["properties"]
+
+            schema_file = source / "schemas" / "account.json"
+            schema = json.loads(schema_file.read_text())
+            schema["properties"]["nickname"] = {"type": "string", "maxLength": 40}
+            schema_file.write_text(json.dumps(schema))
+            with TemplateService.open(settings, target) as templates:
+                templates.build(key, source_dir=source)
+            with TenantService(settings, target) as svc:
+                report = upgrades.begin(svc, key, UpgradeOptions()).execute()
+            assert report.state == "done", report
+
+            deadline = time.monotonic() + settings.tenant_state_ttl_ms / 1000 + 2
+            while True:
+                r = c.post("/api/data/account", json=record, headers=h)
+                if r.status_code == 201 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert ok(r, 201)[0]["nickname"] == "nick"
+            described = ok(c.get("/api/describe/account", headers=h))
+            assert described["properties"]["nickname"]["maxLength"] == 40
+    finally:
+        drop_key(admin_url, key)
