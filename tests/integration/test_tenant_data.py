@@ -471,6 +471,40 @@ def test_access_levels(client: TestClient, tenant: Tenant, env: Env) -> None:
     assert table(env, tenant) == before
 
 
+def _within(seconds: float, check: Any) -> httpx.Response:
+    """The first answer ``check`` accepts within ``seconds`` (or the last one)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        r: httpx.Response = check()
+        if r.status_code == 403 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
+def test_a_lowered_or_removed_user_loses_access_within_a_second_with_the_old_token(
+    client: TestClient, root: dict[str, str], env: Env
+) -> None:
+    t = _tenant(client, root, env)
+    assert ok(client.post("/api/data/account", json=[account("Low")], headers=t.h("edit")), 201)
+    with psycopg.connect(env.target.conninfo, dbname=t.database, autocommit=True) as conn:
+        conn.execute("UPDATE users SET access = 'read' WHERE auth = 'u_edit'")
+    started = time.monotonic()
+    r = _within(
+        1.0,
+        lambda: client.post("/api/data/account", json=[account("Low2")], headers=t.h("edit")),
+    )
+    fails(r, 403, "ACCESS_INSUFFICIENT")
+    assert time.monotonic() - started < 1.0
+    assert ok(client.get("/api/data/account", headers=t.h("edit")))  # still reads
+
+    removed = client.delete(f"/api/root/tenant/{t.name}/user/u_full", headers=root)
+    assert removed.status_code == 200, removed.text
+    started = time.monotonic()
+    r = _within(1.0, lambda: client.get("/api/data/account", headers=t.h("full")))
+    fails(r, 403, "ACCESS_DENIED")
+    assert time.monotonic() - started < 1.0
+
+
 def json_claims(client: TestClient, t: Tenant) -> dict[str, Any]:
     who = ok(client.get("/api/whoami", headers=t.h("read")))
     return {

@@ -14,6 +14,8 @@ once more on fresh models.
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from monk.adapters.postgres import tenant_data as data_db
+from monk.adapters.postgres import tenant_users as users_db
 from monk.adapters.registry.logins import TenantState
 from monk.core import data_query as q
 from monk.core.data_query import Action, Model
@@ -34,6 +37,16 @@ _CACHE_MAX = 10_000  # tenant databases whose models one process keeps
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who a data request is from: the tenant (its state now), the token's user and the access
+    the token claims (as it was at login)."""
+
+    state: TenantState
+    user_id: str
+    access: str
+
+
+@dataclass(frozen=True)
 class ReadQuery:
     where: str | None = None
     order: str | None = None
@@ -44,10 +57,16 @@ class ReadQuery:
 
 
 class TenantData:
-    def __init__(self, hosts: Hosts) -> None:
+    """``access_ttl``: how long a user's current access level, read from the tenant's
+    ``users`` row, is trusted (the tenant state's TTL: a user removed or lowered loses that
+    access within it, though their token is still valid)."""
+
+    def __init__(self, hosts: Hosts, *, access_ttl: float = 0.5) -> None:
         self.hosts = hosts
+        self.access_ttl = access_ttl
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], tuple[str | None, dict[str, Model]]] = {}
+        self._access: dict[tuple[str, str, str], tuple[float, str]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -64,19 +83,44 @@ class TenantData:
             self._models[key] = (state.build, models)
         return models
 
+    def _current_access(self, caller: Caller, conn: Conn) -> str:
+        """The lower of the token's access and the user's access now (re-read after
+        ``access_ttl``); ``deny`` for a user removed since the login."""
+        state = caller.state
+        key = (state.host, state.database, caller.user_id)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._access.get(key)
+        if hit is not None and now - hit[0] < self.access_ttl:
+            current = hit[1]
+        else:
+            try:
+                found = users_db.access_of(conn, uuid.UUID(caller.user_id))
+            except ValueError:
+                found = None
+            current = found or "deny"
+            with self._lock:
+                if len(self._access) >= _CACHE_MAX:
+                    self._access.clear()
+                self._access[key] = (now, current)
+        levels = q.ACCESS_LEVELS
+        if caller.access not in levels or current not in levels:
+            return "deny"
+        return min(caller.access, current, key=levels.index)
+
     def forget(self, host: str, database: str) -> None:
         with self._lock:
             self._models.pop((host, database), None)
 
     def _run(
         self,
-        state: TenantState,
-        access: str,
+        caller: Caller,
         action: Action,
         model_name: str | None,
         work: Callable[[Conn, Model | None, dict[str, Model]], T],
     ) -> T:
-        q.require(access, action)
+        q.require(caller.access, action)  # what the token claims: refused without a connection
+        state = caller.state
         budget = self.hosts.budget(state.host)
         for attempt in (1, 2):
             with budget.connection(state.database) as conn:
@@ -84,6 +128,7 @@ class TenantData:
                     with conn.transaction():
                         if state.role is not None:
                             data_db.as_role(conn, state.role)
+                        q.require(self._current_access(caller, conn), action)
                         models = self._cached(state, conn)
                         model = None
                         if model_name is not None:
@@ -103,7 +148,7 @@ class TenantData:
 
     # ------------------------------------------------------------------ describe
 
-    def models(self, state: TenantState, access: str) -> list[dict[str, Any]]:
+    def models(self, caller: Caller) -> list[dict[str, Any]]:
         def work(_c: Conn, _m: Model | None, models: dict[str, Model]) -> list[dict[str, Any]]:
             return [
                 {
@@ -115,20 +160,18 @@ class TenantData:
                 for m in models.values()
             ]
 
-        return self._run(state, access, Action.READ, None, work)
+        return self._run(caller, Action.READ, None, work)
 
-    def describe(self, state: TenantState, access: str, model: str) -> dict[str, Any]:
+    def describe(self, caller: Caller, model: str) -> dict[str, Any]:
         def work(_c: Conn, m: Model | None, _ms: dict[str, Model]) -> dict[str, Any]:
             assert m is not None
             return m.describe()
 
-        return self._run(state, access, Action.READ, model, work)
+        return self._run(caller, Action.READ, model, work)
 
     # ------------------------------------------------------------------ read
 
-    def find(
-        self, state: TenantState, access: str, model: str, query: ReadQuery
-    ) -> list[dict[str, Any]]:
+    def find(self, caller: Caller, model: str, query: ReadQuery) -> list[dict[str, Any]]:
         where = q.parse_json(query.where, "where")
         limit, offset = q.check_limit(query.limit, query.offset)
 
@@ -149,10 +192,10 @@ class TenantData:
                 include_trashed=query.include_trashed,
             )
 
-        return self._run(state, access, Action.READ, model, work)
+        return self._run(caller, Action.READ, model, work)
 
     def get(
-        self, state: TenantState, access: str, model: str, record_id: str, *, include_trashed: bool
+        self, caller: Caller, model: str, record_id: str, *, include_trashed: bool
     ) -> dict[str, Any]:
         rid = q.check_id(record_id)
 
@@ -163,23 +206,19 @@ class TenantData:
                 raise RecordNotFound(f"model {m.name!r} has no record {rid}")
             return row
 
-        return self._run(state, access, Action.READ, model, work)
+        return self._run(caller, Action.READ, model, work)
 
     # ------------------------------------------------------------------ write
 
-    def create(
-        self, state: TenantState, access: str, model: str, records: Any
-    ) -> list[dict[str, Any]]:
+    def create(self, caller: Caller, model: str, records: Any) -> list[dict[str, Any]]:
         def work(conn: Conn, m: Model | None, _ms: dict[str, Model]) -> list[dict[str, Any]]:
             assert m is not None
             checked = q.validate_records(m, records, partial=False)
             return data_db.insert(conn, m, [values for _id, values in checked])
 
-        return self._run(state, access, Action.WRITE, model, work)
+        return self._run(caller, Action.WRITE, model, work)
 
-    def update_many(
-        self, state: TenantState, access: str, model: str, records: Any
-    ) -> list[dict[str, Any]]:
+    def update_many(self, caller: Caller, model: str, records: Any) -> list[dict[str, Any]]:
         """PUT: each record names its id and the fields to set; all or nothing."""
 
         def work(conn: Conn, m: Model | None, _ms: dict[str, Model]) -> list[dict[str, Any]]:
@@ -191,11 +230,9 @@ class TenantData:
                 out.append(_update_one(conn, m, rid, values, index=i))
             return out
 
-        return self._run(state, access, Action.WRITE, model, work)
+        return self._run(caller, Action.WRITE, model, work)
 
-    def update(
-        self, state: TenantState, access: str, model: str, record_id: str, body: Any
-    ) -> dict[str, Any]:
+    def update(self, caller: Caller, model: str, record_id: str, body: Any) -> dict[str, Any]:
         rid = q.check_id(record_id)
 
         def work(conn: Conn, m: Model | None, _ms: dict[str, Model]) -> dict[str, Any]:
@@ -207,10 +244,10 @@ class TenantData:
             _id, values = q.validate_record(m, body, partial=True)
             return _update_one(conn, m, rid, values, index=None)
 
-        return self._run(state, access, Action.WRITE, model, work)
+        return self._run(caller, Action.WRITE, model, work)
 
     def patch(
-        self, state: TenantState, access: str, model: str, where: str | None, body: Any
+        self, caller: Caller, model: str, where: str | None, body: Any
     ) -> list[dict[str, Any]]:
         """PATCH ?where=: the same changes on every matched live record."""
         if where is None:
@@ -223,12 +260,11 @@ class TenantData:
             condition, params = q.compile_where(m, parsed)
             return data_db.update(conn, m, values, condition, params)
 
-        return self._run(state, access, Action.WRITE, model, work)
+        return self._run(caller, Action.WRITE, model, work)
 
     def delete(
         self,
-        state: TenantState,
-        access: str,
+        caller: Caller,
         model: str,
         *,
         where: str | None,
@@ -256,10 +292,10 @@ class TenantData:
             )
 
         action = Action.PERMANENT_DELETE if permanent else Action.DELETE
-        return self._run(state, access, action, model, work)
+        return self._run(caller, action, model, work)
 
     def delete_one(
-        self, state: TenantState, access: str, model: str, record_id: str, *, permanent: bool
+        self, caller: Caller, model: str, record_id: str, *, permanent: bool
     ) -> dict[str, Any]:
         rid = q.check_id(record_id)
 
@@ -277,7 +313,7 @@ class TenantData:
             return rows[0]
 
         action = Action.PERMANENT_DELETE if permanent else Action.DELETE
-        return self._run(state, access, action, model, work)
+        return self._run(caller, action, model, work)
 
 
 def _update_one(

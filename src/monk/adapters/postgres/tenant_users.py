@@ -51,6 +51,14 @@ def find_by_id(conn: Conn, user_id: UUID) -> UserRow | None:
     return UserRow(*row) if row is not None else None
 
 
+def access_of(conn: Conn, user_id: UUID) -> str | None:
+    """The user's access level now; None if the user was removed."""
+    row = conn.execute(
+        f"SELECT access FROM public.users WHERE id = %s AND {_LIVE}", (user_id,)
+    ).fetchone()
+    return str(row[0]) if row is not None else None
+
+
 def list_users(conn: Conn) -> list[UserRow]:
     rows = conn.execute(
         f"SELECT {_COLUMNS} FROM public.users WHERE {_LIVE} ORDER BY auth"

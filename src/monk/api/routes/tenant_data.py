@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, status
 
-from monk.api.deps import RuntimeDep, TenantUser
+from monk.api.deps import RuntimeDep, TenantPrincipal, TenantUser
 from monk.api.envelope import Ok, responses
-from monk.service.tenant_data import ReadQuery
+from monk.service.tenant_data import Caller, ReadQuery
 
 router = APIRouter(prefix="/api", tags=["tenant data"])
 
@@ -17,6 +17,12 @@ _READ = responses(400, 401, 403, 404, 410, 422, 500, 503)
 _WRITE = responses(400, 401, 403, 404, 410, 422, 500, 503, 507)
 
 Record = dict[str, Any]
+
+
+def _caller(who: TenantPrincipal) -> Caller:
+    return Caller(who.state, who.user_id, who.access)
+
+
 Where = Annotated[
     str | None,
     Query(description='JSON: {"field": value, "field": {"$gt": 1}, "$or": [...]}'),
@@ -28,12 +34,12 @@ Permanent = Annotated[
 
 @router.get("/describe", summary="The tenant's models", responses=_READ)
 def list_models(rt: RuntimeDep, who: TenantUser) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.models(who.state, who.access))
+    return Ok(data=rt.tenant_data.models(_caller(who)))
 
 
 @router.get("/describe/{model}", summary="A model's JSON Schema", responses=_READ)
 def describe(rt: RuntimeDep, who: TenantUser, model: str) -> Ok[Record]:
-    return Ok(data=rt.tenant_data.describe(who.state, who.access, model))
+    return Ok(data=rt.tenant_data.describe(_caller(who), model))
 
 
 @router.get("/data/{model}", summary="Find records", responses=_READ)
@@ -49,7 +55,7 @@ def find(
     include_trashed: bool = False,
 ) -> Ok[list[Record]]:
     query = ReadQuery(where, order, limit, offset, select, include_trashed)
-    return Ok(data=rt.tenant_data.find(who.state, who.access, model, query))
+    return Ok(data=rt.tenant_data.find(_caller(who), model, query))
 
 
 @router.post(
@@ -61,21 +67,21 @@ def find(
 def create(
     rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()]
 ) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.create(who.state, who.access, model, body))
+    return Ok(data=rt.tenant_data.create(_caller(who), model, body))
 
 
 @router.put("/data/{model}", summary="Update records by id (all or none)", responses=_WRITE)
 def update_many(
     rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()]
 ) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.update_many(who.state, who.access, model, body))
+    return Ok(data=rt.tenant_data.update_many(_caller(who), model, body))
 
 
 @router.patch("/data/{model}", summary="Change the records a where matches", responses=_WRITE)
 def patch(
     rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()], where: Where = None
 ) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.patch(who.state, who.access, model, where, body))
+    return Ok(data=rt.tenant_data.patch(_caller(who), model, where, body))
 
 
 @router.delete("/data/{model}", summary="Delete records (soft by default)", responses=_WRITE)
@@ -87,9 +93,7 @@ def delete(
     permanent: Permanent = False,
     body: Annotated[Any, Body()] = None,
 ) -> Ok[list[Record]]:
-    data = rt.tenant_data.delete(
-        who.state, who.access, model, where=where, ids=body, permanent=permanent
-    )
+    data = rt.tenant_data.delete(_caller(who), model, where=where, ids=body, permanent=permanent)
     return Ok(data=data)
 
 
@@ -97,9 +101,7 @@ def delete(
 def get_one(
     rt: RuntimeDep, who: TenantUser, model: str, record_id: str, include_trashed: bool = False
 ) -> Ok[Record]:
-    data = rt.tenant_data.get(
-        who.state, who.access, model, record_id, include_trashed=include_trashed
-    )
+    data = rt.tenant_data.get(_caller(who), model, record_id, include_trashed=include_trashed)
     return Ok(data=data)
 
 
@@ -107,12 +109,12 @@ def get_one(
 def update_one(
     rt: RuntimeDep, who: TenantUser, model: str, record_id: str, body: Annotated[Any, Body()]
 ) -> Ok[Record]:
-    return Ok(data=rt.tenant_data.update(who.state, who.access, model, record_id, body))
+    return Ok(data=rt.tenant_data.update(_caller(who), model, record_id, body))
 
 
 @router.delete("/data/{model}/{record_id}", summary="Delete one record", responses=_WRITE)
 def delete_one(
     rt: RuntimeDep, who: TenantUser, model: str, record_id: str, permanent: Permanent = False
 ) -> Ok[Record]:
-    data = rt.tenant_data.delete_one(who.state, who.access, model, record_id, permanent=permanent)
+    data = rt.tenant_data.delete_one(_caller(who), model, record_id, permanent=permanent)
     return Ok(data=data)
