@@ -348,9 +348,9 @@ class Budget:
     def _close_all(conns: list[psycopg.Connection[Any]]) -> None:
         """Close them and wait for their backends to exit (a DROP DATABASE that follows, or a
         slot handed out again, finds them gone)."""
-        for conn in conns:
-            if not conn.closed:
-                close_and_wait(conn)
+        exiting = [Exiting(conn) for conn in conns if not conn.closed]  # all told at once
+        for each in exiting:
+            each.wait()
 
     # ------------------------------------------------------------------ control
 
