@@ -182,23 +182,15 @@ class Model:
         """The model's JSON Schema as ``GET /api/describe/{model}`` shows it: the record schema
         plus monk's system columns, read-only."""
         out = self.record_schema()
-        system = {
-            "id": {"type": "string", "format": "uuid", "readOnly": True},
-            **{
-                name: {
-                    "type": ["string", "null"]
-                    if name in ("trashed_at", "deleted_at")
-                    else "string",
-                    "format": "date-time",
-                    "readOnly": True,
-                }
-                for name in VISIBLE_SYSTEM[1:]
-            },
-        }
+        stamp = {"type": "string", "format": "date-time", "readOnly": True}
+        maybe = {"type": ["string", "null"], "format": "date-time", "readOnly": True}
         out["properties"] = {
-            "id": system["id"],
+            "id": {"type": "string", "format": "uuid", "readOnly": True},
             **out["properties"],
-            **{k: v for k, v in system.items() if k != "id"},
+            "created_at": stamp,
+            "updated_at": dict(stamp),
+            "trashed_at": maybe,
+            "deleted_at": dict(maybe),
         }
         out["x-monk-table"] = self.table
         return out
