@@ -1,0 +1,151 @@
+"""The web console over HTTP (the real app, a real system database): sessions, CSRF, sign-in
+with a root token or an operator's argon2 hash, assets served from the package. The browser
+tests (tests/integration/test_console_browser.py) drive the same pages in Chromium."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from argon2 import PasswordHasher
+from fastapi.testclient import TestClient
+
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
+from tests.integration.conftest import Env
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def client(env: Env) -> Iterator[TestClient]:
+    settings = env.settings.model_copy(
+        update={"console_users": {"alice": PasswordHasher().hash(PASSWORD)}}
+    )
+    with TestClient(create_app(settings), follow_redirects=False) as c:
+        yield c
+
+
+def sign_in(client: TestClient, env: Env) -> tuple[str, str]:
+    """A fresh session (its cookie kept by the client) and its CSRF token."""
+    client.cookies.clear()
+    r = client.post("/console/login", data={"token": issue_root_token(env.settings)})
+    assert r.status_code == 303, r.text
+    cookie = r.cookies["monk_console"]
+    page = client.get("/console")
+    assert page.status_code == 200
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found
+    return cookie, found.group(1)
+
+
+def test_nothing_is_served_without_a_session(client: TestClient) -> None:
+    client.cookies.clear()
+    assert client.get("/").headers["location"] == "/console"
+    for page in ("/console", "/console/tenants", "/console/templates", "/console/events"):
+        r = client.get(page)
+        assert (r.status_code, r.headers["location"]) == (303, "/console/login"), page
+    for fragment in ("/console/fragment/overview", "/console/fragment/tenants"):
+        r = client.get(fragment, headers={"HX-Request": "true"})
+        assert r.status_code == 401
+        assert r.headers["HX-Redirect"] == "/console/login"
+    client.cookies.set("monk_console", "forged")
+    assert client.get("/console/fragment/overview").status_code == 401
+    assert client.get("/console/operations?fragment=1").status_code == 401
+    client.cookies.clear()
+    assert client.post("/console/tenants/x/disable", data={"csrf": "x"}).status_code == 401
+    assert client.get("/console/login").status_code == 200
+
+
+def test_the_session_cookie_is_httponly_and_strict(client: TestClient, env: Env) -> None:
+    client.cookies.clear()
+    r = client.post("/console/login", data={"token": issue_root_token(env.settings)})
+    header = r.headers["set-cookie"]
+    assert "HttpOnly" in header
+    assert "SameSite=strict" in header.replace("Strict", "strict")
+    assert "Secure" not in header  # plain HTTP here; over HTTPS it is set
+
+
+def test_a_wrong_csrf_token_changes_nothing_and_sign_out_ends_the_session(
+    client: TestClient, env: Env, monk_tenant: str
+) -> None:
+    cookie, csrf = sign_in(client, env)
+    for bad in ({"csrf": "wrong"}, {}):
+        r = client.post(f"/console/tenants/{monk_tenant}/disable", data=bad)
+        assert r.status_code == 403, r.text
+    assert "active" in client.get(f"/console/tenants/{monk_tenant}").text
+    r = client.post(f"/console/tenants/{monk_tenant}/disable", data={"csrf": csrf})
+    assert r.status_code == 303
+    page = client.get(r.headers["location"])
+    assert 'class="st st-disabled"' in page.text
+    assert client.post("/console/logout", data={"csrf": csrf}).status_code == 303
+    client.cookies.set("monk_console", cookie)  # the old cookie, replayed
+    assert client.get("/console").status_code == 303
+    r = client.post(f"/console/tenants/{monk_tenant}/enable", data={"csrf": csrf})
+    assert r.status_code == 401
+
+
+def test_operators_sign_in_with_their_argon2_hash(client: TestClient) -> None:
+    client.cookies.clear()
+    for user, password in (("alice", "wrong"), ("bob", PASSWORD), ("", "")):
+        r = client.post("/console/login", data={"user": user, "password": password})
+        assert r.status_code == 401, (user, r.status_code)
+        assert "sign-in failed" in r.text
+    assert client.post("/console/login", data={"token": "not.a.token"}).status_code == 401
+    r = client.post("/console/login", data={"user": "alice", "password": PASSWORD})
+    assert r.status_code == 303
+    page = client.get("/console")
+    assert page.status_code == 200
+    assert "alice" in page.text
+
+
+def test_assets_and_api_docs_come_from_the_package(client: TestClient) -> None:
+    js = client.get("/console/static/htmx-2.0.11.min.js")
+    assert js.status_code == 200
+    assert "htmx" in js.text[:2000]
+    assert client.get("/console/static/htmx-LICENSE.txt").status_code == 200
+    assert client.get("/console/static/console.css").status_code == 200
+    docs = client.get("/docs").text
+    assert "cdn" not in docs.lower()
+    assert "unpkg" not in docs.lower()
+    scripts = re.findall(r'src="([^"]+)"', docs)
+    assert scripts
+    assert all(s.startswith("/") for s in scripts), scripts
+    for s in scripts:
+        assert client.get(s).status_code == 200, s
+
+
+def test_a_failed_action_shows_its_error(client: TestClient, env: Env, monk_tenant: str) -> None:
+    _cookie, csrf = sign_in(client, env)
+    r = client.post(
+        "/console/tenants", data={"csrf": csrf, "name": monk_tenant, "template": env.template}
+    )
+    assert r.status_code == 409
+    assert 'role="alert"' in r.text
+    assert "TENANT_EXISTS" in r.text
+    assert client.post(f"/console/tenants/{monk_tenant}/trash", data={"csrf": csrf}).is_redirect
+    r = client.post(f"/console/tenants/{monk_tenant}/disable", data={"csrf": csrf})
+    assert r.status_code == 409
+    assert "INVALID_STATE" in r.text
+    assert client.post(f"/console/tenants/{monk_tenant}/restore", data={"csrf": csrf}).is_redirect
+    r = client.post(
+        f"/console/tenants/{monk_tenant}/purge", data={"csrf": csrf, "confirm": "not-the-name"}
+    )
+    assert r.status_code == 422
+    assert "type the tenant" in r.text
+    assert 'class="st st-active"' in client.get(f"/console/tenants/{monk_tenant}").text
+
+
+@pytest.fixture
+def monk_tenant(client: TestClient, env: Env) -> str:
+    name = f"con-{uuid.uuid4().hex[:8]}"
+    token = issue_root_token(env.settings)
+    r = client.post(
+        "/api/root/tenant",
+        json={"name": name, "template": env.template},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 201, r.text
+    return name
