@@ -149,3 +149,21 @@ def monk_tenant(client: TestClient, env: Env) -> str:
     )
     assert r.status_code == 201, r.text
     return name
+
+
+def test_every_page_and_fragment_renders_with_a_session(client: TestClient, env: Env) -> None:
+    sign_in(client, env)
+    for path in (
+        "/console",
+        "/console/fragment/overview",
+        "/console/tenants?q=con-&sort=name&order=asc",
+        "/console/fragment/tenants?status=active",
+        "/console/templates",
+        "/console/fragment/templates",
+        "/console/operations?kind=provision",
+        "/console/operations?fragment=1",
+        "/console/events?undelivered=1",
+        "/console/events?fragment=1",
+    ):
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.text[-2000:])

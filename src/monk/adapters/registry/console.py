@@ -27,8 +27,6 @@ SORTS = {
 class Minute:
     at: datetime
     provisions: int
-    p50_ms: float
-    p99_ms: float
 
 
 @dataclass
@@ -59,15 +57,11 @@ def overview(conn: Conn) -> Overview:
             " WHERE deleted_at IS NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 50"
         ).fetchall()
     ]
-    # The journal's time from the provision's entry to its finish, per minute of the last hour.
+    # Provisions finished per minute of the last hour, by every process (the journal's).
     out.minutes = [
-        Minute(at, int(n), float(p50 or 0.0), float(p99 or 0.0))
-        for at, n, p50, p99 in conn.execute(
-            "SELECT date_trunc('minute', finished_at), count(*),"
-            " percentile_cont(0.5) WITHIN GROUP (ORDER BY"
-            "   1000 * extract(epoch FROM finished_at - created_at)),"
-            " percentile_cont(0.99) WITHIN GROUP (ORDER BY"
-            "   1000 * extract(epoch FROM finished_at - created_at))"
+        Minute(at, int(n))
+        for at, n in conn.execute(
+            "SELECT date_trunc('minute', finished_at), count(*)"
             " FROM operations WHERE kind = 'provision' AND state = 'done'"
             " AND finished_at > now() - interval '1 hour' GROUP BY 1 ORDER BY 1"
         ).fetchall()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
@@ -179,7 +179,7 @@ def _overview_context(rt: Runtime) -> dict[str, Any]:
     ]
     return {
         "ov": ov,
-        "chart": charts.hour(ov),
+        "chart": charts.hour(ov, list(rt.provision_times)),
         "spares": spares,
         "roles_target": rt.settings.pool_roles,
         "total": sum(ov.by_status.values()),
@@ -220,7 +220,8 @@ def _list_context(
     filters = {"q": q, "status": status, "template": template, "host": host}
 
     def link(**changes: Any) -> str:
-        params = {**filters, "sort": sort, "desc": "1" if desc else "", "page": page} | changes
+        params = {**filters, "sort": sort, "order": "desc" if desc else "asc", "page": page}
+        params |= changes
         return "/console/tenants?" + urlencode({k: v for k, v in params.items() if v})
 
     return {
@@ -233,12 +234,13 @@ def _list_context(
         "link": link,
         "filters": filters,
         "fragment_query": urlencode(
-            {**filters, "sort": sort, "desc": "1" if desc else "", "page": page}
+            {**filters, "sort": sort, "order": "desc" if desc else "asc", "page": page}
         ),
     }
 
 
 ListQuery = Annotated[str, Query(max_length=200)]
+Order = Literal["asc", "desc"]
 
 
 @router.get("/tenants", response_class=HTMLResponse)
@@ -251,18 +253,20 @@ def tenants(
     template: ListQuery = "",
     host: ListQuery = "",
     sort: ListQuery = "created",
-    desc: bool = False,
+    order: Order = "desc",
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    done: ListQuery = "",
 ) -> HTMLResponse:
     templates_, hosts = console_service.filter_choices(rt.tenants)
     return _render(
         request,
         "tenants.html",
         sess,
+        done=done,
         statuses=[s.value for s in TenantStatus if s.value != "deleted"],
         templates_=templates_,
         hosts=hosts,
-        **_list_context(rt, q, status, template, host, sort, desc, page),
+        **_list_context(rt, q, status, template, host, sort, order == "desc", page),
     )
 
 
@@ -276,14 +280,14 @@ def tenants_fragment(
     template: ListQuery = "",
     host: ListQuery = "",
     sort: ListQuery = "created",
-    desc: bool = False,
+    order: Order = "desc",
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
 ) -> HTMLResponse:
     return _render(
         request,
         "_tenants.html",
         sess,
-        **_list_context(rt, q, status, template, host, sort, desc, page),
+        **_list_context(rt, q, status, template, host, sort, order == "desc", page),
     )
 
 
@@ -345,7 +349,7 @@ def provision(
             templates_=templates_,
             hosts=hosts,
             form={"name": name, "template": template, "host": host},
-            **_list_context(rt, "", "", "", "", "created", False, 1),
+            **_list_context(rt, "", "", "", "", "created", True, 1),
         )
     # The new tenant's URL and root password, shown once on the page this answer renders.
     return _tenant_page(request, rt, sess, view.tenant.name, created=view.as_dict())
