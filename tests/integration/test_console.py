@@ -8,9 +8,11 @@ import re
 import uuid
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
+from psycopg import sql
 
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
@@ -65,7 +67,11 @@ def test_the_session_cookie_is_httponly_and_strict(client: TestClient, env: Env)
     header = r.headers["set-cookie"]
     assert "HttpOnly" in header
     assert "SameSite=strict" in header.replace("Strict", "strict")
-    assert "Secure" not in header  # plain HTTP here; over HTTPS it is set
+    assert "Secure" not in header  # plain HTTP here; over HTTPS it is set:
+    # (no `with`: the app's runtime is the one `client` started; this client only borrows it)
+    tls = TestClient(client.app, base_url="https://testserver", follow_redirects=False)
+    r = tls.post("/console/login", data={"token": issue_root_token(env.settings)})
+    assert "Secure" in r.headers["set-cookie"]
 
 
 def test_a_wrong_csrf_token_changes_nothing_and_sign_out_ends_the_session(
@@ -167,3 +173,30 @@ def test_every_page_and_fragment_renders_with_a_session(client: TestClient, env:
     ):
         r = client.get(path)
         assert r.status_code == 200, (path, r.text[-2000:])
+
+
+def test_pages_never_open_a_tenant_database(client: TestClient, env: Env, monk_tenant: str) -> None:
+    """The tenant's database refuses every connection while the console draws its page, the
+    overview and the lists: its size and sessions come from the server's statistics."""
+    sign_in(client, env)
+    database = client.get(
+        f"/api/root/tenant/{monk_tenant}",
+        headers={"Authorization": f"Bearer {issue_root_token(env.settings)}"},
+    ).json()["data"]["database"]
+    with psycopg.connect(
+        env.target.conninfo, dbname=env.target.maintenance_db, autocommit=True
+    ) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(database))
+        )
+        try:
+            page = client.get(f"/console/tenants/{monk_tenant}")
+            assert page.status_code == 200, page.text[-2000:]
+            assert re.search(r"Size</th><td>\d+\.\d MB", page.text)
+            assert re.search(r"Connections now</th><td>0<", page.text)
+            for path in ("/console", "/console/tenants", "/console/templates"):
+                assert client.get(path).status_code == 200
+        finally:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(database))
+            )
