@@ -5,6 +5,7 @@ tests (tests/integration/test_console_browser.py) drive the same pages in Chromi
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -200,3 +201,24 @@ def test_pages_never_open_a_tenant_database(client: TestClient, env: Env, monk_t
             admin.execute(
                 sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(database))
             )
+
+
+def test_template_build_check_and_prune_from_the_console(client: TestClient, env: Env) -> None:
+    _cookie, csrf = sign_in(client, env)
+    key = env.template
+    r = client.post(f"/console/templates/{key}/check", data={"csrf": csrf})
+    assert r.status_code == 303, r.text
+    assert f"check of {key}" in client.get(r.headers["location"]).text
+    r = client.post(f"/console/templates/{key}/prune", data={"csrf": csrf})
+    assert r.status_code == 303, r.text
+    assert f"prune of {key}" in client.get(r.headers["location"]).text
+    r = client.post(f"/console/templates/{key}/build", data={"csrf": csrf})
+    assert r.status_code == 303
+    deadline = time.monotonic() + 60
+    while "running…" in (page := client.get("/console/fragment/templates").text):
+        assert time.monotonic() < deadline, "the build did not finish within 60 s"
+        time.sleep(0.2)
+    outcome = re.search(rf'id="outcome-{key}">([^<]*)<', page)
+    assert outcome, page
+    print(outcome.group(1))
+    assert "<li>" in page  # its steps, as they came

@@ -4,8 +4,9 @@ the service call the JSON API makes."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -26,6 +27,7 @@ from monk.errors import InvalidRequest, MonkError, table_entry
 from monk.service import console as console_service
 from monk.service import host_templates
 
+logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -42,6 +44,7 @@ class BadCsrf(Exception):
 
 def mount(app: FastAPI, ttl_seconds: int) -> None:
     app.state.console_sessions = Sessions(ttl_seconds)
+    app.state.console_builds = {}
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
     app.include_router(router)
     app.add_exception_handler(NoSession, _no_session)
@@ -402,6 +405,51 @@ def act(
 # ---------------------------------------------------------------- templates
 
 
+@dataclass
+class BuildLog:
+    """A build the console started: its steps as they come, then its outcome."""
+
+    key: str
+    steps: list[str] = field(default_factory=list)
+    outcome: str | None = None
+    failed: bool = False
+
+
+def _builds_started(request: Request) -> dict[str, BuildLog]:
+    logs: dict[str, BuildLog] = request.app.state.console_builds
+    return logs
+
+
+def _start_build(request: Request, rt: Runtime, key: str) -> None:
+    """Build ``key`` on every host on a thread of its own, as ``POST /api/root/template/{key}``
+    does; the templates page follows its steps live."""
+    log = BuildLog(key)
+    _builds_started(request)[key] = log
+
+    def step(host: str, name: str) -> None:
+        log.steps.append(f"{host}: {name}")
+
+    def build() -> None:
+        try:
+            answers = host_templates.build_everywhere(rt.tenants, key, progress=step)
+            local = answers[0]
+            if local.error is not None:
+                rt.metrics.template_builds.labels(result=local.error.code).inc()
+                raise local.error
+            assert local.result is not None
+            built = local.result.built
+            rt.metrics.template_builds.labels(result="ok" if built else "up_to_date").inc()
+            version = local.result.build.version[:12]
+            log.outcome = f"built {version}" if built else f"up to date ({version})"
+        except MonkError as exc:
+            log.outcome, log.failed = f"failed: {_error(exc)[1]}", True
+        except Exception:
+            logger.exception("console build of %s failed", key)
+            log.outcome, log.failed = "failed: internal error (see the server's log)", True
+
+    threading.Thread(target=build, name=f"monk-console-build-{key}", daemon=True).start()
+
+
 @router.get("/templates", response_class=HTMLResponse)
 def templates_page(request: Request, rt: Rt, sess: Sess, done: str = "") -> HTMLResponse:
     return _render(
@@ -409,26 +457,27 @@ def templates_page(request: Request, rt: Rt, sess: Sess, done: str = "") -> HTML
         "templates.html",
         sess,
         builds=console_service.builds(rt.tenants),
+        started=_builds_started(request),
         done=done[:200],
     )
 
 
 @router.get("/fragment/templates", response_class=HTMLResponse)
 def templates_fragment(request: Request, rt: Rt, sess: Sess) -> HTMLResponse:
-    return _render(request, "_templates.html", sess, builds=console_service.builds(rt.tenants))
+    return _render(
+        request,
+        "_templates.html",
+        sess,
+        builds=console_service.builds(rt.tenants),
+        started=_builds_started(request),
+    )
 
 
 @router.post("/templates/{key}/{action}", response_class=HTMLResponse)
 def template_action(request: Request, rt: Rt, sess: Action, key: str, action: str) -> Response:
     try:
         if action == "build":
-            # On a thread of its own: the page follows its steps live (the build's journal
-            # entry), and a failure is kept on the build's row.
-            def build() -> None:
-                with contextlib.suppress(Exception):
-                    host_templates.build_everywhere(rt.tenants, key, force=False)
-
-            threading.Thread(target=build, name=f"monk-console-build-{key}", daemon=True).start()
+            _start_build(request, rt, key)
             done = f"build of {key} started"
         elif action == "check":
             report = rt.tenants.templates.check(key)
@@ -448,6 +497,7 @@ def template_action(request: Request, rt: Rt, sess: Action, key: str, action: st
             sess,
             status_code=code,
             builds=console_service.builds(rt.tenants),
+            started=_builds_started(request),
             error=message,
         )
     return RedirectResponse("/console/templates?" + urlencode({"done": done}), status_code=303)
