@@ -28,7 +28,11 @@ from tests.conftest import MONK_BIN, drop_installation, free_port, settings_env
 from tests.integration import template_support
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -61,7 +65,13 @@ class Console:
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float = 20) -> None:
         try:
-            WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(lambda _d: check())
+            # a polled fragment may be swapped between finding an element and reading it
+            WebDriverWait(
+                self.driver,
+                timeout,
+                poll_frequency=0.2,
+                ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+            ).until(lambda _d: check())
         except TimeoutException:
             logs = [e.get("message") for e in self.driver.get_log("browser")][-5:]
             served = (self.settings.data_dir / "serve.log").read_text()[-3000:]
@@ -288,6 +298,13 @@ def test_the_list_with_10000_tenants(console: Console, capsys: pytest.CaptureFix
     )
 
 
+UNLABELLED = """
+return [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+    .filter(e => !(e.id && document.querySelector(`label[for="${e.id}"]`)))
+    .map(e => e.outerHTML);
+"""
+
+
 def test_templates_operations_and_events_pages(console: Console) -> None:
     c = console
     c.open("/console")
@@ -302,6 +319,29 @@ def test_templates_operations_and_events_pages(console: Console) -> None:
     c.open("/console/events")
     assert "tenant.provisioned" in c.text("main")
     c.shot("events")
+    # every control of every page has its label
+    for path in (
+        "/console/tenants",
+        "/console/tenants/bulk-1",
+        "/console/operations",
+        "/console/events",
+    ):
+        c.open(path)
+        assert c.driver.execute_script(UNLABELLED) == [], path
+
+
+def test_actions_work_from_the_keyboard(console: Console) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    c = console
+    listed = c.api("GET", "/api/root/tenant", params={"limit": 10_000}).json()["data"]
+    name = next(t["name"] for t in listed if t["name"].startswith("api-"))
+    c.open(f"/console/tenants/{name}")
+    c.driver.find_element(By.ID, "act-disable").send_keys(Keys.ENTER)
+    c.wait("disabled", lambda: "disabled" in c.text("#status"))
+    c.driver.find_element(By.ID, "act-enable").send_keys(Keys.ENTER)
+    c.wait("enabled again", lambda: "active" in c.text("#status"))
+    assert c.api("GET", f"/api/root/tenant/{name}").json()["data"]["is_active"] is True
 
 
 def test_sign_out_ends_the_session(console: Console) -> None:
