@@ -212,6 +212,16 @@ def test_provision_disable_and_purge_from_the_ui(console: Console) -> None:
     with psycopg.connect(url, connect_timeout=10) as conn:
         assert conn.execute("SELECT current_database()").fetchone() is not None
 
+    # a new password, its URL shown once and whole: the old one stops working
+    c.click("#act-rotate")
+    c.wait("the new URL", lambda: "New credentials" in c.text("main"))
+    rotated = c.driver.find_element(By.ID, "connection-url").get_attribute("value")
+    assert rotated != url
+    with psycopg.connect(rotated, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=10).close()
+
     c.click("#act-disable")
     c.wait("disabled", lambda: "disabled" in c.text("#status"))
     data = c.api("GET", f"/api/root/tenant/{name}").json()["data"]
