@@ -205,93 +205,95 @@ def overview_fragment(request: Request, rt: Rt, sess: Sess) -> HTMLResponse:
 # ---------------------------------------------------------------- tenants
 
 
-def _list_context(
-    rt: Runtime, q: str, status: str, template: str, host: str, sort: str, desc: bool, page: int
-) -> dict[str, Any]:
-    rows, total = console_service.tenant_page(
-        rt.tenants,
-        search=q.strip(),
-        status=status,
-        template=template,
-        host=host,
-        sort=sort,
-        descending=desc,
-        limit=PAGE_SIZE,
-        offset=(page - 1) * PAGE_SIZE,
-    )
-    pages = max(1, -(-total // PAGE_SIZE))
-    filters = {"q": q, "status": status, "template": template, "host": host}
-
-    def link(**changes: Any) -> str:
-        params = {**filters, "sort": sort, "order": "desc" if desc else "asc", "page": page}
-        params |= changes
-        return "/console/tenants?" + urlencode({k: v for k, v in params.items() if v})
-
-    return {
-        "rows": rows,
-        "total": total,
-        "page": page,
-        "pages": pages,
-        "sort": sort,
-        "desc": desc,
-        "link": link,
-        "filters": filters,
-        "fragment_query": urlencode(
-            {**filters, "sort": sort, "order": "desc" if desc else "asc", "page": page}
-        ),
-    }
-
-
 ListQuery = Annotated[str, Query(max_length=200)]
-Order = Literal["asc", "desc"]
 
 
-@router.get("/tenants", response_class=HTMLResponse)
-def tenants(
-    request: Request,
-    rt: Rt,
-    sess: Sess,
+@dataclass(frozen=True)
+class ListView:
+    """What the tenants table shows: its search, filters, order and page (the query string)."""
+
+    q: str = ""
+    status: str = ""
+    template: str = ""
+    host: str = ""
+    sort: str = "created"
+    desc: bool = True
+    page: int = 1
+
+
+def list_view(
     q: ListQuery = "",
     status: ListQuery = "",
     template: ListQuery = "",
     host: ListQuery = "",
     sort: ListQuery = "created",
-    order: Order = "desc",
+    order: Literal["asc", "desc"] = "desc",
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-    done: ListQuery = "",
+) -> ListView:
+    return ListView(q, status, template, host, sort, order == "desc", page)
+
+
+View = Annotated[ListView, Depends(list_view)]
+
+
+def _list_context(rt: Runtime, v: ListView) -> dict[str, Any]:
+    rows, total = console_service.tenant_page(
+        rt.tenants,
+        search=v.q.strip(),
+        status=v.status,
+        template=v.template,
+        host=v.host,
+        sort=v.sort,
+        descending=v.desc,
+        limit=PAGE_SIZE,
+        offset=(v.page - 1) * PAGE_SIZE,
+    )
+    pages = max(1, -(-total // PAGE_SIZE))
+    filters = {"q": v.q, "status": v.status, "template": v.template, "host": v.host}
+    current = {**filters, "sort": v.sort, "order": "desc" if v.desc else "asc", "page": v.page}
+
+    def link(**changes: Any) -> str:
+        params = current | changes
+        return "/console/tenants?" + urlencode({k: val for k, val in params.items() if val})
+
+    return {
+        "rows": rows,
+        "total": total,
+        "page": v.page,
+        "pages": pages,
+        "sort": v.sort,
+        "desc": v.desc,
+        "link": link,
+        "filters": filters,
+        "fragment_query": urlencode(current),
+    }
+
+
+def _list_page(
+    request: Request, rt: Runtime, sess: Session, v: ListView, status_code: int = 200, **extra: Any
 ) -> HTMLResponse:
     templates_, hosts = console_service.filter_choices(rt.tenants)
     return _render(
         request,
         "tenants.html",
         sess,
-        done=done,
+        status_code=status_code,
         statuses=[s.value for s in TenantStatus if s.value != "deleted"],
         templates_=templates_,
         hosts=hosts,
-        **_list_context(rt, q, status, template, host, sort, order == "desc", page),
+        **extra,
+        **_list_context(rt, v),
     )
+
+
+@router.get("/tenants", response_class=HTMLResponse)
+def tenants(request: Request, rt: Rt, sess: Sess, v: View, done: ListQuery = "") -> HTMLResponse:
+    return _list_page(request, rt, sess, v, done=done)
 
 
 @router.get("/fragment/tenants", response_class=HTMLResponse)
-def tenants_fragment(
-    request: Request,
-    rt: Rt,
-    sess: Sess,
-    q: ListQuery = "",
-    status: ListQuery = "",
-    template: ListQuery = "",
-    host: ListQuery = "",
-    sort: ListQuery = "created",
-    order: Order = "desc",
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-) -> HTMLResponse:
-    return _render(
-        request,
-        "_tenants.html",
-        sess,
-        **_list_context(rt, q, status, template, host, sort, order == "desc", page),
-    )
+def tenants_fragment(request: Request, rt: Rt, sess: Sess, v: View) -> HTMLResponse:
+    return _render(request, "_tenants.html", sess, **_list_context(rt, v))
 
 
 def _tenant_page(
@@ -341,18 +343,14 @@ def provision(
         view = rt.provision(name, template=template.strip(), host=host.strip() or None)
     except MonkError as exc:
         code, message = _error(exc)
-        templates_, hosts = console_service.filter_choices(rt.tenants)
-        return _render(
+        return _list_page(
             request,
-            "tenants.html",
+            rt,
             sess,
+            ListView(),
             status_code=code,
             error=message,
-            statuses=[s.value for s in TenantStatus if s.value != "deleted"],
-            templates_=templates_,
-            hosts=hosts,
             form={"name": name, "template": template, "host": host},
-            **_list_context(rt, "", "", "", "", "created", True, 1),
         )
     # The new tenant's URL and root password, shown once on the page this answer renders.
     return _tenant_page(request, rt, sess, view.tenant.name, created=view.as_dict())
