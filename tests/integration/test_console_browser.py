@@ -297,6 +297,19 @@ def test_the_list_with_10000_tenants(console: Console, capsys: pytest.CaptureFix
     c.shot("tenants")
     c.open("/console/tenants?q=bulk-9999")
     assert "bulk-9999" in c.text("#tenant-list")
+    # server-side search, sorting and paging: newest name last in descending name order
+    c.open("/console/tenants?q=BULK-&sort=name&order=desc")
+    assert c.text("#count").startswith(f"{BULK} tenants")
+    first = c.driver.find_element(By.CSS_SELECTOR, "#tenant-list tbody td a").text
+    assert first == "bulk-9999"
+    c.click("a[rel=next]")
+    c.wait("page 2", lambda: "page 2 of 200" in c.text("#count"))
+    second = [e.text for e in c.driver.find_elements(By.CSS_SELECTOR, "#tenant-list tbody td a")]
+    assert len(second) == 50
+    assert first not in second
+    assert second == sorted(second, reverse=True)
+    c.open("/console/tenants?status=disabled&q=bulk-")
+    assert c.text("#count").startswith("0 tenants")
     with capsys.disabled():
         print(
             f"\nconsole list, {BULK:,} registry rows, first page: {wall * 1000:.0f} ms in the "
