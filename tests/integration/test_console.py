@@ -24,9 +24,9 @@ PASSWORD = "correct horse battery staple"
 
 @pytest.fixture(scope="module")
 def client(env: Env) -> Iterator[TestClient]:
-    settings = env.settings.model_copy(
-        update={"console_users": {"alice": PasswordHasher().hash(PASSWORD)}}
-    )
+    hasher = PasswordHasher()
+    users = {"alice": hasher.hash(PASSWORD), "bob": hasher.hash(PASSWORD)}
+    settings = env.settings.model_copy(update={"console_users": users, "login_max_failures": 3})
     with TestClient(create_app(settings), follow_redirects=False) as c:
         yield c
 
@@ -96,7 +96,7 @@ def test_a_wrong_csrf_token_changes_nothing_and_sign_out_ends_the_session(
 
 def test_operators_sign_in_with_their_argon2_hash(client: TestClient) -> None:
     client.cookies.clear()
-    for user, password in (("alice", "wrong"), ("bob", PASSWORD), ("", "")):
+    for user, password in (("alice", "wrong"), ("carol", PASSWORD), ("", "")):
         r = client.post("/console/login", data={"user": user, "password": password})
         assert r.status_code == 401, (user, r.status_code)
         assert "sign-in failed" in r.text
@@ -222,3 +222,17 @@ def test_template_build_check_and_prune_from_the_console(client: TestClient, env
     assert outcome, page
     print(outcome.group(1))
     assert "<li>" in page  # its steps, as they came
+
+
+def test_failed_operator_sign_ins_are_throttled(client: TestClient) -> None:
+    """Past MONK_LOGIN_MAX_FAILURES failures, even the right password waits (429)."""
+    client.cookies.clear()
+    for _ in range(3):
+        r = client.post("/console/login", data={"user": "bob", "password": "guess"})
+        assert r.status_code == 401
+    r = client.post("/console/login", data={"user": "bob", "password": PASSWORD})
+    assert r.status_code == 429
+    assert "too many failed sign-ins" in r.text
+    assert int(r.headers["Retry-After"]) > 0
+    # another operator is not held up
+    assert client.post("/console/login", data={"user": "alice", "password": PASSWORD}).is_redirect

@@ -11,7 +11,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from monk.adapters.registry import console as registry
+from monk.adapters.registry import logins as logins_db
 from monk.adapters.registry.console import Overview, TenantRow
+from monk.errors import LoginThrottled
+from monk.service.tenant_auth import LoginPolicy
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 
@@ -22,6 +25,11 @@ _hasher = PasswordHasher()
 _DUMMY_HASH = _hasher.hash("monk-console-no-such-user")
 
 
+# Failed console sign-ins are counted in login_failures beside tenant logins, under a key no
+# tenant has (tenant keys are trimmed: none starts with a space).
+CONSOLE_KEY = " console"
+
+
 def check_operator(settings: Settings, user: str, password: str) -> bool:
     """Whether ``user`` is in MONK_CONSOLE_USERS and ``password`` matches its argon2 hash."""
     hashed = settings.console_users.get(user)
@@ -29,6 +37,27 @@ def check_operator(settings: Settings, user: str, password: str) -> bool:
         return bool(_hasher.verify(hashed or _DUMMY_HASH, password)) and hashed is not None
     except (VerificationError, InvalidHashError):
         return False
+
+
+def sign_in_operator(svc: TenantService, policy: LoginPolicy, user: str, password: str) -> bool:
+    """``check_operator``, throttled as tenant logins are (MONK_LOGIN_MAX_FAILURES failures per
+    MONK_LOGIN_FAILURE_WINDOW, counted across processes): LoginThrottled past them."""
+    key = (CONSOLE_KEY, user[:200].replace("\x00", "\ufffd"))
+    with svc.hosts.pools().system() as reg:
+        wait = logins_db.blocked_for(
+            reg, *key, max_failures=policy.max_failures, window=policy.window
+        )
+    if wait:
+        raise LoginThrottled(
+            f"too many failed sign-ins for this user; retry in {wait} s", retry_after=wait
+        )
+    ok = check_operator(svc.settings, user, password)
+    with svc.hosts.pools().system() as reg:
+        if ok:
+            logins_db.clear_failures(reg, *key)
+        else:
+            logins_db.record_failure(reg, *key, window=policy.window)
+    return ok
 
 
 def overview(svc: TenantService) -> Overview:

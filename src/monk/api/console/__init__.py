@@ -23,7 +23,7 @@ from monk.api.deps import runtime
 from monk.api.public import scrubbed
 from monk.api.runtime import Runtime
 from monk.core.lifecycle import TenantStatus
-from monk.errors import InvalidRequest, MonkError, table_entry
+from monk.errors import InvalidRequest, LoginThrottled, MonkError, table_entry
 from monk.service import console as console_service
 from monk.service import host_templates
 
@@ -137,8 +137,21 @@ def login(
             who = "root token"
         except MonkError:
             who = None
-    elif user and console_service.check_operator(rt.settings, user, password):
-        who = user
+    elif user:
+        try:
+            if console_service.sign_in_operator(rt.tenants, rt.login_policy, user, password):
+                who = user
+        except LoginThrottled as exc:
+            page = _render(
+                request,
+                "login.html",
+                None,
+                status_code=429,
+                users=bool(rt.settings.console_users),
+                error=exc.message,
+            )
+            page.headers["Retry-After"] = str(exc.retry_after or 1)
+            return page
     if who is None:
         return _render(
             request,
