@@ -131,10 +131,10 @@ def lifecycle_settings(
         _env_file=None,  # type: ignore[call-arg]
     )
     yield s
-    _drop_installation(admin_url, system_db)
+    drop_installation(admin_url, system_db)
 
 
-def _drop_installation(admin_url: str, system_db: str) -> None:
+def drop_installation(admin_url: str, system_db: str) -> None:
     """Drop what an installation made: its tenants' databases and roles, its templates."""
     mark = f"monk:{system_db}"
     templates: list[tuple[str]] = []

@@ -67,6 +67,7 @@ _JSON_EXPECTED = {
     "pool_spares": 'a JSON object of template key to count, e.g. {"basic": 2}',
     "hooks": 'a JSON list of {"url": …, "events": […], "secret": …}, e.g. '
     '[{"url": "https://app.example.com/monk"}]',
+    "console_users": 'a JSON object of user name to argon2 hash, e.g. {"alice": "$argon2id$…"}',
 }
 
 
@@ -202,6 +203,14 @@ class Settings(BaseSettings):
         default=None,
         description="HS256 secret of root and tenant tokens (default: generated in data_dir).",
     )
+    console_users: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Operators who may sign in to the web console besides a root token: "
+        "JSON object of user name to argon2 hash (docs/console.md).",
+    )
+    console_session_ttl: int = Field(
+        default=8 * 3600, ge=60, le=7 * 86400, description="Lifetime of a console session, seconds."
+    )
     tenant_token_ttl: int = Field(
         default=86400, ge=60, le=30 * 86400, description="Lifetime of a tenant token, seconds."
     )
@@ -225,6 +234,16 @@ class Settings(BaseSettings):
         description="How long a serve process trusts its cached copy of a tenant's status "
         "(the bound on how late a disable or trash is seen by tenant requests).",
     )
+
+    @field_validator("console_users")
+    @classmethod
+    def _console_users_are_argon2(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, hashed in value.items():
+            if not user.strip():
+                raise ValueError("has an empty user name")
+            if not hashed.startswith("$argon2"):
+                raise ValueError(f"user {user!r}: not an argon2 hash (expected $argon2id$…)")
+        return value
 
     @field_validator("system_db_name")
     @classmethod
@@ -293,6 +312,8 @@ class Settings(BaseSettings):
                 )
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "console_users":
+                value = dict.fromkeys(value, "********")
             elif isinstance(value, list):
                 # pydantic dumps a SecretStr (a hook's secret) as '**********'
                 value = [

@@ -24,7 +24,7 @@ from monk.api.app import create_app
 from monk.api.auth import issue_root_token
 from monk.settings import Settings
 from monk.templates.source import builtin_sources_dir
-from tests.conftest import MONK_BIN, _drop_installation, settings_env
+from tests.conftest import MONK_BIN, drop_installation, settings_env
 from tests.integration import template_support
 
 BASE = "/api/root/template"
@@ -52,7 +52,7 @@ def tpl_settings(
         _env_file=None,  # type: ignore[call-arg]
     )
     yield s
-    _drop_installation(admin_url, system_db)
+    drop_installation(admin_url, system_db)
 
 
 @pytest.fixture(scope="module")

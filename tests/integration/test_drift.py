@@ -21,7 +21,7 @@ from monk.service import drift
 from monk.service.server import Server
 from monk.service.tenants import TenantService
 from monk.settings import Settings
-from tests.conftest import RunMonk, _drop_installation
+from tests.conftest import RunMonk, drop_installation
 from tests.integration.template_support import copy_builtin, drop_key, new_key
 
 SUFFIX = uuid.uuid4().hex[:6]
@@ -37,7 +37,7 @@ def key(admin_url: str, settings: Settings) -> Iterator[str]:
     k = new_key("d")
     yield k
     # What the test's installation made (tenants' databases and roles) goes with it.
-    _drop_installation(admin_url, settings.system_db_name)
+    drop_installation(admin_url, settings.system_db_name)
     drop_key(admin_url, k)
 
 
@@ -177,7 +177,7 @@ def api(admin_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, 
             auth = {"Authorization": f"Bearer {issue_root_token(s, ttl_seconds=600)}"}
             yield client, auth, key, source
     finally:
-        _drop_installation(admin_url, system_db)
+        drop_installation(admin_url, system_db)
         drop_key(admin_url, key)
 
 

@@ -22,7 +22,7 @@ from schemathesis import checks
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
 from monk.settings import Settings
-from tests.conftest import _drop_installation
+from tests.conftest import drop_installation
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def api_settings(admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         _env_file=None,  # type: ignore[call-arg]
     )
     yield s
-    _drop_installation(admin_url, system_db)
+    drop_installation(admin_url, system_db)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from monk.service.server import Server
 from monk.service.templates import TemplateBuild
 from monk.service.tenants import TenantService
 from monk.settings import Settings
-from tests.conftest import MONK_BIN, RunMonk, _drop_installation, free_port, settings_env
+from tests.conftest import MONK_BIN, RunMonk, drop_installation, free_port, settings_env
 from tests.integration.template_support import copy_builtin, drop_key, new_key
 
 SUFFIX = uuid.uuid4().hex[:6]
@@ -41,7 +41,7 @@ def key(admin_url: str, settings: Settings) -> Iterator[str]:
     k = new_key("r")
     yield k
     # What the test's installation made (tenants' databases and roles) goes with it.
-    _drop_installation(admin_url, settings.system_db_name)
+    drop_installation(admin_url, settings.system_db_name)
     drop_key(admin_url, k)
 
 

@@ -98,3 +98,27 @@ def test_template_retention_default_and_bad_values(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("MONK_TEMPLATE_RETENTION", bad)
         with pytest.raises(ConfigError, match=r"^MONK_TEMPLATE_RETENTION: .* not a duration"):
             load_settings(_env_file=None)
+
+
+def test_console_users_are_argon2_hashes_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from argon2 import PasswordHasher
+
+    hashed = PasswordHasher().hash("pw")
+    monkeypatch.setenv("MONK_CONSOLE_USERS", '{"alice": "plaintext"}')
+    with pytest.raises(ValueError, match="user 'alice': not an argon2 hash"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("MONK_CONSOLE_USERS", '{"alice": "' + hashed + '"}')
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.console_users == {"alice": hashed}
+    assert s.masked()["MONK_CONSOLE_USERS"] == {"alice": "********"}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")}
+    environ |= {"MONK_DATA_DIR": str(tmp_path / "d"), "MONK_CONSOLE_USERS": "{"}
+    done = subprocess.run(
+        [MONK_BIN, "config"], env=environ, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 6
+    assert "MONK_CONSOLE_USERS: is not valid JSON (expected a JSON object of user name" in (
+        done.stderr
+    )

@@ -14,7 +14,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import monk
-from monk.api import envelope
+from monk.api import console, envelope
 from monk.api.routes import hosts, system, templates, tenant_auth, tenant_data, tenants
 from monk.api.runtime import Runtime
 from monk.errors import ConfigError, MonkError
@@ -59,6 +59,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(tenant_auth.tenant_router)
     app.include_router(tenant_auth.users_router)
     app.include_router(tenant_data.router)
+    # The operators' web console at /console (and / sends the browser there).
+    console.mount(app, settings.console_session_ttl)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,6 +126,9 @@ class Runtime:
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
         self.metrics = Metrics()
+        # (when, seconds) of this process's provisions: the console's latency chart (the last
+        # hour's; bounded so a flood of provisions cannot grow it without end).
+        self.provision_times: deque[tuple[float, float]] = deque(maxlen=200_000)
         self.tenants.hosts.budget()  # the local host's, in /metrics from the start
         self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
         self.tenant_states = tenant_auth.TenantStates(
@@ -207,7 +211,9 @@ class Runtime:
         except MonkError as exc:
             self.metrics.provisions.labels(result=exc.code).inc()
             raise
-        self.metrics.provision_seconds.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.metrics.provision_seconds.observe(took)
+        self.provision_times.append((time.time(), took))
         # Spare roles are made again in batches, once half are gone: not beside every provision.
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
         if view.provisioned_from == "pool" or roles_low:
