@@ -17,7 +17,7 @@ from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool, tenant_auth, upgrades
-from monk.service.health import Recent, ServerProbe
+from monk.service.health import HostProbes, Recent, ServerProbe
 from monk.service.pipeline import Hosts
 from monk.service.server import Server
 from monk.service.supervisor import Supervisor
@@ -130,6 +130,7 @@ class Runtime:
             max_failures=settings.login_max_failures, window=settings.login_failure_window
         )
         self.probe = ServerProbe(self.target)
+        self.host_probes = HostProbes(self.tenants.hosts, self.probe)
         # /metrics asks at most once a second, however many scrapers poll it.
         self.purge_queue_depth = Recent(lambda: purge.queue_counts(self.tenants), ttl=1.0)
         self._last_warning: dict[str, str] = {}
@@ -332,6 +333,7 @@ class Runtime:
             role_pool.drop_own(self.tenants)
         except Exception as exc:
             log.warning("could not drop this server's spare roles: %s", exc)
+        self.host_probes.close()
         self.probe.close()
         self.tenants.close()
 

@@ -31,6 +31,7 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.budget import Budget
 from monk.adapters.postgres.connection import (
     ServerTarget,
+    breaker,
     connect,
     with_password,
 )
@@ -235,6 +236,7 @@ class Hosts:
             connect_timeout=self._connect_timeout,
             statement_timeout_ms=self._statement_timeout_ms,
             source=f"host {row.name!r}",
+            remote=True,
         )
 
     def placement(
@@ -243,12 +245,15 @@ class Hosts:
         *,
         template: str | None = None,
         labels: Mapping[str, str] | None = None,
+        unreachable: Mapping[str, str] | None = None,
     ) -> ServerTarget:
         """Where a new tenant goes (``monk.core.placement``): ``name`` pins a host, ``labels``
         restrict; else the active host with the most free capacity that has a ready build of
-        ``template``. NoHostAvailable (503) when none is eligible; InvalidRequest (422) for a
-        pinned host that is not registered. With no host of the fleet, the local one as before (a
-        template it has not built then fails as it always did)."""
+        ``template`` and is not known to be down (its breaker open, or in ``unreachable``:
+        host -> why, found down by this provision). NoHostAvailable (503) when none is
+        eligible; InvalidRequest (422) for a pinned host that is not registered. With no
+        host of the fleet, the local one as before (a template it has not built then fails
+        as it always did)."""
         alone = name is None or name == self.local.name
         if alone and not labels and self._no_fleet_until > time.monotonic():
             # The hot path of a single server: no registry read per provision. A host added
@@ -283,6 +288,8 @@ class Hosts:
                 tenants=counts.get(r.name, 0),
                 labels=dict(r.labels),
                 has_template=built is None or r.name in built,
+                # A pinned host is tried anyway: its failure then names it (HOST_UNAVAILABLE).
+                down=None if r.name == name else self._down(r, unreachable or {}),
             )
             for r in remote
         ]
@@ -300,6 +307,16 @@ class Hosts:
                 labels=dict(labels or {}),
             )
         return self.target(choice.host)
+
+    @staticmethod
+    def _down(row: HostRow, unreachable: Mapping[str, str]) -> str | None:
+        """Why placement should skip host ``row`` now: found down by the caller, or its breaker
+        open in this process (until its next probe is due: then it is tried again)."""
+        if row.name in unreachable:
+            return unreachable[row.name]
+        if row.url is None:
+            return None
+        return breaker(row.url).refusal(probe=False)
 
     def pools(self, name: str | None = None) -> ServerPools:
         target = self.target(name)

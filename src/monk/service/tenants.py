@@ -45,6 +45,7 @@ from monk.core.lifecycle import Action
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import TenantName
 from monk.errors import (
+    HostUnavailable,
     IdempotencyKeyReused,
     InvalidState,
     MonkError,
@@ -123,8 +124,7 @@ class TenantService(Pipeline):
         labels = dict(sorted((placement or {}).items()))
         for key, value in labels.items():
             validate_label(key, value)
-        target = self.hosts.placement(host, template=template, labels=labels)
-        pools = self.hosts.pools(target.name)
+        pools = self._place(host, template, labels)
         # Every parameter of the request (as asked: a retry may be placed elsewhere, and is
         # the same request): one Idempotency-Key stands for one request.
         request: dict[str, Any] = {
@@ -150,6 +150,29 @@ class TenantService(Pipeline):
                     with contextlib.suppress(psycopg.Error):
                         registry.forget_idempotency_key(reg, idempotency_key, request)
                 raise
+
+    def _place(self, host: str | None, template: str, labels: Mapping[str, str]) -> ServerPools:
+        """The pools of the host placement chooses, reachable: a host of the fleet that does
+        not answer (HostUnavailable, within the connect timeout, at once while its breaker is
+        open) is skipped and placement asked again, before anything is written; pinned, its
+        failure is the answer."""
+        unreachable: dict[str, str] = {}
+        while True:
+            target = self.hosts.placement(
+                host, template=template, labels=labels, unreachable=unreachable
+            )
+            pools = self.hosts.pools(target.name)
+            if pools.keeps_registry:
+                return pools
+            try:
+                # The connection the clone will use: taken from the pool, no round trip.
+                with pools.admin():
+                    return pools
+            except HostUnavailable as exc:
+                if host is not None or target.name in unreachable:
+                    raise
+                log.warning("placement skips host %s: %s", target.name, exc.message)
+                unreachable[target.name] = "does not answer"
 
     def _remember_key(
         self, reg: psycopg.Connection[Any], key: str, request: dict[str, Any]
@@ -281,7 +304,7 @@ class TenantService(Pipeline):
         except psycopg.Error as exc:
             # One transaction: whatever failed left nothing behind.
             if reg.broken or reg.closed:
-                raise unavailable(pools.target, pools.system_db, exc) from None
+                raise unavailable(self.hosts.local, pools.system_db, exc) from None
             log.warning("handout of a spare to %s failed (%s); cloning", name.display, exc)
             return None
         if handed is None:
