@@ -288,11 +288,17 @@ class Runtime:
         except Exception:
             log.exception("taking the keyholder lock failed")
         try:
-            adopted = pool.adopt(self.tenants)
-            if adopted:
-                log.info("adopted %d spare(s) of an earlier process", adopted)
+            hosts = [name for name, active in self.tenants.hosts.spare_hosts() if active]
         except Exception:
-            log.exception("adopting spares failed; they are served on the full path")
+            hosts = [self.tenants.hosts.local.name]
+        for host in hosts:
+            try:
+                adopted = pool.adopt(self.tenants, host=host)
+                if adopted:
+                    log.info("adopted %d spare(s) of an earlier process on %s", adopted, host)
+            except Exception as exc:
+                # Served on the full path meanwhile (a new password at the handout).
+                self._failed(f"adopting spares on {host}", exc)
         try:
             dropped = role_pool.drop_others(self.tenants)
             if dropped:

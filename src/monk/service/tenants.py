@@ -290,6 +290,10 @@ class TenantService(Pipeline):
         """Obtain the database and the role from a spare, and activate, in one statement
         (``pool.hand_out``); ``any_spare``: also a spare whose password this process does not
         know (it gets a new one). None: no spare served, nothing written."""
+        if not pools.keeps_registry:
+            return self._warm_remote(
+                reg, pools, name, template, idempotency_key, connection_limit, any_spare=any_spare
+            )
         try:
             handed = pool.hand_out(
                 self,
@@ -311,6 +315,43 @@ class TenantService(Pipeline):
             return None
         tenant, password = handed
         log.info("provisioned %s as %s from the warm pool", name.display, name.database)
+        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
+
+    def _warm_remote(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        template: str,
+        idempotency_key: str | None,
+        connection_limit: int | None,
+        *,
+        any_spare: bool,
+    ) -> TenantView | None:
+        """``_warm`` on a host of the fleet (``pool.hand_out_remote``)."""
+        build = self._known_build(template, pools, reg)
+        if build is None:
+            return None
+        handed = pool.hand_out_remote(
+            self,
+            reg,
+            pools,
+            name=name,
+            build=build,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+            have_lock=any_spare,  # the full path holds the name's lock
+            any_spare=any_spare,
+        )
+        if handed is None:
+            return None
+        tenant, password = handed
+        log.info(
+            "provisioned %s as %s from the warm pool of %s",
+            name.display,
+            name.database,
+            pools.target.name,
+        )
         return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def _reserve(
