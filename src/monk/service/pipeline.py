@@ -33,6 +33,7 @@ from monk.adapters.postgres.connection import (
     ServerTarget,
     breaker,
     connect,
+    translate,
     with_password,
 )
 from monk.adapters.postgres.pools import ServerPools
@@ -51,6 +52,7 @@ from monk.errors import (
     DatabaseMissing,
     HashCollision,
     HostNotFound,
+    HostUnsuitable,
     InvalidRequest,
     InvalidState,
     MonkError,
@@ -332,14 +334,24 @@ class Hosts:
         with self._pools[self.local.name].system() as reg:
             definitions = host_functions.definitions(reg, admin.HOST_FUNCTIONS)
         version = host_functions.version(definitions)
-        with connect(target, autocommit=True, purpose="admin") as adm:
-            made = admin.ensure_database(
-                adm, self._system_db, f"monk functions of {self._system_db}"
-            )
-        with connect(target, self._system_db, autocommit=True, purpose="admin") as conn:
-            stale = made or admin.installed_functions(conn, self._system_db) != version
-            if stale and admin.install_functions(conn, self._system_db, definitions, version):
-                log.info("installed monk's functions (%s) on host %s", version, target.name)
+        try:
+            with connect(target, autocommit=True, purpose="admin") as adm:
+                made = admin.ensure_database(
+                    adm, self._system_db, f"monk functions of {self._system_db}"
+                )
+            with connect(target, self._system_db, autocommit=True, purpose="admin") as conn:
+                stale = made or admin.installed_functions(conn, self._system_db) != version
+                if stale and admin.install_functions(conn, self._system_db, definitions, version):
+                    log.info("installed monk's functions (%s) on host %s", version, target.name)
+        except psycopg.Error as exc:
+            if (known := translate(exc)) is not None:
+                raise known from exc
+            # The server answered and refused (a privilege, a database it would not make).
+            raise HostUnsuitable(
+                f"host {target.name!r}: cannot install monk's functions in database "
+                f"{self._system_db!r} there: {describe(exc)}",
+                host=target.name,
+            ) from None
 
     @staticmethod
     def _down(row: HostRow, unreachable: Mapping[str, str]) -> str | None:
