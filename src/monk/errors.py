@@ -236,7 +236,11 @@ class ServerStartError(Unavailable):
 
 
 class HostUnavailable(Unavailable):
+    """A host of the fleet does not answer (or its breaker is open): its tenants' operations
+    fail at once with its name; the other hosts' tenants are served as usual."""
+
     code = "HOST_UNAVAILABLE"
+    retry_after = 1  # its breaker lets one attempt through every half second
 
 
 class BudgetExhausted(Unavailable):

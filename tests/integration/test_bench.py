@@ -282,3 +282,39 @@ def test_bench_upgrade_measures_a_fleet_upgrade_and_removes_what_it_made(
             "SELECT datname FROM pg_database WHERE datname LIKE 'monk\\_%bench\\_up\\_%'"
         ).fetchall()
     assert left == []
+
+
+def test_bench_remote_measures_provisioning_on_a_host_of_the_fleet_and_removes_it(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    """A second embedded server started for the run, added as a host, measured (raw clone
+    there, cold and warm provisions placed there), then removed with what was made."""
+    key, env = own_template(monk, tmp_path)
+    before = server_objects(admin_url)
+    out = tmp_path / "remote.json"
+    done = monk(
+        "bench",
+        "--remote",
+        "--template",
+        key,
+        "--iterations",
+        "2",
+        "--json",
+        str(out),
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    for variant in ("raw", "cold", "warm"):
+        assert set(result[variant]) >= SUMMARY_KEYS, variant
+        assert result[variant]["n"] == 2
+    assert result["cold"]["from_pool"] == 0
+    assert result["warm"]["from_pool"] == 2
+    assert result["cold_over_raw"] > 0
+    assert "cold/raw" in done.stdout
+    # Nothing left: no host, no tenant rows, nothing on the local server.
+    listed = monk("host", "list", "--json")
+    assert [h["name"] for h in json.loads(listed.stdout)] == ["localhost"]
+    assert json.loads(monk("tenant", "list", "--json").stdout) == []
+    assert server_objects(admin_url) == before

@@ -27,7 +27,7 @@ from monk.adapters.postgres.budget import Budget
 from monk.adapters.postgres.connection import ServerTarget
 from monk.api.app import create_app
 from monk.api.deps import RuntimeDep
-from monk.errors import BudgetExhausted, DatabaseUnavailable, status_and_exit
+from monk.errors import BudgetExhausted, DatabaseMissing, DatabaseUnavailable, status_and_exit
 from monk.service.tenants import TenantService
 from tests.conftest import free_port
 from tests.integration.conftest import Env
@@ -437,7 +437,8 @@ def test_a_connection_that_cannot_be_opened_gives_its_slot_back(
 ) -> None:
     b = budget(env.target, host=1, tenant=1, wait_ms=200)
     try:
-        with pytest.raises(DatabaseUnavailable, match="no_such_database"):
+        # The server answered (no such database): a 404-class error, not "server down".
+        with pytest.raises(DatabaseMissing, match="no_such_database"):
             query(b, "no_such_database")
         stats = b.stats()
         assert (stats.open, stats.busy, stats.waiting) == (0, 0, 0)

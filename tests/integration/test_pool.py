@@ -140,7 +140,7 @@ def test_fast_handout_declines_what_it_must_not_serve(env: Env, drained: TenantS
 
     with TenantService(env.settings, env.target) as other:
         # another keyholder's spare: not served fast
-        other.spare_secrets.put("monk_spare_0000000000000000", "x", env.template)
+        other.spare_secrets.put("monk_spare_0000000000000000", "x", env.template, "localhost")
         assert fast(other) is None
     # the name's lock held elsewhere: 'busy'
     with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as lock:

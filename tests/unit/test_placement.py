@@ -18,6 +18,7 @@ def host(name: str, tenants: int = 0, capacity: int | None = None, **kw: object)
         tenants=tenants,
         labels=dict(kw.get("labels", {})),  # type: ignore[call-overload]
         has_template=bool(kw.get("has_template", True)),
+        down=None if kw.get("down") is None else str(kw["down"]),
     )
 
 
@@ -33,6 +34,14 @@ def test_no_capacity_is_unlimited_and_ties_are_deterministic() -> None:
     assert choose([host("b", 3), host("a", 4)]).host == "b"
     assert choose([host("b", 3), host("a", 3)]).host == "a"
     assert choose([host("b", 0, 10), host("a", 0, 10)]).host == "a"
+
+
+def test_a_host_known_down_is_skipped_and_named() -> None:
+    hosts = [host("a", 0, down="connection refused"), host("b", 7)]
+    assert choose(hosts).host == "b"
+    none = choose([host("a", 0, down="connection refused")])
+    assert none.host is None
+    assert none.reason == "a is unavailable (connection refused)"
 
 
 def test_draining_full_and_template_less_hosts_are_skipped() -> None:

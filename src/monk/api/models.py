@@ -245,11 +245,26 @@ class EventOut(BaseModel):
     last_error: str | None
 
 
+class HostHealth(BaseModel):
+    name: str
+    state: str = Field(..., description="active or draining (the registry's)")
+    reachable: bool = Field(..., description="monk could connect to it just now")
+    server_version: str | None = None
+    error: str | None = Field(default=None, description="why not reachable")
+    error_code: str | None = Field(default=None, description="HOST_UNAVAILABLE, …")
+
+
 class ServiceHealth(BaseModel):
     status: str
     database: str
     server_version: str | None = None
     error: str | None = None
+    hosts: list[HostHealth] | None = Field(
+        default=None,
+        description="Each host: the local one first, then the fleet's (absent when the "
+        "system database cannot be read). A host that is down does not make /health fail: "
+        "its tenants get HOST_UNAVAILABLE, the others are served.",
+    )
     server_restarts: int | None = Field(
         default=None,
         description="Restarts of the embedded server by this monk serve (absent: external server)",

@@ -18,7 +18,7 @@ from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
 from monk.service import events, pool, purge, role_pool, tenant_auth, tenant_data, upgrades
-from monk.service.health import Recent, ServerProbe
+from monk.service.health import HostProbes, Recent, ServerProbe
 from monk.service.pipeline import Hosts
 from monk.service.server import Server
 from monk.service.supervisor import Supervisor
@@ -141,6 +141,7 @@ class Runtime:
             max_failures=settings.login_max_failures, window=settings.login_failure_window
         )
         self.probe = ServerProbe(self.target)
+        self.host_probes = HostProbes(self.tenants.hosts, self.probe)
         # /metrics asks at most once a second, however many scrapers poll it.
         self.purge_queue_depth = Recent(lambda: purge.queue_counts(self.tenants), ttl=1.0)
         self._last_warning: dict[str, str] = {}
@@ -300,11 +301,17 @@ class Runtime:
         except Exception:
             log.exception("taking the keyholder lock failed")
         try:
-            adopted = pool.adopt(self.tenants)
-            if adopted:
-                log.info("adopted %d spare(s) of an earlier process", adopted)
+            hosts = [name for name, active in self.tenants.hosts.spare_hosts() if active]
         except Exception:
-            log.exception("adopting spares failed; they are served on the full path")
+            hosts = [self.tenants.hosts.local.name]
+        for host in hosts:
+            try:
+                adopted = pool.adopt(self.tenants, host=host)
+                if adopted:
+                    log.info("adopted %d spare(s) of an earlier process on %s", adopted, host)
+            except Exception as exc:
+                # Served on the full path meanwhile (a new password at the handout).
+                self._failed(f"adopting spares on {host}", exc)
         try:
             dropped = role_pool.drop_others(self.tenants)
             if dropped:
@@ -345,6 +352,7 @@ class Runtime:
             role_pool.drop_own(self.tenants)
         except Exception as exc:
             log.warning("could not drop this server's spare roles: %s", exc)
+        self.host_probes.close()
         self.probe.close()
         self.tenants.close()
 

@@ -71,6 +71,12 @@ def bench(
     parallel: str = typer.Option(
         "1,2,4,8", "--parallel", help="With --upgrade: the parallelism levels to measure."
     ),
+    remote: bool = typer.Option(
+        False,
+        "--remote",
+        help="Measure provisioning on a host of the fleet instead: a second embedded server "
+        "started for the run, cold (against CREATE DATABASE … TEMPLATE there) and warm.",
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -82,6 +88,9 @@ def bench(
     s = state()
     if upgrade:
         _bench_upgrade(tenants, parse_concurrency(parallel), json_file)
+        return
+    if remote:
+        _bench_remote(template, iterations, json_file)
         return
     levels = parse_concurrency(concurrency)
     runner_config = BenchConfig(
@@ -133,6 +142,35 @@ def _phase_bar(labels: dict[str, str]) -> Iterator[Callable[[str, int, int], Non
             bar.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
 
         yield progress
+
+
+def _bench_remote(template: str, iterations: int, json_file: Path | None) -> None:
+    from monk.bench.remote import RemoteBench
+    from monk.service.presence import refuse_beside_serve
+
+    s = state()
+    refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
+    with _phase_bar({}) as progress:
+        result = RemoteBench(
+            s.settings, s.target, template=template, iterations=iterations, progress=progress
+        ).run()
+    console.print(
+        f"provisioning on a host of the fleet ({result['template']}, {result['iterations']} "
+        "rounds; a second embedded server)"
+    )
+    for variant in ("raw", "cold", "warm"):
+        r = result[variant]
+        extra = f", {r['from_pool']} from pool" if "from_pool" in r else ""
+        console.print(
+            f"  {variant:4}  p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  p99 {r['p99_ms']} ms"
+            f"{extra}"
+        )
+    console.print(
+        f"  cold/raw {result['cold_over_raw']} (target ≤ 1.15), raw/warm {result['raw_over_warm']}"
+    )
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
 
 
 def _bench_upgrade(tenants: int, levels: tuple[int, ...], json_file: Path | None) -> None:

@@ -1,10 +1,10 @@
 """Placement: which host a new tenant goes to. Pure: hosts in, a choice (or why none) out.
 
-Eligible: an active host (not draining), below its capacity, with every label asked for, and
-with a ready build of the template. Among them the one with the most free capacity (no
-capacity: unlimited, before any finite one), ties broken by the fewest tenants, then by name:
-the same inputs always give the same host. A pinned host (``"host": NAME``, ``--host``) is
-chosen only if it is eligible, and the answer says why not otherwise.
+Eligible: an active host (not draining), not known to be down, below its capacity, with every label
+asked for, and with a ready build of the template. Among them the one with the most free capacity
+(no capacity: unlimited, before any finite one), ties broken by the fewest tenants, then by name:
+the same inputs always give the same host. A pinned host (``"host": NAME``, ``--host``) is chosen
+only if it is eligible, and the answer says why not otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class Candidate:
     tenants: int  # live tenants recorded on it
     labels: Mapping[str, str] = field(default_factory=dict)
     has_template: bool = True  # a ready build of the template asked for
+    down: str | None = None  # why it cannot be reached now (its breaker open), or None
 
     @property
     def free(self) -> float:
@@ -37,6 +38,8 @@ def why_not(host: Candidate, labels: Mapping[str, str]) -> str | None:
     """Why ``host`` cannot take a new tenant, or None if it can."""
     if host.state != "active":
         return f"{host.name} is {host.state}"
+    if host.down is not None:
+        return f"{host.name} is unavailable ({host.down})"
     if host.capacity is not None and host.tenants >= host.capacity:
         return f"{host.name} is full ({host.tenants}/{host.capacity})"
     wrong = [f"{k}={v}" for k, v in sorted(labels.items()) if host.labels.get(k) != v]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -18,9 +19,11 @@ from monk.adapters.postgres.connection import (
     translate,
     unavailable,
 )
+from monk.adapters.registry import hosts as host_registry
 from monk.core import lifecycle
 from monk.core.reconcile import access_drift
 from monk.errors import DatabaseUnavailable, MonkError
+from monk.service.pipeline import Hosts
 from monk.service.tenants import TenantService
 
 T = TypeVar("T")
@@ -157,3 +160,69 @@ class ServerProbe:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()
+
+
+class HostProbes:
+    """Each host's state for /health: the local one (``local``, the probe /health already
+    asks) and every host of the fleet, each probed on a kept session of its own (a
+    ``ServerProbe``), all at once, the whole answer shared for ``ttl`` seconds. A host that
+    is down answers at once while its breaker is open; the first look at one that hangs takes
+    the connect timeout."""
+
+    def __init__(self, hosts: Hosts, local: ServerProbe, *, ttl: float = 0.5) -> None:
+        self.hosts = hosts
+        self.local = local
+        self._lock = threading.Lock()
+        self._probes: dict[str, ServerProbe] = {}
+        self._recent: Recent[list[dict[str, Any]]] = Recent(self._look, ttl)
+
+    def check(self) -> list[dict[str, Any]]:
+        """[{name, state, reachable, server_version, error}], the local host first."""
+        return self._recent.get()
+
+    def _look(self) -> list[dict[str, Any]]:
+        with self.hosts.pools().system() as reg:
+            rows = host_registry.list_all(reg)
+        local_row = next((r for r in rows if r.is_local), None)
+        remote = [r for r in rows if not r.is_local]
+        entries = [(self.hosts.local.name, local_row.state if local_row else "active")]
+        entries += [(r.name, r.state) for r in remote]
+        with ThreadPoolExecutor(max(1, min(8, len(entries)))) as threads:
+            answers = list(threads.map(self._probe, [name for name, _ in entries]))
+        self._forget_except({r.name for r in remote})
+        return [
+            {
+                "name": name,
+                "state": state,
+                "reachable": exc is None,
+                "server_version": version,
+                "error": None if exc is None else exc.message,
+                "error_code": None if exc is None else exc.code,
+            }
+            for (name, state), (version, exc) in zip(entries, answers, strict=True)
+        ]
+
+    def _probe(self, name: str) -> tuple[str | None, MonkError | None]:
+        if name == self.hosts.local.name:
+            return self.local.check()
+        try:
+            target = self.hosts.target(name)
+        except MonkError as exc:
+            return None, exc
+        with self._lock:
+            probe = self._probes.get(name)
+            if probe is None or probe.target is not target:
+                if probe is not None:
+                    probe.close()  # the host was removed and added again, another URL
+                probe = self._probes[name] = ServerProbe(target)
+        return probe.check()
+
+    def _forget_except(self, names: set[str]) -> None:
+        with self._lock:
+            gone = [n for n in self._probes if n not in names]
+            closing = [self._probes.pop(n) for n in gone]
+        for probe in closing:
+            probe.close()
+
+    def close(self) -> None:
+        self._forget_except(set())

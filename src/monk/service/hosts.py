@@ -26,6 +26,7 @@ from monk.adapters.postgres.connection import (
     with_password,
 )
 from monk.adapters.registry import hosts as host_registry
+from monk.adapters.registry import spares as spare_rows
 from monk.adapters.registry.hosts import HostRow
 from monk.core import hosts as rules
 from monk.errors import (
@@ -37,6 +38,7 @@ from monk.errors import (
     InvalidRequest,
     MonkError,
 )
+from monk.service import pool
 from monk.service.pipeline import Pipeline, pause_at
 
 log = logging.getLogger(__name__)
@@ -305,6 +307,9 @@ def _add(
             # Read back what was stored, and connect with it: the server is still there,
             # and the row commits only with credentials that work.
             _probe(svc.hosts.remote_target(row))
+            # monk's functions there (the provision's steps, as the system database has
+            # them): a host where they cannot be installed is refused with the reason.
+            svc.hosts.install_functions(svc.hosts.remote_target(row))
     except BaseException:
         if stored and secrets is not None:
             secrets.remove(host_id)
@@ -470,8 +475,16 @@ def remove(svc: Pipeline, name: str) -> HostView:
             "removed",
             host=name,
         )
+    try:
+        # Its warm spares go first (dropped there while it answers; a refill is harmless if
+        # the removal is then refused).
+        pool.drain(svc, host=name)
+    except MonkError as exc:
+        log.warning("could not drop the spares of host %s: %s", name, exc.message)
     with svc.hosts.pools().system() as reg:
         gone = host_registry.delete_unused(reg, name)
+        if gone is not None:
+            spare_rows.forget_host(reg, name)
         if gone is None:
             row = host_registry.get(reg, name)
             if row is None:

@@ -31,12 +31,15 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.budget import Budget
 from monk.adapters.postgres.connection import (
     ServerTarget,
+    breaker,
     connect,
+    translate,
     with_password,
 )
 from monk.adapters.postgres.pools import ServerPools
-from monk.adapters.registry import Tenant
+from monk.adapters.registry import Tenant, host_functions
 from monk.adapters.registry import hosts as host_registry
+from monk.adapters.registry import spares as spare_rows
 from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.hosts import HostRow
@@ -49,6 +52,7 @@ from monk.errors import (
     DatabaseMissing,
     HashCollision,
     HostNotFound,
+    HostUnsuitable,
     InvalidRequest,
     InvalidState,
     MonkError,
@@ -235,6 +239,7 @@ class Hosts:
             connect_timeout=self._connect_timeout,
             statement_timeout_ms=self._statement_timeout_ms,
             source=f"host {row.name!r}",
+            remote=True,
         )
 
     def placement(
@@ -243,12 +248,15 @@ class Hosts:
         *,
         template: str | None = None,
         labels: Mapping[str, str] | None = None,
+        unreachable: Mapping[str, str] | None = None,
     ) -> ServerTarget:
         """Where a new tenant goes (``monk.core.placement``): ``name`` pins a host, ``labels``
         restrict; else the active host with the most free capacity that has a ready build of
-        ``template``. NoHostAvailable (503) when none is eligible; InvalidRequest (422) for a
-        pinned host that is not registered. With no host of the fleet, the local one as before (a
-        template it has not built then fails as it always did)."""
+        ``template`` and is not known to be down (its breaker open, or in ``unreachable``:
+        host -> why, found down by this provision). NoHostAvailable (503) when none is
+        eligible; InvalidRequest (422) for a pinned host that is not registered. With no
+        host of the fleet, the local one as before (a template it has not built then fails
+        as it always did)."""
         alone = name is None or name == self.local.name
         if alone and not labels and self._no_fleet_until > time.monotonic():
             # The hot path of a single server: no registry read per provision. A host added
@@ -283,6 +291,8 @@ class Hosts:
                 tenants=counts.get(r.name, 0),
                 labels=dict(r.labels),
                 has_template=built is None or r.name in built,
+                # A pinned host is tried anyway: its failure then names it (HOST_UNAVAILABLE).
+                down=None if r.name == name else self._down(r, unreachable or {}),
             )
             for r in remote
         ]
@@ -301,6 +311,58 @@ class Hosts:
             )
         return self.target(choice.host)
 
+    def spare_hosts(self) -> list[tuple[str, bool]]:
+        """The hosts whose warm pool the refiller looks after: (name, takes new tenants), the
+        local one first. A host of the fleet whose breaker is open (down) is left out: no
+        refill, and its spares wait for it."""
+        with self._pools[self.local.name].system() as reg:
+            rows = host_registry.list_all(reg)
+        local_row = next((r for r in rows if r.is_local), None)
+        found = [(self.local.name, local_row is None or local_row.state == "active")]
+        for r in rows:
+            if r.is_local or self._down(r, {}) is not None:
+                continue
+            found.append((r.name, r.state == "active"))
+        return found
+
+    def install_functions(self, target: ServerTarget) -> None:
+        """monk's functions on host ``target`` (``admin.HOST_FUNCTIONS``), as the system
+        database defines them: in a database of monk's there named like the system database,
+        made if missing, installed again if their version differs. Run once per process and
+        host, before its first admin connection (``ServerPools(prepare=…)``), and by
+        ``monk host add``."""
+        with self._pools[self.local.name].system() as reg:
+            definitions = host_functions.definitions(reg, admin.HOST_FUNCTIONS)
+        version = host_functions.version(definitions)
+        try:
+            with connect(target, autocommit=True, purpose="admin") as adm:
+                made = admin.ensure_database(
+                    adm, self._system_db, f"monk functions of {self._system_db}"
+                )
+            with connect(target, self._system_db, autocommit=True, purpose="admin") as conn:
+                stale = made or admin.installed_functions(conn, self._system_db) != version
+                if stale and admin.install_functions(conn, self._system_db, definitions, version):
+                    log.info("installed monk's functions (%s) on host %s", version, target.name)
+        except psycopg.Error as exc:
+            if (known := translate(exc)) is not None:
+                raise known from exc
+            # The server answered and refused (a privilege, a database it would not make).
+            raise HostUnsuitable(
+                f"host {target.name!r}: cannot install monk's functions in database "
+                f"{self._system_db!r} there: {describe(exc)}",
+                host=target.name,
+            ) from None
+
+    @staticmethod
+    def _down(row: HostRow, unreachable: Mapping[str, str]) -> str | None:
+        """Why placement should skip host ``row`` now: found down by the caller, or its breaker
+        open in this process (until its next probe is due: then it is tried again)."""
+        if row.name in unreachable:
+            return unreachable[row.name]
+        if row.url is None:
+            return None
+        return breaker(row.url).refusal(probe=False)
+
     def pools(self, name: str | None = None) -> ServerPools:
         target = self.target(name)
         with self._lock:
@@ -312,6 +374,9 @@ class Hosts:
                     self._system_db,
                     max_size=self._pool_size,
                     registry=self._pools[self.local.name],
+                    # Its DDL runs in monk's database there, beside monk's functions.
+                    admin_db=self._system_db,
+                    prepare=self.install_functions,
                 )
             return pools
 
@@ -367,27 +432,29 @@ class Hosts:
 
 
 class SpareSecrets:
-    """Passwords of the spares whose keyholder is this process, with their template key."""
+    """Passwords of the spares whose keyholder is this process, with their template key and
+    host."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_database: dict[str, tuple[str, str]] = {}
+        self._by_database: dict[str, tuple[str, str, str]] = {}
 
-    def put(self, database: str, password: str, template: str) -> None:
+    def put(self, database: str, password: str, template: str, host: str) -> None:
         with self._lock:
-            self._by_database[database] = (password, template)
+            self._by_database[database] = (password, template, host)
 
     def take(self, database: str) -> str | None:
         with self._lock:
             entry = self._by_database.pop(database, None)
         return entry[0] if entry else None
 
-    def take_for(self, template: str) -> tuple[str, str] | None:
-        """(database, password) of the oldest known spare of ``template``, taken out, so that
-        no other thread of this process picks it; ``put`` it back if it was not handed out."""
+    def take_for(self, template: str, host: str) -> tuple[str, str] | None:
+        """(database, password) of the oldest known spare of ``template`` on ``host``, taken
+        out, so that no other thread of this process picks it; ``put`` it back if it was not
+        handed out."""
         with self._lock:
-            for database, (password, key) in self._by_database.items():
-                if key == template:
+            for database, (password, key, where) in self._by_database.items():
+                if key == template and where == host:
                     del self._by_database[database]
                     return database, password
         return None
@@ -702,6 +769,7 @@ class Pipeline:
         operation: str = "provision",
         params: Mapping[str, Any] | None = None,
         host: str | None = None,
+        spares_ok: bool | None = None,
     ) -> Intent | None:
         """Reserve the name, the pipeline's first step, in one statement
         (``registry.tenants.reserve``): its lock (unless ``have_lock``), the intent row on
@@ -712,7 +780,8 @@ class Pipeline:
 
         Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
         taken or a spare is ready: the caller takes the full path. With it, a taken name
-        raises TenantExists or HashCollision."""
+        raises TenantExists or HashCollision. ``spares_ok``: write the intent even if a spare is
+        ready (default: with ``have_lock``, after the caller tried the warm handout)."""
         shared_wal = self.registry_shares_server(pools)
         # Spare roles live on the registry's server: only there can the intent rename one.
         spare = self.role_secrets.take() if shared_wal else None
@@ -733,7 +802,7 @@ class Pipeline:
                     keyholder=self.instance_id,
                     async_commit=shared_wal,
                     have_lock=have_lock,
-                    spares_ok=have_lock,
+                    spares_ok=have_lock if spares_ok is None else spares_ok,
                     operation=operation,
                     params=params,
                     remote=not pools.keeps_registry,
@@ -787,17 +856,20 @@ class Pipeline:
         )
         return Credentials(role, password)
 
-    def create_remote_role(self, pools: ServerPools, role: str) -> Credentials:
-        """``create_role`` on a host of the fleet (no system database there: the same steps,
-        sent by the client on the host's admin connection)."""
+    def create_remote_role(
+        self, pools: ServerPools, role: str, *, login: bool = True
+    ) -> Credentials:
+        """``create_role`` on a host of the fleet: the same ``make_tenant_role``, installed
+        there (``Hosts.install_functions``), on the host's admin connection."""
         password = scram.generate_password()
         with pools.admin() as adm:
             admin.make_tenant_role(
                 adm,
+                pools.admin_db,
                 role,
                 verifier=self.verifier(password),
                 mark=self.ownership_mark(),
-                login=True,
+                login=login,
                 connection_limit=self.settings.tenant_connection_limit,
             )
         return Credentials(role, password)
@@ -810,11 +882,18 @@ class Pipeline:
         settings: Mapping[str, str],
         connection_limit: int,
     ) -> None:
-        """Configure on a host of the fleet, before the activation (which then only commits
-        the registry): a crash between leaves an intent, undone whole like any other."""
+        """Configure on a host of the fleet (the same ``configure_tenant_database``, installed
+        there), before the activation (which then only commits the registry): a crash between
+        leaves an intent, undone whole like any other."""
         with pools.admin() as adm:
             admin.configure_database(
-                adm, database, role, self.ownership_mark(), settings, connection_limit
+                adm,
+                pools.admin_db,
+                database,
+                role,
+                self.ownership_mark(),
+                settings,
+                connection_limit,
             )
 
     def configure_args(
@@ -855,11 +934,18 @@ class Pipeline:
         ``drop_database`` is False when the clone itself failed because a database of that name
         was already there: it is not ours to drop here (the doctor judges it).
         """
+        claimed = spare_rows.claimed_by(reg, tenant.id)
         with pools.admin() as adm:
             if drop_database:
                 admin.drop_database(adm, tenant.database)
             if tenant.role_name:
                 admin.drop_role(adm, tenant.role_name)
+            for _spare_id, spare in claimed:
+                # A spare on a host of the fleet claimed for it, renamed in or not yet.
+                admin.drop_database(adm, spare)
+                admin.drop_role(adm, spare)
+        for spare_id, _spare in claimed:
+            spare_rows.delete(reg, spare_id)
         registry.delete_row(reg, tenant.id)
         log.warning("undid provisioning of %s (%s)", tenant.name, tenant.database)
 

@@ -36,6 +36,7 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, spares
+from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.spares import SpareRow as SpareRow
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram
@@ -80,11 +81,15 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                     spares.set_version(reg, spare_id, build.version)
                 svc.checkpoint("spare-cloned")
                 level = svc.migrate(pools.target, name, build)
-                role = svc.create_role(reg, name, login=False)
-                svc.configure(
-                    reg, name, name, build.database_settings, svc.settings.tenant_connection_limit
-                )
-                svc.spare_secrets.put(name, role.password, build.key)
+                limit = svc.settings.tenant_connection_limit
+                if pools.keeps_registry:
+                    role = svc.create_role(reg, name, login=False)
+                    svc.configure(reg, name, name, build.database_settings, limit)
+                else:
+                    # A host of the fleet: the same steps, run there (monk's functions).
+                    role = svc.create_remote_role(pools, name, login=False)
+                    svc.configure_remote(pools, name, name, build.database_settings, limit)
+                svc.spare_secrets.put(name, role.password, build.key, pools.target.name)
                 spares.mark_ready(reg, spare_id, level)
             except BaseException:
                 _drop_spare(pools, name)
@@ -116,7 +121,7 @@ def hand_out(
     docstring): first one whose password this process knows, then, with ``any_spare``, any
     (with a fresh password). Returns (tenant, password), or None when no spare was handed out
     (none ready, or the name busy or taken: the caller's full path knows what to answer)."""
-    picked = svc.spare_secrets.take_for(template)
+    picked = svc.spare_secrets.take_for(template, host)
     if picked is not None:
         handed = _hand_out_one(
             svc, reg, name, host, template, idempotency_key, connection_limit, picked
@@ -126,6 +131,116 @@ def hand_out(
     elif not any_spare:
         return None
     return _hand_out_one(svc, reg, name, host, template, idempotency_key, connection_limit, None)
+
+
+def hand_out_remote(
+    svc: Pipeline,
+    reg: psycopg.Connection[Any],
+    pools: ServerPools,
+    *,
+    name: TenantName,
+    build: TemplateBuild,
+    idempotency_key: str | None,
+    connection_limit: int | None = None,
+    have_lock: bool = False,
+    any_spare: bool = False,
+) -> tuple[Tenant, str] | None:
+    """The warm handout on a host of the fleet, where ``hand_out_spare`` cannot rename (its
+    renames are on the registry's server): the name reserved (intent, journal), a ready spare
+    of ``build`` claimed for it in the registry, renamed into the tenant's database and role
+    on the host (``rename_spare_into``, monk's function there), then the tenant activated and
+    the spare's row deleted in one transaction. A failure undoes it all (the intent's undo
+    drops the claimed spare too); so does the reconciler after a crash. Returns (tenant,
+    password), or None with nothing written (no spare of this process ready, ``any_spare``:
+    none at all; the name busy or taken)."""
+    host = pools.target.name
+    picked = svc.spare_secrets.take_for(build.key, host)
+    if picked is None and not any_spare:
+        return None
+    intent = svc.reserve(
+        reg,
+        pools,
+        name,
+        template_key=build.key,
+        template_version=build.version,
+        template_database=build.database,
+        idempotency_key=idempotency_key,
+        have_lock=have_lock,
+        spares_ok=True,
+    )
+    if intent is None:
+        if picked is not None:
+            svc.spare_secrets.put(picked[0], picked[1], build.key, host)
+        return None
+    tenant = intent.tenant
+    try:
+        claimed = spares.claim(
+            reg,
+            host,
+            template_key=build.key,
+            template_version=build.version,
+            tenant_id=tenant.id,
+            database=picked[0] if picked is not None else None,
+        )
+        if claimed is None:
+            raise _NoSpare
+        if picked is not None:
+            password, verifier = picked[1], None
+        else:
+            password = scram.generate_password()
+            verifier = svc.verifier(password)
+        svc.checkpoint("claimed")
+        with pools.admin() as adm:
+            admin.rename_spare_into(
+                adm,
+                pools.admin_db,
+                claimed.database,
+                database=name.database,
+                role=name.role,
+                verifier=verifier,
+                connection_limit=connection_limit,
+            )
+        svc.checkpoint("renamed")
+
+        def unlock() -> None:
+            if not have_lock:
+                registry.unlock(reg, name.database, prepare=True)
+
+        with registry.pipelined_transaction(reg, after_commit=unlock):
+            activated = tenant_registry.queue_activation(
+                reg,
+                tenant.id,
+                intent.op,
+                migration_level=claimed.migration_level,
+                template_version=claimed.template_version,
+                configure=None,
+                connection_limit=connection_limit,
+            )
+            spares.delete(reg, claimed.id)
+        done = registry.fetch_tenant(activated)
+    except BaseException as exc:
+        if reg.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            reg.rollback()
+        try:
+            svc.undo_provision(reg, pools, tenant)
+            registry.finish_operation(
+                reg,
+                intent.op,
+                "undone" if isinstance(exc, _NoSpare) else "failed",
+                step="handout",
+                error=None if isinstance(exc, _NoSpare) else str(exc)[:500],
+            )
+        finally:
+            if not have_lock:
+                registry.unlock_if_held(reg, name.database)
+        if isinstance(exc, _NoSpare):
+            return None
+        raise
+    return done, password
+
+
+class _NoSpare(Exception):
+    """No spare was ready to claim after all (another process took it)."""
 
 
 def _hand_out_one(
@@ -175,13 +290,13 @@ def _hand_out_one(
         if isinstance(exc, psycopg.Error) and not (reg.broken or reg.closed):
             dropped = _drop_if_broken(svc, reg, host, template, spare, exc)
         if spare is not None and dropped is None:
-            svc.spare_secrets.put(spare, password, template)
+            svc.spare_secrets.put(spare, password, template, host)
         raise
     if tenant is None:
         # Declined: keep the password only if the spare is still ready and ours (not if another
         # process took it, or a drain or a rebuild dropped it).
         if spare is not None and spares.is_ready_and_held_by(reg, host, spare, svc.instance_id):
-            svc.spare_secrets.put(spare, password, template)
+            svc.spare_secrets.put(spare, password, template, host)
         return None
     return tenant, password
 
@@ -232,7 +347,7 @@ def _drop_if_broken(
 def fill(svc: Pipeline, key: str, count: int, *, host: str | None = None) -> int:
     """Make spares of ``key``'s current build until ``count`` exist (within the global cap);
     returns how many were made. Blocking: the refiller calls it in the background."""
-    target = svc.hosts.placement(host)
+    target = svc.hosts.target(host)
     pools = svc.hosts.pools(target.name)
     build = svc.current_build(key, target)
     made = 0
@@ -290,38 +405,59 @@ def adopt(svc: Pipeline, *, host: str | None = None) -> int:
                 return adopted
             database = orphan.database
             password = scram.generate_password()
-            admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
-            # The fast handout keeps the spare role's limit: this process's default.
-            admin.set_role_connection_limit(reg, database, svc.settings.tenant_connection_limit)
+            verifier = svc.verifier(password)
+            limit = svc.settings.tenant_connection_limit
+            if pools.keeps_registry:
+                admin.set_role_password(reg, database, password_verifier=verifier)
+                # The fast handout keeps the spare role's limit: this process's default.
+                admin.set_role_connection_limit(reg, database, limit)
+            else:
+                with pools.admin() as adm:
+                    admin.set_role_password(adm, database, password_verifier=verifier)
+                    admin.set_role_connection_limit(adm, database, limit)
             spares.set_keyholder(reg, orphan.id, svc.instance_id)
             # Before the commit: a handout that sees us as keyholder finds the password.
-            svc.spare_secrets.put(database, password, orphan.template_key)
+            svc.spare_secrets.put(database, password, orphan.template_key, pools.target.name)
         adopted += 1
 
 
 def refill(svc: Pipeline) -> None:
-    """One pass of the background refiller over the configured templates; first it clears
-    spares left ``creating`` by a process that died (the pool would run one short)."""
-    clear_crashed(svc)
+    """One pass of the background refiller: the configured templates' spares on every host
+    that takes new tenants (the local one and each active host of the fleet; a draining host
+    gets none, and its spares are dropped). First it clears spares left ``creating`` by a
+    process that died (the pool would run one short). A host that fails (down, no build of a
+    key) never keeps the others' spares from being made."""
     first: Exception | None = None
-    for key, count in svc.settings.pool_spares.items():
+    for host, active in svc.hosts.spare_hosts():
         try:
-            # In the background, never inside a request: a configured key with no build is built.
-            svc.templates.ensure_built(key)
-            retire_stale(svc, key)
-            if count > 0:
-                fill(svc, key, count)
+            if not active:
+                drain(svc, host=host)
+                continue
+            clear_crashed(svc, host=host)
         except Exception as exc:
-            # One key that fails (its build, a clone) never keeps the others' spares from
-            # being made; the first failure is the pass's, reported by its caller.
             first = first or exc
+            continue
+        for key, count in svc.settings.pool_spares.items():
+            try:
+                if host == svc.hosts.local.name:
+                    # In the background, never inside a request: a configured key with no
+                    # build is built (on every host: ``monk template build`` does that).
+                    svc.templates.ensure_built(key)
+                retire_stale(svc, key, host=host)
+                if count > 0:
+                    fill(svc, key, count, host=host)
+            except Exception as exc:
+                # One key that fails (its build, a clone) never keeps the others' spares from
+                # being made; the first failure is the pass's, reported by its caller.
+                first = first or exc
     if first is not None:
         raise first
 
 
-def drain(svc: Pipeline, *, key: str | None = None) -> int:
-    """Every ready spare (of ``key``), dropped; returns how many."""
-    pools = svc.hosts.pools()
+def drain(svc: Pipeline, *, key: str | None = None, host: str | None = None) -> int:
+    """Every ready spare (of ``key``) on ``host`` (default: the local one), dropped; returns
+    how many."""
+    pools = svc.hosts.pools(host)
     dropped = 0
     failed: dict[UUID, str] = {}
     while True:
@@ -333,6 +469,7 @@ def drain(svc: Pipeline, *, key: str | None = None) -> int:
                 break
             if _try_drop_spare(pools, ready.database, failed, ready.id):
                 spares.delete(reg, ready.id)
+                svc.spare_secrets.take(ready.database)
                 dropped += 1
     if failed:
         raise InvalidState(
@@ -390,11 +527,12 @@ def is_spare_name(name: str) -> bool:
     )
 
 
-def clear_crashed(svc: Pipeline) -> list[str]:
+def clear_crashed(svc: Pipeline, *, host: str | None = None) -> list[str]:
     """Clear the spares left ``creating`` whose creator is gone (its advisory lock on the spare
     is free), and ready spares whose database an interrupted drop left invalid (a handout would
-    fail on them), with ``repair_spare``, the doctor's own repair; returns the spares dropped."""
-    pools = svc.hosts.pools()
+    fail on them), with ``repair_spare``, the doctor's own repair; returns the spares dropped.
+    ``host``: on that host (default: the local one)."""
+    pools = svc.hosts.pools(host)
     with pools.system() as reg:
         rows = spare_rows(reg, pools.target.name)
     ready = [r for r in rows if r.status == "ready"]
@@ -406,7 +544,7 @@ def clear_crashed(svc: Pipeline) -> list[str]:
     cleared = []
     for row in [r for r in rows if r.status == "creating" or r.database in invalid]:
         try:
-            outcome = repair_spare(svc, row)
+            outcome = repair_spare(svc, row, host=host)
         except Exception as exc:
             # Left for the next pass; the other leftovers are cleared meanwhile.
             log.warning("could not clear spare %s: %s", row.database, exc)
@@ -424,9 +562,10 @@ def clear_crashed(svc: Pipeline) -> list[str]:
 SPARE_DROPPED = "spare dropped"
 
 
-def repair_spare(svc: Pipeline, row: SpareRow) -> str:
-    """A spare whose creator or claimer died, dropped with its row (under the right lock)."""
-    pools = svc.hosts.pools()
+def repair_spare(svc: Pipeline, row: SpareRow, *, host: str | None = None) -> str:
+    """A spare whose creator or claimer died, dropped with its row (under the right lock), on
+    ``host`` (default: the local one)."""
+    pools = svc.hosts.pools(host)
     with pools.system() as reg:
         lock_name = row.database
         if row.status == "claimed" and row.tenant_id is not None:

@@ -45,6 +45,7 @@ from monk.core.lifecycle import Action
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import TenantName
 from monk.errors import (
+    HostUnavailable,
     IdempotencyKeyReused,
     InvalidState,
     MonkError,
@@ -123,8 +124,7 @@ class TenantService(Pipeline):
         labels = dict(sorted((placement or {}).items()))
         for key, value in labels.items():
             validate_label(key, value)
-        target = self.hosts.placement(host, template=template, labels=labels)
-        pools = self.hosts.pools(target.name)
+        pools = self._place(host, template, labels)
         # Every parameter of the request (as asked: a retry may be placed elsewhere, and is
         # the same request): one Idempotency-Key stands for one request.
         request: dict[str, Any] = {
@@ -150,6 +150,29 @@ class TenantService(Pipeline):
                     with contextlib.suppress(psycopg.Error):
                         registry.forget_idempotency_key(reg, idempotency_key, request)
                 raise
+
+    def _place(self, host: str | None, template: str, labels: Mapping[str, str]) -> ServerPools:
+        """The pools of the host placement chooses, reachable: a host of the fleet that does
+        not answer (HostUnavailable, within the connect timeout, at once while its breaker is
+        open) is skipped and placement asked again, before anything is written; pinned, its
+        failure is the answer."""
+        unreachable: dict[str, str] = {}
+        while True:
+            target = self.hosts.placement(
+                host, template=template, labels=labels, unreachable=unreachable
+            )
+            pools = self.hosts.pools(target.name)
+            if pools.keeps_registry:
+                return pools
+            try:
+                # The connection the clone will use: taken from the pool, no round trip.
+                with pools.admin():
+                    return pools
+            except HostUnavailable as exc:
+                if host is not None or target.name in unreachable:
+                    raise
+                log.warning("placement skips host %s: %s", target.name, exc.message)
+                unreachable[target.name] = "does not answer"
 
     def _remember_key(
         self, reg: psycopg.Connection[Any], key: str, request: dict[str, Any]
@@ -267,6 +290,10 @@ class TenantService(Pipeline):
         """Obtain the database and the role from a spare, and activate, in one statement
         (``pool.hand_out``); ``any_spare``: also a spare whose password this process does not
         know (it gets a new one). None: no spare served, nothing written."""
+        if not pools.keeps_registry:
+            return self._warm_remote(
+                reg, pools, name, template, idempotency_key, connection_limit, any_spare=any_spare
+            )
         try:
             handed = pool.hand_out(
                 self,
@@ -281,13 +308,50 @@ class TenantService(Pipeline):
         except psycopg.Error as exc:
             # One transaction: whatever failed left nothing behind.
             if reg.broken or reg.closed:
-                raise unavailable(pools.target, pools.system_db, exc) from None
+                raise unavailable(self.hosts.local, pools.system_db, exc) from None
             log.warning("handout of a spare to %s failed (%s); cloning", name.display, exc)
             return None
         if handed is None:
             return None
         tenant, password = handed
         log.info("provisioned %s as %s from the warm pool", name.display, name.database)
+        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
+
+    def _warm_remote(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        template: str,
+        idempotency_key: str | None,
+        connection_limit: int | None,
+        *,
+        any_spare: bool,
+    ) -> TenantView | None:
+        """``_warm`` on a host of the fleet (``pool.hand_out_remote``)."""
+        build = self._known_build(template, pools, reg)
+        if build is None:
+            return None
+        handed = pool.hand_out_remote(
+            self,
+            reg,
+            pools,
+            name=name,
+            build=build,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+            have_lock=any_spare,  # the full path holds the name's lock
+            any_spare=any_spare,
+        )
+        if handed is None:
+            return None
+        tenant, password = handed
+        log.info(
+            "provisioned %s as %s from the warm pool of %s",
+            name.display,
+            name.database,
+            pools.target.name,
+        )
         return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
 
     def _reserve(

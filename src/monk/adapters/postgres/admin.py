@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from monk.core.identifiers import validate_database_name, validate_role_name
 from monk.errors import (
@@ -567,53 +568,122 @@ def sessions_opened(conn: Conn, databases: Sequence[str]) -> int:
     return int(str(row[0])) if row else 0
 
 
-def make_tenant_role(
-    conn: Conn, name: str, *, verifier: str, mark: str, login: bool, connection_limit: int
-) -> None:
-    """The system database's ``make_tenant_role`` on a server that has no system database (a
-    host of the fleet): a leftover of that name dropped first, the role made with its SCRAM
-    verifier and ownership mark, membership for a CREATEROLE admin (to hand objects over)."""
-    validate_role_name(name)
-    role = sql.Identifier(name)
+# ---------------------------------------------------------------- monk's functions on a host
+#
+# The provision's server-side steps (obtain a role: ``make_tenant_role``; configure:
+# ``configure_tenant_database``; a spare handed out: ``rename_spare_into``) are written once, as
+# functions of the system database (migrations). A host of the fleet has no system database:
+# monk copies those functions, as the system database defines them, into a database of its own
+# on the host (named like the system database, made by the admin role, which CREATEDB allows),
+# and calls them there.
+
+HOST_FUNCTIONS = ("make_tenant_role", "configure_tenant_database", "rename_spare_into")
+_FUNCTIONS_MARK = "monk functions "
+
+
+def ensure_database(conn: Conn, name: str, comment: str) -> bool:
+    """``name`` exists (made, owned by the admin, with ``comment``, if it did not): True if
+    made now. Two processes at once: one makes it, the other finds it."""
+    validate_database_name(name)
+    if database_exists(conn, name):
+        return False
+    try:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+        return False
+    comment_on_database(conn, name, comment)
+    return True
+
+
+def installed_functions(conn: Conn, schema: str) -> str | None:
+    """The version of monk's functions installed in ``schema`` of the database ``conn`` is on
+    (None: none)."""
+    row = conn.execute(
+        "SELECT obj_description(to_regnamespace(%s), 'pg_namespace')", (schema,)
+    ).fetchone()
+    text = None if row is None or row[0] is None else str(row[0])
+    return text.removeprefix(_FUNCTIONS_MARK) if text and text.startswith(_FUNCTIONS_MARK) else None
+
+
+def install_functions(
+    conn: Conn, schema: str, definitions: Sequence[tuple[str, str]], version: str
+) -> bool:
+    """Install ``definitions`` ((name, CREATE FUNCTION text of the system database), each
+    qualified with ``schema``) in ``schema``, the schema marked with ``version``, in one
+    transaction, one process at a time; False when that version was there already."""
     with conn.transaction():
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('monk host functions'))")
+        if installed_functions(conn, schema) == version:
+            return False
+        ident = sql.Identifier(schema)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        for name, _ in definitions:
+            # A changed signature would make CREATE OR REPLACE add an overload instead.
+            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}").format(sql.Identifier(schema, name)))
+        for _, definition in definitions:
+            conn.execute(definition.encode())
         conn.execute(
-            sql.SQL("CREATE ROLE {} {} CONNECTION LIMIT {} PASSWORD {}").format(
-                role,
-                sql.SQL("LOGIN" if login else "NOLOGIN"),
-                sql.Literal(int(connection_limit)),
-                sql.Literal(verifier),
+            sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+                ident, sql.Literal(_FUNCTIONS_MARK + version)
             )
         )
-        conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(role, sql.Literal(mark)))
-        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
-        if not (row and row[0]):
-            conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(role))
+    return True
+
+
+def make_tenant_role(
+    conn: Conn,
+    schema: str,
+    name: str,
+    *,
+    verifier: str,
+    mark: str,
+    login: bool,
+    connection_limit: int,
+) -> None:
+    """Obtain a role on a host of the fleet: monk's ``make_tenant_role``, installed there
+    (``install_functions``; ``conn`` is on that database)."""
+    conn.execute(
+        sql.SQL("SELECT {}(%s, %s, %s, %s, %s)").format(sql.Identifier(schema, "make_tenant_role")),
+        (name, verifier, mark, login, connection_limit),
+    )
 
 
 def configure_database(
     conn: Conn,
+    schema: str,
     database: str,
     role: str,
     mark: str,
     settings: Mapping[str, str],
     connection_limit: int,
 ) -> None:
-    """The system database's ``configure_tenant_database`` on a host of the fleet, in one
-    transaction: the tenant's role owns the database, may connect (PUBLIC may not), the
-    ownership mark, the role's connection limit and the build's database settings."""
-    validate_role_name(role)
+    """Configure on a host of the fleet: monk's ``configure_tenant_database``, installed there
+    (as ``make_tenant_role``)."""
     validate_setting_names(settings)
-    db, who = sql.Identifier(database), sql.Identifier(role)
-    with conn.transaction():
-        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, who))
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
-        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, who))
-        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db))
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(mark)))
-        conn.execute(
-            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
-                who, sql.Literal(int(connection_limit))
-            )
-        )
-        set_database_settings(conn, database, settings)
+    conn.execute(
+        sql.SQL("SELECT {}(%s, %s, %s, %s, %s)").format(
+            sql.Identifier(schema, "configure_tenant_database")
+        ),
+        (database, role, mark, Jsonb(dict(settings)), connection_limit),
+    )
+
+
+def rename_spare_into(
+    conn: Conn,
+    schema: str,
+    spare: str,
+    *,
+    database: str,
+    role: str,
+    verifier: str | None,
+    connection_limit: int | None,
+) -> None:
+    """A spare on a host of the fleet becomes the tenant's database and role: monk's
+    ``rename_spare_into`` (the step ``hand_out_spare`` runs on the registry's server),
+    installed there. ``verifier``: a new password (None: the spare's is kept)."""
+    conn.execute(
+        sql.SQL("SELECT {}(%s, %s, %s, %s, %s)").format(
+            sql.Identifier(schema, "rename_spare_into")
+        ),
+        (spare, database, role, verifier, connection_limit),
+    )

@@ -23,6 +23,7 @@ from psycopg import conninfo as pg_conninfo
 from monk.core import scram
 from monk.errors import (
     ConfigError,
+    DatabaseMissing,
     DatabaseUnavailable,
     DiskFull,
     HostUnavailable,
@@ -53,6 +54,9 @@ class ServerTarget:
     source: str = "MONK_DATABASE_URL"
     connect_timeout: int = 10
     statement_timeout_ms: int = 60_000
+    # A host of the fleet (``monk host add``), not the server that keeps the system database:
+    # a failure to reach it is HostUnavailable, naming it.
+    remote: bool = False
 
     @classmethod
     def from_url(
@@ -63,6 +67,7 @@ class ServerTarget:
         connect_timeout: int = 10,
         statement_timeout_ms: int = 60_000,
         source: str = "MONK_DATABASE_URL",
+        remote: bool = False,
     ) -> ServerTarget:
         try:
             params = pg_conninfo.conninfo_to_dict(url)
@@ -80,6 +85,7 @@ class ServerTarget:
             source=source,
             connect_timeout=connect_timeout,
             statement_timeout_ms=statement_timeout_ms,
+            remote=remote,
         )
 
     def url(self, dbname: str) -> str:
@@ -242,14 +248,36 @@ def open_checked(target: ServerTarget, *, purpose: str) -> psycopg.Connection[tu
         ) from None
 
 
-def unavailable(target: ServerTarget, dbname: str, exc: BaseException | str) -> DatabaseUnavailable:
+def unavailable(target: ServerTarget, dbname: str, exc: BaseException | str) -> MonkError:
+    """What a failed connection to ``dbname`` on ``target`` is: DatabaseMissing when the server
+    answered that the database does not exist (the server is up: a 404, not a retry);
+    HostUnavailable, naming the host, when a host of the fleet cannot be reached (no answer, or
+    its breaker open); else DatabaseUnavailable (the local server down, or a refusal such as a
+    password no longer valid)."""
     reason = exc if isinstance(exc, str) else _first_line(exc)
+    if isinstance(exc, psycopg.Error) and refused_by_server(exc) and _MISSING_DB in str(exc):
+        return DatabaseMissing(
+            f"database {dbname!r} does not exist on server {target.name!r}",
+            host=target.name,
+            database=dbname,
+        )
+    down = not isinstance(exc, psycopg.Error) or not refused_by_server(exc)
+    if target.remote and down:
+        return HostUnavailable(
+            f"host {target.name!r} is unavailable: cannot connect to database {dbname!r}: {reason}",
+            host=target.name,
+            database=dbname,
+        )
     return DatabaseUnavailable(
         f"{target.source}: cannot connect to database {dbname!r} on server {target.name!r}: "
         f"{reason}",
         host=target.name,
         database=dbname,
     )
+
+
+# libpq's text of the server's FATAL 3D000 at connection time (no SQLSTATE is kept then).
+_MISSING_DB = '" does not exist'
 
 
 def _first_line(exc: BaseException) -> str:

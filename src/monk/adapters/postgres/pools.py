@@ -9,9 +9,10 @@ budget on a server that hosts many tenant databases.
 from __future__ import annotations
 
 import select
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -80,11 +81,19 @@ class ServerPools:
         *,
         max_size: int = 8,
         registry: ServerPools | None = None,
+        admin_db: str | None = None,
+        prepare: Callable[[ServerTarget], None] | None = None,
     ) -> None:
+        """``admin_db``: the database the admin pool connects to (default: the maintenance
+        database); ``prepare``: run once, before the first admin connection (again after a
+        failure), e.g. to make ``admin_db`` and install monk's functions there."""
         self.target = target
         self.system_db = system_db
         self.breaker = breaker(target.conninfo)
         self._registry = registry
+        self.admin_db = admin_db or target.maintenance_db
+        self._prepare = prepare
+        self._prepare_lock = threading.Lock()
         # The registry's statements are small indexed reads and writes, prepared and run on
         # every request: a generic plan serves them all, where a custom plan is made again at
         # each execution (0.3 ms of server CPU for the provision's intent statement).
@@ -95,7 +104,7 @@ class ServerPools:
                 system_db, "registry", max_size, settings="-c plan_cache_mode=force_generic_plan"
             )
         )
-        self._admin = self._pool(target.maintenance_db, "admin", max_size)
+        self._admin = self._pool(self.admin_db, "admin", max_size)
 
     @property
     def keeps_registry(self) -> bool:
@@ -176,8 +185,16 @@ class ServerPools:
         return self._get(self._system, self.system_db)
 
     def admin(self) -> AbstractContextManager[psycopg.Connection[Any]]:
-        """An autocommit connection to the maintenance database (server-level DDL)."""
-        return self._get(self._admin, self.target.maintenance_db)
+        """An autocommit connection for server-level DDL (to ``admin_db``)."""
+        if self._prepare is not None:
+            with self._prepare_lock:
+                if self._prepare is not None:
+                    reason = self.breaker.refusal(probe=False)
+                    if reason is not None:
+                        raise unavailable(self.target, self.admin_db, reason)
+                    self._prepare(self.target)
+                    self._prepare = None
+        return self._get(self._admin, self.admin_db)
 
     def close(self) -> None:
         if self._system is not None:

@@ -205,3 +205,57 @@ def status(conn: Conn, spare_id: UUID) -> str | None:
     """The warm-pool spare's status (None: its row is gone)."""
     row = conn.execute("SELECT status FROM spares WHERE id = %s", (spare_id,)).fetchone()
     return None if row is None else str(row[0])
+
+
+@dataclass(frozen=True)
+class ClaimedSpare:
+    id: UUID
+    database: str
+    template_version: str
+    migration_level: int
+
+
+def claim(
+    conn: Conn,
+    host: str,
+    *,
+    template_key: str,
+    template_version: str,
+    tenant_id: UUID,
+    database: str | None,
+) -> ClaimedSpare | None:
+    """A ready spare of the build on ``host`` (the one named ``database``, else the oldest),
+    marked ``claimed`` by the tenant ``tenant_id`` (a handout on a host of the fleet, whose
+    renames run there, not in this statement). None: no such spare ready."""
+    row = conn.execute(
+        "UPDATE spares SET status = 'claimed', tenant_id = %(tenant)s WHERE id = ("
+        " SELECT id FROM spares WHERE host = %(host)s AND template_key = %(key)s"
+        " AND template_version = %(version)s AND status = 'ready'"
+        " AND (%(database)s::text IS NULL OR database = %(database)s)"
+        " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, database, template_version, coalesce(migration_level, 0)",
+        {
+            "tenant": tenant_id,
+            "host": host,
+            "key": template_key,
+            "version": template_version,
+            "database": database,
+        },
+    ).fetchone()
+    if row is None:
+        return None
+    return ClaimedSpare(UUID(str(row[0])), str(row[1]), str(row[2]), int(str(row[3])))
+
+
+def claimed_by(conn: Conn, tenant_id: UUID) -> list[tuple[UUID, str]]:
+    """(id, database) of the spares claimed by the tenant ``tenant_id``."""
+    rows = conn.execute(
+        "SELECT id, database FROM spares WHERE status = 'claimed' AND tenant_id = %s",
+        (tenant_id,),
+    ).fetchall()
+    return [(UUID(str(r[0])), str(r[1])) for r in rows]
+
+
+def forget_host(conn: Conn, host: str) -> int:
+    """Delete the rows of every spare of a host that is removed; returns how many."""
+    return conn.execute("DELETE FROM spares WHERE host = %s", (host,)).rowcount

@@ -15,6 +15,7 @@ from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import READ, READ_ONE, RETRY_AFTER, Ok, error_headers
 from monk.api.models import (
     EventOut,
+    HostHealth,
     OperationDetailOut,
     OperationOut,
     ServiceHealth,
@@ -57,6 +58,10 @@ def health(rt: RuntimeDep) -> JSONResponse:
         )
     body = ServiceHealth(status="ok", database="reachable", server_version=version)
     _add_restarts(rt, body)
+    try:
+        body.hosts = [HostHealth(**h) for h in rt.host_probes.check()]
+    except MonkError as lost:
+        body.error = lost.message  # the registry went away since the probe: hosts unknown
     return JSONResponse(content=Ok(data=body).model_dump())
 
 
