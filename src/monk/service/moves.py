@@ -316,9 +316,9 @@ class Move:
                 step="verify",
             )
         if src_fp.fingerprint() != dst_fp.fingerprint():
-            differ = "; ".join(str(d) for d in differences(src_fp, dst_fp)[:3])
+            named = "; ".join(str(d) for d in differences(src_fp, dst_fp)[:3])
             raise OperationFailed(
-                f"the copy's catalog fingerprint differs from the source's: {differ}",
+                f"the copy's catalog fingerprint differs from the source's: {named}",
                 step="verify",
             )
         return {
