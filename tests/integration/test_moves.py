@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
 from monk.settings import Settings
 from tests.conftest import MONK_BIN, RunMonk, settings_env
 from tests.fleet import Fleet, FleetServer
@@ -255,3 +260,55 @@ def test_drain_moves_every_tenant_off_a_host(
         assert host_of(settings, t["database"]) != "pg-2"
         assert not database_on(fleet.second, t["database"])
     assert monk("host", "remove", "pg-2").returncode == 0
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    auth = {"Authorization": f"Bearer {issue_root_token(settings, ttl_seconds=600)}"}
+    quiet = settings.model_copy(update={"pool_spares": {}, "pool_roles": 0})
+    with TestClient(create_app(quiet)) as client:
+        yield client, auth
+
+
+def test_over_http_from_a_host_whose_admin_is_no_superuser_the_password_is_rotated(
+    api: tuple[TestClient, dict[str, str]],
+    monk: RunMonk,
+    settings: Settings,
+    fleet_server: FleetServer,
+) -> None:
+    client, auth = api
+    role, password = fleet_server.make_role("CREATEDB", "CREATEROLE")
+    add_host(monk, "pg-own", fleet_server)  # superuser first: the template is built there
+    assert monk("host", "remove", "pg-own").returncode == 0
+    added = monk("host", "add", "pg-own", "--url", fleet_server.url_as(role, password), "--json")
+    assert added.returncode == 0, added.stderr
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    out = make_tenant(monk, key, "pg-own", rows=500)
+    before = data_of(out["connection_url"])
+    r = client.post(
+        f"/api/root/tenant/{out['name']}/move", json={"to": settings.host_name}, headers=auth
+    )
+    assert r.status_code == 202, r.text
+    started = r.json()["data"]
+    assert started["credentials"] == "rotated"
+    new_url = started["connection_url"]
+    assert f":{fleet_server.port}/" not in new_url
+    op = started["operation_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        got = client.get(f"/api/root/operations/{op}", headers=auth).json()["data"]
+        if got["state"] in ("done", "undone", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert got["state"] == "done", got
+    assert got["result"]["downtime_ms"] > 0
+    assert got["result"]["credentials"] == "rotated"
+    assert data_of(new_url) == before
+    with pytest.raises(psycopg.OperationalError):
+        data_of(at_port(out["connection_url"], int(new_url.split("@")[1].split(":")[1][:5])))
+    # A second move while none runs, to a host that is not registered: 404, nothing started.
+    r = client.post(f"/api/root/tenant/{out['name']}/move", json={"to": "pg-9"}, headers=auth)
+    assert r.status_code == 404, r.text
+    assert password not in r.text

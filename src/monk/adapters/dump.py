@@ -143,12 +143,15 @@ def copy(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    restore_error: OperationFailed | None = None
     try:
         assert dumper.stdout is not None
         try:
             _restore_tolerant(
                 [str(bin_dir() / "pg_restore"), *restore_opts], restore_env, stdin=dumper.stdout
             )
+        except OperationFailed as exc:
+            restore_error = exc
         finally:
             dumper.stdout.close()
         _, dump_err = dumper.communicate(timeout=_TIMEOUT_S)
@@ -156,9 +159,12 @@ def copy(
         if dumper.poll() is None:
             dumper.kill()
             dumper.wait()
+    # pg_dump's own failure first: pg_restore then only saw its input end.
     if dumper.returncode != 0:
         tail = "\n".join(dump_err.decode(errors="replace").strip().splitlines()[-5:])
         raise OperationFailed(f"pg_dump failed: {tail}", step="copy")
+    if restore_error is not None:
+        raise restore_error
 
 
 def _restore_tolerant(

@@ -143,9 +143,11 @@ def drain(
         return
     with _bar(f"draining {name}") as progress:
         result = moves.drain(state().tenants, name, parallel=parallel, progress=progress)
+    view = hosts.get(state().tenants, name)
     if as_json:
-        print_json(result.as_dict())
+        print_json(view.as_dict() | {"moved": result.moved, "failed": result.failed})
     else:
+        _show(view, False)
         for m in result.moved:
             console.print(
                 f"moved {escape(m['tenant'])} to {escape(m['to'])} (downtime {m['downtime_ms']} ms)"
