@@ -34,6 +34,7 @@ from monk.adapters import dump, registry
 from monk.adapters.postgres import admin, template_db
 from monk.adapters.postgres.catalog import read_catalog
 from monk.adapters.postgres.connection import (
+    ServerTarget,
     connect,
     open_checked,
     open_connection,
@@ -44,7 +45,7 @@ from monk.adapters.registry import Operation, Tenant, operations
 from monk.adapters.registry import hosts as host_registry
 from monk.adapters.registry import moves as journal
 from monk.core import scram
-from monk.core.catalog import differences
+from monk.core.catalog import Catalog, differences
 from monk.core.lifecycle import TenantStatus
 from monk.errors import (
     HostNotFound,
@@ -197,6 +198,17 @@ class Move:
                         connection_limit=svc.connection_limit(tenant),
                     )
                 admin.create_database(adm, tenant.database, template="template0", owner=role)
+                if role:
+                    # Ownership, connect rights, the build's settings, the connection limit:
+                    # none of it depends on the data, so none of it waits in the downtime.
+                    admin.configure_database(
+                        adm,
+                        tenant.database,
+                        role,
+                        svc.ownership_mark(),
+                        svc.database_settings(tenant),
+                        svc.connection_limit(tenant),
+                    )
             journal.record(self.reg, op_id, "prepared", {})
             svc.checkpoint("move-prepared")
 
@@ -224,18 +236,10 @@ class Move:
                 jobs=jobs,
                 work_dir=svc.settings.data_dir / "moves",
             )
+            measured["restore_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if role:
                 with connect(self.target, tenant.database, purpose="move") as db:
                     template_db.own_like_a_clone(db, role, tenant.database)
-                with dst_pools.admin() as adm:
-                    admin.configure_database(
-                        adm,
-                        tenant.database,
-                        role,
-                        svc.ownership_mark(),
-                        svc.database_settings(tenant),
-                        svc.connection_limit(tenant),
-                    )
             measured["copy_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             measured["jobs"] = jobs
             journal.record(self.reg, op_id, "copied", {"copy_ms": measured["copy_ms"]})
@@ -294,16 +298,18 @@ class Move:
 
     def _verify(self) -> dict[str, Any]:
         """Every table's row count and the catalog fingerprint, the same on both sides."""
-        seen = {}
-        for side, target in (("source", self.source), ("target", self.target)):
+
+        def read(target: ServerTarget) -> tuple[dict[str, int], Catalog]:
             with (
                 connect(target, self.tenant.database, purpose="move-verify") as db,
                 db.transaction(),
             ):
                 db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                counts = row_counts(db)
-                catalog = read_catalog(db)
-            seen[side] = (counts, catalog)
+                return row_counts(db), read_catalog(db)
+
+        # Both sides at once: the verification is part of the downtime.
+        other = self.svc.side_threads().submit(read, self.target)
+        seen = {"source": read(self.source), "target": other.result()}
         (src_counts, src_fp), (dst_counts, dst_fp) = seen["source"], seen["target"]
         if src_counts != dst_counts:
             differ = sorted(
