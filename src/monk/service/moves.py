@@ -554,7 +554,7 @@ def finish_dead(svc: Pipeline) -> list[str]:
 
 
 def work_drops(svc: Pipeline, *, move: UUID | None = None) -> int:
-    """Drop the copies moves left behind (queued ``drop_copy`` jobs; with ``move``, those of
+    """The copies moves left behind, dropped (queued ``drop_copy`` jobs; with ``move``, those of
     that move only, due or not). A copy whose tenant is live on that host again (moved back)
     is left alone. A failure is recorded on its job, retried later with backoff."""
     done = 0
@@ -585,7 +585,7 @@ def work_drops(svc: Pipeline, *, move: UUID | None = None) -> int:
                 after = min(2 ** (op.attempts + 1), _MAX_BACKOFF_S)
                 operations.retry_later(reg, op.id, error=message, after_s=after)
                 log.warning(
-                    "drop of the copy of %s on %s failed, retried in %ds: %s",
+                    "the copy of %s on %s was not dropped (retried in %ds): %s",
                     op.database,
                     op.host,
                     after,
