@@ -282,3 +282,28 @@ def test_bench_upgrade_measures_a_fleet_upgrade_and_removes_what_it_made(
             "SELECT datname FROM pg_database WHERE datname LIKE 'monk\\_%bench\\_up\\_%'"
         ).fetchall()
     assert left == []
+
+
+@pytest.mark.slow
+def test_bench_move_measures_a_move_against_a_bare_copy_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    assert monk("init").returncode == 0
+    before = server_objects(admin_url)
+    out = tmp_path / "move.json"
+    done = monk(
+        "bench", "--move", "--size-mb", "2", "--rounds", "2", "--json", str(out), timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["database_bytes"] > 2_000_000
+    assert [r["to"] for r in result["rounds"]][1] == settings.host_name
+    for r in result["rounds"]:
+        assert 0 < r["downtime_s"] <= r["total_s"]
+        assert r["bare_copy_s"] > 0
+        assert r["client_downtime_s"] is not None
+    assert result["downtime_over_bare"] > 0
+    assert "monk downtime" in done.stdout
+    assert server_objects(admin_url) == before
+    hosts = json.loads(monk("host", "list", "--json").stdout)
+    assert [h["name"] for h in hosts] == [settings.host_name]

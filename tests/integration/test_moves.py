@@ -248,6 +248,10 @@ def test_drain_moves_every_tenant_off_a_host(
     code, _out, err = build(monk, key)
     assert code == 0, err
     tenants = [make_tenant(monk, key, "pg-2", rows=100) for _ in range(4)]
+    # The local host full: placement sends every tenant to pg-3.
+    assert monk("host", "set", settings.host_name, "--capacity", "0").returncode == 0
+    # A disabled tenant moves too, and stays disabled (closed) on its new host.
+    assert monk("tenant", "disable", tenants[0]["name"]).returncode == 0
     done = monk("host", "drain", "pg-2", "--parallel", "2", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -259,6 +263,14 @@ def test_drain_moves_every_tenant_off_a_host(
     for t in tenants:
         assert host_of(settings, t["database"]) != "pg-2"
         assert not database_on(fleet.second, t["database"])
+    first = json.loads(monk("tenant", "show", tenants[0]["name"], "--json").stdout)
+    assert first["status"] == "disabled"
+    assert first["host"] == "pg-3"
+    moved_url = at_port(tenants[0]["connection_url"], fleet.third.port)
+    with pytest.raises(psycopg.OperationalError):
+        data_of(moved_url)
+    assert monk("tenant", "enable", tenants[0]["name"]).returncode == 0
+    assert data_of(moved_url)[0] == 100
     assert monk("host", "remove", "pg-2").returncode == 0
 
 

@@ -10,7 +10,8 @@
                       tenant's database into a new database on the destination, timed, dropped
                 monk  ``monk tenant move`` to the destination: its recorded downtime (role
                       NOLOGIN committed -> LOGIN committed on the destination) and total time;
-                      and the downtime a client sees: a prober connecting every 5 ms with the
+                      and the downtime a client sees: a prober connecting every 50 ms
+                      (more often, its backends would slow the copy it measures) with the
                       tenant's own credentials, to the source and then to the destination,
                       from its first refused connection to its first accepted one
 
@@ -257,7 +258,8 @@ def _at(url: str, target: ServerTarget) -> str:
 
 
 class _Prober(threading.Thread):
-    """A client of the tenant connecting every 5 ms (source first, then destination): the
+    """A client of the tenant connecting every 50 ms, source first, then destination (more
+    often, its backends would slow the copy it measures): the
     time from its first refused connection to its first accepted one on the destination."""
 
     def __init__(self, source_url: str, dest_url: str) -> None:
@@ -279,7 +281,7 @@ class _Prober(threading.Thread):
             except psycopg.Error:
                 if self.first_refused is None:
                     self.first_refused = time.perf_counter()
-            time.sleep(0.005)
+            time.sleep(0.05)
 
     def stop(self) -> None:
         deadline = time.monotonic() + 5

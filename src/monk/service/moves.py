@@ -221,6 +221,11 @@ class Move:
                     admin.set_role_login(adm, role, login=False)
                 frozen_at = time.perf_counter()
                 admin.terminate_sessions(adm, tenant.database)
+                if admin.allows_connections(adm, tenant.database) is False:
+                    # A disabled or trashed tenant's database is closed: opened for monk's
+                    # admin alone while it is copied (its role cannot log in, PUBLIC has no
+                    # CONNECT), as an archive does it.
+                    admin.set_allow_connections(adm, tenant.database, True)
             measured["frozen_at"] = _now()
             journal.record(self.reg, op_id, "frozen", {"frozen_at": measured["frozen_at"]})
             svc.checkpoint("move-frozen")
@@ -267,10 +272,13 @@ class Move:
             self._undo(step, exc)
             raise self._failure(step, exc) from exc
         svc.checkpoint("move-switched")
-        # unfreeze: the target's copy accepts its first connection.
-        if self.was_open and role:
-            with dst_pools.admin() as adm:
+        # unfreeze: the target's copy accepts its first connection (a disabled or trashed
+        # tenant's stays closed, as it was on the source).
+        with dst_pools.admin() as adm:
+            if self.was_open and role:
                 admin.set_role_login(adm, role, login=True)
+            elif not self.was_open:
+                admin.set_allow_connections(adm, tenant.database, False)
         unfrozen_at = time.perf_counter()
         measured["unfrozen_at"] = _now()
         if frozen_at is not None and self.was_open:
@@ -452,13 +460,15 @@ def move(svc: Pipeline, raw_name: str, to: str, *, jobs: int | None = None) -> M
 
 
 def reopen(svc: Pipeline, host: str, tenant: Tenant) -> None:
-    """The tenant's copy on ``host`` as its status wants it: an active one's role may log in."""
+    """The tenant's copy on ``host`` as its status wants it: an active one open and its role
+    able to log in; a disabled or trashed one closed, as ``disable`` leaves it."""
+    is_open = tenant.status == TenantStatus.ACTIVE
     with svc.hosts.pools(host).admin() as adm:
         if not admin.database_exists(adm, tenant.database):
             return
-        admin.set_allow_connections(adm, tenant.database, True)
+        admin.set_allow_connections(adm, tenant.database, is_open)
         if tenant.role_name and admin.role_exists(adm, tenant.role_name):
-            admin.set_role_login(adm, tenant.role_name, login=tenant.status == TenantStatus.ACTIVE)
+            admin.set_role_login(adm, tenant.role_name, login=is_open)
 
 
 def drop_copy(svc: Pipeline, host: str, database: str, role: str | None) -> None:
