@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -324,3 +325,50 @@ def test_over_http_from_a_host_whose_admin_is_no_superuser_the_password_is_rotat
     r = client.post(f"/api/root/tenant/{out['name']}/move", json={"to": "pg-9"}, headers=auth)
     assert r.status_code == 404, r.text
     assert password not in r.text
+
+
+def test_a_target_lost_during_the_copy_undoes_the_move_and_its_copy_is_dropped_later(
+    monk: RunMonk, settings: Settings, fleet_server: FleetServer
+) -> None:
+    add_host(monk, "pg-lost", fleet_server)
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    out = make_tenant(monk, key, settings.host_name)
+    name, database = out["name"], out["database"]
+    proc = subprocess.Popen(
+        [MONK_BIN, "tenant", "move", name, "--to", "pg-lost"],
+        env=os.environ | settings_env(settings) | {"MONK_FAULT_PAUSE_AT": "move-frozen"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert "paused at move-frozen" in proc.stderr.readline()
+    assert database_on(fleet_server, database)  # prepared there, before the freeze
+    fleet_server.stop()
+    proc.send_signal(signal.SIGUSR1)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 5, stderr
+    assert "undone" in stderr
+    assert "Traceback" not in stderr
+    # The source still holds it, open again, with its data.
+    assert host_of(settings, database) == settings.host_name
+    assert data_of(out["connection_url"])[0] == 1000
+    with system(settings) as conn:
+        ops = conn.execute(
+            "SELECT kind, state FROM operations WHERE database = %s AND kind IN"
+            " ('move', 'drop_copy') ORDER BY created_at",
+            (database,),
+        ).fetchall()
+    assert ops == [("move", "undone"), ("drop_copy", "queued")]
+    # The host back: the queued drop removes the half-made copy there.
+    fleet_server.start()
+    assert monk("doctor", "--repair").returncode in (0, 1)
+    assert not database_on(fleet_server, database)
+    with system(settings) as conn:
+        left = conn.execute(
+            "SELECT state FROM operations WHERE database = %s AND kind = 'drop_copy'",
+            (database,),
+        ).fetchall()
+    assert left == [("done",)]

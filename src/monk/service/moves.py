@@ -49,6 +49,7 @@ from monk.core.catalog import Catalog, differences
 from monk.core.lifecycle import TenantStatus
 from monk.errors import (
     HostNotFound,
+    HostUnavailable,
     InvalidRequest,
     InvalidState,
     MonkError,
@@ -341,6 +342,13 @@ class Move:
             "fingerprint": src_fp.fingerprint(),
         }
 
+    def _lost_host(self) -> HostUnavailable | None:
+        """The source or target host, if it no longer answers."""
+        for target in (self.target, self.source):
+            if (lost := _probe(target)) is not None:
+                return lost
+        return None
+
     def _undo(self, step: str, exc: BaseException) -> None:
         """Before the switch: the source still holds the tenant. Drop the target's copy (queued
         if its host does not answer), reopen the source, journal it undone."""
@@ -370,6 +378,9 @@ class Move:
             )
 
     def _failure(self, step: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, OperationFailed) and (lost := self._lost_host()) is not None:
+            # pg_dump or pg_restore lost a server: say which host, as a retryable 503.
+            exc = lost
         if isinstance(exc, MonkError):
             exc.message = f"move of {self.tenant.name!r} failed at {step} and was undone: " + (
                 exc.message
@@ -386,6 +397,16 @@ class Move:
                 step=step,
             )
         return exc
+
+
+def _probe(target: ServerTarget) -> HostUnavailable | None:
+    try:
+        open_checked(target, purpose="move").close()
+    except HostUnavailable as exc:
+        return exc
+    except MonkError:
+        return None
+    return None
 
 
 def admin_role(pools: Any) -> str:
