@@ -29,7 +29,8 @@
     │   ├── TemplateNotBuilt       a provision of a key with no build yet
     │   ├── HostExists             a host of that name, URL or cluster is registered
     │   ├── HostInUse              a host that live tenants still record
-    │   └── UpgradeRunning         another process runs an upgrade of the key
+    │   ├── UpgradeRunning         another process runs an upgrade of the key
+    │   └── MoveRunning            the tenant is being moved by another process
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
@@ -215,6 +216,12 @@ class UpgradeRunning(Conflict):
     """A fleet upgrade of a key while another process runs one (its lock is held)."""
 
     code = "UPGRADE_RUNNING"
+
+
+class MoveRunning(Conflict):
+    """A move of a tenant while another process moves it (its lock is held)."""
+
+    code = "MOVE_RUNNING"
 
 
 class Unavailable(MonkError):

@@ -36,6 +36,7 @@ EVENT_TYPES = (
     "tenant.trashed",
     "tenant.restored",
     "tenant.purged",
+    "tenant.moved",  # to another host (payload: host, from_host); written by the move
 )
 
 

@@ -318,3 +318,28 @@ def test_bench_remote_measures_provisioning_on_a_host_of_the_fleet_and_removes_i
     assert [h["name"] for h in json.loads(listed.stdout)] == ["localhost"]
     assert json.loads(monk("tenant", "list", "--json").stdout) == []
     assert server_objects(admin_url) == before
+
+
+@pytest.mark.slow
+def test_bench_move_measures_a_move_against_a_bare_copy_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    assert monk("init").returncode == 0
+    before = server_objects(admin_url)
+    out = tmp_path / "move.json"
+    done = monk(
+        "bench", "--move", "--size-mb", "2", "--rounds", "2", "--json", str(out), timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["database_bytes"] > 2_000_000
+    assert [r["to"] for r in result["rounds"]][1] == settings.host_name
+    for r in result["rounds"]:
+        assert 0 < r["downtime_s"] <= r["total_s"]
+        assert r["bare_copy_s"] > 0
+        assert r["client_downtime_s"] is not None
+    assert result["downtime_over_bare"] > 0
+    assert "monk downtime" in done.stdout
+    assert server_objects(admin_url) == before
+    hosts = json.loads(monk("host", "list", "--json").stdout)
+    assert [h["name"] for h in hosts] == [settings.host_name]

@@ -261,7 +261,7 @@ def test_a_pinned_provision_lands_there_and_its_url_works(
     unknown = monk("tenant", "create", f"x {uuid.uuid4().hex[:6]}", "--host", "pg-9")
     assert unknown.returncode == 2, unknown.stderr
     assert "host 'pg-9' is not registered" in unknown.stderr
-    assert monk("host", "drain", "pg-3").returncode == 0
+    assert monk("host", "drain", "pg-3", "--no-move").returncode == 0
     drained = monk("tenant", "create", f"x {uuid.uuid4().hex[:6]}", "-t", key, "--host", "pg-3")
     assert drained.returncode == 5
     assert "NO_HOST_AVAILABLE" in drained.stderr

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from psycopg import conninfo as pg_conninfo
 
@@ -94,6 +96,87 @@ def restore(target: ServerTarget, database: str, path: Path, *, role: str) -> No
             raise
 
 
+def copy(
+    source: ServerTarget,
+    target: ServerTarget,
+    database: str,
+    *,
+    role: str,
+    jobs: int = 1,
+    work_dir: Path | None = None,
+) -> None:
+    """Copy ``database`` from ``source`` into the empty database of that name on ``target``,
+    objects owned by ``role`` there. ``jobs`` 1: ``pg_dump -Fc | pg_restore``, streamed
+    through a pipe (no file). More: ``pg_dump -Fd -j`` into a private folder of ``work_dir``,
+    then ``pg_restore -j`` (a parallel restore needs a seekable archive; the folder is removed
+    after). The PostgreSQL 18 tools read any older server and write into one."""
+    validate_database_name(database)
+    validate_role_name(role)
+    dump_args, dump_env = _command(source, database)
+    restore_args, restore_env = _command(target, database)
+    restore_opts = ["--no-owner", "--no-privileges", f"--role={role}", *restore_args]
+    if jobs > 1:
+        assert work_dir is not None, "a parallel copy needs a work folder"
+        files.private_dir(work_dir)
+        with tempfile.TemporaryDirectory(dir=work_dir, prefix="move-") as tmp:
+            folder = Path(tmp) / "dump"
+            _run(
+                [
+                    str(bin_dir() / "pg_dump"),
+                    "-Fd",
+                    f"-j{jobs}",
+                    "--no-owner",
+                    f"--file={folder}",
+                    *dump_args,
+                ],
+                dump_env,
+                "copy",
+            )
+            _restore_tolerant(
+                [str(bin_dir() / "pg_restore"), f"-j{jobs}", *restore_opts, str(folder)],
+                restore_env,
+            )
+        return
+    dumper = subprocess.Popen(
+        [str(bin_dir() / "pg_dump"), "-Fc", "-Z0", "--no-owner", *dump_args],
+        env=dump_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    restore_error: OperationFailed | None = None
+    try:
+        assert dumper.stdout is not None
+        try:
+            _restore_tolerant(
+                [str(bin_dir() / "pg_restore"), *restore_opts], restore_env, stdin=dumper.stdout
+            )
+        except OperationFailed as exc:
+            restore_error = exc
+        finally:
+            dumper.stdout.close()
+        _, dump_err = dumper.communicate(timeout=_TIMEOUT_S)
+    finally:
+        if dumper.poll() is None:
+            dumper.kill()
+            dumper.wait()
+    # pg_dump's own failure first: pg_restore then only saw its input end.
+    if dumper.returncode != 0:
+        tail = "\n".join(dump_err.decode(errors="replace").strip().splitlines()[-5:])
+        raise OperationFailed(f"pg_dump failed: {tail}", step="copy")
+    if restore_error is not None:
+        raise restore_error
+
+
+def _restore_tolerant(
+    argv: list[str], env: dict[str, str], *, stdin: IO[bytes] | None = None
+) -> None:
+    try:
+        _run(argv, env, "copy", stdin=stdin)
+    except OperationFailed as exc:
+        if not _only_known_harmless(exc.details.get("stderr", "")):
+            raise
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -102,11 +185,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _run(argv: list[str], env: dict[str, str], step: str) -> None:
+def _run(
+    argv: list[str], env: dict[str, str], step: str, *, stdin: IO[bytes] | None = None
+) -> None:
     try:
         done = subprocess.run(
             argv,
             env=env,
+            stdin=stdin,
             capture_output=True,
             text=True,
             timeout=_TIMEOUT_S,

@@ -541,6 +541,33 @@ class TemplateUpgradeStartedOut(BaseModel):
     resumed: bool = Field(description="An unfinished run of the key, resumed (not a new one).")
 
 
+class TenantMoveRequest(BaseModel):
+    """``POST /api/root/tenant/{name}/move``: ``monk tenant move NAME --to HOST``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(description="The host to move the tenant to ('GET /api/root/host').")
+    jobs: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="pg_dump/pg_restore -j (default: 1, or 4 from 256 MiB on).",
+    )
+
+
+class TenantMoveStartedOut(BaseModel):
+    operation_id: str
+    tenant: str
+    from_host: str
+    to_host: str
+    credentials: str = Field(
+        description="kept: the tenant's password keeps working; rotated: the source's admin "
+        "cannot read pg_authid, so connection_url holds the new one (shown once, valid once "
+        "the move is done)."
+    )
+    connection_url: str | None = None
+
+
 class OperationDetailOut(OperationOut):
     upgrade: TemplateUpgradeOut | None = Field(
         default=None, description="For a template_upgrade operation: the run's per-tenant results."

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, pool, purge, role_pool, tenant_auth, tenant_data, upgrades
+from monk.service import events, moves, pool, purge, role_pool, tenant_auth, tenant_data, upgrades
 from monk.service.health import HostProbes, Recent, ServerProbe
 from monk.service.pipeline import Hosts
 from monk.service.server import Server
@@ -237,6 +237,21 @@ class Runtime:
         threading.Thread(target=execute, name=f"monk-upgrade-{key}", daemon=True).start()
         return run
 
+    def start_move(self, name: str, to: str, *, jobs: int | None = None) -> moves.Move:
+        """Check, lock and journal a tenant's move, then run it on a thread of its own: the
+        caller answers at once. If ``monk serve`` stops first, the move is dead and ``monk
+        doctor --repair`` (or the next move of the tenant) takes it to an end."""
+        move = moves.begin(self.tenants, name, to, jobs=jobs)
+
+        def execute() -> None:
+            try:
+                move.execute()
+            except Exception as exc:
+                self._failed(f"move of {name}", exc)
+
+        threading.Thread(target=execute, name="monk-move", daemon=True).start()
+        return move
+
     def request_purge(self, name: str, *, archive: bool, forget: bool) -> TenantView:
         """Queue a tenant's purge and wake the purge worker for it."""
         view, _op = purge.request_purge(self.tenants, name, archive=archive, forget=forget)
@@ -378,6 +393,7 @@ class Runtime:
         while not self._stop.is_set():
             try:
                 purge.work_queue(self.tenants)
+                moves.work_drops(self.tenants)
                 self.set_purge_metrics(purge.queue_counts(self.tenants))
                 self._last_warning.pop("purge worker", None)
             except Exception as exc:

@@ -77,6 +77,14 @@ def bench(
         help="Measure provisioning on a host of the fleet instead: a second embedded server "
         "started for the run, cold (against CREATE DATABASE … TEMPLATE there) and warm.",
     ),
+    move: bool = typer.Option(
+        False,
+        "--move",
+        help="Measure a tenant move instead: a tenant of --size-mb moved between this server "
+        "and a second embedded one, against a bare pg_dump | pg_restore of it.",
+    ),
+    size_mb: int = typer.Option(50, "--size-mb", min=1, max=10_000, help="With --move."),
+    rounds: int = typer.Option(4, "--rounds", min=1, max=100, help="With --move: moves."),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -91,6 +99,9 @@ def bench(
         return
     if remote:
         _bench_remote(template, iterations, json_file)
+        return
+    if move:
+        _bench_move(size_mb, rounds, json_file)
         return
     levels = parse_concurrency(concurrency)
     runner_config = BenchConfig(
@@ -201,6 +212,38 @@ def _bench_upgrade(tenants: int, levels: tuple[int, ...], json_file: Path | None
         f"  no-op run: {noop['seconds']:.3f} s, {noop['tenant_sessions_opened']} tenant "
         f"session(s) opened {noop['counts']}"
     )
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def _bench_move(size_mb: int, rounds: int, json_file: Path | None) -> None:
+    from monk.bench.move import MoveBench
+    from monk.service.presence import refuse_beside_serve
+
+    s = state()
+    refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
+    with _phase_bar({}) as progress:
+        result = MoveBench(
+            s.settings, s.target, size_mb=size_mb, rounds=rounds, progress=progress
+        ).run()
+    m = result["median"]
+    console.print(
+        f"tenant move of {result['database_bytes'] / 1e6:.1f} MB ({result['rows']} rows), "
+        f"{len(result['rounds'])} rounds, medians:"
+    )
+    console.print(f"  bare pg_dump -Fc -Z0 | pg_restore: {m['bare_copy_s']:.3f} s")
+    console.print(
+        f"  monk downtime: {m['downtime_s']:.3f} s ({result['downtime_over_bare']}x the bare "
+        f"copy); as a client saw it: {m['client_downtime_s']:.3f} s "
+        f"({result['client_downtime_over_bare']}x)"
+    )
+    console.print(f"  monk total: {m['total_s']:.3f} s (verify {m['verify_s']:.3f} s)")
+    for r in result["rounds"]:
+        console.print(
+            f"    {r['from']} -> {r['to']}: bare {r['bare_copy_s']:.3f} s, downtime "
+            f"{r['downtime_s']:.3f} s (client {r['client_downtime_s']}), total {r['total_s']:.3f} s"
+        )
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"wrote {json_file}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -124,11 +126,58 @@ def check(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
 
 
 @app.command()
-def drain(name: str = typer.Argument(...), as_json: bool = JSON) -> None:
-    """Mark a host draining: placement will put no new tenant there."""
-    from monk.service import hosts
+def drain(
+    name: str = typer.Argument(...),
+    parallel: int = typer.Option(2, "--parallel", min=1, max=32, help="Moves at once."),
+    move: bool = typer.Option(
+        True, "--move/--no-move", help="Move its tenants off (--no-move: only mark it)."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Mark a host draining (placement puts no new tenant there) and move every tenant off it,
+    each where placement puts it; exit 1 if any stays."""
+    from monk.service import hosts, moves
 
-    _show(hosts.set_state(state().tenants, name, "draining"), as_json)
+    if not move:
+        _show(hosts.set_state(state().tenants, name, "draining"), as_json)
+        return
+    with _bar(f"draining {name}") as progress:
+        result = moves.drain(state().tenants, name, parallel=parallel, progress=progress)
+    view = hosts.get(state().tenants, name)
+    if as_json:
+        print_json(view.as_dict() | {"moved": result.moved, "failed": result.failed})
+    else:
+        _show(view, False)
+        for m in result.moved:
+            console.print(
+                f"moved {escape(m['tenant'])} to {escape(m['to'])} (downtime {m['downtime_ms']} ms)"
+            )
+        for f in result.failed:
+            err_console.print(f"[red]not moved[/red] {escape(f['tenant'])}: {escape(f['error'])}")
+        console.print(f"{len(result.moved)} moved, {len(result.failed)} not moved")
+    if not result.ok:
+        raise typer.Exit(PROBLEMS_FOUND)
+
+
+@contextmanager
+def _bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (terminals only); yields the ``(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn(escape(label)),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield progress
 
 
 @app.command()

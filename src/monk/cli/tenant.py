@@ -352,6 +352,37 @@ def archive(name: str, as_json: bool = JSON) -> None:
 
 
 @app.command()
+def move(
+    name: str,
+    to: str = typer.Option(..., "--to", help="The host to move it to ('monk host list')."),
+    jobs: int | None = typer.Option(
+        None, "--jobs", min=1, max=16, help="pg_dump/pg_restore -j (default: by size)."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Move a tenant to another host: freeze, copy, verify, switch, unfreeze; its credentials
+    keep working (else new ones are printed, once)."""
+    from monk.service import moves
+
+    result = moves.move(state().tenants, name, to, jobs=jobs)
+    if as_json:
+        print_json(result.as_dict())
+        return
+    r = result.result
+    console.print(
+        f"moved {escape(result.view.tenant.name)} from {escape(result.from_host)} to "
+        f"{escape(result.to_host)}: downtime {r.get('downtime_ms')} ms, total {r.get('total_ms')}"
+        f" ms, {r.get('tables')} tables, {r.get('rows')} rows verified"
+    )
+    if r.get("credentials") == "rotated":
+        console.print(
+            "[yellow]The source's admin cannot read pg_authid (not a superuser): the tenant's "
+            "password was rotated.[/]"
+        )
+        _show(result.view, False)
+
+
+@app.command()
 def credentials(
     name: str,
     rotate: bool = typer.Option(False, "--rotate", help="Set a new password and print it."),

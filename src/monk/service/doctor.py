@@ -22,7 +22,7 @@ from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.reconcile import EVENT_BACKLOG_S, Problem, Snapshot, access_drift, diagnose, warnings
 from monk.core.tenant_names import is_tenant_database
 from monk.errors import MonkError
-from monk.service import pool, role_pool, upgrades
+from monk.service import moves, pool, role_pool, upgrades
 from monk.service.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -301,15 +301,23 @@ class Checkup:
 
 def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
     """Diagnose; with ``repair_them``, repair each problem and diagnose again."""
+    dead_moves = moves.unfinished_problems(svc)
+    # Moves whose process died first: each ends with its tenant on one host, so the snapshot
+    # below sees no half-moved copy (moves.py).
+    moved = moves.finish_dead(svc) if repair_them else []
     snap = take_snapshot(svc)
     # Fleet upgrade runs whose process died: reported here, and finished by --repair (not at
     # ``monk serve``'s start-up, which repairs ``diagnose``'s problems only: a run may be long).
     problems = diagnose(snap) + upgrades.unfinished_problems(svc)
+    problems += dead_moves
     warned = warnings(snap)
     if not repair_them:
         return Checkup(problems, [], problems, warned)
-    lifecycle_problems = [p for p in problems if p.kind != upgrades.UNFINISHED]
+    lifecycle_problems = [
+        p for p in problems if p.kind not in (upgrades.UNFINISHED, moves.UNFINISHED)
+    ]
     repaired = repair(svc, lifecycle_problems) if lifecycle_problems else []
-    repaired += upgrades.finish_dead_runs(svc)
+    repaired += upgrades.finish_dead_runs(svc) + moved
     remaining = diagnose(take_snapshot(svc)) + upgrades.unfinished_problems(svc)
+    remaining += moves.unfinished_problems(svc)
     return Checkup(problems, repaired, remaining, warned)

@@ -862,19 +862,49 @@ class Pipeline:
         """``create_role`` on a host of the fleet: the same ``make_tenant_role``, installed
         there (``Hosts.install_functions``), on the host's admin connection."""
         password = scram.generate_password()
+        self.make_role_on(
+            pools,
+            role,
+            verifier=self.verifier(password),
+            login=login,
+            connection_limit=self.settings.tenant_connection_limit,
+        )
+        return Credentials(role, password)
+
+    def make_role_on(
+        self,
+        pools: ServerPools,
+        role: str,
+        *,
+        verifier: str,
+        login: bool,
+        connection_limit: int,
+    ) -> None:
+        """``make_tenant_role`` on the server of ``pools``, wherever its functions live: the
+        system database on the local host, monk's database on a host of the fleet."""
+        if pools.target.name == self.hosts.local.name:
+            with pools.system() as reg:
+                tenant_registry.make_role(
+                    reg,
+                    role,
+                    verifier=verifier,
+                    mark=self.ownership_mark(),
+                    login=login,
+                    connection_limit=connection_limit,
+                )
+            return
         with pools.admin() as adm:
             admin.make_tenant_role(
                 adm,
                 pools.admin_db,
                 role,
-                verifier=self.verifier(password),
+                verifier=verifier,
                 mark=self.ownership_mark(),
                 login=login,
-                connection_limit=self.settings.tenant_connection_limit,
+                connection_limit=connection_limit,
             )
-        return Credentials(role, password)
 
-    def configure_remote(
+    def configure_on(
         self,
         pools: ServerPools,
         database: str,
@@ -882,9 +912,14 @@ class Pipeline:
         settings: Mapping[str, str],
         connection_limit: int,
     ) -> None:
-        """Configure on a host of the fleet (the same ``configure_tenant_database``, installed
-        there), before the activation (which then only commits the registry): a crash between
-        leaves an intent, undone whole like any other."""
+        """Configure on the server of ``pools`` (``configure_tenant_database``: the system
+        database's on the local host, the copy installed on a host of the fleet), before the
+        activation (which then only commits the registry): a crash between leaves an intent,
+        undone whole like any other."""
+        if pools.target.name == self.hosts.local.name:
+            with pools.system() as reg:
+                self.configure(reg, database, role, settings, connection_limit)
+            return
         with pools.admin() as adm:
             admin.configure_database(
                 adm,

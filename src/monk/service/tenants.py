@@ -456,7 +456,7 @@ class TenantService(Pipeline):
                     name.database, name.role, build.database_settings, role_limit
                 )
             else:
-                self.configure_remote(
+                self.configure_on(
                     pools, name.database, name.role, build.database_settings, role_limit
                 )
             with registry.pipelined_transaction(reg, after_commit=unlock):

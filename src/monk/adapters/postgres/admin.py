@@ -194,6 +194,19 @@ def own_scram_verifier(conn: Conn) -> str | None:
     return None if row is None or row[0] is None else str(row[0])
 
 
+def role_verifier(conn: Conn, name: str) -> str | None:
+    """The stored password verifier of role ``name`` (pg_authid: superusers only); None when
+    it cannot be read or there is none."""
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (name,)
+            ).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    return None if row is None or row[0] is None else str(row[0])
+
+
 def is_invalid_database(conn: Conn, name: str) -> bool:
     row = conn.execute(
         "SELECT datconnlimit FROM pg_database WHERE datname = %s", (name,)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, status
 
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
-from monk.api.models import DriftOut, TenantCreate, TenantHealth, TenantOut, TenantPatch
+from monk.api.models import (
+    DriftOut,
+    TenantCreate,
+    TenantHealth,
+    TenantMoveRequest,
+    TenantMoveStartedOut,
+    TenantOut,
+    TenantPatch,
+)
 from monk.api.public import scrubbed
 from monk.core.lifecycle import TenantStatus
 from monk.service import drift
@@ -147,6 +156,39 @@ def last_drift(rt: RuntimeDep, _: Root, name: str) -> Ok[DriftOut | None]:
 )
 def check_drift(rt: RuntimeDep, _: Root, name: str) -> Ok[DriftOut]:
     return Ok(data=DriftOut.model_validate(drift.tenant_drift(rt.tenants, name).as_dict()))
+
+
+@router.post(
+    "/{name}/move",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Move a tenant to another host (in the background)",
+    responses=CHANGE,
+    description="Answered at once with the move's operation id, once both hosts answered and "
+    "the tenant's lock is held; the move runs in the background (freeze, copy, verify, switch, "
+    "unfreeze). Follow it with `GET /api/root/operations/{id}` (its step, then its downtime_ms "
+    "and total_ms). Another move of the tenant in progress: 409 MOVE_RUNNING; a host that "
+    "does not answer: 503 HOST_UNAVAILABLE.",
+)
+def move_tenant(
+    rt: RuntimeDep, _: Root, name: str, body: TenantMoveRequest
+) -> Ok[TenantMoveStartedOut]:
+    started = rt.start_move(name, body.to, jobs=body.jobs)
+    assert started.op_id is not None
+    url = None
+    if started.credentials is not None:
+        # The new password is for the tenant on its new host.
+        moved = dataclasses.replace(started.tenant, host=started.to_host)
+        url = rt.tenants.view(moved, started.credentials).as_dict()["connection_url"]
+    return Ok(
+        data=TenantMoveStartedOut(
+            operation_id=str(started.op_id),
+            tenant=started.tenant.name,
+            from_host=started.from_host,
+            to_host=started.to_host,
+            credentials="rotated" if started.credentials else "kept",
+            connection_url=url,
+        )
+    )
 
 
 @router.post(
