@@ -48,6 +48,16 @@ def fields_of(record: type[Any], **documented: Any) -> type[BaseModel]:
     return model
 
 
+class TenantRestore(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = Field(
+        None,
+        description="A purged tenant: the host to restore its archive on (default: placement "
+        "chooses). A trashed tenant is restored on its own host.",
+    )
+
+
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -173,6 +183,7 @@ class TenantOut(BaseModel):
     name: str
     database: str
     host: str
+    address: str = Field(description="Where the tenant's host listens, as connection_url names it.")
     port: int
     template: str | None
     template_version: str | None

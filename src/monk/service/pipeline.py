@@ -100,6 +100,7 @@ class TenantView:
             "name": t.name,
             "database": t.database,
             "host": t.host,
+            "address": self.host,
             "port": self.port,
             "template": t.template_key,
             "template_version": t.template_version,
@@ -816,6 +817,30 @@ class Pipeline:
             admin.configure_database(
                 adm, database, role, self.ownership_mark(), settings, connection_limit
             )
+
+    def configure_on(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        database: str,
+        role: str,
+        settings: Mapping[str, str],
+        connection_limit: int,
+    ) -> None:
+        """``configure`` on the server of ``pools``: on the registry's session where it keeps
+        the registry, else on that host's admin connection."""
+        if pools.keeps_registry:
+            self.configure(reg, database, role, settings, connection_limit)
+        else:
+            self.configure_remote(pools, database, role, settings, connection_limit)
+
+    def create_role_on(
+        self, reg: psycopg.Connection[Any], pools: ServerPools, role: str
+    ) -> Credentials:
+        """``create_role`` on the server of ``pools`` (see ``configure_on``)."""
+        if pools.keeps_registry:
+            return self.create_role(reg, role)
+        return self.create_remote_role(pools, role)
 
     def configure_args(
         self, database: str, role: str, settings: Mapping[str, str], connection_limit: int

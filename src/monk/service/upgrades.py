@@ -362,16 +362,16 @@ def _which_failed(conn: psycopg.Connection[Any], chunks: Sequence[str], exc: psy
 def upgrade_one(svc: Pipeline, tenant_id: UUID) -> str | None:
     """Bring one tenant to its key's current build outside a run (a restore from the trash or
     the archive brings it back up to date); None when done, else why not."""
-    pools = svc.hosts.pools()
-    with pools.system() as sysc:
+    with svc.hosts.pools().system() as sysc:
         tenant = registry.get_by_id(sysc, tenant_id)
         if tenant is None or tenant.template_key is None:
             return "no template"
         database = tenant.database
-        build = template_builds.current_build(sysc, tenant.template_key, pools.target.name)
+        # Its own host's current build and steps: each host records its own.
+        build = template_builds.current_build(sysc, tenant.template_key, tenant.host)
         if build is None or build.version == tenant.template_version:
             return None
-        paths = _Paths(pools.target.name, tenant.template_key, build.version)
+        paths = _Paths(tenant.host, tenant.template_key, build.version)
         for attempt in range(BUSY_ATTEMPTS):
             outcome = _upgrade_tenant(svc, sysc, tenant_id, database, paths, None)
             if outcome.state != "busy":

@@ -8,7 +8,14 @@ from fastapi import APIRouter, Header, Query, status
 
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok
-from monk.api.models import DriftOut, TenantCreate, TenantHealth, TenantOut, TenantPatch
+from monk.api.models import (
+    DriftOut,
+    TenantCreate,
+    TenantHealth,
+    TenantOut,
+    TenantPatch,
+    TenantRestore,
+)
 from monk.api.public import scrubbed
 from monk.core.lifecycle import TenantStatus
 from monk.service import drift
@@ -97,8 +104,11 @@ def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[Te
     summary="Restore a trashed tenant, or a purged one from its archive",
     responses=GROW,
 )
-def restore_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.restore(name), rt.settings))
+def restore_tenant(
+    rt: RuntimeDep, _: Root, name: str, body: TenantRestore | None = None
+) -> Ok[TenantOut]:
+    host = body.host if body is not None else None
+    return Ok(data=_out(rt.tenants.restore(name, host=host), rt.settings))
 
 
 @router.delete(
