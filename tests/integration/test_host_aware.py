@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
 from monk.service import templates as template_service
 from monk.settings import Settings
 from tests.conftest import RunMonk
@@ -164,3 +168,99 @@ def test_purge_archives_from_the_tenants_host_and_restore_lands_where_asked(
     placed = ok(monk, "tenant", "restore", name)
     assert placed["host"] == "pg-2"
     assert db_state(second, db) == (True, True)
+
+
+def doctor(monk: RunMonk, *extra: str) -> tuple[int, dict[str, Any]]:
+    done = monk("doctor", "--json", *extra)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_doctor_checks_every_host_and_repairs_there(
+    monk: RunMonk, settings: Settings, fleet: Fleet, fleet_server: FleetServer
+) -> None:
+    second = fleet.second
+    add_host(monk, "pg-2", second)
+    add_host(monk, "pg-4", fleet_server, "--no-templates")
+    key = new_key()
+    build(monk, key)
+    assert doctor(monk)[0] == 0
+    _, kept = create_on(monk, "pg-2", key)
+    missing_name, missing = create_on(monk, "pg-2", key)
+    _, broken = create_on(monk, "pg-2", key)
+    orphan = f"tenant_{uuid.uuid4().hex[:16]}"
+    with second.connect() as conn:
+        conn.execute(f"DROP DATABASE {missing['database']} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {orphan}")
+        # What an interrupted DROP DATABASE leaves: an invalid database.
+        conn.execute(
+            "UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (broken["database"],)
+        )
+    fleet_server.stop()
+
+    code, found = doctor(monk)
+    assert code == 1
+    seen = {(p["kind"], p["subject"], p["host"]) for p in found["problems"]}
+    assert ("missing_database", missing["database"], "pg-2") in seen
+    assert ("orphan_database", orphan, "pg-2") in seen
+    assert ("invalid_database", broken["database"], "pg-2") in seen
+    down = [p for p in found["problems"] if p["kind"] == "host_unavailable"]
+    assert [(p["subject"], p["host"]) for p in down] == [("pg-4", "pg-4")]
+    assert not any(p["host"] == settings.host_name for p in found["problems"])
+
+    code, fixed = doctor(monk, "--repair")
+    assert code == 1  # pg-4 is still down: reported, not repairable
+    assert any(line.endswith("(on pg-2)") for line in fixed["repaired"])
+    # The missing database's role is left by the first round (as on one server): a second.
+    assert {p["kind"] for p in fixed["remaining"]} <= {"host_unavailable", "stray_role"}
+    code, fixed = doctor(monk, "--repair")
+    assert [p["kind"] for p in fixed["remaining"]] == ["host_unavailable"]
+    assert role_login(second, missing["role"]) is None
+    assert db_state(second, orphan) is None
+    assert db_state(second, broken["database"]) is None
+    assert db_state(second, kept["database"]) == (True, True)
+    gone = ok(monk, "tenant", "show", missing_name, "--include-deleted")
+    assert gone["status"] == "deleted"
+
+    fleet_server.start()
+    assert doctor(monk)[0] == 0
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    auth = {"Authorization": f"Bearer {issue_root_token(settings, ttl_seconds=600)}"}
+    quiet = settings.model_copy(update={"pool_spares": {}, "pool_roles": 0})
+    with TestClient(create_app(quiet)) as client:
+        yield client, auth
+
+
+def ready_builds(monk: RunMonk, key: str, host: str) -> list[str]:
+    done = monk("template", "list", key, "--host", host, "--json")
+    assert done.returncode == 0, done.stderr
+    return [b["version"] for b in json.loads(done.stdout) if b["status"] == "ready"]
+
+
+def test_api_host_add_builds_the_current_templates_there_as_the_cli_does(
+    api: tuple[TestClient, dict[str, str]], monk: RunMonk, fleet: Fleet
+) -> None:
+    client, auth = api
+    key = new_key()
+    build(monk, key)  # the local host only: the fleet is empty
+    made = client.post(
+        "/api/root/host", json={"name": "pg-2", "url": fleet.second.url}, headers=auth
+    )
+    assert made.status_code == 201, made.text
+    answers = {a["key"]: a for a in made.json()["data"]["templates"]}
+    assert answers[key]["host"] == "pg-2"
+    assert answers[key]["built"] is True
+    assert ready_builds(monk, key, "pg-2") == [answers[key]["version"]]
+    assert fleet.second.password not in made.text
+    # templates: false, as --no-templates.
+    bare = client.post(
+        "/api/root/host",
+        json={"name": "pg-3", "url": fleet.third.url, "templates": False},
+        headers=auth,
+    )
+    assert bare.status_code == 201, bare.text
+    assert bare.json()["data"]["templates"] == []
+    assert ready_builds(monk, key, "pg-3") == []

@@ -428,6 +428,11 @@ class HostCreate(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, description='Labels for placement, e.g. {"zone": "eu-1"}.'
     )
+    templates: bool = Field(
+        True,
+        description="Build the local host's current templates there, as 'monk host add' does "
+        "(false: as --no-templates).",
+    )
 
 
 class HostPatch(BaseModel):
@@ -458,6 +463,11 @@ class HostOut(BaseModel):
     server_version: str | None
     added_at: str | None
     last_check: HostLastCheck
+    templates: list[dict[str, Any]] | None = Field(
+        None,
+        description="Answer to an add only: each current template built there (host, key, "
+        "built, version, status, or error {code, message}); a failed build leaves the host added.",
+    )
 
 
 class HostCheckOut(BaseModel):

@@ -350,10 +350,9 @@ def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
         if p.kind not in (upgrades.UNFINISHED, HOST_UNAVAILABLE) and p.host is not None:
             by_host.setdefault(p.host, []).append(p)
     for host, found in by_host.items():
-        repaired += [
-            line if len(by_host) == 1 else f"{line} (on {host})"
-            for line in repair(svc, found, host)
-        ]
+        lines = repair(svc, found, host)
+        # On one server the lines read as before; a fleet's name their host.
+        repaired += lines if host == svc.hosts.local.name else [f"{x} (on {host})" for x in lines]
     repaired += upgrades.finish_dead_runs(svc)
     remaining, _ = _diagnose_every_host(svc)
     remaining += upgrades.unfinished_problems(svc)
