@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,6 +23,7 @@ from monk.service import templates as template_service
 from monk.settings import Settings
 from tests.conftest import RunMonk
 from tests.fleet import Fleet, FleetServer
+from tests.integration.template_support import copy_builtin
 
 BASIC = str(template_service.builtin_source_dir("basic"))
 
@@ -264,3 +266,72 @@ def test_api_host_add_builds_the_current_templates_there_as_the_cli_does(
     assert bare.status_code == 201, bare.text
     assert bare.json()["data"]["templates"] == []
     assert ready_builds(monk, key, "pg-3") == []
+
+
+def in_db(fs: FleetServer, database: str, query: str) -> Any:
+    """One value read in ``database`` on a fleet server, opened for the read if closed."""
+    with fs.connect() as conn:
+        closed = conn.execute(
+            "SELECT NOT datallowconn FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone() == (True,)
+        if closed:
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        try:
+            with fs.connect(database) as db:
+                row = db.execute(query).fetchone()
+        finally:
+            if closed:
+                conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+    return row[0] if row else None
+
+
+def test_template_upgrade_and_drift_reach_tenants_on_every_host(
+    monk: RunMonk, settings: Settings, fleet: Fleet, admin_url: str, tmp_path: Path
+) -> None:
+    second, third = fleet.second, fleet.third
+    add_host(monk, "pg-2", second)
+    add_host(monk, "pg-3", third)
+    key = new_key()
+    source = copy_builtin(tmp_path, "basic", key)
+    (source / "migrations").mkdir(exist_ok=True)
+    (source / "migrations" / "0001_item.sql").write_text("CREATE TABLE item (code text);")
+    built = ok(monk, "template", "build", key, "--source", str(source))
+    assert {h["host"] for h in built["hosts"]} == {settings.host_name, "pg-2", "pg-3"}
+    tenants = {host: create_on(monk, host, key)[1] for host in (settings.host_name, "pg-2", "pg-3")}
+    servers = {"pg-2": second, "pg-3": third}
+    ok(monk, "tenant", "disable", tenants["pg-3"]["name"])
+
+    (source / "migrations" / "0002_more.sql").write_text("CREATE TABLE more (n int);")
+    rebuilt = ok(monk, "template", "build", key, "--source", str(source))
+    assert all(h["built"] for h in rebuilt["hosts"]), rebuilt["hosts"]
+    upgraded = ok(monk, "template", "upgrade", key)
+    by_name = {t["name"]: t for t in upgraded["tenants"]}
+    assert {by_name[t["name"]]["state"] for t in tenants.values()} == {"done"}, upgraded
+    assert upgraded["to_version"] == rebuilt["version"]
+    for host, fs in servers.items():
+        db = tenants[host]["database"]
+        assert in_db(fs, db, "SELECT to_regclass('public.more') IS NOT NULL") is True
+        assert in_db(fs, db, "SELECT version FROM monk.build") == rebuilt["version"]
+    assert db_state(third, tenants["pg-3"]["database"]) == (False, True)  # closed again
+    with psycopg.connect(admin_url, dbname=tenants[settings.host_name]["database"]) as conn:
+        assert conn.execute("SELECT to_regclass('public.more') IS NOT NULL").fetchone() == (True,)
+
+    # Drift: every host's tenants, each against its own host's build (pg-3 may be another major).
+    clean = monk("template", "drift", key, "--json")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert {r["name"]: r["drifted"] for r in json.loads(clean.stdout)} == {
+        t["name"]: False for t in tenants.values()
+    }
+    with second.connect(tenants["pg-2"]["database"]) as db:
+        db.execute("ALTER TABLE more ADD COLUMN note text")
+    drifted = monk("template", "drift", key, "--json")
+    assert drifted.returncode == 1
+    found = {r["name"]: r for r in json.loads(drifted.stdout)}
+    assert found[tenants["pg-2"]["name"]]["drifted"] is True
+    assert [d["text"] for d in found[tenants["pg-2"]["name"]]["differences"]] == [
+        "column more.note: added (text)"
+    ]
+    # The doctor names it, on its host.
+    _, report = doctor(monk)
+    mentions = [p for p in report["problems"] + report["warnings"] if p["kind"] == "drifted"]
+    assert [p["host"] for p in mentions] == ["pg-2"], report
