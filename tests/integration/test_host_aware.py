@@ -335,3 +335,39 @@ def test_template_upgrade_and_drift_reach_tenants_on_every_host(
     _, report = doctor(monk)
     mentions = [p for p in report["problems"] + report["warnings"] if p["kind"] == "drifted"]
     assert [p["host"] for p in mentions] == ["pg-2"], report
+
+
+def test_metrics_are_labelled_by_host(
+    api: tuple[TestClient, dict[str, str]], monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    client, auth = api
+    add_host(monk, "pg-2", fleet.second)
+    key = new_key()
+    build(monk, key)
+    made = []
+    for host in ("pg-2", "pg-2", settings.host_name):
+        r = client.post(
+            "/api/root/tenant",
+            json={"name": f"m {uuid.uuid4().hex[:8]}", "template": key, "host": host},
+            headers=auth,
+        )
+        assert r.status_code == 201, r.text
+        made.append(r.json()["data"]["name"])
+    refused = client.post(
+        "/api/root/tenant",
+        json={"name": "m nowhere", "template": key, "host": "pg-9"},
+        headers=auth,
+    )
+    assert refused.status_code == 422
+    assert client.patch(
+        f"/api/root/tenant/{made[0]}", json={"is_active": False}, headers=auth
+    ).is_success
+    text = client.get("/metrics").text
+    lines = set(text.splitlines())
+    assert 'monk_provisions_total{host="pg-2",result="ok"} 2.0' in lines, text
+    assert f'monk_provisions_total{{host="{settings.host_name}",result="ok"}} 1.0' in lines
+    assert 'monk_provisions_total{host="pg-9",result="INVALID_REQUEST"} 1.0' in lines
+    assert 'monk_provision_seconds_count{host="pg-2"} 2.0' in lines
+    assert 'monk_tenants{host="pg-2",status="active"} 1.0' in lines
+    assert 'monk_tenants{host="pg-2",status="disabled"} 1.0' in lines
+    assert f'monk_tenants{{host="{settings.host_name}",status="active"}} 1.0' in lines

@@ -203,6 +203,25 @@ def _sweep(svc: Pipeline, reg: psycopg.Connection[Any]) -> None:
         log.warning("removed the password file of an unfinished host add (%s)", host_id)
 
 
+# ---------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """What /metrics labels by host: live tenants per (host, status), spares per (host,
+    status), read from the registry in one session."""
+
+    tenants: list[tuple[str, str, int]]
+    spares: list[tuple[str, str, int]]
+
+
+def fleet_counts(svc: Pipeline) -> FleetCounts:
+    with svc.hosts.pools().system() as reg:
+        return FleetCounts(
+            host_registry.tenant_status_counts(reg), host_registry.spare_status_counts(reg)
+        )
+
+
 # ---------------------------------------------------------------- add
 
 

@@ -87,6 +87,7 @@ def metrics(rt: RuntimeDep) -> Response:
     # Metrics must answer even while the database does not.
     with contextlib.suppress(MonkError):
         rt.set_purge_metrics(rt.purge_queue_depth.get())
+        rt.fleet_gauges.counts = rt.fleet_counts.get()
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
