@@ -371,3 +371,54 @@ def test_metrics_are_labelled_by_host(
     assert 'monk_tenants{host="pg-2",status="active"} 1.0' in lines
     assert 'monk_tenants{host="pg-2",status="disabled"} 1.0' in lines
     assert f'monk_tenants{{host="{settings.host_name}",status="active"}} 1.0' in lines
+
+
+def test_every_operation_works_on_a_host_whose_admin_is_not_a_superuser(
+    monk: RunMonk, settings: Settings, fleet: Fleet, tmp_path: Path
+) -> None:
+    """A managed server's admin: CREATEDB and CREATEROLE, no superuser (docs/hosts.md says
+    what degrades: none of these operations)."""
+    third = fleet.third
+    role, pw = third.make_role("CREATEDB", "CREATEROLE")
+    done = monk("host", "add", "pg-m", "--url", third.url_as(role, pw), "--json")
+    assert done.returncode == 0, done.stderr
+    key = new_key()
+    source = copy_builtin(tmp_path, "basic", key)
+    ok(monk, "template", "build", key, "--source", str(source))
+    name, out = create_on(monk, "pg-m", key)
+    db = out["database"]
+    with psycopg.connect(out["connection_url"], connect_timeout=5) as conn:
+        conn.execute("CREATE TABLE keep (x int)")
+        conn.execute("INSERT INTO keep VALUES (7)")
+    # A session of the tenant's own, open while it is disabled: ended.
+    session = psycopg.connect(out["connection_url"], connect_timeout=5, autocommit=True)
+    ok(monk, "tenant", "disable", name)
+    assert db_state(third, db) == (False, True)
+    with pytest.raises(psycopg.OperationalError):
+        session.execute("SELECT 1")
+    session.close()
+    ok(monk, "tenant", "enable", name)
+    rotated = ok(monk, "tenant", "credentials", name, "--rotate")
+    assert ok(monk, "tenant", "health", name)["status"] == "healthy"
+
+    (source / "migrations").mkdir(exist_ok=True)
+    (source / "migrations" / "0001_more.sql").write_text("CREATE TABLE more (n int);")
+    ok(monk, "template", "build", key, "--source", str(source))
+    upgraded = ok(monk, "template", "upgrade", key)
+    assert [t["state"] for t in upgraded["tenants"]] == ["done"], upgraded
+    drift = monk("tenant", "drift", name, "--json")
+    assert drift.returncode == 1  # the hand-made table, and only it
+    assert [d["text"].split(":")[0] for d in json.loads(drift.stdout)["differences"]] == [
+        "table keep"
+    ], drift.stdout
+
+    assert monk("tenant", "delete", name, "--purge", "--json").returncode == 0
+    assert db_state(third, db) is None
+    back = ok(monk, "tenant", "restore", name, "--host", "pg-m")
+    with psycopg.connect(back["connection_url"], connect_timeout=5) as conn:
+        assert conn.execute("SELECT x FROM keep").fetchone() == (7,)
+        assert conn.execute("SELECT to_regclass('public.more') IS NOT NULL").fetchone() == (True,)
+    assert rotated["connection_url"] != back["connection_url"]
+    _, report = doctor(monk)
+    # Only the hand-made table, from the last drift check; nothing the lifecycle left.
+    assert [(p["kind"], p["host"]) for p in report["problems"]] == [("drifted", "pg-m")], report
