@@ -198,11 +198,24 @@ def test_doctor_checks_every_host_and_repairs_there(
         conn.execute(
             "UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (broken["database"],)
         )
+    # A build on pg-2 killed mid-way: its 'building' row and its staging database there.
+    staging = f"monk_staging_{key}_0123456789abcdef"
+    assert settings.database_url is not None
+    with psycopg.connect(
+        settings.database_url.get_secret_value(), dbname=settings.system_db_name, autocommit=True
+    ) as reg:
+        reg.execute(
+            "INSERT INTO template_builds (key, version, database, host) VALUES (%s, %s, %s, %s)",
+            (key, "0123456789abcdef", staging, "pg-2"),
+        )
+    with second.connect() as conn:
+        conn.execute(f"CREATE DATABASE {staging}")
     fleet_server.stop()
 
     code, found = doctor(monk)
     assert code == 1
     seen = {(p["kind"], p["subject"], p["host"]) for p in found["problems"]}
+    assert ("template_leftover", staging, "pg-2") in seen
     assert ("missing_database", missing["database"], "pg-2") in seen
     assert ("orphan_database", orphan, "pg-2") in seen
     assert ("invalid_database", broken["database"], "pg-2") in seen
@@ -219,6 +232,7 @@ def test_doctor_checks_every_host_and_repairs_there(
     assert [p["kind"] for p in fixed["remaining"]] == ["host_unavailable"]
     assert role_login(second, missing["role"]) is None
     assert db_state(second, orphan) is None
+    assert db_state(second, staging) is None
     assert db_state(second, broken["database"]) is None
     assert db_state(second, kept["database"]) == (True, True)
     gone = ok(monk, "tenant", "show", missing_name, "--include-deleted")
