@@ -318,7 +318,15 @@ def test_template_upgrade_and_drift_reach_tenants_on_every_host(
     (source / "migrations" / "0002_more.sql").write_text("CREATE TABLE more (n int);")
     rebuilt = ok(monk, "template", "build", key, "--source", str(source))
     assert all(h["built"] for h in rebuilt["hosts"]), rebuilt["hosts"]
+    status = ok(monk, "template", "status", key)
+    assert (status["total"], status["behind"]["count"]) == (3, 3), status
+    assert {h["host"]: (h["tenants"], h["behind"]) for h in status["hosts"]} == {
+        settings.host_name: (1, 1),
+        "pg-2": (1, 1),
+        "pg-3": (1, 1),
+    }
     upgraded = ok(monk, "template", "upgrade", key)
+    assert ok(monk, "template", "status", key)["behind"]["count"] == 0
     by_name = {t["name"]: t for t in upgraded["tenants"]}
     assert {by_name[t["name"]]["state"] for t in tenants.values()} == {"done"}, upgraded
     assert upgraded["to_version"] == rebuilt["version"]
