@@ -406,6 +406,11 @@ class TemplateStatusOut(BaseModel):
         ..., description="Active and disabled tenants at another build than the current one."
     )
     drift: FleetDriftOut = Field(..., description="The last drift check of each tenant.")
+    hosts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each host with the key's build or tenants: host, current_version, tenants, "
+        "behind (the counts above are over every host).",
+    )
 
 
 class HostCreate(BaseModel):
