@@ -258,21 +258,30 @@ def archive(svc: Pipeline, raw_name: str) -> TenantView:
         return svc.view(tenant)
 
 
+def _archived(reg: psycopg.Connection[Any], name: TenantName) -> Tenant:
+    """The tenant's latest purged row, which must have an archive."""
+    gone = registry.get_latest_deleted(reg, name.key)
+    if gone is None:
+        raise TenantNotFound(f"tenant {name.display!r} not found")
+    if not gone.archive_path:
+        raise InvalidState(
+            f"tenant {name.display!r} was purged without an archive; it cannot be restored"
+        )
+    return gone
+
+
 def restore_from_archive(svc: Pipeline, name: TenantName, host: str | None = None) -> TenantView:
     """A purged tenant back into a fresh database under the same name and hash, on ``host``
     (default: where placement puts a new tenant of its template, as a provision; an archive
     is a plain dump, so any host of the fleet can take it)."""
     with svc.hosts.pools().system() as reg:
-        gone = registry.get_latest_deleted(reg, name.key)
-        if gone is None:
-            raise TenantNotFound(f"tenant {name.display!r} not found")
-        if not gone.archive_path:
-            raise InvalidState(
-                f"tenant {name.display!r} was purged without an archive; it cannot be restored"
-            )
+        template = _archived(reg, name).template_key
+    # Where it goes, chosen with no registry session held (placement takes its own).
+    pools = svc.hosts.pools(svc.hosts.placement(host, template=template or None).name)
+    with svc.hosts.pools().system() as reg:
+        gone = _archived(reg, name)
         archive_path = gone.archive_path
-        # Where it goes, before its name is locked: placement reads the registry on its own.
-        pools = svc.hosts.pools(svc.hosts.placement(host, template=gone.template_key or None).name)
+        assert archive_path is not None
         if not registry.try_lock(reg, name.database):
             raise InvalidState(f"tenant {name.display!r} is busy with another operation")
         try:
