@@ -161,8 +161,10 @@ class Runtime:
         )
         self.probe = ServerProbe(self.target)
         # /metrics asks at most once a second, however many scrapers poll it.
-        self.purge_queue_depth = Recent(lambda: purge.queue_counts(self.tenants), ttl=1.0)
-        self.fleet_counts = Recent(lambda: hosts.fleet_counts(self.tenants), ttl=1.0)
+        # One computation for both reads: one registry session at a time, whoever scrapes.
+        self.registry_gauges = Recent(
+            lambda: (purge.queue_counts(self.tenants), hosts.fleet_counts(self.tenants)), ttl=1.0
+        )
         self._last_warning: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -366,6 +368,11 @@ class Runtime:
             log.warning("could not drop this server's spare roles: %s", exc)
         self.probe.close()
         self.tenants.close()
+
+    def refresh_registry_gauges(self) -> None:
+        """The purge queue and the fleet's gauges, as read at most once a second."""
+        purge_counts, self.fleet_gauges.counts = self.registry_gauges.get()
+        self.set_purge_metrics(purge_counts)
 
     def set_purge_metrics(self, counts: tuple[int, int]) -> None:
         queued, failing = counts
