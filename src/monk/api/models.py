@@ -48,6 +48,16 @@ def fields_of(record: type[Any], **documented: Any) -> type[BaseModel]:
     return model
 
 
+class TenantRestore(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = Field(
+        None,
+        description="A purged tenant: the host to restore its archive on (default: placement "
+        "chooses). A trashed tenant is restored on its own host.",
+    )
+
+
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -173,6 +183,7 @@ class TenantOut(BaseModel):
     name: str
     database: str
     host: str
+    address: str = Field(description="Where the tenant's host listens, as connection_url names it.")
     port: int
     template: str | None
     template_version: str | None
@@ -410,6 +421,11 @@ class TemplateStatusOut(BaseModel):
         ..., description="Active and disabled tenants at another build than the current one."
     )
     drift: FleetDriftOut = Field(..., description="The last drift check of each tenant.")
+    hosts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each host with the key's build or tenants: host, current_version, tenants, "
+        "behind (the counts above are over every host).",
+    )
 
 
 class HostCreate(BaseModel):
@@ -431,6 +447,11 @@ class HostCreate(BaseModel):
     )
     labels: dict[str, str] = Field(
         default_factory=dict, description='Labels for placement, e.g. {"zone": "eu-1"}.'
+    )
+    templates: bool = Field(
+        True,
+        description="Build the local host's current templates there, as 'monk host add' does "
+        "(false: as --no-templates).",
     )
 
 
@@ -462,6 +483,11 @@ class HostOut(BaseModel):
     server_version: str | None
     added_at: str | None
     last_check: HostLastCheck
+    templates: list[dict[str, Any]] | None = Field(
+        None,
+        description="Answer to an add only: each current template built there (host, key, "
+        "built, version, status, or error {code, message}); a failed build leaves the host added.",
+    )
 
 
 class HostCheckOut(BaseModel):

@@ -17,7 +17,17 @@ from prometheus_client.registry import Collector
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, moves, pool, purge, role_pool, tenant_auth, tenant_data, upgrades
+from monk.service import (
+    events,
+    hosts,
+    moves,
+    pool,
+    purge,
+    role_pool,
+    tenant_auth,
+    tenant_data,
+    upgrades,
+)
 from monk.service.health import HostProbes, Recent, ServerProbe
 from monk.service.pipeline import Hosts
 from monk.service.server import Server
@@ -35,11 +45,15 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.provisions = Counter(
-            "monk_provisions", "Tenant provisions by result", ["result"], registry=r
+            "monk_provisions",
+            "Tenant provisions by result and host (a refused one: the host asked for, or none)",
+            ["result", "host"],
+            registry=r,
         )
         self.provision_seconds = Histogram(
             "monk_provision_seconds",
-            "Provisioning latency",
+            "Provisioning latency, by host",
+            ["host"],
             # warm handouts take a few milliseconds, cold clones tens to hundreds
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
@@ -116,6 +130,30 @@ class BudgetCollector(Collector):
         yield ev
 
 
+class FleetCollector(Collector):
+    """Tenants and warm spares per host and status, from the registry's last read (taken by
+    /metrics at most once a second): a host or status that is gone leaves no series."""
+
+    def __init__(self) -> None:
+        self.counts: hosts.FleetCounts | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        found = self.counts
+        tenants = GaugeMetricFamily(
+            "monk_tenants", "Live tenants by host and status", labels=["host", "status"]
+        )
+        spares = GaugeMetricFamily(
+            "monk_pool_spares", "Warm spares by host and status", labels=["host", "status"]
+        )
+        for family, rows in (
+            (tenants, found.tenants if found else []),
+            (spares, found.spares if found else []),
+        ):
+            for host, status, n in rows:
+                family.add_metric([host, status], n)
+            yield family
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -131,6 +169,8 @@ class Runtime:
         self.provision_times: deque[tuple[float, float]] = deque(maxlen=200_000)
         self.tenants.hosts.budget()  # the local host's, in /metrics from the start
         self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
+        self.fleet_gauges = FleetCollector()
+        self.metrics.registry.register(self.fleet_gauges)
         self.tenant_states = tenant_auth.TenantStates(
             self.tenants, ttl=settings.tenant_state_ttl_ms / 1000
         )
@@ -143,7 +183,10 @@ class Runtime:
         self.probe = ServerProbe(self.target)
         self.host_probes = HostProbes(self.tenants.hosts, self.probe)
         # /metrics asks at most once a second, however many scrapers poll it.
-        self.purge_queue_depth = Recent(lambda: purge.queue_counts(self.tenants), ttl=1.0)
+        # One computation for both reads: one registry session at a time, whoever scrapes.
+        self.registry_gauges = Recent(
+            lambda: (purge.queue_counts(self.tenants), hosts.fleet_counts(self.tenants)), ttl=1.0
+        )
         self._last_warning: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -210,16 +253,16 @@ class Runtime:
                 placement=placement,
             )
         except MonkError as exc:
-            self.metrics.provisions.labels(result=exc.code).inc()
+            self.metrics.provisions.labels(result=exc.code, host=host or "").inc()
             raise
         took = time.perf_counter() - started
-        self.metrics.provision_seconds.observe(took)
+        self.metrics.provision_seconds.labels(host=view.tenant.host).observe(took)
         self.provision_times.append((time.time(), took))
         # Spare roles are made again in batches, once half are gone: not beside every provision.
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
         if view.provisioned_from == "pool" or roles_low:
             self.wake_refiller()
-        self.metrics.provisions.labels(result="ok").inc()
+        self.metrics.provisions.labels(result="ok", host=view.tenant.host).inc()
         return view
 
     def start_upgrade(self, key: str, options: upgrades.UpgradeOptions) -> upgrades.Run:
@@ -370,6 +413,11 @@ class Runtime:
         self.host_probes.close()
         self.probe.close()
         self.tenants.close()
+
+    def refresh_registry_gauges(self) -> None:
+        """The purge queue and the fleet's gauges, as read at most once a second."""
+        purge_counts, self.fleet_gauges.counts = self.registry_gauges.get()
+        self.set_purge_metrics(purge_counts)
 
     def set_purge_metrics(self, counts: tuple[int, int]) -> None:
         queued, failing = counts

@@ -57,16 +57,26 @@ def add(
 ) -> None:
     """Register a server, after checking it: reachable, PostgreSQL 15-18, CREATEDB and
     CREATEROLE; then build the local host's current templates there."""
-    from monk.service import host_templates, hosts
+    from monk.service import hosts
+
+    def added(view: hosts.HostView) -> None:
+        if not as_json:
+            console.print(
+                f"added host {escape(view.name)} (PostgreSQL {escape(view.server_version or '?')})"
+            )
 
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
-    view = hosts.add(state().tenants, name, url, password=password, capacity=capacity, labels=label)
-    if not as_json:
-        console.print(
-            f"added host {escape(view.name)} (PostgreSQL {escape(view.server_version or '?')})"
-        )
     # The host stands whatever its builds do: a failed one says why in 'template list --host'.
-    received = host_templates.receive(state().tenants, view.name) if templates else []
+    view, received = hosts.add_with_templates(
+        state().tenants,
+        name,
+        url,
+        password=password,
+        capacity=capacity,
+        labels=label,
+        templates=templates,
+        on_added=added,
+    )
     if as_json:
         print_json(view.as_dict() | {"templates": [a.as_dict() for a in received]})
         return

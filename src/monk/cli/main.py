@@ -100,7 +100,7 @@ def doctor(
             console.print("consistent: registry and server agree")
         else:
             rows = [p.as_dict() for p in found.problems]
-            print_rows(rows, ["kind", "subject", "detail", "repair"])
+            print_rows(rows, ["kind", "subject", "host", "detail", "repair"])
         for line in found.repaired:
             console.print(f"repaired {line}")
         # Warnings (the server may not be monk's) are reported, never repaired, exit 0.

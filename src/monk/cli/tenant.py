@@ -338,9 +338,15 @@ def delete(
 
 
 @app.command()
-def restore(name: str, as_json: bool = JSON) -> None:
+def restore(
+    name: str,
+    host: str | None = typer.Option(
+        None, "--host", help="A purged tenant: the host to restore it on (default: placement)."
+    ),
+    as_json: bool = JSON,
+) -> None:
     """A trashed tenant back to active; a purged one back from its archive."""
-    _show(state().tenants.restore(name), as_json)
+    _show(state().tenants.restore(name, host=host), as_json)
 
 
 @app.command()

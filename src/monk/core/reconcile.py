@@ -96,11 +96,13 @@ class Problem:
     detail: str
     repair: str  # what --repair does about it
     tenants: tuple[str, ...] = ()  # the tenants concerned, when the subject is a template key
+    host: str | None = None  # the host it was found on (set by the doctor, per host)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "kind": self.kind,
             "subject": self.subject,
+            "host": self.host,
             "detail": self.detail,
             "repair": self.repair,
         }

@@ -7,12 +7,14 @@ repair never races a live operation. The same reconciliation runs when the servi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
+from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, fleet
 from monk.adapters.registry import events as outbox
 from monk.adapters.registry import reconcile as reconcile_reads
@@ -22,7 +24,7 @@ from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.reconcile import EVENT_BACKLOG_S, Problem, Snapshot, access_drift, diagnose, warnings
 from monk.core.tenant_names import is_tenant_database
 from monk.errors import MonkError
-from monk.service import moves, pool, role_pool, upgrades
+from monk.service import host_templates, moves, pool, role_pool, upgrades
 from monk.service.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,15 @@ log = logging.getLogger(__name__)
 __all__ = ["Problem", "Snapshot", "access_drift", "diagnose", "repair", "take_snapshot", "warnings"]
 
 
-def take_snapshot(svc: TenantService) -> Snapshot:
-    pools = svc.hosts.pools()
+def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
+    """The registry's rows of ``host`` (default: the local one) and that server's objects."""
+    pools = svc.hosts.pools(host)
+    here = pools.target.name
+    local = pools.keeps_registry
     mark = svc.ownership_mark()
     with pools.system() as reg:
         tenants = tuple(registry.all_live(reg, pools.target.name))
+        elsewhere = registry.live_databases_elsewhere(reg, pools.target.name)
         crashed = set()
         for t in tenants:
             if t.status in lifecycle.IN_FLIGHT and registry.try_lock(reg, t.database):
@@ -53,7 +59,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
                 registry.unlock(reg, lock_name)
                 crashed_spares.append(row)
         stale_events, stale_error = 0, None
-        if svc.settings.hooks:
+        if svc.settings.hooks and local:  # the outbox is the registry's, reported once
             stale_events, stale_error = outbox.undelivered_backlog(
                 reg, older_than_s=EVENT_BACKLOG_S
             )
@@ -61,6 +67,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         # seen as a role without a row, which the repair checks again under the row's lock.
         role_rows = reconcile_reads.spare_role_names(reg)
         queued_ops = registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
+        queued_ops = [op for op in queued_ops if (op.host or svc.hosts.local.name) == here]
         queued = {op.database for op in queued_ops if op.database}
         failing = {
             op.database: (op.attempts, op.error or "")
@@ -82,7 +89,7 @@ def take_snapshot(svc: TenantService) -> Snapshot:
     # COMMENT): another installation's objects on a shared server are left alone.
     db_rows = {n for n, st in all_dbs.items() if st.comment in (None, mark)}
     server_roles = {n for n, st in all_roles.items() if st.comment in (None, mark)}
-    leftovers = tuple(svc.templates.find_leftovers())
+    leftovers = tuple(host_templates.service_of(svc, here).find_leftovers())
     ours = {n for n in db_rows if is_tenant_database(n) or pool.is_spare_name(n)}
     ours |= {t.database for t in tenants} | set(current_templates)
     public = tuple(
@@ -100,8 +107,8 @@ def take_snapshot(svc: TenantService) -> Snapshot:
         tenants=tenants,
         crashed=frozenset(crashed),
         queued_purges=frozenset(queued),
-        databases=frozenset(n for n in db_rows if is_tenant_database(n)),
-        roles=frozenset(n for n in server_roles if is_tenant_database(n)),
+        databases=frozenset(n for n in db_rows if is_tenant_database(n) and n not in elsewhere),
+        roles=frozenset(n for n in server_roles if is_tenant_database(n) and n not in elsewhere),
         template_leftovers=leftovers,
         crashed_spares=tuple(crashed_spares),
         spare_databases=frozenset(n for n in db_rows if pool.is_spare_name(n)),
@@ -126,12 +133,13 @@ def take_snapshot(svc: TenantService) -> Snapshot:
     )
 
 
-def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
-    """Fix each problem with the lifecycle's own steps; returns what was done."""
+def repair(svc: TenantService, problems: list[Problem], host: str | None = None) -> list[str]:
+    """Fix each problem of ``host`` (default: the local one) with the lifecycle's own steps,
+    on that host; returns what was done."""
     from monk.service.purge import work_queue
 
     done: list[str] = []
-    pools = svc.hosts.pools()
+    pools = svc.hosts.pools(host)
     by_db = {}
     with pools.system() as reg:
         by_db = {t.database: t for t in registry.all_live(reg, pools.target.name)}
@@ -213,7 +221,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                         done.append(f"{p.subject}: dropped")
                 finally:
                     registry.unlock(reg, p.subject)
-    crashed_spares = {row.database: row for row in _crashed_spare_rows(svc)}
+    crashed_spares = {row.database: row for row in _crashed_spare_rows(svc, pools)}
     spare_rows = {}
     if any(p.kind == "invalid_database" for p in problems):
         with pools.system() as reg:
@@ -240,7 +248,7 @@ def repair(svc: TenantService, problems: list[Problem]) -> list[str]:
                         admin.drop_role(adm, p.subject)
                     done.append(f"{p.subject}: dropped")
     if any(p.kind == "template_leftover" for p in problems):
-        for name in svc.templates.cleanup_leftovers():
+        for name in host_templates.service_of(svc, pools.target.name).cleanup_leftovers():
             done.append(f"{name}: dropped")
     work_queue(svc)
     return done
@@ -276,8 +284,7 @@ def _drop_invalid_tenant(svc: TenantService, tenant: Tenant) -> str:
     return "invalid database dropped, tenant marked deleted"
 
 
-def _crashed_spare_rows(svc: TenantService) -> list[pool.SpareRow]:
-    pools = svc.hosts.pools()
+def _crashed_spare_rows(svc: TenantService, pools: ServerPools) -> list[pool.SpareRow]:
     with pools.system() as reg:
         return [r for r in pool.spare_rows(reg, pools.target.name) if r.status != "ready"]
 
@@ -299,25 +306,60 @@ class Checkup:
     warnings: list[Problem]
 
 
+HOST_UNAVAILABLE = "host_unavailable"
+
+
+def _diagnose_every_host(svc: TenantService) -> tuple[list[Problem], list[Problem]]:
+    """Problems and warnings of every host, each naming its host. A host that cannot be read
+    (down, refusing monk's admin) is one problem of its own; the others are still checked."""
+    problems: list[Problem] = []
+    warned: list[Problem] = []
+    for host in host_templates.every_host(svc):
+        try:
+            snap = take_snapshot(svc, host)
+        except MonkError as exc:
+            if host == svc.hosts.local.name:
+                raise  # the registry's own server: nothing can be checked
+            problems.append(
+                Problem(
+                    HOST_UNAVAILABLE,
+                    host,
+                    f"host {host!r} could not be checked: {exc.message}",
+                    "none: start the server (or fix monk's access), then run 'monk doctor' "
+                    "again; 'monk host check' says why",
+                    host=host,
+                )
+            )
+            continue
+        problems += [dataclasses.replace(p, host=host) for p in diagnose(snap)]
+        warned += [dataclasses.replace(p, host=host) for p in warnings(snap)]
+    return problems, warned
+
+
 def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
-    """Diagnose; with ``repair_them``, repair each problem and diagnose again."""
+    """Diagnose every host; with ``repair_them``, repair each problem on its host and diagnose
+    again."""
     dead_moves = moves.unfinished_problems(svc)
-    # Moves whose process died first: each ends with its tenant on one host, so the snapshot
-    # below sees no half-moved copy (moves.py).
+    # Moves whose process died first: each ends with its tenant on one host, so the snapshots
+    # below see no half-moved copy (moves.py).
     moved = moves.finish_dead(svc) if repair_them else []
-    snap = take_snapshot(svc)
+    problems, warned = _diagnose_every_host(svc)
     # Fleet upgrade runs whose process died: reported here, and finished by --repair (not at
     # ``monk serve``'s start-up, which repairs ``diagnose``'s problems only: a run may be long).
-    problems = diagnose(snap) + upgrades.unfinished_problems(svc)
-    problems += dead_moves
-    warned = warnings(snap)
+    problems += upgrades.unfinished_problems(svc) + dead_moves
     if not repair_them:
         return Checkup(problems, [], problems, warned)
-    lifecycle_problems = [
-        p for p in problems if p.kind not in (upgrades.UNFINISHED, moves.UNFINISHED)
-    ]
-    repaired = repair(svc, lifecycle_problems) if lifecycle_problems else []
+    repaired: list[str] = []
+    by_host: dict[str, list[Problem]] = {}
+    for p in problems:
+        skip = (upgrades.UNFINISHED, moves.UNFINISHED, HOST_UNAVAILABLE)
+        if p.kind not in skip and p.host is not None:
+            by_host.setdefault(p.host, []).append(p)
+    for host, found in by_host.items():
+        lines = repair(svc, found, host)
+        # On one server the lines read as before; a fleet's name their host.
+        repaired += lines if host == svc.hosts.local.name else [f"{x} (on {host})" for x in lines]
     repaired += upgrades.finish_dead_runs(svc) + moved
-    remaining = diagnose(take_snapshot(svc)) + upgrades.unfinished_problems(svc)
-    remaining += moves.unfinished_problems(svc)
+    remaining, _ = _diagnose_every_host(svc)
+    remaining += upgrades.unfinished_problems(svc) + moves.unfinished_problems(svc)
     return Checkup(problems, repaired, remaining, warned)

@@ -31,6 +31,7 @@ from monk.core import lifecycle
 from monk.core.catalog import Catalog, Difference, differences
 from monk.core.template_names import validate_template_key
 from monk.errors import MonkError, TemplateNotFound
+from monk.service import host_templates
 from monk.service.tenants import TenantService
 
 Conn = psycopg.Connection[Any]
@@ -91,11 +92,8 @@ def template_drift(
     """Check every tenant of ``key`` that holds a database, ``parallel`` at a time (one
     connection each, opened and closed); keep each result."""
     validate_template_key(key)
-    tenants = [
-        t
-        for t in svc.list(template=key, include_trashed=True, limit=1_000_000)
-        if t.host == svc.hosts.local.name
-    ]
+    # Every host's: each is read on its own host, against its host's build of its version.
+    tenants = svc.list(template=key, include_trashed=True, limit=1_000_000)
     if not tenants and svc.templates.current_build(key) is None:
         raise TemplateNotFound(f"template {key!r} has no build and no tenants", template=key)
     open_ones = [t for t in tenants if t.status == lifecycle.TenantStatus.ACTIVE]
@@ -108,7 +106,7 @@ def template_drift(
     for tenant in tenants:
         if tenant.database not in reads:
             reads[tenant.database] = _read(svc, tenant)
-    expected: dict[tuple[str, str], tuple[str, Catalog] | None] = {}
+    expected: dict[tuple[str, str, str], tuple[str, Catalog] | None] = {}
     results = []
     for tenant in tenants:
         result = _check(svc, tenant, reads[tenant.database], expected)
@@ -119,8 +117,11 @@ def template_drift(
 
 def last_results(svc: TenantService, key: str | None = None) -> list[fleet_rows.DriftCheck]:
     """The last drift check of each live tenant (of ``key``), from the system database."""
+    out: list[fleet_rows.DriftCheck] = []
     with svc.hosts.pools().system() as reg:
-        return fleet_rows.drift_checks(reg, svc.hosts.local.name, key=key)
+        for host in host_templates.every_host(svc):
+            out += fleet_rows.drift_checks(reg, host, key=key)
+    return out
 
 
 def last_result(svc: TenantService, raw_name: str) -> fleet_rows.DriftCheck | None:
@@ -174,9 +175,10 @@ def _check(
     svc: TenantService,
     tenant: Tenant,
     read: _Read,
-    expected: dict[tuple[str, str], tuple[str, Catalog] | None],
+    expected: dict[tuple[str, str, str], tuple[str, Catalog] | None],
 ) -> DriftResult:
-    """Compare what was read with the claimed build's catalog (looked up once per build)."""
+    """Compare what was read with the claimed build's catalog on the tenant's host (looked up
+    once per host and build: a host of another major renders its catalog its own way)."""
     if read.claim is not None:
         key, version, claimed_by = read.claim[0], read.claim[1], "database"
     else:
@@ -200,10 +202,10 @@ def _check(
         return base
     if not key or not version:
         return dataclasses.replace(base, error="not checked: no build recorded for the tenant")
-    if (key, version) not in expected:
-        found = svc.templates.build_catalog(key, version)
-        expected[(key, version)] = (found[1].fingerprint(), found[1]) if found else None
-    want = expected[(key, version)]
+    if (tenant.host, key, version) not in expected:
+        found = host_templates.service_of(svc, tenant.host).build_catalog(key, version)
+        expected[tenant.host, key, version] = (found[1].fingerprint(), found[1]) if found else None
+    want = expected[tenant.host, key, version]
     if want is None:
         return dataclasses.replace(
             base,

@@ -93,6 +93,7 @@ def tenant_health(svc: TenantService, raw_name: str) -> dict[str, Any]:
     return {
         "name": tenant.name,
         "database": tenant.database,
+        "host": tenant.host,
         "status": status,
         "tenant_status": tenant.status,
         "template": tenant.template_key,

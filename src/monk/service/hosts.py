@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,7 +38,8 @@ from monk.errors import (
     InvalidRequest,
     MonkError,
 )
-from monk.service import pool
+from monk.service import host_templates, pool
+from monk.service.host_templates import HostBuild, HostProgress
 from monk.service.pipeline import Pipeline, pause_at
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,49 @@ def _sweep(svc: Pipeline, reg: psycopg.Connection[Any]) -> None:
         log.warning("removed the password file of an unfinished host add (%s)", host_id)
 
 
+# ---------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """What /metrics labels by host: live tenants per (host, status), spares per (host,
+    status), read from the registry in one session."""
+
+    tenants: list[tuple[str, str, int]]
+    spares: list[tuple[str, str, int]]
+
+
+def fleet_counts(svc: Pipeline) -> FleetCounts:
+    with svc.hosts.pools().system() as reg:
+        return FleetCounts(
+            host_registry.tenant_status_counts(reg), host_registry.spare_status_counts(reg)
+        )
+
+
 # ---------------------------------------------------------------- add
+
+
+def add_with_templates(
+    svc: Pipeline,
+    name: str,
+    url: str,
+    *,
+    password: str | None = None,
+    capacity: int | None = None,
+    labels: Mapping[str, str] | Iterable[str] = (),
+    templates: bool = True,
+    on_added: Callable[[HostView], None] | None = None,
+    progress: HostProgress | None = None,
+) -> tuple[HostView, list[HostBuild]]:
+    """``add``, then (``templates``) build the local host's current templates there, as
+    ``monk host add`` and ``POST /api/root/host`` both do. The host stands whatever its builds
+    do: a failed one is in the answer (and in 'template list --host'), not raised.
+    ``on_added``: told once the host is registered, before the builds."""
+    view = add(svc, name, url, password=password, capacity=capacity, labels=labels)
+    if on_added is not None:
+        on_added(view)
+    received = host_templates.receive(svc, view.name, progress) if templates else []
+    return view, received
 
 
 def add(

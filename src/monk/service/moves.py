@@ -202,6 +202,7 @@ class Move:
                     # Ownership, connect rights, the build's settings, the connection limit:
                     # none of it depends on the data, so none of it waits in the downtime.
                     svc.configure_on(
+                        None,
                         dst_pools,
                         tenant.database,
                         role,

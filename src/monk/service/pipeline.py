@@ -104,6 +104,7 @@ class TenantView:
             "name": t.name,
             "database": t.database,
             "host": t.host,
+            "address": self.host,
             "port": self.port,
             "template": t.template_key,
             "template_version": t.template_version,
@@ -882,7 +883,7 @@ class Pipeline:
     ) -> None:
         """``make_tenant_role`` on the server of ``pools``, wherever its functions live: the
         system database on the local host, monk's database on a host of the fleet."""
-        if pools.target.name == self.hosts.local.name:
+        if pools.keeps_registry:
             with pools.system() as reg:
                 tenant_registry.make_role(
                     reg,
@@ -904,7 +905,7 @@ class Pipeline:
                 connection_limit=connection_limit,
             )
 
-    def configure_on(
+    def configure_remote(
         self,
         pools: ServerPools,
         database: str,
@@ -912,14 +913,9 @@ class Pipeline:
         settings: Mapping[str, str],
         connection_limit: int,
     ) -> None:
-        """Configure on the server of ``pools`` (``configure_tenant_database``: the system
-        database's on the local host, the copy installed on a host of the fleet), before the
-        activation (which then only commits the registry): a crash between leaves an intent,
-        undone whole like any other."""
-        if pools.target.name == self.hosts.local.name:
-            with pools.system() as reg:
-                self.configure(reg, database, role, settings, connection_limit)
-            return
+        """Configure on a host of the fleet (the same ``configure_tenant_database``, installed
+        there), before the activation (which then only commits the registry): a crash between
+        leaves an intent, undone whole like any other."""
         with pools.admin() as adm:
             admin.configure_database(
                 adm,
@@ -930,6 +926,35 @@ class Pipeline:
                 settings,
                 connection_limit,
             )
+
+    def configure_on(
+        self,
+        reg: psycopg.Connection[Any] | None,
+        pools: ServerPools,
+        database: str,
+        role: str,
+        settings: Mapping[str, str],
+        connection_limit: int,
+    ) -> None:
+        """``configure`` on the server of ``pools``: on the registry's session where it keeps
+        the registry (``reg``, or one of its own when None), else on that host's admin
+        connection."""
+        if pools.keeps_registry and reg is None:
+            with pools.system() as own:
+                self.configure(own, database, role, settings, connection_limit)
+        elif pools.keeps_registry:
+            assert reg is not None
+            self.configure(reg, database, role, settings, connection_limit)
+        else:
+            self.configure_remote(pools, database, role, settings, connection_limit)
+
+    def create_role_on(
+        self, reg: psycopg.Connection[Any], pools: ServerPools, role: str
+    ) -> Credentials:
+        """``create_role`` on the server of ``pools`` (see ``configure_on``)."""
+        if pools.keeps_registry:
+            return self.create_role(reg, role)
+        return self.create_remote_role(pools, role)
 
     def configure_args(
         self, database: str, role: str, settings: Mapping[str, str], connection_limit: int

@@ -88,7 +88,7 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                 else:
                     # A host of the fleet: the same steps, run there (monk's functions).
                     role = svc.create_remote_role(pools, name, login=False)
-                    svc.configure_on(pools, name, name, build.database_settings, limit)
+                    svc.configure_remote(pools, name, name, build.database_settings, limit)
                 svc.spare_secrets.put(name, role.password, build.key, pools.target.name)
                 spares.mark_ready(reg, spare_id, level)
             except BaseException:

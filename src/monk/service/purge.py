@@ -137,7 +137,7 @@ def _attempt(
     failure is recorded on the job, which stays queued, and returned."""
     try:
         if tenant is None:
-            _run_job(svc, reg, pools, op)
+            _run_job(svc, reg, op)
         else:
             _purge(svc, reg, pools, tenant, op)
         return None
@@ -165,9 +165,7 @@ def _attempt(
         return failed
 
 
-def _run_job(
-    svc: Pipeline, reg: psycopg.Connection[Any], pools: ServerPools, op: Operation
-) -> None:
+def _run_job(svc: Pipeline, reg: psycopg.Connection[Any], op: Operation) -> None:
     tenant = registry.get_by_id(reg, UUID(op.params["tenant_id"]))
     if tenant is None or tenant.status != "deleting":
         registry.finish_operation(reg, op.id, "failed", error="tenant is no longer deleting")
@@ -176,7 +174,8 @@ def _run_job(
     if not registry.try_lock(reg, tenant.database):
         raise InvalidState(f"tenant {tenant.name!r} is busy")
     try:
-        _purge(svc, reg, pools, tenant, op)
+        # The worker claims jobs of every host; each one runs on its tenant's host.
+        _purge(svc, reg, svc.hosts.pools(tenant.host), tenant, op)
     finally:
         registry.unlock(reg, tenant.database)
 
@@ -259,18 +258,30 @@ def archive(svc: Pipeline, raw_name: str) -> TenantView:
         return svc.view(tenant)
 
 
-def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
-    """A purged tenant back into a fresh database under the same name and hash."""
-    pools = svc.hosts.pools()
-    with pools.system() as reg:
-        gone = registry.get_latest_deleted(reg, name.key)
-        if gone is None:
-            raise TenantNotFound(f"tenant {name.display!r} not found")
-        if not gone.archive_path:
-            raise InvalidState(
-                f"tenant {name.display!r} was purged without an archive; it cannot be restored"
-            )
+def _archived(reg: psycopg.Connection[Any], name: TenantName) -> Tenant:
+    """The tenant's latest purged row, which must have an archive."""
+    gone = registry.get_latest_deleted(reg, name.key)
+    if gone is None:
+        raise TenantNotFound(f"tenant {name.display!r} not found")
+    if not gone.archive_path:
+        raise InvalidState(
+            f"tenant {name.display!r} was purged without an archive; it cannot be restored"
+        )
+    return gone
+
+
+def restore_from_archive(svc: Pipeline, name: TenantName, host: str | None = None) -> TenantView:
+    """A purged tenant back into a fresh database under the same name and hash, on ``host``
+    (default: where placement puts a new tenant of its template, as a provision; an archive
+    is a plain dump, so any host of the fleet can take it)."""
+    with svc.hosts.pools().system() as reg:
+        template = _archived(reg, name).template_key
+    # Where it goes, chosen with no registry session held (placement takes its own).
+    pools = svc.hosts.pools(svc.hosts.placement(host, template=template or None).name)
+    with svc.hosts.pools().system() as reg:
+        gone = _archived(reg, name)
         archive_path = gone.archive_path
+        assert archive_path is not None
         if not registry.try_lock(reg, name.database):
             raise InvalidState(f"tenant {name.display!r} is busy with another operation")
         try:
@@ -291,13 +302,13 @@ def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
                 have_lock=True,
                 operation="restore",
                 params={"archive": archive_path},
-                host=gone.host,
+                host=pools.target.name,
             )
             assert intent is not None  # with the lock held, a taken name raises
             tenant, op = intent.tenant, intent.op
             step = "role"
             try:
-                credentials = intent.role or svc.create_role(reg, name.role)
+                credentials = intent.role or svc.create_role_on(reg, pools, name.role)
                 step = "database"
                 with pools.admin() as adm:
                     # Owned by the tenant's role from the start: the restore runs as that role
@@ -313,8 +324,9 @@ def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
                     template_db.own_like_a_clone(db, name.role, tenant.database)
                 step = "configure"
                 # A dump holds no ALTER DATABASE … SET: the build's settings, as a clone.
-                svc.configure(
+                svc.configure_on(
                     reg,
+                    pools,
                     tenant.database,
                     name.role,
                     svc.database_settings(gone),
@@ -334,6 +346,7 @@ def restore_from_archive(svc: Pipeline, name: TenantName) -> TenantView:
                         is_active=True,
                         step="active",
                         role_name=name.role,
+                        host=pools.target.name,
                         trashed_at=None,
                         deleted_at=None,
                     )

@@ -47,6 +47,7 @@ from monk.core.tenant_names import TenantName
 from monk.errors import (
     HostUnavailable,
     IdempotencyKeyReused,
+    InvalidRequest,
     InvalidState,
     MonkError,
     OperationFailed,
@@ -456,7 +457,7 @@ class TenantService(Pipeline):
                     name.database, name.role, build.database_settings, role_limit
                 )
             else:
-                self.configure_on(
+                self.configure_remote(
                     pools, name.database, name.role, build.database_settings, role_limit
                 )
             with registry.pipelined_transaction(reg, after_commit=unlock):
@@ -542,8 +543,9 @@ class TenantService(Pipeline):
             )
             return self.view(tenant)
 
-    def restore(self, raw_name: str) -> TenantView:
-        """A trashed tenant back to active; a purged one back from its archive. Either is then
+    def restore(self, raw_name: str, *, host: str | None = None) -> TenantView:
+        """A trashed tenant back to active; a purged one back from its archive, onto ``host``
+        (default: placement's choice; a trashed one stays on its host). Either is then
         brought to its template's current build (fleet upgrades skip trashed and purged
         tenants); if that fails the tenant stays restored at its build, and the warning says
         why (``monk template upgrade KEY --tenants NAME`` retries it)."""
@@ -553,7 +555,12 @@ class TenantService(Pipeline):
         if live is None:
             from monk.service.purge import restore_from_archive  # as above: when used
 
-            return self._up_to_date(restore_from_archive(self, name))
+            return self._up_to_date(restore_from_archive(self, name, host))
+        if host is not None and host != live.host:
+            raise InvalidRequest(
+                f"tenant {live.name!r} is trashed on host {live.host!r}: it is restored there "
+                "(only a purged tenant, restored from its archive, may go to another host)"
+            )
         with self.locked(raw_name) as (reg, pools, tenant):
             lifecycle.check(Action.RESTORE, tenant.status, tenant=tenant.name)
             self.open_tenant(pools, tenant)
@@ -641,8 +648,9 @@ class TenantService(Pipeline):
             with pools.system() as reg:
                 # The provision's own configure step, again (the owner first: then the grants
                 # of a former owner can be revoked).
-                self.configure(
+                self.configure_on(
                     reg,
+                    pools,
                     tenant.database,
                     role,
                     self.database_settings(tenant),

@@ -191,37 +191,48 @@ class _Failed(Exception):
 
 class _Paths:
     """The steps from each version met to the target, and how to log in to the tenants,
-    computed once per run."""
+    computed once per run and host: each host records its own builds' steps (the same
+    versions), and has its own admin role."""
 
-    def __init__(self, host: str, key: str, to_version: str) -> None:
-        self.host, self.key, self.to = host, key, to_version
+    def __init__(self, key: str, to_version: str) -> None:
+        self.key, self.to = key, to_version
         self._lock = threading.Lock()
-        self._by_from: dict[str, list[upgrades.UpgradeStep] | None] = {}
-        self._target: ServerTarget | None = None
+        self._by_from: dict[tuple[str, str], list[upgrades.UpgradeStep] | None] = {}
+        self._targets: dict[str, ServerTarget] = {}
 
-    def steps(self, sysc: psycopg.Connection[Any], from_version: str) -> list[upgrades.UpgradeStep]:
+    def steps(
+        self, sysc: psycopg.Connection[Any], host: str, from_version: str
+    ) -> list[upgrades.UpgradeStep]:
         with self._lock:
-            if from_version not in self._by_from:
-                self._by_from[from_version] = upgrades.path(
-                    sysc, self.host, self.key, from_version, self.to
+            if (host, from_version) not in self._by_from:
+                self._by_from[host, from_version] = upgrades.path(
+                    sysc, host, self.key, from_version, self.to
                 )
-            found = self._by_from[from_version]
+            found = self._by_from[host, from_version]
         if found is None:
             raise _Failed(
-                f"no upgrade path from build {from_version} to {self.to} "
-                "(no chain of recorded builds leads there)"
+                f"no upgrade path from build {from_version} to {self.to} on host {host!r} "
+                "(no chain of recorded builds leads there: 'monk template build' builds it "
+                "on every host)"
             )
         return found
 
-    def target(self, svc: Pipeline, sysc: psycopg.Connection[Any]) -> ServerTarget:
+    def target(self, svc: Pipeline, sysc: psycopg.Connection[Any], host: str) -> ServerTarget:
         """The host, logging in with its SCRAM keys when it can: kept for the bench, a login
         took 4.2 ms with the keys against 10.8 ms with the password (its PBKDF2)."""
         with self._lock:
-            if self._target is None:
-                self._target = with_scram_keys(
-                    svc.hosts.target(self.host), admin.own_scram_verifier(sysc)
-                )
-            return self._target
+            found = self._targets.get(host)
+        if found is not None:
+            return found
+        pools = svc.hosts.pools(host)
+        if pools.keeps_registry:
+            verifier = admin.own_scram_verifier(sysc)
+        else:
+            with pools.admin() as adm:  # that host's admin role, not the local one
+                verifier = admin.own_scram_verifier(adm)
+        made = with_scram_keys(pools.target, verifier)
+        with self._lock:
+            return self._targets.setdefault(host, made)
 
 
 def _upgrade_tenant(
@@ -234,7 +245,6 @@ def _upgrade_tenant(
 ) -> _Outcome:
     """Upgrade one tenant (see the module's docstring), on the caller's system connection:
     one round trip to claim it (lock, row, run's row), one to record it and unlock."""
-    target = paths.target(svc, sysc)
     locked, tenant = runs.claim(sysc, op_id, tenant_id, database)
     if not locked:
         return _Outcome("busy", "another operation holds the tenant")
@@ -244,6 +254,7 @@ def _upgrade_tenant(
             return _Outcome("skipped", "purged before its turn")
         if tenant.status not in (TenantStatus.ACTIVE, TenantStatus.DISABLED):
             return _Outcome("skipped", f"{tenant.status} at its turn")
+        target = paths.target(svc, sysc, tenant.host)
         svc.checkpoint("upgrade-started")
         if tenant.status == TenantStatus.ACTIVE:
             outcome = _apply(
@@ -254,11 +265,15 @@ def _upgrade_tenant(
         # A disabled tenant's database takes no connections; its role cannot log in, so
         # opening it for the upgrade's own session lets no one else in. Closed again after,
         # also when an earlier attempt died with it open (kill -9).
-        admin.set_allow_connections(sysc, tenant.database, True)
-        try:
-            return _apply(svc, sysc, tenant, paths, op_id, target, None)
-        finally:
-            admin.set_allow_connections(sysc, tenant.database, False)
+        pools = svc.hosts.pools(tenant.host)
+        with contextlib.ExitStack() as stack:
+            # On its own server: the registry's session where that is the local one.
+            adm = sysc if pools.keeps_registry else stack.enter_context(pools.admin())
+            admin.set_allow_connections(adm, tenant.database, True)
+            try:
+                return _apply(svc, sysc, tenant, paths, op_id, target, None)
+            finally:
+                admin.set_allow_connections(adm, tenant.database, False)
     finally:
         if not released:
             registry.unlock(sysc, database)
@@ -309,7 +324,7 @@ def _apply(
                     "again: bring it forward by hand, then set monk.build"
                 )
             if not already:
-                steps = paths.steps(sysc, from_version)
+                steps = paths.steps(sysc, tenant.host, from_version)
                 chunks = [chunk for step in steps for chunk in step.script]
                 level = steps[-1].level if steps else level
                 try:
@@ -362,16 +377,16 @@ def _which_failed(conn: psycopg.Connection[Any], chunks: Sequence[str], exc: psy
 def upgrade_one(svc: Pipeline, tenant_id: UUID) -> str | None:
     """Bring one tenant to its key's current build outside a run (a restore from the trash or
     the archive brings it back up to date); None when done, else why not."""
-    pools = svc.hosts.pools()
-    with pools.system() as sysc:
+    with svc.hosts.pools().system() as sysc:
         tenant = registry.get_by_id(sysc, tenant_id)
         if tenant is None or tenant.template_key is None:
             return "no template"
         database = tenant.database
-        build = template_builds.current_build(sysc, tenant.template_key, pools.target.name)
+        # Its own host's current build and steps: each host records its own.
+        build = template_builds.current_build(sysc, tenant.template_key, tenant.host)
         if build is None or build.version == tenant.template_version:
             return None
-        paths = _Paths(pools.target.name, tenant.template_key, build.version)
+        paths = _Paths(tenant.template_key, build.version)
         for attempt in range(BUSY_ATTEMPTS):
             outcome = _upgrade_tenant(svc, sysc, tenant_id, database, paths, None)
             if outcome.state != "busy":
@@ -432,9 +447,10 @@ def _select(
     to_version: str,
     options: UpgradeOptions,
 ) -> list[Selected]:
-    """The run's tenants in order: every tenant of the key (or those named), pending, or
-    skipped with why. Tenants the registry shows at the target are skipped: no connection."""
-    tenants = runs.tenants_of_key(reg, host, key)
+    """The run's tenants in order: every tenant of the key on every host (or those named),
+    pending, or skipped with why. Tenants the registry shows at the target are skipped: no
+    connection. (``host``: the run's, which keeps the registry.)"""
+    tenants = runs.tenants_of_key(reg, None, key)
     if options.tenants:
         wanted = {svc.name(n).key: n for n in options.tenants}
         tenants = [t for t in tenants if t.name_key in wanted]
@@ -513,7 +529,7 @@ class Run:
                 # Spares of older builds are dropped (the refiller clones new ones from the
                 # swapped template in milliseconds): cheaper and simpler than upgrading each.
                 pool.retire_stale(self.svc, self.key, host=self.host)
-            paths = _Paths(self.host, self.key, self.to_version)
+            paths = _Paths(self.key, self.to_version)
             tracker = _Tracker(self, total, progress)
             tracker.report()
             canary = [r for r in rows if r.canary]

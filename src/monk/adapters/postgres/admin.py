@@ -640,6 +640,10 @@ def install_functions(
                 ident, sql.Literal(_FUNCTIONS_MARK + version)
             )
         )
+        # Another admin role of the same server (a host re-added or updated with a role that
+        # is no superuser) must call them too. Safe: they run with the caller's rights (no
+        # SECURITY DEFINER), so they let no one do what its own role could not.
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(ident))
     return True
 
 

@@ -128,9 +128,14 @@ def sync_columns(conn: Conn) -> None:
 def own_like_a_clone(conn: Conn, role: str, database: str) -> None:
     """Give what ``role`` owns in the connected database to pg_database_owner, as in every
     clone (a restore from an archive creates its objects as the tenant's role), so that upgrade
-    steps, run as pg_database_owner, may change them. REASSIGN OWNED moves the database itself
-    too: it goes back to ``role`` in the same transaction."""
+    steps, run as pg_database_owner, may change them. The connected admin owns the database
+    meanwhile: that makes it a member of pg_database_owner, which REASSIGN OWNED needs of a
+    role that is no superuser (a managed server's admin), and keeps the database itself out
+    of the reassignment; it goes back to ``role`` in the same transaction."""
     with conn.transaction():
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(database))
+        )
         conn.execute(
             sql.SQL("REASSIGN OWNED BY {} TO pg_database_owner").format(sql.Identifier(role))
         )

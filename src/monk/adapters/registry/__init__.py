@@ -227,6 +227,16 @@ def all_live(conn: Conn, host: str) -> list[Tenant]:
         return cur.fetchall()
 
 
+def live_databases_elsewhere(conn: Conn, host: str) -> set[str]:
+    """The databases and roles of live tenants of every host but ``host``: on ``host`` such a
+    name is a move's copy (in flight, or the old one queued as ``drop_copy``), not an orphan."""
+    rows = conn.execute(
+        "SELECT database, role_name FROM tenants WHERE deleted_at IS NULL AND host <> %s",
+        (host,),
+    ).fetchall()
+    return {name for row in rows for name in row if name is not None}
+
+
 def fetch_tenant(cur: Cursor[Tenant]) -> Tenant:
     row = cur.fetchone()
     cur.close()

@@ -174,6 +174,23 @@ def delete_unused(conn: Conn, name: str) -> HostRow | None:
         return cur.fetchone()
 
 
+def tenant_status_counts(conn: Conn) -> list[tuple[str, str, int]]:
+    """(host, status, count) of the live (not purged) tenants, /metrics' gauge."""
+    rows = conn.execute(
+        "SELECT host, status, count(*) FROM tenants WHERE deleted_at IS NULL"
+        " GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+    return [(str(h), str(s), int(str(n))) for h, s, n in rows]
+
+
+def spare_status_counts(conn: Conn) -> list[tuple[str, str, int]]:
+    """(host, status, count) of the warm spares of every host, /metrics' gauge."""
+    rows = conn.execute(
+        "SELECT host, status, count(*) FROM spares GROUP BY 1, 2 ORDER BY 1, 2"
+    ).fetchall()
+    return [(str(h), str(s), int(str(n))) for h, s, n in rows]
+
+
 def live_tenant_counts(conn: Conn) -> dict[str, int]:
     """Live (not purged) tenants per host, as tenants.host records them."""
     rows = conn.execute(

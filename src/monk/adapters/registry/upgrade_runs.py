@@ -99,15 +99,16 @@ def relax_commits(conn: Conn) -> None:
     conn.execute("SET synchronous_commit = off")
 
 
-def tenants_of_key(conn: Conn, host: str, key: str) -> list[Tenant]:
-    """The live tenants (not purged) cloned from ``key`` on ``host``, oldest first."""
+def tenants_of_key(conn: Conn, host: str | None, key: str) -> list[Tenant]:
+    """The live tenants (not purged) cloned from ``key`` on ``host`` (None: on every host),
+    oldest first."""
     with conn.cursor(row_factory=class_row(Tenant)) as cur:
         cur.execute(
             sql.SQL(
-                "SELECT {} FROM tenants WHERE host = %s AND template_key = %s"
+                "SELECT {} FROM tenants WHERE (host = %s OR %s::text IS NULL) AND template_key = %s"
                 " AND deleted_at IS NULL ORDER BY created_at, id"
             ).format(TENANT_COLUMNS),
-            (host, key),
+            (host, host, key),
         )
         return cur.fetchall()
 

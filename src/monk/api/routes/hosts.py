@@ -32,15 +32,18 @@ def list_hosts(rt: RuntimeDep, _: Root) -> Ok[list[HostOut]]:
     responses=CHANGE,
 )
 def add_host(rt: RuntimeDep, _: Root, body: HostCreate) -> Ok[HostOut]:
-    view = hosts.add(
+    view, received = hosts.add_with_templates(
         rt.tenants,
         body.name,
         body.url,
         password=body.password,
         capacity=body.capacity,
         labels=body.labels,
+        templates=body.templates,
     )
-    return Ok(data=_out(view, rt.settings))
+    out = _out(view, rt.settings)
+    out.templates = [scrubbed(rt.settings, a.as_dict()) for a in received]
+    return Ok(data=out)
 
 
 @router.get("/{name}", summary="One host", responses=READ_ONE)

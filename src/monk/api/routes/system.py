@@ -91,7 +91,7 @@ def _add_restarts(rt: Runtime, body: ServiceHealth) -> None:
 def metrics(rt: RuntimeDep) -> Response:
     # Metrics must answer even while the database does not.
     with contextlib.suppress(MonkError):
-        rt.set_purge_metrics(rt.purge_queue_depth.get())
+        rt.refresh_registry_gauges()
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -17,6 +17,7 @@ from monk.api.models import (
     TenantMoveStartedOut,
     TenantOut,
     TenantPatch,
+    TenantRestore,
 )
 from monk.api.public import scrubbed
 from monk.core.lifecycle import TenantStatus
@@ -106,8 +107,11 @@ def patch_tenant(rt: RuntimeDep, _: Root, name: str, body: TenantPatch) -> Ok[Te
     summary="Restore a trashed tenant, or a purged one from its archive",
     responses=GROW,
 )
-def restore_tenant(rt: RuntimeDep, _: Root, name: str) -> Ok[TenantOut]:
-    return Ok(data=_out(rt.tenants.restore(name), rt.settings))
+def restore_tenant(
+    rt: RuntimeDep, _: Root, name: str, body: TenantRestore | None = None
+) -> Ok[TenantOut]:
+    host = body.host if body is not None else None
+    return Ok(data=_out(rt.tenants.restore(name, host=host), rt.settings))
 
 
 @router.delete(
