@@ -32,8 +32,8 @@ from uuid import UUID, uuid4
 import psycopg
 
 from monk.adapters import registry
-from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import translate
+from monk.adapters.postgres import admin, tenant_users
+from monk.adapters.postgres.connection import connect, translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, spares
 from monk.adapters.registry.spares import SpareRow as SpareRow
@@ -41,7 +41,7 @@ from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram
 from monk.core.tenant_names import TenantName
 from monk.errors import InvalidState, MonkError
-from monk.service.pipeline import Pipeline
+from monk.service.pipeline import Pipeline, RootPassword, SpareSecret
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,22 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                     build = cloned
                     spares.set_version(reg, spare_id, build.version)
                 svc.checkpoint("spare-cloned")
-                level = svc.migrate(pools.target, name, build)
+                # The refiller's thread pays for the root user's hash, never a handout.
+                root_password, root_hash = svc.root_passwords.take()
+                level, rooted = svc.prepare(
+                    pools.target,
+                    name,
+                    build,
+                    root_hash,
+                    async_commit=svc.registry_shares_server(pools),
+                )
                 role = svc.create_role(reg, name, login=False)
                 svc.configure(
                     reg, name, name, build.database_settings, svc.settings.tenant_connection_limit
                 )
-                svc.spare_secrets.put(name, role.password, build.key)
+                svc.spare_secrets.put(
+                    name, SpareSecret(role.password, root_password if rooted else None, build.key)
+                )
                 spares.mark_ready(reg, spare_id, level)
             except BaseException:
                 _drop_spare(pools, name)
@@ -111,11 +121,12 @@ def hand_out(
     idempotency_key: str | None,
     connection_limit: int | None = None,
     any_spare: bool = False,
-) -> tuple[Tenant, str] | None:
+) -> tuple[Tenant, str, str | None] | None:
     """Hand a ready spare of the template's current build out as the tenant (see the module's
-    docstring): first one whose password this process knows, then, with ``any_spare``, any
-    (with a fresh password). Returns (tenant, password), or None when no spare was handed out
-    (none ready, or the name busy or taken: the caller's full path knows what to answer)."""
+    docstring): first one whose secrets this process knows, then, with ``any_spare``, one of
+    another keyholder, adopted first (``adopt_one``: new secrets). Returns (tenant, role
+    password, root user's password), or None when no spare was handed out (none ready, or the
+    name busy or taken: the caller's full path knows what to answer)."""
     picked = svc.spare_secrets.take_for(template)
     if picked is not None:
         handed = _hand_out_one(
@@ -125,7 +136,12 @@ def hand_out(
             return handed
     elif not any_spare:
         return None
-    return _hand_out_one(svc, reg, name, host, template, idempotency_key, connection_limit, None)
+    adopted = adopt_one(svc, reg, host, template)
+    if adopted is None:
+        return None
+    return _hand_out_one(
+        svc, reg, name, host, template, idempotency_key, connection_limit, adopted, full=True
+    )
 
 
 def _hand_out_one(
@@ -136,15 +152,14 @@ def _hand_out_one(
     template: str,
     idempotency_key: str | None,
     connection_limit: int | None,
-    known: tuple[str, str] | None,
-) -> tuple[Tenant, str] | None:
-    """One ``hand_out_spare``: of the ``known`` (spare, password), else of the oldest ready
-    spare, given a new password."""
-    if known is not None:
-        spare, password, verifier = known[0], known[1], None
-    else:
-        spare, password = None, scram.generate_password()
-        verifier = svc.verifier(password)
+    known: tuple[str, SpareSecret],
+    *,
+    full: bool = False,
+) -> tuple[Tenant, str, str | None] | None:
+    """One ``hand_out_spare`` of the ``known`` (spare, secret). ``full``: on the full path,
+    in a transaction with the checkpoint ``handout`` before its commit."""
+    spare, secret = known
+    password, verifier = secret.password, None
 
     def queue() -> psycopg.Cursor[Tenant]:
         return spares.queue_hand_out(
@@ -161,7 +176,7 @@ def _hand_out_one(
         )
 
     try:
-        if known is not None:
+        if not full:
             # The hot path: one statement, its own transaction, one round trip.
             cur = queue()
         else:
@@ -174,16 +189,16 @@ def _hand_out_one(
         dropped = None
         if isinstance(exc, psycopg.Error) and not (reg.broken or reg.closed):
             dropped = _drop_if_broken(svc, reg, host, template, spare, exc)
-        if spare is not None and dropped is None:
-            svc.spare_secrets.put(spare, password, template)
+        if dropped is None:
+            svc.spare_secrets.put(spare, secret)
         raise
     if tenant is None:
         # Declined: keep the password only if the spare is still ready and ours (not if another
         # process took it, or a drain or a rebuild dropped it).
-        if spare is not None and spares.is_ready_and_held_by(reg, host, spare, svc.instance_id):
-            svc.spare_secrets.put(spare, password, template)
+        if spares.is_ready_and_held_by(reg, host, spare, svc.instance_id):
+            svc.spare_secrets.put(spare, secret)
         return None
-    return tenant, password
+    return tenant, password, secret.root_password
 
 
 def _drop_if_broken(
@@ -191,14 +206,13 @@ def _drop_if_broken(
     reg: psycopg.Connection[Any],
     host: str,
     template: str,
-    spare: str | None,
+    spare: str,
     failure: psycopg.Error,
 ) -> str | None:
-    """After a failed handout: the spare it was for (``spare``, else the oldest ready one, which
-    ``hand_out_spare`` takes first), dropped with its row at once if it is broken (its database
-    or its role gone, or the database invalid), so that no later provision tries it again and
-    the doctor finds nothing. Returns its name when dropped; a spare that is whole (the failure
-    was elsewhere) stays."""
+    """After a failed handout: the spare it was for (``spare``), dropped with its row at once if
+    it is broken (its database or its role gone, or the database invalid), so that no later
+    provision tries it again and the doctor finds nothing. Returns its name when dropped; a
+    spare that is whole (the failure was elsewhere) stays."""
     pools = svc.hosts.pools(host)
     try:
         with reg.transaction():
@@ -270,10 +284,11 @@ def retire_stale(svc: Pipeline, key: str, *, host: str | None = None) -> int:
 
 
 def adopt(svc: Pipeline, *, host: str | None = None) -> int:
-    """Give each ready spare whose keyholder is gone (a process that ended, or was killed) a
-    fresh password, under its row lock, and become its keyholder; returns how many. Run once
-    when a server starts: the spares its predecessor made are then served on the fast path.
-    Spares of a live keyholder (another server on this system database) stay its own."""
+    """Give each ready spare whose keyholder is gone (a process that ended, or was killed) new
+    secrets (``_take_over``), under its row lock, and become its keyholder; returns how many.
+    Run once when a server starts: the spares its predecessor made are then served on the
+    fast path. Spares of a live keyholder (another server on this system database) stay its
+    own."""
     pools = svc.hosts.pools(host)
     svc.hold_keyholder_lock()
     with pools.system() as reg:
@@ -282,21 +297,78 @@ def adopt(svc: Pipeline, *, host: str | None = None) -> int:
         return 0
     adopted = 0
     while True:
+        root = svc.root_passwords.take()
         with pools.system() as reg, reg.transaction():
             orphan = spares.pick_ready(
                 reg, pools.target.name, keyholders=[k for k in dead if k is not None]
             )
             if orphan is None:
+                svc.root_passwords.give_back(*root)
                 return adopted
-            database = orphan.database
-            password = scram.generate_password()
-            admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
-            # The fast handout keeps the spare role's limit: this process's default.
-            admin.set_role_connection_limit(reg, database, svc.settings.tenant_connection_limit)
-            spares.set_keyholder(reg, orphan.id, svc.instance_id)
-            # Before the commit: a handout that sees us as keyholder finds the password.
-            svc.spare_secrets.put(database, password, orphan.template_key)
+            try:
+                _take_over(svc, reg, pools, orphan, root)
+            except BaseException:
+                svc.spare_secrets.take(orphan.database)  # rolled back: not its secrets
+                raise
         adopted += 1
+
+
+def adopt_one(
+    svc: Pipeline, reg: psycopg.Connection[Any], host: str, template: str
+) -> tuple[str, SpareSecret] | None:
+    """One ready spare of ``template`` held by another keyholder (live or not), adopted for a
+    handout on the full path: (database, its new secrets), or None when there is none.
+
+    The keyholder changes first, in a transaction of its own: from then on the former
+    keyholder's fast path declines it (``hand_out_spare`` checks the keyholder), so the root
+    user's new hash can never reach a tenant whose answer carries the former password. A crash
+    after that leaves a spare of a dead keyholder, adopted again by the next process."""
+    pools = svc.hosts.pools(host)
+    svc.hold_keyholder_lock()
+    with reg.transaction():
+        row = spares.pick_ready(reg, host, template_key=template, not_keyholder=svc.instance_id)
+        if row is None:
+            return None
+        spares.set_keyholder(reg, row.id, svc.instance_id)
+    root = svc.root_passwords.take()  # this rare path may hash on the request
+    try:
+        with reg.transaction():
+            mine = spares.pick_ready(reg, host, database=row.database, keyholders=[svc.instance_id])
+            if mine is None:
+                svc.root_passwords.give_back(*root)
+                return None  # adopted again by another process meanwhile
+            _take_over(svc, reg, pools, mine, root)
+    except BaseException:
+        svc.spare_secrets.take(row.database)  # rolled back: not the spare's secrets
+        raise
+    secret = svc.spare_secrets.take(row.database)
+    return None if secret is None else (row.database, secret)
+
+
+def _take_over(
+    svc: Pipeline,
+    reg: psycopg.Connection[Any],
+    pools: ServerPools,
+    row: spares.PickedSpare,
+    root: RootPassword,
+) -> None:
+    """New secrets for a spare whose row the caller's transaction holds locked: its role's
+    password, its root user's hash (on a connection to the spare), this process its
+    keyholder. A rollback after the root user's change leaves a keyholder that is no longer
+    alive, or this process without the secrets: either way the spare is taken over again
+    before it is handed out."""
+    database = row.database
+    password = scram.generate_password()
+    admin.set_role_password(reg, database, password_verifier=svc.verifier(password))
+    # The fast handout keeps the spare role's limit: this process's default.
+    admin.set_role_connection_limit(reg, database, svc.settings.tenant_connection_limit)
+    with connect(pools.target, database, autocommit=True, purpose="prepare") as conn:
+        rooted = tenant_users.put_root(conn, root[1].result())
+    spares.set_keyholder(reg, row.id, svc.instance_id)
+    # Before the commit: a handout that sees us as keyholder finds the secrets.
+    svc.spare_secrets.put(
+        database, SpareSecret(password, root[0] if rooted else None, row.template_key)
+    )
 
 
 def refill(svc: Pipeline) -> None:
