@@ -7,6 +7,8 @@
     │   ├── InvalidRequest         a well-formed body or argument, wrong      422 / 2
     │   ├── LoginFieldMissing      AUTH_{TENANT,USERNAME,PASSWORD}_MISSING     400 / 2
     │   ├── IdempotencyKeyReused   one Idempotency-Key, other parameters      422 / 2
+    │   ├── InvalidQuery           a data request's where/order/select/field  400 / 2
+    │   ├── RecordInvalid          VALIDATION_ERROR: a record fails its model 400 / 2
     │   └── HostUnsuitable         a server that cannot be a host (role, version) 422 / 2
     ├── ConfigError                a setting is wrong or its target unusable  500 / 6
     ├── NotFound                                                              404 / 3
@@ -14,6 +16,8 @@
     │   ├── TemplateNotFound
     │   ├── OperationNotFound
     │   ├── HostNotFound
+    │   ├── ModelNotFound          a tenant's model (schema) not registered
+    │   ├── RecordNotFound         a tenant's record (or trashed/deleted)
     │   └── DatabaseMissing        a database monk expected is not there
     ├── Conflict                                                              409 / 4
     │   ├── TenantExists
@@ -40,6 +44,8 @@
     │   ├── TokenRequired / TokenInvalid / TokenExpired  (tenant routes)      401 / 7
     │   ├── LoginThrottled         too many failed logins: Retry-After        429 / 7
     │   ├── TenantDisabled         a valid tenant token, the tenant disabled  403 / 7
+    │   ├── AccessDenied           the tenant user's access is deny           403 / 7
+    │   ├── AccessInsufficient     the user's access is below the action's    403 / 7
     │   └── TenantGone             a valid tenant token, the tenant trashed/purged 410 / 7
     └── OperationFailed            a step failed and was undone (.step)       500 / 1
 
@@ -106,6 +112,20 @@ class IdempotencyKeyReused(UsageError):
     code = "IDEMPOTENCY_KEY_REUSED"
 
 
+class InvalidQuery(UsageError):
+    """A tenant data request naming a field the model does not have, or a malformed where,
+    order, select, limit or id."""
+
+    code = "INVALID_QUERY"
+
+
+class RecordInvalid(UsageError):
+    """A record the model's JSON Schema (or the table's constraints) refuses; the message names
+    the record's index and the field. Nothing of the request was written."""
+
+    code = "VALIDATION_ERROR"
+
+
 class HostUnsuitable(UsageError):
     """A server ``monk host add`` refuses: its role lacks privileges, its version is not
     supported, or it refused the credentials."""
@@ -135,6 +155,14 @@ class OperationNotFound(NotFound):
 
 class HostNotFound(NotFound):
     code = "HOST_NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    code = "MODEL_NOT_FOUND"
+
+
+class RecordNotFound(NotFound):
+    code = "RECORD_NOT_FOUND"
 
 
 class DatabaseMissing(NotFound):
@@ -270,6 +298,18 @@ class TenantDisabled(AuthError):
     code = "TENANT_DISABLED"
 
 
+class AccessDenied(AuthError):
+    """A tenant user whose access is ``deny``: no data route answers them."""
+
+    code = "ACCESS_DENIED"
+
+
+class AccessInsufficient(AuthError):
+    """A tenant user whose access is below what the action needs (read < edit < full < root)."""
+
+    code = "ACCESS_INSUFFICIENT"
+
+
 class TenantGone(AuthError):
     code = "TENANT_GONE"
 
@@ -305,6 +345,8 @@ ERROR_TABLE: dict[type[MonkError], tuple[int, int]] = {
     RootAccessRequired: (403, 7),
     LoginThrottled: (429, 7),
     TenantDisabled: (403, 7),
+    AccessDenied: (403, 7),
+    AccessInsufficient: (403, 7),
     TenantGone: (410, 7),
     OperationFailed: (500, 1),
 }

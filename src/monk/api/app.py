@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import monk
 from monk.api import envelope
-from monk.api.routes import hosts, system, templates, tenant_auth, tenants
+from monk.api.routes import hosts, system, templates, tenant_auth, tenant_data, tenants
 from monk.api.runtime import Runtime
 from monk.errors import ConfigError, MonkError
 from monk.settings import Settings
@@ -58,6 +58,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(tenant_auth.auth_router)
     app.include_router(tenant_auth.tenant_router)
     app.include_router(tenant_auth.users_router)
+    app.include_router(tenant_data.router)
     return app
 
 

@@ -137,7 +137,8 @@ RETRY_AFTER: dict[str, Any] = {
 _DESCRIPTIONS = {
     400: "Invalid name or argument",
     401: "Missing, invalid or expired token",
-    403: "Token without root access",
+    403: "Not allowed: a token without root access, a tenant user's access too low (or deny), "
+    "or a disabled tenant",
     404: "Not found",
     409: "Exists, or not in a state that allows it",
     410: "The tenant of this token was trashed or purged (TENANT_GONE)",

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from monk.adapters.postgres.connection import ServerTarget, translate
 from monk.api.auth import signing_secret
 from monk.errors import MonkError
-from monk.service import events, pool, purge, role_pool, tenant_auth, upgrades
+from monk.service import events, pool, purge, role_pool, tenant_auth, tenant_data, upgrades
 from monk.service.health import Recent, ServerProbe
 from monk.service.pipeline import Hosts
 from monk.service.server import Server
@@ -126,6 +126,7 @@ class Runtime:
         self.tenant_states = tenant_auth.TenantStates(
             self.tenants, ttl=settings.tenant_state_ttl_ms / 1000
         )
+        self.tenant_data = tenant_data.TenantData(self.tenants.hosts)
         self.login_policy = tenant_auth.LoginPolicy(
             max_failures=settings.login_max_failures, window=settings.login_failure_window
         )

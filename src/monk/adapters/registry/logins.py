@@ -65,13 +65,19 @@ class TenantState:
     status: str
     database: str
     host: str
+    # The template build the tenant is at (key:version:level): what its models are cached by.
+    build: str | None = None
 
 
 def tenant_state(conn: psycopg.Connection[Any], tenant_id: UUID) -> TenantState | None:
     """The tenant's current row (by id: a name can be reused after a purge)."""
     row = conn.execute(
-        "SELECT id, name, status, database, host FROM tenants WHERE id = %s", (tenant_id,)
+        "SELECT id, name, status, database, host,"
+        " coalesce(template_key, '') || ':' || coalesce(template_version, '') || ':'"
+        " || coalesce(migration_level::text, '')"
+        " FROM tenants WHERE id = %s",
+        (tenant_id,),
     ).fetchone()
     if row is None:
         return None
-    return TenantState(row[0], row[1], row[2], row[3], row[4])
+    return TenantState(row[0], row[1], row[2], row[3], row[4], row[5])
