@@ -12,14 +12,18 @@ the spare ready and no trace of the tenant.
 Spare states: creating -> ready (-> row deleted by the handout that consumes it). The creator
 holds the spare's advisory lock, so the reconciler can tell a live creation from a crash.
 
-Passwords of spares live only in the memory of the process that set them (never in the
-registry); the spare's ``keyholder`` column names that process. A handout names a spare whose
-password this process knows; under the name's lock (the provision's full path) it may also
-take any ready spare and give its role a fresh password (``ALTER ROLE … PASSWORD`` costs ~4 ms
-of server time: PostgreSQL checks every new secret against the empty password).
+A spare also holds the tenant's first user, ``root`` (access ``root``), its password generated
+and hashed (argon2id, ~80 ms of CPU) by the process that made it, in the step that connects to
+the spare: a warm handout answers that password and hashes nothing.
 
-``adopt`` gives spares of other (or departed) keyholders a password this process knows, ahead
-of time, so that a restarted server hands out its predecessor's spares without that cost.
+Secrets of spares (the role's password, the root user's) live only in the memory of the
+process that set them (never in the registry); the spare's ``keyholder`` column names that
+process. A handout names a spare whose secrets this process knows; under the name's lock (the
+provision's full path) it may also adopt a ready spare of another keyholder first
+(``adopt_one``: new passwords for its role and its root user).
+
+``adopt`` gives spares of departed keyholders secrets this process knows, ahead of time, so
+that a restarted server hands out its predecessor's spares on the fast path.
 """
 
 from __future__ import annotations
@@ -159,7 +163,7 @@ def _hand_out_one(
     """One ``hand_out_spare`` of the ``known`` (spare, secret). ``full``: on the full path,
     in a transaction with the checkpoint ``handout`` before its commit."""
     spare, secret = known
-    password, verifier = secret.password, None
+    password = secret.password
 
     def queue() -> psycopg.Cursor[Tenant]:
         return spares.queue_hand_out(
@@ -171,7 +175,7 @@ def _hand_out_one(
             idempotency_key=idempotency_key,
             keyholder=svc.instance_id,
             spare=spare,
-            verifier=verifier,
+            verifier=None,  # the password the keyholder set (``_take_over``, or the maker's)
             connection_limit=connection_limit,
         )
 

@@ -101,14 +101,3 @@ def put_root(conn: Conn, password_hash: str, *, async_commit: bool = False) -> b
     except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
         return False
     return True
-
-
-def has_root(conn: Conn) -> bool:
-    """Whether the database has a live ``root`` user with a password (the doctor's check)."""
-    if not has_password_column(conn):
-        return True  # a build older than tenant users: it cannot have one
-    row = conn.execute(
-        f"SELECT 1 FROM public.users WHERE auth = %s AND password_hash IS NOT NULL AND {_LIVE}",
-        (ROOT,),
-    ).fetchone()
-    return row is not None
