@@ -33,6 +33,7 @@ from monk.adapters.postgres.connection import (
     ServerTarget,
     connect,
     with_password,
+    with_scram_keys,
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant
@@ -321,15 +322,33 @@ class Hosts:
         target = self.target(name)
         with self._lock:
             budget = self._budgets.get(target.name)
+        if budget is not None:
+            return budget
+        keyed = self._with_scram_keys(target)
+        with self._lock:
+            budget = self._budgets.get(target.name)
             if budget is None:
                 limits = self._budget_limits
                 budget = self._budgets[target.name] = Budget(
-                    target,
+                    keyed,
                     host_connections=limits.host_connections,
                     tenant_connections=limits.tenant_connections,
                     wait_ms=limits.wait_ms,
                 )
             return budget
+
+    def _with_scram_keys(self, target: ServerTarget) -> ServerTarget:
+        """``target`` logging in with the admin's SCRAM keys where it can (libpq 18, the
+        verifier readable): a budget opens a connection for most requests once tenants outnumber
+        its slots, and the keys spare each one the password's PBKDF2 (4.2 ms a login against
+        10.8 ms, measured for fleet upgrades)."""
+        try:
+            with self.pools(target.name).admin() as adm:
+                verifier = admin.own_scram_verifier(adm)
+        except (MonkError, psycopg.Error) as exc:
+            log.info("budget of %s logs in with the password: %s", target.name, exc)
+            return target
+        return with_scram_keys(target, verifier)
 
     def budgets(self) -> list[Budget]:
         """The budgets made so far (for /metrics)."""
