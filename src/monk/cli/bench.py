@@ -89,6 +89,13 @@ def bench(
     requests: int = typer.Option(
         10_000, "--requests", min=10, help="With --data-plane: requests of each load."
     ),
+    host_connections: int = typer.Option(
+        40,
+        "--host-connections",
+        min=1,
+        max=90,
+        help="With --data-plane: MONK_HOST_CONNECTIONS of the monk serve measured.",
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -98,7 +105,7 @@ def bench(
     from monk.service.presence import refuse_beside_serve
 
     if data_plane:
-        _bench_data_plane(tenants or 300, clients, requests, json_file)
+        _bench_data_plane(tenants or 300, clients, requests, host_connections, json_file)
         return
     s = state()
     if upgrade:
@@ -189,13 +196,16 @@ def _bench_upgrade(tenants: int, levels: tuple[int, ...], json_file: Path | None
         console.print(f"wrote {json_file}")
 
 
-def _bench_data_plane(tenants: int, clients: int, requests: int, json_file: Path | None) -> None:
+def _bench_data_plane(
+    tenants: int, clients: int, requests: int, host_connections: int, json_file: Path | None
+) -> None:
     from monk.bench.data_plane import DataPlaneBench, DataPlaneConfig
 
     config = DataPlaneConfig(
         tenants=tenants,
         clients=clients,
         requests=requests,
+        host_connections=host_connections,
         naive_requests=max(min(requests // 3, 3_000), clients),
     )
     with _phase_bar({}) as progress:
