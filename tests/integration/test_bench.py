@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -343,3 +344,49 @@ def test_bench_move_measures_a_move_against_a_bare_copy_and_removes_what_it_made
     assert server_objects(admin_url) == before
     hosts = json.loads(monk("host", "list", "--json").stdout)
     assert [h["name"] for h in hosts] == [settings.host_name]
+
+
+@pytest.mark.slow
+def test_bench_data_plane_serves_many_tenants_within_the_budget_and_shows_the_naive_failing(
+    monk: RunMonk, tmp_path: Path
+) -> None:
+    """``monk bench --data-plane`` small: its own server (max_connections 100, removed after),
+    a real monk serve, 25 tenants and 8 clients; no errors through the budget, which holds the
+    data connections to MONK_HOST_CONNECTIONS; a pool per tenant (4 connections each: 100)
+    runs out of the server's 80 non-superuser slots."""
+    leftovers = set(Path(tempfile.gettempdir()).glob("monk-bench-data-*"))
+    out = tmp_path / "data-plane.json"
+    done = monk(
+        "bench",
+        "--data-plane",
+        "--tenants",
+        "25",
+        "--clients",
+        "8",
+        "--requests",
+        "300",
+        "--json",
+        str(out),
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["server"]["max_connections"] == 100
+    assert (result["tenants"], result["clients"], result["host_connections"]) == (25, 8, 40)
+    for load in ("many_tenants", "single_tenant"):
+        r = result[load]
+        assert (r["requests"], r["errors"]) == (300, 0), r
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["requests_per_s"] > 0
+        assert 0 < r["max_data_connections"] <= result["host_connections"], r
+        assert r["max_server_connections"] <= result["server"]["max_connections"]
+    assert result["ratio"] > 0
+    naive = result["naive"]
+    assert naive["pool_per_tenant"]["errors"] > 0, naive
+    assert {
+        "remaining connection slots are reserved",
+        "too many clients already",
+    } & set(naive["pool_per_tenant"]["error_kinds"]), naive
+    assert naive["connection_per_request"]["requests"] > 0
+    assert "many/one throughput" in done.stdout
+    assert set(Path(tempfile.gettempdir()).glob("monk-bench-data-*")) == leftovers

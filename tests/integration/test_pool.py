@@ -21,6 +21,7 @@ from monk.adapters.registry.locks import KEYHOLDER_LOCK_SPACE
 from monk.errors import DatabaseUnavailable, InvalidState, TenantExists
 from monk.service import doctor, pool, purge
 from monk.service import templates as template_service
+from monk.service.pipeline import SpareSecret
 from monk.service.presence import refuse_beside_serve
 from monk.service.tenants import TenantService
 from tests.conftest import MONK_BIN, settings_env
@@ -110,7 +111,7 @@ def test_fast_handout_is_one_committed_transaction(env: Env, drained: TenantServ
             idempotency_key=key,
         )
     assert handed is not None
-    tenant, password = handed
+    tenant, password, _root = handed
     assert (tenant.status, tenant.is_active, tenant.step) == ("active", True, "active")
     assert tenant.idempotency_key == key
     assert spare not in databases(env, "monk_spare_%")
@@ -140,7 +141,9 @@ def test_fast_handout_declines_what_it_must_not_serve(env: Env, drained: TenantS
 
     with TenantService(env.settings, env.target) as other:
         # another keyholder's spare: not served fast
-        other.spare_secrets.put("monk_spare_0000000000000000", "x", env.template, "localhost")
+        other.spare_secrets.put(
+            "monk_spare_0000000000000000", SpareSecret("x", None, env.template, "localhost")
+        )
         assert fast(other) is None
     # the name's lock held elsewhere: 'busy'
     with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as lock:
@@ -285,16 +288,33 @@ def test_a_new_process_adopts_spares_and_serves_them_fast(env: Env, drained: Ten
                 other, reg, name=name, host="localhost", template=env.template, idempotency_key=None
             )
         assert handed is not None
-        tenant, password = handed
+        tenant, password, root_password = handed
         with psycopg.connect(
             env.target.conninfo, dbname=tenant.database, user=tenant.role_name, password=password
         ) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
-    # The maker's remembered password is stale now: its handout issues a fresh one.
+        # The adopter gave the spare's root user a new password too, and answers it.
+        assert root_password is not None
+        assert root_password_works(env, tenant.database, root_password)
+    # The maker's remembered secrets are stale now: its handout adopts the spare again.
     view = drained.provision(unique("Stale"), template=env.template)
     assert view.provisioned_from == "pool"
     with psycopg.connect(view.as_dict()["connection_url"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert view.root_password is not None
+    assert root_password_works(env, view.tenant.database, view.root_password)
+
+
+def root_password_works(env: Env, database: str, password: str) -> bool:
+    """The tenant's ``root`` user (access root) checks against ``password``."""
+    from monk.core import passwords
+
+    with psycopg.connect(env.target.conninfo, dbname=database) as conn:
+        rows = conn.execute(
+            "SELECT access, password_hash FROM users WHERE auth = 'root'"
+            " AND trashed_at IS NULL AND deleted_at IS NULL"
+        ).fetchall()
+    return len(rows) == 1 and rows[0][0] == "root" and passwords.verify(rows[0][1], password)
 
 
 def test_one_presence_lock_says_keyholder_and_serving(env: Env, drained: TenantService) -> None:

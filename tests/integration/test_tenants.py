@@ -80,7 +80,8 @@ def test_provision_gives_a_working_isolated_database(env: Env, svc: TenantServic
         ).fetchone()
         assert db_owner == (out["database"],)
         conn.execute("ALTER TABLE account ADD COLUMN tenant_note text")
-        conn.execute("INSERT INTO users (name, auth, access) VALUES ('root', 'root', 'root')")
+        # the provision made root; the tenant's role may add users of its own
+        conn.execute("INSERT INTO users (name, auth, access) VALUES ('alice', 'alice', 'full')")
         conn.commit()
     # its role reaches nothing else: the system database, the template, another tenant
     other = svc.provision(unique("Other"), template=env.template).as_dict()

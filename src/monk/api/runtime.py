@@ -206,8 +206,8 @@ class Runtime:
         self.metrics.server_restarts.labels("ok" if ok else "failed").inc()
 
     def start(self) -> None:
-        # Root passwords hashed ahead: a warm provision does not wait for argon2.
-        tenant_auth.stock_root_passwords(4)
+        # Root passwords hashed ahead: a cold provision does not wait for argon2 either.
+        tenant_auth.warm_up(self.tenants, 4)
         try:
             # The keyholder lock's session, named as a serve's: monk bench refuses beside it.
             self.tenants.presence.serve()
@@ -242,8 +242,7 @@ class Runtime:
         pool refiller is woken when it took a spare, or when the spare roles run low."""
         started = time.perf_counter()
         try:
-            view = tenant_auth.provision(
-                self.tenants,
+            view = self.tenants.provision(
                 name,
                 root_password=root_password,
                 template=template,

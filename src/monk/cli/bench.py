@@ -65,8 +65,13 @@ def bench(
         help="Measure a fleet upgrade instead: N tenants, one migration per build, at each "
         "--parallel level, a no-op run, and a one-by-one loop over fresh connections.",
     ),
-    tenants: int = typer.Option(
-        200, "--tenants", min=1, max=100_000, help="With --upgrade: tenants to upgrade."
+    tenants: int | None = typer.Option(
+        None,
+        "--tenants",
+        min=1,
+        max=100_000,
+        help="With --upgrade: tenants to upgrade (default 200); with --data-plane: tenants "
+        "served (default 300).",
     ),
     parallel: str = typer.Option(
         "1,2,4,8", "--parallel", help="With --upgrade: the parallelism levels to measure."
@@ -85,6 +90,26 @@ def bench(
     ),
     size_mb: int = typer.Option(50, "--size-mb", min=1, max=10_000, help="With --move."),
     rounds: int = typer.Option(4, "--rounds", min=1, max=100, help="With --move: moves."),
+    data_plane: bool = typer.Option(
+        False,
+        "--data-plane",
+        help="Measure the tenant data API instead: --tenants databases behind one connection "
+        "budget on a dedicated server (max_connections 100), --clients concurrent clients of "
+        "a real monk serve; beside it one tenant alone, and the naive designs.",
+    ),
+    clients: int = typer.Option(
+        64, "--clients", min=1, max=512, help="With --data-plane: concurrent HTTP clients."
+    ),
+    requests: int = typer.Option(
+        10_000, "--requests", min=10, help="With --data-plane: requests of each load."
+    ),
+    host_connections: int = typer.Option(
+        40,
+        "--host-connections",
+        min=1,
+        max=90,
+        help="With --data-plane: MONK_HOST_CONNECTIONS of the monk serve measured.",
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -93,9 +118,12 @@ def bench(
     from monk.bench.runner import Bench, BenchConfig
     from monk.service.presence import refuse_beside_serve
 
+    if data_plane:
+        _bench_data_plane(tenants or 300, clients, requests, host_connections, json_file)
+        return
     s = state()
     if upgrade:
-        _bench_upgrade(tenants, parse_concurrency(parallel), json_file)
+        _bench_upgrade(tenants or 200, parse_concurrency(parallel), json_file)
         return
     if remote:
         _bench_remote(template, iterations, json_file)
@@ -243,6 +271,47 @@ def _bench_move(size_mb: int, rounds: int, json_file: Path | None) -> None:
         console.print(
             f"    {r['from']} -> {r['to']}: bare {r['bare_copy_s']:.3f} s, downtime "
             f"{r['downtime_s']:.3f} s (client {r['client_downtime_s']}), total {r['total_s']:.3f} s"
+        )
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def _bench_data_plane(
+    tenants: int, clients: int, requests: int, host_connections: int, json_file: Path | None
+) -> None:
+    from monk.bench.data_plane import DataPlaneBench, DataPlaneConfig
+
+    config = DataPlaneConfig(
+        tenants=tenants,
+        clients=clients,
+        requests=requests,
+        host_connections=host_connections,
+        naive_requests=max(min(requests // 3, 3_000), clients),
+    )
+    with _phase_bar({}) as progress:
+        result = DataPlaneBench(config, progress=progress).run()
+    srv = result["server"]
+    console.print(
+        f"data plane: {tenants} tenants, {clients} clients, {requests} requests per load, "
+        f"PostgreSQL {srv['version']} with max_connections {srv['max_connections']}, "
+        f"MONK_HOST_CONNECTIONS {result['host_connections']}"
+    )
+    for label, key in (("many tenants", "many_tenants"), ("one tenant", "single_tenant")):
+        r = result[key]
+        console.print(
+            f"  {label}: {r['errors']} errors, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+            f"{r['requests_per_s']} requests/s, at most {r['max_server_connections']} server "
+            f"connections ({r['max_data_connections']} of them data)"
+            + (f" {r['error_kinds']}" if r["errors"] else "")
+        )
+    console.print(f"  many/one throughput: {result['ratio']} (target >= 0.7)")
+    for design, r in result["naive"].items():
+        console.print(
+            f"  naive, {design.replace('_', ' ')}: {r['errors']} errors of {r['requests']}, "
+            f"p50 {r['p50_ms']} ms, {r['requests_per_s']} requests/s, at most "
+            f"{r['max_server_connections']} server connections"
+            + (f" {r['error_kinds']}" if r["errors"] else "")
         )
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")

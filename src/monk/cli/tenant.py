@@ -105,13 +105,10 @@ def create(
         )
         return
     assert name is not None
-    from monk.service import tenant_auth
-
     root_password = _read_password() if root_password_stdin else None
     svc = state().tenants
     provision = functools.partial(
-        tenant_auth.provision,
-        svc,
+        svc.provision,
         name,
         root_password=root_password,
         template=template,
@@ -176,13 +173,9 @@ def _create_many(
             except MonkError as exc:  # each name then reports what is wrong
                 err_console.print(f"[red]{exc.code}[/red]: {escape(str(exc))}")
 
-        from monk.service import tenant_auth
-
         def one(raw: str) -> dict[str, Any]:
             try:
-                out = tenant_auth.provision(
-                    svc, raw, template=template, host=host, placement=labels
-                ).as_dict()
+                out = svc.provision(raw, template=template, host=host, placement=labels).as_dict()
                 return {
                     "name": raw,
                     "ok": True,

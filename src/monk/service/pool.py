@@ -12,14 +12,18 @@ the spare ready and no trace of the tenant.
 Spare states: creating -> ready (-> row deleted by the handout that consumes it). The creator
 holds the spare's advisory lock, so the reconciler can tell a live creation from a crash.
 
-Passwords of spares live only in the memory of the process that set them (never in the
-registry); the spare's ``keyholder`` column names that process. A handout names a spare whose
-password this process knows; under the name's lock (the provision's full path) it may also
-take any ready spare and give its role a fresh password (``ALTER ROLE … PASSWORD`` costs ~4 ms
-of server time: PostgreSQL checks every new secret against the empty password).
+A spare also holds the tenant's first user, ``root`` (access ``root``), its password generated
+and hashed (argon2id, ~80 ms of CPU) by the process that made it, in the step that connects to
+the spare: a warm handout answers that password and hashes nothing.
 
-``adopt`` gives spares of other (or departed) keyholders a password this process knows, ahead
-of time, so that a restarted server hands out its predecessor's spares without that cost.
+Secrets of spares (the role's password, the root user's) live only in the memory of the
+process that set them (never in the registry); the spare's ``keyholder`` column names that
+process. A handout names a spare whose secrets this process knows; under the name's lock (the
+provision's full path) it may also adopt a ready spare of another keyholder first
+(``adopt_one``: new passwords for its role and its root user).
+
+``adopt`` gives spares of departed keyholders secrets this process knows, ahead of time, so
+that a restarted server hands out its predecessor's spares on the fast path.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from uuid import UUID, uuid4
 import psycopg
 
 from monk.adapters import registry
-from monk.adapters.postgres import admin
-from monk.adapters.postgres.connection import translate
+from monk.adapters.postgres import admin, tenant_users
+from monk.adapters.postgres.connection import connect, translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, spares
 from monk.adapters.registry import tenants as tenant_registry
@@ -42,7 +46,7 @@ from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram
 from monk.core.tenant_names import TenantName
 from monk.errors import InvalidState, MonkError
-from monk.service.pipeline import Pipeline
+from monk.service.pipeline import Pipeline, RootPassword, SpareSecret
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,15 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                     build = cloned
                     spares.set_version(reg, spare_id, build.version)
                 svc.checkpoint("spare-cloned")
-                level = svc.migrate(pools.target, name, build)
+                # The refiller's thread pays for the root user's hash, never a handout.
+                root_password, root_hash = svc.root_passwords.take()
+                level, rooted = svc.prepare(
+                    pools.target,
+                    name,
+                    build,
+                    root_hash,
+                    async_commit=svc.registry_shares_server(pools),
+                )
                 limit = svc.settings.tenant_connection_limit
                 if pools.keeps_registry:
                     role = svc.create_role(reg, name, login=False)
@@ -89,7 +101,15 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                     # A host of the fleet: the same steps, run there (monk's functions).
                     role = svc.create_remote_role(pools, name, login=False)
                     svc.configure_remote(pools, name, name, build.database_settings, limit)
-                svc.spare_secrets.put(name, role.password, build.key, pools.target.name)
+                svc.spare_secrets.put(
+                    name,
+                    SpareSecret(
+                        role.password,
+                        root_password if rooted else None,
+                        build.key,
+                        pools.target.name,
+                    ),
+                )
                 spares.mark_ready(reg, spare_id, level)
             except BaseException:
                 _drop_spare(pools, name)
@@ -116,11 +136,12 @@ def hand_out(
     idempotency_key: str | None,
     connection_limit: int | None = None,
     any_spare: bool = False,
-) -> tuple[Tenant, str] | None:
+) -> tuple[Tenant, str, str | None] | None:
     """Hand a ready spare of the template's current build out as the tenant (see the module's
-    docstring): first one whose password this process knows, then, with ``any_spare``, any
-    (with a fresh password). Returns (tenant, password), or None when no spare was handed out
-    (none ready, or the name busy or taken: the caller's full path knows what to answer)."""
+    docstring): first one whose secrets this process knows, then, with ``any_spare``, one of
+    another keyholder, adopted first (``adopt_one``: new secrets). Returns (tenant, role
+    password, root user's password), or None when no spare was handed out (none ready, or the
+    name busy or taken: the caller's full path knows what to answer)."""
     picked = svc.spare_secrets.take_for(template, host)
     if picked is not None:
         handed = _hand_out_one(
@@ -130,7 +151,12 @@ def hand_out(
             return handed
     elif not any_spare:
         return None
-    return _hand_out_one(svc, reg, name, host, template, idempotency_key, connection_limit, None)
+    adopted = adopt_one(svc, reg, host, template)
+    if adopted is None:
+        return None
+    return _hand_out_one(
+        svc, reg, name, host, template, idempotency_key, connection_limit, adopted, full=True
+    )
 
 
 def hand_out_remote(
@@ -144,18 +170,21 @@ def hand_out_remote(
     connection_limit: int | None = None,
     have_lock: bool = False,
     any_spare: bool = False,
-) -> tuple[Tenant, str] | None:
+) -> tuple[Tenant, str, str | None] | None:
     """The warm handout on a host of the fleet, where ``hand_out_spare`` cannot rename (its
     renames are on the registry's server): the name reserved (intent, journal), a ready spare
     of ``build`` claimed for it in the registry, renamed into the tenant's database and role
     on the host (``rename_spare_into``, monk's function there), then the tenant activated and
     the spare's row deleted in one transaction. A failure undoes it all (the intent's undo
-    drops the claimed spare too); so does the reconciler after a crash. Returns (tenant,
-    password), or None with nothing written (no spare of this process ready, ``any_spare``:
-    none at all; the name busy or taken)."""
+    drops the claimed spare too); so does the reconciler after a crash. ``any_spare``: with
+    none of this process ready, another keyholder's is adopted first (``adopt_one``). Returns
+    (tenant, role password, root user's password), or None with nothing written (no spare
+    ready; the name busy or taken)."""
     host = pools.target.name
     picked = svc.spare_secrets.take_for(build.key, host)
-    if picked is None and not any_spare:
+    if picked is None and any_spare:
+        picked = adopt_one(svc, reg, host, build.key)
+    if picked is None:
         return None
     intent = svc.reserve(
         reg,
@@ -169,8 +198,7 @@ def hand_out_remote(
         spares_ok=True,
     )
     if intent is None:
-        if picked is not None:
-            svc.spare_secrets.put(picked[0], picked[1], build.key, host)
+        svc.spare_secrets.put(*picked)
         return None
     tenant = intent.tenant
     try:
@@ -180,15 +208,11 @@ def hand_out_remote(
             template_key=build.key,
             template_version=build.version,
             tenant_id=tenant.id,
-            database=picked[0] if picked is not None else None,
+            database=picked[0],
         )
         if claimed is None:
             raise _NoSpare
-        if picked is not None:
-            password, verifier = picked[1], None
-        else:
-            password = scram.generate_password()
-            verifier = svc.verifier(password)
+        password = picked[1].password
         svc.checkpoint("claimed")
         with pools.admin() as adm:
             admin.rename_spare_into(
@@ -197,7 +221,7 @@ def hand_out_remote(
                 claimed.database,
                 database=name.database,
                 role=name.role,
-                verifier=verifier,
+                verifier=None,  # the password the keyholder set (``_take_over``, or the maker's)
                 connection_limit=connection_limit,
             )
         svc.checkpoint("renamed")
@@ -236,7 +260,7 @@ def hand_out_remote(
         if isinstance(exc, _NoSpare):
             return None
         raise
-    return done, password
+    return done, password, picked[1].root_password
 
 
 class _NoSpare(Exception):
@@ -251,15 +275,14 @@ def _hand_out_one(
     template: str,
     idempotency_key: str | None,
     connection_limit: int | None,
-    known: tuple[str, str] | None,
-) -> tuple[Tenant, str] | None:
-    """One ``hand_out_spare``: of the ``known`` (spare, password), else of the oldest ready
-    spare, given a new password."""
-    if known is not None:
-        spare, password, verifier = known[0], known[1], None
-    else:
-        spare, password = None, scram.generate_password()
-        verifier = svc.verifier(password)
+    known: tuple[str, SpareSecret],
+    *,
+    full: bool = False,
+) -> tuple[Tenant, str, str | None] | None:
+    """One ``hand_out_spare`` of the ``known`` (spare, secret). ``full``: on the full path,
+    in a transaction with the checkpoint ``handout`` before its commit."""
+    spare, secret = known
+    password = secret.password
 
     def queue() -> psycopg.Cursor[Tenant]:
         return spares.queue_hand_out(
@@ -271,12 +294,12 @@ def _hand_out_one(
             idempotency_key=idempotency_key,
             keyholder=svc.instance_id,
             spare=spare,
-            verifier=verifier,
+            verifier=None,  # the password the keyholder set (``_take_over``, or the maker's)
             connection_limit=connection_limit,
         )
 
     try:
-        if known is not None:
+        if not full:
             # The hot path: one statement, its own transaction, one round trip.
             cur = queue()
         else:
@@ -289,16 +312,16 @@ def _hand_out_one(
         dropped = None
         if isinstance(exc, psycopg.Error) and not (reg.broken or reg.closed):
             dropped = _drop_if_broken(svc, reg, host, template, spare, exc)
-        if spare is not None and dropped is None:
-            svc.spare_secrets.put(spare, password, template, host)
+        if dropped is None:
+            svc.spare_secrets.put(spare, secret)
         raise
     if tenant is None:
         # Declined: keep the password only if the spare is still ready and ours (not if another
         # process took it, or a drain or a rebuild dropped it).
-        if spare is not None and spares.is_ready_and_held_by(reg, host, spare, svc.instance_id):
-            svc.spare_secrets.put(spare, password, template, host)
+        if spares.is_ready_and_held_by(reg, host, spare, svc.instance_id):
+            svc.spare_secrets.put(spare, secret)
         return None
-    return tenant, password
+    return tenant, password, secret.root_password
 
 
 def _drop_if_broken(
@@ -306,14 +329,13 @@ def _drop_if_broken(
     reg: psycopg.Connection[Any],
     host: str,
     template: str,
-    spare: str | None,
+    spare: str,
     failure: psycopg.Error,
 ) -> str | None:
-    """After a failed handout: the spare it was for (``spare``, else the oldest ready one, which
-    ``hand_out_spare`` takes first), dropped with its row at once if it is broken (its database
-    or its role gone, or the database invalid), so that no later provision tries it again and
-    the doctor finds nothing. Returns its name when dropped; a spare that is whole (the failure
-    was elsewhere) stays."""
+    """After a failed handout: the spare it was for (``spare``), dropped with its row at once if
+    it is broken (its database or its role gone, or the database invalid), so that no later
+    provision tries it again and the doctor finds nothing. Returns its name when dropped; a
+    spare that is whole (the failure was elsewhere) stays."""
     pools = svc.hosts.pools(host)
     try:
         with reg.transaction():
@@ -385,10 +407,11 @@ def retire_stale(svc: Pipeline, key: str, *, host: str | None = None) -> int:
 
 
 def adopt(svc: Pipeline, *, host: str | None = None) -> int:
-    """Give each ready spare whose keyholder is gone (a process that ended, or was killed) a
-    fresh password, under its row lock, and become its keyholder; returns how many. Run once
-    when a server starts: the spares its predecessor made are then served on the fast path.
-    Spares of a live keyholder (another server on this system database) stay its own."""
+    """Give each ready spare whose keyholder is gone (a process that ended, or was killed) new
+    secrets (``_take_over``), under its row lock, and become its keyholder; returns how many.
+    Run once when a server starts: the spares its predecessor made are then served on the
+    fast path. Spares of a live keyholder (another server on this system database) stay its
+    own."""
     pools = svc.hosts.pools(host)
     svc.hold_keyholder_lock()
     with pools.system() as reg:
@@ -397,28 +420,86 @@ def adopt(svc: Pipeline, *, host: str | None = None) -> int:
         return 0
     adopted = 0
     while True:
+        root = svc.root_passwords.take()
         with pools.system() as reg, reg.transaction():
             orphan = spares.pick_ready(
                 reg, pools.target.name, keyholders=[k for k in dead if k is not None]
             )
             if orphan is None:
+                svc.root_passwords.give_back(*root)
                 return adopted
-            database = orphan.database
-            password = scram.generate_password()
-            verifier = svc.verifier(password)
-            limit = svc.settings.tenant_connection_limit
-            if pools.keeps_registry:
-                admin.set_role_password(reg, database, password_verifier=verifier)
-                # The fast handout keeps the spare role's limit: this process's default.
-                admin.set_role_connection_limit(reg, database, limit)
-            else:
-                with pools.admin() as adm:
-                    admin.set_role_password(adm, database, password_verifier=verifier)
-                    admin.set_role_connection_limit(adm, database, limit)
-            spares.set_keyholder(reg, orphan.id, svc.instance_id)
-            # Before the commit: a handout that sees us as keyholder finds the password.
-            svc.spare_secrets.put(database, password, orphan.template_key, pools.target.name)
+            try:
+                _take_over(svc, reg, pools, orphan, root)
+            except BaseException:
+                svc.spare_secrets.take(orphan.database)  # rolled back: not its secrets
+                raise
         adopted += 1
+
+
+def adopt_one(
+    svc: Pipeline, reg: psycopg.Connection[Any], host: str, template: str
+) -> tuple[str, SpareSecret] | None:
+    """One ready spare of ``template`` held by another keyholder (live or not), adopted for a
+    handout on the full path: (database, its new secrets), or None when there is none.
+
+    The keyholder changes first, in a transaction of its own: from then on the former
+    keyholder's fast path declines it (``hand_out_spare`` checks the keyholder), so the root
+    user's new hash can never reach a tenant whose answer carries the former password. A crash
+    after that leaves a spare of a dead keyholder, adopted again by the next process."""
+    pools = svc.hosts.pools(host)
+    svc.hold_keyholder_lock()
+    with reg.transaction():
+        row = spares.pick_ready(reg, host, template_key=template, not_keyholder=svc.instance_id)
+        if row is None:
+            return None
+        spares.set_keyholder(reg, row.id, svc.instance_id)
+    root = svc.root_passwords.take()  # this rare path may hash on the request
+    try:
+        with reg.transaction():
+            mine = spares.pick_ready(reg, host, database=row.database, keyholders=[svc.instance_id])
+            if mine is None:
+                svc.root_passwords.give_back(*root)
+                return None  # adopted again by another process meanwhile
+            _take_over(svc, reg, pools, mine, root)
+    except BaseException:
+        svc.spare_secrets.take(row.database)  # rolled back: not the spare's secrets
+        raise
+    secret = svc.spare_secrets.take(row.database)
+    return None if secret is None else (row.database, secret)
+
+
+def _take_over(
+    svc: Pipeline,
+    reg: psycopg.Connection[Any],
+    pools: ServerPools,
+    row: spares.PickedSpare,
+    root: RootPassword,
+) -> None:
+    """New secrets for a spare whose row the caller's transaction holds locked: its role's
+    password, its root user's hash (on a connection to the spare), this process its
+    keyholder. A rollback after the root user's change leaves a keyholder that is no longer
+    alive, or this process without the secrets: either way the spare is taken over again
+    before it is handed out."""
+    database = row.database
+    password = scram.generate_password()
+    verifier = svc.verifier(password)
+    # The fast handout keeps the spare role's limit: this process's default.
+    limit = svc.settings.tenant_connection_limit
+    if pools.keeps_registry:
+        admin.set_role_password(reg, database, password_verifier=verifier)
+        admin.set_role_connection_limit(reg, database, limit)
+    else:
+        with pools.admin() as adm:
+            admin.set_role_password(adm, database, password_verifier=verifier)
+            admin.set_role_connection_limit(adm, database, limit)
+    with connect(pools.target, database, autocommit=True, purpose="prepare") as conn:
+        rooted = tenant_users.put_root(conn, root[1].result())
+    spares.set_keyholder(reg, row.id, svc.instance_id)
+    # Before the commit: a handout that sees us as keyholder finds the secrets.
+    svc.spare_secrets.put(
+        database,
+        SpareSecret(password, root[0] if rooted else None, row.template_key, pools.target.name),
+    )
 
 
 def refill(svc: Pipeline) -> None:

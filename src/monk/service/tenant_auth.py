@@ -9,12 +9,9 @@ else: the system database only counts failed logins (``login_failures``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import shlex
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,14 +32,12 @@ from monk.errors import (
     InvalidState,
     LoginFailed,
     LoginThrottled,
-    MonkError,
     NotFound,
-    OperationFailed,
     TenantDisabled,
     TenantExists,
     TenantGone,
 )
-from monk.service.tenants import TenantService, TenantView
+from monk.service.tenants import TenantService
 
 ROOT_USER = "root"
 
@@ -132,96 +127,13 @@ def insert_user(
 # --------------------------------------------------------------------------- the root user
 
 
-_hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="monk-argon2")
-
-
-class _Stock:
-    """Generated root passwords with their hashes made ahead, in this process's memory only
-    (never written anywhere): a provision that generates its root password takes a ready pair
-    instead of paying for argon2 on its critical path. Refilled on a side thread after each
-    take, up to ``size``."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._ready: list[tuple[str, str]] = []
-        self._pending = 0
-
-    def take(self) -> tuple[str, str] | None:
-        with self._lock:
-            pair = self._ready.pop() if self._ready else None
-        self.refill()
-        return pair
-
-    def refill(self) -> None:
-        with self._lock:
-            missing = self.size - len(self._ready) - self._pending
-            self._pending += max(missing, 0)
-        for _ in range(max(missing, 0)):
-            _hashing.submit(self._make)
-
-    def _make(self) -> None:
-        password = passwords.generate_password()
-        pair = (password, passwords.hash_password(password))
-        with self._lock:
-            self._pending -= 1
-            self._ready.append(pair)
-
-
-_stock = _Stock(size=0)
-
-
-def stock_root_passwords(size: int) -> None:
-    """Keep ``size`` generated root passwords hashed ahead (``monk serve``: the warm path)."""
-    _stock.size = size
-    _stock.refill()
-    # The dummy hash an unknown tenant or user is checked against, made before the first such
-    # login: else that one login would pay for two hashes, and stand out.
-    _hashing.submit(passwords.burn, "")
-
-
-def hash_ahead(password: str | None) -> tuple[str, Future[str]]:
-    """The root password (given, or generated) and its hash: one made ahead if there is one,
-    else computed on a side thread while the provision runs (argon2-cffi releases the GIL)."""
-    if password is None:
-        pair = _stock.take()
-        if pair is not None:
-            done: Future[str] = Future()
-            done.set_result(pair[1])
-            return pair[0], done
-    password = passwords.validate_password(password) if password is not None else None
-    password = password or passwords.generate_password()
-    return password, _hashing.submit(passwords.hash_password, password)
-
-
-def create_root(svc: TenantService, tenant: Tenant, password_hash: str) -> None:
-    """The first user of a provisioned tenant: ``root`` with access ``root``."""
-    with _tenant_db(svc, tenant) as conn:
-        insert_user(conn, tenant, ROOT_USER, "root", password_hash)
-
-
-def provision(
-    svc: TenantService, raw_name: str, *, root_password: str | None = None, **options: Any
-) -> TenantView:
-    """``TenantService.provision``, then the tenant's ``root`` user; its password (given, or
-    generated) is in the answer once. The hash is made while the provision runs. If the user
-    cannot be made the tenant stays (undoing a provision is a purge) and the error says how to
-    add the user."""
-    password, hashed = hash_ahead(root_password)
-    view = svc.provision(raw_name, **options)
-    if view.replayed:
-        hashed.cancel()
-        return view
-    try:
-        create_root(svc, view.tenant, hashed.result())
-    except MonkError as exc:
-        raise OperationFailed(
-            f"tenant {view.tenant.name!r} was provisioned but its root user could not be "
-            f"made ({exc.message}); add it with: monk tenant user add "
-            f"{shlex.quote(view.tenant.name)} root --access root",
-            step="root_user",
-        ) from exc
-    return dataclasses.replace(view, root_password=password)
+def warm_up(svc: TenantService, root_passwords: int) -> None:
+    """``monk serve``: keep ``root_passwords`` generated root passwords hashed ahead (for cold
+    provisions; a spare carries its own root user), and make the dummy hash an unknown tenant
+    or user is checked against before the first such login (else that login would pay for two
+    hashes, and stand out)."""
+    svc.root_passwords.keep(root_passwords)
+    svc.root_passwords.hashing().submit(passwords.burn, "")
 
 
 # --------------------------------------------------------------------------- user management

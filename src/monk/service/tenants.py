@@ -62,6 +62,7 @@ from monk.service.pipeline import (
     Hosts,
     Intent,
     Pipeline,
+    RootPassword,
     TenantView,
     describe,
     validate_connection_limit,
@@ -111,6 +112,7 @@ class TenantService(Pipeline):
         idempotency_key: str | None = None,
         connection_limit: int | None = None,
         placement: Mapping[str, str] | None = None,
+        root_password: str | None = None,
     ) -> TenantView:
         """Provision a tenant: its database cloned from the current build of ``template`` (or a
         spare of it), its role, configured and active.
@@ -119,7 +121,13 @@ class TenantService(Pipeline):
         (``replayed``, without the password, which was shown once), and the key with other
         parameters is refused (IdempotencyKeyReused).
 
-        ``connection_limit``: its role's own (None: ``MONK_TENANT_CONNECTION_LIMIT``)."""
+        ``connection_limit``: its role's own (None: ``MONK_TENANT_CONNECTION_LIMIT``).
+
+        Every provision makes the tenant's first user, ``root`` (access ``root``), and answers
+        its password once (``root_password``, the caller's, or generated). A spare carries its
+        root user from when it was made, so a warm handout hashes nothing; a caller's password
+        is hashed while a clone runs (a provision with one is always cold: its user is written
+        by the step that connects to the new database, before the activation)."""
         name = self.name(raw_name)
         validate_template_key(template)
         labels = dict(sorted((placement or {}).items()))
@@ -137,13 +145,15 @@ class TenantService(Pipeline):
         if labels:
             request["placement"] = labels
         validate_connection_limit(connection_limit)
+        # Validated before anything is written; hashed meanwhile.
+        root = self.root_passwords.take(root_password) if root_password is not None else None
         with pools.system() as reg:
             if idempotency_key is None:
-                return self._provision(reg, pools, name, template, None, connection_limit)
+                return self._provision(reg, pools, name, template, None, connection_limit, root)
             recorded = self._remember_key(reg, idempotency_key, request)
             try:
                 return self._provision(
-                    reg, pools, name, template, idempotency_key, connection_limit
+                    reg, pools, name, template, idempotency_key, connection_limit, root
                 )
             except MonkError:
                 # Nothing was made: the key may name a corrected request next time.
@@ -201,13 +211,16 @@ class TenantService(Pipeline):
         template: str,
         idempotency_key: str | None,
         connection_limit: int | None,
+        root: RootPassword | None = None,
     ) -> TenantView:
         """The pipeline (see the module's docstring). Two tries of one round trip each, then the
-        full path under the name's lock, which knows what to answer in every case."""
+        full path under the name's lock, which knows what to answer in every case. ``root``:
+        the caller's root password and its hash (then no spare: its root user has another)."""
         # Warm: a spare whose password this process knows, handed out in one statement.
-        warm = self._warm(reg, pools, name, template, idempotency_key, connection_limit)
-        if warm is not None:
-            return warm
+        if root is None:
+            warm = self._warm(reg, pools, name, template, idempotency_key, connection_limit)
+            if warm is not None:
+                return warm
         # Cold: the name reserved in one statement, its lock taken inside.
         build = self._known_build(template, pools, reg)
         intent = None
@@ -232,7 +245,7 @@ class TenantService(Pipeline):
                     if idempotency_key is not None and existing.idempotency_key == idempotency_key:
                         return self.view(existing, replayed=True)
                     raise registry.exists_error(reg, name)
-                if spares_ready:
+                if spares_ready and root is None:
                     warm = self._warm(
                         reg,
                         pools,
@@ -249,7 +262,7 @@ class TenantService(Pipeline):
                 intent = self._reserve(reg, pools, name, build, idempotency_key, have_lock=True)
                 assert intent is not None
             assert build is not None
-            return self._cold(reg, pools, name, build, intent, lock, connection_limit)
+            return self._cold(reg, pools, name, build, intent, lock, connection_limit, root)
         finally:
             if lock.held:
                 registry.unlock(reg, name.database)
@@ -314,9 +327,14 @@ class TenantService(Pipeline):
             return None
         if handed is None:
             return None
-        tenant, password = handed
+        tenant, password, root_password = handed
         log.info("provisioned %s as %s from the warm pool", name.display, name.database)
-        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
+        return self.view(
+            tenant,
+            Credentials(name.role, password),
+            provisioned_from="pool",
+            root_password=root_password,
+        )
 
     def _warm_remote(
         self,
@@ -346,14 +364,19 @@ class TenantService(Pipeline):
         )
         if handed is None:
             return None
-        tenant, password = handed
+        tenant, password, root_password = handed
         log.info(
             "provisioned %s as %s from the warm pool of %s",
             name.display,
             name.database,
             pools.target.name,
         )
-        return self.view(tenant, Credentials(name.role, password), provisioned_from="pool")
+        return self.view(
+            tenant,
+            Credentials(name.role, password),
+            provisioned_from="pool",
+            root_password=root_password,
+        )
 
     def _reserve(
         self,
@@ -386,11 +409,15 @@ class TenantService(Pipeline):
         intent: Intent,
         lock: _HeldLock,
         connection_limit: int | None = None,
+        root: RootPassword | None = None,
     ) -> TenantView:
         """Obtain the database (a clone) and the role (the spare role the reservation renamed
-        in, else a new one, made while the clone runs), migrate, then configure and activate
-        in one round trip, behind a reserved name (lock held); any failure undoes it all."""
+        in, else a new one, made while the clone runs), prepare it (migrate, the root user),
+        then configure and activate in one round trip, behind a reserved name (lock held); any
+        failure undoes it all."""
         tenant, op, template_in_use = intent.tenant, intent.op, intent.template_in_use
+        # Hashed ahead, or now on a side thread while the clone runs.
+        root_password, root_hash = root or self.root_passwords.take()
         self.checkpoint("intent")
         role_limit = connection_limit or self.settings.tenant_connection_limit
         step = "clone"
@@ -433,12 +460,18 @@ class TenantService(Pipeline):
             credentials = role_job.result()
             build = cloned
             self.checkpoint("cloned")
-            step = "migrate"
+            step = "prepare"
             if self.pending_migrations(build):
                 # Long work follows: journal how far we got (informational: any crash before
                 # activation is undone whole, whatever the step).
                 registry.set_step(reg, tenant.id, "cloned")
-            level = self.migrate(pools.target, name.database, build)
+            level, rooted = self.prepare(
+                pools.target,
+                name.database,
+                build,
+                root_hash,
+                async_commit=self.registry_shares_server(pools),
+            )
             self.checkpoint("migrated")
             self.checkpoint("role")
             step = "configure"
@@ -495,7 +528,12 @@ class TenantService(Pipeline):
         log.info(
             "provisioned %s as %s from %s@%s", name.display, name.database, build.key, build.version
         )
-        return self.view(tenant, credentials, provisioned_from="clone")
+        return self.view(
+            tenant,
+            credentials,
+            provisioned_from="clone",
+            root_password=root_password if rooted else None,
+        )
 
     def repair(self, reg: psycopg.Connection[Any], pools: ServerPools, tenant: Tenant) -> str:
         """Finish or undo the crashed operation of ``tenant`` (caller holds its lock)."""

@@ -87,3 +87,25 @@ def set_password(conn: Conn, auth: str, password_hash: str) -> bool:
 def remove(conn: Conn, auth: str) -> bool:
     cur = conn.execute("DELETE FROM public.users WHERE auth = %s", (auth,))
     return cur.rowcount > 0
+
+
+ROOT = "root"
+
+
+def put_root(conn: Conn, password_hash: str, *, async_commit: bool = False) -> bool:
+    """The ``root`` user (access ``root``) with ``password_hash``: made, or its hash replaced (a
+    spare adopted by another process gets a new one), in one transaction. False when the
+    database predates tenant users (no ``users.password_hash``): nothing written."""
+    try:
+        with conn.transaction():
+            if async_commit:
+                conn.execute("SET LOCAL synchronous_commit = off")
+            conn.execute(
+                "INSERT INTO public.users (name, auth, access, password_hash)"
+                " VALUES (%(root)s, %(root)s, 'root', %(hash)s) ON CONFLICT (auth) DO UPDATE"
+                " SET password_hash = excluded.password_hash, access = 'root'",
+                {"root": ROOT, "hash": password_hash},
+            )
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
+        return False
+    return True

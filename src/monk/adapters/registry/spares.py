@@ -122,12 +122,14 @@ def pick_ready(
     template_key: str | None = None,
     not_version: str | None = None,
     keyholders: list[UUID] | None = None,
+    not_keyholder: UUID | None = None,
     database: str | None = None,
     exclude: Sequence[UUID] = (),
 ) -> PickedSpare | None:
     """The oldest ready spare of ``host`` (of ``template_key``; not of ``not_version``; whose
-    keyholder is one of ``keyholders`` or none; named ``database``; not one of ``exclude``),
-    locked for the caller's transaction (SKIP LOCKED: two callers never pick the same)."""
+    keyholder is one of ``keyholders`` or none; whose keyholder is not ``not_keyholder``; named
+    ``database``; not one of ``exclude``), locked for the caller's transaction (SKIP LOCKED: two
+    callers never pick the same)."""
     row = conn.execute(
         "SELECT id, database, template_key FROM spares WHERE host = %(host)s"
         " AND status = 'ready'"
@@ -135,6 +137,7 @@ def pick_ready(
         " AND (%(not_version)s::text IS NULL OR template_version <> %(not_version)s)"
         " AND (%(keyholders)s::uuid[] IS NULL OR keyholder IS NULL"
         " OR keyholder = ANY(%(keyholders)s::uuid[]))"
+        " AND (%(not_keyholder)s::uuid IS NULL OR keyholder IS DISTINCT FROM %(not_keyholder)s)"
         " AND (%(database)s::text IS NULL OR database = %(database)s)"
         " AND id <> ALL(%(exclude)s::uuid[])"
         " ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -143,6 +146,7 @@ def pick_ready(
             "key": template_key,
             "not_version": not_version,
             "keyholders": keyholders,
+            "not_keyholder": not_keyholder,
             "database": database,
             "exclude": list(exclude),
         },

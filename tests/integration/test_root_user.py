@@ -1,0 +1,117 @@
+"""The tenant's first user, ``root``, made by the provisioning pipeline itself: a spare carries
+it from when it was made (a warm handout hashes nothing and connects to nothing but the
+registry), a cold provision writes it in the step that connects to the new database, before
+the activation; a crash anywhere leaves no tenant, or a tenant with its root user."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from monk.core import passwords
+from monk.service import pool
+from monk.service.tenants import TenantService
+from tests.integration.conftest import Env
+from tests.integration.test_crash import kill_at, run
+from tests.integration.test_pool import root_password_works
+from tests.integration.test_tenants import databases
+
+
+@pytest.fixture
+def drained(env: Env, svc: TenantService) -> Iterator[TenantService]:
+    pool.drain(svc)
+    yield svc
+    pool.drain(svc)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix} {uuid.uuid4().hex[:8]}"
+
+
+def sessions_of(env: Env, database: str) -> tuple[int, int]:
+    """(oid, sessions so far) of a database: the oid survives the handout's rename."""
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT d.oid::int, coalesce(s.sessions, 0)::int FROM pg_database d"
+            " LEFT JOIN pg_stat_database s ON s.datid = d.oid WHERE d.datname = %s",
+            (database,),
+        ).fetchone()
+    assert row is not None, database
+    return int(row[0]), int(row[1])
+
+
+def sessions_by_oid(env: Env, oid: int) -> int:
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT coalesce(sessions, 0)::int FROM pg_stat_database WHERE datid = %s", (oid,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_warm_provision_answers_the_spares_root_user_hashing_nothing(
+    env: Env, drained: TenantService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = drained
+    assert pool.fill(svc, env.template, 1) == 1
+    [spare] = databases(env, "monk_spare_%")
+    time.sleep(0.2)  # sessions are counted as their backends exit: the spare's maker's too
+    oid, before = sessions_of(env, spare)
+
+    def no_hashing(password: str) -> str:
+        raise AssertionError("argon2 on the warm path")
+
+    monkeypatch.setattr(passwords, "hash_password", no_hashing)
+    view = svc.provision(unique("Warm root"), template=env.template)
+    monkeypatch.undo()
+    assert view.provisioned_from == "pool"
+    # The handout opened no session on the tenant's database.
+    time.sleep(0.2)
+    assert sessions_by_oid(env, oid) == before
+    assert view.root_password is not None
+    assert view.as_dict()["root_user"] == {"username": "root", "password": view.root_password}
+    assert root_password_works(env, view.tenant.database, view.root_password)
+
+
+def test_a_provision_with_a_given_root_password_is_cold_and_writes_it_before_activation(
+    env: Env, drained: TenantService
+) -> None:
+    svc = drained
+    assert pool.fill(svc, env.template, 1) == 1
+    view = svc.provision(unique("Given root"), template=env.template, root_password="correct horse")
+    # The spare's root user has a password of its own: a given one is written by the clone's
+    # prepare step, and the spare stays for the next provision.
+    assert view.provisioned_from == "clone"
+    assert view.root_password == "correct horse"
+    assert root_password_works(env, view.tenant.database, "correct horse")
+    assert len(databases(env, "monk_spare_%")) == 1
+
+
+def test_a_cold_provision_through_the_service_makes_root(env: Env, drained: TenantService) -> None:
+    view = drained.provision(unique("Cold root"), template=env.template)
+    assert view.provisioned_from == "clone"
+    assert view.root_password is not None
+    assert root_password_works(env, view.tenant.database, view.root_password)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["intent", "cloned", "migrated", "configured"])
+def test_a_crash_at_any_step_leaves_no_tenant_or_one_with_its_root_user(
+    env: Env, step: str
+) -> None:
+    name = unique("Crash root")
+    before = databases(env)
+    kill_at(env, step, "tenant", "create", name, "--template", env.template)
+    fixed = run(env, "doctor", "--repair", "--json")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    # Before its activation's commit a provision is undone whole, root user and all.
+    assert databases(env) == before
+    made = run(env, "tenant", "create", name, "--template", env.template, "--json")
+    assert made.returncode == 0, made.stderr
+    out = json.loads(made.stdout)
+    assert root_password_works(env, out["database"], out["root_user"]["password"])
