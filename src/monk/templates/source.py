@@ -2,7 +2,8 @@
 
     <key>/template.json               {"description": …, "version": label, "extends": parent key,
                                        "database_settings": {"work_mem": "8MB", …},
-                                       "extensions": ["citext", "pg_trgm", …]}
+                                       "extensions": ["citext", "pg_trgm", …],
+                                       "clone_strategy": "auto" | "wal_log" | "file_copy"}
     <key>/schemas/<name>.json         one JSON Schema per table; the file stem is the schema name
     <key>/data/<name>.json            a JSON array of seed records for schema <name>
     <key>/migrations/NNNN_<name>.sql  SQL run in order after the seed data; 0001, 0002, …
@@ -27,6 +28,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
+from monk.core.clone_strategy import StrategySetting, parse_strategy_setting
 from monk.core.schema_compiler import COMPILER_VERSION
 from monk.core.template_names import VERSION_HEX_LENGTH, validate_template_key
 from monk.errors import InvalidName, InvalidTemplateSource
@@ -50,6 +52,7 @@ _MANIFEST_VALIDATOR = Draft202012Validator(
                 "uniqueItems": True,
                 "items": {"type": "string", "pattern": EXTENSION_NAME_PATTERN},
             },
+            "clone_strategy": {"type": "string"},
         },
     }
 )
@@ -91,6 +94,9 @@ class TemplateSource:
     extensions: tuple[str, ...] = ()
     """``CREATE EXTENSION`` at build, before the tables (a clone copies them): the parents'
     first, then the child's own."""
+    clone_strategy: StrategySetting | None = None
+    """How its tenants are cloned (``monk.core.clone_strategy``): auto, wal_log or file_copy,
+    over MONK_CLONE_STRATEGY; a child's value overrides its parent's."""
 
 
 def builtin_sources_dir() -> Path:
@@ -132,6 +138,7 @@ def load_source(path: Path, key: str | None = None) -> TemplateSource:
         files=MappingProxyType({f"{key}/{rel}": content for rel, content in files.items()}),
         database_settings=MappingProxyType(dict(manifest.get("database_settings", {}))),
         extensions=tuple(manifest.get("extensions", ())),
+        clone_strategy=manifest.get("clone_strategy"),
     )
 
 
@@ -194,6 +201,7 @@ def _merge(parent: TemplateSource, child: TemplateSource) -> TemplateSource:
         files=MappingProxyType({**parent.files, **child.files}),
         database_settings=MappingProxyType({**parent.database_settings, **child.database_settings}),
         extensions=tuple(dict.fromkeys(parent.extensions + child.extensions)),
+        clone_strategy=child.clone_strategy or parent.clone_strategy,
     )
 
 
@@ -224,13 +232,22 @@ def _load_manifest(root: Path, files: dict[str, bytes]) -> Mapping[str, Any]:
     error = best_match(_MANIFEST_VALIDATOR.iter_errors(manifest))
     if error is not None:
         raise InvalidTemplateSource(f"{root / TEMPLATE_FILE}: {error.message}")
+    manifest = dict(manifest)
+    strategy = manifest.get("clone_strategy")
+    if strategy is not None:
+        try:
+            manifest["clone_strategy"] = parse_strategy_setting(strategy)
+        except ValueError as exc:
+            raise InvalidTemplateSource(
+                f"{root / TEMPLATE_FILE}: clone_strategy: {exc}", file=TEMPLATE_FILE
+            ) from None
     parent = manifest.get("extends")
     if parent is not None:
         try:
             validate_template_key(parent)
         except InvalidName as exc:
             raise InvalidTemplateSource(f"{root / TEMPLATE_FILE}: extends: {exc}") from None
-    return dict(manifest)
+    return manifest
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -269,6 +269,7 @@ def _new_build(plan: Plan, target: ServerTarget, staging: str) -> NewBuild:
         compiler_version=COMPILER_VERSION,
         compiled_schemas=compiled_schemas,
         migration_manifest=manifest,
+        clone_strategy=source.clone_strategy,
     )
 
 
