@@ -435,6 +435,15 @@ class HostLastCheck(BaseModel):
     latency_ms: float | None
 
 
+class HostFileCloning(BaseModel):
+    supported: bool | None = Field(
+        description="The server clones files (PostgreSQL 18's file_copy_method = clone on a "
+        "reflink filesystem): its clones are FILE_COPY + clone. null: not detected yet."
+    )
+    detail: str | None = Field(description="How it was found.")
+    at: str | None
+
+
 class HostOut(BaseModel):
     name: str
     local: bool = Field(description="The server monk starts with: it keeps the system database.")
@@ -447,6 +456,7 @@ class HostOut(BaseModel):
     server_version: str | None
     added_at: str | None
     last_check: HostLastCheck
+    file_cloning: HostFileCloning
 
 
 class HostCheckOut(BaseModel):
