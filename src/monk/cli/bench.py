@@ -71,6 +71,14 @@ def bench(
     parallel: str = typer.Option(
         "1,2,4,8", "--parallel", help="With --upgrade: the parallelism levels to measure."
     ),
+    template_size: str | None = typer.Option(
+        None,
+        "--template-size",
+        help="Measure clone strategies instead: raw WAL_LOG, FILE_COPY, FILE_COPY + clone "
+        "(where the host clones files) and monk's cold provision, on --template and on a "
+        "generated template of this size (e.g. 512MB), with the WAL each writes; "
+        "--iterations rounds (default here 5).",
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -80,6 +88,9 @@ def bench(
     from monk.service.presence import refuse_beside_serve
 
     s = state()
+    if template_size is not None:
+        _bench_strategies(template, template_size, iterations, json_file)
+        return
     if upgrade:
         _bench_upgrade(tenants, parse_concurrency(parallel), json_file)
         return
@@ -133,6 +144,52 @@ def _phase_bar(labels: dict[str, str]) -> Iterator[Callable[[str, int, int], Non
             bar.update(tasks[phase], completed=done, total=total)  # type: ignore[arg-type]
 
         yield progress
+
+
+def _bench_strategies(
+    template: str, size_text: str, iterations: int, json_file: Path | None
+) -> None:
+    from monk.bench.strategies import StrategyBench
+    from monk.core.clone_strategy import parse_size
+    from monk.service.presence import refuse_beside_serve
+
+    try:
+        size = parse_size(size_text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--template-size") from None
+    s = state()
+    refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
+    # --iterations defaults to 30 for the latency bench; clones of a large template take
+    # seconds each without reflink, so this bench takes 5 unless told.
+    rounds = iterations if iterations != 30 else 5
+    with _phase_bar({}) as progress:
+        result = StrategyBench(
+            s.settings,
+            s.target,
+            template_size=size,
+            template=template,
+            iterations=rounds,
+            progress=progress,
+        ).run()
+    cloning = result["file_cloning"]
+    console.print(
+        f"clone strategies on {result['host']} (PostgreSQL {result['server_version']}), "
+        f"{result['iterations']} rounds; file cloning: "
+        f"{'yes' if cloning['supported'] else 'no'} ({cloning['detail']})"
+    )
+    for t in result["templates"]:
+        console.print(f"  {t['template']} ({t['size']}): monk chose {t['monk_choice']}")
+        for variant, ms in t["p50_ms"].items():
+            console.print(
+                f"    {variant:<16} p50 {ms:9.1f} ms  WAL {t['wal_bytes_p50'][variant]:>12,} B"
+            )
+        console.print(
+            f"    monk cold / fastest raw ({t['fastest_raw']}): {t['cold_over_fastest_raw']}x;"
+            f" WAL_LOG / monk cold: {t['wal_log_over_monk_cold']}x"
+        )
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
 
 
 def _bench_upgrade(tenants: int, levels: tuple[int, ...], json_file: Path | None) -> None:

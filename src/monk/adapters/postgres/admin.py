@@ -686,6 +686,15 @@ def fill_probe_database(conn: Conn, megabytes: int) -> None:
     )
 
 
+def checkpoint(conn: Conn) -> bool:
+    """CHECKPOINT (superuser or pg_checkpoint); False when the role may not."""
+    try:
+        conn.execute("CHECKPOINT")
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
+
+
 def wal_lsn(conn: Conn) -> str:
     """The server's current WAL insert position (``pg_current_wal_lsn``)."""
     row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
