@@ -76,12 +76,18 @@ class Server:
                     adm, ["postgres", "template1", self.settings.system_db_name]
                 )
         # At start: whether this server clones files (PostgreSQL 18 on a reflink filesystem),
-        # measured now rather than at the first provision.
-        with (
-            connect(target, autocommit=True, purpose="init") as adm,
-            connect(target, self.settings.system_db_name, autocommit=True, purpose="init") as reg,
-        ):
-            clone_support.detect_and_record(reg, adm, target, is_local=True)
+        # found once rather than at the first provision ('monk host check' finds it again).
+        try:
+            with (
+                connect(target, autocommit=True, purpose="init") as adm,
+                connect(
+                    target, self.settings.system_db_name, autocommit=True, purpose="init"
+                ) as reg,
+            ):
+                if clone_support.recorded(reg, target.name) is None:
+                    clone_support.detect_and_record(reg, adm, target, is_local=True)
+        except (MonkError, psycopg.Error) as exc:
+            log.warning("file cloning not detected (the first clone will try again): %s", exc)
         return target, result
 
     def ready(self) -> ServerTarget:
