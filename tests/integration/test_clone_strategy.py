@@ -140,7 +140,8 @@ def test_the_session_server_cannot_clone_files_and_says_why(settings: Settings) 
     with connect(target, autocommit=True) as adm:
         found = clone_support.detect(adm, target)
         version = adm.info.server_version
-    assert not found.supported
+    if found.supported:
+        pytest.skip(f"the suite's server is on a filesystem that clones files: {found.detail}")
     if version < 180000:
         assert found.detail == (
             f"PostgreSQL {version // 10000}: file_copy_method = clone needs PostgreSQL 18"
@@ -241,6 +242,9 @@ def _template_size(env: Env, key: str) -> int:
 
 
 def test_the_override_settings_choose_the_strategy_of_each_provision(env: Env) -> None:
+    with connect(env.target, autocommit=True) as adm:
+        if clone_support.detect(adm, env.target).supported:
+            pytest.skip("the suite's server clones files: auto would clone (see the XFS tests)")
     size = _template_size(env, env.template)
     assert size < 32 * MB  # the built-in basic: under the default threshold
     # auto on a host that cannot clone files, under the threshold: WAL_LOG, the template's
