@@ -30,8 +30,11 @@ from monk.adapters import reflink
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.adapters.registry import hosts as host_registry
+from monk.adapters.registry.templates import TemplateBuild
+from monk.core import clone_strategy
 from monk.core.clone_strategy import CloneChoice
 from monk.errors import MonkError
+from monk.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,23 @@ def detect(
                     ),
                 )
     return _measure(adm, target)
+
+
+def choice(settings: Settings, build: TemplateBuild, *, supported: bool) -> CloneChoice:
+    """The strategy of a clone of ``build`` on a host that does (not) clone files: the one
+    decision (``monk.core.clone_strategy.choose``) with the settings and the build's size and
+    template.json value. Every clone of a template asks here."""
+    return clone_strategy.choose(
+        setting=settings.clone_strategy,
+        template_setting=(
+            None
+            if build.clone_strategy is None
+            else clone_strategy.parse_strategy_setting(build.clone_strategy)
+        ),
+        clone_available=supported,
+        size_bytes=build.size_bytes,
+        file_copy_above=settings.file_copy_above,
+    )
 
 
 def detect_and_record(

@@ -41,7 +41,7 @@ from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.hosts import HostRow
 from monk.adapters.registry.templates import TemplateBuild
-from monk.core import clone_strategy, placement, scram, tenant_names
+from monk.core import placement, scram, tenant_names
 from monk.core.clone_strategy import CloneChoice
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
@@ -593,17 +593,8 @@ class Pipeline:
     ) -> CloneChoice:
         """The strategy of a clone of ``build`` on ``target``: the one decision
         (``monk.core.clone_strategy.choose``) every clone of a template uses."""
-        return clone_strategy.choose(
-            setting=self.settings.clone_strategy,
-            template_setting=(
-                None
-                if build.clone_strategy is None
-                else clone_strategy.parse_strategy_setting(build.clone_strategy)
-            ),
-            clone_available=self.clone_support(adm, target).supported,
-            size_bytes=build.size_bytes,
-            file_copy_above=self.settings.file_copy_above,
-        )
+        supported = self.clone_support(adm, target).supported
+        return clone_support.choice(self.settings, build, supported=supported)
 
     def clone(
         self,
