@@ -30,7 +30,9 @@ _LINES_TABLE = "monk_seed_lines"
 
 def load(db: Conn, table: str, path: Path, progress: Progress) -> int:
     """COPY ``path`` into ``table`` (a ``.csv`` with a header row, or ``.jsonl``), in the
-    caller's transaction; the rows loaded."""
+    caller's transaction; the rows loaded. No statement timeout for it: a seed of hundreds of
+    MB takes what it takes (the build's other statements keep monk's timeout)."""
+    db.execute("SET LOCAL statement_timeout = 0")
     if path.suffix == ".csv":
         return _load_csv(db, table, path, progress)
     return _load_jsonl(db, table, path, progress)
