@@ -606,8 +606,10 @@ class Pipeline:
         template_in_use: bool = True,
         owner: str | None = None,
     ) -> TemplateBuild:
-        """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER]``, keeping the
-        template free of sessions; returns the build whose content the clone really holds.
+        """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER] STRATEGY`` with the
+        strategy ``clone_choice`` picks (the one clone step of every provision and refill),
+        keeping the template free of sessions; returns the build whose content the clone
+        really holds.
         ``registry_session`` gives the caller's registry connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
