@@ -32,8 +32,10 @@ def pick(**kw: object) -> str:
     return choose(**args).label  # type: ignore[arg-type]
 
 
-def test_auto_clones_files_wherever_the_host_can_whatever_the_size() -> None:
-    assert pick(clone_available=True, size_bytes=1) == "file_copy+clone"
+def test_auto_clones_files_from_the_threshold_on_where_the_host_can() -> None:
+    # Under it, WAL_LOG: FILE_COPY's two checkpoints cost more than a small template's WAL.
+    assert pick(clone_available=True, size_bytes=1) == "wal_log"
+    assert pick(clone_available=True, size_bytes=DEFAULT_FILE_COPY_ABOVE) == "file_copy+clone"
     assert pick(clone_available=True, size_bytes=10_000 * MB) == "file_copy+clone"
     assert pick(clone_available=True, size_bytes=None) == "file_copy+clone"
 
