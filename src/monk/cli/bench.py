@@ -36,8 +36,13 @@ def bench(
         help="Template key to measure (default saas: 30 tables, 90 indexes, ~1,000 rows, "
         "the size at which scratch and clone compare meaningfully).",
     ),
-    iterations: int = typer.Option(
-        30, "--iterations", min=1, max=1000, help="Timed rounds of raw, scratch, cold and warm."
+    iterations: int | None = typer.Option(
+        None,
+        "--iterations",
+        min=1,
+        max=1000,
+        help="Timed rounds of raw, scratch, cold and warm (default 30; with --template-size, "
+        "rounds of each strategy, default 5).",
     ),
     concurrency: str = typer.Option(
         "1,2,4,8,16", "--concurrency", help="Thread counts of the throughput measurements."
@@ -77,7 +82,7 @@ def bench(
         help="Measure clone strategies instead: raw WAL_LOG, FILE_COPY, FILE_COPY + clone "
         "(where the host clones files) and monk's cold provision, on --template and on a "
         "generated template of this size (e.g. 512MB), with the WAL each writes; "
-        "--iterations rounds (default here 5).",
+        "--iterations rounds (5 unless given).",
     ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
@@ -89,7 +94,7 @@ def bench(
 
     s = state()
     if template_size is not None:
-        _bench_strategies(template, template_size, iterations, json_file)
+        _bench_strategies(template, template_size, iterations or 5, json_file)
         return
     if upgrade:
         _bench_upgrade(tenants, parse_concurrency(parallel), json_file)
@@ -97,7 +102,7 @@ def bench(
     levels = parse_concurrency(concurrency)
     runner_config = BenchConfig(
         template=template,
-        iterations=iterations,
+        iterations=iterations or 30,
         concurrency=levels,
         drop_each_round=drop_each_round,
         level_seconds=level_seconds,
@@ -159,9 +164,7 @@ def _bench_strategies(
         raise typer.BadParameter(str(exc), param_hint="--template-size") from None
     s = state()
     refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
-    # --iterations defaults to 30 for the latency bench; clones of a large template take
-    # seconds each without reflink, so this bench takes 5 unless told.
-    rounds = iterations if iterations != 30 else 5
+    rounds = iterations
     with _phase_bar({}) as progress:
         result = StrategyBench(
             s.settings,
