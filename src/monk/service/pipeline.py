@@ -569,16 +569,28 @@ class Pipeline:
         return build
 
     def clone_support(
-        self, adm: psycopg.Connection[Any], target: ServerTarget, *, refresh: bool = False
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        *,
+        refresh: bool = False,
+        registry_session: Callable[[], psycopg.Connection[Any]] | None = None,
     ) -> CloneSupport:
         """Can the host clone files? As recorded in its row; detected (and recorded) when
         never detected, or with ``refresh`` (``monk host check``, ``host add``, ``db start``).
-        Kept in memory afterwards: the hot path reads no registry for it."""
+        Kept in memory afterwards: the hot path reads no registry for it.
+        ``registry_session``: gives the caller's registry connection, if it holds one (taking
+        a second one from the pool while holding the first deadlocks concurrent provisions on
+        a small pool); asked for only when the answer is not in memory."""
         with self._side_lock:
             known = None if refresh else self._clone_support.get(target.name)
         if known is not None:
             return known
-        with self.hosts.pools().system() as reg:
+        with contextlib.ExitStack() as stack:
+            if registry_session is not None:
+                reg = registry_session()
+            else:
+                reg = stack.enter_context(self.hosts.pools().system())
             found = None if refresh else clone_support.recorded(reg, target.name)
             if found is None:
                 found = clone_support.detect_and_record(
@@ -589,11 +601,15 @@ class Pipeline:
         return found
 
     def clone_choice(
-        self, adm: psycopg.Connection[Any], target: ServerTarget, build: TemplateBuild
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        build: TemplateBuild,
+        registry_session: Callable[[], psycopg.Connection[Any]] | None = None,
     ) -> CloneChoice:
         """The strategy of a clone of ``build`` on ``target``: the one decision
         (``monk.core.clone_strategy.choose``) every clone of a template uses."""
-        supported = self.clone_support(adm, target).supported
+        supported = self.clone_support(adm, target, registry_session=registry_session).supported
         return clone_support.choice(self.settings, build, supported=supported)
 
     def clone(
@@ -643,7 +659,7 @@ class Pipeline:
                     database,
                     template=cloning.database,
                     owner=owner,
-                    choice=self.clone_choice(adm, target, cloning),
+                    choice=self.clone_choice(adm, target, cloning, registry_session),
                 )
             except DatabaseMissing:
                 cloning = current()
