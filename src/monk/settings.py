@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from monk.core.clone_strategy import StrategySetting, parse_size, parse_strategy_setting
 from monk.core.identifiers import validate_database_name
 
 # Re-exported: the service and the API read it from here.
@@ -120,6 +121,18 @@ class Settings(BaseSettings):
     )
     clone_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a clone may retry while the template is busy."
+    )
+    clone_strategy: StrategySetting = Field(
+        default="auto",
+        description="How tenant databases are cloned from templates: auto (FILE_COPY with "
+        "reflink where the host's filesystem can clone files, else WAL_LOG or FILE_COPY by the "
+        "template's size), wal_log or file_copy. A template's own clone_strategy "
+        "(template.json) wins. See docs/clone-strategy.md.",
+    )
+    clone_file_copy_above: str = Field(
+        default="32MB",
+        description="With clone_strategy auto on a host that cannot reflink: templates of at "
+        "least this size are cloned with FILE_COPY, smaller ones with WAL_LOG (B, kB, MB, GB).",
     )
     upgrade_lock_timeout: float = Field(
         default=2.0,
@@ -253,6 +266,27 @@ class Settings(BaseSettings):
             return validate_database_name(value)
         except InvalidName as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("clone_strategy", mode="before")
+    @classmethod
+    def _known_clone_strategy(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_strategy_setting(value)
+        return value
+
+    @field_validator("clone_file_copy_above", mode="before")
+    @classmethod
+    def _clone_threshold_is_a_size(cls, value: object) -> object:
+        if isinstance(value, int):
+            return str(value)
+        if isinstance(value, str):
+            parse_size(value)  # ValueError: the message names what is expected
+        return value
+
+    @property
+    def file_copy_above(self) -> int:
+        """``clone_file_copy_above`` in bytes."""
+        return parse_size(self.clone_file_copy_above)
 
     @field_validator("template_retention", mode="before")
     @classmethod

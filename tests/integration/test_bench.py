@@ -390,3 +390,52 @@ def test_bench_data_plane_serves_many_tenants_within_the_budget_and_shows_the_na
     assert naive["connection_per_request"]["requests"] > 0
     assert "many/one throughput" in done.stdout
     assert set(Path(tempfile.gettempdir()).glob("monk-bench-data-*")) == leftovers
+
+
+def test_bench_template_size_measures_every_strategy_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    """``--template-size``: raw WAL_LOG and FILE_COPY (and FILE_COPY + clone where the host
+    clones files) beside monk's cold provision, on the small template and a generated one,
+    with the WAL each wrote; the generated template and every clone gone afterwards."""
+    key, env = own_template(monk, tmp_path)
+    before = server_objects(admin_url)
+    out = tmp_path / "sizes.json"
+    run = monk(
+        "bench",
+        "--template",
+        key,
+        "--template-size",
+        "4MB",
+        "--iterations",
+        "2",
+        "--json",
+        str(out),
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr + run.stdout
+    result = json.loads(out.read_text())
+    clones = result["file_cloning"]["supported"]
+    small, big = result["templates"]
+    assert small["template"] == key
+    assert big["template"].startswith("bench_size_")
+    assert big["size_bytes"] > small["size_bytes"]
+    assert big["size_bytes"] >= 3 * 1024 * 1024  # about the size asked for
+    for t in (small, big):
+        extra = {"file_copy+clone"} if clones else set()
+        assert set(t["p50_ms"]) == {"wal_log", "file_copy", "monk_cold"} | extra
+        assert all(ms > 0 for ms in t["p50_ms"].values())
+        # WAL_LOG writes the template's pages into the WAL; FILE_COPY next to nothing.
+        assert t["wal_bytes_p50"]["wal_log"] > t["size_bytes"] // 2
+        assert t["wal_bytes_p50"]["file_copy"] < 1024 * 1024
+        assert t["monk_choice"] == "wal_log"  # both under the default 32MB threshold
+        assert t["fastest_raw"] in ("wal_log", "file_copy")
+    assert "monk cold / fastest raw" in run.stdout
+    after = server_objects(admin_url)
+    assert after == before
+    with psycopg.connect(admin_url) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'monk%bench\\_size\\_%'"
+        ).fetchall()
+    assert left == []

@@ -4,6 +4,7 @@ against real servers: the session's own (the local host) and the fleet's second
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from psycopg import sql
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget
 from monk.adapters.registry import host_functions
+from monk.errors import MonkError
 from monk.service import pool
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
@@ -55,6 +57,12 @@ def warm(settings: Settings, key: str) -> Settings:
 def svc(warm: Settings) -> Iterator[TenantService]:
     with TenantService(warm, local_target(warm)) as service:
         yield service
+        # The session's installation is shared: its spares go with the test (other tests
+        # count the spares on the server).
+        for host in (None, "pg-2"):
+            for k in warm.pool_spares:
+                with contextlib.suppress(MonkError):
+                    pool.drain(service, key=k, host=host)
 
 
 def spares_by_host(s: Settings) -> dict[str, int]:

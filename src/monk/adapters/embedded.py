@@ -42,7 +42,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from monk.adapters import files
+from monk.adapters import files, reflink
 from monk.adapters.postgres.connection import ServerTarget
 from monk.errors import ConfigError, ServerStartError
 
@@ -188,6 +188,15 @@ class EmbeddedServer:
     def tool(self, name: str) -> Path:
         return bin_dir() / name
 
+    def clones_files(self) -> bool:
+        """PostgreSQL 18 or later, on a filesystem that shares blocks between files (XFS with
+        reflink, btrfs): ``file_copy_method = clone`` makes a FILE_COPY a metadata operation."""
+        try:
+            major = int((self.pgdata / "PG_VERSION").read_text().strip())
+        except (OSError, ValueError):
+            return False
+        return major >= 18 and reflink.supports_reflink(self.pgdata) is True
+
     # ---------------------------------------------------------------- steps
 
     def _prepare_dir(self) -> None:
@@ -289,6 +298,11 @@ class EmbeddedServer:
         }
         if not self.durable:
             lines |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        if self.clones_files():
+            # FILE_COPY shares the template's blocks instead of copying them (PostgreSQL 18):
+            # what a CREATE DATABASE … STRATEGY FILE_COPY not made by monk gets too (monk's
+            # own clones say file_copy_method in their session, see docs/clone-strategy.md).
+            lines["file_copy_method"] = "clone"
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
         conf = self.pgdata / "monk.conf"
         self._keep(conf, text)

@@ -471,6 +471,15 @@ class HostLastCheck(BaseModel):
     latency_ms: float | None
 
 
+class HostFileCloning(BaseModel):
+    supported: bool | None = Field(
+        description="The server clones files (PostgreSQL 18's file_copy_method = clone on a "
+        "reflink filesystem): its clones are FILE_COPY + clone. null: not detected yet."
+    )
+    detail: str | None = Field(description="How it was found.")
+    at: str | None
+
+
 class HostOut(BaseModel):
     name: str
     local: bool = Field(description="The server monk starts with: it keeps the system database.")
@@ -488,6 +497,7 @@ class HostOut(BaseModel):
         description="Answer to an add only: each current template built there (host, key, "
         "built, version, status, or error {code, message}); a failed build leaves the host added.",
     )
+    file_cloning: HostFileCloning
 
 
 class HostCheckOut(BaseModel):

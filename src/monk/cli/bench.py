@@ -36,8 +36,13 @@ def bench(
         help="Template key to measure (default saas: 30 tables, 90 indexes, ~1,000 rows, "
         "the size at which scratch and clone compare meaningfully).",
     ),
-    iterations: int = typer.Option(
-        30, "--iterations", min=1, max=1000, help="Timed rounds of raw, scratch, cold and warm."
+    iterations: int | None = typer.Option(
+        None,
+        "--iterations",
+        min=1,
+        max=1000,
+        help="Timed rounds of raw, scratch, cold and warm (default 30; with --template-size, "
+        "rounds of each strategy, default 5).",
     ),
     concurrency: str = typer.Option(
         "1,2,4,8,16", "--concurrency", help="Thread counts of the throughput measurements."
@@ -110,6 +115,14 @@ def bench(
         max=90,
         help="With --data-plane: MONK_HOST_CONNECTIONS of the monk serve measured.",
     ),
+    template_size: str | None = typer.Option(
+        None,
+        "--template-size",
+        help="Measure clone strategies instead: raw WAL_LOG, FILE_COPY, FILE_COPY + clone "
+        "(where the host clones files) and monk's cold provision, on --template and on a "
+        "generated template of this size (e.g. 512MB), with the WAL each writes; "
+        "--iterations rounds (5 unless given).",
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -122,11 +135,14 @@ def bench(
         _bench_data_plane(tenants or 300, clients, requests, host_connections, json_file)
         return
     s = state()
+    if template_size is not None:
+        _bench_strategies(template, template_size, iterations or 5, json_file)
+        return
     if upgrade:
         _bench_upgrade(tenants or 200, parse_concurrency(parallel), json_file)
         return
     if remote:
-        _bench_remote(template, iterations, json_file)
+        _bench_remote(template, iterations or 30, json_file)
         return
     if move:
         _bench_move(size_mb, rounds, json_file)
@@ -134,7 +150,7 @@ def bench(
     levels = parse_concurrency(concurrency)
     runner_config = BenchConfig(
         template=template,
-        iterations=iterations,
+        iterations=iterations or 30,
         concurrency=levels,
         drop_each_round=drop_each_round,
         level_seconds=level_seconds,
@@ -207,6 +223,50 @@ def _bench_remote(template: str, iterations: int, json_file: Path | None) -> Non
     console.print(
         f"  cold/raw {result['cold_over_raw']} (target ≤ 1.15), raw/warm {result['raw_over_warm']}"
     )
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def _bench_strategies(
+    template: str, size_text: str, iterations: int, json_file: Path | None
+) -> None:
+    from monk.bench.strategies import StrategyBench
+    from monk.core.clone_strategy import parse_size
+    from monk.service.presence import refuse_beside_serve
+
+    try:
+        size = parse_size(size_text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--template-size") from None
+    s = state()
+    refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
+    rounds = iterations
+    with _phase_bar({}) as progress:
+        result = StrategyBench(
+            s.settings,
+            s.target,
+            template_size=size,
+            template=template,
+            iterations=rounds,
+            progress=progress,
+        ).run()
+    cloning = result["file_cloning"]
+    console.print(
+        f"clone strategies on {result['host']} (PostgreSQL {result['server_version']}), "
+        f"{result['iterations']} rounds; file cloning: "
+        f"{'yes' if cloning['supported'] else 'no'} ({cloning['detail']})"
+    )
+    for t in result["templates"]:
+        console.print(f"  {t['template']} ({t['size']}): monk chose {t['monk_choice']}")
+        for variant, ms in t["p50_ms"].items():
+            console.print(
+                f"    {variant:<16} p50 {ms:9.1f} ms  WAL {t['wal_bytes_p50'][variant]:>12,} B"
+            )
+        console.print(
+            f"    monk cold / fastest raw ({t['fastest_raw']}): {t['cold_over_fastest_raw']}x;"
+            f" WAL_LOG / monk cold: {t['wal_log_over_monk_cold']}x"
+        )
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"wrote {json_file}")

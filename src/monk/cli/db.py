@@ -50,9 +50,15 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     if as_json:
         print_json(info)
     else:
-        print_mapping(info)
+        print_mapping(info | {"file_cloning": _cloning_text(info.get("file_cloning"))})
     if not info["running"]:
         raise typer.Exit(SERVER_DOWN)
+
+
+def _cloning_text(found: object) -> str | None:
+    if not isinstance(found, dict):
+        return None if found is None else str(found)
+    return f"{'yes' if found.get('supported') else 'no'}: {found.get('detail')}"
 
 
 @app.command()

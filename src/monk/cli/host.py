@@ -28,9 +28,18 @@ def _show(view: HostView, as_json: bool) -> None:
         print_json(data)
         return
     last = data.pop("last_check")
+    cloning = data.pop("file_cloning")
     data["labels"] = _labels(data["labels"])
     print_mapping(data)
     print_mapping(last, title="last check")
+    print_mapping(
+        {
+            "supported": {True: "yes", False: "no"}.get(cloning["supported"], "not detected"),
+            "detail": cloning["detail"],
+            "at": cloning["at"],
+        },
+        title="file cloning",
+    )
 
 
 def _labels(labels: dict[str, str]) -> str:

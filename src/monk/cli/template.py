@@ -39,6 +39,7 @@ _STEP_LABELS = {
     "tables": "tables from the schemas",
     "registry": "schemas and columns rows",
     "seed": "seed records",
+    "bulk_seed": "bulk seed files (COPY)",
     "migrations": "migrations",
     "sync": "columns rows follow the catalog",
     "health": "health checks",

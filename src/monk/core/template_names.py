@@ -98,6 +98,7 @@ BUILD_STEPS = (
     "tables",
     "registry",
     "seed",
+    "bulk_seed",
     "migrations",
     "sync",
     "health",

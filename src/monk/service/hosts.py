@@ -44,8 +44,7 @@ from monk.service.pipeline import Pipeline, pause_at
 
 log = logging.getLogger(__name__)
 
-# The local host's row (made when its state is first set) has this id: one per registry.
-_LOCAL_ID = uuid.UUID(int=0)
+_LOCAL_ID = host_registry.LOCAL_ID
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,9 @@ class HostView:
     check_ok: bool | None
     check_error: str | None
     check_latency_ms: float | None
+    clone_support: bool | None = None
+    clone_detail: str | None = None
+    clone_checked_at: datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,13 @@ class HostView:
                 "ok": self.check_ok,
                 "error": self.check_error,
                 "latency_ms": self.check_latency_ms,
+            },
+            # Can the server clone files (file_copy_method = clone on a reflink filesystem)?
+            # None until detected (host add, host check, db start).
+            "file_cloning": {
+                "supported": self.clone_support,
+                "detail": self.clone_detail,
+                "at": _iso(self.clone_checked_at),
             },
         }
 
@@ -166,6 +175,9 @@ def _view(row: HostRow, tenants: int) -> HostView:
         check_ok=row.check_ok,
         check_error=row.check_error,
         check_latency_ms=row.check_latency_ms,
+        clone_support=row.clone_support,
+        clone_detail=row.clone_detail,
+        clone_checked_at=row.clone_checked_at,
     )
 
 
@@ -185,6 +197,9 @@ def _local_view(svc: Pipeline, row: HostRow | None, tenants: int, version: str) 
         check_ok=row.check_ok if row else None,
         check_error=row.check_error if row else None,
         check_latency_ms=row.check_latency_ms if row else None,
+        clone_support=row.clone_support if row else None,
+        clone_detail=row.clone_detail if row else None,
+        clone_checked_at=row.clone_checked_at if row else None,
     )
 
 
@@ -358,7 +373,19 @@ def _add(
             secrets.remove(host_id)
         raise
     log.info("added host %s (%s, PostgreSQL %s)", name, clean_url, facts.version)
-    return _view(row, 0)
+    _detect_cloning(svc, name)
+    return get(svc, name)
+
+
+def _detect_cloning(svc: Pipeline, name: str) -> None:
+    """Whether the host clones files, recorded in its row (the strategy of its clones); a
+    failure is logged and leaves it undetected (the first clone there detects it again)."""
+    target = svc.hosts.target(name)
+    try:
+        with svc.hosts.pools(name).admin() as adm:
+            svc.clone_support(adm, target, refresh=True)
+    except (MonkError, psycopg.Error) as exc:
+        log.warning("host %s: file cloning not detected: %s", name, exc)
 
 
 def _target(svc: Pipeline, name: str, clean_url: str, password: str | None) -> ServerTarget:
@@ -448,6 +475,8 @@ def check(svc: Pipeline, name: str) -> CheckResult:
             latency_ms=latency_ms,
             problems=problems,
         )
+    if result.reachable:
+        _detect_cloning(svc, name)
     with svc.hosts.pools().system() as reg:
         if name == local.name:
             host_registry.ensure_local(reg, name, _LOCAL_ID)

@@ -46,6 +46,7 @@ from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.hosts import HostRow
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import placement, scram, tenant_names
+from monk.core.clone_strategy import CloneChoice
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
@@ -64,6 +65,8 @@ from monk.errors import (
     TenantExists,
     TenantNotFound,
 )
+from monk.service import clone_support
+from monk.service.clone_support import CloneSupport
 from monk.service.presence import Presence
 from monk.settings import MAX_TENANT_CONNECTION_LIMIT, Settings
 
@@ -174,6 +177,11 @@ class _KnownHost:
     target: ServerTarget
 
 
+def _plain(row: HostRow) -> bool:
+    """A local host's row that changes no placement (made to record its clone support)."""
+    return row.state == "active" and row.capacity is None and not row.labels
+
+
 class Hosts:
     """The PostgreSQL servers tenants live on, by the name the registry records: the local one
     (it keeps the system database) and the hosts of the fleet (``monk host add``), whose
@@ -268,7 +276,7 @@ class Hosts:
             rows = host_registry.list_all(reg)
             remote = [r for r in rows if not r.is_local]
             local_row = next((r for r in rows if r.is_local), None)
-            if not remote and local_row is None:
+            if not remote and (local_row is None or _plain(local_row)):
                 self._no_fleet_until = time.monotonic() + _HOST_RECHECK_S
             if not remote and not labels:
                 if name is None or name == self.local.name:
@@ -646,6 +654,7 @@ class Pipeline:
         self._side_pool: ThreadPoolExecutor | None = None
         self._migration_cache: dict[UUID, tuple[float, Sequence[Migration]]] = {}
         self._build_cache: dict[tuple[str, str], tuple[float, TemplateBuild]] = {}
+        self._clone_support: dict[str, CloneSupport] = {}
 
     @cached_property
     def templates(self) -> TemplateService:
@@ -739,6 +748,50 @@ class Pipeline:
             self._build_cache[(key, target.name)] = (now, build)
         return build
 
+    def clone_support(
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        *,
+        refresh: bool = False,
+        registry_session: Callable[[], psycopg.Connection[Any]] | None = None,
+    ) -> CloneSupport:
+        """Can the host clone files? As recorded in its row; detected (and recorded) when
+        never detected, or with ``refresh`` (``monk host check``, ``host add``, ``db start``).
+        Kept in memory afterwards: the hot path reads no registry for it.
+        ``registry_session``: gives the caller's registry connection, if it holds one (taking
+        a second one from the pool while holding the first deadlocks concurrent provisions on
+        a small pool); asked for only when the answer is not in memory."""
+        with self._side_lock:
+            known = None if refresh else self._clone_support.get(target.name)
+        if known is not None:
+            return known
+        with contextlib.ExitStack() as stack:
+            if registry_session is not None:
+                reg = registry_session()
+            else:
+                reg = stack.enter_context(self.hosts.pools().system())
+            found = None if refresh else clone_support.recorded(reg, target.name)
+            if found is None:
+                found = clone_support.detect_and_record(
+                    reg, adm, target, is_local=target.name == self.hosts.local.name
+                )
+        with self._side_lock:
+            self._clone_support[target.name] = found
+        return found
+
+    def clone_choice(
+        self,
+        adm: psycopg.Connection[Any],
+        target: ServerTarget,
+        build: TemplateBuild,
+        registry_session: Callable[[], psycopg.Connection[Any]] | None = None,
+    ) -> CloneChoice:
+        """The strategy of a clone of ``build`` on ``target``: the one decision
+        (``monk.core.clone_strategy.choose``) every clone of a template uses."""
+        supported = self.clone_support(adm, target, registry_session=registry_session).supported
+        return clone_support.choice(self.settings, build, supported=supported)
+
     def clone(
         self,
         adm: psycopg.Connection[Any],
@@ -749,8 +802,10 @@ class Pipeline:
         template_in_use: bool = True,
         owner: str | None = None,
     ) -> TemplateBuild:
-        """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER]``, keeping the
-        template free of sessions; returns the build whose content the clone really holds.
+        """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER] STRATEGY`` with the
+        strategy ``clone_choice`` picks (the one clone step of every provision and refill),
+        keeping the template free of sessions; returns the build whose content the clone
+        really holds.
         ``registry_session`` gives the caller's registry connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
@@ -779,7 +834,13 @@ class Pipeline:
                 admin.close_database(adm, cloning.database, as_template=True)
             look_for_sessions = True
             try:
-                admin.create_database(adm, database, template=cloning.database, owner=owner)
+                admin.create_database(
+                    adm,
+                    database,
+                    template=cloning.database,
+                    owner=owner,
+                    choice=self.clone_choice(adm, target, cloning, registry_session),
+                )
             except DatabaseMissing:
                 cloning = current()
                 raise TemplateBusy(f"template {build.key!r} is being swapped") from None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import psycopg
+
 from monk.adapters.embedded import EmbeddedServer
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.errors import MonkError
+from monk.service import clone_support
 from monk.settings import Settings
 from monk.system.migrator import InitResult, ensure_system_database, is_current
 
@@ -72,6 +75,19 @@ class Server:
                 admin.revoke_public_connect(
                     adm, ["postgres", "template1", self.settings.system_db_name]
                 )
+        # At start: whether this server clones files (PostgreSQL 18 on a reflink filesystem),
+        # found once rather than at the first provision ('monk host check' finds it again).
+        try:
+            with (
+                connect(target, autocommit=True, purpose="init") as adm,
+                connect(
+                    target, self.settings.system_db_name, autocommit=True, purpose="init"
+                ) as reg,
+            ):
+                if clone_support.recorded(reg, target.name) is None:
+                    clone_support.detect_and_record(reg, adm, target, is_local=True)
+        except (MonkError, psycopg.Error) as exc:
+            log.warning("file cloning not detected (the first clone will try again): %s", exc)
         return target, result
 
     def ready(self) -> ServerTarget:
@@ -109,12 +125,21 @@ class Server:
             with connect(target, purpose="status") as conn:
                 version = admin.server_version(conn)
                 has_system = admin.database_exists(conn, s.system_db_name)
+            cloning: dict[str, object] | None = None
+            if has_system:
+                with connect(target, s.system_db_name, autocommit=True, purpose="status") as reg:
+                    found = clone_support.recorded(reg, target.name)
+                cloning = found.as_dict() if found is not None else None
         except MonkError as exc:
             return info | {"running": False, "error": exc.message}
+        except psycopg.errors.UndefinedColumn:
+            cloning = None  # a system database before migration 0018: not detected yet
         return info | {
             "running": True,
             "host": target.name,
             "server_version": version,
             "system_database": s.system_db_name,
             "system_database_exists": has_system,
+            # Detected at 'monk db start' / 'monk init' (and 'monk host check'): None until then.
+            "file_cloning": cloning,
         }

@@ -2,9 +2,13 @@
 
     <key>/template.json               {"description": …, "version": label, "extends": parent key,
                                        "database_settings": {"work_mem": "8MB", …},
-                                       "extensions": ["citext", "pg_trgm", …]}
+                                       "extensions": ["citext", "pg_trgm", …],
+                                       "clone_strategy": "auto" | "wal_log" | "file_copy"}
     <key>/schemas/<name>.json         one JSON Schema per table; the file stem is the schema name
     <key>/data/<name>.json            a JSON array of seed records for schema <name>
+    <key>/seed/<name>.csv|.jsonl      bulk seed rows for table <name>, loaded with COPY after
+                                      the data records (CSV with a header row naming the
+                                      columns, or JSON Lines: one object per line)
     <key>/migrations/NNNN_<name>.sql  SQL run in order after the seed data; 0001, 0002, …
 
 Only these files belong to a source: other top-level entries (a README) and dotfiles are ignored
@@ -27,6 +31,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
+from monk.core.clone_strategy import StrategySetting, parse_strategy_setting
 from monk.core.schema_compiler import COMPILER_VERSION
 from monk.core.template_names import VERSION_HEX_LENGTH, validate_template_key
 from monk.errors import InvalidName, InvalidTemplateSource
@@ -50,6 +55,7 @@ _MANIFEST_VALIDATOR = Draft202012Validator(
                 "uniqueItems": True,
                 "items": {"type": "string", "pattern": EXTENSION_NAME_PATTERN},
             },
+            "clone_strategy": {"type": "string"},
         },
     }
 )
@@ -91,6 +97,12 @@ class TemplateSource:
     extensions: tuple[str, ...] = ()
     """``CREATE EXTENSION`` at build, before the tables (a clone copies them): the parents'
     first, then the child's own."""
+    bulk: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    """Bulk seed files (``seed/<table>.csv`` or ``.jsonl``) by table, read at build time in
+    chunks (never held in memory); ``files`` holds their sha256, not their bytes."""
+    clone_strategy: StrategySetting | None = None
+    """How its tenants are cloned (``monk.core.clone_strategy``): auto, wal_log or file_copy,
+    over MONK_CLONE_STRATEGY; a child's value overrides its parent's."""
 
 
 def builtin_sources_dir() -> Path:
@@ -119,6 +131,7 @@ def load_source(path: Path, key: str | None = None) -> TemplateSource:
     schemas = {stem: _load_json(path, rel, files) for stem, rel in _json_files(path, "schemas")}
     data = {stem: _load_records(path, rel, files) for stem, rel in _json_files(path, "data")}
     migrations = _load_migrations(path, key, files, complete="extends" not in manifest)
+    bulk = _load_bulk(path, files)
     return TemplateSource(
         key=key,
         path=path,
@@ -132,6 +145,8 @@ def load_source(path: Path, key: str | None = None) -> TemplateSource:
         files=MappingProxyType({f"{key}/{rel}": content for rel, content in files.items()}),
         database_settings=MappingProxyType(dict(manifest.get("database_settings", {}))),
         extensions=tuple(manifest.get("extensions", ())),
+        clone_strategy=manifest.get("clone_strategy"),
+        bulk=MappingProxyType(bulk),
     )
 
 
@@ -194,6 +209,8 @@ def _merge(parent: TemplateSource, child: TemplateSource) -> TemplateSource:
         files=MappingProxyType({**parent.files, **child.files}),
         database_settings=MappingProxyType({**parent.database_settings, **child.database_settings}),
         extensions=tuple(dict.fromkeys(parent.extensions + child.extensions)),
+        clone_strategy=child.clone_strategy or parent.clone_strategy,
+        bulk=MappingProxyType({**parent.bulk, **child.bulk}),
     )
 
 
@@ -224,13 +241,22 @@ def _load_manifest(root: Path, files: dict[str, bytes]) -> Mapping[str, Any]:
     error = best_match(_MANIFEST_VALIDATOR.iter_errors(manifest))
     if error is not None:
         raise InvalidTemplateSource(f"{root / TEMPLATE_FILE}: {error.message}")
+    manifest = dict(manifest)
+    strategy = manifest.get("clone_strategy")
+    if strategy is not None:
+        try:
+            manifest["clone_strategy"] = parse_strategy_setting(strategy)
+        except ValueError as exc:
+            raise InvalidTemplateSource(
+                f"{root / TEMPLATE_FILE}: clone_strategy: {exc}", file=TEMPLATE_FILE
+            ) from None
     parent = manifest.get("extends")
     if parent is not None:
         try:
             validate_template_key(parent)
         except InvalidName as exc:
             raise InvalidTemplateSource(f"{root / TEMPLATE_FILE}: extends: {exc}") from None
-    return dict(manifest)
+    return manifest
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -255,6 +281,35 @@ def _load_records(root: Path, relative: str, files: dict[str, bytes]) -> tuple[A
     if not isinstance(records, list):
         raise InvalidTemplateSource(f"{root / relative}: must contain a JSON array of records")
     return tuple(records)
+
+
+BULK_SUFFIXES = (".csv", ".jsonl")
+_BULK_CHUNK = 1 << 20
+
+
+def _load_bulk(root: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    """``seed/<table>.csv|.jsonl`` by table; each file's sha256 (read in 1 MB chunks) stands
+    for it in the content hash: a seed of hundreds of MB is never held in memory."""
+    found: dict[str, Path] = {}
+    for entry in _entries(root / "seed"):
+        if entry.suffix not in BULK_SUFFIXES or not entry.is_file():
+            raise InvalidTemplateSource(
+                f"{entry}: seed/ may only contain <table>.csv or <table>.jsonl files"
+            )
+        if entry.stem in found:
+            raise InvalidTemplateSource(
+                f"{entry}: seed/{found[entry.stem].name} seeds table {entry.stem!r} already"
+            )
+        digest = hashlib.sha256()
+        try:
+            with entry.open("rb") as f:
+                while chunk := f.read(_BULK_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise InvalidTemplateSource(f"{entry}: cannot be read: {exc.strerror}") from None
+        files[f"seed/{entry.name}"] = f"sha256:{digest.hexdigest()}".encode()
+        found[entry.stem] = entry
+    return found
 
 
 def _load_migrations(

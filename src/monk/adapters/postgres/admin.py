@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from monk.core.clone_strategy import CloneChoice
 from monk.core.identifiers import validate_database_name, validate_role_name
 from monk.errors import (
     Conflict,
@@ -30,6 +31,10 @@ from monk.errors import (
 log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[object, ...]]
+
+FILE_COPY_METHOD_SINCE = 180000
+"""server_version_num from which ``file_copy_method`` (copy or clone) exists."""
+_STRATEGY_SQL = {"wal_log": "WAL_LOG", "file_copy": "FILE_COPY"}
 
 
 def database_exists(conn: Conn, name: str) -> bool:
@@ -259,9 +264,18 @@ def reserved_connections(conn: Conn) -> dict[str, object]:
 
 
 def create_database(
-    conn: Conn, name: str, *, template: str | None = None, owner: str | None = None
+    conn: Conn,
+    name: str,
+    *,
+    template: str | None = None,
+    owner: str | None = None,
+    choice: CloneChoice | None = None,
 ) -> None:
     """CREATE DATABASE (optionally a clone of ``template``). Needs an autocommit connection.
+
+    ``choice``: the clone's STRATEGY (``monk.core.clone_strategy``); for FILE_COPY on
+    PostgreSQL 18+, ``file_copy_method`` is set in the session first, to ``clone`` or ``copy``
+    as chosen, whatever the server's configuration says. None: the server's default.
 
     Raises DatabaseExists, DatabaseMissing (template), or TemplateBusy (55006: sessions on it).
     """
@@ -272,6 +286,12 @@ def create_database(
         query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
     if owner is not None:
         query += sql.SQL(" OWNER {}").format(sql.Identifier(validate_role_name(owner)))
+    if choice is not None:
+        query += sql.SQL(" STRATEGY {}").format(sql.SQL(_STRATEGY_SQL[choice.strategy]))
+        if choice.strategy == "file_copy" and conn.info.server_version >= FILE_COPY_METHOD_SINCE:
+            # A session setting (context user): CREATE DATABASE cannot run in a transaction
+            # block, so it cannot be SET LOCAL; every FILE_COPY sets it again.
+            conn.execute("SET file_copy_method = " + ("clone" if choice.clone else "copy"))
     try:
         conn.execute(query)
     except psycopg.errors.DuplicateDatabase:
@@ -704,3 +724,75 @@ def rename_spare_into(
         ),
         (spare, database, role, verifier, connection_limit),
     )
+
+
+# ---------------------------------------------------------------- file cloning (PostgreSQL 18)
+
+
+@dataclass(frozen=True)
+class CloneFacts:
+    """What the server says of its file cloning: whether it has ``file_copy_method`` at all,
+    where its data directory is (None: not readable by this role) and which cluster it is."""
+
+    version_num: int
+    data_directory: str | None
+    system_identifier: str | None
+
+
+def clone_facts(conn: Conn) -> CloneFacts:
+    row = conn.execute(
+        "SELECT current_setting('server_version_num')::int,"
+        " current_setting('data_directory', true),"
+        " (SELECT system_identifier::text FROM pg_control_system())"
+    ).fetchone()
+    assert row is not None
+    return CloneFacts(
+        int(str(row[0])),
+        None if row[1] is None else str(row[1]),
+        None if row[2] is None else str(row[2]),
+    )
+
+
+def try_clone(conn: Conn, name: str, template: str, choice: CloneChoice) -> float:
+    """Make ``name`` from ``template`` with ``choice`` and drop it again: the milliseconds the
+    CREATE took. The server's error (e.g. a file_copy_method it refuses) is raised as it is."""
+    started = time.perf_counter()
+    create_database(conn, name, template=template, choice=choice)
+    elapsed = (time.perf_counter() - started) * 1000
+    drop_database(conn, name)
+    return elapsed
+
+
+def fill_probe_database(conn: Conn, megabytes: int) -> None:
+    """In a database of its own (``conn`` connected to it): one table of about ``megabytes``
+    MB, what a timing of FILE_COPY with and without clone copies."""
+    conn.execute(
+        "CREATE TABLE probe AS SELECT g AS id, repeat(md5(g::text), 30) AS v"
+        " FROM generate_series(1, %s) AS g",
+        (megabytes * 1024 * 1024 // 1000,),
+    )
+
+
+def checkpoint(conn: Conn) -> bool:
+    """CHECKPOINT (superuser or pg_checkpoint); False when the role may not."""
+    try:
+        conn.execute("CHECKPOINT")
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
+
+
+def wal_lsn(conn: Conn) -> str:
+    """The server's current WAL insert position (``pg_current_wal_lsn``)."""
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wal_bytes_since(conn: Conn, lsn: str) -> int:
+    """WAL bytes written since ``lsn`` (by every session of the server)."""
+    row = conn.execute(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (lsn,)
+    ).fetchone()
+    assert row is not None
+    return int(str(row[0]))

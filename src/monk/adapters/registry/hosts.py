@@ -16,6 +16,10 @@ from psycopg.types.json import Jsonb
 
 Conn = psycopg.Connection[Any]
 
+LOCAL_ID = UUID(int=0)
+"""The local host's row (made when its state, capacity or clone support is first recorded)
+has this id: one per registry."""
+
 
 @dataclass(frozen=True)
 class HostRow:
@@ -34,6 +38,10 @@ class HostRow:
     check_ok: bool | None
     check_error: str | None
     check_latency_ms: float | None
+    clone_support: bool | None
+    """Can the server's data directory clone files (file_copy_method = clone)? None: unknown."""
+    clone_detail: str | None
+    clone_checked_at: datetime | None
 
 
 _COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(HostRow))
@@ -152,6 +160,25 @@ def record_check(
         "UPDATE hosts SET checked_at = now(), check_ok = %s, check_error = %s, "
         "check_latency_ms = %s, server_version = coalesce(%s, server_version) WHERE name = %s",
         (ok, error, latency_ms, server_version, name),
+    )
+
+
+def clone_support(conn: Conn, name: str) -> tuple[bool | None, str | None]:
+    """What was detected of the host's file cloning: (supported, how it was found); (None,
+    None) when never detected (or the local host has no row yet)."""
+    row = conn.execute(
+        "SELECT clone_support, clone_detail FROM hosts WHERE name = %s", (name,)
+    ).fetchone()
+    if row is None:
+        return None, None
+    return (None if row[0] is None else bool(row[0])), (None if row[1] is None else str(row[1]))
+
+
+def record_clone_support(conn: Conn, name: str, *, supported: bool, detail: str) -> None:
+    conn.execute(
+        "UPDATE hosts SET clone_support = %s, clone_detail = %s, clone_checked_at = now() "
+        "WHERE name = %s",
+        (supported, detail, name),
     )
 
 

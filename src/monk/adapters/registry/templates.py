@@ -58,6 +58,8 @@ class TemplateBuild:
     dropped_at: datetime | None
     fingerprint: str | None
     """sha256 of the build's catalog (``monk.core.catalog``); None for builds made before."""
+    clone_strategy: str | None = None
+    """template.json's ``clone_strategy`` (auto, wal_log, file_copy); None: not given."""
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -88,6 +90,8 @@ class NewBuild:
     """The JSON Schemas the build compiles (schema name → document), for its successor's step."""
     migration_manifest: Sequence[Mapping[str, Any]] | None = None
     """``{number, name, sha256}`` of each migration file the build applies."""
+    clone_strategy: str | None = None
+    """template.json's ``clone_strategy``, for every clone of the build."""
 
 
 @dataclass(frozen=True)
@@ -300,8 +304,8 @@ def start_build(conn: Conn, new: NewBuild) -> tuple[UUID, UUID]:
         row = conn.execute(
             "INSERT INTO template_builds (key, version, database, host, description,"
             " version_label, parent_key, source, database_settings, monk_version,"
-            " compiler_version, compiled_schemas, migration_manifest)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            " compiler_version, compiled_schemas, migration_manifest, clone_strategy)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (
                 new.key,
                 new.version,
@@ -316,6 +320,7 @@ def start_build(conn: Conn, new: NewBuild) -> tuple[UUID, UUID]:
                 new.compiler_version,
                 None if new.compiled_schemas is None else Jsonb(dict(new.compiled_schemas)),
                 None if new.migration_manifest is None else Jsonb(list(new.migration_manifest)),
+                new.clone_strategy,
             ),
         ).fetchone()
         assert row is not None

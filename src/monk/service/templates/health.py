@@ -18,11 +18,13 @@ from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core.catalog import Catalog
+from monk.core.clone_strategy import CloneChoice
 from monk.core.identifiers import MAX_IDENTIFIER_BYTES
 from monk.core.schema_compiler import CORE_TABLES
 from monk.core.system_columns import SYSTEM_COLUMNS
 from monk.core.template_names import validate_template_key
 from monk.errors import TemplateNotFound
+from monk.service import clone_support
 from monk.service.templates.sources import Plan
 from monk.settings import Settings
 
@@ -125,7 +127,9 @@ def check(reg: Conn, adm: Conn, target: ServerTarget, settings: Settings, key: s
         return HealthReport(build.database, 0, 0, {}, tuple(problems))
     scratch = f"{CHECK_DB_PREFIX}{validate_template_key(key)}_{secrets.token_hex(4)}"
     assert len(scratch) <= MAX_IDENTIFIER_BYTES
-    admin.create_database(adm, scratch, template=build.database)
+    admin.create_database(
+        adm, scratch, template=build.database, choice=_choice(reg, target, settings, build)
+    )
     try:
         admin.comment_on_database(adm, scratch, check_mark(settings))
         with connect(target, scratch, purpose="template-check") as db:
@@ -140,6 +144,15 @@ def check(reg: Conn, adm: Conn, target: ServerTarget, settings: Settings, key: s
     if build.record_count is not None and report.record_count != build.record_count:
         problems.append(f"{report.record_count} records, the build recorded {build.record_count}")
     return dataclasses.replace(report, problems=(*problems, *report.problems))
+
+
+def _choice(
+    reg: Conn, target: ServerTarget, settings: Settings, build: TemplateBuild
+) -> CloneChoice:
+    """A scratch clone is cloned as a tenant would be (a large template's check then costs
+    what a provision does), with the host's file cloning as recorded."""
+    found = clone_support.recorded(reg, target.name)
+    return clone_support.choice(settings, build, supported=found is not None and found.supported)
 
 
 def read_build_catalog(
