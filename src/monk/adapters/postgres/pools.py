@@ -124,7 +124,8 @@ class ServerPools:
             # makes the pool try again.
             reconnect_timeout=0,
             reconnect_failed=lambda _pool: None,
-            reset=mark_returned,
+            # No reset callback: with one, psycopg_pool returns every connection through its
+            # worker thread (a hop, ~4 context switches per registry call); _get marks it.
             open=True,
             name=f"monk-{purpose}",
         )
@@ -166,6 +167,7 @@ class ServerPools:
                 raise unavailable(self.target, dbname, exc) from exc
             raise
         finally:
+            mark_returned(conn)
             pool.putconn(conn)
 
     def system(self) -> AbstractContextManager[psycopg.Connection[Any]]:
