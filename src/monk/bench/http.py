@@ -220,7 +220,8 @@ class HttpBench:
         key = self.config.template
         port = _free_port()
         environ = dict(os.environ)
-        environ["MONK_POOL_SPARES"] = json.dumps({**self.settings.pool_spares, key: spares})
+        # Only the measured template's spares: other keys' refills would be background noise.
+        environ["MONK_POOL_SPARES"] = json.dumps({key: spares})
         self._server_spares = spares
         logfile = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below)
             prefix="monk-bench-serve-", suffix=".log", delete=False
