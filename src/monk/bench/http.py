@@ -137,6 +137,8 @@ class HttpBench:
         self._spares_before = 0
         self._ready_baseline = 0
         self._server_spares = 0
+        # Timed provisions a spare served, per variant (warm: all of them; cold: none).
+        self._from_pool: dict[str, int] = {}
 
     def _name(self, kind: str) -> str:
         self._counter += 1
@@ -194,6 +196,9 @@ class HttpBench:
                 "http_adds_p50_ms": _minus(http["p50_ms"], inproc["p50_ms"]),
                 "http_over_in_process": stats.ratio(http["p50_ms"], inproc["p50_ms"]),
             }
+            if call != "get":
+                inproc["from_pool"] = self._from_pool.get(f"{call}_in_process", 0)
+                http["from_pool"] = self._from_pool.get(f"{call}_http", 0)
         result["cold"]["http_over_raw"] = stats.ratio(
             result["cold"]["http"]["p50_ms"], result["raw"]["p50_ms"]
         )
@@ -312,15 +317,18 @@ class HttpBench:
             databases.append(name)
             adm.execute(clone.format(sql.Identifier(name), sql.Identifier(self._template_db)))
 
-        def provision_in_process() -> None:
+        def provision_in_process() -> str:
             name = self._name("p")
             tenants.append(name)
-            tenant_auth.provision(svc, name, template=key)
+            view = tenant_auth.provision(svc, name, template=key)
+            return str(view.provisioned_from or "clone")
 
-        def provision_http() -> None:
+        def provision_http() -> str:
             name = self._name("h")
             tenants.append(name)
-            _ok(client.post("/api/root/tenant", json={"name": name, "template": key}))
+            answer = client.post("/api/root/tenant", json={"name": name, "template": key})
+            _ok(answer)
+            return str(answer.json()["data"].get("provisioned_from") or "clone")
 
         def get_in_process() -> object:
             return svc.view(svc.get(tenants[-1])).as_dict()
@@ -352,7 +360,9 @@ class HttpBench:
                 if variant == "warm_in_process":
                     # this process's own spare (the server's waits for its own handout)
                     self._own_spare(svc)
-                samples[variant].add(i > 0, steps[variant])
+                source = samples[variant].add(i > 0, steps[variant])
+                if i > 0 and source == "pool":
+                    self._from_pool[variant] = self._from_pool.get(variant, 0) + 1
         self._progress(phase, rounds + 1, rounds + 1)
 
     def _own_spare(self, svc: TenantService) -> None:
