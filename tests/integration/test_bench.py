@@ -322,6 +322,8 @@ def test_bench_http_measures_the_api_beside_the_service_calls_and_removes_what_i
                 result[call]["http"]["p50_ms"] - result[call]["in_process"]["p50_ms"], abs=0.002
             )
         for way in ("in_process", "http"):
+            assert result["get_back_to_back"][way]["n"] == 20
+            assert result["get_back_to_back"][way]["failures"] == 0
             assert result["warm"][way]["from_pool"] == 2  # every warm one from a spare
             assert result["cold"][way]["from_pool"] == 0  # no cold one
         assert result["cold"]["http_over_raw"] == pytest.approx(

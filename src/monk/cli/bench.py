@@ -197,6 +197,7 @@ def _bench_http(template: str, iterations: int, json_file: Path | None) -> None:
         ("cold", "cold provision"),
         ("warm", "warm provision"),
         ("get", "GET /api/root/tenant/{name}"),
+        ("get_back_to_back", "the same GET, back to back"),
     ):
         r = result[call]
         inproc, http = r["in_process"], r["http"]
