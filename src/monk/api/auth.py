@@ -67,10 +67,10 @@ def issue_root_token(settings: Settings, *, ttl_seconds: int = 3600, subject: st
 class _Verified:
     """Tokens PyJWT has verified, with their claims, until they expire (LRU, bounded).
 
-    PyJWT 2.15 checks each base64 segment character by character: ~0.15 ms a decode, the
-    largest single cost of an authenticated request after the service call (monk bench --http,
-    py-spy). A token seen before is answered from here while unexpired; anything else (a new
-    token, an expired one, a failure) goes through ``jwt.decode`` as before."""
+    PyJWT 2.15 checks each base64 segment character by character: 0.15-0.33 ms a decode (4 us
+    remembered), as much server time as the service call of a tenant read (py-spy). A token
+    seen before is answered from here while unexpired; anything else (a new token, an expired
+    one, a failure) goes through ``jwt.decode`` as before."""
 
     def __init__(self, size: int = 1024) -> None:
         self._size = size
