@@ -439,3 +439,66 @@ def test_bench_template_size_measures_every_strategy_and_removes_what_it_made(
             "SELECT datname FROM pg_database WHERE datname LIKE 'monk%bench\\_size\\_%'"
         ).fetchall()
     assert left == []
+
+
+def test_bench_http_measures_the_api_beside_the_service_calls_and_removes_what_it_made(
+    monk: RunMonk, settings: Settings, admin_url: str, tmp_path: Path
+) -> None:
+    """`monk bench --http`: a real `monk serve` and a keep-alive client, cold and warm
+    provisions and a tenant read over HTTP beside the same service calls in process and the
+    raw clone, in one run; shape and clean-up only (no timing is asserted)."""
+    key, env = own_template(monk, tmp_path)
+    before = server_objects(admin_url)
+    out = tmp_path / "http.json"
+    try:
+        run = monk(
+            "bench",
+            "--http",
+            "--template",
+            key,
+            "--iterations",
+            "2",
+            "--json",
+            str(out),
+            env=env,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr + run.stdout
+        assert "HTTP adds" in run.stdout
+        result = json.loads(out.read_text())
+        assert set(result["raw"]) >= SUMMARY_KEYS
+        assert result["raw"]["n"] == 4  # a raw clone in every round of both servers' rounds
+        for call in ("cold", "warm", "get"):
+            for way in ("in_process", "http"):
+                summary = result[call][way]
+                assert summary["n"] == 2, (call, way, summary)
+                assert summary["failures"] == 0, (call, way, summary)
+                assert summary["p50_ms"] <= summary["p99_ms"]
+            added = result[call]["http_adds_p50_ms"]
+            assert added == pytest.approx(
+                result[call]["http"]["p50_ms"] - result[call]["in_process"]["p50_ms"], abs=0.002
+            )
+        for way in ("in_process", "http"):
+            assert result["get_back_to_back"][way]["n"] == 20
+            assert result["get_back_to_back"][way]["failures"] == 0
+            assert result["warm"][way]["from_pool"] == 2  # every warm one from a spare
+            assert result["cold"][way]["from_pool"] == 0  # no cold one
+        assert result["cold"]["http_over_raw"] == pytest.approx(
+            result["cold"]["http"]["p50_ms"] / result["raw"]["p50_ms"], abs=0.002
+        )
+        assert [t["target"] for t in result["targets"]] == [
+            "cold: HTTP adds (p50)",
+            "warm: HTTP adds (p50)",
+            "get: HTTP adds (p50)",
+            "warm over HTTP (p50)",
+            "cold over HTTP / raw (p50)",
+        ]
+        assert all(t["met"] is not None for t in result["targets"])
+        assert result["notes"] == []
+        # nothing left behind: databases, roles, registry rows, spares (the servers stopped)
+        assert server_objects(admin_url) == before
+        with psycopg.connect(admin_url, dbname=settings.system_db_name) as reg:
+            assert reg.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
+            assert reg.execute("SELECT count(*) FROM spares").fetchone() == (0,)
+    finally:
+        drop_template(admin_url, f"monk_template_{key}")

@@ -101,6 +101,29 @@ def test_serve_answers_and_stops_cleanly(env: Env) -> None:
     assert spare_roles(env) == {"registry": spare_roles_before, "server": spare_roles_before}
 
 
+def test_keep_alive_answers_are_not_held_back_by_nagle(env: Env) -> None:
+    """Issue 16 #4: monk serve's listening socket was made with proto 0, so asyncio never set
+    TCP_NODELAY on its connections, and each answer's body (written after its headers) waited
+    for the client's delayed ACK: ~40 ms a request on a keep-alive connection, back to back."""
+    port = free_port()
+    proc = _serve(port, settings_env(env.settings), env.template)
+    try:
+        _wait_until("monk serve answers", lambda: _answers(port))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(3):
+                assert client.get("/health").status_code == 200
+            took = []
+            for _ in range(21):
+                t0 = time.perf_counter()
+                assert client.get("/health").status_code == 200
+                took.append(time.perf_counter() - t0)
+        # Linux's delayed ACK is at least 40 ms: a median below 30 ms is no Nagle stall.
+        assert sorted(took)[10] < 0.030, [round(t * 1000, 1) for t in took]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
 def _serve(port: int, environ: dict[str, str], template: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [MONK_BIN, "serve", "--port", str(port), "--templates", template],

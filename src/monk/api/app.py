@@ -69,7 +69,11 @@ def listen(host: str, port: int) -> socket.socket:
     touches anything: a busy port is then one ConfigError, not a half-started server (clients
     that connect during start-up wait in the backlog)."""
     # as uvicorn does: IPv6 for an address with a colon, else IPv4 (a name resolves to that)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
+    # Without it Nagle held every response's body until the client's delayed ACK of its
+    # headers: +40 ms on each keep-alive request (44 ms p50 back to back, 1.2 ms with it).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         # and, as uvicorn does, a restart need not wait for old connections' TIME_WAIT
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +64,47 @@ def issue_root_token(settings: Settings, *, ttl_seconds: int = 3600, subject: st
     return jwt.encode(claims, signing_secret(settings), algorithm=ALGORITHM)
 
 
+class _Verified:
+    """Tokens PyJWT has verified, with their claims, until they expire (LRU, bounded).
+
+    PyJWT 2.15 checks each base64 segment character by character: 0.15-0.33 ms a decode (4 us
+    remembered), as much server time as the service call of a tenant read (py-spy). A token
+    seen before is answered from here while unexpired; anything else (a new token, an expired
+    one, a failure) goes through ``jwt.decode`` as before."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._claims: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
+
+    def decode(
+        self, token: str, secret: str, audience: str | None, **kwargs: Any
+    ) -> dict[str, Any]:
+        key = (token, secret, audience or "")
+        with self._lock:
+            claims = self._claims.get(key)
+            if claims is not None:
+                self._claims.move_to_end(key)
+        if claims is not None and time.time() < claims["exp"]:
+            return dict(claims)
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], audience=audience, **kwargs)
+        if isinstance(claims.get("exp"), int | float):
+            with self._lock:
+                self._claims[key] = dict(claims)
+                if len(self._claims) > self._size:
+                    self._claims.popitem(last=False)
+        return claims
+
+
+_verified = _Verified()
+
+
 def verify_root(token: str, secret: str) -> dict[str, Any]:
     """The token's claims if it is a valid, unexpired root token; AuthError otherwise."""
     try:
         # Root tokens have no audience, or monk:root; a tenant token's is refused below.
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            options={"require": ["exp"], "verify_aud": False},
+        claims: dict[str, Any] = _verified.decode(
+            token, secret, None, options={"require": ["exp"], "verify_aud": False}
         )
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
@@ -95,11 +129,10 @@ def verify_tenant(token: str, secret: str) -> dict[str, Any]:
     """The claims of a valid, unexpired tenant token; TokenExpired or TokenInvalid otherwise
     (a root token has the wrong audience: invalid here)."""
     try:
-        claims: dict[str, Any] = jwt.decode(
+        claims: dict[str, Any] = _verified.decode(
             token,
             secret,
-            algorithms=[ALGORITHM],
-            audience=TENANT_AUDIENCE,
+            TENANT_AUDIENCE,
             options={"require": ["exp", "iat", "aud", *TENANT_CLAIMS]},
         )
     except jwt.ExpiredSignatureError:

@@ -123,6 +123,13 @@ def bench(
         "generated template of this size (e.g. 512MB), with the WAL each writes; "
         "--iterations rounds (5 unless given).",
     ),
+    http: bool = typer.Option(
+        False,
+        "--http",
+        help="Measure the HTTP path instead: cold and warm provisions and a tenant read "
+        "through a real 'monk serve' and a keep-alive client, beside the same service calls "
+        "in process and the raw clone (--iterations rounds).",
+    ),
 ) -> None:
     """Measure provisioning (raw clone, from scratch, cold, warm pool), throughput and
     deprovisioning on this server; removes everything it creates. A benchmark, not a test."""
@@ -146,6 +153,9 @@ def bench(
         return
     if move:
         _bench_move(size_mb, rounds, json_file)
+        return
+    if http:
+        _bench_http(template, iterations or 30, json_file)
         return
     levels = parse_concurrency(concurrency)
     runner_config = BenchConfig(
@@ -267,6 +277,54 @@ def _bench_strategies(
             f"    monk cold / fastest raw ({t['fastest_raw']}): {t['cold_over_fastest_raw']}x;"
             f" WAL_LOG / monk cold: {t['wal_log_over_monk_cold']}x"
         )
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def _bench_http(template: str, iterations: int, json_file: Path | None) -> None:
+    from monk.bench.http import HttpBench, HttpBenchConfig
+    from monk.service.presence import refuse_beside_serve
+
+    s = state()
+    refuse_beside_serve(s.target, s.settings.system_db_name, "the figures")
+    config = HttpBenchConfig(template=template, iterations=iterations)
+    labels = {"warm": "warm provisions and reads", "cold": "cold provisions"}
+    with _phase_bar(labels) as progress:
+        result = HttpBench(s.settings, s.target, config, progress=progress).run()
+    raw = result["raw"]
+    console.print(
+        f"HTTP path, template {template}, {iterations} rounds, {result['duration_s']} s; "
+        f"raw clone p50 {raw['p50_ms']} ms, p99 {raw['p99_ms']} ms"
+    )
+    for call, label in (
+        ("cold", "cold provision"),
+        ("warm", "warm provision"),
+        ("get", "GET /api/root/tenant/{name}"),
+        ("get_back_to_back", "the same GET, back to back"),
+    ):
+        r = result[call]
+        inproc, http = r["in_process"], r["http"]
+        console.print(
+            f"  {label}: in process p50 {inproc['p50_ms']} ms (p99 {inproc['p99_ms']}), "
+            f"HTTP p50 {http['p50_ms']} ms (p99 {http['p99_ms']}); "
+            f"HTTP adds {r['http_adds_p50_ms']} ms p50 ({r['http_over_in_process']}x)"
+            + (f"; HTTP/raw {r['http_over_raw']}" if call == "cold" else ""),
+            highlight=False,
+        )
+        for variant in ("in_process", "http"):
+            if r[variant]["failures"]:
+                console.print(
+                    f"    {variant}: {r[variant]['failures']} failed: {r[variant].get('errors')}"
+                )
+    for target in result["targets"]:
+        met = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        console.print(
+            f"  target {target['target']} {target['goal']}: {target['measured']} ({met})",
+            highlight=False,
+        )
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False)
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"wrote {json_file}")

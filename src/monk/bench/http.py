@@ -1,0 +1,468 @@
+"""``monk bench --http``: what the HTTP API adds to the service calls it wraps.
+
+One run, one template, three calls, each measured three ways side by side:
+
+    raw        CREATE DATABASE … TEMPLATE on an open autocommit connection (the floor of cold)
+    in process the very service call the route makes (``TenantService.provision`` for
+               ``POST /api/root/tenant``, ``TenantService.get`` + ``view`` for
+               ``GET /api/root/tenant/{name}``), from this process
+    http       the route, through a real ``monk serve`` (uvicorn, started by the bench as a
+               user starts it) and one keep-alive httpx client on the same machine
+
+Calls: ``cold`` (no spare of the template ready for its caller), ``warm`` (a spare ready: the
+server's refiller keeps one, configured by the bench; in process, the bench makes its own just
+before), ``get`` (a tenant of the run). Before every timed call the bench waits until no spare
+is being cloned and the server's spare is ready, then ``settle`` seconds (the root passwords
+hashed ahead, the server's spare roles): what runs in the background never overlaps a sample.
+Rounds alternate which of in process and http goes first. Then ``get_back_to_back``: ten
+reads a round more of each, alternating, with no wait between them.
+
+The server's stdout (uvicorn's log) goes to a file whose path is in the result's notes if the
+server fails. Everything made is removed at the end (the server stopped first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+import monk
+from monk.adapters.postgres import admin
+from monk.adapters.postgres.connection import ServerTarget, connect
+from monk.bench import stats
+from monk.service import pool, purge, role_pool, tenant_auth
+from monk.service.templates import TemplateService
+from monk.service.tenants import TenantService
+from monk.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+CALLS = ("cold", "warm", "get")
+VARIANTS = (
+    "raw",
+    *(f"{c}_{w}" for c in CALLS for w in ("in_process", "http")),
+    "get_in_process_back_to_back",
+    "get_http_back_to_back",
+)
+DB_PREFIX = "monkbench_"
+
+
+@dataclass(frozen=True)
+class HttpBenchConfig:
+    template: str = "saas"
+    iterations: int = 30
+    # What the background needs after a call (a root password hashed ahead: ~45 ms of argon2)
+    settle_seconds: float = 0.1
+    start_timeout: float = 120.0
+
+
+@dataclass
+class _Samples:
+    ms: list[float] = field(default_factory=list)
+    failures: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, timed: bool, fn: Callable[[], object]) -> object | None:
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:
+            if timed:
+                self.failures += 1
+                if len(self.errors) < 3:
+                    self.errors.append(_describe(exc))
+            log.warning("bench call failed: %s", _describe(exc))
+            return None
+        if timed:
+            self.ms.append((time.perf_counter() - t0) * 1000)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        out = stats.summarize(self.ms, failures=self.failures)
+        if self.errors:
+            out["errors"] = list(self.errors)
+        return out
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def monk_command() -> list[str]:
+    """This monk, as a command: the interpreter running it, so the served code is this code."""
+    return [sys.executable, "-m", "monk"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HttpFailed(Exception):
+    """The served monk did not start, or answered a call with an error."""
+
+
+class HttpBench:
+    def __init__(
+        self,
+        settings: Settings,
+        target: ServerTarget,
+        config: HttpBenchConfig,
+        *,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.target = target
+        self.config = config
+        self.run_id = secrets.token_hex(4)
+        self._progress = progress or (lambda _phase, _done, _total: None)
+        self._counter = 0
+        self.notes: list[str] = []
+        self._template_db = ""
+        self._spares_before = 0
+        self._ready_baseline = 0
+        self._server_spares = 0
+        # Timed provisions a spare served, per variant (warm: all of them; cold: none).
+        self._from_pool: dict[str, int] = {}
+
+    def _name(self, kind: str) -> str:
+        self._counter += 1
+        return f"bench {self.run_id} {kind} {self._counter}"
+
+    def _db_name(self) -> str:
+        self._counter += 1
+        return f"{DB_PREFIX}{self.run_id}_raw_{self._counter}"
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        result: dict[str, Any] = {
+            "monk_version": monk.__version__,
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        key = self.config.template
+        with TemplateService.open(self.settings, self.target) as templates:
+            build = templates.ensure_built(key)
+        self._template_db = build.database
+        result["template"] = {"key": key, "version": build.version, "database": build.database}
+        svc = TenantService(self.settings, self.target)
+        tenants: list[str] = []
+        databases: list[str] = []
+        try:
+            self._spares_before = pool.drain(svc, key=key)
+            with svc.hosts.pools().system() as reg:
+                self._ready_baseline = sum(
+                    1 for r in pool.spare_rows(reg, self.target.name) if r.status == "ready"
+                )
+            # As monk serve does (Runtime.start): generated root passwords hashed ahead.
+            tenant_auth.warm_up(svc, 4)
+            samples = {n: _Samples() for n in VARIANTS}
+            with connect(self.target, autocommit=True, purpose="bench") as adm:
+                # Two servers in turn: a served monk hands out its own spare first, so its cold
+                # provisions are measured with no spare configured, its warm ones with one.
+                for phase, calls in (("warm", ("warm", "get")), ("cold", ("cold",))):
+                    spares = 1 if phase == "warm" else 0
+                    with self._served(spares) as client:
+                        self._rounds(phase, calls, svc, adm, client, samples, tenants, databases)
+                    pool.drain(svc, key=key)
+        finally:
+            leftovers = self._cleanup(svc, tenants, databases)
+            svc.close()
+        if leftovers:
+            self.notes.append("left behind: " + ", ".join(leftovers))
+        result["raw"] = samples["raw"].summary()
+        for call in CALLS:
+            inproc = samples[f"{call}_in_process"].summary()
+            http = samples[f"{call}_http"].summary()
+            result[call] = {
+                "in_process": inproc,
+                "http": http,
+                "http_adds_p50_ms": _minus(http["p50_ms"], inproc["p50_ms"]),
+                "http_over_in_process": stats.ratio(http["p50_ms"], inproc["p50_ms"]),
+            }
+            if call != "get":
+                inproc["from_pool"] = self._from_pool.get(f"{call}_in_process", 0)
+                http["from_pool"] = self._from_pool.get(f"{call}_http", 0)
+        inproc = samples["get_in_process_back_to_back"].summary()
+        http = samples["get_http_back_to_back"].summary()
+        result["get_back_to_back"] = {
+            "in_process": inproc,
+            "http": http,
+            "http_adds_p50_ms": _minus(http["p50_ms"], inproc["p50_ms"]),
+            "http_over_in_process": stats.ratio(http["p50_ms"], inproc["p50_ms"]),
+        }
+        result["cold"]["http_over_raw"] = stats.ratio(
+            result["cold"]["http"]["p50_ms"], result["raw"]["p50_ms"]
+        )
+        result["cold"]["in_process_over_raw"] = stats.ratio(
+            result["cold"]["in_process"]["p50_ms"], result["raw"]["p50_ms"]
+        )
+        result["config"] = {
+            "template": key,
+            "iterations": self.config.iterations,
+            "settle_seconds": self.config.settle_seconds,
+        }
+        result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+        result["targets"] = [t.as_dict() for t in http_targets(result)]
+        result["notes"] = list(self.notes)
+        result["duration_s"] = round(time.monotonic() - started, 1)
+        return result
+
+    # ------------------------------------------------------------------ the served monk
+
+    @contextlib.contextmanager
+    def _served(self, spares: int) -> Iterator[httpx.Client]:
+        """A real ``monk serve`` on a free port, keeping ``spares`` of the template, and a
+        keep-alive client holding a root token; stopped (SIGTERM) on the way out."""
+        key = self.config.template
+        port = _free_port()
+        environ = dict(os.environ)
+        # Only the measured template's spares: other keys' refills would be background noise.
+        environ["MONK_POOL_SPARES"] = json.dumps({key: spares})
+        self._server_spares = spares
+        logfile = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below)
+            prefix="monk-bench-serve-", suffix=".log", delete=False
+        )
+        command = [*monk_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.Popen(
+            [*command, "--templates", key],
+            env=environ,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        failed = True
+        try:
+            base = f"http://127.0.0.1:{port}"
+            self._wait_started(proc, base, Path(logfile.name))
+            token = subprocess.run(
+                [*monk_command(), "token", "--root"],
+                env=environ,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            with httpx.Client(
+                base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120
+            ) as client:
+                yield client
+            failed = False
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            logfile.close()
+            if failed:
+                self.notes.append(f"the served monk's log: {logfile.name}")
+            else:
+                Path(logfile.name).unlink(missing_ok=True)
+
+    def _wait_started(self, proc: subprocess.Popen[bytes], base: str, logfile: Path) -> None:
+        deadline = time.monotonic() + self.config.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
+                raise HttpFailed(f"monk serve exited {proc.returncode}: " + " | ".join(tail))
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise HttpFailed(f"monk serve did not answer within {self.config.start_timeout:g} s")
+
+    def _quiet(self, svc: TenantService) -> None:
+        """Wait until nothing is being cloned and the server's spare is ready, then settle."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with svc.hosts.pools().system() as reg:
+                rows = pool.spare_rows(reg, self.target.name)
+            ready = sum(1 for r in rows if r.status == "ready")
+            enough = ready >= self._ready_baseline + self._server_spares
+            if enough and all(r.status == "ready" for r in rows):
+                break
+            time.sleep(0.005)
+        else:
+            self.notes.append("the served monk's spare was not ready within 60 s")
+        time.sleep(self.config.settle_seconds)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _rounds(
+        self,
+        phase: str,
+        calls: tuple[str, ...],
+        svc: TenantService,
+        adm: psycopg.Connection[Any],
+        client: httpx.Client,
+        samples: dict[str, _Samples],
+        tenants: list[str],
+        databases: list[str],
+    ) -> None:
+        key = self.config.template
+        clone = sql.SQL("CREATE DATABASE {} TEMPLATE {}")
+        rounds = self.config.iterations
+
+        def raw() -> None:
+            name = self._db_name()
+            databases.append(name)
+            adm.execute(clone.format(sql.Identifier(name), sql.Identifier(self._template_db)))
+
+        def provision_in_process() -> str:
+            name = self._name("p")
+            tenants.append(name)
+            view = svc.provision(name, template=key)
+            return str(view.provisioned_from or "clone")
+
+        def provision_http() -> str:
+            name = self._name("h")
+            tenants.append(name)
+            answer = client.post("/api/root/tenant", json={"name": name, "template": key})
+            _ok(answer)
+            return str(answer.json()["data"].get("provisioned_from") or "clone")
+
+        def get_in_process() -> object:
+            return svc.view(svc.get(tenants[-1])).as_dict()
+
+        def get_http() -> object:
+            return _ok(client.get(f"/api/root/tenant/{tenants[-1]}"))
+
+        steps: dict[str, Callable[[], object]] = {
+            "raw": raw,
+            "cold_in_process": provision_in_process,
+            "cold_http": provision_http,
+            "warm_in_process": provision_in_process,
+            "warm_http": provision_http,
+            "get_in_process": get_in_process,
+            "get_http": get_http,
+        }
+        # One untimed round first: pools opened, caches and the catalog warm on both sides.
+        for i in range(rounds + 1):
+            self._progress(phase, i, rounds + 1)
+            order = ["raw"]
+            for call in calls:
+                pair = [f"{call}_in_process", f"{call}_http"]
+                order += reversed(pair) if i % 2 else pair
+            for variant in order:
+                if variant == "cold_in_process":
+                    # the spare roles a serving monk keeps ready (the server has its own)
+                    role_pool.fill(svc, self.settings.pool_roles)
+                self._quiet(svc)
+                if variant == "warm_in_process":
+                    # this process's own spare (the server's waits for its own handout)
+                    self._own_spare(svc)
+                source = samples[variant].add(i > 0, steps[variant])
+                if i > 0 and source == "pool":
+                    self._from_pool[variant] = self._from_pool.get(variant, 0) + 1
+        if "get" in calls:
+            # Back to back, as a busy client sends them on one keep-alive connection (the
+            # spaced rounds above never showed the 40 ms a Nagle stall added to each of these).
+            for _ in range(10 * rounds):
+                for variant in ("get_in_process", "get_http"):
+                    samples[f"{variant}_back_to_back"].add(True, steps[variant])
+        self._progress(phase, rounds + 1, rounds + 1)
+
+    def _own_spare(self, svc: TenantService) -> None:
+        key = self.config.template
+        with svc.hosts.pools().system() as reg:
+            counts = pool.counts(reg, self.target.name)
+        have = sum(n for (k, _version), n in counts.items() if k == key)
+        pool.fill(svc, key, have + 1)
+
+    # ------------------------------------------------------------------ clean-up
+
+    def _cleanup(self, svc: TenantService, tenants: list[str], databases: list[str]) -> list[str]:
+        left: list[str] = []
+        for name in tenants:
+            try:
+                purge.request_purge(svc, name, archive=False, forget=True)
+            except Exception as exc:
+                if type(exc).__name__ != "TenantNotFound":
+                    left.append(f"tenant {name!r} ({_describe(exc)})")
+        try:
+            purge.work_queue(svc)
+        except Exception as exc:
+            left.append(f"purge queue ({_describe(exc)})")
+        with contextlib.suppress(Exception):
+            role_pool.drop_own(svc)
+        try:
+            pool.drain(svc, key=self.config.template)
+            if self._spares_before:
+                pool.fill(svc, self.config.template, self._spares_before)
+        except Exception as exc:
+            left.append(f"spares ({_describe(exc)})")
+        try:
+            with connect(self.target, autocommit=True, purpose="bench-cleanup") as adm:
+                for name in databases:
+                    admin.drop_database(adm, name)
+        except Exception as exc:
+            left.append(f"databases ({_describe(exc)})")
+        return left
+
+
+def _ok(response: httpx.Response) -> object:
+    if response.status_code >= 400:
+        raise HttpFailed(f"{response.request.method} {response.status_code}: {response.text}")
+    return response.content
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def http_targets(result: dict[str, Any]) -> list[stats.Target]:
+    """The issue's targets for the HTTP path: ≤ 1 ms added at p50 to each call, a warm
+    provision ≤ 3 ms p50 over HTTP, a cold one ≤ 1.15× the raw clone."""
+    out = []
+    for call in CALLS:
+        added = result[call]["http_adds_p50_ms"]
+        out.append(
+            stats.Target(
+                f"{call}: HTTP adds (p50)",
+                "≤ 1 ms",
+                "n/a" if added is None else f"{added:g} ms",
+                None if added is None else added <= 1,
+            )
+        )
+    warm = result["warm"]["http"]["p50_ms"]
+    out.append(
+        stats.Target(
+            "warm over HTTP (p50)",
+            "≤ 3 ms",
+            "n/a" if warm is None else f"{warm:g} ms",
+            None if warm is None else warm <= 3,
+        )
+    )
+    cold = result["cold"]["http_over_raw"]
+    out.append(
+        stats.Target(
+            "cold over HTTP / raw (p50)",
+            "≤ 1.15",
+            "n/a" if cold is None else f"{cold:g}",
+            None if cold is None else cold <= 1.15,
+        )
+    )
+    return out
