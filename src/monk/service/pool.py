@@ -492,7 +492,8 @@ def _take_over(
         with pools.admin() as adm:
             admin.set_role_password(adm, database, password_verifier=verifier)
             admin.set_role_connection_limit(adm, database, limit)
-    with connect(pools.target, database, autocommit=True, purpose="prepare") as conn:
+    login = svc.hosts.login_target(pools.target.name)
+    with connect(login, database, autocommit=True, purpose="prepare") as conn:
         rooted = tenant_users.put_root(conn, root[1].result())
     spares.set_keyholder(reg, row.id, svc.instance_id)
     # Before the commit: a handout that sees us as keyholder finds the secrets.

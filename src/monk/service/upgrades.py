@@ -35,7 +35,7 @@ import psycopg
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin, upgrade_db
-from monk.adapters.postgres.connection import ServerTarget, open_connection, with_scram_keys
+from monk.adapters.postgres.connection import ServerTarget, open_connection
 from monk.adapters.registry import Operation, upgrades
 from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import upgrade_runs as runs
@@ -198,7 +198,6 @@ class _Paths:
         self.key, self.to = key, to_version
         self._lock = threading.Lock()
         self._by_from: dict[tuple[str, str], list[upgrades.UpgradeStep] | None] = {}
-        self._targets: dict[str, ServerTarget] = {}
 
     def steps(
         self, sysc: psycopg.Connection[Any], host: str, from_version: str
@@ -216,23 +215,6 @@ class _Paths:
                 "on every host)"
             )
         return found
-
-    def target(self, svc: Pipeline, sysc: psycopg.Connection[Any], host: str) -> ServerTarget:
-        """The host, logging in with its SCRAM keys when it can: kept for the bench, a login
-        took 4.2 ms with the keys against 10.8 ms with the password (its PBKDF2)."""
-        with self._lock:
-            found = self._targets.get(host)
-        if found is not None:
-            return found
-        pools = svc.hosts.pools(host)
-        if pools.keeps_registry:
-            verifier = admin.own_scram_verifier(sysc)
-        else:
-            with pools.admin() as adm:  # that host's admin role, not the local one
-                verifier = admin.own_scram_verifier(adm)
-        made = with_scram_keys(pools.target, verifier)
-        with self._lock:
-            return self._targets.setdefault(host, made)
 
 
 def _upgrade_tenant(
@@ -254,7 +236,7 @@ def _upgrade_tenant(
             return _Outcome("skipped", "purged before its turn")
         if tenant.status not in (TenantStatus.ACTIVE, TenantStatus.DISABLED):
             return _Outcome("skipped", f"{tenant.status} at its turn")
-        target = paths.target(svc, sysc, tenant.host)
+        target = svc.hosts.login_target(tenant.host)
         svc.checkpoint("upgrade-started")
         if tenant.status == TenantStatus.ACTIVE:
             outcome = _apply(
