@@ -30,7 +30,8 @@
     │   ├── HostExists             a host of that name, URL or cluster is registered
     │   ├── HostInUse              a host that live tenants still record
     │   ├── UpgradeRunning         another process runs an upgrade of the key
-    │   └── MoveRunning            the tenant is being moved by another process
+    │   ├── MoveRunning            the tenant is being moved by another process
+    │   └── DrainRunning           the host is being drained by another process
     ├── Unavailable                retryable: try again later                 503 / 5
     │   ├── DatabaseUnavailable    the PostgreSQL server cannot be reached
     │   ├── TemplateBusy           sessions kept the template busy too long
@@ -222,6 +223,12 @@ class MoveRunning(Conflict):
     """A move of a tenant while another process moves it (its lock is held)."""
 
     code = "MOVE_RUNNING"
+
+
+class DrainRunning(Conflict):
+    """A drain of a host while another process drains it (its lock is held)."""
+
+    code = "DRAIN_RUNNING"
 
 
 class Unavailable(MonkError):

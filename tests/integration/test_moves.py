@@ -372,3 +372,74 @@ def test_a_target_lost_during_the_copy_undoes_the_move_and_its_copy_is_dropped_l
             (database,),
         ).fetchall()
     assert left == [("done",)]
+
+
+def wait_operation(client: TestClient, auth: dict[str, str], op: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        got: dict[str, Any] = client.get(f"/api/root/operations/{op}", headers=auth).json()["data"]
+        if got["state"] in ("done", "undone", "failed") or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def test_a_drain_over_http_moves_every_tenant_off_in_the_background(
+    api: tuple[TestClient, dict[str, str]], monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    from monk.adapters.registry.locks import advisory_key
+
+    client, auth = api
+    add_host(monk, "pg-2", fleet.second)
+    add_host(monk, "pg-3", fleet.third)
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    tenants = [make_tenant(monk, key, "pg-2", rows=200) for _ in range(3)]
+    before = [data_of(t["connection_url"]) for t in tenants]
+    assert monk("host", "set", settings.host_name, "--capacity", "0").returncode == 0
+
+    # Another process drains pg-2 (it holds the drain's lock): 409, pg-2 stays active.
+    with system(settings) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (advisory_key("host_drain:pg-2"),))
+        r = client.post("/api/root/host/pg-2/drain", json={}, headers=auth)
+        assert r.status_code == 409, r.text
+        assert r.json()["error_code"] == "DRAIN_RUNNING"
+    assert client.get("/api/root/host/pg-2", headers=auth).json()["data"]["state"] == "active"
+    # Bad input changes nothing; an unknown host is a 404.
+    r = client.post("/api/root/host/pg-2/drain", json={"parallel": 0}, headers=auth)
+    assert r.status_code == 422, r.text
+    assert client.post("/api/root/host/pg-9/drain", headers=auth).status_code == 404
+    assert client.get("/api/root/host/pg-2", headers=auth).json()["data"]["state"] == "active"
+
+    # "move": false only marks it: 200, no operation, its tenants stay.
+    r = client.post("/api/root/host/pg-2/drain", json={"move": False}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["state"] == "draining"
+    assert r.json()["data"]["operation_id"] is None
+    assert client.post("/api/root/host/pg-2/undrain", headers=auth).status_code == 200
+    assert all(host_of(settings, t["database"]) == "pg-2" for t in tenants)
+
+    r = client.post("/api/root/host/pg-2/drain", json={"parallel": 2}, headers=auth)
+    assert r.status_code == 202, r.text
+    started = r.json()["data"]
+    assert started["state"] == "draining"
+    assert started["moving"] == 3
+    got = wait_operation(client, auth, started["operation_id"])
+    assert got["kind"] == "host_drain"
+    assert got["state"] == "done", got
+    assert got["result"]["total"] == got["result"]["done"] == 3
+    assert {m["tenant"] for m in got["result"]["moved"]} == {t["name"] for t in tenants}
+    assert all(m["to"] == "pg-3" for m in got["result"]["moved"])
+    assert got["result"]["failed"] == []
+    assert client.get("/api/root/host/pg-2", headers=auth).json()["data"]["tenants"] == 0
+    for t, data in zip(tenants, before, strict=True):
+        assert host_of(settings, t["database"]) == "pg-3"
+        assert not database_on(fleet.second, t["database"])
+        # The same credentials, on the new host.
+        assert data_of(at_port(t["connection_url"], fleet.third.port)) == data
+    # Its lock was released: a drain of the emptied host is journaled and done at once.
+    r = client.post("/api/root/host/pg-2/drain", headers=auth)
+    assert r.status_code == 202, r.text
+    again = wait_operation(client, auth, r.json()["data"]["operation_id"])
+    assert again["state"] == "done"
+    assert again["result"]["total"] == 0

@@ -500,6 +500,26 @@ class HostOut(BaseModel):
     file_cloning: HostFileCloning
 
 
+class HostDrainRequest(BaseModel):
+    """``POST /api/root/host/{name}/drain``: ``monk host drain NAME``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    move: bool = Field(
+        default=True, description="Move its tenants off; false: only mark it draining."
+    )
+    parallel: int = Field(default=2, ge=1, le=32, description="Moves at once.")
+
+
+class HostDrainOut(HostOut):
+    operation_id: str | None = Field(
+        None,
+        description="The drain's operation (GET /api/root/operations/{id}: result.total, "
+        "done, moved, failed); null when only marked.",
+    )
+    moving: int | None = Field(None, description="Tenants the drain moves off; null: none moved.")
+
+
 class HostCheckOut(BaseModel):
     name: str
     ok: bool

@@ -294,6 +294,20 @@ class Runtime:
         threading.Thread(target=execute, name="monk-move", daemon=True).start()
         return move
 
+    def start_drain(self, host: str, *, parallel: int) -> moves.Drain:
+        """Check, lock and journal a host's drain (marking it draining), then move its tenants
+        off on a thread of its own: the caller answers at once."""
+        drain = moves.begin_drain(self.tenants, host, parallel=parallel)
+
+        def execute() -> None:
+            try:
+                drain.execute()
+            except Exception as exc:
+                self._failed(f"drain of {host}", exc)
+
+        threading.Thread(target=execute, name="monk-drain", daemon=True).start()
+        return drain
+
     def request_purge(self, name: str, *, archive: bool, forget: bool) -> TenantView:
         """Queue a tenant's purge and wake the purge worker for it."""
         view, _op = purge.request_purge(self.tenants, name, archive=archive, forget=forget)

@@ -48,6 +48,7 @@ from monk.core import scram
 from monk.core.catalog import Catalog, differences
 from monk.core.lifecycle import TenantStatus
 from monk.errors import (
+    DrainRunning,
     HostNotFound,
     HostUnavailable,
     InvalidRequest,
@@ -649,6 +650,137 @@ class DrainResult:
     def as_dict(self) -> dict[str, Any]:
         return {"host": self.host, "moved": self.moved, "failed": self.failed, "ok": self.ok}
 
+    def progress(self, done: int, total: int) -> dict[str, Any]:
+        """What the journal records: so far, ``done`` of ``total`` tenants dealt with."""
+        return {"total": total, "done": done, "moved": self.moved, "failed": self.failed}
+
+
+class Drain:
+    """One drain of a host: ``begin_drain`` marks it draining, locks and journals it (a
+    refusal changes nothing), ``execute`` moves its tenants off, recording its progress on its
+    operations row (kind ``host_drain``: total, done, moved, failed)."""
+
+    def __init__(
+        self,
+        svc: Pipeline,
+        lock_conn: psycopg.Connection[Any],
+        host: str,
+        *,
+        parallel: int,
+        tenants: list[tuple[str, str | None]],
+        op_id: UUID,
+    ) -> None:
+        self.svc = svc
+        self.reg = lock_conn
+        self.host = host
+        self.parallel = parallel
+        self.tenants = tenants
+        self.op_id = op_id
+
+    def execute(self, progress: Callable[[int, int], None] | None = None) -> DrainResult:
+        """Move every tenant off, at most ``parallel`` at once, each to the host placement
+        picks for its template; the journal ends ``done`` (all moved) or ``failed`` (some
+        stayed: which, and why). Releases the lock either way."""
+        try:
+            return self._execute(progress)
+        except BaseException as exc:
+            with contextlib.suppress(psycopg.Error):
+                registry.finish_operation(
+                    self.reg, self.op_id, "failed", step="stopped", error=describe(exc)
+                )
+            raise
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                registry.unlock(self.reg, drain_lock(self.host))
+            self.reg.close()
+
+    def _execute(self, progress: Callable[[int, int], None] | None) -> DrainResult:
+        svc, host = self.svc, self.host
+        result = DrainResult(host)
+        total = len(self.tenants)
+        if progress is not None:
+            progress(0, total)
+
+        def one(name: str, template: str | None) -> MoveResult:
+            target = svc.hosts.placement(None, template=template)
+            if target.name == host:
+                raise InvalidState(f"no other host can take tenant {name!r}")
+            return move(svc, name, target.name)
+
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="monk-drain") as pool:
+            futures = {pool.submit(one, n, t): n for n, t in self.tenants}
+            for i, fut in enumerate(as_completed(futures), 1):
+                name = futures[fut]
+                try:
+                    r = fut.result()
+                    downtime = r.result.get("downtime_ms")
+                    result.moved.append({"tenant": name, "to": r.to_host, "downtime_ms": downtime})
+                except MonkError as exc:
+                    result.failed.append({"tenant": name, "error": exc.message})
+                except Exception as exc:
+                    result.failed.append({"tenant": name, "error": describe(exc)})
+                journal.record(self.reg, self.op_id, "moving", result.progress(i, total))
+                if progress is not None:
+                    progress(i, total)
+        registry.finish_operation(
+            self.reg,
+            self.op_id,
+            "done" if result.ok else "failed",
+            step="drained",
+            error=None if result.ok else f"{len(result.failed)} of {total} tenant(s) not moved",
+            result=result.progress(total, total),
+        )
+        return result
+
+
+def drain_lock(host: str) -> str:
+    """The advisory lock name a drain of ``host`` holds (its process's session: a drain whose
+    process died has it free)."""
+    return f"host_drain:{host}"
+
+
+def begin_drain(svc: Pipeline, host: str, *, parallel: int = 2) -> Drain:
+    """Check and lock a drain of ``host``, mark it draining (placement skips it), and journal
+    it with the tenants to move. Refused, nothing changed: a bad ``parallel``, an unknown host
+    (HostNotFound), another drain of it running (DrainRunning, 409). A drain journaled as
+    running whose lock is free (its process died) is closed as failed first."""
+    from monk.service import hosts as host_service
+
+    if not 1 <= parallel <= 32:
+        raise InvalidRequest("--parallel must be between 1 and 32", field="parallel")
+    local = svc.hosts.local
+    conn = open_connection(local, svc.settings.system_db_name, autocommit=True, purpose="drain")
+    try:
+        if not registry.try_lock(conn, drain_lock(host)):
+            raise DrainRunning(
+                f"host {host!r} is being drained by another process: follow it with "
+                "'monk operations' or GET /api/root/operations/<id>",
+                host=host,
+            )
+        try:
+            host_service.set_state(svc, host, "draining")
+            for dead in journal.running_drains(conn, host):
+                registry.finish_operation(
+                    conn, dead.id, "failed", error="its process ended before it finished"
+                )
+            tenants = journal.movable(conn, host)
+            op_id = registry.start_operation(
+                conn,
+                journal.HOST_DRAIN,
+                host,
+                database=None,
+                host=host,
+                params={"parallel": parallel, "tenants": len(tenants)},
+            )
+            journal.record(conn, op_id, "started", DrainResult(host).progress(0, len(tenants)))
+        except BaseException:
+            registry.unlock(conn, drain_lock(host))
+            raise
+    except BaseException:
+        conn.close()
+        raise
+    return Drain(svc, conn, host, parallel=parallel, tenants=tenants, op_id=op_id)
+
 
 def drain(
     svc: Pipeline,
@@ -657,42 +789,8 @@ def drain(
     parallel: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> DrainResult:
-    """Mark ``host`` draining (placement skips it) and move every live tenant off it, at most
-    ``parallel`` at once, each to the host placement picks for its template."""
-    from monk.service import hosts as host_service
-
-    if not 1 <= parallel <= 32:
-        raise InvalidRequest("--parallel must be between 1 and 32", field="parallel")
-    host_service.set_state(svc, host, "draining")
-    with svc.hosts.pools().system() as reg:
-        tenants = journal.movable(reg, host)
-    result = DrainResult(host)
-    total = len(tenants)
-    if progress is not None:
-        progress(0, total)
-
-    def one(name: str, template: str | None) -> MoveResult:
-        target = svc.hosts.placement(None, template=template)
-        if target.name == host:
-            raise InvalidState(f"no other host can take tenant {name!r}")
-        return move(svc, name, target.name)
-
-    with ThreadPoolExecutor(parallel, thread_name_prefix="monk-drain") as pool:
-        futures = {pool.submit(one, n, t): n for n, t in tenants}
-        for i, fut in enumerate(as_completed(futures), 1):
-            name = futures[fut]
-            try:
-                r = fut.result()
-                result.moved.append(
-                    {"tenant": name, "to": r.to_host, "downtime_ms": r.result.get("downtime_ms")}
-                )
-            except MonkError as exc:
-                result.failed.append({"tenant": name, "error": exc.message})
-            except Exception as exc:
-                result.failed.append({"tenant": name, "error": describe(exc)})
-            if progress is not None:
-                progress(i, total)
-    return result
+    """``monk host drain NAME``: begin and execute in this process."""
+    return begin_drain(svc, host, parallel=parallel).execute(progress)
 
 
 def report(op: Operation) -> dict[str, Any]:
@@ -702,10 +800,13 @@ def report(op: Operation) -> dict[str, Any]:
 
 __all__ = [
     "KIND",
+    "Drain",
     "Move",
     "MoveResult",
     "begin",
+    "begin_drain",
     "drain",
+    "drain_lock",
     "finish_dead",
     "move",
     "unfinished_problems",

@@ -18,6 +18,7 @@ Conn = psycopg.Connection[Any]
 
 MOVE = "move"
 DROP_COPY = "drop_copy"
+HOST_DRAIN = "host_drain"
 
 _OP_COLUMNS = rendered(
     sql.SQL(", ").join(sql.Identifier(f) for f in Operation.__dataclass_fields__)
@@ -37,6 +38,19 @@ def running(conn: Conn, subject: str | None = None) -> list[Operation]:
                 _OP_COLUMNS, where
             ),
             params,
+        )
+        return cur.fetchall()
+
+
+def running_drains(conn: Conn, host: str) -> list[Operation]:
+    """Drains of ``host`` journaled as running, oldest first."""
+    with conn.cursor(row_factory=class_row(Operation)) as cur:
+        cur.execute(
+            sql.SQL(
+                "SELECT {} FROM operations WHERE kind = %s AND subject = %s AND state = 'running'"
+                " ORDER BY created_at"
+            ).format(_OP_COLUMNS),
+            (HOST_DRAIN, host),
         )
         return cur.fetchall()
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Response, status
 
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, READ, READ_ONE, Ok
-from monk.api.models import HostCheckOut, HostCreate, HostOut, HostPatch
+from monk.api.models import (
+    HostCheckOut,
+    HostCreate,
+    HostDrainOut,
+    HostDrainRequest,
+    HostOut,
+    HostPatch,
+)
 from monk.api.public import scrubbed
 from monk.service import hosts
 from monk.service.hosts import HostView
@@ -71,9 +80,37 @@ def remove_host(rt: RuntimeDep, _: Root, name: str) -> Ok[HostOut]:
     return Ok(data=_out(hosts.remove(rt.tenants, name), rt.settings))
 
 
-@router.post("/{name}/drain", summary="Mark a host draining (no new tenants)", responses=CHANGE)
-def drain_host(rt: RuntimeDep, _: Root, name: str) -> Ok[HostOut]:
-    return Ok(data=_out(hosts.set_state(rt.tenants, name, "draining"), rt.settings))
+@router.post(
+    "/{name}/drain",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Mark a host draining (no new tenants) and move its tenants off (in the background)",
+    responses=CHANGE,
+    description="Answered at once (202) with the drain's operation id, once the host is marked "
+    "draining and the drain's lock is held; its tenants move in the background, `parallel` at "
+    "once, each where placement puts it. Follow it with `GET /api/root/operations/{id}` "
+    "(result: total, done, moved, failed; state done, or failed when a tenant stayed). "
+    '`"move": false`: only mark it draining (200). Another drain of the host in progress: '
+    "409 DRAIN_RUNNING.",
+)
+def drain_host(
+    rt: RuntimeDep,
+    _: Root,
+    name: str,
+    response: Response,
+    body: Annotated[HostDrainRequest | None, Body()] = None,
+) -> Ok[HostDrainOut]:
+    body = body or HostDrainRequest()
+    if not body.move:
+        view = hosts.set_state(rt.tenants, name, "draining")
+        response.status_code = status.HTTP_200_OK
+        return Ok(data=HostDrainOut.model_validate(_out(view, rt.settings).model_dump()))
+    started = rt.start_drain(name, parallel=body.parallel)
+    out = _out(hosts.get(rt.tenants, name), rt.settings).model_dump()
+    return Ok(
+        data=HostDrainOut.model_validate(
+            out | {"operation_id": str(started.op_id), "moving": len(started.tenants)}
+        )
+    )
 
 
 @router.post("/{name}/undrain", summary="Mark a draining host active", responses=CHANGE)
