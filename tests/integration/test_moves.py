@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg.conninfo import conninfo_to_dict
 
 from monk.api.app import create_app
 from monk.api.auth import issue_root_token
@@ -443,3 +444,48 @@ def test_a_drain_over_http_moves_every_tenant_off_in_the_background(
     again = wait_operation(client, auth, r.json()["data"]["operation_id"])
     assert again["state"] == "done"
     assert again["result"]["total"] == 0
+
+
+@pytest.mark.slow
+def test_a_drain_killed_mid_move_is_closed_and_the_next_drain_empties_the_host(
+    api: tuple[TestClient, dict[str, str]], monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    client, auth = api
+    add_host(monk, "pg-2", fleet.second)
+    key = new_key()
+    code, _out, err = build(monk, key)
+    assert code == 0, err
+    tenants = [make_tenant(monk, key, "pg-2", rows=100) for _ in range(2)]
+    before = [data_of(t["connection_url"]) for t in tenants]
+    proc = subprocess.Popen(
+        [MONK_BIN, "host", "drain", "pg-2", "--parallel", "1"],
+        env=os.environ | settings_env(settings) | {"MONK_FAULT_PAUSE_AT": "move-frozen"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "paused at move-frozen" in line, line + proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with system(settings) as conn:
+        dead = conn.execute(
+            "SELECT id FROM operations WHERE kind = 'host_drain' AND state = 'running'"
+        ).fetchall()
+    assert len(dead) == 1
+    r = client.post("/api/root/host/pg-2/drain", headers=auth)
+    assert r.status_code == 202, r.text
+    assert r.json()["data"]["moving"] == 2
+    got = wait_operation(client, auth, r.json()["data"]["operation_id"])
+    assert got["state"] == "done", got
+    old = client.get(f"/api/root/operations/{dead[0][0]}", headers=auth).json()["data"]
+    assert old["state"] == "failed"
+    assert "process ended" in old["error"]
+    assert settings.database_url is not None
+    local = conninfo_to_dict(settings.database_url.get_secret_value())
+    for t, data in zip(tenants, before, strict=True):
+        assert host_of(settings, t["database"]) == settings.host_name
+        assert not database_on(fleet.second, t["database"])
+        # Its own credentials, on the local host now.
+        assert data_of(at_port(t["connection_url"], int(str(local["port"])))) == data
