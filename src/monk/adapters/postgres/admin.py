@@ -740,11 +740,21 @@ class CloneFacts:
 
 
 def clone_facts(conn: Conn) -> CloneFacts:
-    row = conn.execute(
-        "SELECT current_setting('server_version_num')::int,"
-        " current_setting('data_directory', true),"
-        " (SELECT system_identifier::text FROM pg_control_system())"
-    ).fetchone()
+    """The data directory and ``pg_control_system()`` are a superuser's (or
+    ``pg_read_all_settings``' / ``pg_monitor``'s) to read: for any other admin they are None."""
+    try:
+        row = conn.execute(
+            "SELECT current_setting('server_version_num')::int,"
+            " CASE WHEN r.rolsuper OR pg_has_role('pg_read_all_settings', 'USAGE')"
+            "  THEN current_setting('data_directory') END,"
+            " CASE WHEN r.rolsuper THEN (SELECT system_identifier::text"
+            "  FROM pg_control_system()) END"
+            " FROM pg_roles r WHERE r.rolname = current_user"
+        ).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        row = conn.execute(
+            "SELECT current_setting('server_version_num')::int, NULL, NULL"
+        ).fetchone()
     assert row is not None
     return CloneFacts(
         int(str(row[0])),
