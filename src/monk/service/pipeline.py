@@ -933,7 +933,11 @@ class Pipeline:
 
         pending = self.pending_migrations(build)
         login = self.hosts.login_target(target.name)
-        with connect(login, database, purpose="prepare") as conn:
+        # Autocommit: the root user's INSERT is one round trip; synchronous_commit comes with
+        # the start-up packet (no SET of its own).
+        with connect(
+            login, database, autocommit=True, purpose="prepare", async_commit=async_commit
+        ) as conn:
             for migration in pending:
                 with conn.transaction():
                     # Objects a migration creates belong to the database owner, like the rest.
@@ -946,7 +950,7 @@ class Pipeline:
                         from monk.adapters.postgres import template_db
 
                         template_db.sync_columns(conn)
-            rooted = tenant_users.put_root(conn, root_hash.result(), async_commit=async_commit)
+            rooted = tenant_users.put_root(conn, root_hash.result())
         level = max(m.number for m in pending) if pending else build.migration_level
         return level, rooted
 
