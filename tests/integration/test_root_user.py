@@ -159,3 +159,21 @@ def test_a_cold_provision_hashes_its_root_password_again_only_once_it_is_done(
     finally:
         with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{stray}"')
+
+
+def test_the_root_user_is_one_statement_on_a_session_that_commits_asynchronously(
+    env: Env, drained: TenantService
+) -> None:
+    """The prepare step's session: autocommit, ``synchronous_commit`` off from its start-up
+    packet (no SET round trip); ``put_root`` there is one statement, committed on its own."""
+    from monk.adapters.postgres import tenant_users
+    from monk.adapters.postgres.connection import connect
+
+    view = drained.provision(unique("One statement"), template=env.template)
+    with connect(
+        env.target, view.tenant.database, autocommit=True, purpose="prepare", async_commit=True
+    ) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        assert tenant_users.put_root(conn, passwords.hash_password("another one"))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert root_password_works(env, view.tenant.database, "another one")
