@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from monk.core import passwords
+from monk.errors import StrayDatabase
 from monk.service import pool
 from monk.service.tenants import TenantService
 from tests.integration.conftest import Env
@@ -117,3 +118,62 @@ def test_a_crash_at_any_step_leaves_no_tenant_or_one_with_its_root_user(
     assert made.returncode == 0, made.stderr
     out = json.loads(made.stdout)
     assert root_password_works(env, out["database"], out["root_user"]["password"])
+
+
+def test_a_cold_provision_hashes_its_root_password_again_only_once_it_is_done(
+    env: Env, drained: TenantService
+) -> None:
+    """The pair a cold provision takes is replaced after the provision, not beside its clone:
+    a refill's argon2 (~80 ms of CPU) running during the clone slowed it (docs/benchmarks.md);
+    a provision that fails refills as well."""
+    svc = drained
+    svc.root_passwords.keep(2)
+    assert svc.root_passwords.settle(30)
+    assert svc.root_passwords.outstanding() == 2
+    seen: dict[str, int] = {}
+    hook = svc.checkpoint
+
+    def record(step: str) -> None:
+        seen[step] = svc.root_passwords.outstanding()
+        hook(step)
+
+    svc.checkpoint = record  # type: ignore[method-assign]
+    view = svc.provision(unique("Refill after"), template=env.template)
+    assert view.provisioned_from == "clone"
+    assert seen == {"intent": 1, "cloned": 1, "migrated": 1, "role": 1, "configured": 1}
+    assert svc.root_passwords.outstanding() == 2  # refilled (being hashed) once answered
+    assert root_password_works(env, view.tenant.database, view.root_password or "")
+
+    # A provision that fails (a stray database of its name is in the clone's way) refills too.
+    name = unique("Refill stray")
+    stray = svc.name(name).database
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{stray}"')
+    try:
+        assert svc.root_passwords.settle(30)
+        seen.clear()
+        with pytest.raises(StrayDatabase):
+            svc.provision(name, template=env.template)
+        assert seen == {"intent": 1}
+        assert svc.root_passwords.outstanding() == 2
+    finally:
+        with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{stray}"')
+
+
+def test_the_root_user_is_one_statement_on_a_session_that_commits_asynchronously(
+    env: Env, drained: TenantService
+) -> None:
+    """The prepare step's session: autocommit, ``synchronous_commit`` off from its start-up
+    packet (no SET round trip); ``put_root`` there is one statement, committed on its own."""
+    from monk.adapters.postgres import tenant_users
+    from monk.adapters.postgres.connection import connect
+
+    view = drained.provision(unique("One statement"), template=env.template)
+    with connect(
+        env.target, view.tenant.database, autocommit=True, purpose="prepare", async_commit=True
+    ) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        assert tenant_users.put_root(conn, passwords.hash_password("another one"))
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert root_password_works(env, view.tenant.database, "another one")

@@ -415,9 +415,30 @@ class TenantService(Pipeline):
         in, else a new one, made while the clone runs), prepare it (migrate, the root user),
         then configure and activate in one round trip, behind a reserved name (lock held); any
         failure undoes it all."""
+        # Hashed ahead, or now on a side thread while the clone runs; the pair taken is hashed
+        # again once this provision is done, not beside its clone (see RootPasswords.take).
+        root_password, root_hash = root or self.root_passwords.take(refill=False)
+        try:
+            return self._cold_steps(
+                reg, pools, name, build, intent, lock, connection_limit, root_password, root_hash
+            )
+        finally:
+            self.root_passwords.refill()
+
+    def _cold_steps(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        build: TemplateBuild,
+        intent: Intent,
+        lock: _HeldLock,
+        connection_limit: int | None,
+        root_password: str,
+        root_hash: Future[str],
+    ) -> TenantView:
+        """``_cold``'s steps, with the root password taken."""
         tenant, op, template_in_use = intent.tenant, intent.op, intent.template_in_use
-        # Hashed ahead, or now on a side thread while the clone runs.
-        root_password, root_hash = root or self.root_passwords.take()
         self.checkpoint("intent")
         role_limit = connection_limit or self.settings.tenant_connection_limit
         step = "clone"

@@ -178,8 +178,10 @@ def connect(
     autocommit: bool = False,
     purpose: str = "admin",
     statement_timeout_ms: int | None = None,
+    async_commit: bool = False,
 ) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
-    """Open a connection to ``dbname`` (default: the maintenance database) as monk's admin role.
+    """Open a connection to ``dbname`` (default: the maintenance database) as monk's admin role
+    (``async_commit``: see ``open_connection``).
 
     A server that cannot be reached raises DatabaseUnavailable naming the server.
     """
@@ -189,6 +191,7 @@ def connect(
         autocommit=autocommit,
         purpose=purpose,
         statement_timeout_ms=statement_timeout_ms,
+        async_commit=async_commit,
     )
     try:
         yield conn
@@ -204,13 +207,17 @@ def open_connection(
     purpose: str = "admin",
     statement_timeout_ms: int | None = None,
     lock_timeout_ms: int | None = None,
+    async_commit: bool = False,
 ) -> psycopg.Connection[tuple[object, ...]]:
     """``lock_timeout_ms``: the session's lock_timeout, set by its start-up packet (no round
-    trip of its own)."""
+    trip of its own); ``async_commit``: its synchronous_commit off, likewise (for a session
+    whose commits a later one of the same operation on the same server flushes)."""
     timeout = target.statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
     options = f"-c statement_timeout={int(timeout)}"
     if lock_timeout_ms is not None:
         options += f" -c lock_timeout={int(lock_timeout_ms)}"
+    if async_commit:
+        options += " -c synchronous_commit=off"
     try:
         return GuardedConnection.connect(
             target.conninfo,

@@ -92,20 +92,23 @@ def remove(conn: Conn, auth: str) -> bool:
 ROOT = "root"
 
 
-def put_root(conn: Conn, password_hash: str, *, async_commit: bool = False) -> bool:
+def put_root(conn: Conn, password_hash: str) -> bool:
     """The ``root`` user (access ``root``) with ``password_hash``: made, or its hash replaced (a
-    spare adopted by another process gets a new one), in one transaction. False when the
-    database predates tenant users (no ``users.password_hash``): nothing written."""
+    spare adopted by another process gets a new one), in one statement and transaction: on an
+    autocommit connection one round trip (the session's ``synchronous_commit`` applies). False
+    when the database predates tenant users (no ``users.password_hash``): nothing written."""
+    query = (
+        "INSERT INTO public.users (name, auth, access, password_hash)"
+        " VALUES (%(root)s, %(root)s, 'root', %(hash)s) ON CONFLICT (auth) DO UPDATE"
+        " SET password_hash = excluded.password_hash, access = 'root'"
+    )
+    params = {"root": ROOT, "hash": password_hash}
     try:
-        with conn.transaction():
-            if async_commit:
-                conn.execute("SET LOCAL synchronous_commit = off")
-            conn.execute(
-                "INSERT INTO public.users (name, auth, access, password_hash)"
-                " VALUES (%(root)s, %(root)s, 'root', %(hash)s) ON CONFLICT (auth) DO UPDATE"
-                " SET password_hash = excluded.password_hash, access = 'root'",
-                {"root": ROOT, "hash": password_hash},
-            )
+        if conn.autocommit:
+            conn.execute(query, params)
+        else:
+            with conn.transaction():
+                conn.execute(query, params)
     except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
         return False
     return True
