@@ -124,7 +124,7 @@ class TenantData:
                                 "tenant (GET /api/describe lists its models)"
                             )
                     result = work(conn, model, models)
-                    data_db.commit(conn)
+                    budget.commit(conn)
                     return result
                 except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
                     # The models changed under the cache (an upgrade): once more, fresh.

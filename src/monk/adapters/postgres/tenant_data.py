@@ -40,7 +40,7 @@ def begin(conn: Conn, role: str | None, user_id: UUID | None) -> str | None:
     data work itself) and read the user's access level now (None: no such live user), all in
     one round trip: a simple query of three statements (the values inlined by
     ``sql.Literal``), where BEGIN, SET LOCAL ROLE and the read were three. The caller commits
-    (``commit``); the budget rolls back a connection handed back in a transaction."""
+    (``Budget.commit``); the budget rolls back a connection handed back in a transaction."""
     parts: list[sql.Composable] = [sql.SQL("BEGIN")]
     if role is not None:
         parts.append(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
@@ -53,10 +53,6 @@ def begin(conn: Conn, role: str | None, user_id: UUID | None) -> str | None:
         pass
     row = cur.fetchone()
     return str(row[0]) if row is not None else None
-
-
-def commit(conn: Conn) -> None:
-    conn.execute("COMMIT")
 
 
 def load_models(conn: Conn) -> dict[str, Model]:
