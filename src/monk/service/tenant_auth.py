@@ -330,9 +330,6 @@ def _admit(state: TenantState | None) -> TenantState:
     return state
 
 
-_BATCH = 1000  # tenant states one refresh reads at most
-
-
 class TenantStates:
     """Each process's copy of the tenants' states, trusted for ``ttl`` seconds per tenant.
 
@@ -346,36 +343,18 @@ class TenantStates:
         self._ttl = ttl
         self._lock = threading.Lock()
         self._cache: dict[UUID, tuple[float, TenantState | None]] = {}
-        self._used: dict[UUID, float] = {}  # when each tenant was last asked for
 
     def check(self, tenant_id: UUID) -> TenantState:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(tenant_id)
-            self._used[tenant_id] = now
         if cached is None or now - cached[0] >= self._ttl:
-            # One read refreshes this tenant and every copy in use lately (asked for within
-            # 2 TTLs) and past half its TTL: with many tenants each asked for a few times a
-            # second, a system-database round trip per request becomes about one per ttl/2,
-            # and each copy is still at most ttl old.
-            with self._lock:
-                due = [
-                    tid
-                    for tid, (at, _state) in self._cache.items()
-                    if tid != tenant_id
-                    and now - at >= self._ttl / 2
-                    and now - self._used.get(tid, 0.0) < 2 * self._ttl
-                ]
-                ids = [tenant_id, *due[: _BATCH - 1]]
             with self._svc.hosts.pools().system() as reg:
-                states = logins_db.tenant_states(reg, ids)
+                state = logins_db.tenant_state(reg, tenant_id)
             with self._lock:
                 if len(self._cache) > 100_000:
                     self._cache.clear()  # bounded: a copy is cheap to read again
-                    self._used.clear()
-                for tid, fresh in states.items():
-                    self._cache[tid] = (now, fresh)
-            state = states[tenant_id]
+                self._cache[tenant_id] = (now, state)
         else:
             state = cached[1]
         return _admit(state)

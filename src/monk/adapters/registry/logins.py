@@ -71,27 +71,15 @@ class TenantState:
     role: str | None = None
 
 
-_STATE = (
-    "SELECT id, name, status, database, host,"
-    " coalesce(template_key, '') || ':' || coalesce(template_version, '') || ':'"
-    " || coalesce(migration_level::text, ''), role_name"
-    " FROM tenants"
-)
-
-
 def tenant_state(conn: psycopg.Connection[Any], tenant_id: UUID) -> TenantState | None:
     """The tenant's current row (by id: a name can be reused after a purge)."""
-    row = conn.execute(_STATE + " WHERE id = %s", (tenant_id,)).fetchone()
+    row = conn.execute(
+        "SELECT id, name, status, database, host,"
+        " coalesce(template_key, '') || ':' || coalesce(template_version, '') || ':'"
+        " || coalesce(migration_level::text, ''), role_name"
+        " FROM tenants WHERE id = %s",
+        (tenant_id,),
+    ).fetchone()
     if row is None:
         return None
     return TenantState(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
-
-
-def tenant_states(
-    conn: psycopg.Connection[Any], tenant_ids: list[UUID]
-) -> dict[UUID, TenantState | None]:
-    """The current rows of several tenants in one read; None for an id with no row."""
-    found: dict[UUID, TenantState | None] = dict.fromkeys(tenant_ids)
-    for row in conn.execute(_STATE + " WHERE id = ANY(%s)", (tenant_ids,)):
-        found[row[0]] = TenantState(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
-    return found
