@@ -376,6 +376,46 @@ def test_a_connection_comes_back_clean(env: Env, databases: list[str]) -> None:
         b.close()
 
 
+def test_commit_commits_and_cleans_in_one_round_trip(env: Env, databases: list[str]) -> None:
+    """``Budget.commit``: the caller's transaction committed and the session reset by one
+    query, so the connection comes back without another; a failing COMMIT still comes back
+    clean (the reset runs on return)."""
+    db = databases[31]
+    b = budget(env.target, host=2, tenant=1)
+    table = f"committed_{uuid.uuid4().hex[:8]}"
+    try:
+        with b.connection(db) as conn:
+            pid = conn.execute("SELECT pg_backend_pid()").fetchone()
+            conn.execute(f"CREATE TABLE {table} (x int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED)")
+            conn.execute("BEGIN")
+            conn.execute("SET search_path = nowhere")
+            conn.execute("SELECT pg_advisory_lock(15)")
+            conn.execute(f"INSERT INTO public.{table} VALUES (1)")
+            before = conn.pgconn.transaction_status
+            b.commit(conn)
+            assert before == psycopg.pq.TransactionStatus.INTRANS
+        with b.connection(db) as conn:
+            assert conn.execute("SELECT pg_backend_pid()").fetchone() == pid
+            row = conn.execute(
+                f"SELECT current_setting('search_path'), (SELECT count(*) FROM public.{table}),"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                "  AND pid = pg_backend_pid())"
+            ).fetchone()
+            assert row == ('"$user", public', 1, 0)
+            conn.execute("BEGIN")
+            conn.execute("SET search_path = nowhere")
+            conn.execute(f"INSERT INTO public.{table} VALUES (1)")  # fails at COMMIT
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                b.commit(conn)
+        with b.connection(db) as conn:
+            assert conn.execute("SELECT pg_backend_pid()").fetchone() == pid
+            assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)
+            assert conn.execute(f"SELECT count(*) FROM public.{table}").fetchone() == (1,)
+            conn.execute(f"DROP TABLE public.{table}")
+    finally:
+        b.close()
+
+
 def test_disable_trash_and_purge_close_the_tenants_pooled_connections_first(
     env: Env, svc: TenantService
 ) -> None:

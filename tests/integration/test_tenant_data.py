@@ -505,6 +505,22 @@ def test_a_lowered_or_removed_user_loses_access_within_a_second_with_the_old_tok
     assert time.monotonic() - started < 1.0
 
 
+def test_a_lowered_user_is_refused_on_the_very_next_request(
+    client: TestClient, root: dict[str, str], env: Env
+) -> None:
+    """The user's access is read in the round trip that opens each request's transaction, so
+    no copy of it is trusted for a while (there was one for MONK_TENANT_STATE_TTL_MS)."""
+    t = _tenant(client, root, env)
+    for _ in range(3):
+        assert ok(client.post("/api/data/account", json=[account("Now")], headers=t.h("edit")), 201)
+    with psycopg.connect(env.target.conninfo, dbname=t.database, autocommit=True) as conn:
+        conn.execute("UPDATE users SET access = 'read' WHERE auth = 'u_edit'")
+        r = client.post("/api/data/account", json=[account("Now2")], headers=t.h("edit"))
+        fails(r, 403, "ACCESS_INSUFFICIENT")
+        conn.execute("UPDATE users SET access = 'edit' WHERE auth = 'u_edit'")
+    assert ok(client.post("/api/data/account", json=[account("Now3")], headers=t.h("edit")), 201)
+
+
 def json_claims(client: TestClient, t: Tenant) -> dict[str, Any]:
     who = ok(client.get("/api/whoami", headers=t.h("read")))
     return {

@@ -174,9 +174,7 @@ class Runtime:
         self.tenant_states = tenant_auth.TenantStates(
             self.tenants, ttl=settings.tenant_state_ttl_ms / 1000
         )
-        self.tenant_data = tenant_data.TenantData(
-            self.tenants.hosts, access_ttl=settings.tenant_state_ttl_ms / 1000
-        )
+        self.tenant_data = tenant_data.TenantData(self.tenants.hosts)
         self.login_policy = tenant_auth.LoginPolicy(
             max_failures=settings.login_max_failures, window=settings.login_failure_window
         )

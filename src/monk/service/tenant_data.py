@@ -14,7 +14,6 @@ once more on fresh models.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from typing import Any, TypeVar
 import psycopg
 
 from monk.adapters.postgres import tenant_data as data_db
-from monk.adapters.postgres import tenant_users as users_db
 from monk.adapters.registry.logins import TenantState
 from monk.core import data_query as q
 from monk.core.data_query import Action, Model
@@ -57,16 +55,14 @@ class ReadQuery:
 
 
 class TenantData:
-    """``access_ttl``: how long a user's current access level, read from the tenant's
-    ``users`` row, is trusted (the tenant state's TTL: a user removed or lowered loses that
-    access within it, though their token is still valid)."""
+    """A user's access level is read from the tenant's ``users`` row on every request (in the
+    round trip that opens its transaction): a user removed or lowered loses that access at
+    once, though their token is still valid."""
 
-    def __init__(self, hosts: Hosts, *, access_ttl: float = 0.5) -> None:
+    def __init__(self, hosts: Hosts) -> None:
         self.hosts = hosts
-        self.access_ttl = access_ttl
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], tuple[str | None, dict[str, Model]]] = {}
-        self._access: dict[tuple[str, str, str], tuple[float, str]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -83,26 +79,17 @@ class TenantData:
             self._models[key] = (state.build, models)
         return models
 
-    def _current_access(self, caller: Caller, conn: Conn) -> str:
-        """The lower of the token's access and the user's access now (re-read after
-        ``access_ttl``); ``deny`` for a user removed since the login."""
-        state = caller.state
-        key = (state.host, state.database, caller.user_id)
-        now = time.monotonic()
-        with self._lock:
-            hit = self._access.get(key)
-        if hit is not None and now - hit[0] < self.access_ttl:
-            current = hit[1]
-        else:
-            try:
-                found = users_db.access_of(conn, uuid.UUID(caller.user_id))
-            except ValueError:
-                found = None
-            current = found or "deny"
-            with self._lock:
-                if len(self._access) >= _CACHE_MAX:
-                    self._access.clear()
-                self._access[key] = (now, current)
+    @staticmethod
+    def _begin(caller: Caller, conn: Conn) -> str:
+        """Open the request's transaction as the tenant's role and return the lower of the
+        token's access and the user's access now (read in the same round trip, so every
+        request sees it current); ``deny`` for a user removed since the login."""
+        try:
+            user_id: uuid.UUID | None = uuid.UUID(caller.user_id)
+        except ValueError:
+            user_id = None
+        found = data_db.begin(conn, caller.state.role, user_id)
+        current = found or "deny"
         levels = q.ACCESS_LEVELS
         if caller.access not in levels or current not in levels:
             return "deny"
@@ -125,20 +112,20 @@ class TenantData:
         for attempt in (1, 2):
             with budget.connection(state.database) as conn:
                 try:
-                    with conn.transaction():
-                        if state.role is not None:
-                            data_db.as_role(conn, state.role)
-                        q.require(self._current_access(caller, conn), action)
-                        models = self._cached(state, conn)
-                        model = None
-                        if model_name is not None:
-                            model = models.get(model_name)
-                            if model is None:
-                                raise ModelNotFound(
-                                    f"model {q.shown(model_name)} is not registered in this "
-                                    "tenant (GET /api/describe lists its models)"
-                                )
-                        return work(conn, model, models)
+                    # Not committed on an exception: the budget rolls the connection back.
+                    q.require(self._begin(caller, conn), action)
+                    models = self._cached(state, conn)
+                    model = None
+                    if model_name is not None:
+                        model = models.get(model_name)
+                        if model is None:
+                            raise ModelNotFound(
+                                f"model {q.shown(model_name)} is not registered in this "
+                                "tenant (GET /api/describe lists its models)"
+                            )
+                    result = work(conn, model, models)
+                    budget.commit(conn)
+                    return result
                 except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable):
                     # The models changed under the cache (an upgrade): once more, fresh.
                     self.forget(state.host, state.database)

@@ -161,6 +161,9 @@ class Budget:
         self._waits = self._exhausted = 0
         self._wait_seconds = 0.0
         self._exit_wait_seconds = 0.0
+        # Connections in use whose session ``commit`` reset already (by id: a connection is in
+        # one request at a time, and the id is dropped when it comes back).
+        self._reset: set[int] = set()
 
     # ------------------------------------------------------------------ use
 
@@ -284,11 +287,25 @@ class Budget:
             self._opens += 1
         return conn
 
+    def commit(self, conn: psycopg.Connection[Any]) -> None:
+        """Commit the transaction the caller opened on ``conn`` and reset the session for the
+        next request, in one round trip (a simple query: a failing COMMIT raises here and the
+        reset is not run, so ``_clean`` runs it when the connection comes back). The caller
+        runs nothing more on ``conn``."""
+        conn.execute("COMMIT; " + _RESET, prepare=False)
+        self._reset.add(id(conn))
+
     def _clean(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
         """``conn`` ready for the next request, or None (broken: closed and counted)."""
         if conn.closed or conn.broken:
+            self._reset.discard(id(conn))
             self._discard(conn)
             return None
+        if id(conn) in self._reset and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+            self._reset.discard(id(conn))  # committed and reset by ``commit``
+            mark_returned(conn)
+            return conn
+        self._reset.discard(id(conn))
         try:
             status = conn.info.transaction_status
             if status == pq.TransactionStatus.ACTIVE:

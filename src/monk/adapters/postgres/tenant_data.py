@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from monk.adapters.postgres import tenant_users as users_db
 from monk.core.data_query import Field, Model, columns_of
 from monk.errors import InvalidQuery, RecordInvalid
 
@@ -33,11 +34,25 @@ _MODELS = (
 )
 
 
-def as_role(conn: Conn, role: str) -> None:
-    """Run the rest of the transaction as the tenant's own role (it owns the tenant's tables
-    through pg_database_owner): monk's admin role, which the budget logs in as, does no data
-    work itself."""
-    conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+def begin(conn: Conn, role: str | None, user_id: UUID | None) -> str | None:
+    """Open a transaction, run the rest of it as the tenant's own role (it owns the tenant's
+    tables through pg_database_owner: monk's admin role, which the budget logs in as, does no
+    data work itself) and read the user's access level now (None: no such live user), all in
+    one round trip: a simple query of three statements (the values inlined by
+    ``sql.Literal``), where BEGIN, SET LOCAL ROLE and the read were three. The caller commits
+    (``Budget.commit``); the budget rolls back a connection handed back in a transaction."""
+    parts: list[sql.Composable] = [sql.SQL("BEGIN")]
+    if role is not None:
+        parts.append(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+    if user_id is not None:
+        parts.append(users_db.access_query(user_id))
+    cur = conn.execute(sql.SQL("; ").join(parts), prepare=False)
+    if user_id is None:
+        return None
+    while cur.description is None and cur.nextset():
+        pass
+    row = cur.fetchone()
+    return str(row[0]) if row is not None else None
 
 
 def load_models(conn: Conn) -> dict[str, Model]:

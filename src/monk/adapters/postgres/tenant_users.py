@@ -7,6 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 
 Conn = psycopg.Connection[Any]
 
@@ -49,6 +50,14 @@ def find_by_id(conn: Conn, user_id: UUID) -> UserRow | None:
         (user_id,),
     ).fetchone()
     return UserRow(*row) if row is not None else None
+
+
+def access_query(user_id: UUID) -> sql.Composed:
+    """``access_of`` as one statement with its value inlined (``sql.Literal``), to be sent
+    together with others in one simple-query round trip."""
+    return sql.SQL("SELECT access FROM public.users WHERE id = {} AND " + _LIVE).format(
+        sql.Literal(user_id)
+    )
 
 
 def access_of(conn: Conn, user_id: UUID) -> str | None:
