@@ -85,6 +85,7 @@ def test_a_provision_with_a_given_root_password_is_cold_and_writes_it_before_act
     env: Env, drained: TenantService
 ) -> None:
     svc = drained
+    others = set(databases(env, "monk_spare_%"))  # other installations' (see above)
     assert pool.fill(svc, env.template, 1) == 1
     view = svc.provision(unique("Given root"), template=env.template, root_password="correct horse")
     # The spare's root user has a password of its own: a given one is written by the clone's
@@ -92,7 +93,7 @@ def test_a_provision_with_a_given_root_password_is_cold_and_writes_it_before_act
     assert view.provisioned_from == "clone"
     assert view.root_password == "correct horse"
     assert root_password_works(env, view.tenant.database, "correct horse")
-    assert len(databases(env, "monk_spare_%")) == 1
+    assert len(set(databases(env, "monk_spare_%")) - others) == 1
 
 
 def test_a_cold_provision_through_the_service_makes_root(env: Env, drained: TenantService) -> None:

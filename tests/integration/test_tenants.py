@@ -41,8 +41,15 @@ def unique(prefix: str = "Acme") -> str:
 
 
 def databases(env: Env, like: str = "tenant_%") -> set[str]:
+    """This installation's databases named ``like``: its ownership mark, or none yet (made, not
+    yet configured). Other tests' installations on the same server are not counted."""
+    mark = f"monk:{env.settings.system_db_name}"
     with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
-        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,))
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s"
+            " AND coalesce(shobj_description(oid, 'pg_database'), %s) = %s",
+            (like, mark, mark),
+        )
         return {r[0] for r in rows.fetchall()}
 
 
