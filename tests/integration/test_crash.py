@@ -159,7 +159,7 @@ def test_doctor_finds_and_repairs_orphans(env: Env) -> None:
         assert fixed.returncode == 0, fixed.stdout + fixed.stderr
         assert orphan not in databases(env)
         assert stray_role not in roles(env)
-        assert foreign in databases(env)
+        assert foreign in databases(env, every=True)
     finally:
         with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
             adm.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(foreign)))

@@ -40,15 +40,16 @@ def unique(prefix: str = "Acme") -> str:
     return f"{prefix} {uuid.uuid4().hex[:8]}"
 
 
-def databases(env: Env, like: str = "tenant_%") -> set[str]:
+def databases(env: Env, like: str = "tenant_%", *, every: bool = False) -> set[str]:
     """This installation's databases named ``like``: its ownership mark, or none yet (made, not
-    yet configured). Other tests' installations on the same server are not counted."""
+    yet configured). Other tests' installations on the same server are not counted, unless
+    ``every``."""
     mark = f"monk:{env.settings.system_db_name}"
     with psycopg.connect(env.target.conninfo, dbname="postgres") as conn:
         rows = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s"
-            " AND coalesce(shobj_description(oid, 'pg_database'), %s) = %s",
-            (like, mark, mark),
+            " AND (%s OR coalesce(shobj_description(oid, 'pg_database'), %s) = %s)",
+            (like, every, mark, mark),
         )
         return {r[0] for r in rows.fetchall()}
 
