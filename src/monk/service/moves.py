@@ -597,11 +597,11 @@ def work_drops(svc: Pipeline, *, move: UUID | None = None) -> int:
             if move is not None:
                 for candidate in _drops_of(reg, move):
                     if candidate not in claimed:
-                        op = journal.claim_drop(reg, candidate)
+                        op = registry.claim_queued(reg, journal.DROP_COPY, op_id=candidate)
                         if op is not None:
                             break
             else:
-                op = journal.claim_drop(reg)
+                op = registry.claim_queued(reg, journal.DROP_COPY)
             if op is None or op.id in claimed:
                 return done
             claimed.add(op.id)

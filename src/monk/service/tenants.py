@@ -305,11 +305,43 @@ class TenantService(Pipeline):
         (``pool.hand_out``); ``any_spare``: also a spare whose password this process does not
         know (it gets a new one). None: no spare served, nothing written."""
         if not pools.keeps_registry:
-            return self._warm_remote(
+            handed = self._warm_remote(
                 reg, pools, name, template, idempotency_key, connection_limit, any_spare=any_spare
             )
+        else:
+            handed = self._warm_local(
+                reg, pools, name, template, idempotency_key, connection_limit, any_spare=any_spare
+            )
+        if handed is None:
+            return None
+        tenant, password, root_password = handed
+        log.info(
+            "provisioned %s as %s from the warm pool of %s",
+            name.display,
+            name.database,
+            pools.target.name,
+        )
+        return self.view(
+            tenant,
+            Credentials(name.role, password),
+            provisioned_from="pool",
+            root_password=root_password,
+        )
+
+    def _warm_local(
+        self,
+        reg: psycopg.Connection[Any],
+        pools: ServerPools,
+        name: TenantName,
+        template: str,
+        idempotency_key: str | None,
+        connection_limit: int | None,
+        *,
+        any_spare: bool,
+    ) -> tuple[Tenant, str, str | None] | None:
+        """``_warm`` on the registry's server: ``pool.hand_out``, one statement."""
         try:
-            handed = pool.hand_out(
+            return pool.hand_out(
                 self,
                 reg,
                 name=name,
@@ -325,16 +357,6 @@ class TenantService(Pipeline):
                 raise unavailable(self.hosts.local, pools.system_db, exc) from None
             log.warning("handout of a spare to %s failed (%s); cloning", name.display, exc)
             return None
-        if handed is None:
-            return None
-        tenant, password, root_password = handed
-        log.info("provisioned %s as %s from the warm pool", name.display, name.database)
-        return self.view(
-            tenant,
-            Credentials(name.role, password),
-            provisioned_from="pool",
-            root_password=root_password,
-        )
 
     def _warm_remote(
         self,
@@ -346,12 +368,12 @@ class TenantService(Pipeline):
         connection_limit: int | None,
         *,
         any_spare: bool,
-    ) -> TenantView | None:
+    ) -> tuple[Tenant, str, str | None] | None:
         """``_warm`` on a host of the fleet (``pool.hand_out_remote``)."""
         build = self._known_build(template, pools, reg)
         if build is None:
             return None
-        handed = pool.hand_out_remote(
+        return pool.hand_out_remote(
             self,
             reg,
             pools,
@@ -361,21 +383,6 @@ class TenantService(Pipeline):
             connection_limit=connection_limit,
             have_lock=any_spare,  # the full path holds the name's lock
             any_spare=any_spare,
-        )
-        if handed is None:
-            return None
-        tenant, password, root_password = handed
-        log.info(
-            "provisioned %s as %s from the warm pool of %s",
-            name.display,
-            name.database,
-            pools.target.name,
-        )
-        return self.view(
-            tenant,
-            Credentials(name.role, password),
-            provisioned_from="pool",
-            root_password=root_password,
         )
 
     def _reserve(

@@ -447,18 +447,23 @@ def list_operations(
         return cur.fetchall()
 
 
-def claim_queued(conn: Conn, kind: str, *, database: str | None = None) -> Operation | None:
+def claim_queued(
+    conn: Conn, kind: str, *, database: str | None = None, op_id: UUID | None = None
+) -> Operation | None:
     """Claim the oldest due queued operation of ``kind`` with FOR UPDATE SKIP LOCKED, in the
     caller's transaction: a crashed worker's transaction ends with it, so its job becomes
     claimable again. A job that failed waits for its ``next_attempt_at``, so the jobs queued
-    after it go first; with ``database`` (that tenant's purge, asked for now) it is taken
-    whenever it is due."""
+    after it go first; with ``database`` (that tenant's purge, asked for now) or ``op_id``
+    (that job) it is taken whether due or not."""
     where: sql.Composable = sql.SQL("kind = %s AND state = 'queued'")
     params: list[Any] = [kind]
     if database is not None:
         where += sql.SQL(" AND database = %s")
         params.append(database)
-    else:
+    if op_id is not None:
+        where += sql.SQL(" AND id = %s")
+        params.append(op_id)
+    if database is None and op_id is None:
         where += sql.SQL(" AND (next_attempt_at IS NULL OR next_attempt_at <= now())")
     with conn.cursor(row_factory=class_row(Operation)) as cur:
         cur.execute(

@@ -114,27 +114,6 @@ def queue_drop(
     return UUID(str(row[0]))
 
 
-def claim_drop(conn: Conn, op_id: UUID | None = None) -> Operation | None:
-    """Claim a due queued ``drop_copy`` (or the one ``op_id``, due or not) with FOR UPDATE
-    SKIP LOCKED, in the caller's transaction (a crashed worker's claim ends with it)."""
-    where: sql.Composable = sql.SQL("kind = 'drop_copy' AND state = 'queued'")
-    params: list[Any] = []
-    if op_id is not None:
-        where += sql.SQL(" AND id = %s")
-        params.append(op_id)
-    else:
-        where += sql.SQL(" AND (next_attempt_at IS NULL OR next_attempt_at <= now())")
-    with conn.cursor(row_factory=class_row(Operation)) as cur:
-        cur.execute(
-            sql.SQL(
-                "SELECT {} FROM operations WHERE {} ORDER BY created_at LIMIT 1"
-                " FOR UPDATE SKIP LOCKED"
-            ).format(_OP_COLUMNS, where),
-            params,
-        )
-        return cur.fetchone()
-
-
 def live_host(conn: Conn, database: str) -> str | None:
     """The host the live tenant of ``database`` is on (None: no live tenant)."""
     row = conn.execute(
