@@ -20,6 +20,7 @@ import pytest
 
 from monk.adapters.postgres.connection import ServerTarget
 from monk.core.template_names import retired_db_name
+from monk.errors import InvalidState
 from monk.service import drift, fleet, pool, purge
 from monk.service.server import Server
 from monk.service.templates import TemplateBuild
@@ -172,3 +173,36 @@ def test_monk_serve_drops_unneeded_retired_builds_on_its_schedule(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert "Application shutdown complete" in out
+
+
+def test_a_busy_build_is_kept_and_the_builds_after_it_still_go(
+    settings: Settings, key: str, admin_url: str, tmp_path: Path
+) -> None:
+    """A session holding a lock on the oldest retired build's database makes its drop give up
+    (after the statement timeout); prune keeps that one, drops the newer ones and says why."""
+    quick = settings.model_copy(update={"statement_timeout_ms": 800})
+    target, _ = Server.from_settings(quick).init()
+    with TenantService(quick, target) as svc:
+        source = copy_builtin(tmp_path, "basic", key)
+        busy = svc.templates.build(key, source_dir=source).build
+        free = _rebuild(svc, key, source, 1)
+        _rebuild(svc, key, source, 2)
+        busy_db = svc.templates.show(key, busy.version).database
+        with psycopg.connect(admin_url) as holder:
+            # COMMENT ON DATABASE locks the database object until the transaction ends.
+            holder.execute(
+                psycopg.sql.SQL("COMMENT ON DATABASE {} IS 'held by a test'").format(
+                    psycopg.sql.Identifier(busy_db)
+                )
+            )
+            with pytest.raises(InvalidState) as raised:
+                svc.templates.prune(key)
+            holder.rollback()
+        assert f"{key} {busy.version}" in str(raised.value)
+        assert "pruned 1 build(s); 1 kept" in str(raised.value)
+        assert _status(svc, key)[busy.version] == "retired"
+        assert _status(svc, key)[free.version] == "dropped"
+        assert _exists(admin_url, busy_db)
+        # Once the lock is gone, the next prune takes it.
+        assert [b.version for b in svc.templates.prune(key)] == [busy.version]
+        assert not _exists(admin_url, busy_db)

@@ -37,7 +37,7 @@ from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core.catalog import Catalog
 from monk.core.template_names import validate_template_key
-from monk.errors import MonkError, TemplateNotBuilt, Unavailable
+from monk.errors import InvalidState, MonkError, TemplateNotBuilt, Unavailable
 from monk.service.templates import health, lifecycle, recovery, sources
 from monk.service.templates.build import (
     BUILD_STEPS,
@@ -281,8 +281,10 @@ class TemplateService:
         """Remove the retired builds (of ``key``, or of every key; retired before
         ``retired_before`` if given) that no tenant, archive or spare needs, and forget failed
         builds but the latest of each key. Without ``wait`` (``monk serve``'s schedule), a key
-        whose lock someone holds (a build, a check) is left for the next time."""
+        whose lock someone holds (a build, a check) is left for the next time. A build whose
+        database is busy is kept and the others still go; ``InvalidState`` then names it."""
         dropped: list[TemplateBuild] = []
+        kept: list[str] = []
         with self.pools.system() as reg, self.pools.admin() as adm:
             for k in builds.keys_in_status(reg, self.target.name, ["retired", "failed"], key):
                 lock = (
@@ -294,8 +296,13 @@ class TemplateService:
                     if taken is False:
                         continue
                     dropped += lifecycle.prune_key(
-                        reg, adm, self.target, k, retired_before=retired_before
+                        reg, adm, self.target, k, retired_before=retired_before, kept=kept
                     )
+        if kept:
+            raise InvalidState(
+                f"pruned {len(dropped)} build(s); {len(kept)} kept for the next prune, their "
+                f"database busy: " + "; ".join(kept)
+            )
         return dropped
 
     # ------------------------------------------------------------------------ sources

@@ -12,7 +12,7 @@ from monk.adapters.postgres.connection import ServerTarget
 from monk.adapters.registry import templates as builds
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core.template_names import validate_version
-from monk.errors import TemplateInUse, TemplateNotFound
+from monk.errors import InvalidState, TemplateInUse, TemplateNotFound
 
 Conn = psycopg.Connection[Any]
 
@@ -80,19 +80,28 @@ def prune_key(
     key: str,
     *,
     retired_before: datetime | None = None,
+    kept: list[str],
 ) -> list[TemplateBuild]:
     """With the key's lock held: drop its retired builds that nothing needs (no tenant that
     holds a database, trashed ones included; no archive of a purged tenant, which a restore
     brings back at that build; no spare), retired before ``retired_before`` if given; and
     forget its failed builds but the latest (they have no database left; the latest still
-    tells ``template list --all`` why the key's last build failed)."""
+    tells ``template list --all`` why the key's last build failed).
+
+    A build whose database cannot be dropped now (a session holds a lock on it) stays retired
+    and is named in ``kept``; the builds after it are still dropped, so one busy database never
+    holds the others' disk hostage."""
     dropped = []
     for build in builds.retired_unneeded(reg, key, target.name):
         if retired_before is not None and (
             build.retired_at is None or build.retired_at > retired_before
         ):
             continue
-        admin.drop_database(adm, build.database)
+        try:
+            admin.drop_database(adm, build.database)
+        except InvalidState as exc:
+            kept.append(f"{build.key} {build.version}: {exc.message}")
+            continue
         builds.mark_dropped(reg, build.id)
         dropped.append(builds.get(reg, build.id))
     dropped.extend(builds.forget_failed_but_latest(reg, key, target.name))
