@@ -17,6 +17,7 @@ import pytest
 from psycopg import sql
 
 from monk.adapters import registry
+from monk.adapters.registry import console as console_reads
 from monk.adapters.registry.locks import KEYHOLDER_LOCK_SPACE
 from monk.errors import DatabaseUnavailable, InvalidState, TenantExists
 from monk.service import doctor, pool, purge
@@ -417,3 +418,27 @@ def test_refiller_clears_a_spare_left_creating_by_a_dead_process(
         pool.refill(refiller)
     assert spare_count(env) == 1
     assert ready not in databases(env, "monk_spare_%")
+
+
+def test_the_journal_times_a_warm_handout_and_the_overview_reads_it(
+    env: Env, drained: TenantService
+) -> None:
+    """The handout's journal entry is written and finished inside one statement: it records the
+    time that statement took (not 0), and the console's overview reads every process's
+    provision latency from the journal."""
+    svc = drained
+    pool.fill(svc, env.template, 1)
+    warm = svc.provision(unique("Timed"), template=env.template)
+    assert warm.provisioned_from == "pool"
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        row = conn.execute(
+            "SELECT 1000 * extract(epoch FROM finished_at - created_at)::float8"
+            " FROM operations WHERE database = %s AND kind = 'provision'",
+            (warm.tenant.database,),
+        ).fetchone()
+        assert row is not None
+        assert 0 < row[0] < 5000
+        overview = console_reads.overview(conn)
+    latest = overview.minutes[-1]
+    assert latest.provisions >= 1
+    assert 0 < latest.p50_ms <= latest.p99_ms

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -166,7 +165,6 @@ class Runtime:
         self.metrics = Metrics()
         # (when, seconds) of this process's provisions: the console's latency chart (the last
         # hour's; bounded so a flood of provisions cannot grow it without end).
-        self.provision_times: deque[tuple[float, float]] = deque(maxlen=200_000)
         self.tenants.hosts.budget()  # the local host's, in /metrics from the start
         self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
         self.fleet_gauges = FleetCollector()
@@ -254,7 +252,6 @@ class Runtime:
             raise
         took = time.perf_counter() - started
         self.metrics.provision_seconds.labels(host=view.tenant.host).observe(took)
-        self.provision_times.append((time.time(), took))
         # Spare roles are made again in batches, once half are gone: not beside every provision.
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
         if view.provisioned_from == "pool" or roles_low:

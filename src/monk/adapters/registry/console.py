@@ -27,6 +27,8 @@ SORTS = {
 class Minute:
     at: datetime
     provisions: int
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
 
 
 @dataclass
@@ -57,13 +59,19 @@ def overview(conn: Conn) -> Overview:
             " WHERE deleted_at IS NULL GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 50"
         ).fetchall()
     ]
-    # Provisions finished per minute of the last hour, by every process (the journal's).
+    # Provisions finished per minute of the last hour, by every process, and their latency as
+    # the journal timed them (intent to activation; a warm handout's one statement).
     out.minutes = [
-        Minute(at, int(n))
-        for at, n in conn.execute(
-            "SELECT date_trunc('minute', finished_at), count(*)"
-            " FROM operations WHERE kind = 'provision' AND state = 'done'"
-            " AND finished_at > now() - interval '1 hour' GROUP BY 1 ORDER BY 1"
+        Minute(at, int(n), float(p50), float(p99))
+        for at, n, p50, p99 in conn.execute(
+            "SELECT date_trunc('minute', finished_at), count(*),"
+            " percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),"
+            " percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)"
+            " FROM (SELECT finished_at,"
+            "  1000 * extract(epoch FROM finished_at - created_at)::float8 AS ms"
+            "  FROM operations WHERE kind = 'provision' AND state = 'done'"
+            "  AND finished_at > now() - interval '1 hour') o"
+            " GROUP BY 1 ORDER BY 1"
         ).fetchall()
     ]
     for key, n in conn.execute(

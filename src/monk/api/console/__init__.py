@@ -195,7 +195,7 @@ def _overview_context(rt: Runtime) -> dict[str, Any]:
     ]
     return {
         "ov": ov,
-        "chart": charts.hour(ov, list(rt.provision_times)),
+        "chart": charts.hour(ov),
         "spares": spares,
         "roles_target": rt.settings.pool_roles,
         "total": sum(ov.by_status.values()),

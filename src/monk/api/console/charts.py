@@ -3,7 +3,6 @@ fetched by the browser."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -31,35 +30,18 @@ class Charts:
     total: int
 
 
-def _percentile(ordered: list[float], q: float) -> float:
-    """The nearest-rank percentile of sorted values."""
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
-
-
-def hour(
-    overview: Overview, samples: Iterable[tuple[float, float]], now: datetime | None = None
-) -> Charts:
-    """Provisions per minute (every process's, from the journal) and the p50/p99 latency of
-    ``samples`` ((unix time, seconds) of this process's provisions) over the last 60 minutes,
-    oldest on the left."""
+def hour(overview: Overview, now: datetime | None = None) -> Charts:
+    """Provisions per minute and their p50/p99 latency, from the journal (every process's),
+    over the last 60 minutes, oldest on the left."""
     now = (now or datetime.now(UTC)).replace(second=0, microsecond=0)
     start = now - timedelta(minutes=SLOTS - 1)
     counts = [0] * SLOTS
+    p50: list[float | None] = [None] * SLOTS
+    p99: list[float | None] = [None] * SLOTS
     for m in overview.minutes:
         i = int((m.at - start).total_seconds() // 60)
         if 0 <= i < SLOTS:
-            counts[i] = m.provisions
-    per_slot: list[list[float]] = [[] for _ in range(SLOTS)]
-    for at, seconds in samples:
-        i = int((at - start.timestamp()) // 60)
-        if 0 <= i < SLOTS:
-            per_slot[i].append(seconds * 1000)
-    p50: list[float | None] = [None] * SLOTS
-    p99: list[float | None] = [None] * SLOTS
-    for i, values in enumerate(per_slot):
-        if values:
-            values.sort()
-            p50[i], p99[i] = _percentile(values, 0.5), _percentile(values, 0.99)
+            counts[i], p50[i], p99[i] = m.provisions, m.p50_ms, m.p99_ms
     slot = WIDTH / SLOTS
     top = max(counts) or 1
     bars = []
