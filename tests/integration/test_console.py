@@ -236,3 +236,25 @@ def test_failed_operator_sign_ins_are_throttled(client: TestClient) -> None:
     assert int(r.headers["Retry-After"]) > 0
     # another operator is not held up
     assert client.post("/console/login", data={"user": "alice", "password": PASSWORD}).is_redirect
+
+
+def test_sessions_live_in_the_system_database_shared_by_every_process(
+    client: TestClient, env: Env
+) -> None:
+    """A session opened on one `monk serve` works on another (and after a restart: a new app);
+    a sign-out on either ends it on both; the table holds only a hash of the session id."""
+    cookie, csrf = sign_in(client, env)
+    with TestClient(create_app(env.settings), follow_redirects=False) as other:
+        other.cookies.set("monk_console", cookie)
+        page = other.get("/console")
+        assert page.status_code == 200
+        assert f'name="csrf" value="{csrf}"' in page.text
+        with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+            stored = conn.execute(
+                "SELECT id_hash, operator, expires_at > now() + interval '1 hour'"
+                " FROM console_sessions"
+            ).fetchall()
+        assert all(bytes(h) != cookie.encode() and cookie not in str(h) for h, _, _ in stored)
+        assert ("root token", True) in {(op, later) for _, op, later in stored}
+        assert other.post("/console/logout", data={"csrf": csrf}).status_code == 303
+    assert client.get("/console").status_code == 303  # signed out here too

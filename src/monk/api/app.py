@@ -60,7 +60,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     app.include_router(tenant_auth.users_router)
     app.include_router(tenant_data.router)
     # The operators' web console at /console (and / sends the browser there).
-    console.mount(app, settings.console_session_ttl)
+    console.mount(app)
     return app
 
 

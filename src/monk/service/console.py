@@ -4,13 +4,18 @@ only: drawing a page never opens a tenant or template database)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from monk.adapters.registry import console as registry
+from monk.adapters.registry import console_sessions as sessions_db
 from monk.adapters.registry import logins as logins_db
 from monk.adapters.registry.console import Overview, TenantRow
 from monk.errors import LoginThrottled
@@ -58,6 +63,51 @@ def sign_in_operator(svc: TenantService, policy: LoginPolicy, user: str, passwor
         else:
             logins_db.record_failure(reg, *key, window=policy.window)
     return ok
+
+
+@dataclass(frozen=True)
+class ConsoleSession:
+    id: str
+    user: str
+    csrf: str
+    expires: datetime
+
+
+def _hash(sid: str) -> bytes:
+    return hashlib.sha256(sid.encode()).digest()
+
+
+def _csrf(sid: str) -> str:
+    # Derived from the session id, which only the operator's browser holds (an HttpOnly,
+    # SameSite=Strict cookie): nothing more to store, and another page cannot compute it.
+    return hmac.new(sid.encode(), b"monk console csrf", hashlib.sha256).hexdigest()
+
+
+def open_session(svc: TenantService, user: str) -> ConsoleSession:
+    """A console session for ``user`` (MONK_CONSOLE_SESSION_TTL), shared by every process on the
+    system database; only its id's hash is stored."""
+    sid = secrets.token_urlsafe(32)
+    with svc.hosts.pools().system() as reg:
+        expires = sessions_db.open_session(reg, _hash(sid), user, svc.settings.console_session_ttl)
+    return ConsoleSession(sid, user, _csrf(sid), expires)
+
+
+def find_session(svc: TenantService, sid: str | None) -> ConsoleSession | None:
+    """The session of this id, if it exists and has not expired."""
+    if not sid or len(sid) > 100:
+        return None
+    with svc.hosts.pools().system() as reg:
+        found = sessions_db.find(reg, _hash(sid))
+    return ConsoleSession(sid, found[0], _csrf(sid), found[1]) if found else None
+
+
+def close_session(svc: TenantService, sid: str) -> None:
+    with svc.hosts.pools().system() as reg:
+        sessions_db.close(reg, _hash(sid))
+
+
+def csrf_ok(session: ConsoleSession, given: str | None) -> bool:
+    return given is not None and hmac.compare_digest(session.csrf, given)
 
 
 def overview(svc: TenantService) -> Overview:

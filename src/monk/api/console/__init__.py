@@ -15,10 +15,10 @@ from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from monk.api.auth import verify_root
 from monk.api.console import charts
-from monk.api.console.sessions import COOKIE, Session, Sessions, csrf_ok
 from monk.api.deps import runtime
 from monk.api.public import scrubbed
 from monk.api.runtime import Runtime
@@ -26,12 +26,14 @@ from monk.core.lifecycle import TenantStatus
 from monk.errors import InvalidRequest, LoginThrottled, MonkError, table_entry
 from monk.service import console as console_service
 from monk.service import host_templates
+from monk.service.console import ConsoleSession as Session
 
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(prefix="/console", include_in_schema=False)
+COOKIE = "monk_console"
 
 
 class NoSession(Exception):
@@ -42,8 +44,7 @@ class BadCsrf(Exception):
     pass
 
 
-def mount(app: FastAPI, ttl_seconds: int) -> None:
-    app.state.console_sessions = Sessions(ttl_seconds)
+def mount(app: FastAPI) -> None:
     app.state.console_builds = {}
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
     app.include_router(router)
@@ -72,13 +73,9 @@ def _bad_csrf(request: Request, exc: Exception) -> Response:
     )
 
 
-def _sessions(request: Request) -> Sessions:
-    s: Sessions = request.app.state.console_sessions
-    return s
-
-
 def session(request: Request) -> Session:
-    found = _sessions(request).get(request.cookies.get(COOKIE))
+    rt: Runtime = request.app.state.runtime
+    found = console_service.find_session(rt.tenants, request.cookies.get(COOKIE))
     if found is None:
         raise NoSession
     return found
@@ -86,13 +83,13 @@ def session(request: Request) -> Session:
 
 async def checked_session(request: Request) -> Session:
     """The session of an action, whose form (or htmx header) carries its CSRF token."""
-    found = session(request)
+    found = await run_in_threadpool(session, request)
     given = request.headers.get("x-csrf-token")
     if given is None:
         form = await request.form()
         value = form.get("csrf")
         given = value if isinstance(value, str) else None
-    if not csrf_ok(found, given):
+    if not console_service.csrf_ok(found, given):
         raise BadCsrf
     return found
 
@@ -161,12 +158,12 @@ def login(
             users=bool(rt.settings.console_users),
             error="sign-in failed: wrong token, user or password",
         )
-    new = _sessions(request).open(who)
+    new = console_service.open_session(rt.tenants, who)
     response = RedirectResponse("/console", status_code=303)
     response.set_cookie(
         COOKIE,
         new.id,
-        max_age=_sessions(request).ttl,
+        max_age=rt.settings.console_session_ttl,
         path="/",
         httponly=True,
         samesite="strict",
@@ -176,8 +173,8 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, sess: Action) -> Response:
-    _sessions(request).close(sess.id)
+def logout(request: Request, rt: Rt, sess: Action) -> Response:
+    console_service.close_session(rt.tenants, sess.id)
     response = RedirectResponse("/console/login", status_code=303)
     response.delete_cookie(COOKIE, path="/")
     return response
