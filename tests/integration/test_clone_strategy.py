@@ -131,9 +131,6 @@ def test_on_tmpfs_and_ext4_file_cloning_is_not_available(tmp_path: Path, where: 
             found = clone_support.detect(adm, target)
             assert not found.supported
             assert "cannot share blocks" in found.detail
-            # Only tmpfs keeps its files in memory: there every clone is a FILE_COPY.
-            assert found.in_memory is (where == "tmpfs")
-            assert ("in memory (tmpfs)" in found.detail) is (where == "tmpfs")
 
 
 def test_the_session_server_cannot_clone_files_and_says_why(settings: Settings) -> None:
@@ -365,50 +362,5 @@ def test_xfs_data_dir_a_cold_provision_clones_files(tmp_path: Path) -> None:
                 assert made.returncode == 0, made.stderr
                 wal = admin.wal_bytes_since(conn, before)
             assert wal < MB, wal
-        finally:
-            run("db", "stop")
-
-
-def test_tmpfs_data_dir_a_cold_provision_of_a_small_template_is_a_file_copy(
-    tmp_path: Path,
-) -> None:
-    """``monk`` with MONK_DATA_DIR on tmpfs and every setting at its default: the host's files
-    are in memory (db status, host show), so even the small ``basic`` template (under the
-    size threshold) is cloned with FILE_COPY: its pages are not written into the WAL."""
-    with tmpfs(tmp_path) as mnt:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MONK_")} | {
-            "MONK_DATA_DIR": str(mnt / "monk"),
-            "MONK_EMBEDDED_PORT": str(free_port()),
-            "MONK_EMBEDDED_DURABLE": "false",
-            "MONK_POOL_SPARES": "{}",
-        }
-
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [MONK_BIN, *args], env=env, capture_output=True, text=True, timeout=180
-            )
-
-        try:
-            assert run("db", "start").returncode == 0
-            status = json.loads(run("db", "status", "--json").stdout)
-            assert status["file_cloning"]["in_memory"] is True, status["file_cloning"]
-            host = json.loads(run("host", "show", "localhost", "--json").stdout)
-            assert host["file_cloning"]["in_memory"] is True
-            assert run("template", "build", "basic").returncode == 0
-            url = run("db", "url").stdout.strip()
-            with psycopg.connect(url, autocommit=True) as conn:
-                before = admin.wal_lsn(conn)
-                made = run("tenant", "create", "tmpfs-acme")
-                assert made.returncode == 0, made.stderr
-                wal = admin.wal_bytes_since(conn, before)
-            assert wal < MB, wal
-            # The override still wins: WAL_LOG writes the template's pages.
-            env["MONK_CLONE_STRATEGY"] = "wal_log"
-            with psycopg.connect(url, autocommit=True) as conn:
-                before = admin.wal_lsn(conn)
-                made = run("tenant", "create", "tmpfs-beta")
-                assert made.returncode == 0, made.stderr
-                wal = admin.wal_bytes_since(conn, before)
-            assert wal > 2 * MB, wal
         finally:
             run("db", "stop")

@@ -47,15 +47,6 @@ def test_auto_without_clone_goes_by_size_and_keeps_wal_log_for_an_unknown_size()
     assert pick(size_bytes=2 * MB, file_copy_above=MB) == "file_copy"
 
 
-def test_auto_on_a_host_whose_files_are_in_memory_uses_file_copy_whatever_the_size() -> None:
-    assert pick(in_memory=True, size_bytes=1) == "file_copy"
-    assert pick(in_memory=True, size_bytes=None) == "file_copy"
-    assert pick(in_memory=True, size_bytes=10_000 * MB) == "file_copy"
-    # An override still wins.
-    assert pick(in_memory=True, setting="wal_log") == "wal_log"
-    assert pick(in_memory=True, template_setting="wal_log") == "wal_log"
-
-
 def test_forced_strategies_and_the_template_winning_over_the_setting() -> None:
     assert pick(setting="wal_log", clone_available=True, size_bytes=10_000 * MB) == "wal_log"
     assert pick(setting="file_copy", size_bytes=1) == "file_copy"

@@ -58,25 +58,3 @@ def cluster_identifier(data_directory: Path) -> str | None:
     if len(head) != 8:
         return None
     return str(struct.unpack("=Q", head)[0])
-
-
-IN_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
-"""Filesystems whose files live in memory: an fsync there writes nothing to a device."""
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem ``path`` is on, from /proc/mounts ("" when unknown)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-        resolved = path.resolve()
-    except OSError:
-        return ""
-    best, kind = -1, ""
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = Path(fields[1].replace("\\040", " "))
-        if (resolved == point or point in resolved.parents) and len(point.parts) > best:
-            best, kind = len(point.parts), fields[2]
-    return kind

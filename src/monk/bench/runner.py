@@ -54,7 +54,6 @@ import psycopg
 from psycopg import sql
 
 import monk
-from monk.adapters import reflink
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect, open_connection
 from monk.bench import stats
@@ -708,10 +707,28 @@ def _free_bytes(path: Path) -> int:
         free = shutil.disk_usage(path).free
     except OSError:
         return 0
-    if reflink.filesystem_type(path) == "tmpfs":
+    if _filesystem_type(path) == "tmpfs":
         available = _meminfo_bytes("MemAvailable")
         free = min(free, max(available - 2 * 2**30, 0)) if available is not None else 0
     return free
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on, from /proc/mounts ("" when unknown)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        resolved = path.resolve()
+    except OSError:
+        return ""
+    best, kind = -1, ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (resolved == point or point in resolved.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind
 
 
 def _meminfo_bytes(field_name: str) -> int | None:

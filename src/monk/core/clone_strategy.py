@@ -88,7 +88,6 @@ def choose(
     clone_available: bool,
     size_bytes: int | None,
     file_copy_above: int,
-    in_memory: bool = False,
 ) -> CloneChoice:
     """The strategy of one clone.
 
@@ -100,11 +99,7 @@ def choose(
     project's VM, a reflink clone of an 11 MB template took 0.4-0.7 s against 0.1 s for
     WAL_LOG, while for 630 MB it took 0.4 s against 4.1 s (docs/clone-strategy.md). An unknown
     size (a build made before sizes were recorded) keeps PostgreSQL's default, WAL_LOG, unless
-    the host clones files (then the size costs nothing). ``in_memory`` (the host's data
-    directory is on tmpfs): FILE_COPY whatever the size, since its checkpoints flush nothing
-    to a device; it copies faster than WAL_LOG writes pages and WAL, and brings along the
-    template's relcache init file, sparing the first login into the clone a cold catalog
-    (measured: 1st login 5.7 ms p50 against 9.0 ms after a WAL_LOG clone).
+    the host clones files (then the size costs nothing).
     """
     forced = template_setting if template_setting not in (None, "auto") else setting
     source = (
@@ -117,8 +112,6 @@ def choose(
     if forced == "file_copy":
         how = " with reflink (the host can clone files)" if clone_available else ""
         return CloneChoice("file_copy", clone_available, f"{source}=file_copy{how}")
-    if in_memory:
-        return CloneChoice("file_copy", clone_available, "auto: the host's files are in memory")
     if size_bytes is None:
         if clone_available:
             return CloneChoice("file_copy", True, "auto: size unknown, the host clones files")

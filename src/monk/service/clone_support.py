@@ -48,12 +48,9 @@ class CloneSupport:
     supported: bool
     detail: str
     """How it was found, in a sentence (shown by ``monk host show`` and ``monk db status``)."""
-    in_memory: bool = False
-    """The data directory is on tmpfs (seen from here): FILE_COPY's checkpoints cost nothing
-    there, so every clone uses it (``monk.core.clone_strategy.choose``)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"supported": self.supported, "detail": self.detail, "in_memory": self.in_memory}
+        return {"supported": self.supported, "detail": self.detail}
 
 
 def detect(
@@ -62,33 +59,6 @@ def detect(
     """Detect the server's file cloning (see the module's docstring); ``adm`` is an autocommit
     admin connection to it. ``look_at_files=False`` skips step 3 (tests measure with it)."""
     facts = admin.clone_facts(adm)
-    found = _detect_cloning(adm, target, facts, look_at_files=look_at_files)
-    where = _visible_data_directory(facts) if look_at_files else None
-    if where is not None and reflink.filesystem_type(where) in reflink.IN_MEMORY_FILESYSTEMS:
-        return CloneSupport(
-            found.supported,
-            f"{found.detail}; its files are in memory ({reflink.filesystem_type(where)}): "
-            "FILE_COPY's checkpoints flush nothing to a device",
-            in_memory=True,
-        )
-    return found
-
-
-def _visible_data_directory(facts: admin.CloneFacts) -> Path | None:
-    """The server's data directory where this machine sees it (same path, same cluster)."""
-    if not (facts.data_directory and facts.system_identifier):
-        return None
-    where = Path(facts.data_directory)
-    return where if reflink.cluster_identifier(where) == facts.system_identifier else None
-
-
-def _detect_cloning(
-    adm: psycopg.Connection[Any],
-    target: ServerTarget,
-    facts: admin.CloneFacts,
-    *,
-    look_at_files: bool,
-) -> CloneSupport:
     if facts.version_num < admin.FILE_COPY_METHOD_SINCE:
         major = facts.version_num // 10000
         return CloneSupport(
@@ -104,26 +74,27 @@ def _detect_cloning(
         return CloneSupport(
             False, f"a FILE_COPY clone with file_copy_method = clone failed: {first}"
         )
-    where = _visible_data_directory(facts) if look_at_files else None
-    if where is not None:
-        shares = reflink.supports_reflink(where)
-        if shares is not None:
-            return CloneSupport(
-                shares,
-                f"the filesystem of {where} "
-                + (
-                    "shares blocks between files (reflink)"
-                    if shares
-                    else "cannot share blocks (no reflink): a clone would copy every byte"
-                ),
-            )
+    if look_at_files and facts.data_directory and facts.system_identifier:
+        where = Path(facts.data_directory)
+        if reflink.cluster_identifier(where) == facts.system_identifier:
+            shares = reflink.supports_reflink(where)
+            if shares is not None:
+                return CloneSupport(
+                    shares,
+                    f"the filesystem of {where} "
+                    + (
+                        "shares blocks between files (reflink)"
+                        if shares
+                        else "cannot share blocks (no reflink): a clone would copy every byte"
+                    ),
+                )
     return _measure(adm, target)
 
 
-def choice(settings: Settings, build: TemplateBuild, support: CloneSupport | None) -> CloneChoice:
-    """The strategy of a clone of ``build`` on a host with ``support`` (None: never detected):
-    the one decision (``monk.core.clone_strategy.choose``) with the settings and the build's
-    size and template.json value. Every clone of a template asks here."""
+def choice(settings: Settings, build: TemplateBuild, *, supported: bool) -> CloneChoice:
+    """The strategy of a clone of ``build`` on a host that does (not) clone files: the one
+    decision (``monk.core.clone_strategy.choose``) with the settings and the build's size and
+    template.json value. Every clone of a template asks here."""
     return clone_strategy.choose(
         setting=settings.clone_strategy,
         template_setting=(
@@ -131,8 +102,7 @@ def choice(settings: Settings, build: TemplateBuild, support: CloneSupport | Non
             if build.clone_strategy is None
             else clone_strategy.parse_strategy_setting(build.clone_strategy)
         ),
-        clone_available=support is not None and support.supported,
-        in_memory=support is not None and support.in_memory,
+        clone_available=supported,
         size_bytes=build.size_bytes,
         file_copy_above=settings.file_copy_above,
     )
@@ -150,19 +120,18 @@ def detect_and_record(
     if is_local:
         host_registry.ensure_local(reg, target.name, host_registry.LOCAL_ID)
     host_registry.record_clone_support(
-        reg, target.name, supported=found.supported, detail=found.detail, in_memory=found.in_memory
+        reg, target.name, supported=found.supported, detail=found.detail
     )
     log.info("host %s: file cloning %s", target.name, found.detail)
     return found
 
 
 def recorded(reg: psycopg.Connection[Any], name: str) -> CloneSupport | None:
-    """What the host's row says (None: never detected, or before migration 0023 recorded
-    whether its files are in memory: detected again)."""
-    supported, detail, in_memory = host_registry.clone_support(reg, name)
-    if supported is None or detail is None or in_memory is None:
+    """What the host's row says (None: never detected)."""
+    supported, detail = host_registry.clone_support(reg, name)
+    if supported is None or detail is None:
         return None
-    return CloneSupport(supported, detail, in_memory)
+    return CloneSupport(supported, detail)
 
 
 def _measure(adm: psycopg.Connection[Any], target: ServerTarget) -> CloneSupport:

@@ -67,7 +67,6 @@ class HostView:
     clone_support: bool | None = None
     clone_detail: str | None = None
     clone_checked_at: datetime | None = None
-    clone_in_memory: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,7 +91,6 @@ class HostView:
             "file_cloning": {
                 "supported": self.clone_support,
                 "detail": self.clone_detail,
-                "in_memory": self.clone_in_memory,
                 "at": _iso(self.clone_checked_at),
             },
         }
@@ -180,7 +178,6 @@ def _view(row: HostRow, tenants: int) -> HostView:
         clone_support=row.clone_support,
         clone_detail=row.clone_detail,
         clone_checked_at=row.clone_checked_at,
-        clone_in_memory=row.clone_in_memory,
     )
 
 
@@ -203,7 +200,6 @@ def _local_view(svc: Pipeline, row: HostRow | None, tenants: int, version: str) 
         clone_support=row.clone_support if row else None,
         clone_detail=row.clone_detail if row else None,
         clone_checked_at=row.clone_checked_at if row else None,
-        clone_in_memory=row.clone_in_memory if row else None,
     )
 
 

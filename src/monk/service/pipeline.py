@@ -825,8 +825,8 @@ class Pipeline:
     ) -> CloneChoice:
         """The strategy of a clone of ``build`` on ``target``: the one decision
         (``monk.core.clone_strategy.choose``) every clone of a template uses."""
-        support = self.clone_support(adm, target, registry_session=registry_session)
-        return clone_support.choice(self.settings, build, support)
+        supported = self.clone_support(adm, target, registry_session=registry_session).supported
+        return clone_support.choice(self.settings, build, supported=supported)
 
     def clone(
         self,

@@ -42,8 +42,6 @@ class HostRow:
     """Can the server's data directory clone files (file_copy_method = clone)? None: unknown."""
     clone_detail: str | None
     clone_checked_at: datetime | None
-    clone_in_memory: bool | None
-    """Is its data directory in memory (tmpfs)? None: unknown (detected before migration 0023)."""
 
 
 _COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclasses.fields(HostRow))
@@ -165,29 +163,22 @@ def record_check(
     )
 
 
-def clone_support(conn: Conn, name: str) -> tuple[bool | None, str | None, bool | None]:
-    """What was detected of the host's file cloning: (supported, how it was found, whether its
-    data directory is in memory); Nones when never detected (or the local host has no row
-    yet)."""
+def clone_support(conn: Conn, name: str) -> tuple[bool | None, str | None]:
+    """What was detected of the host's file cloning: (supported, how it was found); (None,
+    None) when never detected (or the local host has no row yet)."""
     row = conn.execute(
-        "SELECT clone_support, clone_detail, clone_in_memory FROM hosts WHERE name = %s", (name,)
+        "SELECT clone_support, clone_detail FROM hosts WHERE name = %s", (name,)
     ).fetchone()
     if row is None:
-        return None, None, None
-    return (
-        None if row[0] is None else bool(row[0]),
-        None if row[1] is None else str(row[1]),
-        None if row[2] is None else bool(row[2]),
-    )
+        return None, None
+    return (None if row[0] is None else bool(row[0])), (None if row[1] is None else str(row[1]))
 
 
-def record_clone_support(
-    conn: Conn, name: str, *, supported: bool, detail: str, in_memory: bool
-) -> None:
+def record_clone_support(conn: Conn, name: str, *, supported: bool, detail: str) -> None:
     conn.execute(
-        "UPDATE hosts SET clone_support = %s, clone_detail = %s, clone_in_memory = %s,"
-        " clone_checked_at = now() WHERE name = %s",
-        (supported, detail, in_memory, name),
+        "UPDATE hosts SET clone_support = %s, clone_detail = %s, clone_checked_at = now() "
+        "WHERE name = %s",
+        (supported, detail, name),
     )
 
 

@@ -151,7 +151,8 @@ def _choice(
 ) -> CloneChoice:
     """A scratch clone is cloned as a tenant would be (a large template's check then costs
     what a provision does), with the host's file cloning as recorded."""
-    return clone_support.choice(settings, build, clone_support.recorded(reg, target.name))
+    found = clone_support.recorded(reg, target.name)
+    return clone_support.choice(settings, build, supported=found is not None and found.supported)
 
 
 def read_build_catalog(
