@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import statistics
@@ -161,6 +162,12 @@ class StrategyBench:
                 # Untimed: a FILE_COPY's checkpoints would otherwise write the pages the
                 # sample before dirtied (a WAL_LOG clone dirties the whole template).
                 admin.checkpoint(adm)
+                # Untimed too: the kernel's dirty pages of the sample before (a 512 MB copy
+                # just dropped) would otherwise be written by the next fsync of this
+                # filesystem, whichever variant makes it (on a loop-mounted image, any fsync
+                # flushes the whole image file). Reaches the server's files only where it runs
+                # on this machine (the embedded server); elsewhere it costs nothing.
+                os.sync()
                 before = admin.wal_lsn(adm)
                 if variant == "monk_cold":
                     name = f"bench {self.run_id} {secrets.token_hex(3)}"
