@@ -430,6 +430,9 @@ def test_bench_template_size_measures_every_strategy_and_removes_what_it_made(
         assert t["wal_bytes_p50"]["wal_log"] > t["size_bytes"] // 2
         assert t["wal_bytes_p50"]["file_copy"] < 1024 * 1024
         assert t["monk_choice"] == "wal_log"  # both under the default 32MB threshold
+        # Each cold provision renamed in a spare role made before it (untimed), as under
+        # monk serve: not a CREATE ROLE during the clone.
+        assert t["monk_cold_spare_roles_used"] == 2
         assert t["fastest_raw"] in ("wal_log", "file_copy")
     assert "monk cold / fastest raw" in run.stdout
     after = server_objects(admin_url)

@@ -272,6 +272,43 @@ def test_a_templates_own_clone_strategy_wins_over_the_setting(env: Env, tmp_path
     assert wal < MB, wal
 
 
+def _wal_of_catalog_read(env: Env, key: str, **extra: Any) -> int:
+    """WAL bytes the server wrote while ``build_catalog`` read the catalog of ``key``'s current
+    build from a scratch clone (its recorded catalog erased first, as a build made before
+    builds recorded theirs)."""
+    from monk.service.templates import TemplateService
+
+    with psycopg.connect(
+        env.target.conninfo, dbname=env.settings.system_db_name, autocommit=True
+    ) as reg:
+        build = template_builds.current_build(reg, key, env.target.name)
+        assert build is not None
+        reg.execute("UPDATE template_builds SET catalog = NULL WHERE id = %s", (build.id,))
+    with (
+        TemplateService.open(env.settings.model_copy(update=extra), env.target) as templates,
+        connect(env.target, autocommit=True) as adm,
+    ):
+        before = admin.wal_lsn(adm)
+        found = templates.build_catalog(key, build.version)
+        wal = admin.wal_bytes_since(adm, before)
+    assert found is not None
+    assert found[1].tables  # read from the clone, and recorded again
+    return wal
+
+
+def test_a_builds_catalog_is_read_from_a_clone_made_with_the_templates_strategy(
+    env: Env, tmp_path: Path
+) -> None:
+    """``build_catalog``'s scratch clone follows the one choice (it cloned with the server's
+    default, WAL_LOG, whatever the template or the settings said)."""
+    key = template_support.new_key("cs")
+    source = template_support.copy_builtin(tmp_path, "basic", key)
+    template_support.build(env.target, env.settings, key, source_dir=source)
+    pages = _template_size(env, key) // 2
+    assert _wal_of_catalog_read(env, key, clone_strategy="wal_log") > pages
+    assert _wal_of_catalog_read(env, key, clone_strategy="file_copy") < MB
+
+
 def test_a_bad_value_is_a_config_error_and_changes_nothing(
     monk: RunMonk, settings: Settings, tmp_path: Path
 ) -> None:

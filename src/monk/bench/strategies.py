@@ -7,7 +7,9 @@ about SIZE (a schema and a ``seed/bulk_row.csv`` loaded with COPY, see docs/temp
     raw file_copy        … STRATEGY FILE_COPY with file_copy_method = copy (PostgreSQL 18;
                          before it, FILE_COPY copies)
     raw file_copy+clone  … with file_copy_method = clone, where the host clones files
-    monk cold            TenantService.provision with no spare: monk's automatic choice
+    monk cold            TenantService.provision with no spare database: monk's automatic
+                         choice (a spare role and the root password ready, made untimed
+                         before each, as ``monk serve`` keeps them in its idle time)
 
 each ``iterations`` times, interleaved (round robin, so drift and checkpoints weigh on all
 alike), on an open autocommit connection; timed from the caller's side, with the WAL bytes the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import statistics
@@ -31,7 +34,7 @@ from typing import Any
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.core.clone_strategy import CloneChoice, format_size
-from monk.service import purge
+from monk.service import purge, role_pool
 from monk.service.templates import TemplateService
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -103,6 +106,8 @@ class StrategyBench:
     def run(self) -> dict[str, Any]:
         folder = Path(tempfile.mkdtemp(prefix="monk-bench-size-"))
         with TenantService(self.settings, self.target) as svc:
+            # As monk serve (and the provisioning bench): root passwords hashed ahead.
+            svc.root_passwords.keep(2)
             templates = svc.templates
             try:
                 templates.build(self.template)
@@ -152,15 +157,28 @@ class StrategyBench:
             raw["file_copy+clone"] = CloneChoice("file_copy", True, "bench")
         times: dict[str, list[float]] = {name: [] for name in [*raw, "monk_cold"]}
         wal: dict[str, list[int]] = {name: [] for name in times}
+        roles_used = 0
         order = list(times)
         total = self.iterations * len(order)
         for i in range(self.iterations):
             # Rotated each round: whatever the machine does weighs on every variant alike.
             for j, variant in enumerate(order[i % len(order) :] + order[: i % len(order)]):
                 self.progress(f"clones of {key}", i * len(order) + j, total)
+                if variant == "monk_cold":
+                    # Untimed, as a serving monk does in its idle time: a spare role to rename
+                    # in (MONK_POOL_ROLES) and the next root password hashed.
+                    role_pool.fill(svc, 1)
+                    svc.root_passwords.settle(10)
+                    roles_before = len(svc.role_secrets)
                 # Untimed: a FILE_COPY's checkpoints would otherwise write the pages the
                 # sample before dirtied (a WAL_LOG clone dirties the whole template).
                 admin.checkpoint(adm)
+                # Untimed too: the kernel's dirty pages of the sample before (a 512 MB copy
+                # just dropped) would otherwise be written by the next fsync of this
+                # filesystem, whichever variant makes it (on a loop-mounted image, any fsync
+                # flushes the whole image file). Reaches the server's files only where it runs
+                # on this machine (the embedded server); elsewhere it costs nothing.
+                os.sync()
                 before = admin.wal_lsn(adm)
                 if variant == "monk_cold":
                     name = f"bench {self.run_id} {secrets.token_hex(3)}"
@@ -168,6 +186,7 @@ class StrategyBench:
                     svc.provision(name, template=key)
                     elapsed = time.perf_counter() - started
                     self._made.append(name)
+                    roles_used += roles_before - len(svc.role_secrets)
                 else:
                     db = f"monkbench_{self.run_id}_{secrets.token_hex(3)}"
                     started = time.perf_counter()
@@ -189,6 +208,7 @@ class StrategyBench:
             "min_ms": {v: round(min(ms), 2) for v, ms in times.items()},
             "wal_bytes_p50": {v: int(statistics.median(b)) for v, b in wal.items()},
             "monk_choice": choice.label,
+            "monk_cold_spare_roles_used": roles_used,
             "monk_reason": choice.reason,
             "fastest_raw": fastest,
             "cold_over_fastest_raw": round(p50["monk_cold"] / p50[fastest], 3),

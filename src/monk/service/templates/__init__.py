@@ -253,7 +253,7 @@ class TemplateService:
                 for build in builds.live_builds_of_version(reg, key, host, version):
                     if not admin.database_exists(adm, build.database):
                         continue
-                    catalog = health.read_build_catalog(adm, self.target, self.settings, build)
+                    catalog = health.read_build_catalog(reg, adm, self.target, self.settings, build)
                     builds.record_catalog(reg, build.id, catalog.as_dict(), catalog.fingerprint())
                     return builds.get(reg, build.id), catalog
         return None

@@ -156,12 +156,15 @@ def _choice(
 
 
 def read_build_catalog(
-    adm: Conn, target: ServerTarget, settings: Settings, build: TemplateBuild
+    reg: Conn, adm: Conn, target: ServerTarget, settings: Settings, build: TemplateBuild
 ) -> Catalog:
     """The catalog of a build made before builds recorded theirs, read from a scratch clone
-    (the template itself is never opened); the caller holds the key's lock."""
+    (the template itself is never opened) made with the strategy of every clone of it; the
+    caller holds the key's lock."""
     scratch = f"{CHECK_DB_PREFIX}{validate_template_key(build.key)}_{secrets.token_hex(4)}"
-    admin.create_database(adm, scratch, template=build.database)
+    admin.create_database(
+        adm, scratch, template=build.database, choice=_choice(reg, target, settings, build)
+    )
     try:
         admin.comment_on_database(adm, scratch, check_mark(settings))
         with connect(target, scratch, purpose="template-check") as db:
