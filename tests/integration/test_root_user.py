@@ -178,3 +178,76 @@ def test_the_root_user_is_one_statement_on_a_session_that_commits_asynchronously
         assert tenant_users.put_root(conn, passwords.hash_password("another one"))
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert root_password_works(env, view.tenant.database, "another one")
+
+
+def _waiting(env: Env, tenant_id: object) -> bool:
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        found = conn.execute("SELECT 1 FROM pending_roots WHERE tenant_id = %s", (tenant_id,))
+        return found.fetchone() is not None
+
+
+def _has_root(env: Env, database: str) -> bool:
+    with psycopg.connect(env.target.conninfo, dbname=database) as conn:
+        return conn.execute("SELECT 1 FROM users WHERE auth = 'root'").fetchone() is not None
+
+
+def test_under_serve_a_cold_provision_is_answered_before_its_root_user_is_written(
+    env: Env, drained: TenantService
+) -> None:
+    """``monk serve``'s cold provision connects to nothing but the registry after its clone: the
+    root user's hash commits with the activation and is written after the answer. Until then
+    (a process killed right after answering is the same state) every use of the tenant's users
+    writes it first, a login included; an existing root user is never overwritten."""
+    from monk.service import root_users, tenant_auth
+
+    svc = drained
+    svc.root_after_answer = True
+    try:
+        opened: list[str] = []
+        hook = svc.checkpoint
+        svc.checkpoint = lambda step: (opened.append(step), hook(step))  # type: ignore[method-assign]
+        view = svc.provision(unique("After answer"), template=env.template)
+    finally:
+        svc.root_after_answer = False
+        svc.checkpoint = hook  # type: ignore[method-assign]
+    assert view.provisioned_from == "clone"
+    assert view.root_password is not None
+    tenant = view.tenant
+    # No session ever opened in the new database before the answer; the hash waits.
+    assert sessions_of(env, tenant.database)[1] == 0
+    assert _waiting(env, tenant.id)
+    assert not _has_root(env, tenant.database)
+
+    # The first login (within milliseconds of the answer) writes it and succeeds.
+    policy = tenant_auth.LoginPolicy(max_failures=5, window=60)
+    identity = tenant_auth.login(svc, policy, tenant.name, "root", view.root_password)
+    assert identity.access == "root"
+    assert not _waiting(env, tenant.id)
+    assert root_password_works(env, tenant.database, view.root_password)
+    # Nothing waits any more: a second write is a no-op and keeps the password as it is.
+    assert root_users.write_pending(svc, tenant) is False
+    assert root_password_works(env, tenant.database, view.root_password)
+
+
+@pytest.mark.slow
+def test_doctor_reports_and_writes_a_root_user_left_waiting(
+    env: Env, drained: TenantService
+) -> None:
+    """A process killed between its answer and the write leaves the hash waiting: ``monk
+    doctor`` reports it and ``--repair`` writes it (so does ``monk serve``'s worker)."""
+    svc = drained
+    svc.root_after_answer = True
+    try:
+        view = svc.provision(unique("Left waiting"), template=env.template)
+    finally:
+        svc.root_after_answer = False
+    assert _waiting(env, view.tenant.id)
+    time.sleep(5.2)  # reported once it waited well past an answer's after-work
+    found = run(env, "doctor", "--json")
+    assert found.returncode != 0
+    kinds = {(p["kind"], p["subject"]) for p in json.loads(found.stdout)["problems"]}
+    assert ("root_user_waiting", view.tenant.database) in kinds
+    fixed = run(env, "doctor", "--repair", "--json")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert not _waiting(env, view.tenant.id)
+    assert root_password_works(env, view.tenant.database, view.root_password or "")

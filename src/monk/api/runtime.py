@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -23,6 +24,7 @@ from monk.service import (
     pool,
     purge,
     role_pool,
+    root_users,
     tenant_auth,
     tenant_data,
     upgrades,
@@ -162,9 +164,8 @@ class Runtime:
         self.target: ServerTarget
         self.target, _ = self.server.init()
         self.tenants = TenantService(settings, self.target)
+        self.tenants.root_after_answer = True  # written by _write_root, after the answer
         self.metrics = Metrics()
-        # (when, seconds) of this process's provisions: the console's latency chart (the last
-        # hour's; bounded so a flood of provisions cannot grow it without end).
         self.tenants.hosts.budget()  # the local host's, in /metrics from the start
         self.metrics.registry.register(BudgetCollector(self.tenants.hosts))
         self.fleet_gauges = FleetCollector()
@@ -187,6 +188,7 @@ class Runtime:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name="monk-purge", daemon=True)
+        self._after_answer = ThreadPoolExecutor(2, thread_name_prefix="monk-after")
         self._refill_wake = threading.Event()
         self._refiller = threading.Thread(target=self._refill, name="monk-pool", daemon=True)
         self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
@@ -256,8 +258,18 @@ class Runtime:
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
         if view.provisioned_from == "pool" or roles_low:
             self.wake_refiller()
+        if view.provisioned_from == "clone":
+            self._after_answer.submit(self._write_root, view)
         self.metrics.provisions.labels(result="ok", host=view.tenant.host).inc()
         return view
+
+    def _write_root(self, view: TenantView) -> None:
+        """A cold provision's root user, written into its database once it was answered (the
+        purge worker's pass retries one that fails here)."""
+        try:
+            root_users.write_pending(self.tenants, view.tenant)
+        except Exception as exc:
+            log.warning("root user of tenant %s not written yet: %s", view.tenant.name, exc)
 
     def start_upgrade(self, key: str, options: upgrades.UpgradeOptions) -> upgrades.Run:
         """Start (or resume) a fleet upgrade of ``key``, run on a thread of its own: the caller
@@ -411,6 +423,8 @@ class Runtime:
         self._notifier.join(timeout=60)
         if self._retainer.is_alive():
             self._retainer.join(timeout=60)
+        # Root users being written after their answers are finished first.
+        self._after_answer.shutdown(wait=True)
         if self.supervisor is not None:
             self.supervisor.stop()
         try:
@@ -450,6 +464,9 @@ class Runtime:
             try:
                 purge.work_queue(self.tenants)
                 moves.work_drops(self.tenants)
+                # Root users a cold provision left to write (its process died, its host was
+                # down): the ones just answered are being written by _write_root.
+                root_users.write_all_pending(self.tenants, older_than_seconds=2.0)
                 self.set_purge_metrics(purge.queue_counts(self.tenants))
                 self._last_warning.pop("purge worker", None)
             except Exception as exc:

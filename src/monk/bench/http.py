@@ -48,7 +48,7 @@ import monk
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.bench import stats
-from monk.service import pool, purge, role_pool, tenant_auth
+from monk.service import pool, purge, role_pool, root_users, tenant_auth
 from monk.service.templates import TemplateService
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -168,6 +168,7 @@ class HttpBench:
         self._template_db = build.database
         result["template"] = {"key": key, "version": build.version, "database": build.database}
         svc = TenantService(self.settings, self.target)
+        svc.root_after_answer = True  # as the served monk: root users written after the answer
         tenants: list[str] = []
         databases: list[str] = []
         try:
@@ -308,8 +309,10 @@ class HttpBench:
         else:
             self.notes.append("the served monk's spare was not ready within 60 s")
         # This process's root passwords, hashed again after its cold provisions (the served
-        # monk's are covered by the settling time).
+        # monk's are covered by the settling time), and their root users written, as the
+        # served monk does after its answers.
         svc.root_passwords.settle(60)
+        root_users.write_all_pending(svc)
         time.sleep(self.config.settle_seconds)
 
     # ------------------------------------------------------------------ rounds

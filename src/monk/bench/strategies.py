@@ -34,7 +34,7 @@ from typing import Any
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.core.clone_strategy import CloneChoice, format_size
-from monk.service import purge, role_pool
+from monk.service import purge, role_pool, root_users
 from monk.service.templates import TemplateService
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -108,6 +108,7 @@ class StrategyBench:
         with TenantService(self.settings, self.target) as svc:
             # As monk serve (and the provisioning bench): root passwords hashed ahead.
             svc.root_passwords.keep(2)
+            svc.root_after_answer = True  # and its root user written after the answer
             templates = svc.templates
             try:
                 templates.build(self.template)
@@ -183,8 +184,9 @@ class StrategyBench:
                 if variant == "monk_cold":
                     name = f"bench {self.run_id} {secrets.token_hex(3)}"
                     started = time.perf_counter()
-                    svc.provision(name, template=key)
+                    view = svc.provision(name, template=key)
                     elapsed = time.perf_counter() - started
+                    root_users.write_pending(svc, view.tenant)
                     self._made.append(name)
                     roles_used += roles_before - len(svc.role_secrets)
                 else:

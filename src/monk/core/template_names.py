@@ -107,3 +107,9 @@ BUILD_STEPS = (
 )
 """The steps a build reports to its ``progress`` callback, in order (``up_to_date`` instead of
 all after ``validate`` when the current build already has the source's version)."""
+
+
+def has_tenant_users(compiler_version: str | None) -> bool:
+    """Whether a build of this template compiler version has tenant users' passwords
+    (``users.password_hash``, added by compiler version 3: ``schema_compiler.CORE_UPGRADES``)."""
+    return bool(compiler_version and compiler_version.isdigit() and int(compiler_version) >= 3)

@@ -24,7 +24,7 @@ from monk.core.lifecycle import SETTLED, Action, TenantStatus
 from monk.core.reconcile import EVENT_BACKLOG_S, Problem, Snapshot, access_drift, diagnose, warnings
 from monk.core.tenant_names import is_tenant_database
 from monk.errors import MonkError
-from monk.service import host_templates, moves, pool, role_pool, upgrades
+from monk.service import host_templates, moves, pool, role_pool, root_users, upgrades
 from monk.service.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -346,13 +346,13 @@ def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
     problems, warned = _diagnose_every_host(svc)
     # Fleet upgrade runs whose process died: reported here, and finished by --repair (not at
     # ``monk serve``'s start-up, which repairs ``diagnose``'s problems only: a run may be long).
-    problems += upgrades.unfinished_problems(svc) + dead_moves
+    problems += upgrades.unfinished_problems(svc) + dead_moves + root_users.problems(svc)
     if not repair_them:
         return Checkup(problems, [], problems, warned)
     repaired: list[str] = []
     by_host: dict[str, list[Problem]] = {}
     for p in problems:
-        skip = (upgrades.UNFINISHED, moves.UNFINISHED, HOST_UNAVAILABLE)
+        skip = (upgrades.UNFINISHED, moves.UNFINISHED, HOST_UNAVAILABLE, root_users.ROOT_WAITING)
         if p.kind not in skip and p.host is not None:
             by_host.setdefault(p.host, []).append(p)
     for host, found in by_host.items():
@@ -360,6 +360,10 @@ def checkup(svc: TenantService, *, repair_them: bool = False) -> Checkup:
         # On one server the lines read as before; a fleet's name their host.
         repaired += lines if host == svc.hosts.local.name else [f"{x} (on {host})" for x in lines]
     repaired += upgrades.finish_dead_runs(svc) + moved
+    if any(p.kind == root_users.ROOT_WAITING for p in problems):
+        written = root_users.write_all_pending(svc)
+        repaired.append(f"root users written: {written}")
     remaining, _ = _diagnose_every_host(svc)
     remaining += upgrades.unfinished_problems(svc) + moves.unfinished_problems(svc)
+    remaining += root_users.problems(svc)
     return Checkup(problems, repaired, remaining, warned)

@@ -58,6 +58,7 @@ from monk.errors import (
     OperationFailed,
     TenantNotFound,
 )
+from monk.service import root_users
 from monk.service.pipeline import Credentials, Pipeline, TenantView, describe
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ class Move:
         frozen_at: float | None = None
         step = "prepare"
         try:
+            if self.was_open:
+                # A root user still waiting is written before the copy that takes it along.
+                root_users.write_pending(svc, tenant)
             # prepare, before the freeze (the downtime is the copy's alone): the role, with the
             # source's verifier and unable to log in yet, and an empty database it owns. A
             # leftover of an earlier attempt goes first (the role cannot go while it owns one).

@@ -681,6 +681,9 @@ class Pipeline:
         self._hasher = hasher
         self.spare_secrets = SpareSecrets()
         self.root_passwords = RootPasswords()
+        # ``monk serve`` writes a cold provision's root user after the answer (service.root_users);
+        # a command, which has no after, writes it before.
+        self.root_after_answer = False
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()

@@ -37,6 +37,7 @@ from monk.errors import (
     TenantExists,
     TenantGone,
 )
+from monk.service import root_users
 from monk.service.tenants import TenantService
 
 ROOT_USER = "root"
@@ -92,6 +93,9 @@ class Identity:
 def _tenant_db(svc: TenantService, tenant: Tenant) -> Iterator[psycopg.Connection[Any]]:
     target = svc.hosts.pools(tenant.host).target
     with connect(target, tenant.database, autocommit=True, purpose="auth") as conn:
+        # A root user written after its provision's answer may still wait: first, so that
+        # every use of the tenant's users (a login within milliseconds of it) sees it.
+        root_users.write_pending(svc, tenant, conn)
         yield conn
 
 

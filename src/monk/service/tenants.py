@@ -36,13 +36,13 @@ from monk.adapters.postgres.connection import (
     unavailable,
 )
 from monk.adapters.postgres.pools import ServerPools
-from monk.adapters.registry import Tenant
+from monk.adapters.registry import Tenant, pending_roots
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import lifecycle, scram
 from monk.core.hosts import validate_label
 from monk.core.lifecycle import Action
-from monk.core.template_names import validate_template_key
+from monk.core.template_names import has_tenant_users, validate_template_key
 from monk.core.tenant_names import TenantName
 from monk.errors import (
     HostUnavailable,
@@ -489,17 +489,27 @@ class TenantService(Pipeline):
             build = cloned
             self.checkpoint("cloned")
             step = "prepare"
-            if self.pending_migrations(build):
-                # Long work follows: journal how far we got (informational: any crash before
-                # activation is undone whole, whatever the step).
-                registry.set_step(reg, tenant.id, "cloned")
-            level, rooted = self.prepare(
-                pools.target,
-                name.database,
-                build,
-                root_hash,
-                async_commit=self.registry_shares_server(pools),
-            )
+            pending_root: str | None = None
+            if (
+                self.root_after_answer
+                and not self.pending_migrations(build)
+                and has_tenant_users(build.compiler_version)
+            ):
+                # Nothing to write into the new database but the root user: its hash commits
+                # with the activation and is written after the answer (service.root_users).
+                level, rooted, pending_root = build.migration_level, True, root_hash.result()
+            else:
+                if self.pending_migrations(build):
+                    # Long work follows: journal how far we got (informational: any crash
+                    # before activation is undone whole, whatever the step).
+                    registry.set_step(reg, tenant.id, "cloned")
+                level, rooted = self.prepare(
+                    pools.target,
+                    name.database,
+                    build,
+                    root_hash,
+                    async_commit=self.registry_shares_server(pools),
+                )
             self.checkpoint("migrated")
             self.checkpoint("role")
             step = "configure"
@@ -531,6 +541,8 @@ class TenantService(Pipeline):
                     configure=configure,
                     connection_limit=connection_limit,
                 )
+                if pending_root is not None:
+                    pending_roots.queue_add(reg, tenant.id, pending_root)
                 self.checkpoint("configured")  # sent, not committed
             lock.held = False
             tenant = registry.fetch_tenant(activated)

@@ -101,15 +101,21 @@ def remove(conn: Conn, auth: str) -> bool:
 ROOT = "root"
 
 
-def put_root(conn: Conn, password_hash: str) -> bool:
+def put_root(conn: Conn, password_hash: str, *, replace: bool = True) -> bool:
     """The ``root`` user (access ``root``) with ``password_hash``: made, or its hash replaced (a
-    spare adopted by another process gets a new one), in one statement and transaction: on an
-    autocommit connection one round trip (the session's ``synchronous_commit`` applies). False
-    when the database predates tenant users (no ``users.password_hash``): nothing written."""
+    spare adopted by another process gets a new one; not with ``replace`` False: a root user
+    written since, whose password may have changed, is kept), in one statement and transaction:
+    on an autocommit connection one round trip (the session's ``synchronous_commit`` applies).
+    False when the database predates tenant users (no ``users.password_hash``): nothing
+    written."""
     query = (
         "INSERT INTO public.users (name, auth, access, password_hash)"
-        " VALUES (%(root)s, %(root)s, 'root', %(hash)s) ON CONFLICT (auth) DO UPDATE"
-        " SET password_hash = excluded.password_hash, access = 'root'"
+        " VALUES (%(root)s, %(root)s, 'root', %(hash)s) ON CONFLICT (auth) "
+        + (
+            "DO UPDATE SET password_hash = excluded.password_hash, access = 'root'"
+            if replace
+            else "DO NOTHING"
+        )
     )
     params = {"root": ROOT, "hash": password_hash}
     try:
