@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -235,9 +235,11 @@ class Runtime:
         connection_limit: int | None = None,
         root_password: str | None = None,
         placement: dict[str, str] | None = None,
+        later: Callable[[Callable[[], None]], object] | None = None,
     ) -> TenantView:
         """A provision through the service (with its root user), counted in the metrics; the
-        pool refiller is woken when it took a spare, or when the spare roles run low."""
+        pool refiller is woken when it took a spare, or when the spare roles run low: at once,
+        or through ``later`` (the route's: once its answer is sent)."""
         started = time.perf_counter()
         try:
             view = self.tenants.provision(
@@ -258,7 +260,7 @@ class Runtime:
         # Spare roles are made again in batches, once half are gone: not beside every provision.
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
         if view.provisioned_from == "pool" or roles_low:
-            self.wake_refiller()
+            (later or (lambda wake: wake()))(self.wake_refiller)
         self.metrics.provisions.labels(result="ok", host=view.tenant.host).inc()
         return view
 
