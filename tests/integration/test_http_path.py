@@ -101,7 +101,9 @@ def test_the_refiller_is_woken_only_once_the_provisions_answer_is_sent(
 
     monkeypatch.setattr(rt, "wake_refiller", noting_wake)
     recorded.events.clear()
-    answer = client.post("/api/root/tenant", json={"name": unique("Warm"), "template": env.template})
+    answer = client.post(
+        "/api/root/tenant", json={"name": unique("Warm"), "template": env.template}
+    )
     assert answer.status_code == 201, answer.text
     assert answer.json()["data"]["provisioned_from"] == "pool"
     assert recorded.events == ["answer sent", "refiller woken"]
