@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -238,29 +239,38 @@ class Runtime:
         later: Callable[[Callable[[], None]], object] | None = None,
     ) -> TenantView:
         """A provision through the service (with its root user), counted in the metrics; the
-        pool refiller is woken when it took a spare, or when the spare roles run low: at once,
-        or through ``later`` (the route's: once its answer is sent)."""
+        pool refiller is woken when it took a spare, or when the spare roles run low, and the
+        root passwords hashed ahead are made again: at once, or through ``later`` (the
+        route's: once its answer is sent, so that neither competes with sending it)."""
         started = time.perf_counter()
+        hashing = self.tenants.root_passwords
         try:
-            view = self.tenants.provision(
-                name,
-                root_password=root_password,
-                template=template,
-                host=host,
-                idempotency_key=idempotency_key,
-                connection_limit=connection_limit,
-                placement=placement,
-            )
+            with hashing.held() if later is not None else contextlib.nullcontext():
+                view = self.tenants.provision(
+                    name,
+                    root_password=root_password,
+                    template=template,
+                    host=host,
+                    idempotency_key=idempotency_key,
+                    connection_limit=connection_limit,
+                    placement=placement,
+                )
         except MonkError as exc:
+            hashing.refill()
             self.metrics.provisions.labels(result=exc.code, host=host or "").inc()
+            raise
+        except BaseException:
+            hashing.refill()
             raise
         took = time.perf_counter() - started
         self.metrics.provision_seconds.labels(host=view.tenant.host).observe(took)
         self.provision_times.append((time.time(), took))
         # Spare roles are made again in batches, once half are gone: not beside every provision.
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
+        run_later = later or (lambda work: work())
+        run_later(hashing.refill)
         if view.provisioned_from == "pool" or roles_low:
-            (later or (lambda wake: wake()))(self.wake_refiller)
+            run_later(self.wake_refiller)
         self.metrics.provisions.labels(result="ok", host=view.tenant.host).inc()
         return view
 
