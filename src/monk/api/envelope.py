@@ -49,7 +49,8 @@ def ok(data: BaseModel | list[Any] | None, status_code: int = 200) -> Response:
     pool: a second hop per request (two more thread wake-ups; ~0.2 ms b2b, more on a busy
     machine). A route returning this skips it; it still names ``response_model`` (and its
     ``status_code``), so the OpenAPI document is unchanged."""
-    body = Ok[Any](data=data).model_dump_json()
+    # Ok(...), not Ok[Any](...): a parametrised generic is looked up per call (~0.1 ms)
+    body = Ok(data=data).model_dump_json()
     return Response(body, status_code=status_code, media_type="application/json")
 
 
