@@ -481,6 +481,16 @@ def test_bench_http_measures_the_api_beside_the_service_calls_and_removes_what_i
             assert added == pytest.approx(
                 result[call]["http"]["p50_ms"] - result[call]["in_process"]["p50_ms"], abs=0.002
             )
+        # the read from a lean http.client connection too (httpx's own cost set apart)
+        assert result["get"]["http_lean"]["n"] == 2
+        assert result["get_back_to_back"]["http_lean"]["n"] == 20
+        for call in ("get", "get_back_to_back"):
+            assert result[call]["http_lean"]["failures"] == 0
+            assert result[call]["http_lean_adds_p50_ms"] == pytest.approx(
+                result[call]["http_lean"]["p50_ms"] - result[call]["in_process"]["p50_ms"],
+                abs=0.002,
+            )
+        assert "from http.client" in run.stdout
         for way in ("in_process", "http"):
             assert result["get_back_to_back"][way]["n"] == 20
             assert result["get_back_to_back"][way]["failures"] == 0

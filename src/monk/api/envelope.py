@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -40,6 +40,18 @@ _CODES_SCHEMA: dict[str, Any] = {"enum": ERROR_CODES}
 class Ok(BaseModel, Generic[T]):
     success: bool = True
     data: T
+
+
+def ok(data: BaseModel | list[Any] | None, status_code: int = 200) -> Response:
+    """``Ok(data=data)`` as JSON, built here rather than by FastAPI from the return value.
+
+    FastAPI validates a sync route's return value against its response model on the thread
+    pool: a second hop per request (two more thread wake-ups; ~0.2 ms b2b, more on a busy
+    machine). A route returning this skips it; it still names ``response_model`` (and its
+    ``status_code``), so the OpenAPI document is unchanged."""
+    # Ok(...), not Ok[Any](...): a parametrised generic is looked up per call (~0.1 ms)
+    body = Ok(data=data).model_dump_json()
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 class Failure(BaseModel):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -235,33 +236,47 @@ class Runtime:
         connection_limit: int | None = None,
         root_password: str | None = None,
         placement: dict[str, str] | None = None,
+        later: Callable[[Callable[[], None]], object] | None = None,
     ) -> TenantView:
         """A provision through the service (with its root user), counted in the metrics; the
-        pool refiller is woken when it took a spare, or when the spare roles run low."""
+        pool refiller is woken when it took a spare, or when the spare roles run low, and the
+        root passwords hashed ahead are made again: at once, or through ``later`` (the
+        route's: once its answer is sent, so that neither competes with sending it)."""
         started = time.perf_counter()
+        hashing = self.tenants.root_passwords
         try:
-            view = self.tenants.provision(
-                name,
-                root_password=root_password,
-                template=template,
-                host=host,
-                idempotency_key=idempotency_key,
-                connection_limit=connection_limit,
-                placement=placement,
-            )
+            with hashing.held() if later is not None else contextlib.nullcontext():
+                view = self.tenants.provision(
+                    name,
+                    root_password=root_password,
+                    template=template,
+                    host=host,
+                    idempotency_key=idempotency_key,
+                    connection_limit=connection_limit,
+                    placement=placement,
+                )
         except MonkError as exc:
+            hashing.refill()
             self.metrics.provisions.labels(result=exc.code, host=host or "").inc()
+            raise
+        except BaseException:
+            hashing.refill()
             raise
         took = time.perf_counter() - started
         self.metrics.provision_seconds.labels(host=view.tenant.host).observe(took)
         # Spare roles are made again in batches, once half are gone: not beside every provision.
         roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
+        run_later = later or (lambda work: work())
+        run_later(hashing.refill)
         if view.provisioned_from == "pool" or roles_low:
-            self.wake_refiller()
+            run_later(self.wake_refiller)
         if view.provisioned_from == "clone":
-            self._after_answer.submit(self._write_root, view)
+            run_later(lambda: self._write_root_soon(view))
         self.metrics.provisions.labels(result="ok", host=view.tenant.host).inc()
         return view
+
+    def _write_root_soon(self, view: TenantView) -> None:
+        self._after_answer.submit(self._write_root, view)
 
     def _write_root(self, view: TenantView) -> None:
         """A cold provision's root user, written into its database once it was answered (the

@@ -8,6 +8,8 @@ One run, one template, three calls, each measured three ways side by side:
                ``GET /api/root/tenant/{name}``), from this process
     http       the route, through a real ``monk serve`` (uvicorn, started by the bench as a
                user starts it) and one keep-alive httpx client on the same machine
+    http_lean  (the read only) the same route from a keep-alive ``http.client`` connection:
+               httpx's own Python costs ~0.3-0.6 ms a request, which the server does not add
 
 Calls: ``cold`` (no spare of the template ready for its caller), ``warm`` (a spare ready: the
 server's refiller keeps one, configured by the bench; in process, the bench makes its own just
@@ -24,6 +26,7 @@ server fails. Everything made is removed at the end (the server stopped first).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import psycopg
@@ -60,8 +64,10 @@ CALLS = ("cold", "warm", "get")
 VARIANTS = (
     "raw",
     *(f"{c}_{w}" for c in CALLS for w in ("in_process", "http")),
+    "get_http_lean",
     "get_in_process_back_to_back",
     "get_http_back_to_back",
+    "get_http_lean_back_to_back",
 )
 DB_PREFIX = "monkbench_"
 
@@ -214,6 +220,15 @@ class HttpBench:
             "http_adds_p50_ms": _minus(http["p50_ms"], inproc["p50_ms"]),
             "http_over_in_process": stats.ratio(http["p50_ms"], inproc["p50_ms"]),
         }
+        for call, lean in (
+            ("get", "get_http_lean"),
+            ("get_back_to_back", "get_http_lean_back_to_back"),
+        ):
+            summary = samples[lean].summary()
+            result[call]["http_lean"] = summary
+            result[call]["http_lean_adds_p50_ms"] = _minus(
+                summary["p50_ms"], result[call]["in_process"]["p50_ms"]
+            )
         result["cold"]["http_over_raw"] = stats.ratio(
             result["cold"]["http"]["p50_ms"], result["raw"]["p50_ms"]
         )
@@ -234,9 +249,9 @@ class HttpBench:
     # ------------------------------------------------------------------ the served monk
 
     @contextlib.contextmanager
-    def _served(self, spares: int) -> Iterator[httpx.Client]:
-        """A real ``monk serve`` on a free port, keeping ``spares`` of the template, and a
-        keep-alive client holding a root token; stopped (SIGTERM) on the way out."""
+    def _served(self, spares: int) -> Iterator[_Clients]:
+        """A real ``monk serve`` on a free port, keeping ``spares`` of the template, and two
+        keep-alive clients holding a root token; stopped (SIGTERM) on the way out."""
         key = self.config.template
         port = _free_port()
         environ = dict(os.environ)
@@ -265,10 +280,14 @@ class HttpBench:
                 text=True,
                 check=True,
             ).stdout.strip()
-            with httpx.Client(
-                base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120
-            ) as client:
-                yield client
+            lean = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                with httpx.Client(
+                    base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120
+                ) as client:
+                    yield _Clients(client, lean, {"Authorization": f"Bearer {token}"})
+            finally:
+                lean.close()
             failed = False
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -323,12 +342,13 @@ class HttpBench:
         calls: tuple[str, ...],
         svc: TenantService,
         adm: psycopg.Connection[Any],
-        client: httpx.Client,
+        clients: _Clients,
         samples: dict[str, _Samples],
         tenants: list[str],
         databases: list[str],
     ) -> None:
         key = self.config.template
+        client = clients.httpx
         clone = sql.SQL("CREATE DATABASE {} TEMPLATE {}")
         rounds = self.config.iterations
 
@@ -356,6 +376,9 @@ class HttpBench:
         def get_http() -> object:
             return _ok(client.get(f"/api/root/tenant/{tenants[-1]}"))
 
+        def get_http_lean() -> object:
+            return clients.get(f"/api/root/tenant/{quote(tenants[-1])}")
+
         steps: dict[str, Callable[[], object]] = {
             "raw": raw,
             "cold_in_process": provision_in_process,
@@ -364,6 +387,7 @@ class HttpBench:
             "warm_http": provision_http,
             "get_in_process": get_in_process,
             "get_http": get_http,
+            "get_http_lean": get_http_lean,
         }
         # One untimed round first: pools opened, caches and the catalog warm on both sides.
         for i in range(rounds + 1):
@@ -371,6 +395,8 @@ class HttpBench:
             order = ["raw"]
             for call in calls:
                 pair = [f"{call}_in_process", f"{call}_http"]
+                if call == "get":
+                    pair.append("get_http_lean")
                 order += reversed(pair) if i % 2 else pair
             for variant in order:
                 if variant == "cold_in_process":
@@ -387,7 +413,7 @@ class HttpBench:
             # Back to back, as a busy client sends them on one keep-alive connection (the
             # spaced rounds above never showed the 40 ms a Nagle stall added to each of these).
             for _ in range(10 * rounds):
-                for variant in ("get_in_process", "get_http"):
+                for variant in ("get_in_process", "get_http", "get_http_lean"):
                     samples[f"{variant}_back_to_back"].add(True, steps[variant])
         self._progress(phase, rounds + 1, rounds + 1)
 
@@ -427,6 +453,23 @@ class HttpBench:
         except Exception as exc:
             left.append(f"databases ({_describe(exc)})")
         return left
+
+
+@dataclass
+class _Clients:
+    """The served monk's two keep-alive clients: httpx, and a lean ``http.client`` one."""
+
+    httpx: httpx.Client
+    lean: http.client.HTTPConnection
+    headers: dict[str, str]
+
+    def get(self, path: str) -> bytes:
+        self.lean.request("GET", path, headers=self.headers)
+        answer = self.lean.getresponse()
+        body = answer.read()
+        if answer.status >= 400:
+            raise HttpFailed(f"GET {answer.status}: {body.decode(errors='replace')}")
+        return body
 
 
 def _ok(response: httpx.Response) -> object:

@@ -312,8 +312,16 @@ def _bench_http(template: str, iterations: int, json_file: Path | None) -> None:
             + (f"; HTTP/raw {r['http_over_raw']}" if call == "cold" else ""),
             highlight=False,
         )
-        for variant in ("in_process", "http"):
-            if r[variant]["failures"]:
+        if "http_lean" in r:
+            lean = r["http_lean"]
+            console.print(
+                f"    from http.client (a lean keep-alive client; httpx costs ~0.3-0.6 ms of its "
+                f"own): p50 {lean['p50_ms']} ms (p99 {lean['p99_ms']}); "
+                f"adds {r['http_lean_adds_p50_ms']} ms p50",
+                highlight=False,
+            )
+        for variant in ("in_process", "http", "http_lean"):
+            if variant in r and r[variant]["failures"]:
                 console.print(
                     f"    {variant}: {r[variant]['failures']} failed: {r[variant].get('errors')}"
                 )

@@ -132,6 +132,8 @@ def serve(
     ),
 ) -> None:
     """Start the database if embedded, migrate, build templates, reconcile, then serve HTTP."""
+    import gc
+
     import uvicorn
 
     from monk.api.app import create_app, listen
@@ -153,6 +155,11 @@ def serve(
         )
         console.print("root token: monk token --root")
         app = create_app(settings, runtime=runtime)
+        # What start-up made lives as long as the process: frozen, the collector never scans
+        # it again. A full collection of those ~130k objects took 170-560 ms (a 2-core VM
+        # under load), every thread stopped, whichever request was in flight included.
+        gc.collect()
+        gc.freeze()
         config = uvicorn.Config(app, host=host, port=port, log_level="info")
         server = uvicorn.Server(config)
         try:

@@ -524,6 +524,18 @@ class RootPasswords:
         self._pending = 0
         self._size = 0
         self._threads: ThreadPoolExecutor | None = None
+        self._held = threading.local()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside, ``refill`` asked for on this thread does nothing: the caller refills once
+        its own work is out (``monk serve``: once a cold provision's answer is sent; ~80 ms
+        of argon2 beside the answer took one of the two cores it needed)."""
+        self._held.on = True
+        try:
+            yield
+        finally:
+            self._held.on = False
 
     def hashing(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -560,8 +572,10 @@ class RootPasswords:
         return password, self.hashing().submit(passwords.hash_password, password)
 
     def refill(self) -> None:
-        """Hash ahead again up to the size ``keep`` asked for (in the background)."""
-        self._refill()
+        """Hash ahead again up to the size ``keep`` asked for (in the background), unless
+        ``held`` on this thread."""
+        if not getattr(self._held, "on", False):
+            self._refill()
 
     def outstanding(self) -> int:
         """Pairs ready plus pairs being hashed."""

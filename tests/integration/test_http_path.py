@@ -1,0 +1,140 @@
+"""The HTTP path's own cost: what a request does beyond the service call it wraps.
+
+Through the real app (TestClient, lifespan and runtime included): the thread-pool hops a
+request takes, and what the server starts only once the answer is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio.to_thread
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+
+from monk.api.app import create_app
+from monk.api.auth import issue_root_token
+from monk.api.runtime import Runtime
+from monk.service import pool
+from tests.integration.conftest import Env
+from tests.integration.test_tenants import unique
+
+
+class Recorded:
+    """The app, with the end of every answer noted in ``events`` as it is sent."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.events: list[str] = []
+        self.when_sent: Callable[[], None] = lambda: None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def noting(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.events.append("answer sent")
+                self.when_sent()
+
+        await self.app(scope, receive, noting)
+
+
+@pytest.fixture(scope="module")
+def served(env: Env) -> Iterator[tuple[TestClient, Recorded]]:
+    recorded = Recorded(create_app(env.settings))
+    token = issue_root_token(env.settings, ttl_seconds=600)
+    with TestClient(recorded, headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client, recorded
+
+
+def runtime(recorded: Recorded) -> Runtime:
+    rt: Runtime = recorded.app.state.runtime
+    return rt
+
+
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions sent to the thread pool (Starlette's and FastAPI's go
+    through ``anyio.to_thread.run_sync``)."""
+    sent: list[str] = []
+    original = anyio.to_thread.run_sync
+
+    async def counting(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        sent.append(getattr(func, "__name__", repr(func)))
+        return await original(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return sent
+
+
+def test_a_tenant_read_and_a_provision_take_one_thread_pool_hop_each(
+    env: Env, served: tuple[TestClient, Recorded], hops: list[str]
+) -> None:
+    """The service call's own hop, and no second one to validate the answer (FastAPI's for a
+    sync route returning a model: two thread wake-ups more per request)."""
+    client, _ = served
+    name = unique("Hops")
+    created = client.post("/api/root/tenant", json={"name": name, "template": env.template})
+    assert created.status_code == 201, created.text
+    assert len(hops) == 1, hops
+    hops.clear()
+    read = client.get(f"/api/root/tenant/{name}")
+    assert read.status_code == 200, read.text
+    assert read.json()["data"]["name"] == name
+    assert read.json()["success"] is True
+    assert len(hops) == 1, hops
+
+
+def test_the_refiller_is_woken_only_once_the_provisions_answer_is_sent(
+    env: Env, served: tuple[TestClient, Recorded], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm handout wakes the refiller (a clone, argon2): woken before the answer went out,
+    it competed with it for the GIL and the machine's cores."""
+    client, recorded = served
+    rt = runtime(recorded)
+    pool.drain(rt.tenants, key=env.template)
+    assert pool.fill(rt.tenants, env.template, 1) == 1
+    wake = rt.wake_refiller
+
+    def noting_wake() -> None:
+        recorded.events.append("refiller woken")
+        wake()
+
+    monkeypatch.setattr(rt, "wake_refiller", noting_wake)
+    recorded.events.clear()
+    answer = client.post(
+        "/api/root/tenant", json={"name": unique("Warm"), "template": env.template}
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["data"]["provisioned_from"] == "pool"
+    assert recorded.events == ["answer sent", "refiller woken"]
+    pool.drain(rt.tenants, key=env.template)
+
+
+def test_a_cold_provision_hashes_its_root_password_again_only_once_its_answer_is_sent(
+    env: Env, served: tuple[TestClient, Recorded]
+) -> None:
+    """A cold provision takes a root password hashed ahead; the next one is hashed (~80 ms
+    of argon2 on one of the cores) once the answer is out, not while it is being sent."""
+    client, recorded = served
+    rt = runtime(recorded)
+    pool.drain(rt.tenants, key=env.template)
+    hashing = rt.tenants.root_passwords
+    assert hashing.settle(60)
+    kept = hashing.outstanding()
+    assert kept >= 1  # monk serve keeps some (tenant_auth.warm_up)
+    at_answer: list[int] = []
+    recorded.when_sent = lambda: at_answer.append(hashing.outstanding())
+    try:
+        answer = client.post(
+            "/api/root/tenant", json={"name": unique("Cold"), "template": env.template}
+        )
+    finally:
+        recorded.when_sent = lambda: None
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["data"]["provisioned_from"] == "clone"
+    # taken, and not yet being made again while the answer went out; made again right after
+    assert at_answer == [kept - 1]
+    assert hashing.outstanding() == kept
+    assert hashing.settle(60)
