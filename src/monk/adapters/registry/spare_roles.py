@@ -48,8 +48,7 @@ def held_by(conn: Conn, keyholder: UUID, host: str | None) -> set[str]:
 def count(conn: Conn, host: str | None) -> int:
     """Unclaimed spare roles on ``host`` (None: the registry's server)."""
     row = conn.execute(
-        "SELECT count(*) FROM spare_roles WHERE host IS NOT DISTINCT FROM %s"
-        " AND tenant_id IS NULL",
+        "SELECT count(*) FROM spare_roles WHERE host IS NOT DISTINCT FROM %s AND tenant_id IS NULL",
         (host,),
     ).fetchone()
     return int(row[0]) if row else 0
@@ -79,9 +78,7 @@ def drop(conn: Conn, *, keep: UUID | None, only: UUID | None) -> int:
     return int(row[0]) if row else 0
 
 
-def lock_one_unclaimed(
-    conn: Conn, host: str, *, only: UUID | None, skip: list[str]
-) -> str | None:
+def lock_one_unclaimed(conn: Conn, host: str, *, only: UUID | None, skip: list[str]) -> str | None:
     """One unclaimed spare role of ``host`` (of keyholder ``only``; None: of any), its row
     locked until the caller's transaction ends (a claim waits, then finds it gone)."""
     row = conn.execute(
