@@ -20,7 +20,7 @@ import pytest
 
 from monk.adapters.postgres.connection import ServerTarget
 from monk.errors import MonkError
-from monk.service import role_pool
+from monk.service import pool, role_pool
 from monk.service import templates as template_service
 from monk.service.pipeline import TenantView
 from monk.service.tenants import TenantService
@@ -36,7 +36,7 @@ LOCAL = "localhost"
 CLAIMER = """
 import sys
 from monk.adapters.postgres.connection import ServerTarget
-from monk.service import role_pool
+from monk.service import pool, role_pool
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 
@@ -310,3 +310,28 @@ def test_the_doctor_drops_a_spare_role_on_a_host_that_no_row_names(
     ]
     assert monk("doctor", "--repair").returncode == 0
     assert not role_exists(fleet.second, role)
+
+
+def test_a_warm_handout_on_a_host_leaves_its_spare_roles_alone(
+    cold: Settings, key: str, fleet: Fleet
+) -> None:
+    """A spare brings its own role: the handout claims no spare role of the host."""
+    warm = cold.model_copy(update={"pool_spares": {key: 1}})
+    with TenantService(warm, local_target(warm)) as service:
+        try:
+            role_pool.fill(service, 2, host="pg-2")
+            pool.fill(service, key, 1, host="pg-2")
+            view = service.provision(unique("Warm There"), template=key, host="pg-2")
+            assert view.provisioned_from == "pool"
+            log_in(view)
+            assert rows_by_host(warm) == {"pg-2": 2}
+            assert service.role_secrets.count("pg-2") == 2
+            with registry(warm) as reg:
+                assert reg.execute(
+                    "SELECT count(*) FROM spare_roles WHERE tenant_id IS NOT NULL"
+                ).fetchone() == (0,)
+        finally:
+            with contextlib.suppress(MonkError):
+                role_pool.drain_all(service)
+            with contextlib.suppress(MonkError):
+                pool.drain(service, key=key, host="pg-2")

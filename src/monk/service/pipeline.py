@@ -1012,6 +1012,7 @@ class Pipeline:
         params: Mapping[str, Any] | None = None,
         host: str | None = None,
         spares_ok: bool | None = None,
+        spare_role_ok: bool = True,
     ) -> Intent | None:
         """Reserve the name, the pipeline's first step, in one statement
         (``registry.tenants.reserve``): its lock (unless ``have_lock``), the intent row on
@@ -1023,13 +1024,14 @@ class Pipeline:
         Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
         taken or a spare is ready: the caller takes the full path. With it, a taken name
         raises TenantExists or HashCollision. ``spares_ok``: write the intent even if a spare is
-        ready (default: with ``have_lock``, after the caller tried the warm handout)."""
+        ready (default: with ``have_lock``, after the caller tried the warm handout).
+        ``spare_role_ok``: claim a spare role (False: the caller brings a role, a spare's)."""
         shared_wal = self.registry_shares_server(pools)
         # Spare roles are per server: the local ones are renamed by the reservation's
         # statement, a host's are only claimed by it (renamed there after the commit).
         remote = not pools.keeps_registry
         on = pools.target.name
-        spare = self.role_secrets.take(on)
+        spare = self.role_secrets.take(on) if spare_role_ok else None
         op_id = uuid4()
         try:
             with registry.intent_errors(reg, name):
