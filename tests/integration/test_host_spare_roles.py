@@ -184,6 +184,7 @@ def test_a_draining_host_loses_its_spare_roles_and_stop_drops_them_everywhere(
     # A server's stop (drop_own) reaches every host.
     assert role_pool.drop_own(svc) == 4
     assert rows_by_host(cold) == {}
+    assert len(svc.role_secrets) == 0
     assert spare_roles_on(fleet.second, cold) == set()
 
 

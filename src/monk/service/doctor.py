@@ -64,8 +64,9 @@ def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
             stale_events, stale_error = outbox.undelivered_backlog(
                 reg, older_than_s=EVENT_BACKLOG_S
             )
-        # Rows before roles: a spare role made in between (role and row commit together) is
-        # seen as a role without a row, which the repair checks again under the row's lock.
+        # Rows before roles: a spare role made in between (role and row commit together; on a
+        # host of the fleet the row commits first) is seen as a role without a row, which the
+        # repair checks again under the row's lock.
         role_row_list = spare_role_rows.rows(reg, None if local else here)
         role_rows = frozenset(r.role for r in role_row_list)
         # A row whose maker died between the row and the role (a host of the fleet): its

@@ -647,6 +647,10 @@ class RoleSecrets:
         with self._lock:
             return sum(1 for on, _ in self._by_role.values() if on == host)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._by_role.clear()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._by_role)

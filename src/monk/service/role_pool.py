@@ -154,8 +154,7 @@ def drop_own(svc: Pipeline) -> int:
         dropped = spare_roles.drop(reg, keep=None, only=svc.instance_id)
     for host in _fleet_hosts(svc):
         dropped += _try_drop_on_host(svc, host, only=svc.instance_id)
-    for host in {svc.hosts.local.name, *_fleet_hosts(svc)}:
-        svc.role_secrets.keep_only(set(), host)
+    svc.role_secrets.clear()
     return dropped
 
 

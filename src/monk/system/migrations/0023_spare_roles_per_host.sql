@@ -8,9 +8,11 @@
 --   the role is renamed on the host after that commit (rename_spare_role, its copy there), and
 --   the row deleted with the activation. The intent's undo (a failure, or a crash repaired)
 --   drops the claimed role on the host, under either name, and deletes the row.
+-- The claim goes with its intent row whichever way that row goes (the activation deletes it
+-- first; an undo, or a restore that replaces its intent row, deletes the intent).
 ALTER TABLE spare_roles
     ADD COLUMN host text,
-    ADD COLUMN tenant_id uuid;
+    ADD COLUMN tenant_id uuid REFERENCES tenants (id) ON DELETE CASCADE;
 CREATE INDEX spare_roles_host ON spare_roles (host, keyholder) WHERE host IS NOT NULL;
 CREATE INDEX spare_roles_tenant ON spare_roles (tenant_id) WHERE tenant_id IS NOT NULL;
 
