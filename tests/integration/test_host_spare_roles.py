@@ -336,3 +336,30 @@ def test_a_warm_handout_on_a_host_leaves_its_spare_roles_alone(
                 role_pool.drain_all(service)
             with contextlib.suppress(MonkError):
                 pool.drain(service, key=key, host="pg-2")
+
+
+def test_a_restore_onto_a_host_takes_a_spare_role_there_and_leaves_no_claim(
+    monk: RunMonk, cold: Settings, svc: TenantService, key: str, fleet: Fleet
+) -> None:
+    name = unique("Restored")
+    made = monk("tenant", "create", name, "--template", key, "--host", "pg-2")
+    assert made.returncode == 0, made.stderr
+    purged = monk("tenant", "delete", name, "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    role_pool.fill(svc, 2, host="pg-2")
+    back = svc.restore(name, host="pg-2")
+    assert back.tenant.host == "pg-2"
+    assert rows_by_host(cold) == {"pg-2": 1}  # one was renamed into the restored role
+    assert len(spare_roles_on(fleet.second, cold)) == 1
+    with registry(cold) as reg:
+        claims = reg.execute("SELECT count(*) FROM spare_roles WHERE tenant_id IS NOT NULL")
+        assert claims.fetchone() == (0,)  # the claim went with the intent row
+    assert back.credentials is not None
+    with psycopg.connect(
+        host=back.host,
+        port=back.port,
+        dbname=back.tenant.database,
+        user=back.credentials.role,
+        password=back.credentials.password,
+    ) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
