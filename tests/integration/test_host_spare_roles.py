@@ -363,3 +363,16 @@ def test_a_restore_onto_a_host_takes_a_spare_role_there_and_leaves_no_claim(
         password=back.credentials.password,
     ) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_start_drops_the_spare_roles_a_gone_process_left_on_every_host(
+    cold: Settings, svc: TenantService, key: str, fleet: Fleet
+) -> None:
+    with TenantService(cold, local_target(cold)) as gone:
+        role_pool.fill(gone, 2)
+        role_pool.fill(gone, 2, host="pg-2")
+    role_pool.fill(svc, 1, host="pg-2")  # a live keyholder's: kept
+    assert rows_by_host(cold) == {None: 2, "pg-2": 3}
+    assert role_pool.drop_others(svc) == 4
+    assert rows_by_host(cold) == {"pg-2": 1}
+    assert len(spare_roles_on(fleet.second, cold)) == 1
