@@ -311,6 +311,9 @@ def test_bench_remote_measures_provisioning_on_a_host_of_the_fleet_and_removes_i
         assert set(result[variant]) >= SUMMARY_KEYS, variant
         assert result[variant]["n"] == 2
     assert result["cold"]["from_pool"] == 0
+    assert result["cold"]["spare_roles"] == 2  # each cold one renamed a spare role of the host
+    assert set(result["new_role"]) >= SUMMARY_KEYS
+    assert result["new_role_over_raw"] > 0
     assert result["warm"]["from_pool"] == 2
     assert result["cold_over_raw"] > 0
     assert "cold/raw" in done.stdout

@@ -185,3 +185,19 @@ def test_a_crashed_purge_is_queued_then_failing_with_its_attempts_and_error() ->
     assert "database is locked" in found.detail
     [once] = diagnose(dataclasses.replace(base, failing_purges={ROLE: (1, "x")}))
     assert "1 attempt," in once.detail
+
+
+def test_spare_roles_without_a_row_and_rows_without_their_role_are_problems() -> None:
+    role_a, role_b = "monk_role_00000000000000aa", "monk_role_00000000000000bb"
+    found = diagnose(
+        snapshot(
+            pooled_roles=frozenset({role_a}),
+            pooled_role_rows=frozenset({role_b}),
+            lost_role_rows=frozenset({role_b}),
+        )
+    )
+    assert [(p.kind, p.subject) for p in found if "spare_role" in p.kind] == [
+        ("orphan_spare_role", role_a),
+        ("lost_spare_role", role_b),
+    ]
+    assert diagnose(snapshot(pooled_roles=frozenset({role_a}), pooled_role_rows={role_a})) == []

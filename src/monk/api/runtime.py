@@ -265,7 +265,9 @@ class Runtime:
         took = time.perf_counter() - started
         self.metrics.provision_seconds.labels(host=view.tenant.host).observe(took)
         # Spare roles are made again in batches, once half are gone: not beside every provision.
-        roles_low = len(self.tenants.role_secrets) < self.settings.pool_roles // 2
+        roles_low = (
+            self.tenants.role_secrets.count(view.tenant.host) < self.settings.pool_roles // 2
+        )
         run_later = later or (lambda work: work())
         run_later(hashing.refill)
         if view.provisioned_from == "pool" or roles_low:
@@ -417,14 +419,14 @@ class Runtime:
             except Exception as exc:
                 log.warning("keyholder lock: %s", exc)
             # Roles first: a second each for dozens, where a spare database is a clone.
-            for refill in (
-                lambda: role_pool.fill(self.tenants, self.settings.pool_roles),
-                lambda: pool.refill(self.tenants),
-            ):
-                try:
-                    refill()
-                except Exception as exc:
-                    self._failed("pool refiller", exc)
+            try:
+                role_pool.refill(self.tenants, self.settings.pool_roles)
+            except Exception as exc:
+                self._failed("pool refiller", exc)
+            try:
+                pool.refill(self.tenants)
+            except Exception as exc:
+                self._failed("pool refiller", exc)
             self._refill_wake.wait(timeout=10)
             self._refill_wake.clear()
 

@@ -8,10 +8,12 @@ In one run, beside this installation's own server:
               there from source)
     raw       ``CREATE DATABASE … TEMPLATE monk_template_<key>`` on that host, timed
     cold      ``monk tenant create --host`` that host with no spare there: a clone, its role
-              and configure run there (monk's functions), the registry on the local server
+              (a spare role of that host, made ahead untimed, renamed there) and configure run
+              there (monk's functions), the registry on the local server
+    new_role  the same by a process without spare roles: the role made beside the clone
     warm      the same with spares made there first (untimed): the handout claims one in the
               registry, renames it on the host, activates
-              raw and cold alternate round by round, so that both see the same load
+              raw, cold and new_role alternate round by round, so that all see the same load
 
 Everything made is removed at the end: the tenants' rows, the host, the second server.
 """
@@ -36,7 +38,7 @@ from monk.adapters import registry
 from monk.adapters.embedded import SUPERUSER, EmbeddedServer
 from monk.adapters.postgres.connection import ServerTarget, connect
 from monk.bench.stats import ratio, summarize
-from monk.service import host_templates, hosts, pool
+from monk.service import host_templates, hosts, pool, role_pool, root_users
 from monk.service.tenants import TenantService
 from monk.settings import Settings
 
@@ -103,11 +105,22 @@ class RemoteBench:
         remote = svc.hosts.pools(HOST)
         raw_ms: list[float] = []
         cold_ms: list[float] = []
+        new_role_ms: list[float] = []
         cold_from: list[str] = []
+        roles_used = 0
         raws: list[str] = []
-        with connect(remote.target, autocommit=True, purpose="bench") as adm:
+        # Spare roles of the host, made untimed (as ``monk serve``'s refiller does in idle
+        # time); ``plain`` has none: its provisions make their role beside the clone.
+        role_pool.fill(svc, self.n + 2, host=HOST)
+        # As under monk serve: the root user written after the answer (untimed, below).
+        svc.root_after_answer = True
+        with (
+            connect(remote.target, autocommit=True, purpose="bench") as adm,
+            TenantService(self.settings, self.target) as plain,
+        ):
+            plain.root_after_answer = True
             for i in range(self.n):
-                self.progress("raw and cold, alternating", i, self.n)
+                self.progress("raw, cold and new_role, alternating", i, self.n)
                 name = f"bench_rraw_{self.run_id}_{i}"
                 started = time.perf_counter()
                 adm.execute(
@@ -117,12 +130,23 @@ class RemoteBench:
                 )
                 raw_ms.append((time.perf_counter() - started) * 1000)
                 raws.append(name)
-                tenant = f"bench remote cold {self.run_id} {i}"
-                started = time.perf_counter()
-                view = svc.provision(tenant, template=self.template, host=HOST)
-                cold_ms.append((time.perf_counter() - started) * 1000)
-                cold_from.append(view.provisioned_from or "")
-                self._tenants.append(tenant)
+                # cold and new_role take turns going first (the first after raw meets its
+                # writes still being flushed).
+                for variant in ("cold", "new_role") if i % 2 == 0 else ("new_role", "cold"):
+                    tenant = f"bench remote {variant} {self.run_id} {i}"
+                    who = svc if variant == "cold" else plain
+                    held = who.role_secrets.count(HOST)
+                    started = time.perf_counter()
+                    view = who.provision(tenant, template=self.template, host=HOST)
+                    took = (time.perf_counter() - started) * 1000
+                    root_users.write_pending(who, view.tenant)
+                    self._tenants.append(tenant)
+                    if variant == "new_role":
+                        new_role_ms.append(took)
+                        continue
+                    cold_ms.append(took)
+                    roles_used += held - who.role_secrets.count(HOST)
+                    cold_from.append(view.provisioned_from or "")
             for name in raws:
                 adm.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
         self.progress("making spares there", 0, 1)
@@ -138,14 +162,17 @@ class RemoteBench:
             warm_from.append(view.provisioned_from or "")
             self._tenants.append(tenant)
         raw, cold, warm = summarize(raw_ms), summarize(cold_ms), summarize(warm_ms)
+        new_role = summarize(new_role_ms)
         return {
             "template": self.template,
             "iterations": self.n,
             "host": {"port": self.server.port, "durable": self.server.durable},
             "raw": raw,
-            "cold": cold | {"from_pool": cold_from.count("pool")},
+            "cold": cold | {"from_pool": cold_from.count("pool"), "spare_roles": roles_used},
+            "new_role": new_role,
             "warm": warm | {"from_pool": warm_from.count("pool")},
             "cold_over_raw": ratio(cold.get("p50_ms"), raw.get("p50_ms")),
+            "new_role_over_raw": ratio(new_role.get("p50_ms"), raw.get("p50_ms")),
             "raw_over_warm": ratio(raw.get("p50_ms"), warm.get("p50_ms")),
             "target": "cold_over_raw <= 1.15",
         }
@@ -161,6 +188,8 @@ class RemoteBench:
                         registry.delete_row(reg, tenant.id)
         with contextlib.suppress(Exception):
             pool.drain(svc, host=HOST)
+        with contextlib.suppress(Exception):
+            role_pool.drain(svc, host=HOST)
         try:
             hosts.remove(svc, HOST)
         except Exception as exc:

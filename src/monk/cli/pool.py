@@ -42,7 +42,11 @@ def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
         print_json(rows)
     else:
         print_rows(rows, ["template", "version", "status", "count", "target"])
-        console.print(f"spare roles ready: {role_pool.count(svc)}")
+        by_host = role_pool.counts(svc)
+        local = by_host.pop(svc.hosts.local.name, 0)
+        # The local host's count, then each host of the fleet that has spare roles.
+        others = "".join(f", {escape(h)}: {n}" for h, n in by_host.items())
+        console.print(f"spare roles ready: {local}{others}")
 
 
 @app.command()
@@ -53,4 +57,5 @@ def drain(template: str | None = typer.Argument(None, help="Only this template."
     svc = state().tenants
     console.print(f"dropped {pool.drain(svc, key=template)} spare(s)")
     if template is None:
-        console.print(f"dropped {role_pool.drain(svc)} spare role(s)")
+        dropped = role_pool.drain_all(svc)
+        console.print(f"dropped {sum(dropped.values())} spare role(s)")

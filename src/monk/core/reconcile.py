@@ -127,6 +127,8 @@ class Snapshot:
     spare_names: frozenset[str]  # databases named by spare rows
     pooled_roles: frozenset[str] = frozenset()  # monk_role_* roles that are ours
     pooled_role_rows: frozenset[str] = frozenset()  # roles named by spare_roles rows
+    # unclaimed spare_roles rows of a dead keyholder whose role is not on the server
+    lost_role_rows: frozenset[str] = frozenset()
     # events undelivered for over EVENT_BACKLOG_S while observers are configured
     stale_events: int = 0
     stale_events_error: str | None = None
@@ -347,6 +349,15 @@ def diagnose(snap: Snapshot) -> list[Problem]:
     for name in sorted(snap.pooled_roles - snap.pooled_role_rows):
         problems.append(
             Problem("orphan_spare_role", name, "spare role with no registry row", "drop it")
+        )
+    for name in sorted(snap.lost_role_rows):
+        problems.append(
+            Problem(
+                "lost_spare_role",
+                name,
+                "spare role row whose role is not on the server (its maker died)",
+                "delete the row",
+            )
         )
     if snap.stale_events:
         problems.append(

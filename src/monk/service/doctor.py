@@ -18,6 +18,7 @@ from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, fleet
 from monk.adapters.registry import events as outbox
 from monk.adapters.registry import reconcile as reconcile_reads
+from monk.adapters.registry import spare_roles as spare_role_rows
 from monk.adapters.registry import templates as template_builds
 from monk.core import lifecycle
 from monk.core.lifecycle import SETTLED, Action, TenantStatus
@@ -63,9 +64,15 @@ def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
             stale_events, stale_error = outbox.undelivered_backlog(
                 reg, older_than_s=EVENT_BACKLOG_S
             )
-        # Rows before roles: a spare role made in between (role and row commit together) is
-        # seen as a role without a row, which the repair checks again under the row's lock.
-        role_rows = reconcile_reads.spare_role_names(reg)
+        # Rows before roles: a spare role made in between (role and row commit together; on a
+        # host of the fleet the row commits first) is seen as a role without a row, which the
+        # repair checks again under the row's lock.
+        role_row_list = spare_role_rows.rows(reg, None if local else here)
+        role_rows = frozenset(r.role for r in role_row_list)
+        # A row whose maker died between the row and the role (a host of the fleet): its
+        # role never came. A live keyholder's may be being made right now: left alone.
+        dead = set(registry.dead_keyholders(reg, svc.instance_id, of="spare_roles"))
+        maybe_lost = [r.role for r in role_row_list if r.tenant_id is None and r.keyholder in dead]
         queued_ops = registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
         queued_ops = [op for op in queued_ops if (op.host or svc.hosts.local.name) == here]
         queued = {op.database for op in queued_ops if op.database}
@@ -116,6 +123,7 @@ def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
         spare_names=frozenset(r.database for r in spares),
         pooled_roles=frozenset(n for n in server_roles if role_pool.is_spare_role_name(n)),
         pooled_role_rows=role_rows,
+        lost_role_rows=frozenset(r for r in maybe_lost if r not in all_roles),
         stale_events=stale_events,
         stale_events_error=stale_error,
         db_states={n: st for n, st in all_dbs.items() if n in ours},
@@ -241,6 +249,8 @@ def repair(svc: TenantService, problems: list[Problem], host: str | None = None)
                             done.append(f"{p.subject}: dropped")
                     finally:
                         registry.unlock(reg, p.subject)
+        elif p.kind == "lost_spare_role":
+            done.append(f"{p.subject}: {role_pool.repair_lost_row(svc, p.subject, host=host)}")
         elif p.kind == "orphan_spare_role":
             with pools.system() as reg, reg.transaction():
                 if not reconcile_reads.lock_spare_role_row(reg, p.subject):

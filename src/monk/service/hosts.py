@@ -26,6 +26,7 @@ from monk.adapters.postgres.connection import (
     with_password,
 )
 from monk.adapters.registry import hosts as host_registry
+from monk.adapters.registry import spare_roles as spare_role_rows
 from monk.adapters.registry import spares as spare_rows
 from monk.adapters.registry.hosts import HostRow
 from monk.core import hosts as rules
@@ -38,7 +39,7 @@ from monk.errors import (
     InvalidRequest,
     MonkError,
 )
-from monk.service import host_templates, pool
+from monk.service import host_templates, pool, role_pool
 from monk.service.host_templates import HostBuild, HostProgress
 from monk.service.pipeline import Pipeline, pause_at
 
@@ -551,12 +552,14 @@ def remove(svc: Pipeline, name: str) -> HostView:
         # Its warm spares go first (dropped there while it answers; a refill is harmless if
         # the removal is then refused).
         pool.drain(svc, host=name)
+        role_pool.drain(svc, host=name)
     except MonkError as exc:
         log.warning("could not drop the spares of host %s: %s", name, exc.message)
     with svc.hosts.pools().system() as reg:
         gone = host_registry.delete_unused(reg, name)
         if gone is not None:
             spare_rows.forget_host(reg, name)
+            spare_role_rows.forget_host(reg, name)
         if gone is None:
             row = host_registry.get(reg, name)
             if row is None:

@@ -40,6 +40,7 @@ from monk.adapters.postgres.connection import (
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, host_functions
 from monk.adapters.registry import hosts as host_registry
+from monk.adapters.registry import spare_roles as spare_role_rows
 from monk.adapters.registry import spares as spare_rows
 from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
@@ -628,29 +629,41 @@ class RootPasswords:
 
 
 class RoleSecrets:
-    """Passwords of the spare roles whose keyholder is this process."""
+    """Passwords of the spare roles whose keyholder is this process, by host (each host's
+    roles are its own: a role is renamed on the server it is on)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_role: dict[str, str] = {}
+        self._by_role: dict[str, tuple[str, str]] = {}  # role -> (host, password)
 
-    def put(self, role: str, password: str) -> None:
+    def put(self, role: str, password: str, host: str) -> None:
         with self._lock:
-            self._by_role[role] = password
+            self._by_role[role] = (host, password)
 
-    def take(self) -> tuple[str, str] | None:
-        """(role, password) of the oldest known spare role, taken out so that no other thread
-        claims it; ``put`` it back if the claim was rolled back."""
+    def take(self, host: str) -> tuple[str, str] | None:
+        """(role, password) of the oldest known spare role on ``host``, taken out so that no
+        other thread claims it; ``put`` it back if the claim was rolled back."""
         with self._lock:
-            for role, password in self._by_role.items():
-                del self._by_role[role]
-                return role, password
+            for role, (on, password) in self._by_role.items():
+                if on == host:
+                    del self._by_role[role]
+                    return role, password
         return None
 
-    def keep_only(self, roles: set[str]) -> None:
+    def keep_only(self, roles: set[str], host: str) -> None:
+        """Forget ``host``'s roles not in ``roles``."""
         with self._lock:
-            for role in set(self._by_role) - roles:
-                del self._by_role[role]
+            for role in [r for r, (on, _) in self._by_role.items() if on == host]:
+                if role not in roles:
+                    del self._by_role[role]
+
+    def count(self, host: str) -> int:
+        with self._lock:
+            return sum(1 for on, _ in self._by_role.values() if on == host)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_role.clear()
 
     def __len__(self) -> int:
         with self._lock:
@@ -664,7 +677,10 @@ class Intent:
     tenant: Tenant  # the intent row, 'provisioning'
     op: UUID  # its journal entry, running
     template_in_use: bool  # the template had client sessions (a clone would wait)
-    role: Credentials | None  # a spare role renamed into the tenant's, with its password
+    role: Credentials | None  # a spare role claimed for the tenant, with its password
+    # On a host of the fleet: the claimed spare role's name, renamed there after the commit
+    # (``Pipeline.obtain_role``). None: ``role`` is renamed already (or there is none).
+    spare_role: str | None = None
 
 
 class Pipeline:
@@ -1017,6 +1033,7 @@ class Pipeline:
         params: Mapping[str, Any] | None = None,
         host: str | None = None,
         spares_ok: bool | None = None,
+        spare_role_ok: bool = True,
     ) -> Intent | None:
         """Reserve the name, the pipeline's first step, in one statement
         (``registry.tenants.reserve``): its lock (unless ``have_lock``), the intent row on
@@ -1028,10 +1045,14 @@ class Pipeline:
         Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
         taken or a spare is ready: the caller takes the full path. With it, a taken name
         raises TenantExists or HashCollision. ``spares_ok``: write the intent even if a spare is
-        ready (default: with ``have_lock``, after the caller tried the warm handout)."""
+        ready (default: with ``have_lock``, after the caller tried the warm handout).
+        ``spare_role_ok``: claim a spare role (False: the caller brings a role, a spare's)."""
         shared_wal = self.registry_shares_server(pools)
-        # Spare roles live on the registry's server: only there can the intent rename one.
-        spare = self.role_secrets.take() if shared_wal else None
+        # Spare roles are per server: the local ones are renamed by the reservation's
+        # statement, a host's are only claimed by it (renamed there after the commit).
+        remote = not pools.keeps_registry
+        on = pools.target.name
+        spare = self.role_secrets.take(on) if spare_role_ok else None
         op_id = uuid4()
         try:
             with registry.intent_errors(reg, name):
@@ -1040,7 +1061,7 @@ class Pipeline:
                     name,
                     tenant_id=uuid4(),
                     op_id=op_id,
-                    host=host or pools.target.name,
+                    host=host or on,
                     template_key=template_key,
                     template_version=template_version,
                     template_database=template_database,
@@ -1052,11 +1073,11 @@ class Pipeline:
                     spares_ok=have_lock if spares_ok is None else spares_ok,
                     operation=operation,
                     params=params,
-                    remote=not pools.keeps_registry,
+                    remote=remote,
                 )
         except (TenantExists, HashCollision):
             if spare is not None:
-                self.role_secrets.put(*spare)
+                self.role_secrets.put(*spare, on)
             if have_lock:
                 raise
             # A tenant committed after the statement's snapshot: the full path looks again,
@@ -1065,13 +1086,13 @@ class Pipeline:
             return None
         except BaseException:
             if spare is not None:
-                self.role_secrets.put(*spare)
+                self.role_secrets.put(*spare, on)
             if not have_lock and not (reg.closed or reg.broken):
                 with contextlib.suppress(psycopg.Error):
                     registry.unlock_if_held(reg, name.database)
             raise
         if spare is not None and gate.claimed is None:
-            self.role_secrets.put(*spare)  # no intent, no claim: still a spare, still ours
+            self.role_secrets.put(*spare, on)  # no intent, no claim: still a spare, still ours
         # gate.claimed False: the spare was gone (another server's start-up dropped it).
         if gate.tenant is None:
             if have_lock:
@@ -1079,12 +1100,30 @@ class Pipeline:
             if gate.locked:
                 registry.unlock(reg, name.database)
             return None
+        claimed = spare is not None and bool(gate.claimed)
         return Intent(
             tenant=gate.tenant,
             op=op_id,
             template_in_use=gate.sessions > 0,
-            role=Credentials(name.role, spare[1]) if spare and gate.claimed else None,
+            role=Credentials(name.role, spare[1]) if spare and claimed else None,
+            spare_role=spare[0] if spare and claimed and remote else None,
         )
+
+    def obtain_role(
+        self, reg: psycopg.Connection[Any], pools: ServerPools, intent: Intent, role: str
+    ) -> Credentials:
+        """The tenant's role on the server of ``pools``: the spare role the reservation
+        claimed (renamed already on the registry's server; on a host of the fleet renamed
+        there now, ``rename_spare_role``), else a new one (``create_role_on``). A crash or a
+        failure after the claim is undone by the intent's undo, which drops the claimed role
+        under either name."""
+        if intent.role is None:
+            return self.create_role_on(reg, pools, role)
+        if intent.spare_role is not None:
+            with pools.admin() as adm:
+                admin.rename_spare_role(adm, pools.admin_db, intent.spare_role, role)
+            self.checkpoint("role-renamed")
+        return intent.role
 
     def create_role(
         self, reg: psycopg.Connection[Any], role: str, *, login: bool = True
@@ -1241,6 +1280,7 @@ class Pipeline:
         was already there: it is not ours to drop here (the doctor judges it).
         """
         claimed = spare_rows.claimed_by(reg, tenant.id)
+        claimed_roles = spare_role_rows.claimed_by(reg, tenant.id)
         with pools.admin() as adm:
             if drop_database:
                 admin.drop_database(adm, tenant.database)
@@ -1250,8 +1290,13 @@ class Pipeline:
                 # A spare on a host of the fleet claimed for it, renamed in or not yet.
                 admin.drop_database(adm, spare)
                 admin.drop_role(adm, spare)
+            for role in claimed_roles:
+                # A spare role on a host of the fleet claimed for it, renamed in or not yet.
+                admin.drop_role(adm, role)
         for spare_id, _spare in claimed:
             spare_rows.delete(reg, spare_id)
+        for role in claimed_roles:
+            spare_role_rows.delete(reg, role)
         registry.delete_row(reg, tenant.id)
         log.warning("undid provisioning of %s (%s)", tenant.name, tenant.database)
 

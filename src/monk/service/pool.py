@@ -196,6 +196,7 @@ def hand_out_remote(
         idempotency_key=idempotency_key,
         have_lock=have_lock,
         spares_ok=True,
+        spare_role_ok=False,  # the spare brings its own role
     )
     if intent is None:
         svc.spare_secrets.put(*picked)

@@ -308,7 +308,7 @@ def restore_from_archive(svc: Pipeline, name: TenantName, host: str | None = Non
             tenant, op = intent.tenant, intent.op
             step = "role"
             try:
-                credentials = intent.role or svc.create_role_on(reg, pools, name.role)
+                credentials = svc.obtain_role(reg, pools, intent, name.role)
                 step = "database"
                 with pools.admin() as adm:
                     # Owned by the tenant's role from the start: the restore runs as that role

@@ -37,6 +37,7 @@ from monk.adapters.postgres.connection import (
 )
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, pending_roots
+from monk.adapters.registry import spare_roles as spare_role_rows
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import lifecycle, scram
@@ -454,12 +455,15 @@ class TenantService(Pipeline):
             # registry session this provision already holds (roles are cluster-wide), so that
             # no provision ever waits for a second pooled connection while holding one.
             role_job: Future[Credentials]
-            if intent.role is not None:
+            if intent.role is not None and intent.spare_role is None:
                 role_job = Future()
                 role_job.set_result(intent.role)
             elif not pools.keeps_registry:
-                # A host of the fleet: its role is made there, on its own admin connection.
-                role_job = self.side_threads().submit(self.create_remote_role, pools, name.role)
+                # A host of the fleet: the spare role claimed is renamed there, or a role is
+                # made there, on its own admin connection.
+                role_job = self.side_threads().submit(
+                    self.obtain_role, reg, pools, intent, name.role
+                )
             else:
                 role_job = self.side_threads().submit(self.create_role, reg, name.role)
 
@@ -478,7 +482,9 @@ class TenantService(Pipeline):
                         template_in_use,
                         # A role renamed in already exists: owning the clone from its creation
                         # spares configure's ALTER DATABASE OWNER a catalog update.
-                        owner=name.role if intent.role is not None else None,
+                        owner=name.role
+                        if intent.role is not None and intent.spare_role is None
+                        else None,
                     )
             finally:
                 role_error = role_job.exception()  # waits: the undo must know of the role
@@ -543,6 +549,8 @@ class TenantService(Pipeline):
                 )
                 if pending_root is not None:
                     pending_roots.queue_add(reg, tenant.id, pending_root)
+                if intent.spare_role is not None:
+                    spare_role_rows.delete_claimed(reg, tenant.id)
                 self.checkpoint("configured")  # sent, not committed
             lock.held = False
             tenant = registry.fetch_tenant(activated)

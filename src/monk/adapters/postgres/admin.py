@@ -610,7 +610,12 @@ def sessions_opened(conn: Conn, databases: Sequence[str]) -> int:
 # on the host (named like the system database, made by the admin role, which CREATEDB allows),
 # and calls them there.
 
-HOST_FUNCTIONS = ("make_tenant_role", "configure_tenant_database", "rename_spare_into")
+HOST_FUNCTIONS = (
+    "make_tenant_role",
+    "configure_tenant_database",
+    "rename_spare_into",
+    "rename_spare_role",
+)
 _FUNCTIONS_MARK = "monk functions "
 
 
@@ -723,6 +728,16 @@ def rename_spare_into(
             sql.Identifier(schema, "rename_spare_into")
         ),
         (spare, database, role, verifier, connection_limit),
+    )
+
+
+def rename_spare_role(conn: Conn, schema: str, spare: str, role: str) -> None:
+    """A spare role on a host of the fleet, claimed in the registry, becomes the tenant's role:
+    monk's ``rename_spare_role`` (the step ``claim_spare_role`` runs on the registry's
+    server), installed there."""
+    conn.execute(
+        sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(schema, "rename_spare_role")),
+        (spare, role),
     )
 
 

@@ -78,7 +78,7 @@ def overview(conn: Conn) -> Overview:
         "SELECT template_key, count(*) FROM spares WHERE status = 'ready' GROUP BY 1"
     ).fetchall():
         out.spares_ready[str(key)] = int(n)
-    row = conn.execute("SELECT count(*) FROM spare_roles").fetchone()
+    row = conn.execute("SELECT count(*) FROM spare_roles WHERE tenant_id IS NULL").fetchone()
     out.spare_roles = int(row[0]) if row else 0
     row = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE attempts > 0) FROM operations"

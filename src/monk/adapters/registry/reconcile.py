@@ -10,11 +10,6 @@ import psycopg
 Conn = psycopg.Connection[Any]
 
 
-def spare_role_names(conn: Conn) -> frozenset[str]:
-    """The roles every ``spare_roles`` row names."""
-    return frozenset(str(r[0]) for r in conn.execute("SELECT role FROM spare_roles").fetchall())
-
-
 def spare_known(conn: Conn, database: str) -> bool:
     """Whether a ``spares`` row names ``database``."""
     return (

@@ -64,7 +64,11 @@ _RESERVE = rendered(
         " op AS (INSERT INTO operations (id, kind, subject, database, host, state, params)"
         " SELECT %(op)s, %(kind)s, %(key)s, %(database)s, %(host)s, 'running', %(params)s"
         " FROM intent),"
-        " claimed AS (SELECT claim_spare_role(%(spare)s, %(role)s, %(keyholder)s) AS ok"
+        # The registry's server: renamed here; a host of the fleet: marked with the intent,
+        # renamed there after the commit (CASE evaluates only the branch it takes).
+        " claimed AS (SELECT CASE WHEN %(remote)s"
+        " THEN claim_host_spare_role(%(spare)s, %(keyholder)s, %(host)s, intent.id)"
+        " ELSE claim_spare_role(%(spare)s, %(role)s, %(keyholder)s) END AS ok"
         " FROM intent WHERE %(spare)s::text IS NOT NULL)"
         " SELECT gate.locked AS gate_locked, gate.sessions AS gate_sessions,"
         " claimed.ok AS gate_claimed, intent.*"
@@ -97,7 +101,8 @@ def reserve(
     name's session lock, count the template's sessions, and only if the lock was free, no live
     tenant has the name or its database and no spare of the template is ready, write the intent,
     its journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given)
-    into the tenant's role. Anything else writes nothing: the caller releases the lock if it was
+    into the tenant's role (``remote``: only mark its row with the intent; the caller renames
+    it on the host). Anything else writes nothing: the caller releases the lock if it was
     taken and takes the full path. The statement's snapshot predates its lock: a tenant
     committed in between is caught by the unique indexes (an error: ``registry.intent_errors``).
     ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit on
