@@ -33,6 +33,19 @@ def test_a_full_host_closes_the_least_recently_used_idle_connection() -> None:
     assert list(ledger.idle.items()) == [(2, "b")]
 
 
+def test_a_database_with_two_idle_connections_gives_one_up_before_another_its_only_one() -> None:
+    ledger = Ledger(host_cap=3, tenant_cap=2)
+    for ticket, db in [(1, "a"), (2, "b"), (3, "b")]:
+        serve(ledger, ticket, db)
+    for ticket, db in [(1, "a"), (2, "b"), (3, "b")]:
+        ledger.release(db, ticket)  # a is the least recently used, but b holds two
+    assert serve(ledger, 4, "c") == [Grant(4, "c", evict=2)]
+    ledger.release("c", 4)
+    # Now every database holds one: the least recently used goes.
+    assert serve(ledger, 5, "d") == [Grant(5, "d", evict=1)]
+    assert sorted(ledger.idle.values()) == ["b", "c"]
+
+
 def test_a_reused_connection_counts_as_most_recently_used() -> None:
     ledger = Ledger(host_cap=2, tenant_cap=2)
     serve(ledger, 1, "a")

@@ -214,7 +214,9 @@ class DataPlaneBench:
                     many, single = _Load(), _Load()
                     sampler.reset()
                     # Every client's connection opened, every tenant's models cached once.
-                    self._load(base, tokens, max(2 * cfg.clients, cfg.tenants), "warm-up")
+                    self._load(
+                        base, tokens, max(2 * cfg.clients, cfg.tenants), "warm-up", sweep=True
+                    )
                     maxima: dict[str, tuple[int, int]] = {}
                     for label in ("many", "single", "single", "many"):
                         sampler.reset()
@@ -360,8 +362,11 @@ class DataPlaneBench:
         self._threads(worker, min(8, len(tenants)))
         return tokens
 
-    def _load(self, base: str, tokens: list[str], count: int, label: str) -> _Load:
-        """``count`` requests by the configured clients, each to a random one of ``tokens``."""
+    def _load(
+        self, base: str, tokens: list[str], count: int, label: str, *, sweep: bool = False
+    ) -> _Load:
+        """``count`` requests by the configured clients, each to a random one of ``tokens``
+        (``sweep``: to each in turn, so that every one is reached)."""
         load = _Load()
         left = [count]
 
@@ -374,7 +379,9 @@ class DataPlaneBench:
                         if left[0] <= 0:
                             break
                         left[0] -= 1
-                    headers = {"Authorization": f"Bearer {rng.choice(tokens)}"}
+                        n = left[0]
+                    token = tokens[n % len(tokens)] if sweep else rng.choice(tokens)
+                    headers = {"Authorization": f"Bearer {token}"}
                     started = time.perf_counter()
                     try:
                         if rng.random() < 0.5:
