@@ -33,17 +33,19 @@ def test_a_full_host_closes_the_least_recently_used_idle_connection() -> None:
     assert list(ledger.idle.items()) == [(2, "b")]
 
 
-def test_a_database_with_two_idle_connections_gives_one_up_before_another_its_only_one() -> None:
-    ledger = Ledger(host_cap=3, tenant_cap=2)
-    for ticket, db in [(1, "a"), (2, "b"), (3, "b")]:
+def test_a_busy_tenants_idle_connections_outlive_the_colder_ones_of_other_tenants() -> None:
+    """Least recently used, not "a database with two idle ones gives one up first": that rule
+    closed a hot tenant's second connection ahead of demand while connections nobody had used
+    for long stayed, and the hot tenant opened it again on its next request, over and over
+    (with it, the single-tenant load of ``monk bench --data-plane`` measured 5-8 % slower)."""
+    ledger = Ledger(host_cap=5, tenant_cap=2)
+    for ticket, db in [(1, "a"), (2, "b"), (3, "c"), (4, "hot"), (5, "hot")]:
         serve(ledger, ticket, db)
-    for ticket, db in [(1, "a"), (2, "b"), (3, "b")]:
-        ledger.release(db, ticket)  # a is the least recently used, but b holds two
-    assert serve(ledger, 4, "c") == [Grant(4, "c", evict=2)]
-    ledger.release("c", 4)
-    # Now every database holds one: the least recently used goes.
-    assert serve(ledger, 5, "d") == [Grant(5, "d", evict=1)]
-    assert sorted(ledger.idle.values()) == ["b", "c"]
+    for ticket, db in [(1, "a"), (2, "b"), (3, "c"), (4, "hot"), (5, "hot")]:
+        ledger.release(db, ticket)
+    assert ledger.spare(2) == [1, 2]  # the cold ones, oldest first
+    assert serve(ledger, 6, "x") == []  # waits for a slot being freed; hot keeps both
+    assert list(ledger.idle.values()) == ["c", "hot", "hot"]
 
 
 def test_slots_closed_ahead_count_until_their_backends_exit_and_then_serve_a_miss_at_once() -> None:

@@ -6,11 +6,9 @@ once (idle or busy), at most ``tenant_cap`` busy per database. Requests queue in
 
 - an idle connection to its database: reused;
 - else a free slot (fewer than ``host_cap`` open): a new connection;
-- else an idle connection of another database: closed, and a new one opened in its place. The
-  least recently used one of a database that holds two or more idle ones goes first (that
-  database keeps one, so its next request still reuses one), else the least recently used one.
-  While a slot closed ahead (``spare``, below) is still being freed, the request waits for it
-  instead of closing another idle connection;
+- else the least recently used idle connection of another database: closed, and a new one
+  opened in its place. While a slot closed ahead (``spare``, below) is still being freed, the
+  request waits for it instead of closing another idle connection;
 - else nothing is free for anyone: the walk stops (later requests could only be served from an
   idle connection, and there is none).
 
@@ -105,13 +103,8 @@ class Ledger:
         return None
 
     def _victim(self) -> int:
-        """Take out the idle connection to close: the least recently used of a database with
-        more than one idle, else the least recently used."""
-        counts = Counter(self.idle.values())
-        key = next((k for k, db in self.idle.items() if counts[db] > 1), None)
-        if key is None:
-            key = next(iter(self.idle))
-        del self.idle[key]
+        """Take out the idle connection to close: the least recently used."""
+        key, _db = self.idle.popitem(last=False)
         return key
 
     def release(self, database: str, key: int | None) -> bool:
