@@ -134,10 +134,10 @@ def run_threads(count: int, work: Any) -> list[BaseException]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cap", [8, 20])  # 20: one slot kept free ahead (SPARE_EVERY)
 def test_under_concurrent_load_over_many_databases_the_server_never_holds_more_than_the_cap(
-    env: Env, databases: list[str], cap: int
+    env: Env, databases: list[str]
 ) -> None:
+    cap = 8
     b = budget(env.target, host=cap, tenant=2)
     rng = random.Random(14)
     plan = [[rng.choice(databases) for _ in range(25)] for _ in range(24)]
@@ -295,48 +295,6 @@ def test_an_evicted_backend_has_exited_before_its_successor_opens(
         stats = b.stats()
         assert stats.evictions == 1
         assert stats.exit_wait_seconds >= 0.25
-    finally:
-        b.close()
-
-
-def test_a_slot_freed_ahead_counts_until_its_backend_exits_and_then_a_miss_opens_at_once(
-    env: Env, databases: list[str]
-) -> None:
-    """With 20 slots, one is kept free ahead: once the budget is full, the least recently used
-    idle connection is closed as soon as a request is done, and its backend counts against the
-    cap until it has exited (stopped here for 0.3 s). A request for another database meanwhile
-    waits for that slot without closing anything else; one that has an idle connection is
-    served at once; once the backend is gone the waiting one opens in the freed slot, with no
-    eviction of its own to wait for."""
-    first, *middle, last = databases[39:60]  # 21 databases
-    assert budget_module.SPARE_EVERY == 20
-    b = budget(env.target, host=20, tenant=2)
-    try:
-        pid_first = query(b, first)
-        _stoppable(pid_first)
-        os.kill(pid_first, signal.SIGSTOP)
-        try:
-            pids = {db: query(b, db) for db in middle}  # the 20th fills the budget
-            stats = b.stats()
-            assert (stats.spared, stats.evictions, stats.open) == (1, 0, 20)  # first's counts
-            served: list[float] = []
-            started = time.monotonic()
-            waiter = threading.Thread(target=lambda: (query(b, last), served.append(1)))
-            waiter.start()
-            time.sleep(0.3)
-            assert served == []  # no free slot: it waits for first's backend to exit
-            assert query(b, middle[-1]) == pids[middle[-1]]  # a hit is served meanwhile
-            assert sum(sessions(env.target, databases).values()) <= 20
-        finally:
-            os.kill(pid_first, signal.SIGCONT)
-        waiter.join(timeout=30)
-        assert served == [1]
-        assert time.monotonic() - started >= 0.3
-        stats = b.stats()
-        assert stats.evictions == 0  # nothing closed for it: the slot freed ahead served it
-        assert stats.exit_wait_seconds == 0
-        assert stats.open <= 20
-        assert first not in sessions(env.target, databases)
     finally:
         b.close()
 

@@ -48,29 +48,6 @@ def test_a_busy_tenants_idle_connections_outlive_the_colder_ones_of_other_tenant
     assert list(ledger.idle.values()) == ["c", "hot", "hot"]
 
 
-def test_slots_closed_ahead_count_until_their_backends_exit_and_then_serve_a_miss_at_once() -> None:
-    ledger = Ledger(host_cap=3, tenant_cap=2)
-    for ticket, db in [(1, "a"), (2, "b"), (3, "c")]:
-        serve(ledger, ticket, db)
-        ledger.release(db, ticket)
-    assert ledger.spare(1) == [1]  # a, the least recently used, closed ahead
-    assert (ledger.open, ledger.exiting) == (3, 1)  # its backend still counts
-    assert ledger.spare(1) == []  # one slot is being freed already
-    # A miss meanwhile waits for that slot rather than closing b or c as well ...
-    assert serve(ledger, 4, "d") == []
-    assert ledger.spare(2) == []  # ... and nothing is closed ahead while it waits
-    # ... and b's request still reuses its own idle connection, though d came first.
-    assert serve(ledger, 5, "b") == [Grant(5, "b", reuse=2)]
-    ledger.exited()
-    assert ledger.grants() == [Grant(4, "d")]  # a new connection in the freed slot
-    assert (ledger.open, ledger.exiting, list(ledger.idle.values())) == (3, 0, ["c"])
-    ledger.release("d", 4)
-    # Nobody waits: the next miss finds a free slot, no eviction to wait for.
-    assert ledger.spare(1) == [3]
-    ledger.exited()
-    assert serve(ledger, 6, "e") == [Grant(6, "e")]
-
-
 def test_a_reused_connection_counts_as_most_recently_used() -> None:
     ledger = Ledger(host_cap=2, tenant_cap=2)
     serve(ledger, 1, "a")
@@ -158,8 +135,6 @@ _steps = st.lists(
         st.tuples(st.just("release"), st.booleans()),
         st.tuples(st.just("evict"), st.integers(0, 5)),
         st.tuples(st.just("cancel"), st.integers(0, 50)),
-        st.tuples(st.just("spare"), st.integers(0, 3)),
-        st.tuples(st.just("exited"), st.just(0)),
     ),
     max_size=80,
 )
@@ -183,25 +158,20 @@ def test_any_run_keeps_the_caps_the_count_and_the_order(
             ledger.evict(f"db{arg}")
         elif kind == "cancel":
             ledger.cancel(int(str(arg)))
-        elif kind == "spare":
-            ledger.spare(int(str(arg)))
-        elif kind == "exited" and ledger.exiting:
-            ledger.exited()
         granted = ledger.grants()
         for grant in granted:
             key = grant.reuse if grant.reuse is not None else grant.ticket
             in_use.append((grant.database, key))
-        # The caps, and every slot accounted for: idle, in use (opening included), or its
-        # backend still exiting.
+        # The caps, and every slot accounted for: idle, or in use (opening included).
         assert ledger.open <= host_cap
         assert all(n <= tenant_cap for n in ledger.busy.values())
-        assert ledger.open == len(ledger.idle) + sum(ledger.busy.values()) + ledger.exiting
+        assert ledger.open == len(ledger.idle) + sum(ledger.busy.values())
         assert sum(ledger.busy.values()) == len(in_use)
         # Nobody waits who could be served: a request still queued is at its tenant's cap,
-        # or no slot is free and none is left to close (nothing idle, or a slot being freed).
+        # or nothing is left (no free slot, nothing idle to close).
         for database in ledger.queue.values():
             assert ledger.busy[database] >= tenant_cap or (
-                ledger.open >= host_cap and (not ledger.idle or ledger.exiting > 0)
+                ledger.open >= host_cap and not ledger.idle
             )
         # First come, first served: the grants of one pass go out in arrival order.
         assert [g.ticket for g in granted] == sorted(g.ticket for g in granted)

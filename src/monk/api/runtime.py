@@ -120,13 +120,12 @@ class BudgetCollector(Collector):
             yield c
         ev = CounterMetricFamily(
             "monk_budget_evictions",
-            "Idle connections closed: lru (room for another database), ahead (slots kept free "
-            "ahead of demand), tenant (its disable, purge or move)",
+            "Idle connections closed: lru (room for another database), tenant (its disable, "
+            "purge or move)",
             labels=["host", "reason"],
         )
         for st in every:
             ev.add_metric([st.host, "lru"], st.evictions)
-            ev.add_metric([st.host, "ahead"], st.spared)
             ev.add_metric([st.host, "tenant"], st.closed_for_tenant)
         yield ev
 

@@ -7,16 +7,9 @@ once (idle or busy), at most ``tenant_cap`` busy per database. Requests queue in
 - an idle connection to its database: reused;
 - else a free slot (fewer than ``host_cap`` open): a new connection;
 - else the least recently used idle connection of another database: closed, and a new one
-  opened in its place. While a slot closed ahead (``spare``, below) is still being freed, the
-  request waits for it instead of closing another idle connection;
+  opened in its place;
 - else nothing is free for anyone: the walk stops (later requests could only be served from an
   idle connection, and there is none).
-
-Ahead of demand, ``spare`` closes idle connections (least recently used first, as above) until
-``keep_free`` slots are free or being freed, while nobody waits: the next request for a
-database with no idle connection then opens its own at once, instead of waiting for an evicted
-backend to exit. A closed connection's backend counts as open (``exiting``) until ``exited``:
-the server never holds more than ``host_cap`` of them.
 
 A request whose database already holds ``tenant_cap`` connections is passed over without
 stopping the walk: a greedy tenant's extra requests wait behind its own, never in front of
@@ -50,10 +43,8 @@ class Grant:
 class Ledger:
     host_cap: int
     tenant_cap: int
-    # Counted open: idle and busy connections, those being opened for a grant, and those
-    # closed ahead by ``spare`` whose backends have not exited yet (``exiting``).
+    # Counted open: idle and busy connections, and those being opened for a grant.
     open: int = 0
-    exiting: int = 0
     busy: Counter[str] = field(default_factory=Counter)
     # key -> database, least recently returned first.
     idle: OrderedDict[int, str] = field(default_factory=OrderedDict)
@@ -81,9 +72,7 @@ class Ledger:
                 continue
             grant = self._place(ticket, database)
             if grant is None:
-                if not self.idle:
-                    break  # later requests could only be served from an idle connection
-                continue
+                break
             del self.queue[ticket]
             self.busy[database] += 1
             self.doomed.discard(database)
@@ -98,7 +87,7 @@ class Ledger:
         if self.open < self.host_cap:
             self.open += 1
             return Grant(ticket, database)
-        if self.idle and not self.exiting:  # else a slot is about to free: waited for
+        if self.idle:
             return Grant(ticket, database, evict=self._victim())
         return None
 
@@ -132,22 +121,6 @@ class Ledger:
         if self.busy[database] > 0:
             self.doomed.add(database)
         return keys
-
-    def spare(self, keep_free: int) -> list[int]:
-        """Take out idle connections (the caller closes them, then calls ``exited`` for each
-        once its backend is gone) until ``keep_free`` slots are free or being freed; none
-        while a request waits (``grants`` serves it first)."""
-        keys: list[int] = []
-        while not self.queue and self.idle and self.host_cap - self.open + self.exiting < keep_free:
-            keys.append(self._victim())
-            self.exiting += 1
-        return keys
-
-    def exited(self) -> None:
-        """A backend closed by ``spare`` is gone: its slot is free."""
-        assert self.exiting > 0
-        self.exiting -= 1
-        self.open -= 1
 
     def drop_idle(self, key: int) -> None:
         """Forget an idle connection found dead or closed for another reason."""

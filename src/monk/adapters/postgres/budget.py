@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -56,13 +55,6 @@ _RESET = (
 # How long a closed connection's backend may take to exit before its slot opens again anyway
 # (logged). An idle backend exits in well under a millisecond once told to.
 EXIT_WAIT_S = 2.0
-
-# One slot per SPARE_EVERY of the cap kept free (or being freed) ahead of demand while nobody
-# waits, by closing the least recently used idle connections (``Ledger.spare``): a request for
-# a database with no idle connection opens its own at once instead of waiting for an evicted
-# backend's exit. It costs as many idle connections a later request might have reused, so a
-# small budget (under SPARE_EVERY) keeps none free.
-SPARE_EVERY = 20
 
 
 class Exiting:
@@ -141,7 +133,6 @@ class BudgetStats:
     wait_seconds: float  # their time in the queue, summed
     exhausted: int  # requests that gave up after the wait limit (BudgetExhausted)
     exit_wait_seconds: float = 0.0  # evictions' waits for the evicted backend to exit, summed
-    spared: int = 0  # idle connections closed ahead of demand (SPARE_EVERY)
 
 
 class Budget:
@@ -173,15 +164,6 @@ class Budget:
         # Connections in use whose session ``commit`` reset already (by id: a connection is in
         # one request at a time, and the id is dropped when it comes back).
         self._reset: set[int] = set()
-        # Connections closed ahead of demand, watched until their backends exit (None: stop).
-        self._spared = 0
-        self._keep_free = host_connections // SPARE_EVERY
-        self._exiting: queue.SimpleQueue[Exiting | None] = queue.SimpleQueue()
-        self._reaper = threading.Thread(
-            target=self._reap, name=f"monk-budget-{target.name}", daemon=True
-        )
-        if self._keep_free:
-            self._reaper.start()
 
     # ------------------------------------------------------------------ use
 
@@ -373,20 +355,6 @@ class Budget:
             self._granted[grant.ticket] = (grant, held)
         if grants:
             self._cond.notify_all()
-        if self._keep_free and not self._closed:
-            for key in self._ledger.spare(self._keep_free):
-                # Closed now (Terminate sent); its slot opens once ``_reap`` saw it exit.
-                self._exiting.put(Exiting(self._idle.pop(key)))
-                self._spared += 1
-
-    def _reap(self) -> None:
-        """The budget's thread: wait for each backend closed ahead to exit, then free its
-        slot (a request waiting meanwhile is served from it)."""
-        while (exiting := self._exiting.get()) is not None:
-            exiting.wait()
-            with self._cond:
-                self._ledger.exited()
-                self._dispatch()
 
     def _discard(self, conn: psycopg.Connection[Any]) -> None:
         with self._cond:
@@ -432,7 +400,6 @@ class Budget:
                 wait_seconds=self._wait_seconds,
                 exhausted=self._exhausted,
                 exit_wait_seconds=self._exit_wait_seconds,
-                spared=self._spared,
             )
 
     def close(self) -> None:
@@ -443,5 +410,4 @@ class Budget:
                 self._ledger.drop_idle(key)
             conns = list(self._idle.values())
             self._idle.clear()
-        self._exiting.put(None)
         self._close_all(conns)
