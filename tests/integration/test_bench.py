@@ -383,6 +383,10 @@ def test_bench_data_plane_serves_many_tenants_within_the_budget_and_shows_the_na
         assert r["requests_per_s"] > 0
         assert 0 < r["max_data_connections"] <= result["host_connections"], r
         assert r["max_server_connections"] <= result["server"]["max_connections"]
+        # Where the CPU went, per request: the clients, monk serve, the PostgreSQL server.
+        cpu = r["cpu_ms_per_request"]
+        assert set(cpu) == {"clients", "monk_serve", "postgres"}, cpu
+        assert all(v > 0 for v in cpu.values()), cpu
     assert result["ratio"] > 0
     naive = result["naive"]
     assert naive["pool_per_tenant"]["errors"] > 0, naive
@@ -392,6 +396,7 @@ def test_bench_data_plane_serves_many_tenants_within_the_budget_and_shows_the_na
     } & set(naive["pool_per_tenant"]["error_kinds"]), naive
     assert naive["connection_per_request"]["requests"] > 0
     assert "many/one throughput" in done.stdout
+    assert "CPU ms per request" in done.stdout
     assert set(Path(tempfile.gettempdir()).glob("monk-bench-data-*")) == leftovers
 
 

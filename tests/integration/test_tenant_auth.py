@@ -331,6 +331,36 @@ def test_disable_is_403_and_trash_410_within_a_second_even_when_the_cli_made_the
         assert login(client, name, "root", password).json()["error_code"] == "AUTH_LOGIN_FAILED"
 
 
+def test_a_busy_tenants_requests_find_its_state_refreshed_for_them(
+    client: TestClient, root: dict[str, str], env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """monk serve reads the states of the tenants in use again in the background, in one
+    query every half TTL: a tenant asked every 50 ms for 4 TTLs reads its own row at most
+    once (its first request), not once per TTL; a change still shows within the TTL."""
+    from monk.adapters.registry import logins as logins_db
+
+    name, password = provision(client, root, env)
+    token = login(client, name, "root", password).json()["data"]["token"]
+    inline: list[uuid.UUID] = []
+    read_one = logins_db.tenant_state
+
+    def counted(conn: psycopg.Connection[Any], tenant_id: uuid.UUID) -> Any:
+        inline.append(tenant_id)
+        return read_one(conn, tenant_id)
+
+    monkeypatch.setattr(logins_db, "tenant_state", counted)
+    ttl = env.settings.tenant_state_ttl_ms / 1000
+    assert ttl > 0
+    deadline = time.monotonic() + 4 * ttl
+    while time.monotonic() < deadline:
+        assert client.get("/api/whoami", headers=bearer(token)).status_code == 200
+        time.sleep(0.05)
+    assert len(inline) <= 1, f"{len(inline)} reads of the tenant's row on the request path"
+
+    assert client.patch(f"/api/root/tenant/{name}", json={"is_active": False}, headers=root)
+    assert wait_for_status(client, token, 403, within=ttl + 0.5) < ttl + 0.5
+
+
 def test_tenant_users_over_http(client: TestClient, root: dict[str, str], env: Env) -> None:
     name, _ = provision(client, root, env)
     base = f"/api/root/tenant/{name}/user"

@@ -33,6 +33,21 @@ def test_a_full_host_closes_the_least_recently_used_idle_connection() -> None:
     assert list(ledger.idle.items()) == [(2, "b")]
 
 
+def test_a_busy_tenants_idle_connections_outlive_the_colder_ones_of_other_tenants() -> None:
+    """Least recently used, not "a database with two idle ones gives one up first": that rule
+    closed a hot tenant's second connection while connections nobody had used
+    for long stayed, and the hot tenant opened it again on its next request, over and over
+    (with it, the single-tenant load of ``monk bench --data-plane`` measured 5-8 % slower)."""
+    ledger = Ledger(host_cap=5, tenant_cap=2)
+    for ticket, db in [(1, "a"), (2, "b"), (3, "c"), (4, "hot"), (5, "hot")]:
+        serve(ledger, ticket, db)
+    for ticket, db in [(1, "a"), (2, "b"), (3, "c"), (4, "hot"), (5, "hot")]:
+        ledger.release(db, ticket)
+    assert serve(ledger, 6, "x") == [Grant(6, "x", evict=1)]  # the cold ones, oldest first
+    assert serve(ledger, 7, "y") == [Grant(7, "y", evict=2)]
+    assert list(ledger.idle.values()) == ["c", "hot", "hot"]  # the hot tenant keeps both
+
+
 def test_a_reused_connection_counts_as_most_recently_used() -> None:
     ledger = Ledger(host_cap=2, tenant_cap=2)
     serve(ledger, 1, "a")

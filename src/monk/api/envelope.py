@@ -42,7 +42,7 @@ class Ok(BaseModel, Generic[T]):
     data: T
 
 
-def ok(data: BaseModel | list[Any] | None, status_code: int = 200) -> Response:
+def ok(data: BaseModel | list[Any] | dict[str, Any] | None, status_code: int = 200) -> Response:
     """``Ok(data=data)`` as JSON, built here rather than by FastAPI from the return value.
 
     FastAPI validates a sync route's return value against its response model on the thread

@@ -194,6 +194,9 @@ class Runtime:
         self._refiller = threading.Thread(target=self._refill, name="monk-pool", daemon=True)
         self._notifier = threading.Thread(target=self._notify, name="monk-events", daemon=True)
         self._retainer = threading.Thread(target=self._retain, name="monk-retention", daemon=True)
+        self._state_refresher = threading.Thread(
+            target=self._refresh_states, name="monk-tenant-states", daemon=True
+        )
         # Only the server monk itself started: an external one is its operator's to restart.
         self.supervisor = (
             Supervisor(self.server.embedded, on_restart=self._count_restart)
@@ -219,6 +222,8 @@ class Runtime:
         self._notifier.start()
         if self.settings.retention is not None:
             self._retainer.start()
+        if self.settings.tenant_state_ttl_ms > 0:
+            self._state_refresher.start()
 
     def wake_worker(self) -> None:
         self._wake.set()
@@ -359,6 +364,17 @@ class Runtime:
                 self._failed("event delivery", exc)
             self._stop.wait(timeout=1.0)
 
+    def _refresh_states(self) -> None:
+        """Keep the busy tenants' states fresh, every half of MONK_TENANT_STATE_TTL_MS, so that
+        their requests do not each read their tenant's row (``TenantStates.refresh``)."""
+        every = self.settings.tenant_state_ttl_ms / 2000
+        while not self._stop.wait(timeout=every):
+            try:
+                self.tenant_states.refresh()
+                self._last_warning.pop("tenant state refresh", None)
+            except Exception as exc:
+                self._failed("tenant state refresh", exc)
+
     def _retain(self) -> None:
         """Drop the retired template builds nothing needs any more once they have been retired
         for MONK_TEMPLATE_RETENTION (what ``monk template prune`` does, for the older ones);
@@ -440,6 +456,8 @@ class Runtime:
         self._notifier.join(timeout=60)
         if self._retainer.is_alive():
             self._retainer.join(timeout=60)
+        if self._state_refresher.is_alive():
+            self._state_refresher.join(timeout=60)
         # Root users being written after their answers are finished first.
         self._after_answer.shutdown(wait=True)
         if self.supervisor is not None:

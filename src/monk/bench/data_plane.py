@@ -62,11 +62,19 @@ class _Load:
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # CPU seconds spent meanwhile by: the bench's clients, monk serve, the PostgreSQL server.
+    cpu: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: _Load) -> None:
         self.latencies += other.latencies
         self.errors.update(other.errors)
         self.seconds += other.seconds
+        self.cpu.update(other.cpu)
+
+    def cpu_per_request(self) -> dict[str, float]:
+        """Milliseconds of CPU per request, by where they were spent."""
+        done = len(self.latencies) + sum(self.errors.values())
+        return {k: round(1000 * v / done, 2) for k, v in self.cpu.items()} if done else {}
 
     def summary(self) -> dict[str, Any]:
         done = len(self.latencies) + sum(self.errors.values())
@@ -123,6 +131,32 @@ class _Sampler:
                 self._stop.wait(self._every)
 
 
+def _cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User and system CPU of process ``pid`` (Linux /proc; 0 where unreadable); with
+    ``children``, also of its children: the exited ones (reaped: cutime, cstime) and the
+    running ones (a PostgreSQL server's backends are its postmaster's children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(p: int | str) -> list[str]:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    try:
+        own = fields(pid)
+    except OSError:
+        return 0.0
+    total = int(own[11]) + int(own[12])
+    if children:
+        total += int(own[13]) + int(own[14])
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with suppress(OSError, IndexError, ValueError):
+                    child = fields(entry)
+                    if int(child[1]) == pid:
+                        total += int(child[11]) + int(child[12])
+    return total / tick
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,6 +199,7 @@ class DataPlaneBench:
         self.config = config
         self.monk_bin = monk_bin or Path(sys.executable).with_name("monk")
         self.progress = progress or (lambda phase, done, total: None)
+        self._serve_pid: int | None = None
 
     # ------------------------------------------------------------------ the run
 
@@ -214,12 +249,17 @@ class DataPlaneBench:
                     many, single = _Load(), _Load()
                     sampler.reset()
                     # Every client's connection opened, every tenant's models cached once.
-                    self._load(base, tokens, max(2 * cfg.clients, cfg.tenants), "warm-up")
+                    self._load(
+                        base, tokens, max(2 * cfg.clients, cfg.tenants), "warm-up", sweep=True
+                    )
                     maxima: dict[str, tuple[int, int]] = {}
+                    postmaster = self._postmaster(server)
                     for label in ("many", "single", "single", "many"):
                         sampler.reset()
                         picked = tokens if label == "many" else tokens[:1]
+                        before = self._cpu(postmaster)
                         run = self._load(base, picked, cfg.requests // 2, label)
+                        run.cpu = self._cpu(postmaster) - before
                         (many if label == "many" else single).merge(run)
                         old = maxima.get(label, (0, 0))
                         maxima[label] = (
@@ -234,10 +274,12 @@ class DataPlaneBench:
             out_many = many.summary() | {
                 "max_server_connections": maxima["many"][0],
                 "max_data_connections": maxima["many"][1],
+                "cpu_ms_per_request": many.cpu_per_request(),
             }
             out_single = single.summary() | {
                 "max_server_connections": maxima["single"][0],
                 "max_data_connections": maxima["single"][1],
+                "cpu_ms_per_request": single.cpu_per_request(),
             }
             ratio = None
             if out_many["requests_per_s"] and out_single["requests_per_s"]:
@@ -261,6 +303,24 @@ class DataPlaneBench:
             shutil.rmtree(work, ignore_errors=True)
 
     # ------------------------------------------------------------------ steps
+
+    @staticmethod
+    def _postmaster(server: Server) -> int | None:
+        assert server.embedded is not None
+        with suppress(OSError, ValueError, IndexError):
+            return int((server.embedded.pgdata / "postmaster.pid").read_text().split()[0])
+        return None
+
+    def _cpu(self, postmaster: int | None) -> Counter[str]:
+        """CPU seconds so far of this process (the clients), monk serve and the server."""
+        mine = os.times()
+        return Counter(
+            {
+                "clients": mine.user + mine.system,
+                "monk_serve": _cpu_seconds(self._serve_pid) if self._serve_pid else 0.0,
+                "postgres": _cpu_seconds(postmaster, children=True) if postmaster else 0.0,
+            }
+        )
 
     def _monk(self, env: dict[str, str], *args: str, timeout: float) -> str:
         done = subprocess.run(
@@ -310,6 +370,7 @@ class DataPlaneBench:
             stderr=subprocess.DEVNULL,
         )
         base = f"http://127.0.0.1:{port}"
+        self._serve_pid = proc.pid
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -360,8 +421,11 @@ class DataPlaneBench:
         self._threads(worker, min(8, len(tenants)))
         return tokens
 
-    def _load(self, base: str, tokens: list[str], count: int, label: str) -> _Load:
-        """``count`` requests by the configured clients, each to a random one of ``tokens``."""
+    def _load(
+        self, base: str, tokens: list[str], count: int, label: str, *, sweep: bool = False
+    ) -> _Load:
+        """``count`` requests by the configured clients, each to a random one of ``tokens``
+        (``sweep``: to each in turn, so that every one is reached)."""
         load = _Load()
         left = [count]
 
@@ -374,7 +438,9 @@ class DataPlaneBench:
                         if left[0] <= 0:
                             break
                         left[0] -= 1
-                    headers = {"Authorization": f"Bearer {rng.choice(tokens)}"}
+                        n = left[0]
+                    token = tokens[n % len(tokens)] if sweep else rng.choice(tokens)
+                    headers = {"Authorization": f"Bearer {token}"}
                     started = time.perf_counter()
                     try:
                         if rng.random() < 0.5:

@@ -434,6 +434,9 @@ def _bench_data_plane(
             f"connections ({r['max_data_connections']} of them data)"
             + (f" {r['error_kinds']}" if r["errors"] else "")
         )
+        if r["cpu_ms_per_request"]:
+            cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items())
+            console.print(f"    CPU ms per request: {cpu}")
     console.print(f"  many/one throughput: {result['ratio']} (target >= 0.7)")
     for design, r in result["naive"].items():
         console.print(

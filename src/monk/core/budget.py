@@ -88,9 +88,13 @@ class Ledger:
             self.open += 1
             return Grant(ticket, database)
         if self.idle:
-            key, _db = self.idle.popitem(last=False)  # least recently used
-            return Grant(ticket, database, evict=key)
+            return Grant(ticket, database, evict=self._victim())
         return None
+
+    def _victim(self) -> int:
+        """Take out the idle connection to close: the least recently used."""
+        key, _db = self.idle.popitem(last=False)
+        return key
 
     def release(self, database: str, key: int | None) -> bool:
         """A busy connection of ``database`` comes back: kept idle as ``key`` (True), or, with

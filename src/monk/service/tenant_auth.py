@@ -340,25 +340,57 @@ class TenantStates:
     A change made by any process (another ``monk serve``, the CLI) is a row update in the
     system database; a copy older than ``ttl`` is read again (one indexed read by primary key),
     so a disable or trash reaches every process's tenant requests within ``ttl`` plus one
-    read. Polling per tenant keeps it exact without a listener connection per process."""
+    read. Polling per tenant keeps it exact without a listener connection per process.
+
+    ``refresh`` (``monk serve`` runs it every ``ttl / 2``) reads again, in one query, the copy
+    of every tenant a request used within ``KEEP`` seconds, so that a request of a busy tenant
+    finds its copy fresh instead of reading it itself; a copy is dated from before that query
+    was sent, so it is never trusted beyond ``ttl`` after what it could have missed."""
+
+    KEEP = 10.0
 
     def __init__(self, svc: TenantService, ttl: float) -> None:
         self._svc = svc
         self._ttl = ttl
         self._lock = threading.Lock()
+        # tenant id -> (read at, state); the state None: no such tenant.
         self._cache: dict[UUID, tuple[float, TenantState | None]] = {}
+        self._used: dict[UUID, float] = {}  # tenant id -> when a request last checked it
 
     def check(self, tenant_id: UUID) -> TenantState:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(tenant_id)
+            self._used[tenant_id] = now
         if cached is None or now - cached[0] >= self._ttl:
             with self._svc.hosts.pools().system() as reg:
                 state = logins_db.tenant_state(reg, tenant_id)
-            with self._lock:
-                if len(self._cache) > 100_000:
-                    self._cache.clear()  # bounded: a copy is cheap to read again
-                self._cache[tenant_id] = (now, state)
+            self._keep(now, {tenant_id: state})
         else:
             state = cached[1]
         return _admit(state)
+
+    def refresh(self) -> int:
+        """Read again the copies of the tenants used within ``KEEP`` seconds, in one query;
+        how many."""
+        now = time.monotonic()
+        with self._lock:
+            for tenant_id in [t for t, at in self._used.items() if now - at >= self.KEEP]:
+                del self._used[tenant_id]
+            ids = list(self._used)
+        if not ids:
+            return 0
+        with self._svc.hosts.pools().system() as reg:
+            found = logins_db.tenant_states(reg, ids)
+        self._keep(now, {tenant_id: found.get(tenant_id) for tenant_id in ids})
+        return len(ids)
+
+    def _keep(self, read_at: float, states: dict[UUID, TenantState | None]) -> None:
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()  # bounded: a copy is cheap to read again
+                self._used.clear()
+            for tenant_id, state in states.items():
+                old = self._cache.get(tenant_id)
+                if old is None or old[0] <= read_at:  # never a later read's copy replaced
+                    self._cache[tenant_id] = (read_at, state)

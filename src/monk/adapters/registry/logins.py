@@ -71,15 +71,21 @@ class TenantState:
     role: str | None = None
 
 
+_STATE = (
+    "SELECT id, name, status, database, host,"
+    " coalesce(template_key, '') || ':' || coalesce(template_version, '') || ':'"
+    " || coalesce(migration_level::text, ''), role_name"
+    " FROM tenants WHERE id = ANY(%s)"
+)
+
+
+def tenant_states(conn: psycopg.Connection[Any], tenant_ids: list[UUID]) -> dict[UUID, TenantState]:
+    """The tenants' current rows (by id: a name can be reused after a purge), in one query;
+    an id with no row is missing from the answer."""
+    rows = conn.execute(_STATE, (tenant_ids,)).fetchall()
+    return {row[0]: TenantState(*row) for row in rows}
+
+
 def tenant_state(conn: psycopg.Connection[Any], tenant_id: UUID) -> TenantState | None:
-    """The tenant's current row (by id: a name can be reused after a purge)."""
-    row = conn.execute(
-        "SELECT id, name, status, database, host,"
-        " coalesce(template_key, '') || ':' || coalesce(template_version, '') || ':'"
-        " || coalesce(migration_level::text, ''), role_name"
-        " FROM tenants WHERE id = %s",
-        (tenant_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    return TenantState(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+    """The tenant's current row."""
+    return tenant_states(conn, [tenant_id]).get(tenant_id)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, status
+from fastapi.responses import Response
 
 from monk.api.deps import RuntimeDep, TenantPrincipal, TenantUser
-from monk.api.envelope import Ok, responses
+from monk.api.envelope import Ok, ok, responses
 from monk.service.tenant_data import Caller, ReadQuery
 
 router = APIRouter(prefix="/api", tags=["tenant data"])
@@ -32,17 +33,23 @@ Permanent = Annotated[
 ]
 
 
-@router.get("/describe", summary="The tenant's models", responses=_READ)
-def list_models(rt: RuntimeDep, who: TenantUser) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.models(_caller(who)))
+@router.get(
+    "/describe", response_model=Ok[list[Record]], summary="The tenant's models", responses=_READ
+)
+def list_models(rt: RuntimeDep, who: TenantUser) -> Response:
+    return ok(rt.tenant_data.models(_caller(who)))
 
 
-@router.get("/describe/{model}", summary="A model's JSON Schema", responses=_READ)
-def describe(rt: RuntimeDep, who: TenantUser, model: str) -> Ok[Record]:
-    return Ok(data=rt.tenant_data.describe(_caller(who), model))
+@router.get(
+    "/describe/{model}", response_model=Ok[Record], summary="A model's JSON Schema", responses=_READ
+)
+def describe(rt: RuntimeDep, who: TenantUser, model: str) -> Response:
+    return ok(rt.tenant_data.describe(_caller(who), model))
 
 
-@router.get("/data/{model}", summary="Find records", responses=_READ)
+@router.get(
+    "/data/{model}", response_model=Ok[list[Record]], summary="Find records", responses=_READ
+)
 def find(
     rt: RuntimeDep,
     who: TenantUser,
@@ -53,38 +60,52 @@ def find(
     offset: int | None = None,
     select: Annotated[str | None, Query(description="comma-separated fields")] = None,
     include_trashed: bool = False,
-) -> Ok[list[Record]]:
+) -> Response:
     query = ReadQuery(where, order, limit, offset, select, include_trashed)
-    return Ok(data=rt.tenant_data.find(_caller(who), model, query))
+    return ok(rt.tenant_data.find(_caller(who), model, query))
 
 
 @router.post(
     "/data/{model}",
     status_code=status.HTTP_201_CREATED,
+    response_model=Ok[list[Record]],
     summary="Create records (all or none)",
     responses=_WRITE,
 )
-def create(
-    rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()]
-) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.create(_caller(who), model, body))
+def create(rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()]) -> Response:
+    return ok(rt.tenant_data.create(_caller(who), model, body), status.HTTP_201_CREATED)
 
 
-@router.put("/data/{model}", summary="Update records by id (all or none)", responses=_WRITE)
+@router.put(
+    "/data/{model}",
+    response_model=Ok[list[Record]],
+    summary="Update records by id (all or none)",
+    responses=_WRITE,
+)
 def update_many(
     rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()]
-) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.update_many(_caller(who), model, body))
+) -> Response:
+    return ok(rt.tenant_data.update_many(_caller(who), model, body))
 
 
-@router.patch("/data/{model}", summary="Change the records a where matches", responses=_WRITE)
+@router.patch(
+    "/data/{model}",
+    response_model=Ok[list[Record]],
+    summary="Change the records a where matches",
+    responses=_WRITE,
+)
 def patch(
     rt: RuntimeDep, who: TenantUser, model: str, body: Annotated[Any, Body()], where: Where = None
-) -> Ok[list[Record]]:
-    return Ok(data=rt.tenant_data.patch(_caller(who), model, where, body))
+) -> Response:
+    return ok(rt.tenant_data.patch(_caller(who), model, where, body))
 
 
-@router.delete("/data/{model}", summary="Delete records (soft by default)", responses=_WRITE)
+@router.delete(
+    "/data/{model}",
+    response_model=Ok[list[Record]],
+    summary="Delete records (soft by default)",
+    responses=_WRITE,
+)
 def delete(
     rt: RuntimeDep,
     who: TenantUser,
@@ -92,29 +113,41 @@ def delete(
     where: Where = None,
     permanent: Permanent = False,
     body: Annotated[Any, Body()] = None,
-) -> Ok[list[Record]]:
+) -> Response:
     data = rt.tenant_data.delete(_caller(who), model, where=where, ids=body, permanent=permanent)
-    return Ok(data=data)
+    return ok(data)
 
 
-@router.get("/data/{model}/{record_id}", summary="One record", responses=_READ)
+@router.get(
+    "/data/{model}/{record_id}", response_model=Ok[Record], summary="One record", responses=_READ
+)
 def get_one(
     rt: RuntimeDep, who: TenantUser, model: str, record_id: str, include_trashed: bool = False
-) -> Ok[Record]:
+) -> Response:
     data = rt.tenant_data.get(_caller(who), model, record_id, include_trashed=include_trashed)
-    return Ok(data=data)
+    return ok(data)
 
 
-@router.put("/data/{model}/{record_id}", summary="Update one record", responses=_WRITE)
+@router.put(
+    "/data/{model}/{record_id}",
+    response_model=Ok[Record],
+    summary="Update one record",
+    responses=_WRITE,
+)
 def update_one(
     rt: RuntimeDep, who: TenantUser, model: str, record_id: str, body: Annotated[Any, Body()]
-) -> Ok[Record]:
-    return Ok(data=rt.tenant_data.update(_caller(who), model, record_id, body))
+) -> Response:
+    return ok(rt.tenant_data.update(_caller(who), model, record_id, body))
 
 
-@router.delete("/data/{model}/{record_id}", summary="Delete one record", responses=_WRITE)
+@router.delete(
+    "/data/{model}/{record_id}",
+    response_model=Ok[Record],
+    summary="Delete one record",
+    responses=_WRITE,
+)
 def delete_one(
     rt: RuntimeDep, who: TenantUser, model: str, record_id: str, permanent: Permanent = False
-) -> Ok[Record]:
+) -> Response:
     data = rt.tenant_data.delete_one(_caller(who), model, record_id, permanent=permanent)
-    return Ok(data=data)
+    return ok(data)
