@@ -251,3 +251,20 @@ def test_doctor_reports_and_writes_a_root_user_left_waiting(
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert not _waiting(env, view.tenant.id)
     assert root_password_works(env, view.tenant.database, view.root_password or "")
+
+
+def test_closing_a_tenant_writes_its_waiting_root_user_first(
+    env: Env, drained: TenantService
+) -> None:
+    """A disable (as a trash or a purge) closes the database: a root user still waiting is
+    written first, while it can be, so no closed tenant is left with one waiting."""
+    svc = drained
+    svc.root_after_answer = True
+    try:
+        view = svc.provision(unique("Closed early"), template=env.template)
+    finally:
+        svc.root_after_answer = False
+    assert _waiting(env, view.tenant.id)
+    svc.disable(view.tenant.name)
+    assert not _waiting(env, view.tenant.id)
+    assert root_password_works(env, view.tenant.database, view.root_password or "")

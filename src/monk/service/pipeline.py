@@ -38,7 +38,7 @@ from monk.adapters.postgres.connection import (
     with_scram_keys,
 )
 from monk.adapters.postgres.pools import ServerPools
-from monk.adapters.registry import Tenant, host_functions
+from monk.adapters.registry import Tenant, host_functions, pending_roots
 from monk.adapters.registry import hosts as host_registry
 from monk.adapters.registry import spare_roles as spare_role_rows
 from monk.adapters.registry import spares as spare_rows
@@ -48,6 +48,7 @@ from monk.adapters.registry.hosts import HostRow
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import placement, scram, tenant_names
 from monk.core.clone_strategy import CloneChoice
+from monk.core.lifecycle import TenantStatus
 from monk.core.template_names import validate_template_key
 from monk.core.tenant_names import Hasher, TenantName
 from monk.errors import (
@@ -1326,12 +1327,38 @@ class Pipeline:
     def close_tenant(self, pools: ServerPools, tenant: Tenant) -> None:
         """No new connections, its sessions ended, its role unable to log in. This process's
         pooled data connections to it are closed first (cleanly, rather than terminated with
-        the other sessions, which ends those of other processes)."""
+        the other sessions, which ends those of other processes). A root user still waiting
+        to be written (``root_users``) is written first, while its database can be reached."""
         self.hosts.evict(pools.target.name, tenant.database)
+        if tenant.status == TenantStatus.ACTIVE:
+            self.write_waiting_root(tenant)
         self._set_open(pools, tenant, False)
 
     def open_tenant(self, pools: ServerPools, tenant: Tenant) -> None:
         self._set_open(pools, tenant, True)
+        self.write_waiting_root(tenant)
+
+    def write_waiting_root(
+        self, tenant: Tenant, conn: psycopg.Connection[Any] | None = None
+    ) -> bool:
+        """Write the tenant's waiting root user (``service.root_users``) into its database (on
+        ``conn``, an autocommit connection to it, if given), then forget it; False when none
+        waits. The registry row's lock is held throughout: two writers never both write it,
+        and a root user that exists (its password changed since) is never overwritten."""
+        from monk.adapters.postgres import tenant_users  # as in prepare
+
+        with self.hosts.pools().system() as reg, reg.transaction():
+            hashed = pending_roots.lock(reg, tenant.id)
+            if hashed is None:
+                return False
+            if conn is not None:
+                tenant_users.put_root(conn, hashed, replace=False)
+            else:
+                login = self.hosts.login_target(tenant.host)
+                with connect(login, tenant.database, autocommit=True, purpose="root-user") as db:
+                    tenant_users.put_root(db, hashed, replace=False)
+            pending_roots.forget(reg, tenant.id)
+        return True
 
     def _set_open(self, pools: ServerPools, tenant: Tenant, is_open: bool) -> None:
         with pools.admin() as adm:

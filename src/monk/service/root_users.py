@@ -15,8 +15,6 @@ from typing import Any
 import psycopg
 
 from monk.adapters import registry
-from monk.adapters.postgres import tenant_users
-from monk.adapters.postgres.connection import connect
 from monk.adapters.registry import Tenant, pending_roots
 from monk.core.lifecycle import TenantStatus
 from monk.core.reconcile import Problem
@@ -29,20 +27,8 @@ log = logging.getLogger(__name__)
 def write_pending(
     svc: Pipeline, tenant: Tenant, conn: psycopg.Connection[Any] | None = None
 ) -> bool:
-    """Write the tenant's waiting root user into its database (on ``conn``, an autocommit
-    connection to it, if given), then forget it. False when none waits."""
-    with svc.hosts.pools().system() as reg, reg.transaction():
-        hashed = pending_roots.lock(reg, tenant.id)
-        if hashed is None:
-            return False
-        if conn is not None:
-            tenant_users.put_root(conn, hashed, replace=False)
-        else:
-            login = svc.hosts.login_target(tenant.host)
-            with connect(login, tenant.database, autocommit=True, purpose="root-user") as db:
-                tenant_users.put_root(db, hashed, replace=False)
-        pending_roots.forget(reg, tenant.id)
-    return True
+    """``Pipeline.write_waiting_root``: the tenant's waiting root user written, if one waits."""
+    return svc.write_waiting_root(tenant, conn)
 
 
 def waiting(svc: Pipeline, *, older_than_seconds: float = 0.0) -> list[Tenant]:
@@ -78,16 +64,18 @@ ROOT_WAITING = "root_user_waiting"
 
 
 def problems(svc: Pipeline, *, older_than_seconds: float = 5.0) -> list[Problem]:
-    """Root users still waiting well after their answer (their process died before writing
-    them, or the host was down), as doctor problems."""
+    """Root users of active tenants still waiting well after their answer (their process died
+    before writing them, or the host was down), as doctor problems. A closed tenant's waits
+    for its database to open again (``open_tenant`` writes it then)."""
     return [
         Problem(
             ROOT_WAITING,
             tenant.database,
             f"the root user of tenant {tenant.name!r}, returned when it was provisioned, is not "
             "written into its database yet (a login writes it too)",
-            "write it" if tenant.status == TenantStatus.ACTIVE else "none until it is enabled",
+            "write it",
             host=tenant.host,
         )
         for tenant in waiting(svc, older_than_seconds=older_than_seconds)
+        if tenant.status == TenantStatus.ACTIVE
     ]
