@@ -57,7 +57,6 @@ from monk.errors import (
     TemplateNotFound,
     TenantNotFound,
 )
-from monk.service import pool, upgrades
 from monk.service.pipeline import (
     Credentials,
     Hosts,
@@ -341,6 +340,10 @@ class TenantService(Pipeline):
         any_spare: bool,
     ) -> tuple[Tenant, str, str | None] | None:
         """``_warm`` on the registry's server: ``pool.hand_out``, one statement."""
+        # Imported here, as below: a CLI read ('monk tenant show') starts without the pool and
+        # the upgrades.
+        from monk.service import pool
+
         try:
             return pool.hand_out(
                 self,
@@ -371,6 +374,8 @@ class TenantService(Pipeline):
         any_spare: bool,
     ) -> tuple[Tenant, str, str | None] | None:
         """``_warm`` on a host of the fleet (``pool.hand_out_remote``)."""
+        from monk.service import pool
+
         build = self._known_build(template, pools, reg)
         if build is None:
             return None
@@ -657,6 +662,8 @@ class TenantService(Pipeline):
         return self._up_to_date(view)
 
     def _up_to_date(self, view: TenantView) -> TenantView:
+        from monk.service import upgrades
+
         why_not = upgrades.upgrade_one(self, view.tenant.id)
         if why_not is not None:
             log.warning(
