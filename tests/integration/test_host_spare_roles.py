@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,8 +180,9 @@ def test_a_draining_host_loses_its_spare_roles_and_stop_drops_them_everywhere(
     assert monk("host", "undrain", "pg-2").returncode == 0
     role_pool.refill(svc, 2)
     assert rows_by_host(cold) == {None: 2, "pg-2": 2}
-    shown = monk("pool", "status")
-    assert "spare roles ready: 2, pg-2: 2" in shown.stdout, shown.stdout
+    shown = monk("pool", "status", "--json")
+    ready = {r["host"]: r["ready"] for r in json.loads(shown.stdout)["spare_roles"]}
+    assert ready == {LOCAL: 2, "pg-2": 2}, shown.stdout
     # A server's stop (drop_own) reaches every host.
     assert role_pool.drop_own(svc) == 4
     assert rows_by_host(cold) == {}
@@ -376,3 +378,51 @@ def test_a_start_drops_the_spare_roles_a_gone_process_left_on_every_host(
     assert role_pool.drop_others(svc) == 4
     assert rows_by_host(cold) == {"pg-2": 1}
     assert len(spare_roles_on(fleet.second, cold)) == 1
+
+
+def test_pool_status_and_the_console_show_spare_roles_per_host(
+    monk: RunMonk, cold: Settings, svc: TenantService, key: str, fleet: Fleet
+) -> None:
+    from argon2 import PasswordHasher
+    from fastapi.testclient import TestClient
+
+    from monk.api.app import create_app
+    from monk.api.auth import issue_root_token
+
+    role_pool.fill(svc, 2)
+    role_pool.fill(svc, 1, host="pg-2")
+    assert rows_by_host(cold) == {None: 2, "pg-2": 1}
+    roles = {"MONK_POOL_ROLES": "2"}
+
+    shown = monk("pool", "status", "--json", env=roles)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["spare_roles"] == [
+        {"host": LOCAL, "ready": 2, "target": 2},
+        {"host": "pg-2", "ready": 1, "target": 2},
+    ]
+    table = monk("pool", "status", env=roles | {"COLUMNS": "120"})
+    assert table.returncode == 0, table.stderr
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in table.stdout.splitlines()]
+    assert [LOCAL, "2", "2"] in cells, table.stdout
+    assert ["pg-2", "1", "2"] in cells, table.stdout
+
+    # A draining host takes no new tenants: its target is 0, its spare roles still counted.
+    assert monk("host", "drain", "pg-2", "--no-move").returncode == 0
+    shown = monk("pool", "status", "--json", env=roles)
+    assert json.loads(shown.stdout)["spare_roles"][1] == {"host": "pg-2", "ready": 1, "target": 0}
+    assert monk("host", "undrain", "pg-2").returncode == 0
+
+    # The console's pool panel, through the real app: a row per host. (No spare roles of its
+    # own: MONK_POOL_ROLES 0, so the counts stay this test's.)
+    hashed = PasswordHasher().hash("pw")
+    app_settings = cold.model_copy(update={"pool_roles": 0, "console_users": {"op": hashed}})
+    with TestClient(create_app(app_settings), follow_redirects=False) as client:
+        signed = client.post("/console/login", data={"token": issue_root_token(app_settings)})
+        assert signed.status_code == 303, signed.text
+        panel = client.get("/console/fragment/overview")
+        assert panel.status_code == 200, panel.text
+    found = {
+        host: int(n)
+        for host, n in re.findall(r'<td class="num" data-host="([^"]+)">(\d+)</td>', panel.text)
+    }
+    assert found == {LOCAL: 2, "pg-2": 1}, panel.text

@@ -33,20 +33,17 @@ def fill(
 
 @app.command("status")
 def status_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Spares per template build and state."""
+    """Spares per template build and state; spare roles per host."""
     from monk.service import pool, role_pool
 
     svc = state().tenants
     rows = pool.status(svc)
+    roles = role_pool.status(svc)
     if as_json:
-        print_json(rows)
+        print_json({"spares": rows, "spare_roles": roles})
     else:
         print_rows(rows, ["template", "version", "status", "count", "target"])
-        by_host = role_pool.counts(svc)
-        local = by_host.pop(svc.hosts.local.name, 0)
-        # The local host's count, then each host of the fleet that has spare roles.
-        others = "".join(f", {escape(h)}: {n}" for h, n in by_host.items())
-        console.print(f"spare roles ready: {local}{others}")
+        print_rows(roles, ["host", "ready", "target"], title="spare roles")
 
 
 @app.command()

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 from uuid import UUID
 
 from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.pools import ServerPools
+from monk.adapters.registry import hosts as host_registry
 from monk.adapters.registry import spare_roles
 from monk.core import scram
 from monk.errors import MonkError
@@ -190,14 +192,25 @@ def count(svc: Pipeline, *, host: str | None = None) -> int:
         return spare_roles.count(reg, row_host(pools))
 
 
-def counts(svc: Pipeline) -> dict[str, int]:
-    """Unclaimed spare roles per host name (the local host always listed)."""
+def status(svc: Pipeline) -> list[dict[str, Any]]:
+    """Spare roles per host, as ``monk pool status`` and the console show them: ``ready``
+    (unclaimed), and ``target``, what ``monk serve``'s refiller keeps there (MONK_POOL_ROLES on
+    a host that takes new tenants, 0 on a draining one). The local host first, then each host
+    of the fleet by name (registered, or still holding spare roles), read in one session."""
     with svc.hosts.pools().system() as reg:
         found = spare_roles.counts_by_host(reg)
+        rows = host_registry.list_all(reg)
     local = svc.hosts.local.name
-    out = {local: found.pop(None, 0)}
-    out.update({str(h): n for h, n in sorted(found.items(), key=lambda i: str(i[0]))})
-    return out
+    local_row = next((r for r in rows if r.is_local), None)
+    takes = {local: local_row is None or local_row.state == "active"}
+    takes |= {r.name: r.state == "active" for r in rows if not r.is_local}
+    ready = {local: found.pop(None, 0)} | {str(h): n for h, n in found.items()}
+    names = [local, *sorted((set(takes) | set(ready)) - {local})]
+    target = svc.settings.pool_roles
+    return [
+        {"host": h, "ready": ready.get(h, 0), "target": target if takes.get(h) else 0}
+        for h in names
+    ]
 
 
 def _try_drop_on_host(svc: Pipeline, host: str, *, only: UUID | None) -> int:

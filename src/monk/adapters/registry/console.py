@@ -37,7 +37,6 @@ class Overview:
     by_template_host: list[tuple[str, str, int]] = field(default_factory=list)
     minutes: list[Minute] = field(default_factory=list)
     spares_ready: dict[str, int] = field(default_factory=dict)
-    spare_roles: int = 0
     purges_queued: int = 0
     purges_failing: int = 0
     events_undelivered: int = 0
@@ -78,8 +77,6 @@ def overview(conn: Conn) -> Overview:
         "SELECT template_key, count(*) FROM spares WHERE status = 'ready' GROUP BY 1"
     ).fetchall():
         out.spares_ready[str(key)] = int(n)
-    row = conn.execute("SELECT count(*) FROM spare_roles WHERE tenant_id IS NULL").fetchone()
-    out.spare_roles = int(row[0]) if row else 0
     row = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE attempts > 0) FROM operations"
         " WHERE kind = 'purge' AND state = 'queued'"

@@ -25,7 +25,7 @@ from monk.api.runtime import Runtime
 from monk.core.lifecycle import TenantStatus
 from monk.errors import InvalidRequest, LoginThrottled, MonkError, table_entry
 from monk.service import console as console_service
-from monk.service import host_templates
+from monk.service import host_templates, role_pool
 from monk.service.console import ConsoleSession as Session
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def _overview_context(rt: Runtime) -> dict[str, Any]:
         "ov": ov,
         "chart": charts.hour(ov),
         "spares": spares,
-        "roles_target": rt.settings.pool_roles,
+        # Per host, as 'monk pool status' shows them (spare roles are made on each host).
+        "spare_roles": role_pool.status(rt.tenants),
         "total": sum(ov.by_status.values()),
         "recent": console_service.tenant_page(rt.tenants, sort="created", descending=True, limit=8)[
             0
