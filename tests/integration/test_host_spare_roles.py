@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -26,7 +26,7 @@ from monk.service import templates as template_service
 from monk.service.pipeline import TenantView
 from monk.service.tenants import TenantService
 from monk.settings import Settings
-from tests.conftest import RunMonk, settings_env
+from tests.conftest import MONK_BIN, RunMonk, free_port, settings_env
 from tests.fleet import Fleet, FleetServer, own_fleet_server
 
 BASIC = str(template_service.builtin_source_dir("basic"))
@@ -426,3 +426,102 @@ def test_pool_status_and_the_console_show_spare_roles_per_host(
         for host, n in re.findall(r'<td class="num" data-host="([^"]+)">(\d+)</td>', panel.text)
     }
     assert found == {LOCAL: 2, "pg-2": 1}, panel.text
+
+
+def rows_by_keyholder(s: Settings) -> dict[str, set[tuple[str | None, str]]]:
+    """Unclaimed spare role rows, (host, role), by keyholder."""
+    with registry(s) as reg:
+        found = reg.execute(
+            "SELECT keyholder, host, role FROM spare_roles WHERE tenant_id IS NULL"
+        ).fetchall()
+    out: dict[str, set[tuple[str | None, str]]] = {}
+    for k, h, r in found:
+        out.setdefault(str(k), set()).add((None if h is None else str(h), str(r)))
+    return out
+
+
+def local_spare_roles(s: Settings) -> set[str]:
+    with registry(s) as reg:
+        found = reg.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'monk\\_role\\_%%'"
+            " AND shobj_description(oid, 'pg_authid') = %s",
+            (f"monk:{s.system_db_name}",),
+        ).fetchall()
+    return {str(r[0]) for r in found}
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_doctor_drops_a_killed_serves_spare_roles_on_every_host_and_leaves_a_live_ones(
+    monk: RunMonk, settings: Settings, cold: Settings, svc: TenantService, key: str, fleet: Fleet
+) -> None:
+    environ = settings_env(settings) | {"MONK_POOL_ROLES": "2", "MONK_POOL_SPARES": "{}"}
+
+    def serve() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [MONK_BIN, "serve", "--port", str(free_port()), "--templates", ""],
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def two_on_each_host(keyholder: str) -> bool:
+        rows = rows_by_keyholder(cold).get(keyholder, set())
+        made = {r for h, r in rows if h is None} & local_spare_roles(cold)
+        made |= {r for h, r in rows if h == "pg-2"} & spare_roles_on(fleet.second, cold)
+        return len(made) == 4 == len(rows)
+
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs.append(serve())
+        wait_for("the live serve's spare roles", lambda: len(rows_by_keyholder(cold)) == 1)
+        (live_id,) = rows_by_keyholder(cold)
+        wait_for("2 on each host", lambda: two_on_each_host(live_id))
+        live = rows_by_keyholder(cold)[live_id]
+
+        dying = serve()
+        procs.append(dying)
+        wait_for("a second keyholder", lambda: len(rows_by_keyholder(cold)) == 2)
+        (dead_id,) = set(rows_by_keyholder(cold)) - {live_id}
+        wait_for("2 on each host", lambda: two_on_each_host(dead_id))
+        dead = rows_by_keyholder(cold)[dead_id]
+        dying.kill()  # -9: its keyholder lock goes with its session, its passwords with it
+        dying.wait(timeout=30)
+
+        def reported() -> list[tuple[str, str | None]]:
+            done = monk("doctor", "--json")
+            problems = json.loads(done.stdout)["problems"]
+            return sorted(
+                (p["subject"], p["host"]) for p in problems if p["kind"] == "dead_spare_role"
+            )
+
+        expected = sorted((r, LOCAL if h is None else h) for h, r in dead)
+        wait_for("doctor reports the dead serve's spare roles", lambda: reported() == expected)
+        found = monk("doctor", "--json")
+        assert found.returncode == 1, found.stdout + found.stderr
+        kinds = {p["kind"] for p in json.loads(found.stdout)["problems"]}
+        assert kinds == {"dead_spare_role"}, found.stdout
+
+        repaired = monk("doctor", "--repair", "--json")
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert json.loads(repaired.stdout)["remaining"] == []
+        # Nothing of the dead serve on any host, row or role; the live one's untouched.
+        assert rows_by_keyholder(cold) == {live_id: live}
+        dead_roles = {r for _, r in dead}
+        assert not dead_roles & local_spare_roles(cold)
+        assert not dead_roles & spare_roles_on(fleet.second, cold)
+        assert two_on_each_host(live_id)
+        assert monk("doctor").returncode == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)

@@ -201,3 +201,16 @@ def test_spare_roles_without_a_row_and_rows_without_their_role_are_problems() ->
         ("lost_spare_role", role_b),
     ]
     assert diagnose(snapshot(pooled_roles=frozenset({role_a}), pooled_role_rows={role_a})) == []
+
+
+def test_a_dead_keyholders_spare_role_still_on_the_server_is_a_problem() -> None:
+    role = "monk_role_00000000000000cc"
+    found = diagnose(
+        snapshot(
+            pooled_roles=frozenset({role}),
+            pooled_role_rows=frozenset({role}),
+            dead_role_rows=frozenset({role}),
+        )
+    )
+    assert [(p.kind, p.subject) for p in found] == [("dead_spare_role", role)]
+    assert "drop the role" in found[0].repair

@@ -129,6 +129,9 @@ class Snapshot:
     pooled_role_rows: frozenset[str] = frozenset()  # roles named by spare_roles rows
     # unclaimed spare_roles rows of a dead keyholder whose role is not on the server
     lost_role_rows: frozenset[str] = frozenset()
+    # unclaimed spare_roles rows of a dead keyholder whose role is on the server: nobody knows
+    # its password any more (it lived in the dead process's memory)
+    dead_role_rows: frozenset[str] = frozenset()
     # events undelivered for over EVENT_BACKLOG_S while observers are configured
     stale_events: int = 0
     stale_events_error: str | None = None
@@ -357,6 +360,15 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                 name,
                 "spare role row whose role is not on the server (its maker died)",
                 "delete the row",
+            )
+        )
+    for name in sorted(snap.dead_role_rows):
+        problems.append(
+            Problem(
+                "dead_spare_role",
+                name,
+                "spare role of a process that is gone (its password died with it)",
+                "drop the role, then its row",
             )
         )
     if snap.stale_events:

@@ -70,7 +70,9 @@ def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
         role_row_list = spare_role_rows.rows(reg, None if local else here)
         role_rows = frozenset(r.role for r in role_row_list)
         # A row whose maker died between the row and the role (a host of the fleet): its
-        # role never came. A live keyholder's may be being made right now: left alone.
+        # role never came. A live keyholder's may be being made right now: left alone. A dead
+        # keyholder's row whose role is there: a role nobody can claim (its password died with
+        # the process), left to the next 'monk serve' before 'dead_spare_role'.
         dead = set(registry.dead_keyholders(reg, svc.instance_id, of="spare_roles"))
         maybe_lost = [r.role for r in role_row_list if r.tenant_id is None and r.keyholder in dead]
         queued_ops = registry.list_operations(reg, states=["queued"], kind="purge", limit=10_000)
@@ -124,6 +126,7 @@ def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
         pooled_roles=frozenset(n for n in server_roles if role_pool.is_spare_role_name(n)),
         pooled_role_rows=role_rows,
         lost_role_rows=frozenset(r for r in maybe_lost if r not in all_roles),
+        dead_role_rows=frozenset(r for r in maybe_lost if r in all_roles),
         stale_events=stale_events,
         stale_events_error=stale_error,
         db_states={n: st for n, st in all_dbs.items() if n in ours},
@@ -251,6 +254,8 @@ def repair(svc: TenantService, problems: list[Problem], host: str | None = None)
                         registry.unlock(reg, p.subject)
         elif p.kind == "lost_spare_role":
             done.append(f"{p.subject}: {role_pool.repair_lost_row(svc, p.subject, host=host)}")
+        elif p.kind == "dead_spare_role":
+            done.append(f"{p.subject}: {role_pool.repair_dead_row(svc, p.subject, host=host)}")
         elif p.kind == "orphan_spare_role":
             with pools.system() as reg, reg.transaction():
                 if not reconcile_reads.lock_spare_role_row(reg, p.subject):

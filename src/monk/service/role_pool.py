@@ -248,6 +248,25 @@ def _drop_on_host(svc: Pipeline, pools: ServerPools, *, only: UUID | None) -> in
     return dropped
 
 
+def repair_dead_row(svc: Pipeline, role: str, *, host: str | None = None) -> str:
+    """A spare role whose keyholder is gone (its password died with it), dropped on its
+    server, then its row, under the row's lock (a crash in between leaves a row without a
+    role: ``lost_spare_role``); ``monk doctor --repair``. A claimed row, or one of a live
+    keyholder, is left alone."""
+    pools = svc.hosts.pools(host)
+    with pools.system() as reg, reg.transaction():
+        row = spare_roles.lock_row(reg, role)
+        if row is None or row.tenant_id is not None:
+            return "gone or claimed, left alone"
+        dead = registry.dead_keyholders(reg, svc.instance_id, of="spare_roles")
+        if row.keyholder not in dead:
+            return "its process is alive, left alone"
+        with pools.admin() as adm:
+            admin.drop_role(adm, role)
+        spare_roles.delete(reg, role)
+    return "role and row dropped"
+
+
 def repair_lost_row(svc: Pipeline, role: str, *, host: str | None = None) -> str:
     """A spare role row whose role is not on its server (its maker died between the row and
     the role), deleted under its lock if that is still so; ``monk doctor --repair``."""
