@@ -19,7 +19,7 @@ from monk.errors import MonkError, status_and_exit
 # Each command imports what it needs when it runs (the service, the HTTP stack, the bench):
 # 'monk --help' and a plain tenant command start without them. The command groups are loaded
 # the same way: 'monk tenant show' imports and builds monk.cli.tenant alone, not the 50 other
-# commands' modules and parameters (a quarter of its start-up before).
+# commands' modules and parameters (Typer inspected every command's parameters: 26 ms).
 
 # Name -> (module, attribute): a Typer sub-app, or the function of a single command. In the
 # order 'monk --help' lists them after the commands defined here (bench comes first).
@@ -71,6 +71,9 @@ class _LazyCommands(MutableMapping[str, Any]):
     def __delitem__(self, name: str) -> None:
         self._order.remove(name)
         self._built.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._order  # without loading it
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._order))
