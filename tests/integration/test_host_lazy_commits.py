@@ -1,7 +1,8 @@
 """A cold provision on a host of the fleet commits its reservation (registry) and its configure
-(host) without waiting for the disk (docs/architecture.md, "Commits of a provision on a
-host"). What a crash can then lose, the doctor finds and repairs: these tests make those
-crashes for real (a host stopped as ``pg_ctl stop -m immediate`` does, a provision killed -9)."""
+(host) without waiting for the disk (docs/architecture.md, "Commits of a provision, and which
+wait for the disk"). What a crash can then lose, the doctor finds and repairs: these tests make
+those crashes for real (a host stopped as ``pg_ctl stop -m immediate`` does, a provision killed
+-9)."""
 
 from __future__ import annotations
 

@@ -12,14 +12,14 @@ In one run, beside this installation's own server:
               there (monk's functions), the registry on the local server
     new_role  the same by a process without spare roles: the role made beside the clone
     cold_sync the same as cold with the reservation's and the configure's commits waiting for
-              the disk (as before session 8; docs/architecture.md, "Commits of a provision on
-              a host")
+              the disk (as before session 8; docs/architecture.md, "Commits of a provision,
+              and which wait for the disk")
     warm      the same with spares made there first (untimed): the handout claims one in the
               registry, renames it on the host, activates
               raw, cold, new_role and cold_sync take turns round by round (in a shuffled
               order), so that all see the same load; the root passwords are hashed ahead and
-              settled before each sample, as ``monk serve`` keeps them (argon2 beside a clone
-              took a core from it)
+              settled before each sample, as ``monk serve`` keeps them (not hashed beside
+              the clone)
 
 Everything made is removed at the end: the tenants' rows, the host, the second server.
 """

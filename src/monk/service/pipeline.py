@@ -717,7 +717,8 @@ class Pipeline:
         self.root_after_answer = False
         # A cold provision on a host of the fleet commits its reservation (registry) and its
         # configure (host) without waiting for the disk (docs/architecture.md, "Commits of a
-        # provision on a host"); ``monk bench``'s A/B turns it off to measure the difference.
+        # provision, and which wait for the disk"); ``monk bench --remote`` turns it off for
+        # its cold_sync variant.
         self.lazy_remote_commits = True
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
