@@ -70,6 +70,16 @@ def test_each_difference_is_named() -> None:
     assert access_drift(tenant(), database(connection_limit=-2), role(), ADMIN, 20) == []
 
 
+def test_a_database_without_its_mark_lost_its_configure() -> None:
+    mark = "monk:monk_main"
+    assert access_drift(tenant(), database(), role(), ADMIN, 20, mark=mark) == []
+    assert access_drift(tenant(), database(comment=None), role(), ADMIN, 20, mark=mark) == [
+        "database lacks monk's mark: its configure did not commit"
+    ]
+    # Unchecked without a mark (monk tenant health reads the rest only).
+    assert access_drift(tenant(), database(comment=None), role(), ADMIN, 20) == []
+
+
 def snapshot(**changes: object) -> Snapshot:
     empty = Snapshot((), frozenset(), frozenset(), frozenset(), frozenset(), (), (), frozenset(),
                      frozenset(), frozenset())  # fmt: skip

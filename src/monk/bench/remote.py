@@ -11,9 +11,15 @@ In one run, beside this installation's own server:
               (a spare role of that host, made ahead untimed, renamed there) and configure run
               there (monk's functions), the registry on the local server
     new_role  the same by a process without spare roles: the role made beside the clone
+    cold_sync the same as cold with the reservation's and the configure's commits waiting for
+              the disk (as before session 8; docs/architecture.md, "Commits of a provision,
+              and which wait for the disk")
     warm      the same with spares made there first (untimed): the handout claims one in the
               registry, renames it on the host, activates
-              raw, cold and new_role alternate round by round, so that all see the same load
+              raw, cold, new_role and cold_sync take turns round by round (in a shuffled
+              order), so that all see the same load; the root passwords are hashed ahead and
+              settled before each sample, as ``monk serve`` keeps them (not hashed beside
+              the clone)
 
 Everything made is removed at the end: the tenants' rows, the host, the second server.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import secrets
 import shutil
 import socket
@@ -106,35 +113,47 @@ class RemoteBench:
         raw_ms: list[float] = []
         cold_ms: list[float] = []
         new_role_ms: list[float] = []
+        cold_sync_ms: list[float] = []
         cold_from: list[str] = []
         roles_used = 0
         raws: list[str] = []
         # Spare roles of the host, made untimed (as ``monk serve``'s refiller does in idle
         # time); ``plain`` has none: its provisions make their role beside the clone.
-        role_pool.fill(svc, self.n + 2, host=HOST)
-        # As under monk serve: the root user written after the answer (untimed, below).
+        role_pool.fill(svc, 2 * self.n + 2, host=HOST)
+        # As under monk serve: the root user written after the answer (untimed, below), the
+        # root passwords hashed ahead (tenant_auth's keep).
         svc.root_after_answer = True
+        svc.root_passwords.keep(2)
         with (
             connect(remote.target, autocommit=True, purpose="bench") as adm,
             TenantService(self.settings, self.target) as plain,
         ):
             plain.root_after_answer = True
+            plain.root_passwords.keep(2)
+            # A shuffled order each round (seeded: repeatable): none always follows the
+            # same one (the one after raw meets its writes still being flushed).
+            order = random.Random(self.n)  # noqa: S311 - an order of samples, not a secret
             for i in range(self.n):
-                self.progress("raw, cold and new_role, alternating", i, self.n)
-                name = f"bench_rraw_{self.run_id}_{i}"
-                started = time.perf_counter()
-                adm.execute(
-                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                        sql.Identifier(name), sql.Identifier(build.database)
-                    )
-                )
-                raw_ms.append((time.perf_counter() - started) * 1000)
-                raws.append(name)
-                # cold and new_role take turns going first (the first after raw meets its
-                # writes still being flushed).
-                for variant in ("cold", "new_role") if i % 2 == 0 else ("new_role", "cold"):
+                self.progress("raw, cold, new_role and cold_sync, in turns", i, self.n)
+                variants = ["raw", "cold", "new_role", "cold_sync"]
+                order.shuffle(variants)
+                for variant in variants:
+                    svc.root_passwords.settle(5)
+                    plain.root_passwords.settle(5)
+                    if variant == "raw":
+                        name = f"bench_rraw_{self.run_id}_{i}"
+                        started = time.perf_counter()
+                        adm.execute(
+                            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                                sql.Identifier(name), sql.Identifier(build.database)
+                            )
+                        )
+                        raw_ms.append((time.perf_counter() - started) * 1000)
+                        raws.append(name)
+                        continue
                     tenant = f"bench remote {variant} {self.run_id} {i}"
-                    who = svc if variant == "cold" else plain
+                    who = plain if variant == "new_role" else svc
+                    svc.lazy_remote_commits = variant != "cold_sync"
                     held = who.role_secrets.count(HOST)
                     started = time.perf_counter()
                     view = who.provision(tenant, template=self.template, host=HOST)
@@ -144,9 +163,13 @@ class RemoteBench:
                     if variant == "new_role":
                         new_role_ms.append(took)
                         continue
+                    if variant == "cold_sync":
+                        cold_sync_ms.append(took)
+                        continue
                     cold_ms.append(took)
                     roles_used += held - who.role_secrets.count(HOST)
                     cold_from.append(view.provisioned_from or "")
+            svc.lazy_remote_commits = True
             for name in raws:
                 adm.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
         self.progress("making spares there", 0, 1)
@@ -162,7 +185,7 @@ class RemoteBench:
             warm_from.append(view.provisioned_from or "")
             self._tenants.append(tenant)
         raw, cold, warm = summarize(raw_ms), summarize(cold_ms), summarize(warm_ms)
-        new_role = summarize(new_role_ms)
+        new_role, cold_sync = summarize(new_role_ms), summarize(cold_sync_ms)
         return {
             "template": self.template,
             "iterations": self.n,
@@ -170,9 +193,11 @@ class RemoteBench:
             "raw": raw,
             "cold": cold | {"from_pool": cold_from.count("pool"), "spare_roles": roles_used},
             "new_role": new_role,
+            "cold_sync": cold_sync,
             "warm": warm | {"from_pool": warm_from.count("pool")},
             "cold_over_raw": ratio(cold.get("p50_ms"), raw.get("p50_ms")),
             "new_role_over_raw": ratio(new_role.get("p50_ms"), raw.get("p50_ms")),
+            "cold_sync_over_raw": ratio(cold_sync.get("p50_ms"), raw.get("p50_ms")),
             "raw_over_warm": ratio(raw.get("p50_ms"), warm.get("p50_ms")),
             "target": "cold_over_raw <= 1.15",
         }

@@ -62,6 +62,8 @@ class DatabaseFacts(Protocol):
     def settings(self) -> Mapping[str, str]: ...
     @property
     def invalid(self) -> bool: ...
+    @property
+    def comment(self) -> str | None: ...
     def public_may_connect(self) -> bool: ...
 
 
@@ -154,6 +156,8 @@ class Snapshot:
     drift_checks: tuple[DriftFacts, ...] = ()
     # queued purges that failed: database -> (failed attempts, the last error)
     failing_purges: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    # the ownership mark configure writes on every tenant database (None: not checked)
+    mark: str | None = None
 
 
 def access_drift(
@@ -163,15 +167,21 @@ def access_drift(
     admin_role: str,
     connection_limit: int,
     settings: Mapping[str, str] | None = None,
+    mark: str | None = None,
 ) -> list[str]:
     """Pure: how the tenant's database and role differ from what monk set for its status
     (active: connections allowed, LOGIN; disabled, trashed: neither; both: the role owns the
     database, nobody but the role and monk's admin has a grant, the role's connection limit,
-    the template build's database ``settings`` (None: unknown) with their values)."""
+    the template build's database ``settings`` (None: unknown) with their values, and the
+    ownership ``mark`` (None: not checked), which only configure writes: a database without it
+    lost its configure (on a host of the fleet that commit does not wait for the disk, so a
+    host crash right after a provision can take it; the repair runs it again)."""
     if db is None or db.invalid or not tenant.role_name:
         return []
     is_open = lifecycle.is_open(tenant.status)
     out = []
+    if mark is not None and db.comment != mark:
+        out.append("database lacks monk's mark: its configure did not commit")
     if db.allow_connections != is_open:
         out.append(
             f"database {'allows' if db.allow_connections else 'refuses'} connections "
@@ -261,6 +271,7 @@ def diagnose(snap: Snapshot) -> list[Problem]:
                 snap.admin_role,
                 t.connection_limit or snap.default_connection_limit,
                 snap.build_settings.get((t.template_key or "", t.template_version or "")),
+                snap.mark,
             )
             if drift:
                 problems.append(

@@ -141,6 +141,7 @@ def take_snapshot(svc: TenantService, host: str | None = None) -> Snapshot:
         current_versions={b.key: b.version for b in current_builds},
         drift_checks=drift_checks,
         failing_purges=failing,
+        mark=mark,
     )
 
 

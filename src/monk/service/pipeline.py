@@ -715,6 +715,11 @@ class Pipeline:
         # ``monk serve`` writes a cold provision's root user after the answer (service.root_users);
         # a command, which has no after, writes it before.
         self.root_after_answer = False
+        # A cold provision on a host of the fleet commits its reservation (registry) and its
+        # configure (host) without waiting for the disk (docs/architecture.md, "Commits of a
+        # provision, and which wait for the disk"); ``monk bench --remote`` turns it off for
+        # its cold_sync variant.
+        self.lazy_remote_commits = True
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()
@@ -1069,7 +1074,10 @@ class Pipeline:
                     idempotency_key=idempotency_key,
                     spare_role=spare[0] if spare else None,
                     keyholder=self.instance_id,
-                    async_commit=shared_wal,
+                    # On a host of the fleet the activation, a synchronous commit on the
+                    # registry's server, flushes it too (a clone the crash orphans there is
+                    # the doctor's orphan_database).
+                    async_commit=shared_wal or (remote and self.lazy_remote_commits),
                     have_lock=have_lock,
                     spares_ok=have_lock if spares_ok is None else spares_ok,
                     operation=operation,
@@ -1198,10 +1206,14 @@ class Pipeline:
         role: str,
         settings: Mapping[str, str],
         connection_limit: int,
+        *,
+        async_commit: bool = False,
     ) -> None:
         """Configure on a host of the fleet (the same ``configure_tenant_database``, installed
         there), before the activation (which then only commits the registry): a crash between
-        leaves an intent, undone whole like any other."""
+        leaves an intent, undone whole like any other. ``async_commit``: its commit does not
+        wait for the host's disk (a host crash may lose it after the activation: the doctor's
+        access_drift, repaired by running it again)."""
         with pools.admin() as adm:
             admin.configure_database(
                 adm,
@@ -1211,6 +1223,7 @@ class Pipeline:
                 self.ownership_mark(),
                 settings,
                 connection_limit,
+                async_commit=async_commit,
             )
 
     def configure_on(

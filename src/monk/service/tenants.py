@@ -540,7 +540,12 @@ class TenantService(Pipeline):
                 )
             else:
                 self.configure_remote(
-                    pools, name.database, name.role, build.database_settings, role_limit
+                    pools,
+                    name.database,
+                    name.role,
+                    build.database_settings,
+                    role_limit,
+                    async_commit=self.lazy_remote_commits,
                 )
             with registry.pipelined_transaction(reg, after_commit=unlock):
                 activated = tenant_registry.queue_activation(
