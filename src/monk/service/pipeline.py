@@ -214,6 +214,11 @@ class Hosts:
         self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
         self._no_fleet_until = 0.0  # monotonic time until which "no host but the local one" holds
 
+    def alone(self) -> bool:
+        """No host but the local one, as last read (within ``_HOST_RECHECK_S``): placement
+        then reads nothing and picks the local host."""
+        return self._no_fleet_until > time.monotonic()
+
     def target(self, name: str | None) -> ServerTarget:
         """The server of host ``name`` (None: the local one); HostNotFound if not registered.
 
@@ -496,6 +501,13 @@ class SpareSecrets:
     def take(self, database: str) -> SpareSecret | None:
         with self._lock:
             return self._by_database.pop(database, None)
+
+    def has_for(self, template: str, host: str) -> bool:
+        """A spare of ``template`` on ``host`` is known now (``take_for`` would find one)."""
+        with self._lock:
+            return any(
+                s.template == template and s.host == host for s in self._by_database.values()
+            )
 
     def take_for(self, template: str, host: str) -> tuple[str, SpareSecret] | None:
         """(database, secret) of the oldest known spare of ``template`` on ``host``, taken
