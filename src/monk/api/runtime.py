@@ -239,16 +239,17 @@ class Runtime:
         root_password: str | None,
     ) -> bool:
         """A provision with these parameters will be a local warm handout (registry work
-        only): no fleet to place on, a spare of ``template`` whose secrets this process
-        holds, no caller's root password (that one is always cold)."""
+        only): no caller's root password (that one is always cold), a spare of ``template``
+        whose secrets this process holds, no fleet to place on (``Hosts.alone`` may read the
+        hosts: ask with the registry ready)."""
         hosts = self.tenants.hosts
         local = hosts.local.name
         return (
             root_password is None
             and not placement
             and host in (None, local)
-            and hosts.alone()
             and self.tenants.spare_secrets.has_for(template, local)
+            and hosts.alone()
         )
 
     def wake_worker(self) -> None:

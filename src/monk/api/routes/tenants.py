@@ -97,8 +97,9 @@ async def create_tenant(
         )
         return ok(_out(view, rt.settings), status.HTTP_201_CREATED)
 
-    # A warm handout is one registry statement: on the loop thread (monk.api.inline).
-    warm = rt.warm_handout_ready(
+    # A warm handout is one registry statement: on the loop thread (monk.api.inline). Asked
+    # only with the registry ready: the prediction may read the hosts.
+    warm = rt.registry_ready() and rt.warm_handout_ready(
         body.template, host=body.host, placement=body.placement, root_password=body.root_password
     )
     return await inline.run(rt, provision, registry_only=warm)
