@@ -5,6 +5,7 @@ request takes, and what the server starts only once the answer is sent."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -68,22 +69,61 @@ def hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return sent
 
 
-def test_a_tenant_read_and_a_provision_take_one_thread_pool_hop_each(
+def test_a_cold_provision_takes_one_thread_pool_hop_and_a_tenant_read_none(
     env: Env, served: tuple[TestClient, Recorded], hops: list[str]
 ) -> None:
-    """The service call's own hop, and no second one to validate the answer (FastAPI's for a
-    sync route returning a model: two thread wake-ups more per request)."""
-    client, _ = served
+    """A cold provision: the service call's own hop, and no second one to validate the answer
+    (FastAPI's for a sync route returning a model: two thread wake-ups more per request). A
+    tenant read: none at all while the registry's pool has an idle connection (it runs on the
+    event loop thread, ``monk.api.inline``); it took one before."""
+    client, recorded = served
+    rt = runtime(recorded)
     name = unique("Hops")
     created = client.post("/api/root/tenant", json={"name": name, "template": env.template})
     assert created.status_code == 201, created.text
+    assert created.json()["data"]["provisioned_from"] == "clone"
     assert len(hops) == 1, hops
+    inline = 0
+    for _ in range(10):
+        # The background workers share the pool: a read that finds every connection busy
+        # takes the thread pool (test_api_inline.py), so wait for an idle one.
+        _wait_for(rt.registry_ready)
+        hops.clear()
+        read = client.get(f"/api/root/tenant/{name}")
+        assert read.status_code == 200, read.text
+        assert read.json()["data"]["name"] == name
+        assert read.json()["success"] is True
+        inline += not hops
+    assert inline >= 5, inline
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.005)
+
+
+def test_a_warm_handout_takes_no_thread_pool_hop(
+    env: Env, served: tuple[TestClient, Recorded], hops: list[str]
+) -> None:
+    """A provision that will be a local warm handout (a spare of the template known to this
+    process) is one registry statement: it runs on the event loop thread too."""
+    client, recorded = served
+    rt = runtime(recorded)
+    pool.drain(rt.tenants, key=env.template)
+    assert pool.fill(rt.tenants, env.template, 1) == 1
+    # Past the hosts' recheck interval: the prediction reads them (no fleet) on the loop.
+    time.sleep(5.1)
+    _wait_for(rt.registry_ready)
     hops.clear()
-    read = client.get(f"/api/root/tenant/{name}")
-    assert read.status_code == 200, read.text
-    assert read.json()["data"]["name"] == name
-    assert read.json()["success"] is True
-    assert len(hops) == 1, hops
+    answer = client.post(
+        "/api/root/tenant", json={"name": unique("Warm Inline"), "template": env.template}
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["data"]["provisioned_from"] == "pool"
+    assert hops == [], hops
+    pool.drain(rt.tenants, key=env.template)
 
 
 def test_the_refiller_is_woken_only_once_the_provisions_answer_is_sent(

@@ -225,6 +225,33 @@ class Runtime:
         if self.settings.tenant_state_ttl_ms > 0:
             self._state_refresher.start()
 
+    def registry_ready(self) -> bool:
+        """A registry call now needs no wait: its server not known down, an idle connection
+        in its pool (``monk.api.inline``)."""
+        return self.tenants.hosts.pools().system_idle()
+
+    def warm_handout_ready(
+        self,
+        template: str,
+        *,
+        host: str | None,
+        placement: dict[str, str] | None,
+        root_password: str | None,
+    ) -> bool:
+        """A provision with these parameters will be a local warm handout (registry work
+        only): no caller's root password (that one is always cold), a spare of ``template``
+        whose secrets this process holds, no fleet to place on (``Hosts.alone`` may read the
+        hosts: ask with the registry ready)."""
+        hosts = self.tenants.hosts
+        local = hosts.local.name
+        return (
+            root_password is None
+            and not placement
+            and host in (None, local)
+            and self.tenants.spare_secrets.has_for(template, local)
+            and hosts.alone()
+        )
+
     def wake_worker(self) -> None:
         self._wake.set()
 

@@ -213,6 +213,21 @@ class Hosts:
         self._targets: dict[str, _KnownHost] = {}
         self._pools = {local.name: ServerPools(local, system_db, max_size=pool_size)}
         self._no_fleet_until = 0.0  # monotonic time until which "no host but the local one" holds
+        self._fleet_until = 0.0  # ... until which placement has hosts (or labels) to weigh
+
+    def alone(self) -> bool:
+        """No host but the local one (placement then reads nothing and picks it), as read
+        within ``_HOST_RECHECK_S``; not known then: placement reads the hosts now."""
+        now = time.monotonic()
+        if self._no_fleet_until > now:
+            return True
+        if self._fleet_until > now:
+            return False
+        try:
+            self.placement(None)
+        except (MonkError, psycopg.Error):
+            return False  # the provision's own placement says why
+        return self._no_fleet_until > time.monotonic()
 
     def target(self, name: str | None) -> ServerTarget:
         """The server of host ``name`` (None: the local one); HostNotFound if not registered.
@@ -281,6 +296,8 @@ class Hosts:
             local_row = next((r for r in rows if r.is_local), None)
             if not remote and (local_row is None or _plain(local_row)):
                 self._no_fleet_until = time.monotonic() + _HOST_RECHECK_S
+            else:
+                self._fleet_until = time.monotonic() + _HOST_RECHECK_S
             if not remote and not labels:
                 if name is None or name == self.local.name:
                     return self.local
@@ -496,6 +513,13 @@ class SpareSecrets:
     def take(self, database: str) -> SpareSecret | None:
         with self._lock:
             return self._by_database.pop(database, None)
+
+    def has_for(self, template: str, host: str) -> bool:
+        """A spare of ``template`` on ``host`` is known now (``take_for`` would find one)."""
+        with self._lock:
+            return any(
+                s.template == template and s.host == host for s in self._by_database.values()
+            )
 
     def take_for(self, template: str, host: str) -> tuple[str, SpareSecret] | None:
         """(database, secret) of the oldest known spare of ``template`` on ``host``, taken

@@ -312,6 +312,12 @@ class Breaker:
         self._reason: str | None = None
         self._next_probe = 0.0
 
+    @property
+    def closed(self) -> bool:
+        """No attempt found the server down since the last one that succeeded."""
+        with self._lock:
+            return self._reason is None
+
     def refusal(self, *, probe: bool) -> str | None:
         """None: go ahead (closed, or a probe is due: ``probe`` takes that turn); else why not."""
         with self._lock:

@@ -186,6 +186,17 @@ class ServerPools:
         assert self._system is not None
         return self._get(self._system, self.system_db)
 
+    def system_idle(self) -> bool:
+        """The registry's server is not known to be down and its pool has an idle connection
+        now: a registry call made at once needs no wait for a connection nor a new one (what
+        ``monk serve`` checks before running a short call on its event loop thread)."""
+        if self._registry is not None:
+            return self._registry.system_idle()
+        assert self._system is not None
+        if not self.breaker.closed:  # down, or a probe due: that may wait for a connect
+            return False
+        return self._system.get_stats().get("pool_available", 0) > 0
+
     def admin(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """An autocommit connection for server-level DDL (to ``admin_db``)."""
         if self._prepare is not None:

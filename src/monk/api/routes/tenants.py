@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Response, status
 
+from monk.api import inline
 from monk.api.deps import Root, RuntimeDep
 from monk.api.envelope import CHANGE, GROW, READ, READ_ONE, Ok, ok
 from monk.api.models import (
@@ -74,26 +75,34 @@ def list_tenants(
     responses=GROW,
     response_model=Ok[TenantOut],
 )
-def create_tenant(
+async def create_tenant(
     rt: RuntimeDep,
     _: Root,
     body: TenantCreate,
     background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
-    view = rt.provision(
-        body.name,
-        template=body.template,
-        host=body.host,
-        idempotency_key=idempotency_key,
-        connection_limit=body.connection_limit,
-        root_password=body.root_password,
-        placement=body.placement,
-        # The refiller (a clone, argon2 hashing) starts once the answer is sent: woken in the
-        # handler, it took the GIL and a core from the answer (docs/benchmarks.md).
-        later=lambda wake: background.add_task(_call, wake),
+    def provision() -> Response:
+        view = rt.provision(
+            body.name,
+            template=body.template,
+            host=body.host,
+            idempotency_key=idempotency_key,
+            connection_limit=body.connection_limit,
+            root_password=body.root_password,
+            placement=body.placement,
+            # The refiller (a clone, argon2 hashing) starts once the answer is sent: woken in
+            # the handler, it took the GIL and a core from the answer (docs/benchmarks.md).
+            later=lambda wake: background.add_task(_call, wake),
+        )
+        return ok(_out(view, rt.settings), status.HTTP_201_CREATED)
+
+    # A warm handout is one registry statement: on the loop thread (monk.api.inline). Asked
+    # only with the registry ready: the prediction may read the hosts.
+    warm = rt.registry_ready() and rt.warm_handout_ready(
+        body.template, host=body.host, placement=body.placement, root_password=body.root_password
     )
-    return ok(_out(view, rt.settings), status.HTTP_201_CREATED)
+    return await inline.run(rt, provision, registry_only=warm)
 
 
 @router.get(
@@ -102,9 +111,12 @@ def create_tenant(
     responses=READ_ONE,
     response_model=Ok[TenantOut],
 )
-def get_tenant(rt: RuntimeDep, _: Root, name: str, include_deleted: bool = False) -> Response:
-    tenant = rt.tenants.get(name, include_deleted=include_deleted)
-    return ok(_out(rt.tenants.view(tenant), rt.settings))
+async def get_tenant(rt: RuntimeDep, _: Root, name: str, include_deleted: bool = False) -> Response:
+    def read() -> Response:
+        tenant = rt.tenants.get(name, include_deleted=include_deleted)
+        return ok(_out(rt.tenants.view(tenant), rt.settings))
+
+    return await inline.run(rt, read)
 
 
 @router.patch(
