@@ -19,6 +19,7 @@ from monk.api.app import create_app
 from monk.api.auth import issue_root_token
 from monk.api.runtime import Runtime
 from monk.service import pool
+from monk.service.tenants import TenantService
 from tests.integration.conftest import Env
 from tests.integration.test_tenants import unique
 
@@ -123,6 +124,30 @@ def test_a_warm_handout_takes_no_thread_pool_hop(
     assert answer.status_code == 201, answer.text
     assert answer.json()["data"]["provisioned_from"] == "pool"
     assert hops == [], hops
+    pool.drain(rt.tenants, key=env.template)
+
+
+def test_a_handout_whose_spare_went_clones_on_the_thread_pool_not_the_loop(
+    env: Env, svc: TenantService, served: tuple[TestClient, Recorded], hops: list[str]
+) -> None:
+    """The loop only ever runs the handout: a spare this process knows but that another
+    process took meanwhile (here drained) makes the handout answer None, nothing written,
+    and the provision that follows clones on the thread pool."""
+    client, recorded = served
+    rt = runtime(recorded)
+    pool.drain(rt.tenants, key=env.template)
+    assert pool.fill(rt.tenants, env.template, 1) == 1
+    pool.drain(svc, key=env.template)  # another process's drain: this one still knows it
+    assert rt.tenants.spare_secrets.has_for(env.template, rt.tenants.hosts.local.name)
+    time.sleep(5.1)  # past the hosts' recheck interval, as above
+    _wait_for(rt.registry_ready)
+    hops.clear()
+    answer = client.post(
+        "/api/root/tenant", json={"name": unique("Spare Went"), "template": env.template}
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["data"]["provisioned_from"] == "clone"
+    assert len(hops) == 1 and "provision" in hops[0], hops
     pool.drain(rt.tenants, key=env.template)
 
 

@@ -8,11 +8,11 @@ pool holds an idle connection (``Runtime.registry_ready``), and the caller says 
 registry-only. Anything else (a server found down, every connection busy, a cold clone) goes
 to the thread pool as before, so the loop (other requests) never waits for a connection.
 
-What it cannot see coming: a server that stops answering (frozen, not down) in the very
-call, which then holds the loop until the connection fails, where a thread would hold only
-its own request; and a warm handout whose spare went meanwhile (an upgrade replacing stale
-spares, a provision on a worker thread: rare), which then clones on the loop.
-``tests/integration/test_api_inline.py``."""
+A warm handout runs here as the service's ``hand_out``, which never clones: a spare that went
+meanwhile makes it answer None, and the provision then runs on the thread pool. What it cannot
+see coming: a server that stops answering (frozen, not down) in the very call, which then
+holds the loop until the connection fails, where a thread would hold only its own request.
+``tests/integration/test_api_inline.py``, ``test_http_path.py``."""
 
 from __future__ import annotations
 

@@ -274,19 +274,84 @@ class Runtime:
         pool refiller is woken when it took a spare, or when the spare roles run low, and the
         root passwords hashed ahead are made again: at once, or through ``later`` (the
         route's: once its answer is sent, so that neither competes with sending it)."""
+        view = self._provision(
+            name,
+            template=template,
+            host=host,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+            root_password=root_password,
+            placement=placement,
+            later=later,
+            warm_only=False,
+        )
+        assert view is not None  # only a warm-only request answers None
+        return view
+
+    def hand_out(
+        self,
+        name: str,
+        *,
+        template: str,
+        host: str | None = None,
+        idempotency_key: str | None = None,
+        connection_limit: int | None = None,
+        placement: dict[str, str] | None = None,
+        later: Callable[[Callable[[], None]], object] | None = None,
+    ) -> TenantView | None:
+        """``provision`` if a spare is ready now (the service's ``hand_out``: registry
+        statements only); None, with nothing written or counted, when none is."""
+        return self._provision(
+            name,
+            template=template,
+            host=host,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+            root_password=None,
+            placement=placement,
+            later=later,
+            warm_only=True,
+        )
+
+    def _provision(
+        self,
+        name: str,
+        *,
+        template: str,
+        host: str | None,
+        idempotency_key: str | None,
+        connection_limit: int | None,
+        root_password: str | None,
+        placement: dict[str, str] | None,
+        later: Callable[[Callable[[], None]], object] | None,
+        warm_only: bool,
+    ) -> TenantView | None:
         started = time.perf_counter()
         hashing = self.tenants.root_passwords
         try:
             with hashing.held() if later is not None else contextlib.nullcontext():
-                view = self.tenants.provision(
-                    name,
-                    root_password=root_password,
-                    template=template,
-                    host=host,
-                    idempotency_key=idempotency_key,
-                    connection_limit=connection_limit,
-                    placement=placement,
-                )
+                if warm_only:
+                    handed = self.tenants.hand_out(
+                        name,
+                        template=template,
+                        host=host,
+                        idempotency_key=idempotency_key,
+                        connection_limit=connection_limit,
+                        placement=placement,
+                    )
+                    if handed is None:
+                        return None
+                    view = handed
+                else:
+                    view = self.tenants.provision(
+                        name,
+                        root_password=root_password,
+                        template=template,
+                        host=host,
+                        idempotency_key=idempotency_key,
+                        connection_limit=connection_limit,
+                        placement=placement,
+                    )
         except MonkError as exc:
             hashing.refill()
             self.metrics.provisions.labels(result=exc.code, host=host or "").inc()

@@ -128,6 +128,55 @@ class TenantService(Pipeline):
         root user from when it was made, so a warm handout hashes nothing; a caller's password
         is hashed while a clone runs (a provision with one is always cold: its user is written
         by the step that connects to the new database, before the activation)."""
+        view = self._request(
+            raw_name,
+            template=template,
+            host=host,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+            placement=placement,
+            root_password=root_password,
+            warm_only=False,
+        )
+        assert view is not None  # only a warm-only request answers None
+        return view
+
+    def hand_out(
+        self,
+        raw_name: str,
+        *,
+        template: str = "basic",
+        host: str | None = None,
+        idempotency_key: str | None = None,
+        connection_limit: int | None = None,
+        placement: Mapping[str, str] | None = None,
+    ) -> TenantView | None:
+        """``provision`` if a spare is ready now (registry statements only, nothing cloned);
+        None when none is, with nothing written: the caller then asks ``provision``. Lets
+        ``monk serve`` run a warm handout on its event loop without risking a clone there."""
+        return self._request(
+            raw_name,
+            template=template,
+            host=host,
+            idempotency_key=idempotency_key,
+            connection_limit=connection_limit,
+            placement=placement,
+            root_password=None,
+            warm_only=True,
+        )
+
+    def _request(
+        self,
+        raw_name: str,
+        *,
+        template: str,
+        host: str | None,
+        idempotency_key: str | None,
+        connection_limit: int | None,
+        placement: Mapping[str, str] | None,
+        root_password: str | None,
+        warm_only: bool,
+    ) -> TenantView | None:
         name = self.name(raw_name)
         validate_template_key(template)
         labels = dict(sorted((placement or {}).items()))
@@ -149,12 +198,25 @@ class TenantService(Pipeline):
         root = self.root_passwords.take(root_password) if root_password is not None else None
         with pools.system() as reg:
             if idempotency_key is None:
-                return self._provision(reg, pools, name, template, None, connection_limit, root)
+                return self._provision(
+                    reg, pools, name, template, None, connection_limit, root, warm_only=warm_only
+                )
             recorded = self._remember_key(reg, idempotency_key, request)
             try:
-                return self._provision(
-                    reg, pools, name, template, idempotency_key, connection_limit, root
+                view = self._provision(
+                    reg,
+                    pools,
+                    name,
+                    template,
+                    idempotency_key,
+                    connection_limit,
+                    root,
+                    warm_only=warm_only,
                 )
+                if view is None and recorded:
+                    # Nothing was made: the full provision that follows records the key.
+                    registry.forget_idempotency_key(reg, idempotency_key, request)
+                return view
             except MonkError:
                 # Nothing was made: the key may name a corrected request next time.
                 if recorded and not (reg.closed or reg.broken):
@@ -212,14 +274,17 @@ class TenantService(Pipeline):
         idempotency_key: str | None,
         connection_limit: int | None,
         root: RootPassword | None = None,
-    ) -> TenantView:
+        *,
+        warm_only: bool = False,
+    ) -> TenantView | None:
         """The pipeline (see the module's docstring). Two tries of one round trip each, then the
         full path under the name's lock, which knows what to answer in every case. ``root``:
-        the caller's root password and its hash (then no spare: its root user has another)."""
+        the caller's root password and its hash (then no spare: its root user has another).
+        ``warm_only``: the first try alone (None if it served nothing)."""
         # Warm: a spare whose password this process knows, handed out in one statement.
         if root is None:
             warm = self._warm(reg, pools, name, template, idempotency_key, connection_limit)
-            if warm is not None:
+            if warm is not None or warm_only:
                 return warm
         # Cold: the name reserved in one statement, its lock taken inside.
         build = self._known_build(template, pools, reg)

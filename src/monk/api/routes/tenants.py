@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from monk.api import inline
 from monk.api.deps import Root, RuntimeDep
@@ -82,6 +83,32 @@ async def create_tenant(
     background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
+    # The refiller (a clone, argon2 hashing) starts once the answer is sent: woken in the
+    # handler, it took the GIL and a core from the answer (docs/benchmarks.md).
+    def later(wake: Callable[[], None]) -> None:
+        background.add_task(_call, wake)
+
+    # A warm handout is registry statements only: tried on the loop thread (monk.api.inline)
+    # when one looks ready. It clones nothing: without a spare it answers None and the
+    # provision (a clone) runs on the thread pool.
+    if rt.registry_ready() and rt.warm_handout_ready(
+        body.template, host=body.host, placement=body.placement, root_password=body.root_password
+    ):
+        handed = await inline.run(
+            rt,
+            lambda: rt.hand_out(
+                body.name,
+                template=body.template,
+                host=body.host,
+                idempotency_key=idempotency_key,
+                connection_limit=body.connection_limit,
+                placement=body.placement,
+                later=later,
+            ),
+        )
+        if handed is not None:
+            return ok(_out(handed, rt.settings), status.HTTP_201_CREATED)
+
     def provision() -> Response:
         view = rt.provision(
             body.name,
@@ -91,18 +118,11 @@ async def create_tenant(
             connection_limit=body.connection_limit,
             root_password=body.root_password,
             placement=body.placement,
-            # The refiller (a clone, argon2 hashing) starts once the answer is sent: woken in
-            # the handler, it took the GIL and a core from the answer (docs/benchmarks.md).
-            later=lambda wake: background.add_task(_call, wake),
+            later=later,
         )
         return ok(_out(view, rt.settings), status.HTTP_201_CREATED)
 
-    # A warm handout is one registry statement: on the loop thread (monk.api.inline). Asked
-    # only with the registry ready: the prediction may read the hosts.
-    warm = rt.registry_ready() and rt.warm_handout_ready(
-        body.template, host=body.host, placement=body.placement, root_password=body.root_password
-    )
-    return await inline.run(rt, provision, registry_only=warm)
+    return await run_in_threadpool(provision)
 
 
 @router.get(
