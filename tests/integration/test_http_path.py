@@ -147,7 +147,8 @@ def test_a_handout_whose_spare_went_clones_on_the_thread_pool_not_the_loop(
     )
     assert answer.status_code == 201, answer.text
     assert answer.json()["data"]["provisioned_from"] == "clone"
-    assert len(hops) == 1 and "provision" in hops[0], hops
+    assert len(hops) == 1, hops
+    assert "provision" in hops[0], hops
     pool.drain(rt.tenants, key=env.template)
 
 

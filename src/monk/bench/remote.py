@@ -11,12 +11,9 @@ In one run, beside this installation's own server:
               (a spare role of that host, made ahead untimed, renamed there) and configure run
               there (monk's functions), the registry on the local server
     new_role  the same by a process without spare roles: the role made beside the clone
-    cold_sync the same as cold with the reservation's and the configure's commits waiting for
-              the disk (as before session 8; docs/architecture.md, "Commits of a provision,
-              and which wait for the disk")
     warm      the same with spares made there first (untimed): the handout claims one in the
               registry, renames it on the host, activates
-              raw, cold, new_role and cold_sync take turns round by round (in a shuffled
+              raw, cold and new_role take turns round by round (in a shuffled
               order), so that all see the same load; the root passwords are hashed ahead and
               settled before each sample, as ``monk serve`` keeps them (not hashed beside
               the clone)
@@ -113,7 +110,6 @@ class RemoteBench:
         raw_ms: list[float] = []
         cold_ms: list[float] = []
         new_role_ms: list[float] = []
-        cold_sync_ms: list[float] = []
         cold_from: list[str] = []
         roles_used = 0
         raws: list[str] = []
@@ -134,8 +130,8 @@ class RemoteBench:
             # same one (the one after raw meets its writes still being flushed).
             order = random.Random(self.n)  # noqa: S311 - an order of samples, not a secret
             for i in range(self.n):
-                self.progress("raw, cold, new_role and cold_sync, in turns", i, self.n)
-                variants = ["raw", "cold", "new_role", "cold_sync"]
+                self.progress("raw, cold and new_role, in turns", i, self.n)
+                variants = ["raw", "cold", "new_role"]
                 order.shuffle(variants)
                 for variant in variants:
                     svc.root_passwords.settle(5)
@@ -153,7 +149,6 @@ class RemoteBench:
                         continue
                     tenant = f"bench remote {variant} {self.run_id} {i}"
                     who = plain if variant == "new_role" else svc
-                    svc.lazy_remote_commits = variant != "cold_sync"
                     held = who.role_secrets.count(HOST)
                     started = time.perf_counter()
                     view = who.provision(tenant, template=self.template, host=HOST)
@@ -163,13 +158,9 @@ class RemoteBench:
                     if variant == "new_role":
                         new_role_ms.append(took)
                         continue
-                    if variant == "cold_sync":
-                        cold_sync_ms.append(took)
-                        continue
                     cold_ms.append(took)
                     roles_used += held - who.role_secrets.count(HOST)
                     cold_from.append(view.provisioned_from or "")
-            svc.lazy_remote_commits = True
             for name in raws:
                 adm.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
         self.progress("making spares there", 0, 1)
@@ -185,7 +176,7 @@ class RemoteBench:
             warm_from.append(view.provisioned_from or "")
             self._tenants.append(tenant)
         raw, cold, warm = summarize(raw_ms), summarize(cold_ms), summarize(warm_ms)
-        new_role, cold_sync = summarize(new_role_ms), summarize(cold_sync_ms)
+        new_role = summarize(new_role_ms)
         return {
             "template": self.template,
             "iterations": self.n,
@@ -193,11 +184,9 @@ class RemoteBench:
             "raw": raw,
             "cold": cold | {"from_pool": cold_from.count("pool"), "spare_roles": roles_used},
             "new_role": new_role,
-            "cold_sync": cold_sync,
             "warm": warm | {"from_pool": warm_from.count("pool")},
             "cold_over_raw": ratio(cold.get("p50_ms"), raw.get("p50_ms")),
             "new_role_over_raw": ratio(new_role.get("p50_ms"), raw.get("p50_ms")),
-            "cold_sync_over_raw": ratio(cold_sync.get("p50_ms"), raw.get("p50_ms")),
             "raw_over_warm": ratio(raw.get("p50_ms"), warm.get("p50_ms")),
             "target": "cold_over_raw <= 1.15",
         }

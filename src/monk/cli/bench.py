@@ -223,7 +223,7 @@ def _bench_remote(template: str, iterations: int, json_file: Path | None) -> Non
         f"provisioning on a host of the fleet ({result['template']}, {result['iterations']} "
         "rounds; a second embedded server)"
     )
-    for variant in ("raw", "cold", "new_role", "cold_sync", "warm"):
+    for variant in ("raw", "cold", "new_role", "warm"):
         r = result[variant]
         extra = f", {r['from_pool']} from pool" if "from_pool" in r else ""
         if "spare_roles" in r:
@@ -234,8 +234,7 @@ def _bench_remote(template: str, iterations: int, json_file: Path | None) -> Non
         )
     console.print(
         f"  cold/raw {result['cold_over_raw']} (target ≤ 1.15), new_role/raw "
-        f"{result['new_role_over_raw']}, cold_sync/raw {result['cold_sync_over_raw']}, "
-        f"raw/warm {result['raw_over_warm']}"
+        f"{result['new_role_over_raw']}, raw/warm {result['raw_over_warm']}"
     )
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")

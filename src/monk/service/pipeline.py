@@ -739,11 +739,6 @@ class Pipeline:
         # ``monk serve`` writes a cold provision's root user after the answer (service.root_users);
         # a command, which has no after, writes it before.
         self.root_after_answer = False
-        # A cold provision on a host of the fleet commits its reservation (registry) and its
-        # configure (host) without waiting for the disk (docs/architecture.md, "Commits of a
-        # provision, and which wait for the disk"); ``monk bench --remote`` turns it off for
-        # its cold_sync variant.
-        self.lazy_remote_commits = True
         self.role_secrets = RoleSecrets()
         # Names this process as the keyholder of the spares whose passwords it remembers.
         self.instance_id = uuid4()
@@ -1101,7 +1096,7 @@ class Pipeline:
                     # On a host of the fleet the activation, a synchronous commit on the
                     # registry's server, flushes it too (a clone the crash orphans there is
                     # the doctor's orphan_database).
-                    async_commit=shared_wal or (remote and self.lazy_remote_commits),
+                    async_commit=shared_wal or remote,
                     have_lock=have_lock,
                     spares_ok=have_lock if spares_ok is None else spares_ok,
                     operation=operation,
@@ -1230,14 +1225,11 @@ class Pipeline:
         role: str,
         settings: Mapping[str, str],
         connection_limit: int,
-        *,
-        async_commit: bool = False,
     ) -> None:
         """Configure on a host of the fleet (the same ``configure_tenant_database``, installed
         there), before the activation (which then only commits the registry): a crash between
-        leaves an intent, undone whole like any other. ``async_commit``: its commit does not
-        wait for the host's disk (a host crash may lose it after the activation: the doctor's
-        access_drift, repaired by running it again)."""
+        leaves an intent, undone whole like any other. Its commit waits for the host's disk:
+        once answered, the tenant logs in there even after a crash of the host."""
         with pools.admin() as adm:
             admin.configure_database(
                 adm,
@@ -1247,7 +1239,6 @@ class Pipeline:
                 self.ownership_mark(),
                 settings,
                 connection_limit,
-                async_commit=async_commit,
             )
 
     def configure_on(

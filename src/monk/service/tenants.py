@@ -604,13 +604,10 @@ class TenantService(Pipeline):
                     name.database, name.role, build.database_settings, role_limit
                 )
             else:
+                # Waits for the host's disk: once answered, the tenant must log in there even
+                # after a crash of the host (the reservation may be lazy, this may not).
                 self.configure_remote(
-                    pools,
-                    name.database,
-                    name.role,
-                    build.database_settings,
-                    role_limit,
-                    async_commit=self.lazy_remote_commits,
+                    pools, name.database, name.role, build.database_settings, role_limit
                 )
             with registry.pipelined_transaction(reg, after_commit=unlock):
                 activated = tenant_registry.queue_activation(

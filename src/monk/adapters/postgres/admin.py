@@ -698,20 +698,15 @@ def configure_database(
     mark: str,
     settings: Mapping[str, str],
     connection_limit: int,
-    *,
-    async_commit: bool = False,
 ) -> None:
     """Configure on a host of the fleet: monk's ``configure_tenant_database``, installed there
-    (as ``make_tenant_role``). One statement (autocommit: its own transaction);
-    ``async_commit``: its commit does not wait for the WAL flush (read at COMMIT, so a
-    ``set_config`` local to the statement's transaction is enough: no round trip of its own)."""
+    (as ``make_tenant_role``). One statement (autocommit: its own transaction)."""
     validate_setting_names(settings)
     conn.execute(
-        sql.SQL(
-            "SELECT {}(%s, %s, %s, %s, %s),"
-            " CASE WHEN %s THEN set_config('synchronous_commit', 'off', true) END"
-        ).format(sql.Identifier(schema, "configure_tenant_database")),
-        (database, role, mark, Jsonb(dict(settings)), connection_limit, async_commit),
+        sql.SQL("SELECT {}(%s, %s, %s, %s, %s)").format(
+            sql.Identifier(schema, "configure_tenant_database")
+        ),
+        (database, role, mark, Jsonb(dict(settings)), connection_limit),
     )
 
 
