@@ -5,9 +5,10 @@
               a tenant on this server, filled with ~SIZE MB (a table of 200-byte rows and its
               primary key)
     rounds    for each round, in turn this server -> the second and back (the bare copy
-              first in even rounds, after the move in odd ones, in the other direction):
-                bare  pg_dump -Fc -Z0 | pg_restore (monk's own flags, the same binaries) of the
-                      tenant's database into a new database on the destination, timed, dropped
+              first in even rounds, after the move in odd ones, the same way as the move):
+                bare  pg_dump -Fc -Z0 | pg_restore (monk's own flags, the same binaries) of a
+                      clone of the tenant's database made untimed on the source into a new
+                      database on the destination, timed, dropped
                 monk  ``monk tenant move`` to the destination: its recorded downtime (role
                       NOLOGIN committed -> LOGIN committed on the destination) and total time;
                       and the downtime a client sees: a prober connecting every 50 ms
@@ -129,10 +130,13 @@ class MoveBench:
             to = self.host if where == here else here
             src_t, dst_t = svc.hosts.target(where), svc.hosts.target(to)
             # Bare copy and move take turns going first: neither gains from the other's
-            # warm caches or pays for its checkpoints every time.
+            # warm caches or pays for its checkpoints every time. Both go the same way (the
+            # bare copy reads a clone of the tenant's database made untimed on the source),
+            # so that each round compares restores into the same server.
+            reference = self._reference(src_t, view.tenant.database)
             if i % 2 == 0:
                 _settle(src_t, dst_t)
-                bare = self._bare_copy(src_t, dst_t, view.tenant.database)
+                bare = self._bare_copy(src_t, dst_t, reference)
             _settle(src_t, dst_t)
             urls = [_at(tenant_url, t) for t in (src_t, dst_t)]
             prober = _Prober(*urls)
@@ -141,7 +145,9 @@ class MoveBench:
             prober.stop()
             if i % 2 == 1:
                 _settle(src_t, dst_t)
-                bare = self._bare_copy(dst_t, src_t, view.tenant.database)
+                bare = self._bare_copy(src_t, dst_t, reference)
+            with connect(src_t, autocommit=True, purpose="bench") as adm:
+                admin.drop_database(adm, reference)
             r = moved.result
             result["rounds"].append(
                 {
@@ -172,6 +178,16 @@ class MoveBench:
         result["downtime_over_bare"] = round(m["downtime_s"] / m["bare_copy_s"], 3)
         result["client_downtime_over_bare"] = round(m["client_downtime_s"] / m["bare_copy_s"], 3)
         return result
+
+    def _reference(self, src: ServerTarget, database: str) -> str:
+        """A clone of the tenant's ``database`` on ``src``, for the bare copy to read (the
+        tenant's own may have moved away by then): made untimed, dropped after the round."""
+        reference = f"monkbench_ref_{self.run_id}"
+        with connect(src, autocommit=True, purpose="bench") as adm:
+            admin.drop_database(adm, reference)
+            admin.terminate_sessions(adm, database)
+            admin.create_database(adm, reference, template=database)
+        return reference
 
     def _bare_copy(self, src: ServerTarget, dst: ServerTarget, database: str) -> float:
         """``pg_dump -Fc -Z0 | pg_restore`` into a new database on ``dst`` by hand, timed."""
@@ -215,6 +231,14 @@ class MoveBench:
         return seconds
 
     def _cleanup(self, svc: TenantService, name: str) -> None:
+        # A round cut short leaves its reference clone or its bare copy (this server's: the
+        # second one goes whole).
+        with (
+            contextlib.suppress(Exception),
+            connect(self.target, autocommit=True, purpose="bench") as adm,
+        ):
+            for leftover in (f"monkbench_ref_{self.run_id}", f"monkbench_copy_{self.run_id}"):
+                admin.drop_database(adm, leftover)
         with contextlib.suppress(Exception):
             t = svc.get(name)
             if t.host != svc.hosts.local.name:
