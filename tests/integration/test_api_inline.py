@@ -77,8 +77,8 @@ def test_a_tenant_read_is_served_on_the_event_loop_thread(env: Env) -> None:
 def test_a_read_that_must_wait_for_a_connection_waits_off_the_loop(env: Env) -> None:
     """Every registry connection of the app held: a tenant read waits for one on the thread
     pool (not on the event loop), so the requests that need no registry connection answer
-    meanwhile; once a connection is free the read answers. (/health is not one: its host
-    probes read the registry.)"""
+    meanwhile, and /health within its bounded wait for the host list (the local server
+    reachable, the hosts unknown, said so); once a connection is free the read answers."""
     settings = env.settings.model_copy(update={"pool_size": 2})
     auth = {"Authorization": f"Bearer {issue_root_token(settings, ttl_seconds=600)}"}
     name = f"Inline Wait {uuid.uuid4().hex[:8]}"
@@ -106,6 +106,12 @@ def test_a_read_that_must_wait_for_a_connection_waits_off_the_loop(env: Env) -> 
                     refused = client.get(f"/api/root/tenant/{name}")  # no token: no read
                     assert refused.status_code == 401, refused.text
                     assert time.monotonic() - started < 2
+                    started = time.monotonic()
+                    health = client.get("/health")
+                    assert time.monotonic() - started < 5
+                    assert health.status_code == 200, health.text
+                    assert health.json()["data"]["database"] == "reachable"
+                    assert "no free connection" in health.json()["data"]["error"]
                     assert not waiting.done()
                     held.close()  # the connections go back: the read gets one
                     answered = waiting.result(timeout=30)

@@ -163,6 +163,10 @@ class ServerProbe:
             conn.close()
 
 
+HOST_LIST_WAIT_S = 1.0
+"""How long /health waits for a registry connection to read the hosts."""
+
+
 class HostProbes:
     """Each host's state for /health: the local one (``local``, the probe /health already
     asks) and every host of the fleet, each probed on a kept session of its own (a
@@ -182,7 +186,9 @@ class HostProbes:
         return self._recent.get()
 
     def _look(self) -> list[dict[str, Any]]:
-        with self.hosts.pools().system() as reg:
+        # A bounded wait: every registry connection busy (a burst of provisions) must not
+        # hold /health for the pool's full wait; the hosts are then unknown, said so.
+        with self.hosts.pools().system(wait=HOST_LIST_WAIT_S) as reg:
             rows = host_registry.list_all(reg)
         local_row = next((r for r in rows if r.is_local), None)
         remote = [r for r in rows if not r.is_local]

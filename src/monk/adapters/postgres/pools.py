@@ -139,10 +139,13 @@ class ServerPools:
             name=f"monk-{purpose}",
         )
 
-    def _acquire(self, pool: ConnectionPool[Any], dbname: str) -> psycopg.Connection[Any]:
+    def _acquire(
+        self, pool: ConnectionPool[Any], dbname: str, wait: float = _WAIT_FOR_CONNECTION_S
+    ) -> psycopg.Connection[Any]:
         """A live connection of ``pool``: dead idle ones are dropped on the spot (no backoff),
-        and a server down fails at once with DatabaseUnavailable."""
-        deadline = time.monotonic() + _WAIT_FOR_CONNECTION_S
+        and a server down fails at once with DatabaseUnavailable; every connection busy for
+        ``wait`` seconds too."""
+        deadline = time.monotonic() + wait
         while True:
             reason = self.breaker.refusal(probe=False)
             if reason is not None:
@@ -153,7 +156,7 @@ class ServerPools:
                 raise unavailable(
                     self.target,
                     dbname,
-                    f"no free connection in monk's pool after {_WAIT_FOR_CONNECTION_S:.0f} s",
+                    f"no free connection in monk's pool after {wait:g} s",
                 )
             try:
                 conn: psycopg.Connection[Any] = pool.getconn(timeout=min(_WAIT_SLICE_S, remaining))
@@ -165,8 +168,10 @@ class ServerPools:
             pool.putconn(conn)  # a closed connection is discarded, and replaced on demand
 
     @contextmanager
-    def _get(self, pool: ConnectionPool[Any], dbname: str) -> Iterator[psycopg.Connection[Any]]:
-        conn = self._acquire(pool, dbname)
+    def _get(
+        self, pool: ConnectionPool[Any], dbname: str, wait: float = _WAIT_FOR_CONNECTION_S
+    ) -> Iterator[psycopg.Connection[Any]]:
+        conn = self._acquire(pool, dbname, wait)
         try:
             with conn:  # as ConnectionPool.connection(): commit, or roll back on an error
                 yield conn
@@ -179,12 +184,15 @@ class ServerPools:
             mark_returned(conn)
             pool.putconn(conn)
 
-    def system(self) -> AbstractContextManager[psycopg.Connection[Any]]:
-        """An autocommit connection to the system database (registry)."""
+    def system(
+        self, *, wait: float = _WAIT_FOR_CONNECTION_S
+    ) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """An autocommit connection to the system database (registry); DatabaseUnavailable
+        when every one stays busy for ``wait`` seconds."""
         if self._registry is not None:
-            return self._registry.system()
+            return self._registry.system(wait=wait)
         assert self._system is not None
-        return self._get(self._system, self.system_db)
+        return self._get(self._system, self.system_db, wait)
 
     def system_idle(self) -> bool:
         """The registry's server is not known to be down and its pool has an idle connection
