@@ -274,18 +274,20 @@ class Runtime:
         pool refiller is woken when it took a spare, or when the spare roles run low, and the
         root passwords hashed ahead are made again: at once, or through ``later`` (the
         route's: once its answer is sent, so that neither competes with sending it)."""
-        view = self._provision(
-            name,
-            template=template,
-            host=host,
-            idempotency_key=idempotency_key,
-            connection_limit=connection_limit,
-            root_password=root_password,
-            placement=placement,
-            later=later,
-            warm_only=False,
+        view = self._counted(
+            lambda: self.tenants.provision(
+                name,
+                root_password=root_password,
+                template=template,
+                host=host,
+                idempotency_key=idempotency_key,
+                connection_limit=connection_limit,
+                placement=placement,
+            ),
+            host,
+            later,
         )
-        assert view is not None  # only a warm-only request answers None
+        assert view is not None  # the service's provision always answers a tenant
         return view
 
     def hand_out(
@@ -301,57 +303,32 @@ class Runtime:
     ) -> TenantView | None:
         """``provision`` if a spare is ready now (the service's ``hand_out``: registry
         statements only); None, with nothing written or counted, when none is."""
-        return self._provision(
-            name,
-            template=template,
-            host=host,
-            idempotency_key=idempotency_key,
-            connection_limit=connection_limit,
-            root_password=None,
-            placement=placement,
-            later=later,
-            warm_only=True,
+        return self._counted(
+            lambda: self.tenants.hand_out(
+                name,
+                template=template,
+                host=host,
+                idempotency_key=idempotency_key,
+                connection_limit=connection_limit,
+                placement=placement,
+            ),
+            host,
+            later,
         )
 
-    def _provision(
+    def _counted(
         self,
-        name: str,
-        *,
-        template: str,
+        call: Callable[[], TenantView | None],
         host: str | None,
-        idempotency_key: str | None,
-        connection_limit: int | None,
-        root_password: str | None,
-        placement: dict[str, str] | None,
         later: Callable[[Callable[[], None]], object] | None,
-        warm_only: bool,
     ) -> TenantView | None:
+        """``call`` (a provision of the service) with its metrics and its after-work (see
+        ``provision``); None from ``call`` is passed on, uncounted."""
         started = time.perf_counter()
         hashing = self.tenants.root_passwords
         try:
             with hashing.held() if later is not None else contextlib.nullcontext():
-                if warm_only:
-                    handed = self.tenants.hand_out(
-                        name,
-                        template=template,
-                        host=host,
-                        idempotency_key=idempotency_key,
-                        connection_limit=connection_limit,
-                        placement=placement,
-                    )
-                    if handed is None:
-                        return None
-                    view = handed
-                else:
-                    view = self.tenants.provision(
-                        name,
-                        root_password=root_password,
-                        template=template,
-                        host=host,
-                        idempotency_key=idempotency_key,
-                        connection_limit=connection_limit,
-                        placement=placement,
-                    )
+                view = call()
         except MonkError as exc:
             hashing.refill()
             self.metrics.provisions.labels(result=exc.code, host=host or "").inc()
@@ -359,6 +336,8 @@ class Runtime:
         except BaseException:
             hashing.refill()
             raise
+        if view is None:
+            return None
         took = time.perf_counter() - started
         self.metrics.provision_seconds.labels(host=view.tenant.host).observe(took)
         # Spare roles are made again in batches, once half are gone: not beside every provision.
