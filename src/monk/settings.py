@@ -241,6 +241,13 @@ class Settings(BaseSettings):
         description="Seconds over which failed logins are counted; past login_max_failures, "
         "logins of that tenant and user get 429 until the window ends.",
     )
+    http_keep_alive: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Seconds monk serve keeps an idle keep-alive HTTP connection open (longer "
+        "than a load balancer's own idle timeout, or it may reuse one the server just closed).",
+    )
     tenant_state_ttl_ms: int = Field(
         default=500,
         ge=0,

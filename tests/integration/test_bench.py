@@ -480,37 +480,37 @@ def test_bench_http_measures_the_api_beside_the_service_calls_and_removes_what_i
         assert set(result["raw"]) >= SUMMARY_KEYS
         assert result["raw"]["n"] == 4  # a raw clone in every round of both servers' rounds
         for call in ("cold", "warm", "get"):
-            for way in ("in_process", "http"):
+            for way in ("in_process", "http_lean", "http"):
                 summary = result[call][way]
                 assert summary["n"] == 2, (call, way, summary)
                 assert summary["failures"] == 0, (call, way, summary)
                 assert summary["p50_ms"] <= summary["p99_ms"]
-            added = result[call]["http_adds_p50_ms"]
-            assert added == pytest.approx(
-                result[call]["http"]["p50_ms"] - result[call]["in_process"]["p50_ms"], abs=0.002
-            )
-        # the read from a lean http.client connection too (httpx's own cost set apart)
-        assert result["get"]["http_lean"]["n"] == 2
-        assert result["get_back_to_back"]["http_lean"]["n"] == 20
-        for call in ("get", "get_back_to_back"):
-            assert result[call]["http_lean"]["failures"] == 0
-            assert result[call]["http_lean_adds_p50_ms"] == pytest.approx(
-                result[call]["http_lean"]["p50_ms"] - result[call]["in_process"]["p50_ms"],
-                abs=0.002,
-            )
-        assert "from http.client" in run.stdout
-        for way in ("in_process", "http"):
+        for call in ("cold", "warm", "get", "get_back_to_back"):
+            # what the API adds: from the lean client (http.client); httpx's beside it
+            for way in ("http_lean", "http"):
+                assert result[call][f"{way}_adds_p50_ms"] == pytest.approx(
+                    result[call][way]["p50_ms"] - result[call]["in_process"]["p50_ms"], abs=0.002
+                )
+        assert "from httpx" in run.stdout
+        for way in ("in_process", "http_lean", "http"):
             assert result["get_back_to_back"][way]["n"] == 20
             assert result["get_back_to_back"][way]["failures"] == 0
             assert result["warm"][way]["from_pool"] == 2  # every warm one from a spare
             assert result["cold"][way]["from_pool"] == 0  # no cold one
-        assert result["cold"]["http_over_raw"] == pytest.approx(
-            result["cold"]["http"]["p50_ms"] / result["raw"]["p50_ms"], abs=0.002
+        assert result["cold"]["http_lean_over_raw"] == pytest.approx(
+            result["cold"]["http_lean"]["p50_ms"] / result["raw"]["p50_ms"], abs=0.002
         )
+        # the floor: the same uvicorn serving apps that do no I/O, read the same ways
+        for floor in ("asgi", "fastapi"):
+            assert result["floor"][floor]["after_pause"]["n"] == 2
+            assert result["floor"][floor]["back_to_back"]["n"] == 20
+            assert result["floor"][floor]["after_pause"]["failures"] == 0
+        assert "floor, a FastAPI route" in run.stdout
         assert [t["target"] for t in result["targets"]] == [
             "cold: HTTP adds (p50)",
             "warm: HTTP adds (p50)",
             "get: HTTP adds (p50)",
+            "get back to back: HTTP adds (p50)",
             "warm over HTTP (p50)",
             "cold over HTTP / raw (p50)",
         ]

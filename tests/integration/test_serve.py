@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -122,6 +123,48 @@ def test_keep_alive_answers_are_not_held_back_by_nagle(env: Env) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def test_http_keep_alive_setting_is_how_long_an_idle_connection_stays_open(env: Env) -> None:
+    """MONK_HTTP_KEEP_ALIVE: uvicorn's 5 s was fixed before; a load balancer that keeps its
+    idle connections 60 s would then send requests on connections monk had just closed."""
+    port = free_port()
+    proc = _serve(port, settings_env(env.settings) | {"MONK_HTTP_KEEP_ALIVE": "2"}, env.template)
+    try:
+        _wait_until("monk serve answers", lambda: _answers(port))
+        request = b"GET /health HTTP/1.1\r\nHost: monk\r\n\r\n"
+        brief, long = (socket.create_connection(("127.0.0.1", port)) for _ in range(2))
+        with brief, long:
+            for sock in (brief, long):
+                sock.sendall(request)
+                assert _response(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(0.5)
+            assert _still_open(brief)  # idle 0.5 s: kept
+            time.sleep(3.0)
+            assert not _still_open(long)  # idle 3.5 s: closed by monk (the default kept it)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (headers and body may come in two segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """No end of stream from the server: a peek finds nothing to read yet."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
 
 
 def _serve(port: int, environ: dict[str, str], template: str) -> subprocess.Popen[str]:

@@ -307,27 +307,31 @@ def _bench_http(template: str, iterations: int, json_file: Path | None) -> None:
         ("get_back_to_back", "the same GET, back to back"),
     ):
         r = result[call]
-        inproc, http = r["in_process"], r["http"]
+        inproc, lean, http = r["in_process"], r["http_lean"], r["http"]
         console.print(
             f"  {label}: in process p50 {inproc['p50_ms']} ms (p99 {inproc['p99_ms']}), "
-            f"HTTP p50 {http['p50_ms']} ms (p99 {http['p99_ms']}); "
-            f"HTTP adds {r['http_adds_p50_ms']} ms p50 ({r['http_over_in_process']}x)"
-            + (f"; HTTP/raw {r['http_over_raw']}" if call == "cold" else ""),
+            f"HTTP p50 {lean['p50_ms']} ms (p99 {lean['p99_ms']}): "
+            f"HTTP adds {r['http_lean_adds_p50_ms']} ms p50"
+            + (f"; HTTP/raw {r['http_lean_over_raw']}" if call == "cold" else ""),
             highlight=False,
         )
-        if "http_lean" in r:
-            lean = r["http_lean"]
-            console.print(
-                f"    from http.client (a lean keep-alive client; httpx costs ~0.3-0.6 ms of its "
-                f"own): p50 {lean['p50_ms']} ms (p99 {lean['p99_ms']}); "
-                f"adds {r['http_lean_adds_p50_ms']} ms p50",
-                highlight=False,
-            )
-        for variant in ("in_process", "http", "http_lean"):
-            if variant in r and r[variant]["failures"]:
-                console.print(
-                    f"    {variant}: {r[variant]['failures']} failed: {r[variant].get('errors')}"
-                )
+        console.print(
+            f"    from httpx (its own Python adds to the client's side): p50 {http['p50_ms']} "
+            f"ms (p99 {http['p99_ms']}); adds {r['http_adds_p50_ms']} ms p50",
+            highlight=False,
+        )
+        for way in ("in_process", "http_lean", "http"):
+            if r[way]["failures"]:
+                console.print(f"    {way}: {r[way]['failures']} failed: {r[way].get('errors')}")
+    floors = (("asgi", "a bare ASGI app"), ("fastapi", "a FastAPI route of monk's shape"))
+    for name, label in floors:
+        f = result["floor"][name]
+        console.print(
+            f"  floor, {label} under the same uvicorn, no I/O: p50 "
+            f"{f['after_pause']['p50_ms']} ms after the pause, "
+            f"{f['back_to_back']['p50_ms']} ms back to back",
+            highlight=False,
+        )
     for target in result["targets"]:
         met = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
         console.print(

@@ -223,7 +223,13 @@ def serve(
         # under load), every thread stopped, whichever request was in flight included.
         gc.collect()
         gc.freeze()
-        config = uvicorn.Config(app, host=host, port=port, log_level="info")
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_keep_alive=settings.http_keep_alive,
+        )
         server = uvicorn.Server(config)
         try:
             server.run(sockets=[sock])
