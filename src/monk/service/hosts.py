@@ -228,17 +228,20 @@ def _sweep(svc: Pipeline, reg: psycopg.Connection[Any]) -> None:
 @dataclass(frozen=True)
 class FleetCounts:
     """What /metrics labels by host: live tenants per (host, status), spares per (host,
-    status), read from the registry in one session."""
+    status), read from the registry in one session; and the ready (unclaimed) spare roles per
+    host as ``monk pool status`` shows them (every host that takes them, 0 included)."""
 
     tenants: list[tuple[str, str, int]]
     spares: list[tuple[str, str, int]]
+    spare_roles: list[tuple[str, int]] = field(default_factory=list)
 
 
 def fleet_counts(svc: Pipeline) -> FleetCounts:
     with svc.hosts.pools().system() as reg:
-        return FleetCounts(
-            host_registry.tenant_status_counts(reg), host_registry.spare_status_counts(reg)
-        )
+        tenants = host_registry.tenant_status_counts(reg)
+        spares = host_registry.spare_status_counts(reg)
+    roles = [(str(r["host"]), int(r["ready"])) for r in role_pool.status(svc)]
+    return FleetCounts(tenants, spares, roles)
 
 
 # ---------------------------------------------------------------- add
