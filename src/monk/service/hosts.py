@@ -555,7 +555,16 @@ def remove(svc: Pipeline, name: str) -> HostView:
             "removed",
             host=name,
         )
-    target = svc.hosts.target(name)
+    target: ServerTarget | None
+    try:
+        target = svc.hosts.target(name)
+    except HostNotFound:
+        raise
+    except MonkError as exc:
+        # A damaged password file says to remove the host: that must still work (its
+        # template databases then stay there).
+        log.warning("host %s: %s", name, exc.message)
+        target = None
     try:
         # Its warm spares go first (dropped there while it answers; a refill is harmless if
         # the removal is then refused).
@@ -589,11 +598,11 @@ def remove(svc: Pipeline, name: str) -> HostView:
     return _view(gone, 0)
 
 
-def _drop_templates(target: ServerTarget, databases: list[str]) -> None:
+def _drop_templates(target: ServerTarget | None, databases: list[str]) -> None:
     """The template databases of a removed host, dropped there while it answers: a server
     added again later receives its builds anew. One that is down keeps them (logged): an add
     of it then refuses to build over them, naming each."""
-    if not databases:
+    if target is None or not databases:
         return
     try:
         conn = open_checked(target, purpose="host-remove")
