@@ -428,6 +428,46 @@ def test_pool_status_and_the_console_show_spare_roles_per_host(
     assert found == {LOCAL: 2, "pg-2": 1}, panel.text
 
 
+def spare_role_gauges(text: str) -> dict[str, float]:
+    """monk_pool_spare_roles{host=…,status="ready"} of a /metrics answer, by host."""
+    found = re.findall(
+        r'^monk_pool_spare_roles\{host="([^"]+)",status="ready"\} (\S+)$', text, re.MULTILINE
+    )
+    return {host: float(n) for host, n in found}
+
+
+def test_metrics_count_the_spare_roles_per_host_and_a_cold_provision_takes_one(
+    cold: Settings, svc: TenantService, key: str, fleet: Fleet
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from monk.api.app import create_app
+
+    role_pool.fill(svc, 2)
+    role_pool.fill(svc, 2, host="pg-2")
+    real = {LOCAL: len(local_spare_roles(cold)), "pg-2": len(spare_roles_on(fleet.second, cold))}
+    assert real == {LOCAL: 2, "pg-2": 2}
+    # The app makes no spare roles of its own (MONK_POOL_ROLES 0): the counts stay this test's.
+    with TestClient(create_app(cold.model_copy(update={"pool_roles": 0}))) as client:
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200, metrics.text
+        assert "# TYPE monk_pool_spare_roles gauge" in metrics.text
+        assert spare_role_gauges(metrics.text) == {LOCAL: 2.0, "pg-2": 2.0}, metrics.text
+
+        # A cold provision on pg-2 takes one of that host's spare roles.
+        view = svc.provision(unique("Gauge"), template=key, host="pg-2")
+        assert (view.provisioned_from, view.tenant.host) == ("clone", "pg-2")
+        assert len(spare_roles_on(fleet.second, cold)) == 1
+        deadline = time.monotonic() + 10  # /metrics reads the registry at most once a second
+        while True:
+            gauges = spare_role_gauges(client.get("/metrics").text)
+            if gauges.get("pg-2") != 2.0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert gauges == {LOCAL: 2.0, "pg-2": 1.0}
+    log_in(view)
+
+
 def rows_by_keyholder(s: Settings) -> dict[str, set[tuple[str | None, str]]]:
     """Unclaimed spare role rows, (host, role), by keyholder."""
     with registry(s) as reg:

@@ -5,6 +5,7 @@ against real servers: the session's own (the local host) and the fleet's second
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget
 from monk.adapters.registry import host_functions
 from monk.errors import MonkError
-from monk.service import pool
+from monk.service import pool, role_pool
 from monk.service import templates as template_service
 from monk.service.tenants import TenantService
 from monk.settings import Settings
@@ -212,3 +213,113 @@ def test_a_remote_handout_killed_at_each_step_leaves_no_trace_and_the_name_free(
         ).fetchone()
     assert claimed == (0,)
     assert live == (1,)
+
+
+# ---------------------------------------------------------------- host remove
+
+
+def rows_of_host(s: Settings, host: str) -> dict[str, int]:
+    """Rows naming ``host`` in every registry table with a ``host`` column, but the journal
+    (operations) and the tenants' history (purged tenants), which keep where things were."""
+    with psycopg.connect(local_target(s).conninfo, dbname=s.system_db_name, autocommit=True) as reg:
+        tables = [
+            str(r[0])
+            for r in reg.execute(
+                "SELECT table_name FROM information_schema.columns WHERE column_name = 'host'"
+                " AND table_schema = current_schema()"
+                " AND table_name NOT IN ('operations', 'tenants')"
+                " ORDER BY 1"
+            ).fetchall()
+        ]
+        counts = {}
+        for table in tables:
+            row = reg.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE host = %s").format(sql.Identifier(table)),
+                (host,),
+            ).fetchone()
+            assert row is not None
+            counts[table] = int(str(row[0]))
+    return {t: n for t, n in counts.items() if n}
+
+
+def databases_like(fs: FleetServer, pattern: str) -> set[str]:
+    with fs.connect() as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,))
+        return {str(r[0]) for r in rows.fetchall()}
+
+
+def test_host_remove_forgets_every_row_of_the_host_and_drops_its_templates(
+    monk: RunMonk, warm: Settings, svc: TenantService, key: str, fleet: Fleet
+) -> None:
+    second = fleet.second
+    # A retired build beside the current one, spares and spare roles: all of it on pg-2.
+    done = monk("template", "build", key, "--source", BASIC, "--force")
+    assert done.returncode == 0, done.stderr
+    pool.refill(svc)
+    role_pool.fill(svc, 2, host="pg-2")
+    before = rows_of_host(warm, "pg-2")
+    assert before["template_builds"] == 2
+    assert before["spares"] == 2
+    assert before["spare_roles"] == 2
+    assert databases_like(second, f"monk\\_%\\_{key}%") != set()
+
+    removed = monk("host", "remove", "pg-2")
+    assert removed.returncode == 0, removed.stderr
+    assert rows_of_host(warm, "pg-2") == {}
+    # Its template databases (current and retired) and its spares are gone from the server.
+    assert databases_like(second, f"monk\\_%\\_{key}%") == set()
+    assert spare_databases(second, warm) == set()
+    listed = monk("template", "list", "--all", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {b["host"] for b in json.loads(listed.stdout)} == {warm.host_name}
+    doctor = monk("doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    found = json.loads(doctor.stdout)
+    assert "pg-2" not in json.dumps(found["problems"] + found["warnings"])
+
+    # The same server added again receives the build anew (nothing of the old one in the way).
+    again = monk("host", "add", "pg-2", "--url", second.url, "--json")
+    assert again.returncode == 0, again.stderr
+    (received,) = json.loads(again.stdout)["templates"]
+    assert (received["built"], received.get("error")) == (True, None), received
+    assert monk("template", "drop", key, "--host", "pg-2", "--force").returncode == 0
+
+
+@pytest.mark.slow
+def test_host_remove_killed_after_its_commit_leaves_nothing_the_doctor_finds(
+    monk: RunMonk, warm: Settings, key: str, fleet: Fleet
+) -> None:
+    proc = subprocess.Popen(
+        [MONK_BIN, "host", "remove", "pg-2"],
+        env=settings_env(warm) | {"MONK_FAULT_PAUSE_AT": "host-remove.committed"},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=warm.data_dir.parent,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "paused at host-remove.committed" in line, line
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # The registry's part is one transaction: all of it is gone.
+    assert rows_of_host(warm, "pg-2") == {}
+    listed = monk("host", "list", "--json")
+    assert [h["name"] for h in json.loads(listed.stdout)] == [warm.host_name]
+    # The next read swept the password file the killed removal did not get to.
+    assert sorted((warm.data_dir / "hosts").glob("*.json")) == []
+    doctor = monk("doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    found = json.loads(doctor.stdout)
+    assert "pg-2" not in json.dumps(found["problems"] + found["warnings"])
+    assert monk("doctor", "--repair").returncode == 0
+    # What it did not get to drop on the server stays there, unregistered: the template
+    # database, which an add of that server again names instead of building over it.
+    assert databases_like(fleet.second, f"monk\\_template\\_{key}") == {f"monk_template_{key}"}
+    again = monk("host", "add", "pg-2", "--url", fleet.second.url, "--json")
+    assert again.returncode == 0, again.stderr
+    (received,) = json.loads(again.stdout)["templates"]
+    assert received["error"]["code"] == "DATABASE_EXISTS", received
+    assert f"monk_template_{key}" in received["error"]["message"]
+    with fleet.second.connect() as conn:
+        admin.drop_database(conn, f"monk_template_{key}")

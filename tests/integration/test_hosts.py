@@ -284,6 +284,21 @@ def test_remove_refuses_a_host_with_live_tenants(
     assert monk("host", "remove", "pg-2").returncode == 0
 
 
+def test_remove_works_with_a_damaged_password_file(
+    monk: RunMonk, settings: Settings, fleet: Fleet
+) -> None:
+    """Reading the host's password fails, saying to remove the host: removing it works."""
+    assert monk("host", "add", "pg-2", "--url", fleet.second.url).returncode == 0
+    (secret,) = secret_files(settings)
+    secret.write_text("not json", encoding="utf-8")
+    broken = monk("host", "check", "pg-2")
+    assert "is damaged" in broken.stderr + broken.stdout
+    removed = monk("host", "remove", "pg-2")
+    assert removed.returncode == 0, removed.stderr
+    assert names(monk) == [settings.host_name]
+    assert secret_files(settings) == []
+
+
 def test_a_host_without_the_template_gets_no_tenant(
     monk: RunMonk, settings: Settings, fleet: Fleet
 ) -> None:

@@ -133,8 +133,9 @@ class BudgetCollector(Collector):
 
 
 class FleetCollector(Collector):
-    """Tenants and warm spares per host and status, from the registry's last read (taken by
-    /metrics at most once a second): a host or status that is gone leaves no series."""
+    """Tenants, warm spares and spare roles per host and status, from the registry's last
+    read (taken by /metrics at most once a second): a host or status that is gone leaves no
+    series."""
 
     def __init__(self) -> None:
         self.counts: hosts.FleetCounts | None = None
@@ -154,6 +155,14 @@ class FleetCollector(Collector):
             for host, status, n in rows:
                 family.add_metric([host, status], n)
             yield family
+        # Spare roles are counted unclaimed only ("ready"): a claimed one is a tenant's role
+        # within the provision that took it. The status label keeps monk_pool_spares' shape.
+        roles = GaugeMetricFamily(
+            "monk_pool_spare_roles", "Spare roles by host and status", labels=["host", "status"]
+        )
+        for host, ready in found.spare_roles if found else []:
+            roles.add_metric([host, "ready"], ready)
+        yield roles
 
 
 class Runtime:

@@ -25,9 +25,11 @@ from monk.adapters.postgres.connection import (
     split_password,
     with_password,
 )
+from monk.adapters.registry import fleet as drift_rows
 from monk.adapters.registry import hosts as host_registry
 from monk.adapters.registry import spare_roles as spare_role_rows
 from monk.adapters.registry import spares as spare_rows
+from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry.hosts import HostRow
 from monk.core import hosts as rules
 from monk.errors import (
@@ -226,17 +228,20 @@ def _sweep(svc: Pipeline, reg: psycopg.Connection[Any]) -> None:
 @dataclass(frozen=True)
 class FleetCounts:
     """What /metrics labels by host: live tenants per (host, status), spares per (host,
-    status), read from the registry in one session."""
+    status), read from the registry in one session; and the ready (unclaimed) spare roles per
+    host as ``monk pool status`` shows them (every host that takes them, 0 included)."""
 
     tenants: list[tuple[str, str, int]]
     spares: list[tuple[str, str, int]]
+    spare_roles: list[tuple[str, int]] = field(default_factory=list)
 
 
 def fleet_counts(svc: Pipeline) -> FleetCounts:
     with svc.hosts.pools().system() as reg:
-        return FleetCounts(
-            host_registry.tenant_status_counts(reg), host_registry.spare_status_counts(reg)
-        )
+        tenants = host_registry.tenant_status_counts(reg)
+        spares = host_registry.spare_status_counts(reg)
+    roles = [(str(r["host"]), int(r["ready"])) for r in role_pool.status(svc)]
+    return FleetCounts(tenants, spares, roles)
 
 
 # ---------------------------------------------------------------- add
@@ -541,13 +546,25 @@ def update(
 
 
 def remove(svc: Pipeline, name: str) -> HostView:
-    """Unregister a host that no live tenant records, and forget its password."""
+    """Unregister a host that no live tenant records, with every row the registry keeps of
+    it (template builds and their upgrade steps, spares, spare roles, drift checks) in the
+    same transaction; then drop its template databases there and forget its password."""
     if name == svc.hosts.local.name:
         raise InvalidRequest(
             f"host {name!r} is the local server: it keeps the system database and cannot be "
             "removed",
             host=name,
         )
+    target: ServerTarget | None
+    try:
+        target = svc.hosts.target(name)
+    except HostNotFound:
+        raise
+    except MonkError as exc:
+        # A damaged password file says to remove the host: that must still work (its
+        # template databases then stay there).
+        log.warning("host %s: %s", name, exc.message)
+        target = None
     try:
         # Its warm spares go first (dropped there while it answers; a refill is harmless if
         # the removal is then refused).
@@ -555,11 +572,15 @@ def remove(svc: Pipeline, name: str) -> HostView:
         role_pool.drain(svc, host=name)
     except MonkError as exc:
         log.warning("could not drop the spares of host %s: %s", name, exc.message)
+    databases: list[str] = []
     with svc.hosts.pools().system() as reg:
-        gone = host_registry.delete_unused(reg, name)
-        if gone is not None:
-            spare_rows.forget_host(reg, name)
-            spare_role_rows.forget_host(reg, name)
+        with reg.transaction():
+            gone = host_registry.delete_unused(reg, name)
+            if gone is not None:
+                spare_rows.forget_host(reg, name)
+                spare_role_rows.forget_host(reg, name)
+                drift_rows.forget_host(reg, name)
+                databases = template_builds.forget_host(reg, name)
         if gone is None:
             row = host_registry.get(reg, name)
             if row is None:
@@ -568,8 +589,31 @@ def remove(svc: Pipeline, name: str) -> HostView:
             raise HostInUse(
                 f"host {name!r} has {n} live tenant(s): move or purge them first", host=name
             )
+    pause_at(svc.settings, "host-remove.committed")
+    _drop_templates(target, databases)
     if svc.hosts.secrets is not None:
         svc.hosts.secrets.remove(gone.id)
     svc.hosts.forget(name)
     log.info("removed host %s", name)
     return _view(gone, 0)
+
+
+def _drop_templates(target: ServerTarget | None, databases: list[str]) -> None:
+    """The template databases of a removed host, dropped there while it answers: a server
+    added again later receives its builds anew. One that is down keeps them (logged): an add
+    of it then refuses to build over them, naming each."""
+    if target is None or not databases:
+        return
+    try:
+        conn = open_checked(target, purpose="host-remove")
+    except MonkError as exc:
+        log.warning("host %s removed; its template databases stay there: %s", target.name, exc)
+        return
+    try:
+        for database in databases:
+            try:
+                admin.drop_database(conn, database)
+            except (MonkError, psycopg.Error) as exc:
+                log.warning("host %s removed; %s not dropped there: %s", target.name, database, exc)
+    finally:
+        conn.close()

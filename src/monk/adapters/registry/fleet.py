@@ -93,6 +93,12 @@ def record_drift(
     )
 
 
+def forget_host(conn: Conn, host: str) -> int:
+    """Delete the drift checks made against the builds of a host that is removed (they are
+    listed under that host only); returns how many."""
+    return conn.execute("DELETE FROM drift_checks WHERE host = %s", (host,)).rowcount
+
+
 _DRIFT_SELECT = (
     "SELECT d.tenant_id, t.name, t.database, d.template_key, d.template_version, d.checked_at,"
     " d.drifted, d.differences, d.fingerprint, d.error, t.template_version AS registry_version"

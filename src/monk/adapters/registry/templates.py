@@ -394,6 +394,16 @@ def forget_failed_but_latest(conn: Conn, key: str, host: str) -> list[TemplateBu
         return cur.fetchall()
 
 
+def forget_host(conn: Conn, host: str) -> list[str]:
+    """Delete every build row and upgrade step of a host that is removed; returns the
+    databases its builds still had there (not dropped), for the removal to drop."""
+    conn.execute("DELETE FROM template_upgrades WHERE host = %s", (host,))
+    rows = conn.execute(
+        "DELETE FROM template_builds WHERE host = %s RETURNING database, dropped_at", (host,)
+    ).fetchall()
+    return sorted(str(r[0]) for r in rows if r[1] is None)
+
+
 def finish_swap(
     conn: Conn, key: str, host: str, build_id: UUID, op_id: UUID, stats: Mapping[str, Any]
 ) -> None:
