@@ -276,6 +276,21 @@ def test_a_provision_that_fails_before_its_activation_keeps_the_spare_role(
     assert spare_roles(env) == {"registry": set(), "server": set()}
 
 
+def test_a_restore_from_archive_renames_a_spare_role(env: Env, fresh: TenantService) -> None:
+    """A restore claims the spare role its reservation took in a commit of its own."""
+    svc = fresh
+    name = unique("Restored role")
+    svc.provision(name, template=env.template)
+    purge.request_purge(svc, name, archive=True)
+    purge.work_queue(svc)
+    role_pool.fill(svc, 1)
+    restored = svc.restore(name)
+    assert restored.credentials is not None
+    assert can_log_in(restored.as_dict()["connection_url"]) == restored.tenant.role_name
+    assert spare_roles(env) == {"registry": set(), "server": set()}
+    assert len(svc.role_secrets) == 0
+
+
 def test_doctor_drops_a_spare_role_without_its_row(env: Env, fresh: TenantService) -> None:
     svc = fresh
     role_pool.fill(svc, 1)  # a spare role with its row: no problem

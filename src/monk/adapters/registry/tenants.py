@@ -1,8 +1,9 @@
 """The provisioning pipeline's statements on the system database: reserve a name (intent,
-journal, spare role), obtain a role, configure a database, activate. The steps that change a
-server's catalogs run as system functions (``make_tenant_role``, ``configure_tenant_database``,
-``claim_spare_role``) on the registry's session: one round trip each, and no DDL sent by the
-client (psycopg would discard the session's prepared statements)."""
+journal, a host's spare role claimed), obtain a role, configure a database, activate. The steps
+that change a server's catalogs run as system functions (``make_tenant_role``,
+``configure_tenant_database``, ``claim_spare_role_or_raise``) on the registry's session: one
+round trip each, and no DDL sent by the client (psycopg would discard the session's prepared
+statements)."""
 
 from __future__ import annotations
 
