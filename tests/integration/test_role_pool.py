@@ -1,21 +1,29 @@
-"""Spare roles: made ahead, renamed into a cold provision's role, never twice, crash-safe."""
+"""Spare roles: made ahead, renamed into a cold provision's role (in its activation on one
+server), never twice, crash-safe."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import sql
 
+from monk.errors import StrayDatabase
 from monk.service import pool, purge, role_pool
 from monk.service.tenants import TenantService
+from tests.conftest import settings_env
 from tests.integration.conftest import Env, end_keyholder_sessions
-from tests.integration.test_crash import kill_at, run
+from tests.integration.test_crash import run
 from tests.integration.test_tenants import roles, unique
 
 
@@ -136,7 +144,7 @@ def test_a_refused_provision_keeps_the_spare_role(env: Env, fresh: TenantService
 
 _PROVISION_WITH_A_SPARE_ROLE = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from monk.adapters.postgres.connection import ServerTarget
     from monk.service import role_pool
     from monk.service.tenants import TenantService
@@ -146,34 +154,141 @@ _PROVISION_WITH_A_SPARE_ROLE = textwrap.dedent(
     target = ServerTarget.from_url(s.database_url.get_secret_value(), name="localhost")
     svc = TenantService(s, target)
     role_pool.fill(svc, 1)
-    svc.provision(sys.argv[1], template=sys.argv[2])
+    view = svc.provision(sys.argv[1], template=sys.argv[2])
+    print(json.dumps(view.as_dict()))
     """
 )
 
 
+def provision_paused_at(env: Env, step: str, name: str) -> subprocess.Popen[str]:
+    """A process with one spare role provisioning ``name`` with FILE_COPY (whose checkpoints
+    write and fsync every page left dirty before the clone), paused at ``step``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROVISION_WITH_A_SPARE_ROLE, name, env.template],
+        env=os.environ
+        | settings_env(env.settings)
+        | {"MONK_FAULT_PAUSE_AT": step, "MONK_CLONE_STRATEGY": "file_copy"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    if f"paused at {step}" not in line:
+        proc.kill()
+        pytest.fail(line + proc.stderr.read())
+    return proc
+
+
+def dead_spare_roles(env: Env) -> list[str]:
+    done = run(env, "doctor", "--json")
+    problems = json.loads(done.stdout)["problems"]
+    return [p["subject"] for p in problems if p["kind"] == "dead_spare_role"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["intent", "cloned", "configured"])
-def test_kill_after_claiming_a_spare_role_then_doctor(
+def test_kill_before_the_activation_commits_leaves_the_spare_role_a_spare_then_doctor(
     env: Env, fresh: TenantService, step: str
 ) -> None:
-    """A process that renamed a spare role into the tenant's, killed: the doctor undoes the
-    provision, role included, and leaves no spare role without its row (nor a row without its
-    role)."""
+    """On one server the spare role is claimed and renamed in the activation's transaction,
+    not by the reservation: up to the activation's commit (``configured``: sent, not committed)
+    it is still a spare, under its name, with its row, and the tenant's role does not exist,
+    so a FILE_COPY clone's checkpoint had nothing of the claim to write. Killed there: the
+    doctor undoes the intent and drops the dead process's spare role, role then row."""
     name = unique("Crash role")
     before = roles(env)
-    kill_at(
-        env, step, command=[sys.executable, "-c", _PROVISION_WITH_A_SPARE_ROLE, name, env.template]
-    )
-    assert spare_roles(env) == {"registry": set(), "server": set()}  # claimed: now the tenant's
-    assert len(roles(env) - before) == 1
+    proc = provision_paused_at(env, step, name)
+    try:
+        paused = spare_roles(env)
+        assert len(paused["registry"]) == 1, paused
+        assert paused["server"] == paused["registry"]
+        assert roles(env) == before  # the tenant's role: not there yet
+    finally:
+        proc.kill()
+        proc.wait()
+    (spare,) = paused["registry"]
+    assert spare_roles(env) == paused  # the kill rolled nothing forward
 
+    # The killed process's keyholder session ends with its connection, just after the kill.
+    deadline = time.monotonic() + 60
+    while dead_spare_roles(env) != [spare]:
+        assert time.monotonic() < deadline, "the doctor never reported the dead spare role"
+        time.sleep(0.2)
     fixed = run(env, "doctor", "--repair", "--json")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert json.loads(fixed.stdout)["remaining"] == []
     assert roles(env) == before
+    assert spare_roles(env) == {"registry": set(), "server": set()}
     again = run(env, "tenant", "create", name, "--template", env.template, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["status"] == "active"
+
+
+@pytest.mark.slow
+def test_a_spare_role_drained_before_the_activation_gives_way_to_a_new_role(
+    env: Env, fresh: TenantService
+) -> None:
+    """``monk pool drain`` drops every unclaimed spare role, the one a provision took too
+    (claimed only in its activation): the activation's claim fails, nothing of it is written,
+    and the provision makes a new role and activates with it."""
+    name = unique("Drained role")
+    proc = provision_paused_at(env, "cloned", name)
+    try:
+        drained = run(env, "pool", "drain")
+        assert drained.returncode == 0, drained.stderr
+        assert "dropped 1 spare role(s)" in drained.stdout, drained.stdout
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    view = json.loads(out)
+    assert view["status"] == "active"
+    assert can_log_in(view["connection_url"]) == view["role"]
+    assert spare_roles(env) == {"registry": set(), "server": set()}
+
+
+def test_a_provision_that_fails_before_its_activation_keeps_the_spare_role(
+    env: Env, fresh: TenantService
+) -> None:
+    """The spare role a failed provision took was never claimed: it is this process's spare
+    again, and the next provision renames it."""
+    svc = fresh
+    role_pool.fill(svc, 1)
+    name = unique("Stray")
+    database = svc.name(name).database
+    with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+        adm.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    try:
+        with pytest.raises(StrayDatabase):
+            svc.provision(name, template=env.template)
+    finally:
+        with psycopg.connect(env.target.conninfo, dbname="postgres", autocommit=True) as adm:
+            adm.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(database)))
+    kept = spare_roles(env)
+    assert len(kept["registry"]) == 1
+    assert kept["server"] == kept["registry"]
+    assert len(svc.role_secrets) == 1
+    view = svc.provision(unique("Next"), template=env.template)
+    assert can_log_in(view.as_dict()["connection_url"]) == view.tenant.role_name
+    assert spare_roles(env) == {"registry": set(), "server": set()}
+
+
+def test_a_restore_from_archive_renames_a_spare_role(env: Env, fresh: TenantService) -> None:
+    """A restore claims the spare role its reservation took in a commit of its own."""
+    svc = fresh
+    name = unique("Restored role")
+    svc.provision(name, template=env.template)
+    purge.request_purge(svc, name, archive=True)
+    purge.work_queue(svc)
+    role_pool.fill(svc, 1)
+    restored = svc.restore(name)
+    assert restored.credentials is not None
+    assert can_log_in(restored.as_dict()["connection_url"]) == restored.tenant.role_name
+    assert spare_roles(env) == {"registry": set(), "server": set()}
+    assert len(svc.role_secrets) == 0
 
 
 def test_doctor_drops_a_spare_role_without_its_row(env: Env, fresh: TenantService) -> None:

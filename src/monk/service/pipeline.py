@@ -702,10 +702,16 @@ class Intent:
     tenant: Tenant  # the intent row, 'provisioning'
     op: UUID  # its journal entry, running
     template_in_use: bool  # the template had client sessions (a clone would wait)
-    role: Credentials | None  # a spare role claimed for the tenant, with its password
+    # The tenant's role as a spare role will make it: its name and the spare's password.
+    role: Credentials | None
     # On a host of the fleet: the claimed spare role's name, renamed there after the commit
-    # (``Pipeline.obtain_role``). None: ``role`` is renamed already (or there is none).
+    # (``Pipeline.obtain_role``).
     spare_role: str | None = None
+    # On the registry's server: the spare role taken, not claimed yet (still a spare of this
+    # process in the registry): claimed and renamed in the activation's transaction
+    # (``spare_roles.queue_claim``), or by ``Pipeline.obtain_role``. Put back (``unclaimed``)
+    # if it never is.
+    local_spare: str | None = None
 
 
 class Pipeline:
@@ -1063,9 +1069,12 @@ class Pipeline:
         """Reserve the name, the pipeline's first step, in one statement
         (``registry.tenants.reserve``): its lock (unless ``have_lock``), the intent row on
         ``host`` (default: the pools' server), its journal entry (``operation``, ``params``),
-        and one of this process's spare roles renamed into the tenant's, all committed
-        together; ``template_database``'s sessions counted (a session on it would make a clone
-        wait 5 s, then fail).
+        and on a host of the fleet one of this process's spare roles there marked claimed, all
+        committed together; ``template_database``'s sessions counted (a session on it would
+        make a clone wait 5 s, then fail). On the registry's server a spare role of this
+        process is only taken out of memory (``Intent.local_spare``): its claim and rename go
+        into the activation's transaction, so that the reservation dirties no ``pg_authid``
+        or ``spare_roles`` page for a FILE_COPY clone's checkpoint to write and fsync.
 
         Without ``have_lock``, None (nothing written, no lock kept) when the name is busy or
         taken or a spare is ready: the caller takes the full path. With it, a taken name
@@ -1073,8 +1082,8 @@ class Pipeline:
         ready (default: with ``have_lock``, after the caller tried the warm handout).
         ``spare_role_ok``: claim a spare role (False: the caller brings a role, a spare's)."""
         shared_wal = self.registry_shares_server(pools)
-        # Spare roles are per server: the local ones are renamed by the reservation's
-        # statement, a host's are only claimed by it (renamed there after the commit).
+        # Spare roles are per server: a host's are claimed by the reservation's statement
+        # (renamed there after the commit), the local ones later, in the activation.
         remote = not pools.keeps_registry
         on = pools.target.name
         spare = self.role_secrets.take(on) if spare_role_ok else None
@@ -1091,7 +1100,7 @@ class Pipeline:
                     template_version=template_version,
                     template_database=template_database,
                     idempotency_key=idempotency_key,
-                    spare_role=spare[0] if spare else None,
+                    spare_role=spare[0] if spare and remote else None,
                     keyholder=self.instance_id,
                     # On a host of the fleet the activation, a synchronous commit on the
                     # registry's server, flushes it too (a clone the crash orphans there is
@@ -1119,34 +1128,54 @@ class Pipeline:
                 with contextlib.suppress(psycopg.Error):
                     registry.unlock_if_held(reg, name.database)
             raise
-        if spare is not None and gate.claimed is None:
-            self.role_secrets.put(*spare, on)  # no intent, no claim: still a spare, still ours
-        # gate.claimed False: the spare was gone (another server's start-up dropped it).
         if gate.tenant is None:
+            if spare is not None:
+                self.role_secrets.put(*spare, on)  # no intent, no claim: still a spare, ours
             if have_lock:
                 raise registry.exists_error(reg, name)
             if gate.locked:
                 registry.unlock(reg, name.database)
             return None
-        claimed = spare is not None and bool(gate.claimed)
+        # A host's claim False: its spare role was gone (a drain dropped it). The registry's
+        # server's spare role stays taken for the intent, claimed in its activation.
+        claimed = spare is not None and (not remote or bool(gate.claimed))
         return Intent(
             tenant=gate.tenant,
             op=op_id,
             template_in_use=gate.sessions > 0,
             role=Credentials(name.role, spare[1]) if spare and claimed else None,
             spare_role=spare[0] if spare and claimed and remote else None,
+            local_spare=spare[0] if spare and not remote else None,
         )
+
+    def unclaimed(self, pools: ServerPools, intent: Intent) -> None:
+        """The intent's local spare role was not claimed (the provision failed before its
+        activation committed): this process's spare again."""
+        if intent.local_spare is not None and intent.role is not None:
+            self.role_secrets.put(intent.local_spare, intent.role.password, pools.target.name)
 
     def obtain_role(
         self, reg: psycopg.Connection[Any], pools: ServerPools, intent: Intent, role: str
     ) -> Credentials:
-        """The tenant's role on the server of ``pools``: the spare role the reservation
-        claimed (renamed already on the registry's server; on a host of the fleet renamed
-        there now, ``rename_spare_role``), else a new one (``create_role_on``). A crash or a
-        failure after the claim is undone by the intent's undo, which drops the claimed role
-        under either name."""
+        """The tenant's role on the server of ``pools``, now (a restore; a cold provision on
+        the registry's server claims its spare role in its activation instead): the spare role
+        taken by the reservation, claimed and renamed now on the registry's server
+        (``spare_roles.claim``, its own commit), on a host of the fleet (claimed by the
+        reservation) renamed there (``rename_spare_role``); else a new one
+        (``create_role_on``). A crash or a failure after the claim is undone by the intent's
+        undo, which drops the claimed role under either name; a crash before it leaves a
+        spare role of a dead process (dropped by the next start-up, or ``monk doctor``)."""
         if intent.role is None:
             return self.create_role_on(reg, pools, role)
+        if intent.local_spare is not None:
+            try:
+                claimed = spare_role_rows.claim(
+                    reg, intent.local_spare, role, keyholder=self.instance_id
+                )
+            except BaseException:
+                self.unclaimed(pools, intent)
+                raise
+            return intent.role if claimed else self.create_role_on(reg, pools, role)
         if intent.spare_role is not None:
             with pools.admin() as adm:
                 admin.rename_spare_role(adm, pools.admin_db, intent.spare_role, role)

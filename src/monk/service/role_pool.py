@@ -8,10 +8,13 @@ the empty password at the same cost (~4 ms), both on the CPU the clone needs. A 
 ``monk serve``'s refiller, on every host that takes new tenants (roles are per server).
 
 - **On the registry's server** (the local host) role and row are made together
-  (``make_spare_role``), and the provision's intent transaction renames it to
-  ``tenant_<hash>`` (``claim_spare_role``, part of the reservation's one statement,
-  ``registry.tenants.reserve``): a crash leaves the role either still a spare or the
-  tenant's, undone with the intent.
+  (``make_spare_role``); a provision takes one in memory at its reservation, and its
+  activation's transaction renames it to ``tenant_<hash>`` and deletes the row
+  (``claim_spare_role_or_raise``, ``spare_roles.queue_claim``), so that nothing of it is
+  dirty when a FILE_COPY clone's checkpoint runs: a crash leaves the role either still a spare
+  (of a dead process: dropped at the next start-up or by ``monk doctor``) or the tenant's,
+  active. A spare role dropped meanwhile (a drain) fails the claim, and the provision makes a
+  new role.
 - **On a host of the fleet** the registry's transaction cannot reach the role, so the steps are
   ordered: the row commits first, then the role is made there (``make_tenant_role``, monk's
   function on the host): a crash leaves a row without a role, never a role nobody knows. The

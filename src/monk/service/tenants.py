@@ -489,10 +489,11 @@ class TenantService(Pipeline):
         connection_limit: int | None = None,
         root: RootPassword | None = None,
     ) -> TenantView:
-        """Obtain the database (a clone) and the role (the spare role the reservation renamed
-        in, else a new one, made while the clone runs), prepare it (migrate, the root user),
-        then configure and activate in one round trip, behind a reserved name (lock held); any
-        failure undoes it all."""
+        """Obtain the database (a clone) and the role (a spare role taken by the reservation,
+        claimed and renamed in with the activation on the registry's server, renamed on a host
+        of the fleet while the clone runs; else a new one, made while the clone runs), prepare
+        it (migrate, the root user), then configure and activate in one round trip, behind a
+        reserved name (lock held); any failure undoes it all."""
         # Hashed ahead, or now on a side thread while the clone runs; the pair taken is hashed
         # again once this provision is done, not beside its clone (see RootPasswords.take).
         root_password, root_hash = root or self.root_passwords.take(refill=False)
@@ -520,12 +521,15 @@ class TenantService(Pipeline):
         self.checkpoint("intent")
         role_limit = connection_limit or self.settings.tenant_connection_limit
         step = "clone"
+        claim = intent.local_spare  # a spare role still to claim (None once claimed)
         try:
             # The role does not depend on the database: make it while the clone runs, on the
             # registry session this provision already holds (roles are cluster-wide), so that
             # no provision ever waits for a second pooled connection while holding one.
             role_job: Future[Credentials]
-            if intent.role is not None and intent.spare_role is None:
+            if intent.local_spare is not None and intent.role is not None:
+                # Claimed and renamed in the activation's transaction (below): nothing written
+                # before the clone but the intent.
                 role_job = Future()
                 role_job.set_result(intent.role)
             elif not pools.keeps_registry:
@@ -550,11 +554,6 @@ class TenantService(Pipeline):
                         build,
                         registry_free,
                         template_in_use,
-                        # A role renamed in already exists: owning the clone from its creation
-                        # spares configure's ALTER DATABASE OWNER a catalog update.
-                        owner=name.role
-                        if intent.role is not None and intent.spare_role is None
-                        else None,
                     )
             finally:
                 role_error = role_job.exception()  # waits: the undo must know of the role
@@ -590,9 +589,10 @@ class TenantService(Pipeline):
             self.checkpoint("role")
             step = "configure"
 
-            # One round trip: on one server, configuring the database (ownership, rights,
-            # settings, mark: cluster-wide catalogs, reachable from the registry's session) and
-            # activating the tenant commit together, so a crash leaves all of it or none.
+            # One round trip: on one server, claiming the spare role, configuring the database
+            # (ownership, rights, settings, mark: cluster-wide catalogs, reachable from the
+            # registry's session) and activating the tenant commit together, so a crash leaves
+            # all of it or none.
             def unlock() -> None:
                 # After the COMMIT (a session lock released inside the transaction would let
                 # another process see the intent before the activation), same round trip.
@@ -609,24 +609,45 @@ class TenantService(Pipeline):
                 self.configure_remote(
                     pools, name.database, name.role, build.database_settings, role_limit
                 )
-            with registry.pipelined_transaction(reg, after_commit=unlock):
-                activated = tenant_registry.queue_activation(
-                    reg,
-                    tenant.id,
-                    op,
-                    migration_level=level,
-                    template_version=build.version,
-                    configure=configure,
-                    connection_limit=connection_limit,
-                )
-                if pending_root is not None:
-                    pending_roots.queue_add(reg, tenant.id, pending_root)
-                if intent.spare_role is not None:
-                    spare_role_rows.delete_claimed(reg, tenant.id)
-                self.checkpoint("configured")  # sent, not committed
+            while True:
+                try:
+                    with registry.pipelined_transaction(reg, after_commit=unlock):
+                        if claim is not None:
+                            # The spare role renamed into the tenant's, before configure
+                            # hands it the database, in the same commit.
+                            spare_role_rows.queue_claim(
+                                reg, claim, name.role, keyholder=self.instance_id
+                            )
+                        activated = tenant_registry.queue_activation(
+                            reg,
+                            tenant.id,
+                            op,
+                            migration_level=level,
+                            template_version=build.version,
+                            configure=configure,
+                            connection_limit=connection_limit,
+                        )
+                        if pending_root is not None:
+                            pending_roots.queue_add(reg, tenant.id, pending_root)
+                        if intent.spare_role is not None:
+                            spare_role_rows.delete_claimed(reg, tenant.id)
+                        self.checkpoint("configured")  # sent, not committed
+                    break
+                except psycopg.Error as exc:
+                    if claim is None or not spare_role_rows.claim_gone(exc):
+                        raise
+                # The spare role was dropped since the reservation (a drain): nothing was
+                # written; a new role, then the activation again.
+                claim = None
+                step = "role"
+                credentials = self.create_role(reg, name.role)
+                step = "configure"
+            claim = None  # committed
             lock.held = False
             tenant = registry.fetch_tenant(activated)
         except BaseException as exc:
+            if claim is not None:
+                self.unclaimed(pools, intent)
             if reg.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
                 reg.rollback()  # a pipeline reports an error after queueing the COMMIT
             clone_refused = isinstance(exc, StrayDatabase)

@@ -1,7 +1,9 @@
 """Spare roles in the system database. On the registry's own server (``host`` NULL) rows and
 roles are made, claimed and dropped together by the system functions ``make_spare_role``,
-``claim_spare_role`` and ``drop_spare_roles``; on a host of the fleet the row is written here
-and the role there, in a crash-safe order (migration 0026, ``monk.service.role_pool``)."""
+``claim_spare_role`` (a cold provision's: ``claim_spare_role_or_raise``, in its activation's
+transaction, migration 0027) and ``drop_spare_roles``; on a host of the fleet the row is
+written here and the role there, in a crash-safe order (migration 0026,
+``monk.service.role_pool``)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,35 @@ def make(conn: Conn, role: str, *, verifier: str, mark: str, keyholder: UUID) ->
     """The role (LOGIN, with the password of ``verifier``, marked) and its row, in one
     transaction: the registry's own server."""
     conn.execute("SELECT make_spare_role(%s, %s, %s, %s)", (role, verifier, mark, keyholder))
+
+
+def claim(conn: Conn, spare: str, role: str, *, keyholder: UUID) -> bool:
+    """Rename ``spare``, a spare role of ``keyholder`` on the registry's server, into ``role``
+    and delete its row, in the caller's transaction; False (nothing changed) when it is no
+    longer such a spare (drained, dropped by another server's start-up)."""
+    row = conn.execute(
+        "SELECT claim_spare_role(%s, %s, %s)", (spare, role, keyholder), prepare=True
+    ).fetchone()
+    return bool(row and row[0])
+
+
+# Raised by claim_spare_role_or_raise (migration 0027): the role is no longer a spare of the
+# caller's process.
+_GONE = "MK001"
+
+
+def queue_claim(conn: Conn, spare: str, role: str, *, keyholder: UUID) -> None:
+    """``claim``, queued in the caller's pipelined transaction (a cold provision's activation),
+    failing the whole transaction when ``spare`` is no longer a spare of ``keyholder``
+    (``claim_gone`` tells that error)."""
+    conn.execute(
+        "SELECT claim_spare_role_or_raise(%s, %s, %s)", (spare, role, keyholder), prepare=True
+    )
+
+
+def claim_gone(exc: BaseException) -> bool:
+    """``exc`` is ``queue_claim``'s refusal: the spare role was gone (nothing was written)."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate == _GONE
 
 
 def add_row(conn: Conn, role: str, *, host: str, keyholder: UUID) -> None:

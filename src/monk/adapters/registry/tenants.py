@@ -1,8 +1,9 @@
 """The provisioning pipeline's statements on the system database: reserve a name (intent,
-journal, spare role), obtain a role, configure a database, activate. The steps that change a
-server's catalogs run as system functions (``make_tenant_role``, ``configure_tenant_database``,
-``claim_spare_role``) on the registry's session: one round trip each, and no DDL sent by the
-client (psycopg would discard the session's prepared statements)."""
+journal, a host's spare role claimed), obtain a role, configure a database, activate. The steps
+that change a server's catalogs run as system functions (``make_tenant_role``,
+``configure_tenant_database``, ``claim_spare_role_or_raise``) on the registry's session: one
+round trip each, and no DDL sent by the client (psycopg would discard the session's prepared
+statements)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ Conn = psycopg.Connection[Any]
 class Reservation:
     """What ``reserve`` answers: whether it took the name's lock, the template's client
     sessions, the intent row if it wrote one (only when it took the lock), and whether the
-    spare role was renamed into the tenant's (None: no claim ran)."""
+    host's spare role was claimed for it (None: no claim ran)."""
 
     locked: bool
     sessions: int
@@ -64,12 +65,10 @@ _RESERVE = rendered(
         " op AS (INSERT INTO operations (id, kind, subject, database, host, state, params)"
         " SELECT %(op)s, %(kind)s, %(key)s, %(database)s, %(host)s, 'running', %(params)s"
         " FROM intent),"
-        # The registry's server: renamed here; a host of the fleet: marked with the intent,
-        # renamed there after the commit (CASE evaluates only the branch it takes).
-        " claimed AS (SELECT CASE WHEN %(remote)s"
-        " THEN claim_host_spare_role(%(spare)s, %(keyholder)s, %(host)s, intent.id)"
-        " ELSE claim_spare_role(%(spare)s, %(role)s, %(keyholder)s) END AS ok"
-        " FROM intent WHERE %(spare)s::text IS NOT NULL)"
+        # A host of the fleet's spare role: marked with the intent, renamed there after the
+        # commit. (The registry's server claims its spare role in the activation instead.)
+        " claimed AS (SELECT claim_host_spare_role(%(spare)s, %(keyholder)s, %(host)s, intent.id)"
+        " AS ok FROM intent WHERE %(spare)s::text IS NOT NULL)"
         " SELECT gate.locked AS gate_locked, gate.sessions AS gate_sessions,"
         " claimed.ok AS gate_claimed, intent.*"
         " FROM gate LEFT JOIN intent ON true LEFT JOIN claimed ON true"
@@ -100,9 +99,12 @@ def reserve(
     """Reserve the name (the pipeline's first step) in one statement, its own transaction: take the
     name's session lock, count the template's sessions, and only if the lock was free, no live
     tenant has the name or its database and no spare of the template is ready, write the intent,
-    its journal entry (a running ``provision`` operation) and rename ``spare_role`` (if given)
-    into the tenant's role (``remote``: only mark its row with the intent; the caller renames
-    it on the host). Anything else writes nothing: the caller releases the lock if it was
+    its journal entry (a running ``provision`` operation) and, on a host of the fleet
+    (``remote``), mark ``spare_role``'s row (if given) with the intent (the caller renames it
+    on the host). On the registry's own server nothing else is written: ``tenants`` and
+    ``operations`` are all a FILE_COPY clone's checkpoint finds dirty (its spare role is
+    claimed in the activation, ``spare_roles.queue_claim``). Anything else writes nothing: the
+    caller releases the lock if it was
     taken and takes the full path. The statement's snapshot predates its lock: a tenant
     committed in between is caught by the unique indexes (an error: ``registry.intent_errors``).
     ``async_commit``: the commit does not wait for its WAL flush (a later synchronous commit on
@@ -112,6 +114,8 @@ def reserve(
     parameters (default: a ``provision`` of the template's version; a restore from archive
     records its archive). ``remote``: ``host`` is a host of the fleet, whose row must be there
     (no intent otherwise: it was removed)."""
+    if spare_role is not None and not remote:
+        raise ValueError("a spare role of the registry's server is claimed in the activation")
     values = {
         "lock": advisory_key(name.database),
         "async": async_commit,
