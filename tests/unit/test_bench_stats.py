@@ -166,3 +166,39 @@ def test_a_level_is_cut_into_an_even_count_of_slices_of_about_a_second() -> None
     assert throughput_slices(0.6) == (2, 0.3)
     assert throughput_slices(3.0) == (4, 0.75)
     assert throughput_slices(10.0) == (10, 1.0)
+
+
+def test_http_targets_are_read_on_the_lean_client_beside_the_stacks_floor() -> None:
+    """``monk bench --http``: what the API adds is the http.client figure (httpx's own cost
+    is the client's); each 'adds' target shows the floor a FastAPI route doing nothing takes
+    under the same uvicorn, read the same way (after the pause, or back to back)."""
+    from monk.bench.http import http_targets
+
+    def call(inproc: float, lean: float, httpx: float) -> dict[str, object]:
+        return {
+            "in_process": {"p50_ms": inproc},
+            "http_lean": {"p50_ms": lean},
+            "http": {"p50_ms": httpx},
+            "http_lean_adds_p50_ms": round(lean - inproc, 3),
+            "http_adds_p50_ms": round(httpx - inproc, 3),
+        }
+
+    result = {
+        "cold": {**call(40.0, 42.5, 43.0), "http_lean_over_raw": 1.12},
+        "warm": call(1.5, 2.4, 3.5),
+        "get": call(0.9, 2.4, 3.6),
+        "get_back_to_back": call(0.3, 0.9, 1.3),
+        "floor": {
+            "fastapi": {"after_pause": {"p50_ms": 1.3}, "back_to_back": {"p50_ms": 0.36}},
+            "asgi": {"after_pause": {"p50_ms": 0.9}, "back_to_back": {"p50_ms": 0.22}},
+        },
+    }
+    targets = {t.name: t for t in http_targets(result)}
+    assert targets["warm: HTTP adds (p50)"].met is True  # 0.9 from http.client, 2.0 from httpx
+    assert targets["get: HTTP adds (p50)"].met is False
+    assert targets["get: HTTP adds (p50)"].measured == "1.5 ms (the stack's floor: 1.3)"
+    assert targets["get back to back: HTTP adds (p50)"].measured == (
+        "0.6 ms (the stack's floor: 0.36)"
+    )
+    assert targets["warm over HTTP (p50)"].met is True  # 2.4 ms
+    assert targets["cold over HTTP / raw (p50)"].met is True
