@@ -443,6 +443,11 @@ def test_bench_template_size_measures_every_strategy_and_removes_what_it_made(
         assert t["monk_cold_spare_roles_used"] == 2
         assert t["fastest_raw"] in ("wal_log", "file_copy")
     assert "monk cold / fastest raw" in run.stdout
+    # the threshold this run measured, where the two strategies cross (or 0, or the largest)
+    found = result["suggested_file_copy_above"]
+    assert isinstance(found["bytes"], int), found
+    assert found["bytes"] >= 0, found
+    assert f"MONK_CLONE_FILE_COPY_ABOVE={found['setting']}" in run.stdout
     after = server_objects(admin_url)
     assert after == before
     with psycopg.connect(admin_url) as conn:

@@ -9,10 +9,12 @@ import pytest
 
 from monk.core.clone_strategy import (
     DEFAULT_FILE_COPY_ABOVE,
+    ClonePoint,
     choose,
     format_size,
     parse_size,
     parse_strategy_setting,
+    suggest_threshold,
 )
 from monk.errors import ConfigError, InvalidTemplateSource
 from monk.settings import load_settings
@@ -108,3 +110,49 @@ def test_template_json_clone_strategy(tmp_path: Path) -> None:
     (src / "template.json").write_text(json.dumps({"description": "x", "clone_strategy": "x"}))
     with pytest.raises(InvalidTemplateSource, match="clone_strategy: 'x' is not a clone strategy"):
         load_source(src)
+
+
+MB = 1024 * 1024
+
+
+def test_the_threshold_a_run_measured_is_where_the_two_strategies_cross() -> None:
+    # session 9's quiet runs: the VM's disk, and a loop-mounted reflink XFS (FILE_COPY + clone)
+    disk = suggest_threshold(
+        ClonePoint(int(10.8 * MB), 43.0, 66.7), ClonePoint(int(630.8 * MB), 1280.5, 636.2)
+    )
+    assert 30 * MB <= disk.file_copy_above <= 36 * MB  # the default, 32MB, was measured here
+    assert disk.file_copy_above % MB == 0
+    assert "cross" in disk.reason
+    xfs = suggest_threshold(
+        ClonePoint(int(10.8 * MB), 34.0, 64.8), ClonePoint(int(630.1 * MB), 1231.3, 50.5)
+    )
+    assert 20 * MB <= xfs.file_copy_above <= 30 * MB
+    assert xfs.setting.endswith("MB")
+
+
+def test_a_host_where_file_copy_wins_at_every_size_measured_gets_zero() -> None:
+    # tmpfs: a checkpoint's fsyncs cost nothing, FILE_COPY beat WAL_LOG on the small template
+    found = suggest_threshold(
+        ClonePoint(int(10.8 * MB), 23.4, 15.8), ClonePoint(int(631.5 * MB), 906.6, 394.6)
+    )
+    assert found.file_copy_above == 0
+    assert found.setting == "0"
+    assert "already" in found.reason
+    assert (
+        choose(
+            setting="auto",
+            template_setting=None,
+            clone_available=False,
+            size_bytes=int(10.8 * MB),
+            file_copy_above=found.file_copy_above,
+        ).strategy
+        == "file_copy"
+    )
+
+
+def test_wal_log_faster_at_every_size_measured_keeps_wal_log_up_to_the_largest() -> None:
+    found = suggest_threshold(ClonePoint(10 * MB, 30.0, 80.0), ClonePoint(600 * MB, 400.0, 450.0))
+    assert found.file_copy_above == 600 * MB
+    assert "still" in found.reason
+    with pytest.raises(ValueError, match="larger"):
+        suggest_threshold(ClonePoint(600 * MB, 1, 2), ClonePoint(10 * MB, 1, 2))

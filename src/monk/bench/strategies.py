@@ -33,7 +33,12 @@ from typing import Any
 
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.connection import ServerTarget, connect
-from monk.core.clone_strategy import CloneChoice, format_size
+from monk.core.clone_strategy import (
+    CloneChoice,
+    ClonePoint,
+    format_size,
+    suggest_threshold,
+)
 from monk.service import purge, role_pool, root_users
 from monk.service.templates import TemplateService
 from monk.service.tenants import TenantService
@@ -133,6 +138,7 @@ class StrategyBench:
                     ]
                 results[1]["build_seconds"] = round(build_s, 2)
                 return {
+                    "suggested_file_copy_above": _suggestion(results, support.supported),
                     "run": self.run_id,
                     "host": self.target.name,
                     "server_version": _version(self.target),
@@ -230,6 +236,18 @@ class StrategyBench:
             if build.status in ("ready", "retired"):
                 with contextlib.suppress(Exception):
                     templates.drop(self.big_key, build.version, force=True)
+
+
+def _suggestion(results: list[dict[str, Any]], can_clone: bool) -> dict[str, Any]:
+    """The threshold this run measured (``core.clone_strategy.suggest_threshold``), against
+    the FILE_COPY ``auto`` uses on this host."""
+    file_copy = "file_copy+clone" if can_clone else "file_copy"
+    figures = [(r["size_bytes"], r["p50_ms"]["wal_log"], r["p50_ms"][file_copy]) for r in results]
+    if any(v is None for row in figures for v in row) or figures[1][0] <= figures[0][0]:
+        return {"setting": None, "bytes": None, "reason": "not measured (a size or a time missing)"}
+    small, large = (ClonePoint(*row) for row in figures)
+    found = suggest_threshold(small, large)
+    return {"setting": found.setting, "bytes": found.file_copy_above, "reason": found.reason}
 
 
 def _version(target: ServerTarget) -> str:

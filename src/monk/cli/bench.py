@@ -280,6 +280,13 @@ def _bench_strategies(
             f"    monk cold / fastest raw ({t['fastest_raw']}): {t['cold_over_fastest_raw']}x;"
             f" WAL_LOG / monk cold: {t['wal_log_over_monk_cold']}x"
         )
+    found = result["suggested_file_copy_above"]
+    if found["setting"] is not None:
+        console.print(
+            f"  measured threshold: MONK_CLONE_FILE_COPY_ABOVE={found['setting']} "
+            f"({found['reason']}; now {result['settings']['clone_file_copy_above']})",
+            highlight=False,
+        )
     if json_file is not None:
         json_file.write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"wrote {json_file}")

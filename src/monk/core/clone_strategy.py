@@ -129,3 +129,56 @@ def choose(
         False,
         f"auto: {format_size(size_bytes)} template, under {format_size(file_copy_above)}",
     )
+
+
+@dataclass(frozen=True)
+class ClonePoint:
+    """One template's clone times (p50 ms) in one ``monk bench --template-size`` run:
+    WAL_LOG, and the FILE_COPY ``auto`` would use on that host (with reflink where it can)."""
+
+    size_bytes: int
+    wal_log_ms: float
+    file_copy_ms: float
+
+
+@dataclass(frozen=True)
+class ThresholdSuggestion:
+    """The ``MONK_CLONE_FILE_COPY_ABOVE`` a run's measurements ask for, and why."""
+
+    file_copy_above: int
+    reason: str
+
+    @property
+    def setting(self) -> str:
+        return format_size(self.file_copy_above) if self.file_copy_above else "0"
+
+
+def suggest_threshold(small: ClonePoint, large: ClonePoint) -> ThresholdSuggestion:
+    """Where FILE_COPY starts to beat WAL_LOG on this host, from two templates measured in one
+    run: each strategy's time taken as linear in the template's size between the two (WAL_LOG
+    copies every byte through the WAL; FILE_COPY pays two checkpoints, then copies or
+    reflinks). FILE_COPY already faster on the small one: 0 (tmpfs, where a checkpoint's
+    fsyncs cost nothing). WAL_LOG still faster on the large one: the large size (no crossing
+    seen below it). Else the crossing, rounded up to a MB."""
+    if large.size_bytes <= small.size_bytes:
+        raise ValueError("the large template must be larger than the small one")
+    if small.file_copy_ms <= small.wal_log_ms:
+        return ThresholdSuggestion(
+            0, f"FILE_COPY was faster already at {format_size(small.size_bytes)}"
+        )
+    if large.file_copy_ms >= large.wal_log_ms:
+        return ThresholdSuggestion(
+            large.size_bytes,
+            f"WAL_LOG was faster still at {format_size(large.size_bytes)}",
+        )
+    span = large.size_bytes - small.size_bytes
+    gap = small.file_copy_ms - small.wal_log_ms  # > 0: what FILE_COPY must win back
+    closing = (large.wal_log_ms - small.wal_log_ms) - (large.file_copy_ms - small.file_copy_ms)
+    crossing = small.size_bytes + gap / closing * span
+    mb = 1024 * 1024
+    rounded = int(-(-crossing // mb) * mb)
+    return ThresholdSuggestion(
+        rounded,
+        f"the two strategies cross at ~{format_size(rounded)} between the "
+        f"{format_size(small.size_bytes)} and {format_size(large.size_bytes)} templates",
+    )
