@@ -125,6 +125,11 @@ def monk_command() -> list[str]:
     return [sys.executable, "-m", "monk"]
 
 
+def _lean(port: int) -> http.client.HTTPConnection:
+    """The lean keep-alive client: stdlib, no Python of its own beyond the request."""
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -274,14 +279,13 @@ class HttpBench:
                 check=True,
             ).stdout.strip()
             headers = {"Authorization": f"Bearer {token}"}
-            lean = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            try:
-                with httpx.Client(
+            with (
+                contextlib.closing(_lean(port)) as lean,
+                httpx.Client(
                     base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=120
-                ) as client:
-                    yield _Clients(client, lean, headers)
-            finally:
-                lean.close()
+                ) as client,
+            ):
+                yield _Clients(client, lean, headers)
 
     @contextlib.contextmanager
     def _floor_served(self, floor: str) -> Iterator[_Clients]:
@@ -291,12 +295,9 @@ class HttpBench:
         command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
         command += ["--port", "{port}", "--log-level", "info"]
         command += ["--timeout-keep-alive", str(KEEP_ALIVE_S)]
-        with self._process(f"uvicorn {app}", command, dict(os.environ), "/floor/ready") as port:
-            lean = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            try:
-                yield _Clients(None, lean, {"Authorization": "Bearer floor"})
-            finally:
-                lean.close()
+        served = self._process(f"uvicorn {app}", command, dict(os.environ), "/floor/ready")
+        with served as port, contextlib.closing(_lean(port)) as lean:
+            yield _Clients(None, lean, {"Authorization": "Bearer floor"})
 
     @contextlib.contextmanager
     def _process(

@@ -240,7 +240,7 @@ def fleet_counts(svc: Pipeline) -> FleetCounts:
     with svc.hosts.pools().system() as reg:
         tenants = host_registry.tenant_status_counts(reg)
         spares = host_registry.spare_status_counts(reg)
-    roles = [(str(r["host"]), int(r["ready"])) for r in role_pool.status(svc)]
+        roles = [(str(r["host"]), int(r["ready"])) for r in role_pool.status_in(svc, reg)]
     return FleetCounts(tenants, spares, roles)
 
 

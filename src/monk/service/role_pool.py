@@ -33,6 +33,8 @@ import secrets
 from typing import Any
 from uuid import UUID
 
+import psycopg
+
 from monk.adapters import registry
 from monk.adapters.postgres import admin
 from monk.adapters.postgres.pools import ServerPools
@@ -201,8 +203,13 @@ def status(svc: Pipeline) -> list[dict[str, Any]]:
     a host that takes new tenants, 0 on a draining one). The local host first, then each host
     of the fleet by name (registered, or still holding spare roles), read in one session."""
     with svc.hosts.pools().system() as reg:
-        found = spare_roles.counts_by_host(reg)
-        rows = host_registry.list_all(reg)
+        return status_in(svc, reg)
+
+
+def status_in(svc: Pipeline, reg: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """``status``, read on the caller's registry session (/metrics reads it with the rest)."""
+    found = spare_roles.counts_by_host(reg)
+    rows = host_registry.list_all(reg)
     local = svc.hosts.local.name
     local_row = next((r for r in rows if r.is_local), None)
     takes = {local: local_row is None or local_row.state == "active"}
