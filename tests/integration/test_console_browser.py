@@ -163,6 +163,15 @@ def _sign_in(c: Console) -> None:
     c.wait("the overview after sign-in", lambda: c.driver.current_url.endswith("/console"))
 
 
+@pytest.fixture
+def signed_in(console: Console) -> Console:
+    """The module's browser with a session: a test that failed before signing in (or signed out)
+    does not take every later test down with it."""
+    if console.driver.get_cookie("monk_console") is None:
+        _sign_in(console)
+    return console
+
+
 def test_sign_in(console: Console) -> None:
     c = console
     c.open("/")
@@ -170,15 +179,16 @@ def test_sign_in(console: Console) -> None:
     c.shot("login")
     c.type("#token", "not-a-token")
     c.click("#token-form button")
-    assert "sign-in failed" in c.text("#error")
+    # the refusal is a new page: wait for it, a loaded machine answers the POST after click returns
+    c.wait("the refusal", lambda: "sign-in failed" in c.text("#error"))
     _sign_in(c)
     assert c.text("h1") == "Overview"
     # the cookie is out of the page's reach (HttpOnly)
     assert c.driver.execute_script("return document.cookie") == ""
 
 
-def test_a_tenant_provisioned_through_the_api_appears_without_a_reload(console: Console) -> None:
-    c = console
+def test_a_tenant_provisioned_through_the_api_appears_without_a_reload(signed_in: Console) -> None:
+    c = signed_in
     c.open("/console")
     c.driver.execute_script("window.__notReloaded = true")
     name = f"api-{uuid.uuid4().hex[:6]}"
@@ -196,8 +206,8 @@ def test_a_tenant_provisioned_through_the_api_appears_without_a_reload(console: 
     assert c.driver.execute_script("return window.__notReloaded") is True
 
 
-def test_provision_disable_and_purge_from_the_ui(console: Console) -> None:
-    c = console
+def test_provision_disable_and_purge_from_the_ui(signed_in: Console) -> None:
+    c = signed_in
     name = f"ui-{uuid.uuid4().hex[:6]}"
     c.open("/console/tenants")
     c.click("details summary")
@@ -256,9 +266,9 @@ def test_provision_disable_and_purge_from_the_ui(console: Console) -> None:
 
 
 def test_a_request_without_a_session_or_with_a_wrong_csrf_token_is_refused(
-    console: Console,
+    signed_in: Console,
 ) -> None:
-    c = console
+    c = signed_in
     c.open("/console")
     status = c.driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
@@ -270,9 +280,11 @@ def test_a_request_without_a_session_or_with_a_wrong_csrf_token_is_refused(
     assert r.status_code == 401
 
 
-def test_the_list_with_10000_tenants(console: Console, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_list_with_10000_tenants(
+    signed_in: Console, capsys: pytest.CaptureFixture[str]
+) -> None:
     """10,000 registry rows (no databases behind them: the list reads the registry only)."""
-    c = console
+    c = signed_in
     s = c.settings
     assert s.database_url is not None
     with psycopg.connect(s.database_url.get_secret_value(), dbname=s.system_db_name) as conn:
@@ -328,8 +340,8 @@ return [...document.querySelectorAll('input:not([type=hidden]), select, textarea
 """
 
 
-def test_templates_operations_and_events_pages(console: Console) -> None:
-    c = console
+def test_templates_operations_and_events_pages(signed_in: Console) -> None:
+    c = signed_in
     c.open("/console")
     assert int(c.text("#tenant-total")) >= BULK
     c.shot("overview")
@@ -353,10 +365,10 @@ def test_templates_operations_and_events_pages(console: Console) -> None:
         assert c.driver.execute_script(UNLABELLED) == [], path
 
 
-def test_actions_work_from_the_keyboard(console: Console) -> None:
+def test_actions_work_from_the_keyboard(signed_in: Console) -> None:
     from selenium.webdriver.common.keys import Keys
 
-    c = console
+    c = signed_in
     listed = c.api("GET", "/api/root/tenant", params={"limit": 10_000}).json()["data"]
     name = next(t["name"] for t in listed if t["name"].startswith("api-"))
     c.open(f"/console/tenants/{name}")
@@ -367,8 +379,8 @@ def test_actions_work_from_the_keyboard(console: Console) -> None:
     assert c.api("GET", f"/api/root/tenant/{name}").json()["data"]["is_active"] is True
 
 
-def test_sign_out_ends_the_session(console: Console) -> None:
-    c = console
+def test_sign_out_ends_the_session(signed_in: Console) -> None:
+    c = signed_in
     c.open("/console")
     cookie = c.driver.get_cookie("monk_console")["value"]
     c.click("#signout")
