@@ -442,3 +442,45 @@ def test_the_journal_times_a_warm_handout_and_the_overview_reads_it(
     latest = overview.minutes[-1]
     assert latest.provisions >= 1
     assert 0 < latest.p50_ms <= latest.p99_ms
+
+
+def test_a_spare_whose_template_is_rebuilt_before_it_is_ready_is_never_served(
+    env: Env, drained: TenantService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild lands between a spare's clone and its 'ready' (its commit checks the build):
+    that clone is dropped, and the fill makes a spare of the new build instead."""
+    svc = drained
+    key = f"tq_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / key
+    shutil.copytree(template_service.builtin_source_dir("basic"), source)
+    first = template_support.build(env.target, env.settings, key, source_dir=source)
+    rebuilt: list[str] = []
+    prepare = svc.prepare
+
+    def prepare_then_rebuild(*args: object, **kwargs: object) -> tuple[int, bool]:
+        done = prepare(*args, **kwargs)  # type: ignore[arg-type]
+        if not rebuilt:
+            manifest = json.loads((source / "template.json").read_text())
+            manifest["description"] = "rebuilt during a spare's clone"
+            (source / "template.json").write_text(json.dumps(manifest))
+            rebuilt.append(
+                template_support.build(env.target, env.settings, key, source_dir=source).version
+            )
+        return done
+
+    monkeypatch.setattr(svc, "prepare", prepare_then_rebuild)
+    before = databases(env, "monk_spare_%")
+    assert pool.fill(svc, key, 1) == 1
+    assert rebuilt
+    assert rebuilt[0] != first.version
+    with psycopg.connect(env.target.conninfo, dbname=env.settings.system_db_name) as conn:
+        rows = conn.execute(
+            "SELECT database, template_version, status FROM spares WHERE template_key = %s", (key,)
+        ).fetchall()
+    assert [(r[1], r[2]) for r in rows] == [(rebuilt[0], "ready")]
+    # the refused clone is gone: one new spare database, holding the new build
+    assert databases(env, "monk_spare_%") - before == {rows[0][0]}
+    with psycopg.connect(env.target.conninfo, dbname=rows[0][0]) as conn:
+        assert template_service.clone_marker(conn) == (key, rebuilt[0])
+    monkeypatch.undo()
+    pool.drain(svc)

@@ -433,6 +433,44 @@ def test_rebuild_during_provisioning_never_mislabels_a_tenant(
             assert template_service.clone_marker(conn) == (key, view.tenant.template_version)
 
 
+def test_a_rebuild_between_clone_and_activation_is_caught_by_the_activation(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The activation's commit checks the build cloned (no read of its own after the clone):
+    a rebuild landing just before it is refused there, and the tenant is cloned again from the
+    new build, recording the version it holds. Nothing of the first clone is left."""
+    key = f"tb_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / key
+    shutil.copytree(template_service.builtin_source_dir("basic"), source)
+    first = template_support.build(env.target, env.settings, key, source_dir=source)
+    settings = env.settings.model_copy(update={"pool_spares": {}, "pool_roles": 0})
+    with TenantService(settings, env.target) as svc:
+        rebuilt: list[str] = []
+        prepare = svc.prepare
+
+        def prepare_then_rebuild(*args: object, **kwargs: object) -> tuple[int, bool]:
+            done = prepare(*args, **kwargs)  # type: ignore[arg-type]
+            if not rebuilt:
+                manifest = json.loads((source / "template.json").read_text())
+                manifest["description"] = "rebuilt before the activation"
+                (source / "template.json").write_text(json.dumps(manifest))
+                build = template_support.build(env.target, env.settings, key, source_dir=source)
+                rebuilt.append(build.version)
+            return done
+
+        monkeypatch.setattr(svc, "prepare", prepare_then_rebuild)
+        before = databases(env)
+        view = svc.provision(unique("Rebuilt"), template=key)
+        assert rebuilt
+        assert rebuilt[0] != first.version
+        assert view.tenant.template_version == rebuilt[0]
+        assert databases(env) - before == {view.tenant.database}
+        with psycopg.connect(env.target.conninfo, dbname=view.tenant.database) as conn:
+            assert template_service.clone_marker(conn) == (key, rebuilt[0])
+        with psycopg.connect(view.as_dict()["connection_url"]) as conn:
+            assert conn.execute("SELECT count(*) FROM account").fetchone() == (5,)
+
+
 def test_more_concurrent_provisions_than_pooled_connections(env: Env) -> None:
     """Provisions queue for monk's bounded pools instead of failing or deadlocking."""
     s = env.settings.model_copy(update={"pool_size": 2})

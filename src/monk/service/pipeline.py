@@ -827,8 +827,8 @@ class Pipeline:
         (no build starts inside a request: ``monk template build`` or the CLI's create does it).
 
         ``cached``: an answer up to ``_BUILD_CACHE_S`` old will do, for callers that clone
-        with ``_clone`` (it checks the registry after cloning and clones again from the new
-        build if a rebuild came in between)."""
+        with ``clone`` and check the build in the commit that uses the clone
+        (``templates.queue_build_check``; refused, they clone the new build: ``clone_again``)."""
         validate_template_key(key)
         now = time.monotonic()
         with self._side_lock:
@@ -904,17 +904,18 @@ class Pipeline:
     ) -> TemplateBuild:
         """Obtain a database, a clone: ``CREATE DATABASE … TEMPLATE [OWNER] STRATEGY`` with the
         strategy ``clone_choice`` picks (the one clone step of every provision and refill),
-        keeping the template free of sessions; returns the build whose content the clone
-        really holds.
+        keeping the template free of sessions; returns the build cloned (another than
+        ``build`` when the template was swapped away at the moment of the clone).
         ``registry_session`` gives the caller's registry connection when it is free to use.
 
         Templates are closed to connections, but a session opened before (or by a superuser
         flipping the flag) makes PostgreSQL wait 5 s and fail: end them first (the caller tells
         whether it saw any; every retry looks again), and retry with backoff until the clone
-        timeout. A rebuild swaps the template's name and the registry
-        in one transaction; if the registry names another build after the clone than before,
-        the swap may have happened in between, so the clone is dropped and made again from the
-        new build: a tenant never records one version while holding another.
+        timeout. A rebuild swaps the template's name and the registry in one transaction, so a
+        clone made while it ran may hold either build: the caller's commit checks the build it
+        records (``templates.queue_build_check``, no round trip of its own) and, refused, drops
+        the clone and clones again (``reclone``): a tenant never records one version while
+        holding another.
         """
         cloning = build
         look_for_sessions = template_in_use
@@ -944,11 +945,6 @@ class Pipeline:
             except DatabaseMissing:
                 cloning = current()
                 raise TemplateBusy(f"template {build.key!r} is being swapped") from None
-            after = template_builds.current_build_id(registry_session(), build.key, target.name)
-            if after != cloning.id:
-                admin.drop_database(adm, database)
-                cloning = current()
-                raise TemplateBusy(f"template {build.key!r} was rebuilt during the clone")
 
         try:
             for tried in Retrying(
@@ -972,6 +968,26 @@ class Pipeline:
                 database=database,
             ) from None
         return cloning
+
+    def clone_again(
+        self,
+        pools: ServerPools,
+        database: str,
+        build: TemplateBuild,
+        reg: psycopg.Connection[Any],
+        deadline: float,
+    ) -> TemplateBuild:
+        """The commit that used a clone of ``build`` was refused (``templates.rebuilt``): drop
+        the clone, and return the build to clone again (TemplateBusy past ``deadline``)."""
+        with pools.admin() as adm:
+            admin.drop_database(adm, database)
+        if time.monotonic() > deadline:
+            raise TemplateBusy(
+                f"template {build.key!r} was rebuilt during every clone for "
+                f"{self.settings.clone_timeout:.0f}s; retry later",
+                template=build.key,
+            )
+        return self.current_build(build.key, pools.target, reg)
 
     def ownership_mark(self) -> str:
         """Written on every tenant database and role: several monk installations may share a

@@ -40,12 +40,13 @@ from monk.adapters.postgres import admin, tenant_users
 from monk.adapters.postgres.connection import connect, translate
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, spares
+from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.spares import SpareRow as SpareRow
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import scram
 from monk.core.tenant_names import TenantName
-from monk.errors import InvalidState, MonkError
+from monk.errors import InvalidState, MonkError, TemplateBusy
 from monk.service.pipeline import Pipeline, RootPassword, SpareSecret
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,22 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                         pools.target.name,
                     ),
                 )
-                spares.mark_ready(reg, spare_id, level)
+                try:
+                    # Ready only if the build cloned is still current (a rebuild during the
+                    # clone: dropped below; the refill clones the new build).
+                    with registry.pipelined_transaction(reg):
+                        template_builds.queue_build_check(
+                            reg, build.key, pools.target.name, build.id
+                        )
+                        spares.mark_ready(reg, spare_id, level)
+                except psycopg.Error as exc:
+                    if not template_builds.rebuilt(exc):
+                        raise
+                    svc.spare_secrets.take(name)
+                    raise TemplateBusy(
+                        f"template {build.key!r} was rebuilt during the clone of spare {name}",
+                        template=build.key,
+                    ) from None
             except BaseException:
                 _drop_spare(pools, name)
                 spares.delete(reg, spare_id)
@@ -383,7 +399,14 @@ def fill(svc: Pipeline, key: str, count: int, *, host: str | None = None) -> int
         if total >= svc.settings.pool_max_total:
             log.info("warm pool at its cap of %d spares", svc.settings.pool_max_total)
             return made
-        create_spare(svc, pools, build)
+        try:
+            create_spare(svc, pools, build)
+        except TemplateBusy:
+            fresh = svc.current_build(key, target)
+            if fresh.id == build.id:
+                raise
+            build = fresh  # rebuilt during that clone (nothing left of it): the new build's
+            continue
         made += 1
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from monk.adapters.postgres.connection import (
 from monk.adapters.postgres.pools import ServerPools
 from monk.adapters.registry import Tenant, pending_roots
 from monk.adapters.registry import spare_roles as spare_role_rows
+from monk.adapters.registry import templates as template_builds
 from monk.adapters.registry import tenants as tenant_registry
 from monk.adapters.registry.templates import TemplateBuild
 from monk.core import lifecycle, scram
@@ -545,103 +547,126 @@ class TenantService(Pipeline):
                 role_job.exception()  # waits: the role job is done with the session
                 return reg
 
-            try:
-                with pools.admin() as adm:
-                    cloned = self.clone(
-                        adm,
-                        pools.target,
-                        name.database,
-                        build,
-                        registry_free,
-                        template_in_use,
-                    )
-            finally:
-                role_error = role_job.exception()  # waits: the undo must know of the role
-            if role_error is not None:
-                step = "role"
-                raise role_error
-            credentials = role_job.result()
-            build = cloned
-            self.checkpoint("cloned")
-            step = "prepare"
-            pending_root: str | None = None
-            if (
-                self.root_after_answer
-                and not self.pending_migrations(build)
-                and has_tenant_users(build.compiler_version)
-            ):
-                # Nothing to write into the new database but the root user: its hash commits
-                # with the activation and is written after the answer (service.root_users).
-                level, rooted, pending_root = build.migration_level, True, root_hash.result()
-            else:
-                if self.pending_migrations(build):
-                    # Long work follows: journal how far we got (informational: any crash
-                    # before activation is undone whole, whatever the step).
-                    registry.set_step(reg, tenant.id, "cloned")
-                level, rooted = self.prepare(
-                    pools.target,
-                    name.database,
-                    build,
-                    root_hash,
-                    async_commit=self.registry_shares_server(pools),
-                )
-            self.checkpoint("migrated")
-            self.checkpoint("role")
-            step = "configure"
-
-            # One round trip: on one server, claiming the spare role, configuring the database
-            # (ownership, rights, settings, mark: cluster-wide catalogs, reachable from the
-            # registry's session) and activating the tenant commit together, so a crash leaves
-            # all of it or none.
             def unlock() -> None:
                 # After the COMMIT (a session lock released inside the transaction would let
                 # another process see the intent before the activation), same round trip.
                 registry.unlock(reg, lock.database, prepare=True)
 
-            configure = None
-            if pools.keeps_registry:
-                configure = self.configure_args(
-                    name.database, name.role, build.database_settings, role_limit
-                )
-            else:
-                # Waits for the host's disk: once answered, the tenant must log in there even
-                # after a crash of the host (the reservation may be lazy, this may not).
-                self.configure_remote(
-                    pools, name.database, name.role, build.database_settings, role_limit
-                )
-            while True:
+            credentials: Credentials | None = None
+            deadline = time.monotonic() + self.settings.clone_timeout
+            while True:  # again only when a rebuild swapped the template during the clone
                 try:
-                    with registry.pipelined_transaction(reg, after_commit=unlock):
-                        if claim is not None:
-                            # The spare role renamed into the tenant's, before configure
-                            # hands it the database, in the same commit.
-                            spare_role_rows.queue_claim(
-                                reg, claim, name.role, keyholder=self.instance_id
-                            )
-                        activated = tenant_registry.queue_activation(
-                            reg,
-                            tenant.id,
-                            op,
-                            migration_level=level,
-                            template_version=build.version,
-                            configure=configure,
-                            connection_limit=connection_limit,
+                    with pools.admin() as adm:
+                        cloned = self.clone(
+                            adm,
+                            pools.target,
+                            name.database,
+                            build,
+                            registry_free,
+                            template_in_use,
                         )
-                        if pending_root is not None:
-                            pending_roots.queue_add(reg, tenant.id, pending_root)
-                        if intent.spare_role is not None:
-                            spare_role_rows.delete_claimed(reg, tenant.id)
-                        self.checkpoint("configured")  # sent, not committed
-                    break
-                except psycopg.Error as exc:
-                    if claim is None or not spare_role_rows.claim_gone(exc):
-                        raise
-                # The spare role was dropped since the reservation (a drain): nothing was
-                # written; a new role, then the activation again.
-                claim = None
-                step = "role"
-                credentials = self.create_role(reg, name.role)
+                finally:
+                    role_error = role_job.exception()  # waits: the undo must know of the role
+                if role_error is not None:
+                    step = "role"
+                    raise role_error
+                if credentials is None:
+                    credentials = role_job.result()
+                build = cloned
+                self.checkpoint("cloned")
+                step = "prepare"
+                pending_root: str | None = None
+                if (
+                    self.root_after_answer
+                    and not self.pending_migrations(build)
+                    and has_tenant_users(build.compiler_version)
+                ):
+                    # Nothing to write into the new database but the root user: its hash
+                    # commits with the activation and is written after the answer
+                    # (service.root_users).
+                    level, rooted, pending_root = build.migration_level, True, root_hash.result()
+                else:
+                    if self.pending_migrations(build):
+                        # Long work follows: journal how far we got (informational: any crash
+                        # before activation is undone whole, whatever the step).
+                        registry.set_step(reg, tenant.id, "cloned")
+                    level, rooted = self.prepare(
+                        pools.target,
+                        name.database,
+                        build,
+                        root_hash,
+                        async_commit=self.registry_shares_server(pools),
+                    )
+                self.checkpoint("migrated")
+                self.checkpoint("role")
                 step = "configure"
+
+                # One round trip: on one server, checking the build cloned, claiming the spare
+                # role, configuring the database (ownership, rights, settings, mark:
+                # cluster-wide catalogs, reachable from the registry's session) and activating
+                # the tenant commit together, so a crash leaves all of it or none.
+                configure = None
+                if pools.keeps_registry:
+                    configure = self.configure_args(
+                        name.database, name.role, build.database_settings, role_limit
+                    )
+                else:
+                    # Waits for the host's disk: once answered, the tenant must log in there
+                    # even after a crash of the host (the reservation may be lazy, this may not).
+                    self.configure_remote(
+                        pools, name.database, name.role, build.database_settings, role_limit
+                    )
+                rebuilt = False
+                while True:
+                    try:
+                        with registry.pipelined_transaction(reg, after_commit=unlock):
+                            template_builds.queue_build_check(
+                                reg, build.key, pools.target.name, build.id
+                            )
+                            if claim is not None:
+                                # The spare role renamed into the tenant's, before configure
+                                # hands it the database, in the same commit.
+                                spare_role_rows.queue_claim(
+                                    reg, claim, name.role, keyholder=self.instance_id
+                                )
+                            activated = tenant_registry.queue_activation(
+                                reg,
+                                tenant.id,
+                                op,
+                                migration_level=level,
+                                template_version=build.version,
+                                configure=configure,
+                                connection_limit=connection_limit,
+                            )
+                            if pending_root is not None:
+                                pending_roots.queue_add(reg, tenant.id, pending_root)
+                            if intent.spare_role is not None:
+                                spare_role_rows.delete_claimed(reg, tenant.id)
+                            self.checkpoint("configured")  # sent, not committed
+                        break
+                    except psycopg.Error as exc:
+                        if template_builds.rebuilt(exc):
+                            rebuilt = True  # nothing was written
+                            break
+                        if claim is None or not spare_role_rows.claim_gone(exc):
+                            raise
+                    # The spare role was dropped since the reservation (a drain): nothing was
+                    # written; a new role, then the activation again.
+                    claim = None
+                    step = "role"
+                    credentials = self.create_role(reg, name.role)
+                    step = "configure"
+                if not rebuilt:
+                    break
+                # The template was rebuilt during the clone: clone the current build instead.
+                log.info(
+                    "template %s was rebuilt during the clone of %s: cloning its new build",
+                    build.key,
+                    name.display,
+                )
+                step = "clone"
+                build = self.clone_again(pools, name.database, build, reg, deadline)
+                template_in_use = True  # a template just swapped in: look for sessions first
             claim = None  # committed
             lock.held = False
             tenant = registry.fetch_tenant(activated)

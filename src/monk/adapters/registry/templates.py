@@ -154,15 +154,19 @@ def settings_by_build(conn: Conn, host: str) -> dict[tuple[str, str], dict[str, 
     }
 
 
-def current_build_id(conn: Conn, key: str, host: str) -> UUID | None:
-    """``current_build``'s id alone: what a provision checks after each clone (reading the
-    whole row costs the client ~0.3 ms of CPU, its timestamps and JSON parsed)."""
-    row = conn.execute(
-        "SELECT id FROM template_builds WHERE key = %s AND host = %s AND is_current",
-        (key, host),
-        prepare=True,
-    ).fetchone()
-    return UUID(str(row[0])) if row else None
+_REBUILT = "MK002"
+
+
+def queue_build_check(conn: Conn, key: str, host: str, build_id: UUID) -> None:
+    """In the caller's (pipelined) transaction, before the writes that use a clone of
+    ``build_id``: fail the whole transaction if it is no longer ``key``'s current build on
+    ``host`` (a rebuild swapped it during the clone; ``rebuilt`` tells that error)."""
+    conn.execute("SELECT assert_current_build(%s, %s, %s)", (key, host, build_id), prepare=True)
+
+
+def rebuilt(exc: BaseException) -> bool:
+    """``exc`` is ``queue_build_check``'s refusal: the clone may hold another build."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate == _REBUILT
 
 
 def get(conn: Conn, build_id: UUID) -> TemplateBuild:
