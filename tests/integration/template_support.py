@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,3 +131,27 @@ def build_template(
 def build(target: ServerTarget, settings: Settings, key: str, **options: Any) -> TemplateBuild:
     """``build_template``'s build (new or already current)."""
     return build_template(target, settings, key, **options).build
+
+
+def rebuild_after_first_prepare(
+    prepare: Callable[..., tuple[int, bool]],
+    target: ServerTarget,
+    settings: Settings,
+    key: str,
+    source: Path,
+    rebuilt: list[str],
+) -> Callable[..., tuple[int, bool]]:
+    """``prepare`` (a service's step after the clone), followed the first time by a real
+    rebuild of ``key`` from a changed ``source``: the rebuild lands between a clone and the
+    commit that uses it. The new build's version is appended to ``rebuilt``."""
+
+    def prepare_then_rebuild(*args: object, **kwargs: object) -> tuple[int, bool]:
+        done = prepare(*args, **kwargs)
+        if not rebuilt:
+            manifest = json.loads((source / "template.json").read_text())
+            manifest["description"] = "rebuilt between a clone and its commit"
+            (source / "template.json").write_text(json.dumps(manifest))
+            rebuilt.append(build(target, settings, key, source_dir=source).version)
+        return done
+
+    return prepare_then_rebuild

@@ -455,20 +455,13 @@ def test_a_spare_whose_template_is_rebuilt_before_it_is_ready_is_never_served(
     shutil.copytree(template_service.builtin_source_dir("basic"), source)
     first = template_support.build(env.target, env.settings, key, source_dir=source)
     rebuilt: list[str] = []
-    prepare = svc.prepare
-
-    def prepare_then_rebuild(*args: object, **kwargs: object) -> tuple[int, bool]:
-        done = prepare(*args, **kwargs)  # type: ignore[arg-type]
-        if not rebuilt:
-            manifest = json.loads((source / "template.json").read_text())
-            manifest["description"] = "rebuilt during a spare's clone"
-            (source / "template.json").write_text(json.dumps(manifest))
-            rebuilt.append(
-                template_support.build(env.target, env.settings, key, source_dir=source).version
-            )
-        return done
-
-    monkeypatch.setattr(svc, "prepare", prepare_then_rebuild)
+    monkeypatch.setattr(
+        svc,
+        "prepare",
+        template_support.rebuild_after_first_prepare(
+            svc.prepare, env.target, env.settings, key, source, rebuilt
+        ),
+    )
     before = databases(env, "monk_spare_%")
     assert pool.fill(svc, key, 1) == 1
     assert rebuilt

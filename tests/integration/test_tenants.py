@@ -446,19 +446,13 @@ def test_a_rebuild_between_clone_and_activation_is_caught_by_the_activation(
     settings = env.settings.model_copy(update={"pool_spares": {}, "pool_roles": 0})
     with TenantService(settings, env.target) as svc:
         rebuilt: list[str] = []
-        prepare = svc.prepare
-
-        def prepare_then_rebuild(*args: object, **kwargs: object) -> tuple[int, bool]:
-            done = prepare(*args, **kwargs)  # type: ignore[arg-type]
-            if not rebuilt:
-                manifest = json.loads((source / "template.json").read_text())
-                manifest["description"] = "rebuilt before the activation"
-                (source / "template.json").write_text(json.dumps(manifest))
-                build = template_support.build(env.target, env.settings, key, source_dir=source)
-                rebuilt.append(build.version)
-            return done
-
-        monkeypatch.setattr(svc, "prepare", prepare_then_rebuild)
+        monkeypatch.setattr(
+            svc,
+            "prepare",
+            template_support.rebuild_after_first_prepare(
+                svc.prepare, env.target, env.settings, key, source, rebuilt
+            ),
+        )
         before = databases(env)
         view = svc.provision(unique("Rebuilt"), template=key)
         assert rebuilt
