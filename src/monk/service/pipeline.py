@@ -914,7 +914,7 @@ class Pipeline:
         timeout. A rebuild swaps the template's name and the registry in one transaction, so a
         clone made while it ran may hold either build: the caller's commit checks the build it
         records (``templates.queue_build_check``, no round trip of its own) and, refused, drops
-        the clone and clones again (``reclone``): a tenant never records one version while
+        the clone and clones again (``clone_again``): a tenant never records one version while
         holding another.
         """
         cloning = build

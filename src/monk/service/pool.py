@@ -122,12 +122,12 @@ def create_spare(svc: Pipeline, pools: ServerPools, build: TemplateBuild) -> str
                 except psycopg.Error as exc:
                     if not template_builds.rebuilt(exc):
                         raise
-                    svc.spare_secrets.take(name)
                     raise TemplateBusy(
                         f"template {build.key!r} was rebuilt during the clone of spare {name}",
                         template=build.key,
                     ) from None
             except BaseException:
+                svc.spare_secrets.take(name)  # never served: its secret goes with it
                 _drop_spare(pools, name)
                 spares.delete(reg, spare_id)
                 raise
