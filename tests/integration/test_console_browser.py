@@ -32,6 +32,7 @@ from selenium.common.exceptions import (  # noqa: E402
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
+    WebDriverException,
 )
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -82,6 +83,20 @@ class Console:
 
     def click(self, css: str) -> None:
         self.driver.find_element(By.CSS_SELECTOR, css).click()
+
+    def press(self, element_id: str, keys: str) -> None:
+        """Keys sent to an element that the page's polling may swap between find and send."""
+        for _ in range(20):
+            try:
+                self.driver.find_element(By.ID, element_id).send_keys(keys)
+                return
+            except (StaleElementReferenceException, WebDriverException) as exc:
+                if not isinstance(exc, StaleElementReferenceException) and (
+                    "does not belong to the document" not in str(exc)
+                ):
+                    raise
+                time.sleep(0.1)
+        self.driver.find_element(By.ID, element_id).send_keys(keys)
 
     def type(self, css: str, text: str) -> None:
         field = self.driver.find_element(By.CSS_SELECTOR, css)
@@ -372,9 +387,9 @@ def test_actions_work_from_the_keyboard(signed_in: Console) -> None:
     listed = c.api("GET", "/api/root/tenant", params={"limit": 10_000}).json()["data"]
     name = next(t["name"] for t in listed if t["name"].startswith("api-"))
     c.open(f"/console/tenants/{name}")
-    c.driver.find_element(By.ID, "act-disable").send_keys(Keys.ENTER)
+    c.press("act-disable", Keys.ENTER)
     c.wait("disabled", lambda: "disabled" in c.text("#status"))
-    c.driver.find_element(By.ID, "act-enable").send_keys(Keys.ENTER)
+    c.press("act-enable", Keys.ENTER)
     c.wait("enabled again", lambda: "active" in c.text("#status"))
     assert c.api("GET", f"/api/root/tenant/{name}").json()["data"]["is_active"] is True
 
